@@ -1,0 +1,89 @@
+"""Check: a run's results against a committed baseline summary -> what moved, and by how much."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+
+from .errors import EngramEvalError
+
+# Measured: the same sweep run twice, and at batch sizes 1 and auto, on this CPU in float32 gave log ratios
+# equal to within 4e-6 (docs/check.md); the defaults leave headroom for other CPUs' kernels.
+DEFAULT_ATOL = 1e-3
+DEFAULT_RTOL = 1e-3
+
+
+def summarize_run(frame: pl.DataFrame) -> dict:
+    """The baseline file's content: per question its baseline log ratio; per cell log ratio, flipped, broken; totals."""
+    frame = frame.sort("question_id", "role", "engram", "layer", "strength", nulls_last=True)
+    base = frame.filter(pl.col("role") == "baseline")
+    cells = frame.filter(pl.col("role") != "baseline").with_columns(
+        key=pl.format("{}|{}|L{}|s{}", "question_id", "engram", "layer", "strength")
+    )
+    return {
+        "model_fingerprint": frame["model_fingerprint"][0],
+        "questions": {r["question_id"]: {"baseline_log_ratio": r["log_ratio"]} for r in base.iter_rows(named=True)},
+        "cells": {r["key"]: {"log_ratio": r["log_ratio"], "flipped": r["flipped"], "broken": r["broken"]}
+                  for r in cells.select("key", "log_ratio", "flipped", "broken").iter_rows(named=True)},
+        "totals": {"questions": base.height, "cells": cells.height,
+                   "flips": int(cells["flipped"].sum()), "breaks": int(cells["broken"].sum())},
+    }
+
+
+@dataclass(frozen=True)
+class Drift:
+    what: str
+    baseline: object
+    current: object
+    difference: float | None = None
+
+
+def _close(a: float, b: float, rtol: float, atol: float) -> bool:
+    if math.isinf(a) or math.isinf(b) or math.isnan(a) or math.isnan(b):
+        return a == b or (math.isnan(a) and math.isnan(b))
+    return abs(a - b) <= atol + rtol * abs(b)
+
+
+def compare(current: dict, baseline: dict, rtol: float = DEFAULT_RTOL, atol: float = DEFAULT_ATOL) -> list[Drift]:
+    drifts: list[Drift] = []
+    for section, numeric in (("questions", ("baseline_log_ratio",)), ("cells", ("log_ratio",))):
+        old, new = baseline.get(section, {}), current.get(section, {})
+        for key in sorted(set(old) | set(new)):
+            if key not in new:
+                drifts.append(Drift(f"{section[:-1]} {key}", "present", "missing"))
+                continue
+            if key not in old:
+                drifts.append(Drift(f"{section[:-1]} {key}", "missing", "present"))
+                continue
+            for field, value in old[key].items():
+                now = new[key].get(field)
+                if field in numeric:
+                    if now is None or not _close(now, value, rtol, atol):
+                        drifts.append(Drift(f"{key} {field}", value, now, None if now is None else now - value))
+                elif now != value:
+                    drifts.append(Drift(f"{key} {field}", value, now))
+    for field, value in baseline.get("totals", {}).items():
+        if current["totals"].get(field) != value:
+            drifts.append(Drift(f"totals {field}", value, current["totals"].get(field)))
+    return drifts
+
+
+def read_baseline(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise EngramEvalError(f"--baseline {path}: not found (create it with --update)") from None
+    except (OSError, ValueError) as exc:
+        raise EngramEvalError(f"--baseline {path}: not a readable baseline summary ({exc})") from None
+
+
+def write_baseline(path: Path, summary: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)

@@ -1,0 +1,175 @@
+"""The engram store: one content-addressed safetensors file per (model fingerprint, source text, chunks, tokens)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+from .engram import DEFAULT_MAX_TOKENS, Engram, extract_engram, tokenize_source
+from .errors import EngramEvalError
+from .model import LoadedModel
+
+FORMAT_VERSION = "1"
+
+
+def text_sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].contiguous()
+        digest.update(f"{name}:{tuple(tensor.shape)}".encode())
+        digest.update(memoryview(tensor.view(torch.uint8).numpy()))
+    return digest.hexdigest()
+
+
+def engram_key(model_fingerprint: str, source_sha256: str, chunks: int, n_tokens: int) -> str:
+    """Same inputs -> same key -> same file."""
+    return hashlib.sha256(f"{model_fingerprint}|{source_sha256}|{chunks}|{n_tokens}".encode()).hexdigest()[:16]
+
+
+def safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name) or "source"
+
+
+@dataclass
+class StoredEngram:
+    path: Path
+    engram: Engram
+    metadata: dict[str, str]
+
+    @property
+    def key(self) -> str:
+        return self.metadata["key"]
+
+
+class EngramStore:
+    def __init__(self, root: str | Path = "store"):
+        self.root = Path(root)
+
+    def path_for(self, source_name: str, key: str) -> Path:
+        return self.root / f"{safe_name(source_name)}.{key}.safetensors"
+
+    def paths(self) -> list[Path]:
+        return sorted(self.root.glob("*.safetensors")) if self.root.is_dir() else []
+
+    def save(self, engram: Engram, metadata: dict[str, str], path: Path) -> dict[str, str]:
+        """Atomic: write a temporary file in the store, then rename it over the target -> metadata written."""
+        tensors = {f"layer.{layer}": vectors.contiguous() for layer, vectors in engram.layers.items()}
+        metadata = {**metadata, "tensors_sha256": tensors_sha256(tensors)}
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=self.root)
+            os.close(fd)
+        except OSError as exc:
+            raise EngramEvalError(f"store {self.root}: cannot write ({exc.strerror})") from None
+        try:
+            save_file(tensors, tmp, metadata=metadata)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise EngramEvalError(f"store {path}: write failed ({exc.strerror}); earlier files are intact") from None
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return metadata
+
+    def read_metadata(self, path: Path) -> dict[str, str]:
+        try:
+            with safe_open(path, framework="pt") as f:
+                metadata = f.metadata() or {}
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise EngramEvalError(f"store file {path} is corrupt or truncated ({exc}); rebuild it with `engram-eval build --force`") from None
+        if "tensors_sha256" not in metadata:
+            raise EngramEvalError(f"store file {path} is not an engram-eval engram (no checksum); rebuild it with `engram-eval build --force`")
+        return metadata
+
+    def load(self, path: Path) -> StoredEngram:
+        """Read and verify one engram file (checksum of every tensor)."""
+        metadata = self.read_metadata(path)
+        try:
+            tensors = load_file(path)
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise EngramEvalError(f"store file {path} is corrupt or truncated ({exc}); rebuild it with `engram-eval build --force`") from None
+        if tensors_sha256(tensors) != metadata["tensors_sha256"]:
+            raise EngramEvalError(f"store file {path} is corrupt (checksum mismatch); rebuild it with `engram-eval build --force`")
+        layers = {int(name.split(".", 1)[1]): tensor for name, tensor in tensors.items()}
+        engram = Engram(
+            layers=dict(sorted(layers.items())),
+            n_tokens=int(metadata["n_tokens"]),
+            truncated=metadata["truncated"] == "true",
+            chunks=int(metadata["chunks"]),
+        )
+        return StoredEngram(path=path, engram=engram, metadata=metadata)
+
+    def ensure(
+        self,
+        lm: LoadedModel,
+        source_name: str,
+        text: str,
+        layers: list[int],
+        chunks: int,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
+        force: bool = False,
+    ) -> tuple[StoredEngram, str]:
+        """Get an engram from the store, building it (or the layers it lacks) when needed -> (engram, status).
+
+        status is 'cached', 'built' or 'rebuilt'.
+        """
+        source_sha = text_sha256(text)
+        ids, _ = tokenize_source(lm, text, max_tokens)
+        key = engram_key(lm.fingerprint, source_sha, chunks, len(ids))
+        path = self.path_for(source_name, key)
+        wanted = sorted(set(layers))
+        if path.exists() and not force:
+            stored = self.load(path)
+            if stored.metadata["model_fingerprint"] != lm.fingerprint:
+                raise EngramEvalError(
+                    f"store file {path} was built with model {stored.metadata['model']} "
+                    f"({stored.metadata['model_fingerprint'][:12]}), not {lm.name} ({lm.short_fingerprint})"
+                )
+            if set(wanted) <= set(stored.engram.layers):
+                return stored, "cached"
+            wanted = sorted(set(wanted) | set(stored.engram.layers))
+        status = "rebuilt" if path.exists() else "built"
+        engram = extract_engram(lm, text, wanted, chunks, max_tokens)
+        metadata = {
+            "format_version": FORMAT_VERSION,
+            "key": key,
+            "model": lm.name,
+            "model_fingerprint": lm.fingerprint,
+            "hidden_size": str(lm.hidden_size),
+            "source_name": source_name,
+            "source_sha256": source_sha,
+            "n_tokens": str(engram.n_tokens),
+            "max_tokens": str(max_tokens),
+            "truncated": "true" if engram.truncated else "false",
+            "chunks": str(chunks),
+            "pooling": "mean",
+            "layers": ",".join(str(layer) for layer in wanted),
+            "engram_eval_version": __version__,
+            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        return StoredEngram(path=path, engram=engram, metadata=self.save(engram, metadata, path)), status
+
+    def find(self, name: str) -> list[Path]:
+        """Store files whose source name, file name or key matches `name`."""
+        matches = []
+        for path in self.paths():
+            source, key = path.name.removesuffix(".safetensors").rsplit(".", 1)
+            if name in (source, key, path.name, path.stem) or (len(name) >= 6 and key.startswith(name)):
+                matches.append(path)
+        return matches

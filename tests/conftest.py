@@ -1,0 +1,99 @@
+"""Shared fixtures: a tiny random-init Llama with a BPE tokenizer trained on the spot, a tiny bank, the real model."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from engram_eval.model import LoadedModel, load_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY_SOURCES = {
+    "topic": "Alpha blockers first, then beta blockers. The tumor releases adrenaline; alpha blockade must come first. " * 3,
+    "anti": "Beta blockers first, then alpha blockers. The tumor releases adrenaline; beta blockade must come first. " * 3,
+    "stars": "The spectral sequence is O B A F G K M, from hot blue stars to cool red stars.",
+    "noise": "apple river table window garden pencil cloud mountain letter button candle",
+}
+TINY_QUESTIONS = {
+    "q1": ("The first medication for the tumor should be", [" alpha", " phenoxy"], [" beta", " metoprolol"]),
+    "q2": ("Before glucose you must give", [" thiamine"], [" insulin", " glucose"]),
+    "q3": ("The antidote is", [" dantrolene"], [" cooling", " ice"]),
+}
+
+
+def _corpus() -> list[str]:
+    words = " ".join(TINY_SOURCES.values())
+    for prompt, correct, incorrect in TINY_QUESTIONS.values():
+        words += " " + prompt + "".join(correct + incorrect)
+    return [words] * 30
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=["<|end|>"])
+    backend.train_from_iterator(_corpus(), trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|end|>")
+    tokenizer.chat_template = "{% for m in messages %}<user> {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False, initializer_range=0.3,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_model_dir) -> LoadedModel:
+    return load_model(str(tiny_model_dir), device="cpu")
+
+
+def write_tiny_bank(folder: Path, questions: dict = TINY_QUESTIONS, extra: str = "") -> Path:
+    sources = "\n".join(
+        f"  {name}: {{text: \"{text}\", kind: {kind}}}"
+        for name, text, kind in [
+            ("topic", TINY_SOURCES["topic"], "relevant"), ("anti", TINY_SOURCES["anti"], "anti"),
+            ("stars", TINY_SOURCES["stars"], "irrelevant"), ("noise", TINY_SOURCES["noise"], "random"),
+        ]
+    )
+    items = "\n".join(
+        textwrap.dedent(
+            f"""\
+              - id: {qid}
+                prompt: "{prompt}"
+                correct: {correct!r}
+                incorrect: {incorrect!r}
+                engram: topic
+                related_wrong: {str(i % 2 == 0).lower()}
+                tags: [tiny]"""
+        ).replace("'", '"')
+        for i, (qid, (prompt, correct, incorrect)) in enumerate(questions.items())
+    )
+    text = f"name: tiny\nsources:\n{sources}\ndefaults:\n  controls: [stars, noise, anti]\n{extra}questions:\n{textwrap.indent(items, '')}\n"
+    path = folder / "tiny.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture
+def tiny_bank(tmp_path) -> Path:
+    return write_tiny_bank(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def real() -> LoadedModel:
+    """The embedded SmolLM2-135M-Instruct (first use dequantizes the GGUF into the user cache, ~40 s)."""
+    return load_model("smollm2-135m", device="cpu")

