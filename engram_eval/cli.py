@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__
+from .check import DEFAULT_ATOL, DEFAULT_RTOL
 from .errors import EngramEvalError
 
 stderr = Console(stderr=True)
@@ -280,8 +281,8 @@ def report(run_dir: Path, output_format: str, engram_role: str) -> None:
 @click.argument("run_dir", metavar="RUN", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--baseline", "baseline_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Committed baseline summary (JSON) to compare with.")
-@click.option("--rtol", default=1e-3, show_default=True, type=click.FloatRange(min=0), help="Relative tolerance on log ratios.")
-@click.option("--atol", default=1e-3, show_default=True, type=click.FloatRange(min=0), help="Absolute tolerance on log ratios.")
+@click.option("--rtol", default=DEFAULT_RTOL, show_default=True, type=click.FloatRange(min=0), help="Relative tolerance on log ratios.")
+@click.option("--atol", default=DEFAULT_ATOL, show_default=True, type=click.FloatRange(min=0), help="Absolute tolerance on log ratios.")
 @click.option("--update", is_flag=True, help="Rewrite the baseline from this run instead of comparing.")
 def check(run_dir: Path, baseline_path: Path, rtol: float, atol: float, update: bool) -> None:
     """Regression gate: exit 0 when the run matches the baseline (per-question baseline log ratios, per-cell

@@ -13,6 +13,7 @@ from functools import cached_property
 from pathlib import Path
 
 import torch
+from transformers.utils import logging as hf_logging
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .errors import EngramEvalError
@@ -189,12 +190,17 @@ def load_model(
     name, source = _resolve_source(spec)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
+    progress_bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # keep stderr for what the user must read
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise EngramEvalError(f"--model: could not load '{spec}': {first_line}") from None
+    finally:
+        if progress_bars:
+            hf_logging.enable_progress_bar()
     model.to(torch_device).eval()
     model.requires_grad_(False)
     return LoadedModel(

@@ -170,6 +170,6 @@ class EngramStore:
         matches = []
         for path in self.paths():
             source, key = path.name.removesuffix(".safetensors").rsplit(".", 1)
-            if name in (source, key, path.name, path.stem) or (len(name) >= 6 and key.startswith(name)):
+            if safe_name(name) == source or name in (key, path.name) or (len(name) >= 6 and key.startswith(name)):
                 matches.append(path)
         return matches

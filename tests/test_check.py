@@ -1,0 +1,73 @@
+import json
+from pathlib import Path
+
+import polars as pl
+import pytest
+from click.testing import CliRunner
+
+import engram_eval.sweep as sweep_module
+from engram_eval.bank import load_bank
+from engram_eval.check import compare, summarize_run
+from engram_eval.cli import cli
+from engram_eval.store import EngramStore
+from engram_eval.sweep import run_sweep
+
+REPO = Path(__file__).resolve().parents[1]
+CI_GRID = dict(layers=[8, 16, 24], strengths=[1.0, 5.0, 10.0])  # the grid `make test` sweeps for the committed baseline
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny, tmp_path_factory):
+    from conftest import write_tiny_bank
+    folder = tmp_path_factory.mktemp("check")
+    run_sweep(tiny, load_bank(write_tiny_bank(folder)), EngramStore(folder / "store"), folder / "run",
+              layers=[1, 3], strengths=[1.0, 9.0], chunks=4, progress=False)
+    return folder / "run"
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_identical_runs_pass(tiny_run, tmp_path):
+    baseline = tmp_path / "baseline.json"
+    assert invoke("check", tiny_run, "--baseline", baseline, "--update").exit_code == 0
+    result = invoke("check", tiny_run, "--baseline", baseline)
+    assert result.exit_code == 0 and result.output.startswith("check passed: 48 cells and 3 questions within rtol=0.0001, atol=0.0001")
+
+
+def test_drift_fails_with_a_table_of_what_moved(tiny_run, tmp_path):
+    baseline = tmp_path / "baseline.json"
+    invoke("check", tiny_run, "--baseline", baseline, "--update")
+    data = json.loads(baseline.read_text())
+    key = sorted(data["cells"])[0]
+    data["cells"][key]["log_ratio"] += 0.01
+    data["totals"]["flips"] += 1
+    baseline.write_text(json.dumps(data))
+    result = invoke("check", tiny_run, "--baseline", baseline)
+    assert result.exit_code == 1
+    assert "check failed: 2 values moved" in result.output and key in result.output and "-0.01" in result.output
+    assert invoke("check", tiny_run, "--baseline", baseline, "--atol", "0.02").exit_code == 1  # totals still differ
+
+
+def test_compare_reports_missing_and_changed_cells():
+    base = {"questions": {"q": {"baseline_log_ratio": 1.0}}, "cells": {"a": {"log_ratio": 0.5, "flipped": False, "broken": False}},
+            "totals": {"flips": 0}}
+    now = {"questions": {"q": {"baseline_log_ratio": 1.00005}}, "cells": {"b": {"log_ratio": 0.5, "flipped": True, "broken": False}},
+           "totals": {"flips": 1}}
+    assert [d.what for d in compare(now, base)] == ["cell a", "cell b", "totals flips"]
+    assert compare(now, base, atol=0, rtol=1e-6)[0].what == "q baseline_log_ratio"
+
+
+@pytest.mark.real_model
+def test_committed_baseline_passes_and_a_changed_convention_fails(real, tmp_path, monkeypatch):
+    bank = load_bank(REPO / "questions/ci.yaml")
+    baseline = json.loads((REPO / "tests/baselines/ci.json").read_text())
+    run = run_sweep(real, bank, EngramStore(tmp_path / "store"), tmp_path / "seed", **CI_GRID, progress=False)
+    assert compare(summarize_run(pl.read_parquet(run.results_path)), baseline) == []
+    # Break one convention: scale by the engram's max row norm instead of its mean row norm.
+    monkeypatch.setattr(sweep_module, "mean_row_norm", lambda x: x.float().norm(dim=1).max())
+    drifted = run_sweep(real, bank, EngramStore(tmp_path / "store"), tmp_path / "drift", **CI_GRID, progress=False)
+    drifts = compare(summarize_run(pl.read_parquet(drifted.results_path)), baseline)
+    assert len(drifts) > 10 and all(d.what.split()[0] in baseline["cells"] or d.what.startswith("totals") for d in drifts)
+    assert not any("baseline_log_ratio" in d.what for d in drifts)  # baselines carry no engram: unchanged

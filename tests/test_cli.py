@@ -1,0 +1,101 @@
+import json
+from pathlib import Path
+
+import click
+import polars as pl
+import pytest
+from click.testing import CliRunner
+
+from engram_eval.cli import cli
+from engram_eval.docs import _commands, cli_reference
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(*args, cwd=None):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def one_line_error(result, message):
+    assert result.exit_code == 2, result.output
+    assert result.stderr == f"error: {message}\n"
+    assert "Traceback" not in result.output
+
+
+def test_every_command_and_option_is_documented():
+    for path in _commands(cli, []):
+        command = cli
+        for name in path:
+            command = command.commands[name]
+        assert command.help, path
+        for param in command.params:
+            if isinstance(param, click.Option) and param.name not in ("help", "version"):
+                assert param.help, f"{' '.join(path)} {param.opts}"
+
+
+def test_docs_cli_md_is_generated_from_help():
+    assert (REPO / "docs/cli.md").read_text() == cli_reference(), "run `make docs`"
+
+
+def test_build_store_ls_and_show(tiny_model_dir, tmp_path):
+    source = tmp_path / "my source.txt"
+    source.write_text("Alpha blockers first, then beta blockers.")
+    result = run("build", source, "--model", tiny_model_dir, "--chunks", "4", "--layers", "1-3", "--store", tmp_path / "store")
+    assert result.exit_code == 0, result.output
+    (path,) = (tmp_path / "store").glob("*.safetensors")
+    assert path.name.startswith("my_source.") and "built" in result.stdout
+    again = run("build", source, "--model", tiny_model_dir, "--chunks", "4", "--layers", "1-3", "--store", tmp_path / "store")
+    assert "cached" in again.stdout
+    listing = run("store", "ls", "--store", tmp_path / "store").stdout
+    assert "my source" in listing and "1-3" in listing
+    shown = run("store", "show", "my source", "--store", tmp_path / "store")
+    assert shown.exit_code == 0 and "tensors_sha256" in shown.stdout
+    from safetensors.torch import load_file
+    for name, tensor in load_file(path).items():
+        assert f"{tensor.norm(dim=1).mean().item():.4f}" in shown.stdout, name
+
+
+def test_sweep_report_and_check_from_the_command_line(tiny_model_dir, tiny_bank, tmp_path):
+    out = tmp_path / "run"
+    result = run("sweep", tiny_bank, "--model", tiny_model_dir, "--layers", "1,2", "--strengths", "1,4", "--chunks", "4",
+                 "--out", out, "--store", tmp_path / "store", "--questions", "q1,q3", "--quiet")
+    assert result.exit_code == 0, result.output
+    frame = pl.read_parquet(out / "results.parquet")
+    assert frame["question_id"].unique().sort().to_list() == ["q1", "q3"] and frame.height == 2 * (1 + 4 * 4)
+    run_json = json.loads((out / "run.json").read_text())
+    assert run_json["status"] == "complete" and run_json["cells"]["total"] == 34
+    assert set(run_json["engram_keys"]) == {"topic", "stars", "noise", "anti"} and "torch" in run_json["versions"]
+    table = run("report", out).stdout
+    assert "Negative controls" in table and "Semantic sink" in table
+    data = json.loads(run("report", out, "--format", "json").stdout)
+    assert data["header"]["cells"] == 34
+    assert "## Headline" in run("report", out, "--format", "markdown").stdout
+    assert run("report", out, "--format", "html").stdout.strip() == str(out / "report.html")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["build", "missing.txt"], "missing.txt: source file not found"),
+    (["build"], "build: give source files, or --bank BANK.yaml"),
+    (["build", "empty.txt"], "empty.txt: source file is empty"),
+    (["build", "latin1.txt"], "latin1.txt: source file is not UTF-8 text"),
+    (["build", "ok.txt", "--chunks", "0"], "--chunks: must be at least 1 (got 0)"),
+    (["build", "ok.txt", "--layers", "7", "--model", "{tiny}"], "--layers: layer 7 is out of range; valid layers are 0..4 (0 = embedding output, 4 = last)"),
+    (["build", "ok.txt", "--model", "nope"], "--model: 'nope' is not an embedded model (smollm2-135m), a local model directory, a .gguf file or a hub id"),
+    (["sweep", "{bank}", "--strengths", "1,0"], "--strengths: 0.0 is not allowed; strengths must be finite and > 0"),
+    (["sweep", "{bank}", "--strengths", "1,nan"], "--strengths: nan is not allowed; strengths must be finite and > 0"),
+    (["sweep", "{bank}", "--strengths", "inf"], "--strengths: inf is not allowed; strengths must be finite and > 0"),
+    (["sweep", "{bank}", "--strengths", "1,,2"], "--strengths: malformed '1,,2' (expected numbers like '0.5,1,2,5,10,20')"),
+    (["sweep", "{bank}", "--batch-size", "0"], "--batch-size: '0' is not 'auto' or a whole number >= 1"),
+    (["sweep", "{bank}", "--questions", "zz"], "--questions: no question 'zz' in {bank} (known: q1, q2, q3)"),
+    (["sweep", "{bank}", "--layers", "1-9", "--model", "{tiny}"], "--layers: layer 9 is out of range; valid layers are 0..4 (0 = embedding output, 4 = last)"),
+    (["report", "nowhere"], "nowhere: no results.parquet (run `engram-eval sweep` with --out nowhere first)"),
+    (["store", "show", "ghost", "--store", "nostore"], "store nostore: no engram named 'ghost' (see `engram-eval store ls`)"),
+])
+def test_bad_input_is_one_line_on_stderr(args, message, tiny_model_dir, tiny_bank, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("empty.txt").write_text("  \n")
+    Path("ok.txt").write_text("alpha")
+    Path("latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    fill = lambda s: s.replace("{tiny}", str(tiny_model_dir)).replace("{bank}", str(tiny_bank))  # noqa: E731
+    one_line_error(run(*[fill(a) for a in args]), fill(message))
+    assert not Path("store").exists() and not Path("reports").exists()  # nothing half-written
