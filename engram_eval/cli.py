@@ -309,6 +309,43 @@ def check(run_dir: Path, baseline_path: Path, rtol: float, atol: float, update: 
     sys.exit(1)
 
 
+@cli.command()
+@model_options
+@click.option("--bank", "bank_path", default="questions/medical_traps.yaml", show_default=True,
+              type=click.Path(dir_okay=False, path_type=Path), help="Question bank to sweep.")
+@click.option("--layers", "layers_text", default="8,12,16,20,24", show_default=True, help="Layers of the sweep grid.")
+@click.option("--strengths", "strengths_text", default="0.5,1,2,5,10,20", show_default=True, help="Strengths of the sweep grid.")
+@click.option("--loop-cells", default=120, show_default=True, type=click.IntRange(min=1),
+              help="Cells timed with the seed's per-cell loop (its rate is compared with the sweep's).")
+@click.option("--batch-size", default="auto", show_default=True, help="Sweep batch size, or auto.")
+def bench(load_lm, bank_path: Path, layers_text: str, strengths_text: str, loop_cells: int, batch_size: str) -> None:
+    """Measure, in one run: build and sweep throughput, the seed's per-cell loop on the same cells, the machine's
+    dense matmul throughput, and the ratios between them (speedup, fraction of matmul FLOP/s), plus peak memory."""
+    from .bank import load_bank
+    from .bench import run_bench
+    from .engram import parse_layers
+    from .sweep import parse_strengths
+
+    strengths = parse_strengths(strengths_text)
+    bank = load_bank(bank_path)
+    lm = load_lm()
+    with stderr.status("benchmarking ..."):
+        r = run_bench(lm, bank, parse_layers(layers_text, lm.num_layers), strengths, loop_cells=loop_cells,
+                      batch_size=None if batch_size == "auto" else int(batch_size))
+    table = Table(title=f"engram-eval bench: {lm.name} on {r['device']} ({r['dtype']}, {r['threads']} threads)")
+    for column in ("measure", "value"):
+        table.add_column(column)
+    table.add_row(f"build: {r['layers']} layers, one pass per source", f"{r['sources']} sources in {r['build_seconds']:.2f} s")
+    table.add_row("build: seed, one pass per layer", f"{r['seed_build_seconds']:.2f} s")
+    table.add_row("build speedup", f"{r['build_speedup']:.1f}x")
+    table.add_row("sweep throughput", f"{r['sweep_cells_per_second']:.2f} cells/s ({r['cells']} cells)")
+    table.add_row("seed per-cell loop", f"{r['loop_cells_per_second']:.2f} cells/s ({r['loop_cells']} cells)")
+    table.add_row("sweep speedup over the loop", f"{r['sweep_speedup']:.2f}x")
+    table.add_row("achieved / matmul FLOP/s", f"{r['achieved_flops'] / 1e9:.1f} / {r['matmul_flops'] / 1e9:.1f} GFLOP/s = {100 * r['roofline_fraction']:.0f}%")
+    table.add_row("peak RSS", f"{r['peak_rss_mib']:.0f} MiB")
+    stdout.print(table)
+
+
 def main() -> None:
     cli(prog_name="engram-eval")
 
