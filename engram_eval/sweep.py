@@ -275,12 +275,16 @@ def score_cells(
     prompt_len = len(prompt_ids := prepared.prompt_ids)
     columns: dict[str, list] = {"logp_correct": [], "logp_incorrect": [], "top_correct": [], "top_incorrect": []}
 
+    variants = prepared.correct_ids + prepared.incorrect_ids
+    n_correct = len(prepared.correct_ids)
+
     def score(prefixes: torch.Tensor | None) -> None:
-        for side, variants, names in (
-            ("correct", prepared.correct_ids, prepared.question.correct),
-            ("incorrect", prepared.incorrect_ids, prepared.question.incorrect),
+        logprobs = variant_logprobs(lm, prefixes, prompt_ids, variants, scoring)  # both sides from one pass
+        for side, part, names in (
+            ("correct", logprobs[:, :n_correct], prepared.question.correct),
+            ("incorrect", logprobs[:, n_correct:], prepared.question.incorrect),
         ):
-            logp, top = combine_side(variant_logprobs(lm, prefixes, prompt_ids, variants, scoring), scoring)
+            logp, top = combine_side(part, scoring)
             columns[f"logp_{side}"].extend(logp.double().cpu().tolist())
             columns[f"top_{side}"].extend(names[i] for i in top.cpu().tolist())
 
