@@ -343,6 +343,8 @@ def bench(load_lm, bank_path: Path, layers_text: str, strengths_text: str, loop_
     table.add_row("sweep speedup over the loop", f"{r['sweep_speedup']:.2f}x")
     table.add_row("achieved / matmul FLOP/s", f"{r['achieved_flops'] / 1e9:.1f} / {r['matmul_flops'] / 1e9:.1f} GFLOP/s = {100 * r['roofline_fraction']:.0f}%")
     table.add_row("peak RSS", f"{r['peak_rss_mib']:.0f} MiB")
+    if r["sweep_rss_end_mib"] is not None:
+        table.add_row("sweep RSS: first quarter / whole sweep", f"{r['sweep_rss_quarter_mib']:.0f} / {r['sweep_rss_end_mib']:.0f} MiB")
     stdout.print(table)
 
 

@@ -174,8 +174,14 @@ def variant_logprobs(
         parts = [prompt] if not tail_ids else [prompt, embed(torch.tensor(tail_ids, device=lm.device))]
         body = torch.cat(parts).unsqueeze(0).expand(batch, -1, -1)
         inputs = body if prefixes is None else torch.cat([prefixes.to(lm.dtype), body], dim=1)
-        logits = lm.model(inputs_embeds=inputs, logits_to_keep=keep, use_cache=False).logits
-        return torch.log_softmax(logits.float(), dim=-1)
+        hidden = lm.model.base_model(inputs_embeds=inputs, use_cache=False).last_hidden_state
+        # The LM head on a contiguous [batch * keep, hidden] slice: transformers' logits_to_keep slice is strided
+        # and turns the head into a slow batched matmul over an expanded weight.
+        last = hidden[:, -keep:, :].reshape(-1, hidden.shape[-1]).contiguous()
+        logits = lm.model.get_output_embeddings()(last).float().view(batch, keep, -1)
+        if cap := getattr(lm.model.config, "final_logit_softcapping", None):
+            logits = torch.tanh(logits / cap) * cap
+        return torch.log_softmax(logits, dim=-1)
 
     if scoring == "first-token":
         logprobs = forward((), 1)[:, -1, :]
@@ -235,8 +241,12 @@ class SweepResult:
     run: dict = field(default_factory=dict)
 
 
+CPU_TOKENS_PER_BATCH = 1024  # measured: larger CPU batches fall out of cache and get slower (docs/performance.md)
+
+
 def auto_batch_size(lm: LoadedModel, seq_len: int, n_cells: int) -> int:
-    """Largest batch whose activations fit in half the free memory (a rough upper bound per sequence)."""
+    """Largest batch whose activations fit in half the free memory (a rough upper bound per sequence); on CPU
+    also at most CPU_TOKENS_PER_BATCH tokens."""
     config = lm.model.config
     bytes_per = torch.finfo(lm.dtype).bits // 8
     heads = getattr(config, "num_attention_heads", 1)
@@ -246,6 +256,7 @@ def auto_batch_size(lm: LoadedModel, seq_len: int, n_cells: int) -> int:
         free = torch.cuda.mem_get_info(lm.device)[0]
     else:
         free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        n_cells = min(n_cells, max(1, CPU_TOKENS_PER_BATCH // seq_len))
     return max(1, min(n_cells, int(free * 0.5 // per_sequence)))
 
 

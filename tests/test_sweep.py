@@ -176,3 +176,23 @@ def test_real_model_sweep_matches_the_straightforward_implementation(real, tmp_p
         p_c, p_i = reference_cell(real.model, real.tokenizer, engram, row["strength"], q.prompt, list(q.correct), list(q.incorrect))
         assert row["p_correct"] == pytest.approx(p_c, rel=1e-4)
         assert row["p_incorrect"] == pytest.approx(p_i, rel=1e-4)
+
+
+def test_out_of_memory_backs_off_and_gives_identical_results(tiny, tiny_bank, tmp_path, monkeypatch):
+    reference = pl.read_parquet(sweep(tiny, tiny_bank, tmp_path / "ref", batch_size=1).results_path)
+    real = sweep_module.variant_logprobs
+    sizes = []
+
+    def small_memory(lm, prefixes, *args):
+        if prefixes is not None:
+            sizes.append(prefixes.shape[0])
+            if prefixes.shape[0] > 3:
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(lm, prefixes, *args)
+
+    monkeypatch.setattr(sweep_module, "variant_logprobs", small_memory)
+    frame = pl.read_parquet(sweep(tiny, tiny_bank, tmp_path / "oom", batch_size=16).results_path)
+    assert sizes[:4] == [16, 8, 4, 2] and max(sizes[3:]) == 2  # halves until it fits, then keeps that size
+    assert frame.drop("p_correct", "p_incorrect", "log_ratio", "ratio", "improvement", "log_improvement", "baseline_ratio").equals(
+        reference.drop("p_correct", "p_incorrect", "log_ratio", "ratio", "improvement", "log_improvement", "baseline_ratio"))
+    assert (frame["ratio"] / reference["ratio"] - 1).abs().max() < 1e-5
