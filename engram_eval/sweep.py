@@ -279,11 +279,15 @@ def score_cells(
     prepared: PreparedQuestion,
     cells: list[Cell],
     scoring: str,
-    batch_size: int | None,
+    batch_size: int,
     on_batch: Callable[[int], None] = lambda n: None,
-) -> dict[str, list]:
-    """Baseline row first, then one row per cell -> raw score columns (log-probs and top variants)."""
-    prompt_len = len(prompt_ids := prepared.prompt_ids)
+) -> tuple[dict[str, list], int]:
+    """Baseline row first, then one row per cell -> (raw score columns, the batch size that fit).
+
+    On out-of-memory the batch size halves and the batch is retried; callers pass the size back in for the next
+    question so it does not start over from the size that failed.
+    """
+    prompt_ids = prepared.prompt_ids
     columns: dict[str, list] = {"logp_correct": [], "logp_incorrect": [], "top_correct": [], "top_incorrect": []}
 
     variants = prepared.correct_ids + prepared.incorrect_ids
@@ -306,8 +310,7 @@ def score_cells(
         key = (cell.source.name, cell.layer)
         if key not in unit:
             unit[key] = scale_engram(cell.stored.engram.layers[cell.layer], lm.embedding_norm, 1.0).to(lm.device)
-    chunks = cells[0].stored.engram.chunks if cells else 0
-    size = batch_size or auto_batch_size(lm, chunks + prompt_len, len(cells))
+    size = batch_size
     start = 0
     while start < len(cells):
         batch = cells[start : start + size]
@@ -323,7 +326,7 @@ def score_cells(
             continue
         start += len(batch)
         on_batch(len(batch))
-    return columns
+    return columns, size
 
 
 def case_expr() -> pl.Expr:
@@ -484,12 +487,16 @@ def run_sweep(
     done = sum(len(grid[p.question.id]) + 1 for p, part in zip(prepared, parts) if part.exists())
     sweep_started = time.perf_counter()
     bar = tqdm(total=total, initial=done, unit="cell", desc="sweep", disable=not progress or None, dynamic_ncols=True)
+    fits: int | None = None  # the largest batch size known to fit, after an out-of-memory back-off
     with bar:
         for p, part in zip(prepared, parts):
             if part.exists():
                 continue
             cells = grid[p.question.id]
-            scores = score_cells(lm, p, cells, scoring, batch_size, on_batch=bar.update)
+            requested = batch_size or auto_batch_size(lm, chunks + len(p.prompt_ids), len(cells))
+            scores, size = score_cells(lm, p, cells, scoring, min(requested, fits or requested), on_batch=bar.update)
+            if size < requested:
+                fits = size
             frame = question_frame(settings, bank, p, cells, scores)
             tmp = part.with_name(f".{part.name}.tmp")
             frame.write_parquet(tmp)
