@@ -63,7 +63,16 @@ class EngramStore:
         return self.root / f"{safe_name(source_name)}.{key}.safetensors"
 
     def paths(self) -> list[Path]:
-        return sorted(self.root.glob("*.safetensors")) if self.root.is_dir() else []
+        if not self.root.is_dir():
+            return []
+        return sorted(p for p in self.root.glob("*.safetensors") if not p.name.startswith("."))
+
+    def remove_stale_temporaries(self) -> None:
+        """Delete temporary files left by writers that were killed (their pid is in the name and no longer runs)."""
+        for tmp in self.root.glob(".tmp-*"):
+            pid = tmp.name.split("-")[1]
+            if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+                tmp.unlink(missing_ok=True)
 
     def save(self, engram: Engram, metadata: dict[str, str], path: Path) -> dict[str, str]:
         """Atomic: write a temporary file in the store, then rename it over the target -> metadata written."""
@@ -71,7 +80,8 @@ class EngramStore:
         metadata = {**metadata, "tensors_sha256": tensors_sha256(tensors)}
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=self.root)
+            self.remove_stale_temporaries()
+            fd, tmp = tempfile.mkstemp(prefix=f".tmp-{os.getpid()}-", suffix=".safetensors", dir=self.root)
             os.close(fd)
         except OSError as exc:
             raise EngramEvalError(f"store {self.root}: cannot write ({exc.strerror})") from None

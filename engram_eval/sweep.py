@@ -499,8 +499,13 @@ def run_sweep(
                 fits = size
             frame = question_frame(settings, bank, p, cells, scores)
             tmp = part.with_name(f".{part.name}.tmp")
-            frame.write_parquet(tmp)
-            os.replace(tmp, part)
+            try:
+                frame.write_parquet(tmp)
+                os.replace(tmp, part)
+            except OSError as exc:
+                raise EngramEvalError(
+                    f"{part}: write failed ({exc.strerror or exc}); finished questions are kept, rerun to resume"
+                ) from None
     sweep_seconds = time.perf_counter() - sweep_started
 
     results_path = out / "results.parquet"

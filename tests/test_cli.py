@@ -55,6 +55,19 @@ def test_build_store_ls_and_show(tiny_model_dir, tmp_path):
         assert f"{tensor.norm(dim=1).mean().item():.4f}" in shown.stdout, name
 
 
+def test_long_source_is_truncated_with_a_warning(tiny_model_dir, tmp_path):
+    source = tmp_path / "long.txt"
+    source.write_text("alpha beta gamma " * 40)
+    result = run("build", source, "--model", tiny_model_dir, "--chunks", "4", "--layers", "1", "--max-tokens", "8", "--store", tmp_path / "s")
+    assert result.exit_code == 0
+    assert result.stderr == "warning: source 'long' truncated to 8 tokens (--max-tokens)\n"
+    assert "8 (truncated)" in result.stdout
+    (path,) = (tmp_path / "s").glob("*.safetensors")
+    from safetensors import safe_open
+    with safe_open(path, framework="pt") as f:
+        assert (f.metadata()["truncated"], f.metadata()["n_tokens"], f.metadata()["max_tokens"]) == ("true", "8", "8")
+
+
 def test_sweep_report_and_check_from_the_command_line(tiny_model_dir, tiny_bank, tmp_path):
     out = tmp_path / "run"
     result = run("sweep", tiny_bank, "--model", tiny_model_dir, "--layers", "1,2", "--strengths", "1,4", "--chunks", "4",

@@ -1,0 +1,150 @@
+"""Faults: kill -9 during build and sweep, concurrent builds, failed writes."""
+
+import errno
+import re
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+import engram_eval.store as store_module
+from engram_eval.bank import load_bank
+from engram_eval.errors import EngramEvalError
+from engram_eval.store import EngramStore
+from engram_eval.sweep import run_sweep
+
+REPO = Path(__file__).resolve().parents[1]
+GRID = ["--layers", "0-4", "--strengths", "0.5,1,1.5,2,3,4,5,6,8,10", "--chunks", "4", "--batch-size", "1", "--quiet"]
+
+
+def command(*args) -> list[str]:
+    return [sys.executable, "-m", "engram_eval.cli", *map(str, args)]
+
+
+def run_to_end(args, cwd) -> float:
+    started = time.perf_counter()
+    subprocess.run(command(*args), cwd=cwd, check=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    return time.perf_counter() - started
+
+
+def kill_when(args, cwd, ready, delay: float = 0.0) -> bool:
+    """Start the command, SIGKILL it `delay` seconds after ready(pid) first holds -> whether it was still running."""
+    process = subprocess.Popen(command(*args), cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env={**os.environ, "PYTHONPATH": str(REPO)})
+    deadline = time.monotonic() + 120
+    while not ready(process.pid) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    time.sleep(delay)
+    running = process.poll() is None
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    return running
+
+
+def count(folder: Path, pattern: str) -> int:
+    return len(list(folder.glob(pattern))) if folder.exists() else 0
+
+
+def test_sweep_killed_at_several_points_ends_identical(tiny_model_dir, tiny_bank, tmp_path):
+    whole = [tiny_bank, "--model", tiny_model_dir, *GRID, "--store", tmp_path / "store-a", "--out", tmp_path / "whole"]
+    run_to_end(["sweep", *whole], tmp_path)
+    cut = [tiny_bank, "--model", tiny_model_dir, *GRID, "--store", tmp_path / "store-b", "--out", tmp_path / "cut"]
+    store, parts = tmp_path / "store-b", tmp_path / "cut/parts"
+    kill_points = [  # mid-build, just after the first part, just after the second part
+        (lambda pid: count(store, "*.safetensors") >= 1, 0.0),
+        (lambda pid: count(parts, "*.parquet") >= 1, 0.0),
+        (lambda pid: count(parts, "*.parquet") >= 2, 0.0),
+    ]
+    killed_while_running = [kill_when(["sweep", *cut], tmp_path, ready, delay) for ready, delay in kill_points]
+    assert killed_while_running == [True] * 3
+    for path in EngramStore(store).paths():
+        EngramStore(store).load(path)  # verifies the checksum
+    assert count(parts, "*.parquet") == 2 and not (tmp_path / "cut/results.parquet").exists()
+    run_to_end(["sweep", *cut], tmp_path)
+    key = ["question_id", "role", "engram", "layer", "strength"]
+    expected = pl.read_parquet(tmp_path / "whole/results.parquet").drop("engram_key").sort(key, nulls_last=True)
+    got = pl.read_parquet(tmp_path / "cut/results.parquet").drop("engram_key").sort(key, nulls_last=True)
+    assert got.equals(expected)
+
+
+def test_build_killed_at_several_points_leaves_no_partial_files(tiny_model_dir, tiny_bank, tmp_path):
+    args = ["build", "--bank", tiny_bank, "--model", tiny_model_dir, "--chunks", "4", "--store", tmp_path / "store"]
+    run_to_end([*args[:-1], tmp_path / "reference"], tmp_path)
+    folder = tmp_path / "store"
+    kill_points = [  # after the first file, in the middle of a write (a temporary file exists), just after one
+        (lambda pid: count(folder, "*.safetensors") >= 1, 0.0),
+        (lambda pid: count(folder, f".tmp-{pid}-*") >= 1, 0.0),
+        (lambda pid: count(folder, f".tmp-{pid}-*") >= 1, 0.001),
+    ]
+    assert [kill_when([*args, "--force"], tmp_path, ready, delay) for ready, delay in kill_points] == [True] * 3
+    store = EngramStore(folder)
+    for path in store.paths():
+        store.load(path)
+    run_to_end(args, tmp_path)
+    assert not list((tmp_path / "store").glob(".tmp-*"))  # a later write removed what killed writers left
+    reference = {p.name: EngramStore(p.parent).load(p).engram.layers for p in EngramStore(tmp_path / "reference").paths()}
+    built = {p.name: EngramStore(p.parent).load(p).engram.layers for p in EngramStore(tmp_path / "store").paths()}
+    assert reference.keys() == built.keys() and len(built) == 4
+    assert all(all((built[n][l] == reference[n][l]).all() for l in reference[n]) for n in reference)
+
+
+def test_two_concurrent_builds_never_corrupt_the_store(tiny_model_dir, tiny_bank, tmp_path):
+    args = ["build", "--bank", tiny_bank, "--model", tiny_model_dir, "--chunks", "4", "--store", tmp_path / "store", "--force"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    processes = [subprocess.Popen(command(*args), cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for _ in range(2)]
+    assert [p.wait() for p in processes] == [0, 0]
+    store = EngramStore(tmp_path / "store")
+    assert len(store.paths()) == 4 and not list((tmp_path / "store").glob(".tmp-*"))
+    for path in store.paths():
+        store.load(path)
+
+
+@pytest.mark.parametrize("code,text", [(errno.ENOSPC, "No space left on device"), (errno.EACCES, "Permission denied")])
+def test_failed_store_write_is_clear_and_keeps_earlier_files(tiny, tmp_path, monkeypatch, code, text):
+    store = EngramStore(tmp_path)
+    first, _ = store.ensure(tiny, "topic", "alpha first", layers=[1], chunks=4)
+    before = first.path.read_bytes()
+
+    def failing_save(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"partial")
+        raise OSError(code, text)
+
+    monkeypatch.setattr(store_module, "save_file", failing_save)
+    with pytest.raises(EngramEvalError) as error:
+        store.ensure(tiny, "topic", "alpha first", layers=[1], chunks=4, force=True)
+    assert str(error.value) == f"store {first.path}: write failed ({text}); earlier files are intact"
+    assert first.path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == [first.path.name]
+
+
+def test_failed_results_write_is_clear_and_resumable(tiny, tiny_bank, tmp_path, monkeypatch):
+    def no_space(self, path, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pl.DataFrame, "write_parquet", no_space)
+    with pytest.raises(EngramEvalError) as error:
+        run_sweep(tiny, load_bank(tiny_bank), EngramStore(tmp_path / "s"), tmp_path / "run", layers=[1], strengths=[1.0], chunks=4, progress=False)
+    part = tmp_path / "run/parts/00000-q1.parquet"
+    assert str(error.value) == f"{part}: write failed (No space left on device); finished questions are kept, rerun to resume"
+    monkeypatch.undo()
+    result = run_sweep(tiny, load_bank(tiny_bank), EngramStore(tmp_path / "s"), tmp_path / "run", layers=[1], strengths=[1.0], chunks=4, progress=False)
+    assert pl.read_parquet(result.results_path).height == 3 * 5
+
+
+def test_bank_yaml_cannot_construct_python_objects(tmp_path):
+    path = tmp_path / "evil.yaml"
+    path.write_text('name: !!python/object/apply:os.system ["echo pwned"]\nsources: {}\nquestions: []\n')
+    with pytest.raises(EngramEvalError) as error:
+        load_bank(path)
+    assert str(error.value).startswith(f"{path}:1:7: YAML error: could not determine a constructor for the tag")
+
+
+def test_package_never_unpickles_or_builds_shell_commands():
+    source = "\n".join(p.read_text() for p in (REPO / "engram_eval").glob("*.py"))
+    for forbidden in ("torch.load", "import pickle", "shell=True", "os.system", "yaml.unsafe_load", "trust_remote_code=True"):
+        assert forbidden not in source, forbidden
+    assert not re.search(r"(?<![.\w])(eval|exec)\(", source)  # model.eval() is fine; builtin eval/exec are not
