@@ -80,15 +80,20 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def _read_yaml(path: Path) -> Any:
+def read_text(path: Path, what: str) -> str:
+    """A UTF-8 text file, or one clear error naming the path and what the file was for."""
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise EngramEvalError(f"{path}: bank file not found") from None
+        raise EngramEvalError(f"{path}: {what} not found") from None
     except UnicodeDecodeError:
-        raise EngramEvalError(f"{path}: bank file is not UTF-8 text") from None
+        raise EngramEvalError(f"{path}: {what} is not UTF-8 text") from None
     except OSError as exc:
-        raise EngramEvalError(f"{path}: cannot read bank file ({exc.strerror})") from None
+        raise EngramEvalError(f"{path}: cannot read {what} ({exc.strerror})") from None
+
+
+def _read_yaml(path: Path) -> Any:
+    text = read_text(path, "bank file")
     try:
         return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no arbitrary objects
     except yaml.MarkedYAMLError as exc:

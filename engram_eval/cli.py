@@ -89,21 +89,14 @@ def build(sources: tuple[Path, ...], bank: Path | None, load_lm, chunks: int, la
     each, saved as safetensors files in the store."""
     from tqdm import tqdm
 
-    from .bank import load_bank
+    from .bank import load_bank, read_text
     from .engram import check_chunks, parse_layers
     from .store import EngramStore
 
     check_chunks(chunks)
     named: list[tuple[str, str]] = []
     for path in sources:
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise EngramEvalError(f"{path}: source file not found") from None
-        except UnicodeDecodeError:
-            raise EngramEvalError(f"{path}: source file is not UTF-8 text") from None
-        except OSError as exc:
-            raise EngramEvalError(f"{path}: cannot read source file ({exc.strerror})") from None
+        text = read_text(path, "source file")
         if not text.strip():
             raise EngramEvalError(f"{path}: source file is empty")
         named.append((path.stem, text))
