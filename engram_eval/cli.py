@@ -257,7 +257,7 @@ def report(run_dir: Path, output_format: str, engram_role: str) -> None:
 
     summary = summarize(*load_run(run_dir), engram_role=engram_role)
     if output_format == "table":
-        render_table(summary, stdout)
+        render_table(summary, stdout if stdout.is_terminal else Console(width=160))
     elif output_format == "markdown":
         click.echo(render_markdown(summary))
     elif output_format == "json":

@@ -324,12 +324,16 @@ def _sections(summary: dict) -> list[tuple[str, list[str], list[list[str]]]]:
          ["duration", "-" if h["duration_seconds"] is None else f"{h['duration_seconds']:.1f} s"]],
     )]
     sections.append((
-        "Questions", ["question", "baseline", "correct?", "related wrong", "best cell (L, s: ratio)", "flips", "breaks", "cases", "advice"],
+        "Questions", ["question", "baseline ratio", "correct?", "related wrong", "best cell (layer, strength: ratio)", "flips", "breaks"],
         [[q["question_id"], fmt_ratio(q["baseline_ratio"]), "yes" if q["correct_before"] else "no",
           {True: "yes", False: "no", None: "-"}[q["related_wrong"]],
           "-" if q["best"]["layer"] is None else f"L{q['best']['layer']}, {q['best']['strength']:g}: {fmt_ratio(q['best']['ratio'])}",
-          str(q["flips"]), str(q["breaks"]), ", ".join(f"{c} {n}" for c, n in q["cases"].items()), q["advice"]]
+          str(q["flips"]), str(q["breaks"])]
          for q in summary["questions"]],
+    ))
+    sections.append((
+        "Calibration cases and decision-rule advice", ["question", "cases (relevant cells)", "advice"],
+        [[q["question_id"], ", ".join(f"{c} {n}" for c, n in q["cases"].items()), q["advice"]] for q in summary["questions"]],
     ))
     for name, heatmap in summary["heatmaps"].items():
         for measure, label in (("flip", "flip rate (flips / baseline-wrong questions)"), ("break", "fragile-correct rate (breaks / baseline-correct questions)")):
