@@ -12,7 +12,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import version
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import polars as pl
 import torch
@@ -26,8 +26,6 @@ from .store import EngramStore, StoredEngram
 
 SCORINGS = ("first-token", "sequence", "sequence-max")
 INJECTIONS = ("prefix",)
-DEFAULT_LAYERS = "8,12,16,20,24"
-DEFAULT_STRENGTHS = "0.5,1,2,5,10,20"
 
 CASES = (
     "HIGH_CONFIDENCE_CORRECT",
@@ -267,11 +265,6 @@ def _cells(question: Question, bank: Bank, engrams: dict[str, StoredEngram], set
             for strength in settings.strengths:
                 cells.append(Cell(bank.sources[name], engrams[name], role, layer, strength))
     return cells
-
-
-def _batches(n: int, size: int) -> Iterator[slice]:
-    for start in range(0, n, size):
-        yield slice(start, min(n, start + size))
 
 
 def score_cells(

@@ -33,6 +33,12 @@ def test_every_command_and_option_is_documented():
                 assert param.help, f"{' '.join(path)} {param.opts}"
 
 
+def test_cli_choices_match_the_library():
+    from engram_eval.sweep import INJECTIONS, SCORINGS
+    options = {p.name: p for p in cli.commands["sweep"].params}
+    assert tuple(options["scoring"].type.choices) == SCORINGS and tuple(options["injection"].type.choices) == INJECTIONS
+
+
 def test_docs_cli_md_is_generated_from_help():
     assert (REPO / "docs/cli.md").read_text() == cli_reference(), "run `make docs`"
 

@@ -9,7 +9,7 @@ import engram_eval.sweep as sweep_module
 from engram_eval.bank import load_bank
 from engram_eval.errors import EngramEvalError
 from engram_eval.store import EngramStore
-from engram_eval.sweep import RESULT_SCHEMA, case_expr, prepare_question, run_sweep
+from engram_eval.sweep import CASES, RESULT_SCHEMA, case_expr, prepare_question, run_sweep
 from reference import reference_cell, reference_engram
 
 REPO = Path(__file__).resolve().parents[1]
@@ -104,6 +104,7 @@ def test_schema_roles_and_control_kinds(tiny, tiny_bank, tmp_path):
 def test_case_labels_cover_every_case_including_tie_and_unscorable():
     pairs = [(5.0, 6.0), (5.0, 5.0), (5.0, 1.0), (5.0, 0.5), (0.5, 0.2), (0.5, 2.0), (1.0, 2.0), (0.5, 1.0), (0.5, 0.0), (0.0, 0.5), (2.0, math.inf)]
     frame = pl.DataFrame({"role": ["relevant"] * len(pairs), "baseline_ratio": [b for b, _ in pairs], "ratio": [r for _, r in pairs]})
+    assert set(frame.select(case_expr()).to_series()) == set(CASES)
     assert frame.select(case_expr()).to_series().to_list() == [
         "HIGH_CONFIDENCE_CORRECT", "CORRECT_WEAKENED", "TIE", "FRAGILE_CORRECT", "HIGH_CONFIDENCE_INCORRECT",
         "RECOVERED_KNOWLEDGE", "TIE", "TIE", "UNSCORABLE", "UNSCORABLE", "UNSCORABLE"]
