@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from .errors import EngramEvalError
+from .files import read_text
 
 SOURCE_KINDS = ("relevant", "irrelevant", "random", "anti", "other")
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
@@ -78,18 +79,6 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 )
             seen[key] = line
         return super().construct_mapping(node, deep=deep)
-
-
-def read_text(path: Path, what: str) -> str:
-    """A UTF-8 text file, or one clear error naming the path and what the file was for."""
-    try:
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise EngramEvalError(f"{path}: {what} not found") from None
-    except UnicodeDecodeError:
-        raise EngramEvalError(f"{path}: {what} is not UTF-8 text") from None
-    except OSError as exc:
-        raise EngramEvalError(f"{path}: cannot read {what} ({exc.strerror})") from None
 
 
 def _read_yaml(path: Path) -> Any:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
 
 from .errors import EngramEvalError
+from .files import atomic_write_text
 
 # Measured on the CI bank (docs/check.md): the same float32 CPU sweep run twice, and at batch sizes 1, 7 and
 # auto, gave bit-identical log ratios; the defaults leave headroom for other CPUs' matmul kernels.
@@ -84,6 +84,4 @@ def read_baseline(path: Path) -> dict:
 
 def write_baseline(path: Path, summary: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(summary, indent=1, sort_keys=True) + "\n")

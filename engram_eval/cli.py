@@ -89,7 +89,8 @@ def build(sources: tuple[Path, ...], bank: Path | None, load_lm, chunks: int, la
     each, saved as safetensors files in the store."""
     from tqdm import tqdm
 
-    from .bank import load_bank, read_text
+    from .bank import load_bank
+    from .files import read_text
     from .engram import check_chunks, parse_layers
     from .store import EngramStore
 
@@ -253,6 +254,7 @@ def report(run_dir: Path, output_format: str, engram_role: str) -> None:
     """Summarize a sweep: per-question baselines, best cells, calibration cases and decision-rule advice;
     layer x strength heatmaps of flip and fragile-correct rates; headline rates with 95% Wilson intervals;
     relevant-vs-control comparison with a paired sign-flip test; the semantic-sink split."""
+    from .files import atomic_write_text
     from .report import load_run, render_html, render_json, render_markdown, render_table, summarize
 
     summary = summarize(*load_run(run_dir), engram_role=engram_role)
@@ -264,9 +266,7 @@ def report(run_dir: Path, output_format: str, engram_role: str) -> None:
         click.echo(render_json(summary))
     else:
         path = run_dir / "report.html"
-        tmp = path.with_name(".report.html.tmp")
-        tmp.write_text(render_html(summary), encoding="utf-8")
-        tmp.replace(path)
+        atomic_write_text(path, render_html(summary))
         click.echo(str(path))
 
 

@@ -21,6 +21,7 @@ from . import __version__
 from .bank import Bank, Question, Source
 from .engram import DEFAULT_MAX_TOKENS
 from .errors import EngramEvalError
+from .files import atomic_write_text
 from .model import LoadedModel
 from .store import EngramStore, StoredEngram
 
@@ -391,10 +392,8 @@ def question_frame(settings: SweepSettings, bank: Bank, prepared: PreparedQuesti
     return frame.select([pl.col(name).cast(dtype) for name, dtype in RESULT_SCHEMA.items()])
 
 
-def _atomic_write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+def _write_json(path: Path, data: dict) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def _package_versions() -> dict[str, str]:
@@ -459,7 +458,7 @@ def run_sweep(
         questions=[q.id for q in bank.questions], max_tokens=max_tokens,
     )
     run = _prepare_out(out, settings, force)
-    _atomic_write_json(out / "run.json", run)
+    _write_json(out / "run.json", run)
 
     needed = list(dict.fromkeys(name for q in bank.questions for name in (q.engram, *q.controls)))
     engrams: dict[str, StoredEngram] = {}
@@ -522,5 +521,5 @@ def run_sweep(
             "cells_per_second": round((total - done) / sweep_seconds, 3) if sweep_seconds > 0 else None,
         },
     )
-    _atomic_write_json(out / "run.json", run)
+    _write_json(out / "run.json", run)
     return SweepResult(out=out, results_path=results_path, run=run)
