@@ -107,7 +107,7 @@ class _Fields:
         self.data = data
 
     def fail(self, field: str | None, message: str) -> None:
-        place = f"{self.path}: {self.where}" + (f": field '{field}'" if field else "")
+        place = f"{self.path}: {self.where}" + (f": field {field!r}" if field else "")
         raise EngramEvalError(f"{place}: {message}")
 
     def get(self, field: str, kind: type | tuple[type, ...], default: Any = ..., required: bool = False) -> Any:
@@ -146,12 +146,12 @@ def _type_name(value: Any) -> str:
 
 
 def _load_source(path: Path, name: str, data: Any, allow_outside_paths: bool) -> Source:
-    fields = _Fields(path, f"source '{name}'", data, {"file", "text", "kind"})
+    fields = _Fields(path, f"source {name!r}", data, {"file", "text", "kind"})
     if not _NAME.fullmatch(name):
         fields.fail(None, "name may use only letters, digits, '_', '.', '-'")
     kind = fields.get("kind", str, "relevant")
     if kind not in SOURCE_KINDS:
-        fields.fail("kind", f"unknown kind '{kind}' (one of: {', '.join(SOURCE_KINDS)})")
+        fields.fail("kind", f"unknown kind {kind!r} (one of: {', '.join(SOURCE_KINDS)})")
     has_file, has_text = "file" in fields.data, "text" in fields.data
     if has_file == has_text:
         fields.fail(None, "give exactly one of 'file' or 'text'")
@@ -192,7 +192,7 @@ def load_bank(path: str | Path, allow_outside_paths: bool = False) -> Bank:
     allowed = {"id", "prompt", "correct", "incorrect", "engram", "controls", "related_wrong", "tags", "chat"}
     for number, data in enumerate(raw_questions, start=1):
         qid = data.get("id") if isinstance(data, dict) else None
-        fields = _Fields(path, f"question '{qid}'" if isinstance(qid, str) else f"question #{number}", data, allowed)
+        fields = _Fields(path, f"question {qid!r}" if isinstance(qid, str) else f"question #{number}", data, allowed)
         qid = fields.text("id")
         if not _NAME.fullmatch(qid):
             fields.fail("id", "may use only letters, digits, '_', '.', '-'")
@@ -204,7 +204,7 @@ def load_bank(path: str | Path, allow_outside_paths: bool = False) -> Bank:
         for field, names in (("engram", (engram,)), ("controls", controls)):
             for name in names:
                 if name not in sources:
-                    fields.fail(field, f"unknown source '{name}' (known: {', '.join(sorted(sources))})")
+                    fields.fail(field, f"unknown source {name!r} (known: {', '.join(sorted(sources))})")
         if engram in controls:
             fields.fail("controls", f"'{engram}' is the question's own engram")
         questions.append(
