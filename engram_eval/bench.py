@@ -2,40 +2,47 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import resource
-import threading
 import tempfile
+import threading
 import time
 from pathlib import Path
+from typing import Self
 
 import torch
 
-from .bank import Bank
+from .bank import Bank, Question
 from .engram import chunk_mean
 from .model import LoadedModel
 from .store import EngramStore
 from .sweep import prepare_question, run_sweep, scale_engram
 
 
-def matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 2048, trials: int = 7, seconds: float = 0.5) -> float:
-    """Dense square matmul throughput (FLOP/s), measured now on this machine: the best of several trials, so a
-    moment of contention from other processes does not lower the reference."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    best = 0.0
-    for _ in range(trials):
-        _sync(device)
+class MatmulProbe:
+    """Dense square matmul throughput (FLOP/s) of this machine, measured on demand."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, n: int = 2048):
+        self.device, self.n = device, n
+        self.a = torch.randn(n, n, device=device, dtype=dtype)
+        self.b = torch.randn(n, n, device=device, dtype=dtype)
+        for _ in range(3):
+            self.a @ self.b
+
+    def rate(self, seconds: float = 0.5) -> float:
+        _sync(self.device)
         runs, started = 0, time.perf_counter()
         while time.perf_counter() - started < seconds:
-            a @ b
+            self.a @ self.b
             runs += 1
-        _sync(device)
-        best = max(best, 2 * n**3 * runs / (time.perf_counter() - started))
-    return best
+        _sync(self.device)
+        return 2 * self.n**3 * runs / (time.perf_counter() - started)
+
+    def best(self, trials: int = 7, seconds: float = 0.5) -> float:
+        """The best of several trials: the machine's throughput with the least contention from other processes."""
+        return max(self.rate(seconds) for _ in range(trials))
 
 
 def _sync(device: torch.device) -> None:
@@ -52,21 +59,17 @@ def cell_flops(lm: LoadedModel, seq_len: int, scored_positions: int = 1) -> floa
 
 
 @torch.inference_mode()
-def seed_loop(lm: LoadedModel, bank: Bank, layers: list[int], strengths: list[float], chunks: int, max_cells: int) -> tuple[int, float]:
-    """The seed scripts' way: extraction re-run for every layer, one forward pass per cell, logits at every position.
-
-    Times the first max_cells / questions cells of every question (in grid order), so the sample has the same mix
-    of prompt lengths as the sweep.
-    """
+def seed_loop(lm: LoadedModel, bank: Bank, question: Question, layers: list[int], strengths: list[float], chunks: int,
+              max_cells: int) -> tuple[int, float]:
+    """The seed scripts' way, on a question's first max_cells cells in grid order: extraction re-run for every layer,
+    one forward pass per cell, logits at every position -> (cells, seconds)."""
+    started = time.perf_counter()
     embed = lm.model.get_input_embeddings()
-    per_question = math.ceil(max_cells / len(bank.questions))
-    cells_done, started = 0, time.perf_counter()
-    for question in bank.questions:
-        prepared = prepare_question(lm, question, "first-token", bank.path)
-        prompt = embed(torch.tensor(prepared.prompt_ids, device=lm.device))
-        grid = [(name, layer) for name in (question.engram, *question.controls) for layer in layers]
-        done_here = 0
-        for name, layer in grid:
+    prepared = prepare_question(lm, question, "first-token", bank.path)
+    prompt = embed(torch.tensor(prepared.prompt_ids, device=lm.device))
+    cells = 0
+    for name in (question.engram, *question.controls):
+        for layer in layers:
             source_ids = torch.tensor([lm.tokenizer(bank.sources[name].text)["input_ids"]], device=lm.device)
             hidden = lm.model(input_ids=source_ids, output_hidden_states=True).hidden_states[layer][0].float()
             engram = chunk_mean(hidden, chunks)
@@ -75,17 +78,19 @@ def seed_loop(lm: LoadedModel, bank: Bank, layers: list[int], strengths: list[fl
                 logits = lm.model(inputs_embeds=torch.cat([prefix, prompt]).unsqueeze(0)).logits
                 probs = torch.softmax(logits[0, -1].float(), dim=-1)
                 [probs[ids[0]].item() for ids in prepared.correct_ids + prepared.incorrect_ids]
-                cells_done += 1
-                done_here += 1
-                if done_here >= per_question:
-                    break
-            if done_here >= per_question:
-                break
-    return cells_done, time.perf_counter() - started
+                cells += 1
+                if cells == max_cells:
+                    return cells, time.perf_counter() - started
+    return cells, time.perf_counter() - started
 
 
 def run_bench(lm: LoadedModel, bank: Bank, layers: list[int], strengths: list[float], chunks: int = 16,
-              loop_cells: int = 120, batch_size: int | None = None) -> dict:
+              loop_cells: int = 120, batch_size: int | None = None, probe_seconds: float = 0.3) -> dict:
+    """Build and sweep with engram-eval; before each question of the sweep (outside its timings), run the seed loop
+    on a sample of that question's cells and a matmul probe, so all three are measured under the same contention
+    from whatever else shares the machine."""
+    probe = MatmulProbe(lm.device, lm.dtype)
+    loop_per_question = math.ceil(loop_cells / len(bank.questions))
     with tempfile.TemporaryDirectory() as tmp:
         store = EngramStore(Path(tmp) / "store")
         sources = list(dict.fromkeys(n for q in bank.questions for n in (q.engram, *q.controls)))
@@ -101,36 +106,57 @@ def run_bench(lm: LoadedModel, bank: Bank, layers: list[int], strengths: list[fl
                     chunk_mean(lm.model(input_ids=ids, output_hidden_states=True).hidden_states[layer][0].float(), chunks)
         seed_build_seconds = time.perf_counter() - started
 
+        loop_done, loop_seconds, matmul_rates, pauses = 0, 0.0, [], []  # pauses: (paused at, resumed at)
+
+        def measure_machine(question: Question) -> None:
+            nonlocal loop_done, loop_seconds
+            paused = time.perf_counter()
+            done, seconds = seed_loop(lm, bank, question, layers, strengths, chunks, loop_per_question)
+            loop_done, loop_seconds = loop_done + done, loop_seconds + seconds
+            matmul_rates.append(probe.rate(probe_seconds))
+            pauses.append((paused, time.perf_counter()))
+
         with RssSampler() as rss:
             result = run_sweep(lm, bank, store, Path(tmp) / "run", layers=layers, strengths=strengths, chunks=chunks,
-                               batch_size=batch_size, progress=False)
-        sweep_seconds = result.run["timings"]["sweep_seconds"]
-        total_cells = result.run["cells"]["total"]
-        flops = 0.0
-        for question in bank.questions:
-            prompt_len = len(prepare_question(lm, question, "first-token", bank.path).prompt_ids)
-            n_cells = (1 + len(question.controls)) * len(layers) * len(strengths)
-            flops += cell_flops(lm, prompt_len) + n_cells * cell_flops(lm, chunks + prompt_len)
-    loop_done, loop_seconds = seed_loop(lm, bank, layers, strengths, chunks, loop_cells)
-    peak = matmul_flops(lm.device, lm.dtype)
-    sweep_rate = total_cells / sweep_seconds
+                               batch_size=batch_size, progress=False, before_question=measure_machine)
+        finished = time.perf_counter()
+        matmul_rates.append(probe.rate(probe_seconds))
+    # Question i ran between the end of pause i and the start of pause i + 1 (the last one until the sweep returned),
+    # next to the matmul probes just before and just after it.
+    ends = [paused for paused, _ in pauses[1:]] + [finished]
+    segments = [end - resumed for (_, resumed), end in zip(pauses, ends)]
+    matmul_during = [(before + after) / 2 for before, after in itertools.pairwise(matmul_rates)]
+    flops = [question_flops(lm, bank, question, layers, strengths, chunks) for question in bank.questions]
+    sweep_seconds = sum(segments)
+    best = max(probe.best(), *matmul_rates)
+    achieved = sum(flops) / sweep_seconds
+    matmul_same_time = sum(s * r for s, r in zip(segments, matmul_during)) / sweep_seconds
+    sweep_rate = result.run["cells"]["total"] / sweep_seconds
     loop_rate = loop_done / loop_seconds
     return {
         "device": str(lm.device), "dtype": str(lm.dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
         "sources": len(sources), "layers": len(layers),
         "build_seconds": build_seconds, "seed_build_seconds": seed_build_seconds, "build_speedup": seed_build_seconds / build_seconds,
-        "cells": total_cells, "sweep_cells_per_second": sweep_rate, "loop_cells": loop_done, "loop_cells_per_second": loop_rate,
-        "sweep_speedup": sweep_rate / loop_rate,
-        "achieved_flops": flops / sweep_seconds, "matmul_flops": peak, "roofline_fraction": flops / sweep_seconds / peak,
+        "cells": result.run["cells"]["total"], "sweep_cells_per_second": sweep_rate,
+        "loop_cells": loop_done, "loop_cells_per_second": loop_rate, "sweep_speedup": sweep_rate / loop_rate,
+        "achieved_flops": achieved, "matmul_flops": matmul_same_time, "roofline_fraction": achieved / matmul_same_time,
+        "matmul_flops_best": best, "roofline_fraction_of_best": achieved / best,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "sweep_rss_quarter_mib": rss.at(0.25), "sweep_rss_end_mib": rss.at(1.0),
     }
 
 
+def question_flops(lm: LoadedModel, bank: Bank, question: Question, layers: list[int], strengths: list[float], chunks: int) -> float:
+    """The baseline pass plus one pass per cell, each with the prompt (and the engram's chunks) as its sequence."""
+    prompt_len = len(prepare_question(lm, question, "first-token", bank.path).prompt_ids)
+    n_cells = (1 + len(question.controls)) * len(layers) * len(strengths)
+    return cell_flops(lm, prompt_len) + n_cells * cell_flops(lm, chunks + prompt_len)
+
+
 class RssSampler:
     """Samples this process's resident memory every 0.1 s while a block runs (is memory flat as cells grow?)."""
 
-    def __enter__(self) -> "RssSampler":
+    def __enter__(self) -> Self:
         self.samples: list[float] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)

@@ -57,6 +57,34 @@ def test_batched_equals_unbatched(tiny, tiny_bank, tmp_path):
             assert (other[column] / one[column] - 1).abs().max() < 1e-5
 
 
+def test_batches_are_split_evenly_so_no_small_remainder_batch_runs(tiny, tiny_bank, tmp_path, monkeypatch):
+    real = sweep_module.variant_logprobs
+    sizes = []
+
+    def recording(lm, prefixes, *args):
+        sizes.append(0 if prefixes is None else prefixes.shape[0])
+        return real(lm, prefixes, *args)
+
+    monkeypatch.setattr(sweep_module, "variant_logprobs", recording)
+    result = sweep(tiny, tiny_bank, tmp_path / "run", batch_size=5)
+    questions = result.run["cells"]["questions"]
+    assert sizes == [0, 4, 4, 4, 4] * questions  # 16 cells per question at most 5 at a time: 4 x 4, not 5 + 5 + 5 + 1
+
+
+def test_before_question_runs_once_per_question_outside_the_sweep_timings(tiny, tiny_bank, tmp_path):
+    import time
+
+    seen = []
+
+    def slow(question):
+        seen.append(question.id)
+        time.sleep(1.0)
+
+    result = sweep(tiny, tiny_bank, tmp_path / "run", before_question=slow)
+    assert seen == ["q1", "q2", "q3"]
+    assert result.run["timings"]["sweep_seconds"] < 3.0 <= result.run["timings"]["total_seconds"]
+
+
 def test_resume_after_interruption_equals_an_uninterrupted_run(tiny, tiny_bank, tmp_path, monkeypatch):
     whole = pl.read_parquet(sweep(tiny, tiny_bank, tmp_path / "whole").results_path)
     real_score = sweep_module.score_cells

@@ -1,0 +1,63 @@
+import math
+
+import pytest
+
+from engram_eval.bank import load_bank
+from engram_eval.bench import MatmulProbe, cell_flops, question_flops, run_bench, seed_loop
+
+
+def llama_non_embedding_parameters(config) -> int:
+    """Counted by hand from a Llama config: attention, MLP and two norms per layer, plus the final norm."""
+    h, i = config.hidden_size, config.intermediate_size
+    kv = config.num_key_value_heads * (config.head_dim or h // config.num_attention_heads)
+    per_layer = h * h + 2 * h * kv + h * h + 3 * h * i + 2 * h
+    return config.num_hidden_layers * per_layer + h
+
+
+@pytest.mark.parametrize("model", ["tiny", "real"])
+def test_cell_flops_count_non_embedding_parameters_per_token_and_the_head_per_scored_position(model, request):
+    lm = request.getfixturevalue(model)
+    config = lm.model.config
+    expected = 2 * llama_non_embedding_parameters(config) * 50 + 2 * config.hidden_size * config.vocab_size * 3
+    assert cell_flops(lm, 50, scored_positions=3) == expected
+
+
+def test_question_flops_are_the_baseline_pass_plus_one_pass_per_cell(tiny, tiny_bank):
+    bank = load_bank(tiny_bank)
+    question = bank.questions[0]
+    prompt_len = len(tiny.tokenizer(question.prompt)["input_ids"])
+    cells = (1 + len(question.controls)) * 2 * 3
+    expected = cell_flops(tiny, prompt_len) + cells * cell_flops(tiny, 4 + prompt_len)
+    assert question_flops(tiny, bank, question, [1, 4], [0.5, 1.0, 3.0], chunks=4) == expected
+
+
+def test_seed_loop_runs_the_first_cells_of_a_question_and_stops(tiny, tiny_bank):
+    bank = load_bank(tiny_bank)
+    question = bank.questions[0]
+    assert seed_loop(tiny, bank, question, [1, 4], [0.5, 3.0], 4, max_cells=3)[0] == 3
+    assert seed_loop(tiny, bank, question, [1, 4], [0.5, 3.0], 4, max_cells=100)[0] == (1 + len(question.controls)) * 4
+
+
+def test_matmul_probe_measures_positive_throughput_and_best_is_the_maximum_of_trials(monkeypatch):
+    import torch
+
+    probe = MatmulProbe(torch.device("cpu"), torch.float32, n=64)
+    assert probe.rate(0.01) > 0
+    rates = iter([3.0, 7.0, 5.0])
+    monkeypatch.setattr(probe, "rate", lambda seconds: next(rates))
+    assert probe.best(trials=3) == 7.0
+
+
+def test_bench_ratios_are_computed_from_the_same_run(tiny, tiny_bank):
+    bank = load_bank(tiny_bank)
+    r = run_bench(tiny, bank, [1, 4], [0.5, 3.0], chunks=4, loop_cells=6, probe_seconds=0.05)
+    cells_per_question = [(1 + len(q.controls)) * 4 for q in bank.questions]
+    assert r["cells"] == sum(n + 1 for n in cells_per_question)
+    assert r["loop_cells"] == sum(min(n, math.ceil(6 / len(bank.questions))) for n in cells_per_question)
+    assert r["sweep_speedup"] == pytest.approx(r["sweep_cells_per_second"] / r["loop_cells_per_second"])
+    assert r["roofline_fraction"] == pytest.approx(r["achieved_flops"] / r["matmul_flops"])
+    assert r["roofline_fraction_of_best"] == pytest.approx(r["achieved_flops"] / r["matmul_flops_best"])
+    # The best probe bounds every probe, so it also bounds their time-weighted mean.
+    assert r["matmul_flops"] <= r["matmul_flops_best"]
+    assert r["build_speedup"] == pytest.approx(r["seed_build_seconds"] / r["build_seconds"])
+    assert (r["sources"], r["layers"], r["device"], r["dtype"]) == (4, 2, "cpu", "float32")
