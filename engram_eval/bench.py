@@ -22,12 +22,13 @@ from .sweep import prepare_question, run_sweep, scale_engram
 
 
 class MatmulProbe:
-    """Dense square matmul throughput (FLOP/s) of this machine, measured on demand."""
+    """Dense square matmul throughput (FLOP/s) of this machine, measured on demand (n = 2048 on CPU; 8192 on GPU,
+    where smaller products do not fill the device)."""
 
-    def __init__(self, device: torch.device, dtype: torch.dtype, n: int = 2048):
-        self.device, self.n = device, n
-        self.a = torch.randn(n, n, device=device, dtype=dtype)
-        self.b = torch.randn(n, n, device=device, dtype=dtype)
+    def __init__(self, device: torch.device, dtype: torch.dtype, n: int | None = None):
+        self.device, self.n = device, n or (8192 if device.type == "cuda" else 2048)
+        self.a = torch.randn(self.n, self.n, device=device, dtype=dtype)
+        self.b = torch.randn(self.n, self.n, device=device, dtype=dtype)
         for _ in range(3):
             self.a @ self.b
 

@@ -311,7 +311,11 @@ def check(run_dir: Path, baseline_path: Path, rtol: float, atol: float, update: 
 @click.option("--loop-cells", default=120, show_default=True, type=click.IntRange(min=1),
               help="Cells timed with the seed's per-cell loop (its rate is compared with the sweep's).")
 @click.option("--batch-size", default="auto", show_default=True, help="Sweep batch size, or auto.")
-def bench(load_lm, bank_path: Path, layers_text: str, strengths_text: str, loop_cells: int, batch_size: str) -> None:
+@click.option("--random-init", "random_config", type=click.Path(dir_okay=False, path_type=Path),
+              help="Benchmark a randomly initialised model built from this config.json instead of --model's weights "
+                   "(--model still gives the tokenizer, device and dtype), e.g. benchmarks/qwen2.5-7b.config.json on a GPU.")
+def bench(load_lm, bank_path: Path, layers_text: str, strengths_text: str, loop_cells: int, batch_size: str,
+          random_config: Path | None) -> None:
     """Measure, in one run: build and sweep throughput, the seed's per-cell loop on the same cells, the machine's
     dense matmul throughput, and the ratios between them (speedup, fraction of matmul FLOP/s), plus peak memory.
 
@@ -325,6 +329,11 @@ def bench(load_lm, bank_path: Path, layers_text: str, strengths_text: str, loop_
     strengths = parse_strengths(strengths_text)
     bank = load_bank(bank_path)
     lm = load_lm()
+    if random_config is not None:
+        from .model import random_init_model
+
+        with stderr.status(f"building a random-init model from {random_config} ..."):
+            lm = random_init_model(random_config, lm.tokenizer, device=lm.device, dtype=lm.dtype)
     with stderr.status("benchmarking ..."):
         r = run_bench(lm, bank, parse_layers(layers_text, lm.num_layers), strengths, loop_cells=loop_cells,
                       batch_size=None if batch_size == "auto" else int(batch_size))

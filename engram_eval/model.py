@@ -14,9 +14,10 @@ from pathlib import Path
 
 import torch
 from transformers.utils import logging as hf_logging
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .errors import EngramEvalError
+from .files import read_text
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -211,4 +212,35 @@ def load_model(
         device=torch_device,
         dtype=torch_dtype,
         source=source,
+    )
+
+
+def random_init_model(
+    config_path: Path, tokenizer: PreTrainedTokenizerBase, *, device: torch.device, dtype: torch.dtype, seed: int = 0
+) -> LoadedModel:
+    """A randomly initialised model built from a config.json, with another model's tokenizer: speed needs no weights
+    (the benchmark's GPU runs use Qwen2.5-7B's configuration this way)."""
+    try:
+        config_dict = json.loads(read_text(config_path, "model config"))
+        if not isinstance(config_dict, dict) or "model_type" not in config_dict:
+            raise ValueError("no model_type: not a Hugging Face config.json")
+        config = AutoConfig.for_model(**config_dict)
+    except (ValueError, TypeError) as exc:
+        raise EngramEvalError(f"{config_path}: not a usable model config ({str(exc).strip().splitlines()[0]})") from None
+    if len(tokenizer) > config.vocab_size:
+        raise EngramEvalError(f"{config_path}: vocab_size {config.vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens")
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.eval().requires_grad_(False)
+    settings = {k: v for k, v in config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
+    identity = json.dumps({"config": settings, "random_init_seed": seed, "torch": torch.__version__}, sort_keys=True, default=str)
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        name=f"random-init {config_path.name}",
+        fingerprint=hashlib.sha256(identity.encode()).hexdigest(),
+        device=device,
+        dtype=dtype,
+        source=str(config_path),
     )

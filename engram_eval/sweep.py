@@ -96,12 +96,14 @@ class PreparedQuestion:
     incorrect_ids: tuple[tuple[int, ...], ...]
 
 
-def prompt_token_ids(lm: LoadedModel, question: Question) -> list[int]:
+def prompt_token_ids(lm: LoadedModel, question: Question, bank_path: Path | str = "bank") -> list[int]:
     """Default special tokens; with chat, the tokenizer's chat template (generation prompt added) first."""
     text = question.prompt
     if question.chat:
         if not getattr(lm.tokenizer, "chat_template", None):
-            raise EngramEvalError(f"question '{question.id}': chat: true, but {lm.name}'s tokenizer has no chat template")
+            raise EngramEvalError(
+                f"{bank_path}: question '{question.id}': chat: true, but {lm.name}'s tokenizer has no chat template"
+            )
         messages = [{"role": "user", "content": question.prompt}]
         text = lm.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return lm.tokenizer(text)["input_ids"]
@@ -131,7 +133,7 @@ def prepare_question(lm: LoadedModel, question: Question, scoring: str, bank_pat
                     f"{bank_path}: question '{question.id}': correct {c_text!r} and incorrect {i_text!r} share their "
                     f"{what} ({token!r}, id {c_ids[0]}), so {scoring} scoring cannot tell them apart"
                 )
-    return PreparedQuestion(question, tuple(prompt_token_ids(lm, question)), correct, incorrect)
+    return PreparedQuestion(question, tuple(prompt_token_ids(lm, question, bank_path)), correct, incorrect)
 
 
 # ---------------------------------------------------------------- injection and scoring

@@ -118,3 +118,28 @@ def test_bad_input_is_one_line_on_stderr(args, message, tiny_model_dir, tiny_ban
     fill = lambda s: s.replace("{tiny}", str(tiny_model_dir)).replace("{bank}", str(tiny_bank))  # noqa: E731
     one_line_error(run(*[fill(a) for a in args]), fill(message))
     assert not Path("store").exists() and not Path("reports").exists()  # nothing half-written
+
+
+def test_bench_random_init_builds_the_config_with_the_models_tokenizer(tiny_model_dir, tiny_bank, tmp_path):
+    config = tmp_path / "small.config.json"
+    config.write_text(json.dumps({"model_type": "qwen2", "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4,
+                                  "num_key_value_heads": 2, "num_hidden_layers": 3, "vocab_size": 700}))
+    result = run("bench", "--model", tiny_model_dir, "--random-init", config, "--bank", tiny_bank, "--layers", "1,3",
+                 "--strengths", "1,2", "--loop-cells", "3")
+    assert result.exit_code == 0, result.output
+    assert "engram-eval bench: random-init small.config.json on cpu (float32" in result.stdout
+    assert "4 sources in" in result.stdout and "(51 cells)" in result.stdout and "(3 cells)" in result.stdout
+
+
+@pytest.mark.parametrize("text,message", [
+    (None, "{config}: model config not found"),
+    ("{", "{config}: not a usable model config (Expecting property name enclosed in double quotes: line 1 column 2 (char 1))"),
+    ('{"hidden_size": 8}', "{config}: not a usable model config (no model_type: not a Hugging Face config.json)"),
+    ('{"model_type": "qwen2", "vocab_size": 10}', "{config}: vocab_size 10 is smaller than the tokenizer's {tokens} tokens"),
+])
+def test_bench_random_init_refuses_a_bad_config_in_one_line(text, message, tiny, tiny_model_dir, tmp_path):
+    config = tmp_path / "model.json"
+    if text is not None:
+        config.write_text(text)
+    result = run("bench", "--model", tiny_model_dir, "--random-init", config)
+    one_line_error(result, message.format(config=config, tokens=len(tiny.tokenizer)))

@@ -74,3 +74,21 @@ def test_embedded_model_is_smollm2_and_cached(real):
     assert cached.parent == cache_dir() and (cached / "model.safetensors").is_file()
     assert (embedded_gguf_path("smollm2-135m").name, EMBEDDED_MODELS["smollm2-135m"].version) == ("SmolLM2-135M-Instruct.Q4_1.gguf", "0.1.2")
     assert load_model("smollm2-135m", device="cpu").fingerprint == real.fingerprint
+
+
+def test_random_init_model_is_reproducible_from_config_and_seed(tiny, tmp_path):
+    import json
+
+    from engram_eval.model import random_init_model
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"model_type": "qwen2", "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4,
+                                  "num_key_value_heads": 2, "num_hidden_layers": 3, "vocab_size": 700}))
+    build = lambda seed: random_init_model(config, tiny.tokenizer, device=torch.device("cpu"), dtype=torch.float32, seed=seed)  # noqa: E731
+    a, b, other = build(0), build(0), build(1)
+    assert type(a.model).__name__ == "Qwen2ForCausalLM" and (a.num_layers, a.hidden_size) == (3, 32)
+    assert a.model.config.vocab_size == 700 and a.tokenizer is tiny.tokenizer
+    assert a.fingerprint == b.fingerprint != other.fingerprint
+    for (name, x), (_, y), (_, z) in zip(a.model.state_dict().items(), b.model.state_dict().items(), other.model.state_dict().items()):
+        assert torch.equal(x, y), name
+    assert not all(torch.equal(x, z) for x, z in zip(a.model.state_dict().values(), other.model.state_dict().values()))

@@ -190,6 +190,15 @@ def test_chat_prompts_use_the_chat_template(tiny, tmp_path):
     assert list(prepared.prompt_ids) == expected
 
 
+def test_chat_question_for_a_tokenizer_without_a_chat_template_names_bank_and_question(tiny, tmp_path, monkeypatch):
+    from conftest import write_tiny_bank
+    path = write_tiny_bank(tmp_path, extra="chat: true\n")
+    monkeypatch.setattr(tiny.tokenizer, "chat_template", None)
+    with pytest.raises(EngramEvalError) as error:
+        prepare_question(tiny, load_bank(path).questions[0], "first-token", path)
+    assert str(error.value) == f"{path}: question 'q1': chat: true, but {tiny.name}'s tokenizer has no chat template"
+
+
 @pytest.mark.real_model
 def test_real_model_sweep_matches_the_straightforward_implementation(real, tmp_path):
     bank_path = REPO / "questions/ci.yaml"
