@@ -163,7 +163,8 @@ def variant_logprobs(
 ) -> torch.Tensor:
     """Log-probability of each variant after [prefix; prompt] -> float32 [batch, n_variants].
 
-    first-token: one forward pass, logits only at the last position, log-softmax in float32.
+    first-token: one forward pass, logits only at the last position; log-probabilities in float32 as the variants'
+    logits minus the logsumexp over the vocabulary (no full log-softmax is written).
     sequence: one pass per variant over [prefix; prompt; variant[:-1]], summing its tokens' log-probs.
     prefixes=None is the baseline (no engram).
     """
@@ -171,7 +172,8 @@ def variant_logprobs(
     prompt = embed(torch.tensor(prompt_ids, device=lm.device))
     batch = 1 if prefixes is None else prefixes.shape[0]
 
-    def forward(tail_ids: tuple[int, ...], keep: int) -> torch.Tensor:
+    def forward(tail_ids: tuple[int, ...], keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> float32 logits [batch, keep, vocab] and their logsumexp [batch, keep, 1]."""
         parts = [prompt] if not tail_ids else [prompt, embed(torch.tensor(tail_ids, device=lm.device))]
         body = torch.cat(parts).unsqueeze(0).expand(batch, -1, -1)
         inputs = body if prefixes is None else torch.cat([prefixes.to(lm.dtype), body], dim=1)
@@ -182,16 +184,16 @@ def variant_logprobs(
         logits = lm.model.get_output_embeddings()(last).float().view(batch, keep, -1)
         if cap := getattr(lm.model.config, "final_logit_softcapping", None):
             logits = torch.tanh(logits / cap) * cap
-        return torch.log_softmax(logits, dim=-1)
+        return logits, torch.logsumexp(logits, dim=-1, keepdim=True)
 
     if scoring == "first-token":
-        logprobs = forward((), 1)[:, -1, :]
-        return logprobs[:, [variant[0] for variant in variants]]
+        logits, normalizer = forward((), 1)
+        return logits[:, -1, [variant[0] for variant in variants]] - normalizer[:, -1]
     columns = []
     for variant in variants:
-        logprobs = forward(variant[:-1], len(variant))
+        logits, normalizer = forward(variant[:-1], len(variant))
         targets = torch.tensor(variant, device=lm.device).expand(batch, -1).unsqueeze(-1)
-        columns.append(logprobs.gather(-1, targets).squeeze(-1).sum(dim=-1))
+        columns.append((logits.gather(-1, targets) - normalizer).squeeze(-1).sum(dim=-1))
     return torch.stack(columns, dim=1)
 
 
