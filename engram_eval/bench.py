@@ -60,6 +60,13 @@ def cell_flops(lm: LoadedModel, seq_len: int, scored_positions: int = 1) -> floa
 
 
 @torch.inference_mode()
+def seed_extract(lm: LoadedModel, text: str, layer: int, chunks: int) -> torch.Tensor:
+    """The seed scripts' extraction: tokenize and run the source for one layer."""
+    ids = torch.tensor([lm.tokenizer(text)["input_ids"]], device=lm.device)
+    return chunk_mean(lm.model(input_ids=ids, output_hidden_states=True).hidden_states[layer][0].float(), chunks)
+
+
+@torch.inference_mode()
 def seed_loop(lm: LoadedModel, bank: Bank, question: Question, layers: list[int], strengths: list[float], chunks: int,
               max_cells: int) -> tuple[int, float]:
     """The seed scripts' way, on a question's first max_cells cells in grid order: extraction re-run for every layer,
@@ -71,9 +78,7 @@ def seed_loop(lm: LoadedModel, bank: Bank, question: Question, layers: list[int]
     cells = 0
     for name in (question.engram, *question.controls):
         for layer in layers:
-            source_ids = torch.tensor([lm.tokenizer(bank.sources[name].text)["input_ids"]], device=lm.device)
-            hidden = lm.model(input_ids=source_ids, output_hidden_states=True).hidden_states[layer][0].float()
-            engram = chunk_mean(hidden, chunks)
+            engram = seed_extract(lm, bank.sources[name].text, layer, chunks)
             for strength in strengths:
                 prefix = scale_engram(engram, lm.embedding_norm, strength).to(lm.dtype)
                 logits = lm.model(inputs_embeds=torch.cat([prefix, prompt]).unsqueeze(0)).logits
@@ -100,11 +105,9 @@ def run_bench(lm: LoadedModel, bank: Bank, layers: list[int], strengths: list[fl
             store.ensure(lm, name, bank.sources[name].text, layers, chunks)
         build_seconds = time.perf_counter() - started
         started = time.perf_counter()
-        with torch.inference_mode():
-            for name in sources:
-                ids = torch.tensor([lm.tokenizer(bank.sources[name].text)["input_ids"]], device=lm.device)
-                for layer in layers:  # seed: one pass per layer
-                    chunk_mean(lm.model(input_ids=ids, output_hidden_states=True).hidden_states[layer][0].float(), chunks)
+        for name in sources:
+            for layer in layers:
+                seed_extract(lm, bank.sources[name].text, layer, chunks)
         seed_build_seconds = time.perf_counter() - started
 
         loop_done, loop_seconds, matmul_rates, pauses = 0, 0.0, [], []  # pauses: (paused at, resumed at)

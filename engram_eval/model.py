@@ -13,8 +13,15 @@ from functools import cached_property
 from pathlib import Path
 
 import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 from transformers.utils import logging as hf_logging
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .errors import EngramEvalError
 from .files import read_text
@@ -146,11 +153,14 @@ def dequantized_gguf_dir(gguf: Path) -> Path:
     return target
 
 
+def _config_settings(config: PretrainedConfig) -> dict:
+    return {k: v for k, v in config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
+
+
 def model_fingerprint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> str:
     """A stable hash of what determines the numbers: config, tokenizer and the weights as loaded (dtype included)."""
     digest = hashlib.sha256()
-    config = {k: v for k, v in model.config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
-    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
+    digest.update(json.dumps(_config_settings(model.config), sort_keys=True, default=str).encode())
     backend = getattr(tokenizer, "backend_tokenizer", None)
     vocab = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
     digest.update(vocab.encode())
@@ -233,13 +243,12 @@ def random_init_model(
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.eval().requires_grad_(False)
-    settings = {k: v for k, v in config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
-    identity = json.dumps({"config": settings, "random_init_seed": seed, "torch": torch.__version__}, sort_keys=True, default=str)
+    identity = {"config": _config_settings(config), "random_init_seed": seed, "torch": torch.__version__}
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
         name=f"random-init {config_path.name}",
-        fingerprint=hashlib.sha256(identity.encode()).hexdigest(),
+        fingerprint=hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest(),
         device=device,
         dtype=dtype,
         source=str(config_path),
