@@ -59,5 +59,13 @@ def test_bench_ratios_are_computed_from_the_same_run(tiny, tiny_bank):
     assert r["roofline_fraction_of_best"] == pytest.approx(r["achieved_flops"] / r["matmul_flops_best"])
     # The best probe bounds every probe, so it also bounds their time-weighted mean.
     assert r["matmul_flops"] <= r["matmul_flops_best"]
+    # FLOPs per cell of the whole sweep, counted by hand: baseline (prompt only) + cells (4 engram vectors + prompt).
+    config = tiny.model.config
+    per_token, head = 2 * llama_non_embedding_parameters(config), 2 * config.hidden_size * config.vocab_size
+    hand = 0
+    for question, n in zip(bank.questions, cells_per_question):
+        prompt_len = len(tiny.tokenizer(question.prompt)["input_ids"])
+        hand += per_token * prompt_len + head + n * (per_token * (4 + prompt_len) + head)
+    assert r["achieved_flops"] / r["sweep_cells_per_second"] == pytest.approx(hand / r["cells"])
     assert r["build_speedup"] == pytest.approx(r["seed_build_seconds"] / r["build_seconds"])
     assert (r["sources"], r["layers"], r["device"], r["dtype"]) == (4, 2, "cpu", "float32")
