@@ -18,7 +18,9 @@ from .bank import Bank, Question
 from .engram import chunk_mean
 from .model import LoadedModel
 from .store import EngramStore
-from .sweep import prepare_question, run_sweep, scale_engram
+from .injection import scale_engram
+from .prompts import prepare_question
+from .sweep import run_sweep
 
 
 class MatmulProbe:

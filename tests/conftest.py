@@ -97,3 +97,16 @@ def tiny_bank(tmp_path) -> Path:
 def real() -> LoadedModel:
     """The embedded SmolLM2-135M-Instruct (first use dequantizes the GGUF into the user cache, ~40 s)."""
     return load_model("smollm2-135m", device="cpu")
+
+
+SWEEP_GRID = dict(layers=[1, 4], strengths=[0.5, 3.0], chunks=4)
+
+
+def sweep(lm: LoadedModel, bank_path: Path, out: Path, **kwargs):
+    """A small sweep of a bank on the tiny model, store beside the run directory."""
+    from engram_eval.bank import load_bank
+    from engram_eval.store import EngramStore
+    from engram_eval.sweep import run_sweep
+
+    options = {**SWEEP_GRID, "progress": False, **kwargs}
+    return run_sweep(lm, load_bank(bank_path), EngramStore(out.parent / "store"), out, **options)

@@ -5,7 +5,7 @@ import polars as pl
 import pytest
 from click.testing import CliRunner
 
-import engram_eval.sweep as sweep_module
+import engram_eval.injection as injection_module
 from engram_eval.bank import load_bank
 from engram_eval.check import compare, summarize_run
 from engram_eval.cli import cli
@@ -66,7 +66,7 @@ def test_committed_baseline_passes_and_a_changed_convention_fails(real, tmp_path
     run = run_sweep(real, bank, EngramStore(tmp_path / "store"), tmp_path / "seed", **CI_GRID, progress=False)
     assert compare(summarize_run(pl.read_parquet(run.results_path)), baseline) == []
     # Break one convention: scale by the engram's max row norm instead of its mean row norm.
-    monkeypatch.setattr(sweep_module, "mean_row_norm", lambda x: x.float().norm(dim=1).max())
+    monkeypatch.setattr(injection_module, "mean_row_norm", lambda x: x.float().norm(dim=1).max())
     drifted = run_sweep(real, bank, EngramStore(tmp_path / "store"), tmp_path / "drift", **CI_GRID, progress=False)
     drifts = compare(summarize_run(pl.read_parquet(drifted.results_path)), baseline)
     assert len(drifts) > 10 and all(d.what.split()[0] in baseline["cells"] or d.what.startswith("totals") for d in drifts)

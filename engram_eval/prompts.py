@@ -1,0 +1,58 @@
+"""Prompts: a bank question -> the token ids the model scores (chat template applied) and its variants' ids."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .bank import Question
+from .errors import EngramEvalError
+from .model import LoadedModel
+
+
+@dataclass(frozen=True)
+class PreparedQuestion:
+    question: Question
+    prompt_ids: tuple[int, ...]
+    correct_ids: tuple[tuple[int, ...], ...]
+    incorrect_ids: tuple[tuple[int, ...], ...]
+
+
+def prompt_token_ids(lm: LoadedModel, question: Question, bank_path: Path | str = "bank") -> list[int]:
+    """Default special tokens; with chat, the tokenizer's chat template (generation prompt added) first."""
+    text = question.prompt
+    if question.chat:
+        if not getattr(lm.tokenizer, "chat_template", None):
+            raise EngramEvalError(
+                f"{bank_path}: question '{question.id}': chat: true, but {lm.name}'s tokenizer has no chat template"
+            )
+        messages = [{"role": "user", "content": question.prompt}]
+        text = lm.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return lm.tokenizer(text)["input_ids"]
+
+
+def prepare_question(lm: LoadedModel, question: Question, scoring: str, bank_path: Path | str = "bank") -> PreparedQuestion:
+    """Tokenize prompt and variants; refuse variants that cannot be scored apart."""
+    tokenizer = lm.tokenizer
+
+    def encode(variants: tuple[str, ...]) -> tuple[tuple[int, ...], ...]:
+        encoded = []
+        for variant in variants:
+            ids = tuple(tokenizer.encode(variant, add_special_tokens=False))
+            if not ids:
+                raise EngramEvalError(f"{bank_path}: question '{question.id}': variant {variant!r} has no tokens")
+            encoded.append(ids)
+        return tuple(encoded)
+
+    correct, incorrect = encode(question.correct), encode(question.incorrect)
+    for c_text, c_ids in zip(question.correct, correct):
+        for i_text, i_ids in zip(question.incorrect, incorrect):
+            same = c_ids[0] == i_ids[0] if scoring == "first-token" else c_ids == i_ids
+            if same:
+                token = tokenizer.convert_ids_to_tokens(c_ids[0])
+                what = "first token" if scoring == "first-token" else "tokens"
+                raise EngramEvalError(
+                    f"{bank_path}: question '{question.id}': correct {c_text!r} and incorrect {i_text!r} share their "
+                    f"{what} ({token!r}, id {c_ids[0]}), so {scoring} scoring cannot tell them apart"
+                )
+    return PreparedQuestion(question, tuple(prompt_token_ids(lm, question, bank_path)), correct, incorrect)

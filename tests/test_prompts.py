@@ -1,0 +1,46 @@
+import pytest
+
+from engram_eval.bank import load_bank
+from engram_eval.errors import EngramEvalError
+from engram_eval.prompts import prepare_question
+from engram_eval.store import EngramStore
+from engram_eval.sweep import run_sweep
+
+
+def test_shared_first_token_is_a_bank_error(tiny, tmp_path):
+    from conftest import write_tiny_bank
+    path = write_tiny_bank(tmp_path, {"q1": ("The drug is", [" alpha"], [" alpha blocker"])})
+    question = load_bank(path).questions[0]
+    token = tiny.tokenizer.convert_ids_to_tokens(tiny.tokenizer.encode(" alpha", add_special_tokens=False)[0])
+    with pytest.raises(EngramEvalError) as error:
+        prepare_question(tiny, question, "first-token", path)
+    token_id = tiny.tokenizer.encode(" alpha", add_special_tokens=False)[0]
+    assert str(error.value) == (f"{path}: question 'q1': correct ' alpha' and incorrect ' alpha blocker' share their first token "
+                                f"({token!r}, id {token_id}), so first-token scoring cannot tell them apart")
+    assert prepare_question(tiny, question, "sequence", path).correct_ids  # sequence scoring separates them
+
+
+def test_variant_without_tokens_is_a_bank_error(tiny, tmp_path):
+    from conftest import write_tiny_bank
+    path = write_tiny_bank(tmp_path, {"q1": ("The drug is", [""], [" beta"])})
+    with pytest.raises(EngramEvalError) as error:
+        run_sweep(tiny, load_bank(path), EngramStore(tmp_path / "s"), tmp_path / "run", layers=[1], strengths=[1.0], progress=False)
+    assert str(error.value) == f"{path}: question 'q1': variant '' has no tokens"
+    assert not (tmp_path / "run").exists() and not (tmp_path / "s").exists()  # checked before any model work
+
+
+def test_chat_prompts_use_the_chat_template(tiny, tmp_path):
+    from conftest import write_tiny_bank
+    path = write_tiny_bank(tmp_path, extra="chat: true\n")
+    prepared = prepare_question(tiny, load_bank(path).questions[0], "first-token", path)
+    expected = tiny.tokenizer("<user> The first medication for the tumor should be\n<assistant>")["input_ids"]
+    assert list(prepared.prompt_ids) == expected
+
+
+def test_chat_question_for_a_tokenizer_without_a_chat_template_names_bank_and_question(tiny, tmp_path, monkeypatch):
+    from conftest import write_tiny_bank
+    path = write_tiny_bank(tmp_path, extra="chat: true\n")
+    monkeypatch.setattr(tiny.tokenizer, "chat_template", None)
+    with pytest.raises(EngramEvalError) as error:
+        prepare_question(tiny, load_bank(path).questions[0], "first-token", path)
+    assert str(error.value) == f"{path}: question 'q1': chat: true, but {tiny.name}'s tokenizer has no chat template"
