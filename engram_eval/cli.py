@@ -255,7 +255,8 @@ def report(run_dir: Path, output_format: str, engram_role: str) -> None:
     layer x strength heatmaps of flip and fragile-correct rates; headline rates with 95% Wilson intervals;
     relevant-vs-control comparison with a paired sign-flip test; the semantic-sink split."""
     from .files import atomic_write_text
-    from .report import load_run, render_html, render_json, render_markdown, render_table, summarize
+    from .rendering import render_html, render_json, render_markdown, render_table
+    from .report import load_run, summarize
 
     summary = summarize(*load_run(run_dir), engram_role=engram_role)
     if output_format == "table":

@@ -110,3 +110,13 @@ def sweep(lm: LoadedModel, bank_path: Path, out: Path, **kwargs):
 
     options = {**SWEEP_GRID, "progress": False, **kwargs}
     return run_sweep(lm, load_bank(bank_path), EngramStore(out.parent / "store"), out, **options)
+
+
+@pytest.fixture(scope="session")
+def run(tiny, tmp_path_factory):
+    """(results frame, run.json) of a tiny-model sweep of the tiny bank over a 3 x 3 grid, shared by report tests."""
+    import polars as pl
+
+    folder = tmp_path_factory.mktemp("report")
+    result = sweep(tiny, write_tiny_bank(folder), folder / "run", layers=[1, 2, 4], strengths=[1.0, 5.0, 20.0])
+    return pl.read_parquet(result.results_path), result.run

@@ -1,44 +1,7 @@
-import itertools
-import json
-import math
-
-import polars as pl
 import pytest
 
-from engram_eval.report import (decision_advice, render_html, render_json, render_markdown, sign_flip_test, summarize,
-                                wilson_interval)
-from engram_eval.store import EngramStore
-from engram_eval.sweep import run_sweep
-from engram_eval.bank import load_bank
-
-
-@pytest.fixture(scope="module")
-def run(tiny, tmp_path_factory):
-    from conftest import write_tiny_bank
-    folder = tmp_path_factory.mktemp("report")
-    result = run_sweep(tiny, load_bank(write_tiny_bank(folder)), EngramStore(folder / "store"), folder / "run",
-                       layers=[1, 2, 4], strengths=[1.0, 5.0, 20.0], chunks=4, progress=False)
-    return pl.read_parquet(result.results_path), result.run
-
-
-def test_wilson_interval_matches_the_textbook_formula():
-    k, n, z = 3, 10, 1.959963984540054
-    p = k / n
-    center = (p + z**2 / (2 * n)) / (1 + z**2 / n)
-    half = z / (1 + z**2 / n) * math.sqrt(p * (1 - p) / n + z**2 / (4 * n**2))
-    assert wilson_interval(k, n) == pytest.approx((center - half, center + half))
-    assert wilson_interval(0, 0) is None
-    assert wilson_interval(0, 5)[0] == 0.0
-
-
-def test_sign_flip_p_value_on_a_hand_made_table():
-    # differences 1, 2, 3: of the 8 sign patterns, only +++ and --- reach |sum| = 6
-    assert sign_flip_test([1.0, 2.0, 3.0]) == pytest.approx(2 / 8)
-    # 1, -1, 2, 4: |sum| = 6 reached by (+-++), (-+++)... count by brute force, independently
-    d = [1.0, -1.0, 2.0, 4.0]
-    hits = sum(abs(sum(s * x for s, x in zip(signs, d))) >= 6 for signs in itertools.product((1, -1), repeat=4))
-    assert sign_flip_test(d) == pytest.approx(hits / 16)
-    assert sign_flip_test([]) is None
+from engram_eval.report import decision_advice, summarize
+from engram_eval.statistics import sign_flip_test, wilson_interval
 
 
 @pytest.mark.parametrize("baseline,related,walk,expected", [
@@ -109,16 +72,3 @@ def test_semantic_sink_split(run):
         assert group["break"]["n"] == sum(r["correct_before"] for r in mine)
 
 
-def test_markdown_json_and_html_carry_the_same_numbers(run):
-    frame, meta = run
-    summary = summarize(frame, meta, engram_role="all")
-    markdown, data, page = render_markdown(summary), json.loads(render_json(summary)), render_html(summary)
-    assert data["headline"] == json.loads(json.dumps(summary["headline"]))
-    assert set(summary["heatmaps"]) == {"relevant", "anti", "irrelevant", "random"}
-    for q in summary["questions"]:
-        outcome, cases = [l for l in markdown.splitlines() if l.startswith(f"| {q['question_id']} |")]
-        assert outcome.endswith(f"| {q['flips']} | {q['breaks']} |") and cases.endswith(f"| {q['advice']} |")
-        assert q["advice"] in page
-    assert page.count("<img alt='Heatmap") == 2 * len(summary["heatmaps"])
-    assert page.count("data:image/png;base64,iVBOR") == 2 * len(summary["heatmaps"])  # real PNGs
-    assert page.startswith("<!doctype html>") and page.rstrip().endswith("</html>")

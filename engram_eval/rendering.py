@@ -1,0 +1,183 @@
+"""Rendering: one report summary -> a rich table, markdown, json or a self-contained html page."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+
+
+def fmt_ratio(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if value == 0 or not math.isfinite(value):
+        return str(value)
+    return f"{value:.3g}" if 1e-3 <= abs(value) < 1e4 else f"{value:.2e}"
+
+
+def fmt_rate(r: dict) -> str:
+    if not r["n"]:
+        return f"{r['k']}/0"
+    low, high = r["ci95"]
+    return f"{r['k']}/{r['n']} ({100 * r['rate']:.0f}%, 95% CI {100 * low:.0f}-{100 * high:.0f}%)"
+
+
+def fmt_cell(r: dict) -> str:
+    return "-" if not r["n"] else f"{r['k']}/{r['n']}"
+
+
+def fmt_float(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def fmt_p(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _sections(summary: dict) -> list[tuple[str, list[str], list[list[str]]]]:
+    """(title, columns, rows) for every table, in report order; table, markdown and html render these."""
+    h = summary["header"]
+    sections = [(
+        "Run", ["field", "value"],
+        [["model", f"{h['model']} ({h['model_fingerprint']})"], ["bank", h["bank"]],
+         ["grid", f"layers {', '.join(map(str, h['layers']))} x strengths {', '.join(f'{s:g}' for s in h['strengths'])}, k = {h['chunks']}"],
+         ["scoring", f"{h['scoring']}, {h['injection']} injection"],
+         ["cells", f"{h['cells']} rows, {h['questions']} questions (run {h['run_id']}, {h['status']})"],
+         ["duration", "-" if h["duration_seconds"] is None else f"{h['duration_seconds']:.1f} s"]],
+    )]
+    sections.append((
+        "Questions", ["question", "baseline ratio", "correct?", "related wrong", "best cell (layer, strength: ratio)", "flips", "breaks"],
+        [[q["question_id"], fmt_ratio(q["baseline_ratio"]), "yes" if q["correct_before"] else "no",
+          {True: "yes", False: "no", None: "-"}[q["related_wrong"]],
+          "-" if q["best"]["layer"] is None else f"L{q['best']['layer']}, {q['best']['strength']:g}: {fmt_ratio(q['best']['ratio'])}",
+          str(q["flips"]), str(q["breaks"])]
+         for q in summary["questions"]],
+    ))
+    sections.append((
+        "Calibration cases and decision-rule advice", ["question", "cases (relevant cells)", "advice"],
+        [[q["question_id"], ", ".join(f"{c} {n}" for c, n in q["cases"].items()), q["advice"]] for q in summary["questions"]],
+    ))
+    for name, heatmap in summary["heatmaps"].items():
+        for measure, label in (("flip", "flip rate (flips / baseline-wrong questions)"), ("break", "fragile-correct rate (breaks / baseline-correct questions)")):
+            sections.append((
+                f"Heatmap {name}: {label}", ["layer \\ strength", *[f"{s:g}" for s in heatmap["strengths"]]],
+                [[f"L{layer}", *[fmt_cell(c) for c in row]] for layer, row in zip(heatmap["layers"], heatmap[measure])],
+            ))
+    hl = summary["headline"]
+    best = hl["best_cell"]
+    sections.append((
+        "Headline", ["measure", "value"],
+        [["baseline-wrong questions that flip somewhere in the grid", fmt_rate(hl["question_flip_rate"])],
+         ["baseline-correct questions that break somewhere in the grid", fmt_rate(hl["question_fragile_correct_rate"])],
+         *([] if best is None else [
+             [f"flip rate at best cell (L{best['layer']}, strength {best['strength']:g})", fmt_rate(best["flip_rate"])],
+             [f"fragile-correct rate at best cell (L{best['layer']}, strength {best['strength']:g})", fmt_rate(best["break_rate"])]])],
+    ))
+    sections.append((
+        "Negative controls (same cells; paired sign-flip test across questions)",
+        ["control", "questions", "cells", "mean log impr. relevant", "mean log impr. control", "difference", "p", "verdict",
+         "flips rel/ctrl", "control breaks", "controls-adjusted flip rate"],
+        [[c["kind"], str(c["questions"]), str(c["cells"]), fmt_float(c["mean_log_improvement_relevant"]),
+          fmt_float(c["mean_log_improvement_control"]), fmt_float(c["mean_difference"]), fmt_p(c["p_value"]), c["verdict"],
+          f"{c['flips_relevant']}/{c['flips_control']}", str(c["breaks_control"]),
+          "-" if c["adjusted_flip_rate"] is None else f"{c['adjusted_flips']}/{c['baseline_wrong_cells']} ({100 * c['adjusted_flip_rate']:.1f}%)"]
+         for c in summary["controls"]],
+    ))
+    sections.append((
+        "Semantic sink (relevant engram): is the wrong answer related to the topic?",
+        ["related wrong", "questions", "flip rate (cells)", "break rate (cells)"],
+        [[{True: "yes", False: "no", None: "unlabelled"}[s["related_wrong"]], str(s["questions"]), fmt_rate(s["flip"]), fmt_rate(s["break"])]
+         for s in summary["semantic_sink"]],
+    ))
+    return sections
+
+
+# ---------------------------------------------------------------- renderers
+
+
+def render_table(summary: dict, console) -> None:
+    from rich.table import Table
+
+    for title, columns, rows in _sections(summary):
+        heat = title.startswith("Heatmap")
+        table = Table(title=title, title_justify="left", show_header=True)
+        for column in columns:
+            table.add_column(column, justify="right" if heat else "left", overflow="fold")
+        grid = None
+        if heat:
+            name, measure = title.removeprefix("Heatmap ").split(":")[0], "flip" if "flip rate" in title else "break"
+            grid = summary["heatmaps"][name][measure]
+        for i, row in enumerate(rows):
+            if grid is None:
+                table.add_row(*row)
+            else:
+                table.add_row(row[0], *[_heat_cell(text, cell, measure) for text, cell in zip(row[1:], grid[i])])
+        console.print(table)
+
+
+def _heat_cell(text: str, cell: dict, measure: str) -> str:
+    if cell["rate"] is None:
+        return text
+    colours = ("grey23", "dark_green", "green4", "green3") if measure == "flip" else ("grey23", "dark_red", "red3", "red1")
+    colour = colours[min(3, math.ceil(cell["rate"] * 3))]
+    return f"[white on {colour}] {text} [/]"
+
+
+def render_markdown(summary: dict) -> str:
+    lines = [f"# engram-eval report: {summary['header']['bank']} on {summary['header']['model']}", ""]
+    for title, columns, rows in _sections(summary):
+        lines += [f"## {title}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def render_json(summary: dict) -> str:
+    return json.dumps(summary, indent=2, default=str)
+
+
+def heatmap_png(heatmap: dict, measure: str, title: str) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    values = [[c["rate"] if c["rate"] is not None else float("nan") for c in row] for row in heatmap[measure]]
+    fig, ax = plt.subplots(figsize=(1.1 + 0.8 * len(heatmap["strengths"]), 1.0 + 0.5 * len(heatmap["layers"])))
+    image = ax.imshow(values, cmap="Greens" if measure == "flip" else "Reds", vmin=0, vmax=1, aspect="auto")
+    ax.set_xticks(range(len(heatmap["strengths"])), [f"{s:g}" for s in heatmap["strengths"]])
+    ax.set_yticks(range(len(heatmap["layers"])), [f"L{layer}" for layer in heatmap["layers"]])
+    ax.set_xlabel("strength")
+    ax.set_title(title, fontsize=9)
+    for i, row in enumerate(heatmap[measure]):
+        for j, cell in enumerate(row):
+            ax.text(j, i, fmt_cell(cell), ha="center", va="center", fontsize=8)
+    fig.colorbar(image, ax=ax, fraction=0.05)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def render_html(summary: dict) -> str:
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        f"<title>engram-eval report: {html.escape(summary['header']['bank'])}</title>",
+        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}"
+        "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}th{background:#eee}</style></head><body>",
+        f"<h1>engram-eval report: {html.escape(summary['header']['bank'])} on {html.escape(summary['header']['model'])}</h1>",
+    ]
+    for title, columns, rows in _sections(summary):
+        parts.append(f"<h2>{html.escape(title)}</h2>")
+        if title.startswith("Heatmap"):
+            name = title.removeprefix("Heatmap ").split(":")[0]
+            measure = "flip" if "flip rate" in title else "break"
+            png = base64.b64encode(heatmap_png(summary["heatmaps"][name], measure, title)).decode()
+            parts.append(f"<img alt='{html.escape(title)}' src='data:image/png;base64,{png}'>")
+        parts.append("<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in columns) + "</tr>")
+        parts += ["<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>" for row in rows]
+        parts.append("</table>")
+    parts.append("</body></html>")
+    return "\n".join(parts)

@@ -1,0 +1,49 @@
+"""Statistics: interval estimates and paired tests the report draws its verdicts from."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+
+ALPHA = 0.05
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> tuple[float, float] | None:
+    """95% Wilson score interval for a binomial proportion; None when n = 0."""
+    if n == 0:
+        return None
+    p = successes / n
+    denominator = 1 + z * z / n
+    center = (p + z * z / (2 * n)) / denominator
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
+    return max(0.0, center - half), min(1.0, center + half)
+
+
+def sign_flip_test(differences: list[float], samples: int = 200_000) -> float | None:
+    """Two-sided paired permutation test of mean(differences) = 0: exact over all 2^n sign flips for n <= 16,
+    else a fixed-seed Monte Carlo estimate."""
+    n = len(differences)
+    if n == 0:
+        return None
+    observed = abs(sum(differences)) - 1e-12
+    if n <= 16:
+        signs = itertools.product((1, -1), repeat=n)
+        hits = sum(abs(sum(s * d for s, d in zip(sign, differences))) >= observed for sign in signs)
+        return hits / 2**n
+    rng = random.Random(0)
+    hits = sum(abs(sum(d if rng.random() < 0.5 else -d for d in differences)) >= observed for _ in range(samples))
+    return (hits + 1) / (samples + 1)
+
+
+def verdict(mean_difference: float | None, p_value: float | None) -> str:
+    if p_value is None or mean_difference is None:
+        return "no data"
+    if p_value < ALPHA:
+        return "relevant beats controls" if mean_difference > 0 else "controls beat relevant"
+    return "indistinguishable from controls"
+
+
+def rate(successes: int, n: int) -> dict:
+    interval = wilson_interval(successes, n)
+    return {"k": successes, "n": n, "rate": successes / n if n else None, "ci95": list(interval) if interval else None}
