@@ -53,7 +53,9 @@ def test_missing_embedded_package_says_how_to_install(monkeypatch):
 
 
 def test_hub_id_goes_through_from_pretrained(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import: the env var is too late
     with pytest.raises(EngramEvalError) as error:
         load_model("someone/not-cached-model")
     assert str(error.value).startswith("--model: could not load 'someone/not-cached-model': ")
