@@ -181,9 +181,11 @@ def store_show(name: str, store_dir: str) -> None:
 @click.option("--strengths", "strengths_text", default="0.5,1,2,5,10,20", show_default=True,
               help="Strength multipliers on the seed scaling (finite, > 0).")
 @chunks_option
-@click.option("--scoring", type=click.Choice(["first-token", "sequence", "sequence-max"]), default="first-token", show_default=True,
+@click.option("--scoring", type=click.Choice(["first-token", "sequence", "sequence-max", "sequence-mean"]), default="first-token",
+              show_default=True,
               help="first-token: seed mode, max over variants of their first token's probability. sequence: summed "
-                   "log-probability of each variant's tokens, logsumexp per side; sequence-max: the same, max per side.")
+                   "log-probability of each variant's tokens, logsumexp per side; sequence-max: the same, max per side; "
+                   "sequence-mean: mean per-token log-probability (long answers are not penalised), max per side.")
 @click.option("--injection", type=click.Choice(["prefix"]), default="prefix", show_default=True,
               help="prefix: prepend the k scaled vectors to the prompt's embeddings (seed mode).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Run directory [default: reports/BANK-MODEL].")

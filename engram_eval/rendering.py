@@ -17,6 +17,28 @@ def fmt_ratio(value: float | None) -> str:
     return f"{value:.3g}" if 1e-3 <= abs(value) < 1e4 else f"{value:.2e}"
 
 
+def fmt_prob(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3g}" if value >= 1e-3 else f"{value:.2e}"
+
+
+def fmt_probs(p_correct: float | None, p_incorrect: float | None) -> str:
+    return f"{fmt_prob(p_correct)} / {fmt_prob(p_incorrect)}"
+
+
+def fmt_best(best: dict) -> str:
+    """The relevant engram's best cell; when no cell beats the baseline ratio, say so rather than call it best."""
+    if best["layer"] is None:
+        return "-"
+    cell = f"L{best['layer']}, {best['strength']:g}: {fmt_ratio(best['ratio'])} ({fmt_probs(best['p_correct'], best['p_incorrect'])})"
+    return cell if best["improves_on_baseline"] else f"no cell improves on the baseline (highest {cell})"
+
+
+def fmt_flips(q: dict) -> str:
+    if not q["flips"]:
+        return "0"
+    return f"{q['flips']} ({q['clean_flips']} / {q['flips_p_correct_fell']} / {q['flips_collapsed']})"
+
+
 def fmt_rate(r: dict) -> str:
     if not r["n"]:
         return f"{r['k']}/0"
@@ -48,11 +70,12 @@ def _sections(summary: dict) -> list[tuple[str, list[str], list[list[str]]]]:
          ["duration", "-" if h["duration_seconds"] is None else f"{h['duration_seconds']:.1f} s"]],
     )]
     sections.append((
-        "Questions", ["question", "baseline ratio", "correct?", "related wrong", "best cell (layer, strength: ratio)", "flips", "breaks"],
-        [[q["question_id"], fmt_ratio(q["baseline_ratio"]), "yes" if q["correct_before"] else "no",
-          {True: "yes", False: "no", None: "-"}[q["related_wrong"]],
-          "-" if q["best"]["layer"] is None else f"L{q['best']['layer']}, {q['best']['strength']:g}: {fmt_ratio(q['best']['ratio'])}",
-          str(q["flips"]), str(q["breaks"])]
+        "Questions (probabilities: p(correct) / p(incorrect))",
+        ["question", "baseline ratio", "baseline p", "correct?", "related wrong", "best cell of the relevant engram",
+         "flips (clean / p(correct) fell / mass collapsed)", "breaks"],
+        [[q["question_id"], fmt_ratio(q["baseline_ratio"]), fmt_probs(q["baseline_p_correct"], q["baseline_p_incorrect"]),
+          "yes" if q["correct_before"] else "no", {True: "yes", False: "no", None: "-"}[q["related_wrong"]],
+          fmt_best(q["best"]), fmt_flips(q), str(q["breaks"])]
          for q in summary["questions"]],
     ))
     sections.append((
@@ -70,6 +93,7 @@ def _sections(summary: dict) -> list[tuple[str, list[str], list[list[str]]]]:
     sections.append((
         "Headline", ["measure", "value"],
         [["baseline-wrong questions that flip somewhere in the grid", fmt_rate(hl["question_flip_rate"])],
+         ["... with a clean flip (p(correct) rose, mass kept)", fmt_rate(hl["question_clean_flip_rate"])],
          ["baseline-correct questions that break somewhere in the grid", fmt_rate(hl["question_fragile_correct_rate"])],
          *([] if best is None else [
              [f"flip rate at best cell (L{best['layer']}, strength {best['strength']:g})", fmt_rate(best["flip_rate"])],

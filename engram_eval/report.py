@@ -54,18 +54,33 @@ def decision_advice(baseline_ratio: float, related_wrong: bool | None, walk: lis
     return advice
 
 
+def _flip_kinds() -> dict[str, pl.Expr]:
+    """A flip is clean when p_correct rose and the answers kept their probability mass; the others only moved the
+    ratio because p_incorrect fell faster, or because both answers' probability drained away (collapse)."""
+    flipped = pl.col("flipped")
+    return {
+        "flips": flipped.sum(),
+        "clean_flips": (flipped & pl.col("p_correct_rose") & ~pl.col("collapsed")).sum(),
+        "flips_p_correct_fell": (flipped & ~pl.col("p_correct_rose")).sum(),
+        "flips_collapsed": (flipped & pl.col("collapsed")).sum(),
+    }
+
+
 def _questions(frame: pl.DataFrame) -> list[dict]:
     relevant = frame.filter(pl.col("role") == "relevant")
     best = (
         relevant.sort(["question_id", "ratio", "layer", "strength"], descending=[False, True, False, False])
         .group_by("question_id", maintain_order=True)
         .first()
-        .select("question_id", best_layer="layer", best_strength="strength", best_ratio="ratio")
+        .select("question_id", best_layer="layer", best_strength="strength", best_ratio="ratio",
+                best_p_correct="p_correct", best_p_incorrect="p_incorrect", best_mass_ratio="mass_ratio")
     )
     counts = relevant.group_by("question_id").agg(
-        flips=pl.col("flipped").sum(), breaks=pl.col("broken").sum(), cases=pl.col("case").value_counts(sort=True)
+        **_flip_kinds(), breaks=pl.col("broken").sum(), cases=pl.col("case").value_counts(sort=True)
     )
-    base = frame.filter(pl.col("role") == "baseline").select("question_id", "baseline_ratio", "correct_before", "related_wrong")
+    base = frame.filter(pl.col("role") == "baseline").select(
+        "question_id", "baseline_ratio", "correct_before", "related_wrong", "p_correct", "p_incorrect"
+    )
     table = base.join(best, on="question_id", how="left").join(counts, on="question_id", how="left")
     walks = (
         relevant.join(best, on="question_id")
@@ -78,14 +93,19 @@ def _questions(frame: pl.DataFrame) -> list[dict]:
     rows = []
     for row in table.iter_rows(named=True):
         walk = [(w["strength"], w["ratio"]) for w in row["walk"] or []]
+        improves = row["best_ratio"] is not None and row["best_ratio"] > row["baseline_ratio"]
         rows.append(
             {
                 "question_id": row["question_id"],
                 "baseline_ratio": row["baseline_ratio"],
+                "baseline_p_correct": row["p_correct"],
+                "baseline_p_incorrect": row["p_incorrect"],
                 "correct_before": row["correct_before"],
                 "related_wrong": row["related_wrong"],
-                "best": {"layer": row["best_layer"], "strength": row["best_strength"], "ratio": row["best_ratio"]},
-                "flips": row["flips"] or 0,
+                "best": {"layer": row["best_layer"], "strength": row["best_strength"], "ratio": row["best_ratio"],
+                         "p_correct": row["best_p_correct"], "p_incorrect": row["best_p_incorrect"],
+                         "mass_ratio": row["best_mass_ratio"], "improves_on_baseline": improves},
+                **{kind: row[kind] or 0 for kind in _flip_kinds()},
                 "breaks": row["breaks"] or 0,
                 "cases": {c["case"]: c["count"] for c in row["cases"] or []},
                 "advice": decision_advice(row["baseline_ratio"], row["related_wrong"], walk, row["best_layer"]),
@@ -117,6 +137,7 @@ def _headline(relevant: pl.DataFrame, heatmap: dict) -> dict:
     per_question = relevant.group_by("question_id").agg(
         wrong=~pl.col("correct_before").first(), correct=pl.col("correct_before").first(),
         flips=pl.col("flipped").any(), breaks=pl.col("broken").any(),
+        clean_flips=(pl.col("flipped") & pl.col("p_correct_rose") & ~pl.col("collapsed")).any(),
     )
     wrong = per_question.filter(pl.col("wrong"))
     correct = per_question.filter(pl.col("correct"))
@@ -128,6 +149,7 @@ def _headline(relevant: pl.DataFrame, heatmap: dict) -> dict:
     best = max(cells, key=lambda c: (c[0], c[1], -c[2], -c[3])) if cells else None
     return {
         "question_flip_rate": rate(int(wrong["flips"].sum()), wrong.height),
+        "question_clean_flip_rate": rate(int(wrong["clean_flips"].sum()), wrong.height),
         "question_fragile_correct_rate": rate(int(correct["breaks"].sum()), correct.height),
         "best_cell": None if best is None else {"layer": best[2], "strength": best[3], "flip_rate": best[4], "break_rate": best[5]},
     }

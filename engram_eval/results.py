@@ -23,6 +23,10 @@ CASES = (
     "UNSCORABLE",
 )
 
+# A cell whose p_correct + p_incorrect fell below this share of the question's baseline mass has "collapsed": the
+# engram moved the probability to other tokens, so its ratio compares two vanishing numbers (docs/results.md).
+COLLAPSE_THRESHOLD = 0.1
+
 RESULT_SCHEMA = pl.Schema(
     {
         "run_id": pl.String,
@@ -43,6 +47,12 @@ RESULT_SCHEMA = pl.Schema(
         "scoring": pl.String,
         "p_correct": pl.Float64,
         "p_incorrect": pl.Float64,
+        "mass": pl.Float64,
+        "mass_ratio": pl.Float64,
+        "collapsed": pl.Boolean,
+        "p_correct_rose": pl.Boolean,
+        "top_token": pl.String,
+        "p_top": pl.Float64,
         "log_ratio": pl.Float64,
         "ratio": pl.Float64,
         "baseline_ratio": pl.Float64,
@@ -100,6 +110,8 @@ def question_frame(settings: SweepSettings, bank: Bank, prepared: PreparedQuesti
             "logp_incorrect": scores["logp_incorrect"],
             "top_correct_variant": scores["top_correct"],
             "top_incorrect_variant": scores["top_incorrect"],
+            "top_token": scores["top_token"],
+            "logp_top": scores["logp_top"],
         },
         schema_overrides={k: RESULT_SCHEMA[k] for k in ("tags", "related_wrong", "engram", "engram_key", "control_kind", "layer", "strength", "chunks")},
     )
@@ -109,10 +121,18 @@ def question_frame(settings: SweepSettings, bank: Bank, prepared: PreparedQuesti
         raw.with_columns(
             p_correct=pl.col("logp_correct").exp(),
             p_incorrect=pl.col("logp_incorrect").exp(),
+            p_top=pl.col("logp_top").exp(),
             log_ratio=log_ratio,
             ratio=log_ratio.exp(),
         )
-        .with_columns(baseline_ratio=pl.col("ratio").first(), baseline_log_ratio=pl.col("log_ratio").first())
+        .with_columns(mass=pl.col("p_correct") + pl.col("p_incorrect"))
+        .with_columns(
+            baseline_ratio=pl.col("ratio").first(),
+            baseline_log_ratio=pl.col("log_ratio").first(),
+            mass_ratio=pl.col("mass") / pl.col("mass").first(),
+            p_correct_rose=pl.when(pl.col("role") != "baseline").then(pl.col("p_correct") > pl.col("p_correct").first()),
+        )
+        .with_columns(collapsed=pl.col("mass_ratio") < COLLAPSE_THRESHOLD)
         .with_columns(
             improvement=(pl.col("log_ratio") - pl.col("baseline_log_ratio")).exp(),
             log_improvement=pl.col("log_ratio") - pl.col("baseline_log_ratio"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -15,12 +16,22 @@ from .prompts import PreparedQuestion
 if TYPE_CHECKING:
     from .sweep import Cell
 
-SCORINGS = ("first-token", "sequence", "sequence-max")
+SCORINGS = ("first-token", "sequence", "sequence-max", "sequence-mean")
 CPU_TOKENS_PER_BATCH = 1024  # measured: larger CPU batches fall out of cache and get slower (docs/performance.md)
 
 
 def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in str(exc) or "out of memory" in str(exc)
+
+
+@dataclass
+class Scores:
+    """One batch's scores: per variant log-probabilities [batch, n_variants], and the most likely next token after
+    the prompt (the full distribution's top-1) with its log-probability [batch]."""
+
+    variants: torch.Tensor
+    top_id: torch.Tensor
+    top_logp: torch.Tensor
 
 
 @torch.inference_mode()
@@ -30,12 +41,13 @@ def variant_logprobs(
     prompt_ids: tuple[int, ...],
     variants: tuple[tuple[int, ...], ...],
     scoring: str,
-) -> torch.Tensor:
-    """Log-probability of each variant after [prefix; prompt] -> float32 [batch, n_variants].
+) -> Scores:
+    """Log-probability of each variant after [prefix; prompt], in float32.
 
-    first-token: one forward pass, logits only at the last position; log-probabilities in float32 as the variants'
-    logits minus the logsumexp over the vocabulary (no full log-softmax is written).
-    sequence: one pass per variant over [prefix; prompt; variant[:-1]], summing its tokens' log-probs.
+    first-token: one forward pass, logits only at the last position; log-probabilities as the variants' logits minus
+    the logsumexp over the vocabulary (no full log-softmax is written).
+    sequence*: one pass per variant over [prefix; prompt; variant[:-1]], summing its tokens' log-probs
+    (sequence-mean: their mean, so long answers are not penalised for their length).
     prefixes=None is the baseline (no engram).
     """
     embed = lm.model.get_input_embeddings()
@@ -56,15 +68,22 @@ def variant_logprobs(
             logits = torch.tanh(logits / cap) * cap
         return logits, torch.logsumexp(logits, dim=-1, keepdim=True)
 
+    def top(logits: torch.Tensor, normalizer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        best, index = logits.max(dim=-1)
+        return index, best - normalizer.squeeze(-1)
+
     if scoring == "first-token":
         logits, normalizer = forward((), 1)
-        return logits[:, -1, [variant[0] for variant in variants]] - normalizer[:, -1]
-    columns = []
+        return Scores(logits[:, -1, [variant[0] for variant in variants]] - normalizer[:, -1], *top(logits[:, -1], normalizer[:, -1]))
+    columns, after_prompt = [], None
     for variant in variants:
         logits, normalizer = forward(variant[:-1], len(variant))
+        if after_prompt is None:  # position 0 of the kept logits is the prompt's last position
+            after_prompt = top(logits[:, 0], normalizer[:, 0])
         targets = torch.tensor(variant, device=lm.device).expand(batch, -1).unsqueeze(-1)
-        columns.append((logits.gather(-1, targets) - normalizer).squeeze(-1).sum(dim=-1))
-    return torch.stack(columns, dim=1)
+        token_logps = (logits.gather(-1, targets) - normalizer).squeeze(-1)
+        columns.append(token_logps.mean(dim=-1) if scoring == "sequence-mean" else token_logps.sum(dim=-1))
+    return Scores(torch.stack(columns, dim=1), *after_prompt)
 
 
 def combine_side(logprobs: torch.Tensor, scoring: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,20 +123,24 @@ def score_cells(
     question so it does not start over from the size that failed.
     """
     prompt_ids = prepared.prompt_ids
-    columns: dict[str, list] = {"logp_correct": [], "logp_incorrect": [], "top_correct": [], "top_incorrect": []}
+    columns: dict[str, list] = {
+        "logp_correct": [], "logp_incorrect": [], "top_correct": [], "top_incorrect": [], "top_token": [], "logp_top": [],
+    }
 
     variants = prepared.correct_ids + prepared.incorrect_ids
     n_correct = len(prepared.correct_ids)
 
     def score(prefixes: torch.Tensor | None) -> None:
-        logprobs = variant_logprobs(lm, prefixes, prompt_ids, variants, scoring)  # both sides from one pass
+        scores = variant_logprobs(lm, prefixes, prompt_ids, variants, scoring)  # both sides from one pass
         for side, part, names in (
-            ("correct", logprobs[:, :n_correct], prepared.question.correct),
-            ("incorrect", logprobs[:, n_correct:], prepared.question.incorrect),
+            ("correct", scores.variants[:, :n_correct], prepared.question.correct),
+            ("incorrect", scores.variants[:, n_correct:], prepared.question.incorrect),
         ):
             logp, top = combine_side(part, scoring)
             columns[f"logp_{side}"].extend(logp.double().cpu().tolist())
             columns[f"top_{side}"].extend(names[i] for i in top.cpu().tolist())
+        columns["top_token"].extend(lm.tokenizer.decode([token]) for token in scores.top_id.cpu().tolist())
+        columns["logp_top"].extend(scores.top_logp.double().cpu().tolist())
 
     score(None)
     on_batch(1)

@@ -50,9 +50,8 @@ def reference_engram(model, tokenizer, text: str, layer: int, k: int = 16) -> to
 
 
 @torch.no_grad()
-def reference_cell(model, tokenizer, engram: torch.Tensor | None, strength: float, prompt: str,
-                   correct: list[str], incorrect: list[str]) -> tuple[float, float]:
-    """(p_correct, p_incorrect) for one cell, seed method: prefix injection, first token, max over variants."""
+def reference_distribution(model, tokenizer, engram: torch.Tensor | None, strength: float, prompt: str) -> torch.Tensor:
+    """The full next-token distribution after [scaled engram; prompt], seed method: prefix injection, float32 softmax."""
     table = model.get_input_embeddings().weight.float()
     prompt_embeds = table[tokenizer(prompt)["input_ids"]]
     if engram is None:
@@ -61,6 +60,13 @@ def reference_cell(model, tokenizer, engram: torch.Tensor | None, strength: floa
         scale = table.norm(dim=1).mean() / engram.norm(dim=1).mean()
         inputs = torch.cat([engram * scale * strength, prompt_embeds])
     logits = model(inputs_embeds=inputs.unsqueeze(0)).logits[0, -1].float()
-    probs = torch.softmax(logits, dim=-1)
+    return torch.softmax(logits, dim=-1)
+
+
+@torch.no_grad()
+def reference_cell(model, tokenizer, engram: torch.Tensor | None, strength: float, prompt: str,
+                   correct: list[str], incorrect: list[str]) -> tuple[float, float]:
+    """(p_correct, p_incorrect) for one cell, seed method: first token, max over variants."""
+    probs = reference_distribution(model, tokenizer, engram, strength, prompt)
     first = lambda v: tokenizer.encode(v, add_special_tokens=False)[0]  # noqa: E731
     return max(probs[first(v)].item() for v in correct), max(probs[first(v)].item() for v in incorrect)

@@ -1,6 +1,6 @@
 import json
 
-from engram_eval.rendering import render_html, render_json, render_markdown
+from engram_eval.rendering import fmt_best, fmt_flips, render_html, render_json, render_markdown
 from engram_eval.report import summarize
 
 
@@ -12,8 +12,15 @@ def test_markdown_json_and_html_carry_the_same_numbers(run):
     assert set(summary["heatmaps"]) == {"relevant", "anti", "irrelevant", "random"}
     for q in summary["questions"]:
         outcome, cases = [l for l in markdown.splitlines() if l.startswith(f"| {q['question_id']} |")]
-        assert outcome.endswith(f"| {q['flips']} | {q['breaks']} |") and cases.endswith(f"| {q['advice']} |")
+        assert outcome.endswith(f"| {fmt_flips(q)} | {q['breaks']} |") and cases.endswith(f"| {q['advice']} |")
         assert q["advice"] in page
     assert page.count("<img alt='Heatmap") == 2 * len(summary["heatmaps"])
     assert page.count("data:image/png;base64,iVBOR") == 2 * len(summary["heatmaps"])  # real PNGs
     assert page.startswith("<!doctype html>") and page.rstrip().endswith("</html>")
+
+
+def test_a_best_cell_below_the_baseline_is_not_called_best():
+    cell = {"layer": 8, "strength": 1.0, "ratio": 0.3, "p_correct": 0.01, "p_incorrect": 0.0333, "mass_ratio": 0.5}
+    assert fmt_best({**cell, "improves_on_baseline": True}) == "L8, 1: 0.3 (0.01 / 0.0333)"
+    assert fmt_best({**cell, "improves_on_baseline": False}) == "no cell improves on the baseline (highest L8, 1: 0.3 (0.01 / 0.0333))"
+    assert fmt_flips({"flips": 5, "clean_flips": 1, "flips_p_correct_fell": 4, "flips_collapsed": 2}) == "5 (1 / 4 / 2)"

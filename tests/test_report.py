@@ -25,9 +25,14 @@ def test_counts_and_rates_equal_a_recount_of_the_rows(run):
     for q in summary["questions"]:
         mine = [r for r in relevant if r["question_id"] == q["question_id"]]
         assert q["flips"] == sum(r["flipped"] for r in mine) and q["breaks"] == sum(r["broken"] for r in mine)
-        assert q["baseline_ratio"] == base[q["question_id"]]["baseline_ratio"]
+        assert q["clean_flips"] == sum(r["flipped"] and r["p_correct_rose"] and not r["collapsed"] for r in mine)
+        assert q["flips_p_correct_fell"] == sum(r["flipped"] and not r["p_correct_rose"] for r in mine)
+        assert q["flips_collapsed"] == sum(r["flipped"] and r["collapsed"] for r in mine)
+        b = base[q["question_id"]]
+        assert (q["baseline_ratio"], q["baseline_p_correct"], q["baseline_p_incorrect"]) == (b["baseline_ratio"], b["p_correct"], b["p_incorrect"])
         best = max(mine, key=lambda r: r["ratio"])
-        assert (q["best"]["layer"], q["best"]["strength"]) == (best["layer"], best["strength"])
+        assert (q["best"]["layer"], q["best"]["strength"], q["best"]["p_correct"]) == (best["layer"], best["strength"], best["p_correct"])
+        assert q["best"]["improves_on_baseline"] == (best["ratio"] > b["baseline_ratio"])
         assert sum(q["cases"].values()) == len(mine)
     heat = summary["heatmaps"]["relevant"]
     for i, layer in enumerate(heat["layers"]):
@@ -41,6 +46,9 @@ def test_counts_and_rates_equal_a_recount_of_the_rows(run):
     flipping = [qid for qid in wrong_questions if any(r["flipped"] for r in relevant if r["question_id"] == qid)]
     headline = summary["headline"]["question_flip_rate"]
     assert (headline["k"], headline["n"]) == (len(flipping), len(wrong_questions))
+    clean = [qid for qid in wrong_questions
+             if any(r["flipped"] and r["p_correct_rose"] and not r["collapsed"] for r in relevant if r["question_id"] == qid)]
+    assert summary["headline"]["question_clean_flip_rate"]["k"] == len(clean)
     assert headline["ci95"] == (list(wilson_interval(len(flipping), len(wrong_questions))) if wrong_questions else None)
 
 

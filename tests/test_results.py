@@ -1,8 +1,9 @@
 import math
 
 import polars as pl
+import pytest
 
-from engram_eval.results import CASES, RESULT_SCHEMA, case_expr
+from engram_eval.results import CASES, COLLAPSE_THRESHOLD, RESULT_SCHEMA, case_expr
 from conftest import sweep
 
 
@@ -25,3 +26,19 @@ def test_case_labels_cover_every_case_including_tie_and_unscorable():
     assert frame.select(case_expr()).to_series().to_list() == [
         "HIGH_CONFIDENCE_CORRECT", "CORRECT_WEAKENED", "TIE", "FRAGILE_CORRECT", "HIGH_CONFIDENCE_INCORRECT",
         "RECOVERED_KNOWLEDGE", "TIE", "TIE", "UNSCORABLE", "UNSCORABLE", "UNSCORABLE"]
+
+
+def test_mass_columns_recompute_from_the_probabilities(tiny, tiny_bank, tmp_path):
+    frame = sweep(tiny, tiny_bank, tmp_path / "run", strengths=[0.5, 3.0, 40.0]).results_path
+    rows = pl.read_parquet(frame).to_dicts()
+    base = {r["question_id"]: r for r in rows if r["role"] == "baseline"}
+    for r in rows:
+        b = base[r["question_id"]]
+        mass, base_mass = r["p_correct"] + r["p_incorrect"], b["p_correct"] + b["p_incorrect"]
+        assert r["mass"] == pytest.approx(mass, rel=1e-12)
+        assert r["mass_ratio"] == pytest.approx(mass / base_mass, rel=1e-12)
+        assert r["collapsed"] == (mass / base_mass < COLLAPSE_THRESHOLD)
+        assert r["p_correct_rose"] == (None if r["role"] == "baseline" else r["p_correct"] > b["p_correct"])
+    cells = [r for r in rows if r["role"] != "baseline"]
+    assert {r["collapsed"] for r in cells} == {True, False}  # strength 40 drains the answers' mass on this model
+    assert {r["p_correct_rose"] for r in cells} == {True, False}

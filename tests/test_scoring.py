@@ -6,7 +6,7 @@ import torch
 
 import engram_eval.scoring as scoring_module
 from engram_eval.bank import load_bank
-from conftest import sweep
+from conftest import assert_same_results, sweep, write_tiny_bank
 from reference import reference_engram
 
 
@@ -15,10 +15,7 @@ def test_batched_equals_unbatched(tiny, tiny_bank, tmp_path):
     auto = pl.read_parquet(sweep(tiny, tiny_bank, tmp_path / "auto").results_path)
     three = pl.read_parquet(sweep(tiny, tiny_bank, tmp_path / "three", batch_size=3).results_path)
     for other in (auto, three):
-        assert other.drop("p_correct", "p_incorrect", "log_ratio", "ratio", "improvement", "log_improvement", "baseline_ratio").equals(
-            one.drop("p_correct", "p_incorrect", "log_ratio", "ratio", "improvement", "log_improvement", "baseline_ratio"))
-        for column in ("p_correct", "p_incorrect", "ratio"):
-            assert (other[column] / one[column] - 1).abs().max() < 1e-5
+        assert_same_results(other, one)
 
 
 def test_batches_are_split_evenly_so_no_small_remainder_batch_runs(tiny, tiny_bank, tmp_path, monkeypatch):
@@ -35,26 +32,36 @@ def test_batches_are_split_evenly_so_no_small_remainder_batch_runs(tiny, tiny_ba
     assert sizes == [0, 4, 4, 4, 4] * questions  # 16 cells per question at most 5 at a time: 4 x 4, not 5 + 5 + 5 + 1
 
 
-def test_sequence_scoring_sums_variant_log_probs(tiny, tiny_bank, tmp_path):
-    frame = pl.read_parquet(sweep(tiny, tiny_bank, tmp_path / "run", scoring="sequence-max", layers=[2], strengths=[2.0]).results_path)
-    bank = load_bank(tiny_bank)
+@pytest.mark.parametrize("scoring", ["sequence", "sequence-max", "sequence-mean"])
+def test_sequence_scorings_combine_each_variants_token_log_probs(scoring, tiny, tmp_path):
+    multi_token = {"q1": ("The first medication for the tumor should be", [" alpha", " phenoxybenzamine"], [" beta", " metoprolol tartrate"])}
+    bank_path = write_tiny_bank(tmp_path, multi_token)
+    frame = pl.read_parquet(sweep(tiny, bank_path, tmp_path / "run", scoring=scoring, layers=[2], strengths=[2.0]).results_path)
+    bank = load_bank(bank_path)
     row = frame.filter((pl.col("question_id") == "q1") & (pl.col("engram") == "topic")).row(0, named=True)
     q = bank.questions[0]
     engram = reference_engram(tiny.model, tiny.tokenizer, bank.sources["topic"].text, 2, k=4)
     table = tiny.model.get_input_embeddings().weight
     prefix = engram * (table.norm(dim=1).mean() / engram.norm(dim=1).mean()) * 2.0
 
-    def logprob(variant):
+    def token_logprobs(variant):
         ids = tiny.tokenizer(q.prompt)["input_ids"]
         tail = tiny.tokenizer.encode(variant, add_special_tokens=False)
         with torch.no_grad():
             logits = tiny.model(inputs_embeds=torch.cat([prefix, table[ids + tail]]).unsqueeze(0)).logits[0].float()
         logp = torch.log_softmax(logits, -1)
         start = prefix.shape[0] + len(ids) - 1
-        return sum(logp[start + j, t].item() for j, t in enumerate(tail))
+        return [logp[start + j, t].item() for j, t in enumerate(tail)]
 
-    assert math.log(row["p_correct"]) == pytest.approx(max(logprob(v) for v in q.correct), abs=1e-4)
-    assert math.log(row["p_incorrect"]) == pytest.approx(max(logprob(v) for v in q.incorrect), abs=1e-4)
+    def side(variants):
+        per_variant = [token_logprobs(v) for v in variants]
+        if scoring == "sequence":
+            return math.log(sum(math.exp(sum(lps)) for lps in per_variant))
+        return max(sum(lps) / (len(lps) if scoring == "sequence-mean" else 1) for lps in per_variant)
+
+    assert any(len(tiny.tokenizer.encode(v, add_special_tokens=False)) > 1 for v in q.correct + q.incorrect)
+    assert math.log(row["p_correct"]) == pytest.approx(side(q.correct), abs=1e-4)
+    assert math.log(row["p_incorrect"]) == pytest.approx(side(q.incorrect), abs=1e-4)
 
 
 def test_out_of_memory_backs_off_and_gives_identical_results(tiny, tiny_bank, tmp_path, monkeypatch):
@@ -72,6 +79,4 @@ def test_out_of_memory_backs_off_and_gives_identical_results(tiny, tiny_bank, tm
     monkeypatch.setattr(scoring_module, "variant_logprobs", small_memory)
     frame = pl.read_parquet(sweep(tiny, tiny_bank, tmp_path / "oom", batch_size=16).results_path)
     assert sizes[:4] == [16, 8, 4, 2] and max(sizes[3:]) == 2  # halves until it fits, then keeps that size
-    assert frame.drop("p_correct", "p_incorrect", "log_ratio", "ratio", "improvement", "log_improvement", "baseline_ratio").equals(
-        reference.drop("p_correct", "p_incorrect", "log_ratio", "ratio", "improvement", "log_improvement", "baseline_ratio"))
-    assert (frame["ratio"] / reference["ratio"] - 1).abs().max() < 1e-5
+    assert_same_results(frame, reference)

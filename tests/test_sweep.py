@@ -8,7 +8,7 @@ from engram_eval.bank import load_bank
 from engram_eval.store import EngramStore
 from engram_eval.sweep import run_sweep
 from conftest import sweep
-from reference import reference_cell, reference_engram
+from reference import reference_cell, reference_distribution, reference_engram
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,6 +26,9 @@ def test_every_cell_equals_the_straightforward_implementation(tiny, tiny_bank, t
         assert row["p_correct"] == pytest.approx(p_c, rel=1e-5)
         assert row["p_incorrect"] == pytest.approx(p_i, rel=1e-5)
         assert row["ratio"] == pytest.approx(p_c / p_i, rel=1e-5)
+        probs = reference_distribution(tiny.model, tiny.tokenizer, engram, row["strength"], q.prompt)
+        assert row["top_token"] == tiny.tokenizer.decode([probs.argmax().item()])
+        assert row["p_top"] == pytest.approx(probs.max().item(), rel=1e-5)
 
 
 def test_baseline_rows_equal_a_plain_forward_pass(tiny, tiny_bank, tmp_path):
