@@ -12,6 +12,7 @@ from .model import LoadedModel
 
 DEFAULT_CHUNKS = 16
 DEFAULT_MAX_TOKENS = 2048
+DOMINANCE_THRESHOLD = 0.5  # one chunk holding more than this share of the summed row norms dominates the engram
 
 
 @dataclass
@@ -22,6 +23,48 @@ class Engram:
     n_tokens: int
     truncated: bool
     chunks: int
+
+
+def chunk_shares(vectors: torch.Tensor) -> torch.Tensor:
+    """Each chunk's row norm as a share of the engram's summed row norms, at one layer -> [chunks]."""
+    norms = vectors.float().norm(dim=1)
+    return norms / norms.sum()
+
+
+def dominated_layers(engram: Engram, threshold: float = DOMINANCE_THRESHOLD) -> dict[int, tuple[int, float]]:
+    """Layers at which one chunk holds more than `threshold` of the summed row norms -> {layer: (chunk, share)}.
+
+    On most LLMs the first token's hidden state is orders of magnitude larger than the rest (a massive activation),
+    so the chunk that holds it dominates the seed's one-scalar scaling and every engram looks alike."""
+    dominated = {}
+    for layer, vectors in engram.layers.items():
+        shares = chunk_shares(vectors)
+        if shares.max().item() > threshold:
+            dominated[layer] = (int(shares.argmax()), shares.max().item())
+    return dominated
+
+
+def dominance_warning(name: str, engram: Engram) -> str | None:
+    """One line naming the layers where a single chunk dominates the engram, or None."""
+    dominated = dominated_layers(engram)
+    if not dominated:
+        return None
+    layer, (chunk, share) = max(dominated.items(), key=lambda item: item[1][1])
+    chunks = sorted({c for c, _ in dominated.values()})
+    return (f"source '{name}': one chunk holds more than half of the engram's summed row norms at layers "
+            f"{format_layers(sorted(dominated))} (chunk {', '.join(map(str, chunks))}; {100 * share:.0f}% at layer {layer}): "
+            "a massive activation dominates this engram, so relevant and control engrams look alike there")
+
+
+def format_layers(layers: list[int]) -> str:
+    """[0, 1, 2, 3, 8, 10, 11] -> '0-3, 8, 10-11'."""
+    runs: list[list[int]] = []
+    for layer in layers:
+        if runs and layer == runs[-1][-1] + 1:
+            runs[-1].append(layer)
+        else:
+            runs.append([layer])
+    return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
 
 
 def parse_layers(text: str, num_layers: int, option: str = "--layers") -> list[int]:

@@ -1,0 +1,13 @@
+"""The engram-eval command line: a thin layer over the library (model -> engram -> store -> sweep -> report).
+
+One module per command (or command group); `app` holds the group, its error handling and the shared options."""
+
+from . import bench, build, check, report, store, sweep  # noqa: F401  (each registers its commands)
+from .app import cli
+
+
+def main() -> None:
+    cli(prog_name="engram-eval")
+
+
+__all__ = ["cli", "main"]

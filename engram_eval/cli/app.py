@@ -1,0 +1,68 @@
+"""The command group, its error handling and the options several commands share."""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import click
+from rich.console import Console
+
+from .. import __version__
+from ..errors import EngramEvalError
+
+stderr = Console(stderr=True)
+stdout = Console()
+
+
+class CliError(click.ClickException):
+    exit_code = 2
+
+    def show(self, file=None) -> None:
+        click.echo(f"error: {self.message}", err=True)
+
+
+class Group(click.Group):
+    """Turns the library's EngramEvalError into one line on stderr and exit status 2, no traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except EngramEvalError as exc:
+            raise CliError(str(exc)) from None
+
+
+def model_options(command: Callable) -> Callable:
+    @click.option("--model", "model_spec", default="smollm2-135m", show_default=True,
+                  help="Embedded alias (smollm2-135m), local Hugging Face directory, .gguf file or hub id.")
+    @click.option("--device", default="auto", show_default=True, help="auto (cuda if available, else cpu), cpu, cuda or cuda:N.")
+    @click.option("--dtype", default="auto", show_default=True,
+                  help="auto (bfloat16 on cuda, float32 on cpu), float32, bfloat16 or float16.")
+    @click.option("--trust-remote-code", is_flag=True, help="Allow model code from the model's repository to run (off by default).")
+    @functools.wraps(command)
+    def wrapper(model_spec: str, device: str, dtype: str, trust_remote_code: bool, **kwargs):
+        from ..model import load_model
+
+        def load():
+            with stderr.status(f"loading model {model_spec} ..."):
+                return load_model(model_spec, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+
+        return command(load_lm=load, **kwargs)
+
+    return wrapper
+
+
+store_option = click.option("--store", "store_dir", default="store", show_default=True, type=click.Path(file_okay=False),
+                            help="Engram store directory.")
+chunks_option = click.option("--chunks", default=16, show_default=True, type=int, help="Number of chunk-mean vectors per engram (k).")
+max_tokens_option = click.option("--max-tokens", default=2048, show_default=True, type=click.IntRange(min=1),
+                                 help="Truncate source texts at this many tokens (reported when it happens).")
+outside_option = click.option("--allow-outside-paths", is_flag=True, help="Allow bank source files outside the bank's folder.")
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="engram-eval")
+def cli() -> None:
+    """Measure engram activation steering honestly: build engrams, sweep a question bank over a layer x
+    strength grid with negative controls, report flips, fragile-correct answers and calibration cases,
+    and gate regressions in CI."""

@@ -1,0 +1,63 @@
+"""engram-eval bench: throughput against the seed loop and the machine's matmul rate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from .app import cli, model_options, stderr, stdout
+
+@cli.command()
+@model_options
+@click.option("--bank", "bank_path", default="questions/medical_traps.yaml", show_default=True,
+              type=click.Path(dir_okay=False, path_type=Path), help="Question bank to sweep.")
+@click.option("--layers", "layers_text", default="8,12,16,20,24", show_default=True, help="Layers of the sweep grid.")
+@click.option("--strengths", "strengths_text", default="0.5,1,2,5,10,20", show_default=True, help="Strengths of the sweep grid.")
+@click.option("--loop-cells", default=120, show_default=True, type=click.IntRange(min=1),
+              help="Cells timed with the seed's per-cell loop (its rate is compared with the sweep's).")
+@click.option("--batch-size", default="auto", show_default=True, help="Sweep batch size, or auto.")
+@click.option("--random-init", "random_config", type=click.Path(dir_okay=False, path_type=Path),
+              help="Benchmark a randomly initialised model built from this config.json instead of --model's weights "
+                   "(--model still gives the tokenizer, device and dtype), e.g. benchmarks/qwen2.5-7b.config.json on a GPU.")
+def bench(load_lm, bank_path: Path, layers_text: str, strengths_text: str, loop_cells: int, batch_size: str,
+          random_config: Path | None) -> None:
+    """Measure, in one run: build and sweep throughput, the seed's per-cell loop on the same cells, the machine's
+    dense matmul throughput, and the ratios between them (speedup, fraction of matmul FLOP/s), plus peak memory.
+
+    The loop and a matmul probe run before each question of the sweep (outside its timings), so that all three see
+    the same contention on a shared machine; the fraction of the run's best matmul throughput is printed too."""
+    from ..bank import load_bank
+    from ..bench import run_bench
+    from ..engram import parse_layers
+    from ..sweep import parse_strengths
+
+    strengths = parse_strengths(strengths_text)
+    bank = load_bank(bank_path)
+    lm = load_lm()
+    if random_config is not None:
+        from ..model import random_init_model
+
+        with stderr.status(f"building a random-init model from {random_config} ..."):
+            lm = random_init_model(random_config, lm.tokenizer, device=lm.device, dtype=lm.dtype)
+    with stderr.status("benchmarking ..."):
+        r = run_bench(lm, bank, parse_layers(layers_text, lm.num_layers), strengths, loop_cells=loop_cells,
+                      batch_size=None if batch_size == "auto" else int(batch_size))
+    table = Table(title=f"engram-eval bench: {lm.name} on {r['device']} ({r['dtype']}, {r['threads']} threads)")
+    for column in ("measure", "value"):
+        table.add_column(column)
+    table.add_row(f"build: {r['layers']} layers, one pass per source", f"{r['sources']} sources in {r['build_seconds']:.2f} s")
+    table.add_row("build: seed, one pass per layer", f"{r['seed_build_seconds']:.2f} s")
+    table.add_row("build speedup", f"{r['build_speedup']:.1f}x")
+    table.add_row("sweep throughput", f"{r['sweep_cells_per_second']:.2f} cells/s ({r['cells']} cells)")
+    table.add_row("seed per-cell loop", f"{r['loop_cells_per_second']:.2f} cells/s ({r['loop_cells']} cells)")
+    table.add_row("sweep speedup over the loop", f"{r['sweep_speedup']:.2f}x")
+    table.add_row("achieved / matmul FLOP/s, matmul probed between questions",
+                  f"{r['achieved_flops'] / 1e9:.1f} / {r['matmul_flops'] / 1e9:.1f} GFLOP/s = {100 * r['roofline_fraction']:.0f}%")
+    table.add_row("achieved / best matmul FLOP/s of the run",
+                  f"{r['achieved_flops'] / 1e9:.1f} / {r['matmul_flops_best'] / 1e9:.1f} GFLOP/s = {100 * r['roofline_fraction_of_best']:.0f}%")
+    table.add_row("peak RSS", f"{r['peak_rss_mib']:.0f} MiB")
+    if r["sweep_rss_end_mib"] is not None:
+        table.add_row("sweep RSS: first quarter / whole sweep", f"{r['sweep_rss_quarter_mib']:.0f} / {r['sweep_rss_end_mib']:.0f} MiB")
+    stdout.print(table)

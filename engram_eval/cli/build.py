@@ -1,0 +1,64 @@
+"""engram-eval build: source texts -> engrams in the store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from ..errors import EngramEvalError
+from .app import chunks_option, cli, max_tokens_option, model_options, outside_option, stderr, stdout, store_option
+
+@cli.command()
+@click.argument("sources", nargs=-1, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--bank", type=click.Path(dir_okay=False, path_type=Path), help="Build every source of this question bank.")
+@model_options
+@chunks_option
+@click.option("--layers", "layers_text", default="all", show_default=True,
+              help="Layers to store: 'all', '4,8,12' or '10-20'. Layer L is hidden_states[L]; 0 is the embedding output.")
+@max_tokens_option
+@store_option
+@click.option("--force", is_flag=True, help="Rebuild even when the store already holds the engram.")
+@outside_option
+def build(sources: tuple[Path, ...], bank: Path | None, load_lm, chunks: int, layers_text: str, max_tokens: int,
+          store_dir: str, force: bool, allow_outside_paths: bool) -> None:
+    """Turn text files (or a bank's sources) into engrams for every requested layer, from one forward pass
+    each, saved as safetensors files in the store."""
+    from tqdm import tqdm
+
+    from ..bank import load_bank
+    from ..files import read_text
+    from ..engram import check_chunks, parse_layers
+    from ..store import EngramStore
+
+    check_chunks(chunks)
+    named: list[tuple[str, str]] = []
+    for path in sources:
+        text = read_text(path, "source file")
+        if not text.strip():
+            raise EngramEvalError(f"{path}: source file is empty")
+        named.append((path.stem, text))
+    if bank is not None:
+        named += [(s.name, s.text) for s in load_bank(bank, allow_outside_paths).sources.values()]
+    if not named:
+        raise EngramEvalError("build: give source files, or --bank BANK.yaml")
+    lm = load_lm()
+    layers = parse_layers(layers_text, lm.num_layers)
+    store = EngramStore(store_dir)
+    table = Table(title=f"engrams ({lm.name}, {lm.short_fingerprint})")
+    for column in ("source", "status", "tokens", "layers", "chunks", "file"):
+        table.add_column(column)
+    for name, text in tqdm(named, desc="build", unit="source", disable=None):
+        stored, status = store.ensure(lm, name, text, layers, chunks, max_tokens, force=force)
+        if stored.engram.truncated:
+            stderr.print(f"[yellow]warning:[/] source '{name}' truncated to {max_tokens} tokens (--max-tokens)")
+        table.add_row(name, status, str(stored.engram.n_tokens) + (" (truncated)" if stored.engram.truncated else ""),
+                      _layers_text(stored.metadata["layers"]), str(chunks), str(stored.path))
+    stdout.print(table)
+
+
+def _layers_text(layers: str) -> str:
+    values = [int(v) for v in layers.split(",")]
+    contiguous = values == list(range(values[0], values[-1] + 1))
+    return f"{values[0]}-{values[-1]}" if contiguous and len(values) > 2 else layers

@@ -1,0 +1,81 @@
+"""engram-eval sweep: a bank over the layer x strength grid -> a run directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from ..errors import EngramEvalError
+from .app import chunks_option, cli, max_tokens_option, model_options, outside_option, stderr, stdout, store_option
+
+@cli.command()
+@click.argument("bank_path", metavar="BANK", type=click.Path(dir_okay=False, path_type=Path))
+@model_options
+@click.option("--layers", "layers_text", default="8,12,16,20,24", show_default=True, help="Layers to inject from: '8,12,16', '10-20' or 'all'.")
+@click.option("--strengths", "strengths_text", default="0.5,1,2,5,10,20", show_default=True,
+              help="Strength multipliers on the seed scaling (finite, > 0).")
+@chunks_option
+@click.option("--scoring", type=click.Choice(["first-token", "sequence", "sequence-max", "sequence-mean"]), default="first-token",
+              show_default=True,
+              help="first-token: seed mode, max over variants of their first token's probability. sequence: summed "
+                   "log-probability of each variant's tokens, logsumexp per side; sequence-max: the same, max per side; "
+                   "sequence-mean: mean per-token log-probability (long answers are not penalised), max per side.")
+@click.option("--injection", type=click.Choice(["prefix"]), default="prefix", show_default=True,
+              help="prefix: prepend the k scaled vectors to the prompt's embeddings (seed mode).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Run directory [default: reports/BANK-MODEL].")
+@store_option
+@click.option("--batch-size", default="auto", show_default=True,
+              help="Cells per forward pass, or auto: the largest that fits free memory (backs off on out-of-memory).")
+@click.option("--questions", "question_ids", help="Only these question ids, comma-separated.")
+@max_tokens_option
+@click.option("--force", is_flag=True, help="Replace a run in --out that has different settings.")
+@outside_option
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar or engram log.")
+def sweep(bank_path: Path, load_lm, layers_text: str, strengths_text: str, chunks: int, scoring: str, injection: str,
+          out: Path | None, store_dir: str, batch_size: str, question_ids: str | None, max_tokens: int, force: bool,
+          allow_outside_paths: bool, quiet: bool) -> None:
+    """Score a question bank over the layer x strength grid for each question's relevant engram and its negative
+    controls, plus one baseline per question, into RUN/results.parquet and RUN/run.json. An interrupted sweep
+    rerun with the same --out resumes from the questions already done."""
+    from ..bank import load_bank
+    from ..engram import check_chunks, parse_layers
+    from ..store import EngramStore
+    from ..sweep import parse_strengths, run_sweep
+
+    check_chunks(chunks)
+    strengths = parse_strengths(strengths_text)
+    if batch_size != "auto" and not (batch_size.isdigit() and int(batch_size) >= 1):
+        raise EngramEvalError(f"--batch-size: '{batch_size}' is not 'auto' or a whole number >= 1")
+    bank = load_bank(bank_path, allow_outside_paths)
+    if question_ids:
+        bank = bank.select([q.strip() for q in question_ids.split(",") if q.strip()])
+    lm = load_lm()
+    layers = parse_layers(layers_text, lm.num_layers)
+    out = out or Path("reports") / f"{bank.name}-{lm.name}"
+    result = run_sweep(
+        lm, bank, EngramStore(store_dir), out, layers=layers, strengths=strengths, chunks=chunks, scoring=scoring,
+        injection=injection, batch_size=None if batch_size == "auto" else int(batch_size), max_tokens=max_tokens,
+        force=force, progress=not quiet, log=(lambda m: None) if quiet else stderr.print,
+    )
+    _sweep_summary(result)
+
+
+def _sweep_summary(result) -> None:
+    import polars as pl
+
+    frame = pl.read_parquet(result.results_path)
+    base = frame.filter(pl.col("role") == "baseline")
+    cells = frame.filter(pl.col("role") != "baseline")
+    table = Table(title=f"sweep {result.run['run_id']}", show_header=False)
+    table.add_row("questions", f"{base.height} ({base['correct_before'].sum()} correct at baseline, "
+                               f"{(~base['correct_before']).sum()} wrong)")
+    for role in ("relevant", "control"):
+        part = cells.filter(pl.col("role") == role)
+        table.add_row(f"{role} cells", f"{part.height}: {part['flipped'].sum()} flips, {part['broken'].sum()} breaks")
+    timings = result.run["timings"]
+    table.add_row("time", f"{timings['total_seconds']:.1f} s ({timings['cells_per_second']} cells/s)")
+    table.add_row("results", str(result.results_path))
+    table.add_row("next", f"engram-eval report {result.out}")
+    stdout.print(table)
