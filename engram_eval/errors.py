@@ -4,3 +4,10 @@ class EngramEvalError(Exception):
     The CLI prints the message as one line on stderr and exits non-zero, without a traceback;
     library callers catch this one type.
     """
+
+
+class EngramEvalWarning(UserWarning):
+    """Something that makes numbers misleading without making them wrong (a bank mistake, a dominated engram).
+
+    The CLI prints the message as one `warning:` line on stderr; `--strict` turns warnings about the bank into errors.
+    """

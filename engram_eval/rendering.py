@@ -17,6 +17,10 @@ def fmt_ratio(value: float | None) -> str:
     return f"{value:.3g}" if 1e-3 <= abs(value) < 1e4 else f"{value:.2e}"
 
 
+def fmt_share(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.0f}%" + ("!" if value > 0.5 else "")
+
+
 def fmt_prob(value: float | None) -> str:
     return "-" if value is None else f"{value:.3g}" if value >= 1e-3 else f"{value:.2e}"
 
@@ -69,6 +73,12 @@ def _sections(summary: dict) -> list[tuple[str, list[str], list[list[str]]]]:
          ["cells", f"{h['cells']} rows, {h['questions']} questions (run {h['run_id']}, {h['status']})"],
          ["duration", "-" if h["duration_seconds"] is None else f"{h['duration_seconds']:.1f} s"]],
     )]
+    if h["largest_chunk_share"]:
+        sections.append((
+            "Largest chunk's share of each engram's summed row norms, per layer (above 50%, one chunk dominates)",
+            ["engram", *[f"L{layer}" for layer in h["layers"]]],
+            [[name, *[fmt_share(shares.get(str(layer))) for layer in h["layers"]]] for name, shares in sorted(h["largest_chunk_share"].items())],
+        ))
     sections.append((
         "Questions (probabilities: p(correct) / p(incorrect))",
         ["question", "baseline ratio", "baseline p", "correct?", "related wrong", "best cell of the relevant engram",

@@ -243,6 +243,7 @@ def summarize(frame: pl.DataFrame, run: dict, engram_role: str = "relevant") -> 
             "duration_seconds": run.get("timings", {}).get("total_seconds"),
             "status": run.get("status", "unknown"),
             "settings_max_tokens": settings.get("max_tokens"),
+            "largest_chunk_share": run.get("largest_chunk_share", {}),
         },
         "questions": _questions(frame),
         "heatmaps": heatmaps,

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from . import __version__
-from .engram import DEFAULT_MAX_TOKENS, Engram, extract_engram, tokenize_source
+from .engram import DEFAULT_MAX_TOKENS, Engram, dominance_warning, extract_engram, tokenize_source
 from .errors import EngramEvalError
 from .model import LoadedModel
 
@@ -54,10 +55,33 @@ class StoredEngram:
     def key(self) -> str:
         return self.metadata["key"]
 
+    def restricted(self, layers: list[int]) -> StoredEngram:
+        """The same engram with only these layers (what a sweep uses of a file that holds more)."""
+        engram = replace(self.engram, layers={layer: self.engram.layers[layer] for layer in layers})
+        return StoredEngram(self.path, engram, self.metadata)
+
 
 class EngramStore:
     def __init__(self, root: str | Path = "store"):
         self.root = Path(root)
+
+    @classmethod
+    def existing(cls, root: str | Path) -> EngramStore:
+        """A store to inspect or tidy: its folder must exist (building creates it; reading a typo should not)."""
+        if not Path(root).is_dir():
+            raise EngramEvalError(f"store {root}: no such folder (build engrams with `engram-eval build`, or pass --store)")
+        return cls(root)
+
+    @staticmethod
+    def key_of(path: Path) -> str:
+        """The content key in a store file's name ({source}.{key}.safetensors), readable even when the file is not."""
+        return path.name.removesuffix(".safetensors").rsplit(".", 1)[-1]
+
+    def _corrupt(self, path: Path, why: str) -> EngramEvalError:
+        return EngramEvalError(
+            f"store file {path} is {why}; remove it with `engram-eval store rm {self.key_of(path)} --store {self.root}` "
+            "(the next build or sweep rebuilds it)"
+        )
 
     def path_for(self, source_name: str, key: str) -> Path:
         return self.root / f"{safe_name(source_name)}.{key}.safetensors"
@@ -67,12 +91,18 @@ class EngramStore:
             return []
         return sorted(p for p in self.root.glob("*.safetensors") if not p.name.startswith("."))
 
-    def remove_stale_temporaries(self) -> None:
-        """Delete temporary files left by writers that were killed (their pid is in the name and no longer runs)."""
-        for tmp in self.root.glob(".tmp-*"):
+    def stale_temporaries(self) -> list[Path]:
+        """Temporary files left by writers that were killed (their pid is in the name and no longer runs)."""
+        stale = []
+        for tmp in sorted(self.root.glob(".tmp-*")):
             pid = tmp.name.split("-")[1]
             if pid.isdigit() and not Path(f"/proc/{pid}").exists():
-                tmp.unlink(missing_ok=True)
+                stale.append(tmp)
+        return stale
+
+    def remove_stale_temporaries(self) -> None:
+        for tmp in self.stale_temporaries():
+            tmp.unlink(missing_ok=True)
 
     def save(self, engram: Engram, metadata: dict[str, str], path: Path) -> dict[str, str]:
         """Atomic: write a temporary file in the store, then rename it over the target -> metadata written."""
@@ -102,9 +132,9 @@ class EngramStore:
             with safe_open(path, framework="pt") as f:
                 metadata = f.metadata() or {}
         except (SafetensorError, OSError, ValueError) as exc:
-            raise EngramEvalError(f"store file {path} is corrupt or truncated ({exc}); rebuild it with `engram-eval build --force`") from None
+            raise self._corrupt(path, f"corrupt or truncated ({exc})") from None
         if "tensors_sha256" not in metadata:
-            raise EngramEvalError(f"store file {path} is not an engram-eval engram (no checksum); rebuild it with `engram-eval build --force`")
+            raise self._corrupt(path, "not an engram-eval engram (no checksum)")
         return metadata
 
     def load(self, path: Path) -> StoredEngram:
@@ -113,9 +143,9 @@ class EngramStore:
         try:
             tensors = load_file(path)
         except (SafetensorError, OSError, ValueError) as exc:
-            raise EngramEvalError(f"store file {path} is corrupt or truncated ({exc}); rebuild it with `engram-eval build --force`") from None
+            raise self._corrupt(path, f"corrupt or truncated ({exc})") from None
         if tensors_sha256(tensors) != metadata["tensors_sha256"]:
-            raise EngramEvalError(f"store file {path} is corrupt (checksum mismatch); rebuild it with `engram-eval build --force`")
+            raise self._corrupt(path, "corrupt (checksum mismatch)")
         layers = {int(name.split(".", 1)[1]): tensor for name, tensor in tensors.items()}
         engram = Engram(
             layers=dict(sorted(layers.items())),
@@ -154,6 +184,11 @@ class EngramStore:
             if set(wanted) <= set(stored.engram.layers):
                 return stored, "cached"
             wanted = sorted(set(wanted) | set(stored.engram.layers))
+        elif path.exists():  # --force rebuilds what the file holds, and never shrinks it
+            try:
+                wanted = sorted(set(wanted) | {int(layer) for layer in self.read_metadata(path)["layers"].split(",")})
+            except EngramEvalError:
+                pass  # unreadable: rebuild just the requested layers over it
         status = "rebuilt" if path.exists() else "built"
         engram = extract_engram(lm, text, wanted, chunks, max_tokens)
         metadata = {
@@ -168,6 +203,7 @@ class EngramStore:
             "max_tokens": str(max_tokens),
             "truncated": "true" if engram.truncated else "false",
             "chunks": str(chunks),
+            "padded_chunks": str(max(0, chunks - engram.n_tokens)),
             "pooling": "mean",
             "layers": ",".join(str(layer) for layer in wanted),
             "engram_eval_version": __version__,
@@ -176,10 +212,40 @@ class EngramStore:
         return StoredEngram(path=path, engram=engram, metadata=self.save(engram, metadata, path)), status
 
     def find(self, name: str) -> list[Path]:
-        """Store files whose source name, file name or key matches `name`."""
+        """Store files whose source name, file name or key (or a key prefix of 6+ characters) matches `name`."""
         matches = []
         for path in self.paths():
             source, key = path.name.removesuffix(".safetensors").rsplit(".", 1)
             if safe_name(name) == source or name in (key, path.name) or (len(name) >= 6 and key.startswith(name)):
                 matches.append(path)
         return matches
+
+    def unreferenced(self, referenced_keys: set[str]) -> list[Path]:
+        """Engram files whose key no run references."""
+        return [path for path in self.paths() if self.key_of(path) not in referenced_keys]
+
+
+def engram_warnings(name: str, stored: StoredEngram) -> list[str]:
+    """What a researcher must know about an engram before trusting it: truncation, padding, a dominant chunk."""
+    engram, metadata = stored.engram, stored.metadata
+    warnings = []
+    if engram.truncated:
+        warnings.append(f"source '{name}' truncated to {engram.n_tokens} tokens (--max-tokens)")
+    if int(metadata.get("padded_chunks", 0)):
+        warnings.append(f"source '{name}' has {engram.n_tokens} tokens, fewer than k = {engram.chunks}: "
+                        f"{metadata['padded_chunks']} of its chunks repeat the last token's state")
+    if dominance := dominance_warning(name, engram):
+        warnings.append(dominance)
+    return warnings
+
+
+def run_engram_keys(run_roots: list[Path]) -> set[str]:
+    """Every engram key recorded by a run.json below these folders (the engrams those runs used)."""
+    keys: set[str] = set()
+    for root in run_roots:
+        for run_json in Path(root).rglob("run.json"):
+            try:
+                keys.update(json.loads(run_json.read_text()).get("engram_keys", {}).values())
+            except (OSError, ValueError, AttributeError):
+                raise EngramEvalError(f"{run_json}: unreadable run.json; cannot tell which engrams it uses") from None
+    return keys

@@ -7,19 +7,20 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from .bank import Bank, Question, Source
-from .engram import DEFAULT_MAX_TOKENS
-from .errors import EngramEvalError
+from .engram import DEFAULT_MAX_TOKENS, chunk_shares
+from .errors import EngramEvalError, EngramEvalWarning
 from .model import LoadedModel
 from .prompts import prepare_question
 from .results import question_frame
 from .rundir import SweepSettings, merge_parts, package_versions, part_paths, prepare_out, write_part, write_run_json
 from .scoring import SCORINGS, auto_batch_size, score_cells
-from .store import EngramStore, StoredEngram
+from .store import EngramStore, StoredEngram, engram_warnings
 
 INJECTIONS = ("prefix",)
 
@@ -76,10 +77,13 @@ def run_sweep(
     force: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = lambda message: None,
+    warn: Callable[[str], None] = lambda message: warnings.warn(message, EngramEvalWarning, stacklevel=3),
     before_question: Callable[[Question], None] = lambda question: None,
 ) -> SweepResult:
     """Run the grid; each finished question lands atomically in out/parts, so a rerun resumes where it stopped.
 
+    warn receives what a researcher must read before trusting the numbers (bank mistakes, truncated or dominated
+    engrams); by default Python's warnings machinery (EngramEvalWarning), one line each.
     before_question runs before each question is computed, outside the sweep's timings (the benchmark measures the
     machine there, under the same contention as the sweep).
     """
@@ -110,8 +114,8 @@ def run_sweep(
         stored, status = store.ensure(lm, name, bank.sources[name].text, layers, chunks, max_tokens)
         if stored.engram.layers[layers[0]].shape[-1] != lm.hidden_size:
             raise EngramEvalError(f"store file {stored.path}: hidden size differs from {lm.name}'s {lm.hidden_size}")
-        if stored.engram.truncated:
-            log(f"warning: source '{name}' was truncated to {stored.engram.n_tokens} tokens (--max-tokens)")
+        for warning in engram_warnings(name, stored.restricted(layers)):
+            warn(warning)
         log(f"engram {name}: {status} ({stored.path})")
         engrams[name] = stored
     build_seconds = time.perf_counter() - build_started
@@ -145,6 +149,8 @@ def run_sweep(
         bank_path=str(bank.path),
         engram_keys={name: stored.key for name, stored in engrams.items()},
         engram_files={name: str(stored.path) for name, stored in engrams.items()},
+        largest_chunk_share={name: {str(layer): round(chunk_shares(stored.engram.layers[layer]).max().item(), 4) for layer in layers}
+                             for name, stored in engrams.items()},
         versions=package_versions(),
         device=str(lm.device),
         dtype=str(lm.dtype).removeprefix("torch."),

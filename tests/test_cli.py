@@ -108,7 +108,11 @@ def test_sweep_report_and_check_from_the_command_line(tiny_model_dir, tiny_bank,
     (["sweep", "{bank}", "--questions", "zz"], "--questions: no question 'zz' in {bank} (known: q1, q2, q3)"),
     (["sweep", "{bank}", "--layers", "1-9", "--model", "{tiny}"], "--layers: layer 9 is out of range; valid layers are 0..4 (0 = embedding output, 4 = last)"),
     (["report", "nowhere"], "nowhere: no results.parquet (run `engram-eval sweep` with --out nowhere first)"),
-    (["store", "show", "ghost", "--store", "nostore"], "store nostore: no engram named 'ghost' (see `engram-eval store ls`)"),
+    (["store", "show", "ghost", "--store", "nostore"], "store nostore: no such folder (build engrams with `engram-eval build`, or pass --store)"),
+    (["store", "ls", "--store", "nostore"], "store nostore: no such folder (build engrams with `engram-eval build`, or pass --store)"),
+    (["store", "show", "ghost", "--store", "."], "store .: no engram named 'ghost' (see `engram-eval store ls`)"),
+    (["store", "rm", "ghost", "--store", "."], "store .: no engram named 'ghost' (see `engram-eval store ls`)"),
+    (["store", "gc", "--store", ".", "--runs", "nowhere"], "--runs: nowhere is not a folder"),
 ])
 def test_bad_input_is_one_line_on_stderr(args, message, tiny_model_dir, tiny_bank, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -143,3 +147,76 @@ def test_bench_random_init_refuses_a_bad_config_in_one_line(text, message, tiny,
         config.write_text(text)
     result = run("bench", "--model", tiny_model_dir, "--random-init", config)
     one_line_error(result, message.format(config=config, tokens=len(tiny.tokenizer)))
+
+
+def built_store(tiny_model_dir, tmp_path, *chunks):
+    source = tmp_path / "topic.txt"
+    source.write_text("Alpha blockers first, then beta blockers. The tumor releases adrenaline; alpha blockade first.")
+    for k in chunks:
+        assert run("build", source, "--model", tiny_model_dir, "--chunks", k, "--layers", "1,3", "--store", tmp_path / "store").exit_code == 0
+    return tmp_path / "store"
+
+
+def test_store_show_prints_each_layers_chunk_norms_and_largest_share(tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    store = built_store(tiny_model_dir, tmp_path, 4)
+    shown = run("store", "show", "topic", "--store", store).stdout
+    (path,) = store.glob("*.safetensors")
+    for name, tensor in load_file(path).items():
+        norms = [row.norm().item() for row in tensor]
+        share = max(norms) / sum(norms)
+        line = next(l for l in shown.splitlines() if l.strip("│ ").startswith(name.split(".")[1] + " "))
+        assert f"{norms.index(max(norms))}: {100 * share:.0f}%" in line
+        assert sum(c in "▁▂▃▄▅▆▇█" for c in line) == 4 and "█" in line
+
+
+def test_store_show_with_several_engrams_of_one_name_lists_them_and_asks_for_the_key(tiny_model_dir, tmp_path):
+    store = built_store(tiny_model_dir, tmp_path, 4, 8)
+    result = run("store", "show", "topic", "--store", store)
+    assert result.exit_code == 2 and result.stderr == f"error: store {store}: 2 engrams are named 'topic'; give one of their keys\n"
+    keys = [p.name.split(".")[1] for p in sorted(store.glob("*.safetensors"))]
+    assert all(key in result.stdout for key in keys)
+    assert run("store", "show", keys[0], "--store", store).exit_code == 0
+
+
+def test_store_ls_marks_a_corrupt_file_and_store_rm_removes_it(tiny_model_dir, tmp_path):
+    store = built_store(tiny_model_dir, tmp_path, 4, 8)
+    corrupt, healthy = sorted(store.glob("*.safetensors"))
+    corrupt.write_bytes(corrupt.read_bytes()[:50])
+    listing = run("store", "ls", "--store", store)
+    assert listing.exit_code == 0
+    rows = [line for line in listing.stdout.splitlines() if line.startswith("│")]
+    assert len(rows) == 2 and [r for r in rows if "│ corrupt " in r] == [r for r in rows if corrupt.name.split(".")[1] in r]
+    key = corrupt.name.split(".")[1]
+    assert run("store", "rm", key, "--store", store).stdout == f"removed {corrupt}\n"
+    assert list(store.glob("*.safetensors")) == [healthy]
+    assert run("store", "rm", "topic", "--store", store).stdout == f"removed {healthy}\n"
+
+
+def test_store_gc_dry_run_then_removal(tiny_model_dir, tmp_path):
+    store = built_store(tiny_model_dir, tmp_path, 4, 8)
+    used, unused = sorted(store.glob("*.safetensors"))
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs/run.json").write_text(json.dumps({"engram_keys": {"topic": used.name.split(".")[1]}}))
+    dry = run("store", "gc", "--store", store, "--runs", tmp_path / "runs", "--dry-run")
+    assert dry.stdout == f"would remove {unused}\n1 file(s) to remove; 1 engram(s) kept\n" and unused.exists()
+    done = run("store", "gc", "--store", store, "--runs", tmp_path / "runs")
+    assert done.stdout == f"removed {unused}\n1 file(s) removed; 1 engram(s) kept\n"
+    assert list(store.glob("*.safetensors")) == [used]
+
+
+@pytest.mark.real_model
+def test_build_warns_once_when_the_first_tokens_chunk_dominates_at_layer_16(real, tmp_path):
+    from reference import reference_engram
+
+    source = REPO / "questions/sources/pheo.txt"
+    result = run("build", source, "--layers", "8,16", "--store", tmp_path / "store")
+    assert result.exit_code == 0, result.output
+    norms = reference_engram(real.model, real.tokenizer, source.read_text(), 16).norm(dim=1)
+    share = (norms.max() / norms.sum()).item()
+    assert share > 0.5 and norms.argmax().item() == 0
+    (warning,) = result.stderr.splitlines()
+    assert warning == ("warning: source 'pheo': one chunk holds more than half of the engram's summed row norms at layers 16 "
+                       f"(chunk 0; {100 * share:.0f}% at layer 16): a massive activation dominates this engram, so relevant "
+                       "and control engrams look alike there")

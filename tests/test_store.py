@@ -69,7 +69,8 @@ def test_truncated_file_is_reported_with_the_path(tiny, tmp_path):
     with pytest.raises(EngramEvalError) as error:
         store.ensure(tiny, "topic", TEXT, layers=[1], chunks=4)
     assert str(error.value).startswith(f"store file {stored.path} is corrupt or truncated (")
-    assert str(error.value).endswith("rebuild it with `engram-eval build --force`")
+    assert str(error.value).endswith(f"; remove it with `engram-eval store rm {stored.key} --store {tmp_path}` "
+                                     "(the next build or sweep rebuilds it)")
 
 
 def test_flipped_bits_fail_the_checksum(tiny, tmp_path):
@@ -80,7 +81,8 @@ def test_flipped_bits_fail_the_checksum(tiny, tmp_path):
     stored.path.write_bytes(bytes(data))
     with pytest.raises(EngramEvalError) as error:
         store.load(stored.path)
-    assert str(error.value) == f"store file {stored.path} is corrupt (checksum mismatch); rebuild it with `engram-eval build --force`"
+    assert str(error.value) == (f"store file {stored.path} is corrupt (checksum mismatch); remove it with "
+                                f"`engram-eval store rm {stored.key} --store {tmp_path}` (the next build or sweep rebuilds it)")
 
 
 def test_engram_of_another_model_is_refused(tiny, tmp_path):
@@ -110,3 +112,40 @@ def test_real_model_store_file(real, tmp_path):
         assert len(f.keys()) == 31 and f.get_tensor("layer.20").shape == (16, 576)
         assert f.metadata()["model"] == "smollm2-135m" and f.metadata()["hidden_size"] == "576"
         assert torch.allclose(f.get_tensor("layer.20"), reference_engram(real.model, real.tokenizer, text, 20), rtol=1e-4, atol=1e-4)
+
+
+def test_force_rebuild_keeps_the_union_of_layers(tiny, tmp_path):
+    store = EngramStore(tmp_path)
+    store.ensure(tiny, "topic", TEXT, layers=[0, 1, 2, 3, 4], chunks=4)
+    rebuilt, status = store.ensure(tiny, "topic", TEXT, layers=[1], chunks=4, force=True)
+    assert status == "rebuilt" and sorted(rebuilt.engram.layers) == [0, 1, 2, 3, 4]
+    assert store.load(rebuilt.path).metadata["layers"] == "0,1,2,3,4"
+
+
+def test_a_source_shorter_than_k_records_its_padded_chunks(tiny, tmp_path):
+    from engram_eval.store import engram_warnings
+
+    short = "alpha beta"
+    n = len(tiny.tokenizer(short)["input_ids"])
+    stored, _ = EngramStore(tmp_path).ensure(tiny, "short", short, layers=[1], chunks=8)
+    assert stored.metadata["padded_chunks"] == str(8 - n)
+    assert (f"source 'short' has {n} tokens, fewer than k = 8: {8 - n} of its chunks repeat the last token's state"
+            in engram_warnings("short", stored))
+    long, _ = EngramStore(tmp_path).ensure(tiny, "topic", TEXT, layers=[1], chunks=4)
+    assert long.metadata["padded_chunks"] == "0"
+
+
+def test_gc_keeps_what_runs_reference_and_removes_the_rest(tiny, tmp_path):
+    import json
+
+    from engram_eval.store import run_engram_keys
+
+    store = EngramStore(tmp_path / "store")
+    kept, _ = store.ensure(tiny, "topic", TEXT, layers=[1], chunks=4)
+    dropped, _ = store.ensure(tiny, "other", TEXT + " Again.", layers=[1], chunks=4)
+    (tmp_path / "runs/a").mkdir(parents=True)
+    (tmp_path / "runs/a/run.json").write_text(json.dumps({"engram_keys": {"topic": kept.key}}))
+    stale = tmp_path / "store/.tmp-999999999-x.safetensors"  # no such pid
+    stale.write_bytes(b"partial")
+    assert run_engram_keys([tmp_path / "runs"]) == {kept.key}
+    assert store.unreferenced({kept.key}) == [dropped.path] and store.stale_temporaries() == [stale]

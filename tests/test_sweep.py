@@ -70,3 +70,14 @@ def test_real_model_sweep_matches_the_straightforward_implementation(real, tmp_p
         p_c, p_i = reference_cell(real.model, real.tokenizer, engram, row["strength"], q.prompt, list(q.correct), list(q.incorrect))
         assert row["p_correct"] == pytest.approx(p_c, rel=1e-4)
         assert row["p_incorrect"] == pytest.approx(p_i, rel=1e-4)
+
+
+def test_run_json_records_each_engrams_largest_chunk_share_per_layer(tiny, tiny_bank, tmp_path):
+    result = sweep(tiny, tiny_bank, tmp_path / "run")
+    bank = load_bank(tiny_bank)
+    assert set(result.run["largest_chunk_share"]) == {"topic", "anti", "stars", "noise"}
+    for name, shares in result.run["largest_chunk_share"].items():
+        assert set(shares) == {"1", "4"}
+        for layer, share in shares.items():
+            norms = reference_engram(tiny.model, tiny.tokenizer, bank.sources[name].text, int(layer), k=4).norm(dim=1)
+            assert share == pytest.approx((norms.max() / norms.sum()).item(), abs=1e-4)

@@ -12,7 +12,12 @@ from .. import __version__
 from ..errors import EngramEvalError
 
 stderr = Console(stderr=True)
-stdout = Console()
+
+
+def stdout() -> Console:
+    """The terminal as it is; piped output (files, CI logs, tests) gets 160 columns so tables do not fold."""
+    console = Console()
+    return console if console.is_terminal else Console(width=160)
 
 
 class CliError(click.ClickException):

@@ -60,4 +60,4 @@ def bench(load_lm, bank_path: Path, layers_text: str, strengths_text: str, loop_
     table.add_row("peak RSS", f"{r['peak_rss_mib']:.0f} MiB")
     if r["sweep_rss_end_mib"] is not None:
         table.add_row("sweep RSS: first quarter / whole sweep", f"{r['sweep_rss_quarter_mib']:.0f} / {r['sweep_rss_end_mib']:.0f} MiB")
-    stdout.print(table)
+    stdout().print(table)

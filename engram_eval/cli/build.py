@@ -9,6 +9,7 @@ from rich.table import Table
 
 from ..errors import EngramEvalError
 from .app import chunks_option, cli, max_tokens_option, model_options, outside_option, stderr, stdout, store_option
+from .store import metadata_layers
 
 @cli.command()
 @click.argument("sources", nargs=-1, type=click.Path(dir_okay=False, path_type=Path))
@@ -30,7 +31,7 @@ def build(sources: tuple[Path, ...], bank: Path | None, load_lm, chunks: int, la
     from ..bank import load_bank
     from ..files import read_text
     from ..engram import check_chunks, parse_layers
-    from ..store import EngramStore
+    from ..store import EngramStore, engram_warnings
 
     check_chunks(chunks)
     named: list[tuple[str, str]] = []
@@ -51,14 +52,8 @@ def build(sources: tuple[Path, ...], bank: Path | None, load_lm, chunks: int, la
         table.add_column(column)
     for name, text in tqdm(named, desc="build", unit="source", disable=None):
         stored, status = store.ensure(lm, name, text, layers, chunks, max_tokens, force=force)
-        if stored.engram.truncated:
-            stderr.print(f"[yellow]warning:[/] source '{name}' truncated to {max_tokens} tokens (--max-tokens)")
+        for warning in engram_warnings(name, stored):
+            stderr.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
         table.add_row(name, status, str(stored.engram.n_tokens) + (" (truncated)" if stored.engram.truncated else ""),
-                      _layers_text(stored.metadata["layers"]), str(chunks), str(stored.path))
-    stdout.print(table)
-
-
-def _layers_text(layers: str) -> str:
-    values = [int(v) for v in layers.split(",")]
-    contiguous = values == list(range(values[0], values[-1] + 1))
-    return f"{values[0]}-{values[-1]}" if contiguous and len(values) > 2 else layers
+                      metadata_layers(stored.metadata["layers"]), str(chunks), str(stored.path))
+    stdout().print(table)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-from rich.console import Console
 
 from .app import cli, stdout
 
@@ -26,7 +25,7 @@ def report(run_dir: Path, output_format: str, engram_role: str) -> None:
 
     summary = summarize(*load_run(run_dir), engram_role=engram_role)
     if output_format == "table":
-        render_table(summary, stdout if stdout.is_terminal else Console(width=160))
+        render_table(summary, stdout())
     elif output_format == "markdown":
         click.echo(render_markdown(summary))
     elif output_format == "json":

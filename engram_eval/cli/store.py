@@ -2,56 +2,137 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 from rich.table import Table
 
 from ..errors import EngramEvalError
 from .app import Group, cli, stdout, store_option
-from .build import _layers_text
+
+SPARKS = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(values: list[float]) -> str:
+    """One character per value, scaled to the largest."""
+    top = max(values) or 1.0
+    return "".join(SPARKS[min(len(SPARKS) - 1, int(v / top * len(SPARKS)))] for v in values)
+
+
+def metadata_layers(text: str) -> str:
+    from ..engram import format_layers
+
+    return format_layers([int(v) for v in text.split(",")])
+
 
 @cli.group(cls=Group)
 def store() -> None:
-    """Inspect the engram store."""
+    """Inspect and tidy the engram store."""
 
 
 @store.command("ls")
 @store_option
 def store_ls(store_dir: str) -> None:
-    """List the engrams in the store."""
+    """List the engrams in the store; a file that cannot be read is listed as corrupt."""
     from ..store import EngramStore
 
-    engram_store = EngramStore(store_dir)
+    engram_store = EngramStore.existing(store_dir)
     table = Table(title=f"engram store {store_dir}")
-    for column in ("name", "model", "layers", "chunks", "tokens", "size", "path"):
+    for column in ("name", "key", "model", "layers", "chunks", "pooling", "tokens", "size", "path"):
         table.add_column(column)
     for path in engram_store.paths():
-        meta = engram_store.read_metadata(path)
         size = f"{path.stat().st_size / 1024:.0f} KiB"
-        table.add_row(meta["source_name"], f"{meta['model']} ({meta['model_fingerprint'][:12]})", _layers_text(meta["layers"]),
-                      meta["chunks"], meta["n_tokens"], size, str(path))
-    stdout.print(table)
+        try:
+            meta = engram_store.read_metadata(path)
+        except EngramEvalError:
+            name = path.name.removesuffix(".safetensors").rsplit(".", 1)[0]
+            table.add_row(name, EngramStore.key_of(path), "[red]corrupt[/]", "-", "-", "-", "-", size, str(path))
+            continue
+        table.add_row(meta["source_name"], meta["key"], f"{meta['model']} ({meta['model_fingerprint'][:12]})",
+                      metadata_layers(meta["layers"]), meta["chunks"], meta.get("pooling", "mean"), meta["n_tokens"], size, str(path))
+    stdout().print(table)
 
 
 @store.command("show")
 @click.argument("name")
 @store_option
 def store_show(name: str, store_dir: str) -> None:
-    """Show one engram's metadata and per-layer mean vector norms (NAME: source name, file name or key)."""
+    """Show one engram's metadata and, per layer, its mean vector norm, its chunks' norms as a sparkline and the
+    largest chunk's share of the summed norms (NAME: source name, file name or key). When several engrams carry
+    NAME, they are listed and you give the key."""
+    from ..engram import DOMINANCE_THRESHOLD, chunk_shares
     from ..store import EngramStore
 
-    engram_store = EngramStore(store_dir)
+    engram_store = EngramStore.existing(store_dir)
     paths = engram_store.find(name)
     if not paths:
         raise EngramEvalError(f"store {store_dir}: no engram named '{name}' (see `engram-eval store ls`)")
-    for path in paths:
-        stored = engram_store.load(path)
-        meta = Table(title=str(path), show_header=False)
-        for key in sorted(stored.metadata):
-            meta.add_row(key, stored.metadata[key])
-        stdout.print(meta)
-        norms = Table(title="mean vector norm per layer")
-        norms.add_column("layer", justify="right")
-        norms.add_column("mean norm", justify="right")
-        for layer, vectors in stored.engram.layers.items():
-            norms.add_row(str(layer), f"{vectors.norm(dim=1).mean().item():.4f}")
-        stdout.print(norms)
+    if len(paths) > 1:
+        table = Table(title=f"engrams named '{name}'")
+        for column in ("key", "chunks", "pooling", "layers", "tokens", "path"):
+            table.add_column(column)
+        for path in paths:
+            meta = engram_store.read_metadata(path)
+            table.add_row(meta["key"], meta["chunks"], meta.get("pooling", "mean"), metadata_layers(meta["layers"]), meta["n_tokens"], str(path))
+        stdout().print(table)
+        raise EngramEvalError(f"store {store_dir}: {len(paths)} engrams are named '{name}'; give one of their keys")
+    stored = engram_store.load(paths[0])
+    meta = Table(title=str(paths[0]), show_header=False)
+    for key in sorted(stored.metadata):
+        meta.add_row(key, stored.metadata[key])
+    stdout().print(meta)
+    norms = Table(title=f"norms per layer: chunks 0..{stored.engram.chunks - 1} left to right; "
+                        f"a largest share above {DOMINANCE_THRESHOLD:.0%} dominates the engram")
+    for column in ("layer", "mean norm", "chunk norms", "largest chunk: share"):
+        norms.add_column(column, justify="left" if column == "chunk norms" else "right")
+    for layer, vectors in stored.engram.layers.items():
+        chunk_norms = vectors.norm(dim=1)
+        shares = chunk_shares(vectors)
+        share = shares.max().item()
+        largest = f"{int(shares.argmax())}: {100 * share:.0f}%"
+        norms.add_row(str(layer), f"{chunk_norms.mean().item():.4f}", sparkline(chunk_norms.tolist()),
+                      f"[bold red]{largest}[/]" if share > DOMINANCE_THRESHOLD else largest)
+    stdout().print(norms)
+
+
+@store.command("rm")
+@click.argument("names", metavar="KEY|NAME...", nargs=-1, required=True)
+@store_option
+def store_rm(names: tuple[str, ...], store_dir: str) -> None:
+    """Remove engrams by key (or key prefix of 6+ characters), file name, or source name (every engram of that
+    source). Corrupt files can be removed by the key in their file name."""
+    from ..store import EngramStore
+
+    engram_store = EngramStore.existing(store_dir)
+    targets: list[Path] = []
+    for name in names:
+        found = engram_store.find(name)
+        if not found:
+            raise EngramEvalError(f"store {store_dir}: no engram named '{name}' (see `engram-eval store ls`)")
+        targets += [path for path in found if path not in targets]
+    for path in targets:
+        path.unlink()
+        click.echo(f"removed {path}")
+
+
+@store.command("gc")
+@store_option
+@click.option("--runs", "run_roots", multiple=True, default=["reports"], show_default=True,
+              type=click.Path(file_okay=False, path_type=Path),
+              help="Folders searched (recursively) for run.json files; their engrams are kept. Repeat for several.")
+@click.option("--dry-run", is_flag=True, help="List what would be removed, remove nothing.")
+def store_gc(store_dir: str, run_roots: tuple[Path, ...], dry_run: bool) -> None:
+    """Remove temporary files left by killed writers, and every engram that no run under --runs references."""
+    from ..store import EngramStore, run_engram_keys
+
+    engram_store = EngramStore.existing(store_dir)
+    for root in run_roots:
+        if not root.is_dir():
+            raise EngramEvalError(f"--runs: {root} is not a folder")
+    doomed = engram_store.stale_temporaries() + engram_store.unreferenced(run_engram_keys(list(run_roots)))
+    for path in doomed:
+        if not dry_run:
+            path.unlink(missing_ok=True)
+        click.echo(f"{'would remove' if dry_run else 'removed'} {path}")
+    kept = len(engram_store.paths()) if not dry_run else len(engram_store.paths()) - sum(p.suffix == ".safetensors" for p in doomed)
+    click.echo(f"{len(doomed)} file(s) {'to remove' if dry_run else 'removed'}; {kept} engram(s) kept")

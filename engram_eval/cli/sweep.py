@@ -78,4 +78,4 @@ def _sweep_summary(result) -> None:
     table.add_row("time", f"{timings['total_seconds']:.1f} s ({timings['cells_per_second']} cells/s)")
     table.add_row("results", str(result.results_path))
     table.add_row("next", f"engram-eval report {result.out}")
-    stdout.print(table)
+    stdout().print(table)
