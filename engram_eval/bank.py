@@ -48,13 +48,34 @@ class Bank:
 
     @property
     def sha256(self) -> str:
-        """Hash of the bank's content (texts included), independent of file layout."""
+        """Hash of the bank's content (texts included), independent of file layout. Fields a question leaves unset
+        (None or empty) are left out, so a field added to the format later does not change the hash of older banks."""
         content = {
             "name": self.name,
             "sources": {n: [s.kind, s.text] for n, s in sorted(self.sources.items())},
-            "questions": [q.__dict__ for q in self.questions],
+            "questions": [{k: v for k, v in q.__dict__.items() if v is not None and v != ()} for q in self.questions],
         }
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+    def lint(self) -> list[str]:
+        """Mistakes that load fine but make the numbers silently meaningless, one line each (file and question named)."""
+        warnings = []
+        if not any(q.controls for q in self.questions):
+            warnings.append(f"{self.path}: no question has a control engram, so no number can tell a relevant engram "
+                            "from any engram at all (add `defaults: controls: [...]`)")
+        for q in self.questions:
+            if q.chat:  # the chat template decides what precedes the answer
+                continue
+            where = f"{self.path}: question '{q.id}'"
+            spaced = [v for v in q.correct + q.incorrect if v[:1].isspace()]
+            glued = [v for v in q.correct + q.incorrect if not v[:1].isspace()]
+            if q.prompt[-1:].isspace() and spaced:
+                warnings.append(f"{where}: the prompt ends in whitespace and variant {spaced[0]!r} starts with a space, "
+                                "so the scored text has both; drop one")
+            elif q.prompt[-1:].isalnum() and glued:
+                warnings.append(f"{where}: variant {glued[0]!r} has no leading space after a prompt that ends in a word, "
+                                "so it is scored glued to that word")
+        return warnings
 
     def select(self, ids: list[str]) -> Bank:
         known = {q.id for q in self.questions}
@@ -207,12 +228,17 @@ def load_bank(path: str | Path, allow_outside_paths: bool = False) -> Bank:
                     fields.fail(field, f"unknown source {name!r} (known: {', '.join(sorted(sources))})")
         if engram in controls:
             fields.fail("controls", f"'{engram}' is the question's own engram")
+        correct, incorrect = fields.strings("correct"), fields.strings("incorrect")
+        for field, variants in (("correct", correct), ("incorrect", incorrect)):
+            for variant in variants:
+                if not variant.strip():
+                    fields.fail(field, f"variant {variant!r} is only whitespace")
         questions.append(
             Question(
                 id=qid,
                 prompt=fields.text("prompt"),
-                correct=fields.strings("correct"),
-                incorrect=fields.strings("incorrect"),
+                correct=correct,
+                incorrect=incorrect,
                 engram=engram,
                 controls=tuple(controls),
                 related_wrong=fields.get("related_wrong", bool, None),

@@ -18,14 +18,16 @@ DEFAULT_ATOL = 1e-4
 DEFAULT_RTOL = 1e-4
 
 
-def summarize_run(frame: pl.DataFrame) -> dict:
-    """The baseline file's content: per question its baseline log ratio; per cell log ratio, flipped, broken; totals."""
+def summarize_run(frame: pl.DataFrame, run: dict) -> dict:
+    """The baseline file's content: the run's settings; per question its baseline log ratio; per cell log ratio,
+    flipped, broken; totals."""
     frame = frame.sort("question_id", "role", "engram", "layer", "strength", nulls_last=True)
     base = frame.filter(pl.col("role") == "baseline")
     cells = frame.filter(pl.col("role") != "baseline").with_columns(
         key=pl.format("{}|{}|L{}|s{}", "question_id", "engram", "layer", "strength")
     )
     return {
+        "settings": run.get("settings", {}),
         "model_fingerprint": frame["model_fingerprint"][0],
         "questions": {r["question_id"]: {"baseline_log_ratio": r["log_ratio"]} for r in base.iter_rows(named=True)},
         "cells": {r["key"]: {"log_ratio": r["log_ratio"], "flipped": r["flipped"], "broken": r["broken"]}
@@ -47,6 +49,31 @@ def _close(a: float, b: float, rtol: float, atol: float) -> bool:
     if math.isinf(a) or math.isinf(b) or math.isnan(a) or math.isnan(b):
         return a == b or (math.isnan(a) and math.isnan(b))
     return abs(a - b) <= atol + rtol * abs(b)
+
+
+def differing_settings(current: dict, baseline: dict) -> list[str]:
+    """Settings in which a run differs from the baseline's run, each as 'name (baseline X, run Y)'. A setting the
+    baseline predates must have its default value (the seed method) in the run."""
+    from dataclasses import MISSING, fields
+
+    from .rundir import SweepSettings
+
+    defaults = {f.name: f.default for f in fields(SweepSettings) if f.default is not MISSING}
+    before, now = baseline.get("settings"), current.get("settings", {})
+    if not before:
+        return ["none recorded in the baseline (written by an older engram-eval; regenerate it with --update from a run you trust)"]
+    differing = []
+    for name in sorted(set(before) | set(now)):
+        old = before.get(name, defaults.get(name, "(absent)"))
+        new = now.get(name, defaults.get(name, "(absent)"))
+        if old != new:
+            differing.append(f"{name} (baseline {_short(old)}, run {_short(new)})")
+    return differing
+
+
+def _short(value: object) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def compare(current: dict, baseline: dict, rtol: float = DEFAULT_RTOL, atol: float = DEFAULT_ATOL) -> list[Drift]:

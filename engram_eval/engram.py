@@ -67,9 +67,23 @@ def format_layers(layers: list[int]) -> str:
     return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
 
 
+def _valid_layers(num_layers: int) -> str:
+    return f"valid layers are 0..{num_layers} (0 = embedding output, {num_layers} = last)"
+
+
+def check_layers(layers: list[int], num_layers: int, option: str = "--layers") -> list[int]:
+    """The library's check of layer indices, with the command line's message."""
+    if not layers:
+        raise EngramEvalError(f"{option}: no layers given; {_valid_layers(num_layers)}")
+    for layer in layers:
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer <= num_layers:
+            raise EngramEvalError(f"{option}: layer {layer} is out of range; {_valid_layers(num_layers)}")
+    return layers
+
+
 def parse_layers(text: str, num_layers: int, option: str = "--layers") -> list[int]:
     """'all', '4,8,12', '10-20' or a mix -> sorted layer indices; layer L is hidden_states[L], 0..num_layers."""
-    valid = f"valid layers are 0..{num_layers} (0 = embedding output, {num_layers} = last)"
+    valid = _valid_layers(num_layers)
     if text.strip() == "all":
         return list(range(num_layers + 1))
     layers: set[int] = set()
@@ -88,7 +102,7 @@ def parse_layers(text: str, num_layers: int, option: str = "--layers") -> list[i
 
 
 def check_chunks(chunks: int) -> int:
-    if chunks < 1:
+    if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
         raise EngramEvalError(f"--chunks: must be at least 1 (got {chunks})")
     return chunks
 
@@ -130,6 +144,7 @@ def extract_engram(
 ) -> Engram:
     """Every requested layer from ONE forward pass with output_hidden_states, chunk-averaged in float32."""
     check_chunks(chunks)
+    check_layers(layers, lm.num_layers)
     ids, truncated = tokenize_source(lm, text, max_tokens)
     input_ids = torch.tensor([ids], device=lm.device)
     hidden_states = lm.model(input_ids=input_ids, output_hidden_states=True, use_cache=False).hidden_states

@@ -57,6 +57,7 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     source: str = field(default="")
+    description: str = field(default="")  # the model as it is, for reports: "SmolLM2-135M-Instruct, Q4_1 GGUF dequantized to float32"
 
     @property
     def num_layers(self) -> int:
@@ -172,35 +173,45 @@ def model_fingerprint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
     return digest.hexdigest()
 
 
-def _resolve_source(spec: str) -> tuple[str, str]:
-    """-> (name, path or hub id to pass to from_pretrained)."""
+def gguf_description(gguf: Path) -> str:
+    """'SmolLM2-135M-Instruct.Q4_1.gguf' -> 'SmolLM2-135M-Instruct, Q4_1 GGUF dequantized to float32'."""
+    model, _, quantization = gguf.stem.rpartition(".")
+    return f"{model or gguf.stem}, {quantization + ' ' if model else ''}GGUF dequantized to float32"
+
+
+def _resolve_source(spec: str) -> tuple[str, str, str]:
+    """-> (name, path or hub id to pass to from_pretrained, description without the dtype)."""
     if spec in EMBEDDED_MODELS:
-        return spec, str(dequantized_gguf_dir(embedded_gguf_path(spec)))
+        gguf = embedded_gguf_path(spec)
+        return spec, str(dequantized_gguf_dir(gguf)), gguf_description(gguf)
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise EngramEvalError(f"--model: GGUF file {path} not found")
-        return path.stem, str(dequantized_gguf_dir(path))
+        return path.stem, str(dequantized_gguf_dir(path)), gguf_description(path)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise EngramEvalError(f"--model: {path} is a directory without config.json (not a Hugging Face model directory)")
-        return path.name, str(path)
+        return path.name, str(path), path.name
     looks_like_hub_id = spec.count("/") == 1 and not spec.startswith((".", "/", "~"))
     if not looks_like_hub_id:
         known = ", ".join(EMBEDDED_MODELS)
         raise EngramEvalError(
             f"--model: '{spec}' is not an embedded model ({known}), a local model directory, a .gguf file or a hub id"
         )
-    return spec, spec
+    return spec, spec, spec
 
 
 def load_model(
     spec: str = DEFAULT_MODEL, *, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False
 ) -> LoadedModel:
     """Load a causal LM for extraction and sweeps, in eval mode, with its fingerprint."""
-    name, source = _resolve_source(spec)
+    name, source, description = _resolve_source(spec)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
+    dtype_name = str(torch_dtype).removeprefix("torch.")
+    if not (description.endswith("to float32") and torch_dtype == torch.float32):
+        description += f", run in {dtype_name}" if "GGUF" in description else f", {dtype_name}"
     progress_bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # keep stderr for what the user must read
     try:
@@ -222,6 +233,7 @@ def load_model(
         device=torch_device,
         dtype=torch_dtype,
         source=source,
+        description=description,
     )
 
 
@@ -252,4 +264,5 @@ def random_init_model(
         device=device,
         dtype=dtype,
         source=str(config_path),
+        description=f"random-init {config_path.name}, {str(dtype).removeprefix('torch.')}",
     )

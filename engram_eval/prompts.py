@@ -56,3 +56,14 @@ def prepare_question(lm: LoadedModel, question: Question, scoring: str, bank_pat
                     f"{what} ({token!r}, id {c_ids[0]}), so {scoring} scoring cannot tell them apart"
                 )
     return PreparedQuestion(question, tuple(prompt_token_ids(lm, question, bank_path)), correct, incorrect)
+
+
+def variant_token_warnings(lm: LoadedModel, prepared: PreparedQuestion, bank_path: Path | str = "bank") -> list[str]:
+    """A variant whose first token is only whitespace: first-token scoring would score that space, not the answer."""
+    warnings = []
+    for variant, ids in zip(prepared.question.correct + prepared.question.incorrect, prepared.correct_ids + prepared.incorrect_ids):
+        first = lm.tokenizer.decode([ids[0]])
+        if not first.strip():
+            warnings.append(f"{bank_path}: question '{prepared.question.id}': variant {variant!r} starts with the "
+                            f"whitespace token {first!r} (id {ids[0]}), so first-token scoring scores that, not the answer")
+    return warnings

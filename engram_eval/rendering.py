@@ -62,6 +62,15 @@ def fmt_p(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
+def partial_banner(summary: dict) -> str | None:
+    partial = summary["header"]["partial"]
+    if not partial:
+        return None
+    of = f" of {partial['questions']}" if partial["questions"] else ""
+    return (f"partial: {partial['questions_done']}{of} questions (the sweep has not finished; "
+            "rerun it with the same command to complete the run)")
+
+
 def _sections(summary: dict) -> list[tuple[str, list[str], list[list[str]]]]:
     """(title, columns, rows) for every table, in report order; table, markdown and html render these."""
     h = summary["header"]
@@ -70,7 +79,7 @@ def _sections(summary: dict) -> list[tuple[str, list[str], list[list[str]]]]:
         [["model", f"{h['model']} ({h['model_fingerprint']})"], ["bank", h["bank"]],
          ["grid", f"layers {', '.join(map(str, h['layers']))} x strengths {', '.join(f'{s:g}' for s in h['strengths'])}, k = {h['chunks']}"],
          ["scoring", f"{h['scoring']}, {h['injection']} injection"],
-         ["cells", f"{h['cells']} rows, {h['questions']} questions (run {h['run_id']}, {h['status']})"],
+         ["cells", f"{h['cells']} rows, {h['questions']} questions (run {h['run_id']}, {partial_banner(summary) or h['status']})"],
          ["duration", "-" if h["duration_seconds"] is None else f"{h['duration_seconds']:.1f} s"]],
     )]
     if h["largest_chunk_share"]:
@@ -112,10 +121,10 @@ def _sections(summary: dict) -> list[tuple[str, list[str], list[list[str]]]]:
     sections.append((
         "Negative controls (same cells; paired sign-flip test across questions)",
         ["control", "questions", "cells", "mean log impr. relevant", "mean log impr. control", "difference", "p", "verdict",
-         "flips rel/ctrl", "control breaks", "controls-adjusted flip rate"],
+         "flips rel/ctrl", "breaks rel/ctrl", "controls-adjusted flip rate"],
         [[c["kind"], str(c["questions"]), str(c["cells"]), fmt_float(c["mean_log_improvement_relevant"]),
           fmt_float(c["mean_log_improvement_control"]), fmt_float(c["mean_difference"]), fmt_p(c["p_value"]), c["verdict"],
-          f"{c['flips_relevant']}/{c['flips_control']}", str(c["breaks_control"]),
+          f"{c['flips_relevant']}/{c['flips_control']}", f"{c['breaks_relevant']}/{c['breaks_control']}",
           "-" if c["adjusted_flip_rate"] is None else f"{c['adjusted_flips']}/{c['baseline_wrong_cells']} ({100 * c['adjusted_flip_rate']:.1f}%)"]
          for c in summary["controls"]],
     ))
@@ -134,11 +143,15 @@ def _sections(summary: dict) -> list[tuple[str, list[str], list[list[str]]]]:
 def render_table(summary: dict, console) -> None:
     from rich.table import Table
 
+    if banner := partial_banner(summary):
+        console.print(f"[bold yellow]{banner}[/]")
     for title, columns, rows in _sections(summary):
         heat = title.startswith("Heatmap")
         table = Table(title=title, title_justify="left", show_header=True)
-        for column in columns:
-            table.add_column(column, justify="right" if heat else "left", overflow="fold")
+        for i, column in enumerate(columns):
+            # Wide enough for the column's longest word, so words wrap whole (a path may still fold).
+            longest = max((len(word) for row in rows for word in row[i].split()), default=0)
+            table.add_column(column, justify="right" if heat else "left", overflow="fold", min_width=min(longest, 24))
         grid = None
         if heat:
             name, measure = title.removeprefix("Heatmap ").split(":")[0], "flip" if "flip rate" in title else "break"
@@ -161,6 +174,8 @@ def _heat_cell(text: str, cell: dict, measure: str) -> str:
 
 def render_markdown(summary: dict) -> str:
     lines = [f"# engram-eval report: {summary['header']['bank']} on {summary['header']['model']}", ""]
+    if banner := partial_banner(summary):
+        lines += [f"> **{banner}**", ""]
     for title, columns, rows in _sections(summary):
         lines += [f"## {title}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
         lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
@@ -170,6 +185,11 @@ def render_markdown(summary: dict) -> str:
 
 def render_json(summary: dict) -> str:
     return json.dumps(summary, indent=2, default=str)
+
+
+def label_colour(rate: float | None) -> str:
+    """Heatmap cells above 0.5 are in the colour map's dark half (vmin 0, vmax 1): white labels stay readable there."""
+    return "white" if rate is not None and rate > 0.5 else "black"
 
 
 def heatmap_png(heatmap: dict, measure: str, title: str) -> bytes:
@@ -187,7 +207,7 @@ def heatmap_png(heatmap: dict, measure: str, title: str) -> bytes:
     ax.set_title(title, fontsize=9)
     for i, row in enumerate(heatmap[measure]):
         for j, cell in enumerate(row):
-            ax.text(j, i, fmt_cell(cell), ha="center", va="center", fontsize=8)
+            ax.text(j, i, fmt_cell(cell), ha="center", va="center", fontsize=8, color=label_colour(cell["rate"]))
     fig.colorbar(image, ax=ax, fraction=0.05)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
@@ -203,6 +223,8 @@ def render_html(summary: dict) -> str:
         "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}th{background:#eee}</style></head><body>",
         f"<h1>engram-eval report: {html.escape(summary['header']['bank'])} on {html.escape(summary['header']['model'])}</h1>",
     ]
+    if banner := partial_banner(summary):
+        parts.append(f"<p><strong>{html.escape(banner)}</strong></p>")
     for title, columns, rows in _sections(summary):
         parts.append(f"<h2>{html.escape(title)}</h2>")
         if title.startswith("Heatmap"):

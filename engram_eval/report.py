@@ -2,27 +2,32 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import polars as pl
 
 from .errors import EngramEvalError
+from .rundir import read_run_json
 from .statistics import rate, sign_flip_test, verdict
 
 DECISION_STRENGTHS = (1.0, 5.0, 10.0, 15.0, 20.0)
 
 
 def load_run(run_dir: str | Path) -> tuple[pl.DataFrame, dict]:
+    """A run's rows and run.json. An unfinished run (no results.parquet yet) gives the questions finished so far,
+    from its part files, with run["partial"] = {"questions_done", "questions"}."""
     run_dir = Path(run_dir)
+    run = read_run_json(run_dir) or {}
     results = run_dir / "results.parquet"
-    if not results.is_file():
+    parts = sorted((run_dir / "parts").glob("*.parquet")) if not results.is_file() else []
+    if not results.is_file() and not parts:
         raise EngramEvalError(f"{run_dir}: no results.parquet (run `engram-eval sweep` with --out {run_dir} first)")
     try:
-        frame = pl.read_parquet(results)
-        run = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
+        frame = pl.read_parquet(results if not parts else parts)
     except (OSError, ValueError, pl.exceptions.PolarsError) as exc:
-        raise EngramEvalError(f"{results}: cannot read ({exc})") from None
+        raise EngramEvalError(f"{results if not parts else run_dir / 'parts'}: cannot read ({exc})") from None
+    if parts:
+        run = {**run, "partial": {"questions_done": len(parts), "questions": len(run.get("settings", {}).get("questions", [])) or None}}
     return frame, run
 
 
@@ -157,7 +162,8 @@ def _headline(relevant: pl.DataFrame, heatmap: dict) -> dict:
 
 def _controls(frame: pl.DataFrame) -> list[dict]:
     relevant = frame.filter(pl.col("role") == "relevant").select(
-        "question_id", "layer", "strength", rel_log=pl.col("log_improvement"), rel_flip="flipped", wrong=~pl.col("correct_before")
+        "question_id", "layer", "strength", rel_log=pl.col("log_improvement"), rel_flip="flipped", rel_break="broken",
+        wrong=~pl.col("correct_before")
     )
     controls = frame.filter(pl.col("role") == "control")
     rows = []
@@ -182,10 +188,11 @@ def _controls(frame: pl.DataFrame) -> list[dict]:
                 "mean_log_improvement_control": paired["log_improvement"].mean(),
                 "flips_relevant": int(paired["rel_flip"].sum()),
                 "flips_control": int(paired["flipped"].sum()),
+                "breaks_relevant": int(paired["rel_break"].sum()),
                 "breaks_control": int(paired["broken"].sum()),
                 "mean_difference": mean_difference,
                 "p_value": p_value,
-                "verdict": verdict(mean_difference, p_value),
+                "verdict": verdict(mean_difference, p_value, len(differences)),
                 "adjusted_flip_rate": adjusted / wrong_cells.height if wrong_cells.height else None,
                 "adjusted_flips": int(adjusted),
                 "baseline_wrong_cells": wrong_cells.height,
@@ -230,7 +237,7 @@ def summarize(frame: pl.DataFrame, run: dict, engram_role: str = "relevant") -> 
     return {
         "header": {
             "run_id": frame["run_id"][0],
-            "model": frame["model"][0],
+            "model": run.get("model_description") or frame["model"][0],
             "model_fingerprint": frame["model_fingerprint"][0][:12],
             "bank": frame["bank"][0],
             "layers": layers,
@@ -242,6 +249,7 @@ def summarize(frame: pl.DataFrame, run: dict, engram_role: str = "relevant") -> 
             "questions": frame["question_id"].n_unique(),
             "duration_seconds": run.get("timings", {}).get("total_seconds"),
             "status": run.get("status", "unknown"),
+            "partial": run.get("partial"),
             "settings_max_tokens": settings.get("max_tokens"),
             "largest_chunk_share": run.get("largest_chunk_share", {}),
         },

@@ -50,25 +50,66 @@ def package_versions() -> dict[str, str]:
     return {"engram-eval": __version__, "python": platform.python_version(), **{n: version(n) for n in names}}
 
 
+# The version of the part files' columns: resuming from parts of another format would mix schemas.
+RESULTS_FORMAT = 2
+
+# What a run directory holds that derives from its settings: --force on other settings removes all of it.
+DERIVED = ("parts", "results.parquet", "report.html", "generations.parquet", "generation-parts")
+
+
+def read_run_json(out: Path) -> dict | None:
+    """A run directory's run.json, None when there is none; an unreadable one is named as such."""
+    path = out / "run.json"
+    if not path.exists():
+        return None
+    try:
+        run = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(run, dict):
+            raise ValueError("not a JSON object")
+        return run
+    except (OSError, ValueError) as exc:
+        raise EngramEvalError(f"{path}: unreadable run.json ({one_line(exc)})") from None
+
+
 def prepare_out(out: Path, settings: SweepSettings, force: bool) -> dict:
-    """Create or reopen a run directory; refuse one that holds a run with other settings."""
-    run_path = out / "run.json"
-    if run_path.exists():
-        try:
-            previous = json.loads(run_path.read_text())["settings"]
-        except (ValueError, KeyError):
-            previous = None
-        if previous != asdict(settings):
-            if not force:
-                changed = sorted(k for k in asdict(settings) if (previous or {}).get(k) != asdict(settings)[k])
-                raise EngramEvalError(
-                    f"--out {out} holds a run with different settings ({', '.join(changed)}); "
-                    "use another --out, or --force to replace it"
-                )
-            shutil.rmtree(out / "parts", ignore_errors=True)
-            (out / "results.parquet").unlink(missing_ok=True)
+    """Create or reopen a run directory; refuse one that holds a run with other settings unless forced, and then
+    remove everything derived from the old run."""
+    try:
+        previous = (read_run_json(out) or {}).get("settings")
+    except EngramEvalError:
+        if not force:
+            raise EngramEvalError(f"{out / 'run.json'}: unreadable run.json; use --force to replace the run in {out}") from None
+        previous = None
+    older_format = previous is not None and (read_run_json(out) or {}).get("results_format") != RESULTS_FORMAT
+    if (out / "run.json").exists() and (previous != asdict(settings) or older_format):
+        if not force:
+            if older_format:
+                raise EngramEvalError(f"--out {out} holds parts written by another engram-eval version (results format "
+                                      f"{(read_run_json(out) or {}).get('results_format', 1)}, now {RESULTS_FORMAT}); "
+                                      "use --force to recompute the run")
+            changed = sorted(k for k in asdict(settings) if (previous or {}).get(k) != asdict(settings)[k])
+            raise EngramEvalError(
+                f"--out {out} holds a run with different settings ({', '.join(changed)}); "
+                "use another --out, or --force to replace it"
+            )
+        for name in DERIVED:
+            target = out / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
     (out / "parts").mkdir(parents=True, exist_ok=True)
-    return {"settings": asdict(settings), "run_id": settings.run_id, "status": "running"}
+    return {"settings": asdict(settings), "run_id": settings.run_id, "status": "running", "results_format": RESULTS_FORMAT}
+
+
+def one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text if isinstance(exc, EngramEvalError) else f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def mark_stopped(out: Path, run: dict, status: str, reason: str | None = None) -> None:
+    """Record in run.json that the run stopped before the end, and how far it got (finished parts are kept)."""
+    run.update(status=status, questions_done=len(list((out / "parts").glob("*.parquet"))))
+    if reason is not None:
+        run["reason"] = reason
+    write_run_json(out, run)
 
 
 def part_paths(out: Path, question_ids: list[str]) -> list[Path]:

@@ -17,7 +17,12 @@ def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> tup
     denominator = 1 + z * z / n
     center = (p + z * z / (2 * n)) / denominator
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
-    return max(0.0, center - half), min(1.0, center + half)
+    return clamp_unit(center - half), clamp_unit(center + half)
+
+
+def clamp_unit(value: float) -> float:
+    """A proportion's bound in [0, 1], without floating-point noise such as 5.6e-17 for 0 or 0.9999999999999999."""
+    return round(min(1.0, max(0.0, value)), 12)
 
 
 def sign_flip_test(differences: list[float], samples: int = 200_000) -> float | None:
@@ -36,9 +41,16 @@ def sign_flip_test(differences: list[float], samples: int = 200_000) -> float | 
     return (hits + 1) / (samples + 1)
 
 
-def verdict(mean_difference: float | None, p_value: float | None) -> str:
+def smallest_p_value(n: int) -> float:
+    """The smallest two-sided p-value the exact sign-flip test can give with n paired questions (all signs alike)."""
+    return 2.0 ** (1 - n) if n else 1.0
+
+
+def verdict(mean_difference: float | None, p_value: float | None, n: int) -> str:
     if p_value is None or mean_difference is None:
         return "no data"
+    if smallest_p_value(n) >= ALPHA:
+        return f"too few questions to tell (n = {n})"
     if p_value < ALPHA:
         return "relevant beats controls" if mean_difference > 0 else "controls beat relevant"
     return "indistinguishable from controls"

@@ -143,3 +143,29 @@ def test_generated_banks_load_or_raise_the_tools_error(tmp_path, data, raw):
         load_bank(path)
     except EngramEvalError as error:
         assert "\n" not in str(error) and str(error).startswith(str(path))
+
+
+@pytest.mark.parametrize("variant", ["", "  ", "\\n"])
+def test_an_empty_or_whitespace_variant_is_a_bank_error(tmp_path, variant):
+    path = write(tmp_path, GOOD.replace('incorrect: [" beta"]', f'incorrect: [" beta", "{variant}"]'))
+    shown = variant.replace("\\n", "\n")
+    assert error_of(path) == f"{path}: question 'q1': field 'incorrect': variant {shown!r} is only whitespace"
+
+
+@pytest.mark.parametrize("prompt,variant,message", [
+    ("The first drug is ", " alpha", "the prompt ends in whitespace and variant ' alpha' starts with a space, so the scored text has both; drop one"),
+    ("The first drug is", "alpha", "variant 'alpha' has no leading space after a prompt that ends in a word, so it is scored glued to that word"),
+    ("Answer:", "alpha", None),
+    ("The first drug is", " alpha", None),
+])
+def test_lint_warns_of_spacing_mistakes_naming_file_and_question(tmp_path, prompt, variant, message):
+    path = write(tmp_path, GOOD.replace('"The first drug is"', f'"{prompt}"').replace('correct: [" alpha"]', f'correct: ["{variant}"]'))
+    assert load_bank(path).lint() == ([f"{path}: question 'q1': {message}"] if message else [])
+
+
+def test_lint_skips_chat_questions_and_warns_of_a_bank_without_controls(tmp_path):
+    chat = write(tmp_path, GOOD.replace('"The first drug is"', '"The first drug is "') + "    chat: true\n", "chat.yaml")
+    assert load_bank(chat).lint() == []
+    bare = write(tmp_path, GOOD.replace("  controls: [stars]", "  controls: []"), "bare.yaml")
+    assert load_bank(bare).lint() == [f"{bare}: no question has a control engram, so no number can tell a relevant engram "
+                                      "from any engram at all (add `defaults: controls: [...]`)"]

@@ -45,8 +45,8 @@ def test_drift_fails_with_a_table_of_what_moved(tiny_run, tmp_path):
     data["totals"]["flips"] += 1
     baseline.write_text(json.dumps(data))
     result = invoke("check", tiny_run, "--baseline", baseline)
-    assert result.exit_code == 1
-    assert "check failed: 2 values moved" in result.output and key in result.output and "-0.01" in result.output
+    assert result.exit_code == 1 and result.stderr == ""
+    assert "check failed: 2 values moved" in result.stdout and key in result.stdout and "-0.01" in result.stdout
     assert invoke("check", tiny_run, "--baseline", baseline, "--atol", "0.02").exit_code == 1  # totals still differ
 
 
@@ -64,10 +64,40 @@ def test_committed_baseline_passes_and_a_changed_convention_fails(real, tmp_path
     bank = load_bank(REPO / "questions/ci.yaml")
     baseline = json.loads((REPO / "tests/baselines/ci.json").read_text())
     run = run_sweep(real, bank, EngramStore(tmp_path / "store"), tmp_path / "seed", **CI_GRID, progress=False)
-    assert compare(summarize_run(pl.read_parquet(run.results_path)), baseline) == []
+    assert compare(summarize_run(pl.read_parquet(run.results_path), run.run), baseline) == []
     # Break one convention: scale by the engram's max row norm instead of its mean row norm.
     monkeypatch.setattr(injection_module, "mean_row_norm", lambda x: x.float().norm(dim=1).max())
     drifted = run_sweep(real, bank, EngramStore(tmp_path / "store"), tmp_path / "drift", **CI_GRID, progress=False)
-    drifts = compare(summarize_run(pl.read_parquet(drifted.results_path)), baseline)
+    drifts = compare(summarize_run(pl.read_parquet(drifted.results_path), drifted.run), baseline)
     assert len(drifts) > 10 and all(d.what.split()[0] in baseline["cells"] or d.what.startswith("totals") for d in drifts)
     assert not any("baseline_log_ratio" in d.what for d in drifts)  # baselines carry no engram: unchanged
+
+
+def test_a_run_with_other_settings_is_refused_naming_each_setting(tiny, tiny_run, tmp_path):
+    from conftest import sweep, write_tiny_bank
+
+    baseline = tmp_path / "baseline.json"
+    invoke("check", tiny_run, "--baseline", baseline, "--update")
+    other = sweep(tiny, write_tiny_bank(tmp_path), tmp_path / "other", layers=[1, 3], strengths=[1.0, 8.0], chunks=8).out
+    result = invoke("check", other, "--baseline", baseline)
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr == (f"error: {other} was run with other settings than {baseline}: chunks (baseline 4, run 8); "
+                             "strengths (baseline [1.0, 9.0], run [1.0, 8.0])\n")
+
+
+def test_a_setting_the_baseline_predates_must_keep_its_default(tiny_run, tmp_path):
+    from engram_eval.check import differing_settings
+
+    current = {"settings": {"scoring": "first-token", "max_tokens": 2048}}
+    assert differing_settings(current, {"settings": {"scoring": "first-token"}}) == []
+    assert differing_settings({"settings": {"scoring": "first-token", "max_tokens": 99}}, {"settings": {"scoring": "first-token"}}) == [
+        "max_tokens (baseline 2048, run 99)"]
+    assert differing_settings(current, {"cells": {}}) == [
+        "none recorded in the baseline (written by an older engram-eval; regenerate it with --update from a run you trust)"]
+
+
+def test_the_committed_baseline_records_the_ci_runs_settings():
+    settings = json.loads((REPO / "tests/baselines/ci.json").read_text())["settings"]
+    assert (settings["layers"], settings["strengths"], settings["scoring"], settings["injection"], settings["chunks"]) == (
+        CI_GRID["layers"], CI_GRID["strengths"], "first-token", "prefix", 16)
+    assert settings["bank_sha256"] == load_bank(REPO / "questions/ci.yaml").sha256

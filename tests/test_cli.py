@@ -220,3 +220,30 @@ def test_build_warns_once_when_the_first_tokens_chunk_dominates_at_layer_16(real
     assert warning == ("warning: source 'pheo': one chunk holds more than half of the engram's summed row norms at layers 16 "
                        f"(chunk 0; {100 * share:.0f}% at layer 16): a massive activation dominates this engram, so relevant "
                        "and control engrams look alike there")
+
+
+def test_report_output_writes_each_format_to_the_path_given(tiny_model_dir, tiny_bank, tmp_path):
+    out = tmp_path / "run"
+    run("sweep", tiny_bank, "--model", tiny_model_dir, "--layers", "1", "--strengths", "1", "--chunks", "4", "--out", out,
+        "--store", tmp_path / "store", "--quiet")
+    for fmt, name in (("html", "page.html"), ("markdown", "r.md"), ("json", "r.json"), ("table", "r.txt")):
+        result = run("report", out, "--format", fmt, "--output", tmp_path / name)
+        assert result.exit_code == 0 and result.stdout == f"{tmp_path / name}\n"
+    assert (tmp_path / "page.html").read_text().startswith("<!doctype html>") and not (out / "report.html").exists()
+    assert (tmp_path / "r.md").read_text() == run("report", out, "--format", "markdown").stdout
+    assert json.loads((tmp_path / "r.json").read_text())["header"]["cells"] == 3 * 5
+    assert "Negative controls" in (tmp_path / "r.txt").read_text() and "\x1b[" not in (tmp_path / "r.txt").read_text()
+    one_line_error(run("report", out, "--output", tmp_path / "nowhere/r.txt"), f"--output: folder {tmp_path / 'nowhere'} does not exist")
+
+
+def test_sweep_warns_of_bank_mistakes_and_strict_refuses_them_before_the_model_loads(tiny_model_dir, tmp_path):
+    from conftest import write_tiny_bank
+
+    bank = write_tiny_bank(tmp_path, {"q1": ("The first drug is", ["alpha"], [" beta"])})
+    message = f"{bank}: question 'q1': variant 'alpha' has no leading space after a prompt that ends in a word, so it is scored glued to that word"
+    strict = run("sweep", bank, "--model", "no-such-model", "--strict", "--out", tmp_path / "run")
+    one_line_error(strict, f"{message} (--strict)")
+    assert not (tmp_path / "run").exists()
+    result = run("sweep", bank, "--model", tiny_model_dir, "--layers", "1", "--strengths", "1", "--chunks", "4",
+                 "--out", tmp_path / "run", "--store", tmp_path / "store", "--quiet")
+    assert result.exit_code == 0 and result.stderr.count(message) == 1

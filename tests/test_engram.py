@@ -83,3 +83,14 @@ def test_real_model_engram_equals_recomputation(real):
         assert engram.layers[layer].shape == (16, 576)
         expected = reference_engram(real.model, real.tokenizer, text, layer, k=16)
         assert torch.allclose(engram.layers[layer], expected, rtol=1e-4, atol=1e-4), layer
+
+
+@pytest.mark.parametrize("layers,message", [
+    ([5], "--layers: layer 5 is out of range; valid layers are 0..4 (0 = embedding output, 4 = last)"),
+    ([-1], "--layers: layer -1 is out of range; valid layers are 0..4 (0 = embedding output, 4 = last)"),
+    ([], "--layers: no layers given; valid layers are 0..4 (0 = embedding output, 4 = last)"),
+])
+def test_the_library_refuses_bad_layers_with_the_command_lines_message(tiny, layers, message):
+    with pytest.raises(EngramEvalError) as error:
+        extract_engram(tiny, "alpha", layers=layers, chunks=4)
+    assert str(error.value) == message

@@ -1,6 +1,7 @@
 """Faults: kill -9 during build and sweep, concurrent builds, failed writes."""
 
 import errno
+import json
 import re
 import os
 import signal
@@ -148,3 +149,23 @@ def test_package_never_unpickles_or_builds_shell_commands():
     for forbidden in ("torch.load", "import pickle", "shell=True", "os.system", "yaml.unsafe_load", "trust_remote_code=True"):
         assert forbidden not in source, forbidden
     assert not re.search(r"(?<![.\w])(eval|exec)\(", source)  # model.eval() is fine; builtin eval/exec are not
+
+
+def test_ctrl_c_prints_how_to_resume_exits_130_and_records_interrupted(tiny_model_dir, tiny_bank, tmp_path):
+    out = tmp_path / "run"
+    args = ["sweep", tiny_bank, "--model", tiny_model_dir, *GRID, "--store", tmp_path / "store", "--out", out]
+    process = subprocess.Popen(command(*args), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONPATH": str(REPO)})
+    deadline = time.monotonic() + 120
+    while count(out / "parts", "*.parquet") < 1 and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    run = json.loads((out / "run.json").read_text())
+    done = count(out / "parts", "*.parquet")
+    assert process.returncode == 130 and run["status"] == "interrupted" and run["questions_done"] == done < 3
+    assert stderr.splitlines()[-1] == (f"interrupted: {done} of 3 questions are finished and kept in {out}; resume with the "
+                                       f"same command: engram-eval {' '.join(map(str, args))}")
+    assert "Traceback" not in stderr
+    run_to_end(args, tmp_path)
+    assert json.loads((out / "run.json").read_text())["status"] == "complete"

@@ -76,6 +76,7 @@ def test_embedded_model_is_smollm2_and_cached(real):
     assert cached.parent == cache_dir() and (cached / "model.safetensors").is_file()
     assert (embedded_gguf_path("smollm2-135m").name, EMBEDDED_MODELS["smollm2-135m"].version) == ("SmolLM2-135M-Instruct.Q4_1.gguf", "0.1.2")
     assert load_model("smollm2-135m", device="cpu").fingerprint == real.fingerprint
+    assert real.description == "SmolLM2-135M-Instruct, Q4_1 GGUF dequantized to float32"
 
 
 def test_random_init_model_is_reproducible_from_config_and_seed(tiny, tmp_path):
@@ -94,3 +95,12 @@ def test_random_init_model_is_reproducible_from_config_and_seed(tiny, tmp_path):
     for (name, x), (_, y), (_, z) in zip(a.model.state_dict().items(), b.model.state_dict().items(), other.model.state_dict().items()):
         assert torch.equal(x, y), name
     assert not all(torch.equal(x, z) for x, z in zip(a.model.state_dict().values(), other.model.state_dict().values()))
+
+
+def test_model_descriptions_say_what_was_loaded(tiny, tiny_model_dir):
+    from engram_eval.model import gguf_description
+
+    assert gguf_description(Path("x/SmolLM2-135M-Instruct.Q4_1.gguf")) == "SmolLM2-135M-Instruct, Q4_1 GGUF dequantized to float32"
+    assert gguf_description(Path("plain.gguf")) == "plain, GGUF dequantized to float32"
+    assert tiny.description == f"{tiny_model_dir.name}, float32"
+    assert load_model(str(tiny_model_dir), device="cpu", dtype="bfloat16").description == f"{tiny_model_dir.name}, bfloat16"

@@ -3,8 +3,6 @@ import pytest
 from engram_eval.bank import load_bank
 from engram_eval.errors import EngramEvalError
 from engram_eval.prompts import prepare_question
-from engram_eval.store import EngramStore
-from engram_eval.sweep import run_sweep
 
 
 def test_shared_first_token_is_a_bank_error(tiny, tmp_path):
@@ -20,13 +18,14 @@ def test_shared_first_token_is_a_bank_error(tiny, tmp_path):
     assert prepare_question(tiny, question, "sequence", path).correct_ids  # sequence scoring separates them
 
 
-def test_variant_without_tokens_is_a_bank_error(tiny, tmp_path):
+def test_a_variant_without_tokens_is_refused_before_any_model_work(tiny, tmp_path):
+    from dataclasses import replace
+
     from conftest import write_tiny_bank
-    path = write_tiny_bank(tmp_path, {"q1": ("The drug is", [""], [" beta"])})
+    question = replace(load_bank(write_tiny_bank(tmp_path)).questions[0], correct=("",))  # past the bank's own check
     with pytest.raises(EngramEvalError) as error:
-        run_sweep(tiny, load_bank(path), EngramStore(tmp_path / "s"), tmp_path / "run", layers=[1], strengths=[1.0], progress=False)
-    assert str(error.value) == f"{path}: question 'q1': variant '' has no tokens"
-    assert not (tmp_path / "run").exists() and not (tmp_path / "s").exists()  # checked before any model work
+        prepare_question(tiny, question, "first-token", "bank.yaml")
+    assert str(error.value) == "bank.yaml: question 'q1': variant '' has no tokens"
 
 
 def test_chat_prompts_use_the_chat_template(tiny, tmp_path):
@@ -44,3 +43,18 @@ def test_chat_question_for_a_tokenizer_without_a_chat_template_names_bank_and_qu
     with pytest.raises(EngramEvalError) as error:
         prepare_question(tiny, load_bank(path).questions[0], "first-token", path)
     assert str(error.value) == f"{path}: question 'q1': chat: true, but {tiny.name}'s tokenizer has no chat template"
+
+
+def test_a_variant_whose_first_token_is_whitespace_is_warned_of(tiny, tmp_path):
+    from conftest import write_tiny_bank
+    from engram_eval.prompts import variant_token_warnings
+
+    path = write_tiny_bank(tmp_path, {"q1": ("The drug is", ["  alpha"], [" beta"])})
+    prepared = prepare_question(tiny, load_bank(path).questions[0], "first-token", path)
+    first = tiny.tokenizer.encode("  alpha", add_special_tokens=False)[0]
+    assert tiny.tokenizer.decode([first]).strip() == ""  # this tokenizer splits off the extra space
+    assert variant_token_warnings(tiny, prepared, path) == [
+        f"{path}: question 'q1': variant '  alpha' starts with the whitespace token {tiny.tokenizer.decode([first])!r} "
+        f"(id {first}), so first-token scoring scores that, not the answer"]
+    clean = prepare_question(tiny, load_bank(write_tiny_bank(tmp_path)).questions[0], "first-token", path)
+    assert variant_token_warnings(tiny, clean, path) == []

@@ -34,3 +34,32 @@ def test_the_report_shows_each_engrams_largest_chunk_share(run):
     for name, shares in meta["largest_chunk_share"].items():
         row = next(line for line in markdown.splitlines() if line.startswith(f"| {name} |"))
         assert row == "| " + " | ".join([name, *[fmt_share(shares[str(layer)]) for layer in (1, 2, 4)]]) + " |"
+
+
+def test_words_in_table_cells_wrap_whole_at_a_narrow_width(run):
+    import io
+
+    from rich.console import Console
+
+    from engram_eval.rendering import render_table
+
+    frame, meta = run
+    summary = summarize(frame, meta)
+    buffer = io.StringIO()
+    render_table(summary, Console(file=buffer, width=100, color_system=None))
+    text = buffer.getvalue()
+    for control in summary["controls"]:
+        for word in control["verdict"].split():
+            assert word in text
+
+
+def test_heatmap_labels_are_white_on_the_dark_half_of_the_colour_map():
+    from engram_eval.rendering import label_colour
+
+    assert [label_colour(r) for r in (None, 0.0, 0.5, 0.51, 1.0)] == ["black", "black", "black", "white", "white"]
+
+
+def test_the_header_names_the_model_as_it_is(run):
+    frame, meta = run
+    summary = summarize(frame, {**meta, "model_description": "SmolLM2-135M-Instruct, Q4_1 GGUF dequantized to float32"})
+    assert render_markdown(summary).startswith("# engram-eval report: tiny on SmolLM2-135M-Instruct, Q4_1 GGUF dequantized to float32")

@@ -68,7 +68,9 @@ def test_controls_are_compared_on_the_same_cells(run):
         wrong = [r for r in mine if not r["correct_before"]]
         adjusted = sum(rel[(r["question_id"], r["layer"], r["strength"])]["flipped"] - r["flipped"] for r in wrong)
         assert control["adjusted_flips"] == adjusted
-        assert control["verdict"] in ("relevant beats controls", "indistinguishable from controls", "controls beat relevant")
+        assert control["breaks_relevant"] == sum(rel[(r["question_id"], r["layer"], r["strength"])]["broken"] for r in mine)
+        assert control["breaks_control"] == sum(r["broken"] for r in mine)
+        assert control["verdict"] == "too few questions to tell (n = 3)"  # 3 questions: the exact test's smallest p is 0.25
 
 
 def test_semantic_sink_split(run):

@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from engram_eval.statistics import sign_flip_test, wilson_interval
+from engram_eval.statistics import sign_flip_test, smallest_p_value, verdict, wilson_interval
 
 
 def test_wilson_interval_matches_the_textbook_formula():
@@ -24,3 +24,24 @@ def test_sign_flip_p_value_on_a_hand_made_table():
     hits = sum(abs(sum(s * x for s, x in zip(signs, d))) >= 6 for signs in itertools.product((1, -1), repeat=4))
     assert sign_flip_test(d) == pytest.approx(hits / 16)
     assert sign_flip_test([]) is None
+
+
+def test_interval_bounds_are_clamped_without_floating_point_noise():
+    for n in range(1, 60):
+        low, high = wilson_interval(0, n)
+        assert low == 0.0 and 0 < high < 1
+        low, high = wilson_interval(n, n)
+        assert high == 1.0 and 0 < low < 1
+
+
+@pytest.mark.parametrize("n,p,expected", [
+    (2, 0.5, "too few questions to tell (n = 2)"),
+    (5, 0.0625, "too few questions to tell (n = 5)"),  # 2 / 2^5: every sign alike is still p > 0.05
+    (6, 0.03125, "relevant beats controls"),
+    (6, 0.5, "indistinguishable from controls"),
+    (0, None, "no data"),
+])
+def test_a_control_test_that_cannot_reach_significance_says_so(n, p, expected):
+    assert verdict(1.0 if p is not None else None, p, n) == expected
+    if n >= 6:
+        assert smallest_p_value(n) == sign_flip_test([1.0] * n) < 0.05

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from engram_eval.bank import load_bank
+from engram_eval.errors import EngramEvalError
 from engram_eval.store import EngramStore
 from engram_eval.sweep import run_sweep
 from conftest import sweep
@@ -81,3 +82,28 @@ def test_run_json_records_each_engrams_largest_chunk_share_per_layer(tiny, tiny_
         for layer, share in shares.items():
             norms = reference_engram(tiny.model, tiny.tokenizer, bank.sources[name].text, int(layer), k=4).norm(dim=1)
             assert share == pytest.approx((norms.max() / norms.sum()).item(), abs=1e-4)
+
+
+@pytest.mark.parametrize("options,message", [
+    (dict(strengths=[1.0, 0.0]), "--strengths: 0.0 is not allowed; strengths must be finite and > 0"),
+    (dict(strengths=[-2.0]), "--strengths: -2.0 is not allowed; strengths must be finite and > 0"),
+    (dict(strengths=[float("nan")]), "--strengths: nan is not allowed; strengths must be finite and > 0"),
+    (dict(strengths=[]), "--strengths: no strengths given"),
+    (dict(layers=[-1]), "--layers: layer -1 is out of range; valid layers are 0..4 (0 = embedding output, 4 = last)"),
+    (dict(chunks=0), "--chunks: must be at least 1 (got 0)"),
+    (dict(questions=["q1", "zz"]), "--questions: no question 'zz' in {bank} (known: q1, q2, q3)"),
+])
+def test_the_library_validates_like_the_command_line(tiny, tiny_bank, tmp_path, options, message):
+    with pytest.raises(EngramEvalError) as error:
+        sweep(tiny, tiny_bank, tmp_path / "run", **options)
+    assert str(error.value) == message.format(bank=tiny_bank)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "store").exists()
+
+
+def test_questions_limits_the_run_and_the_package_exports_the_report_api(tiny, tiny_bank, tmp_path):
+    import engram_eval
+
+    result = sweep(tiny, tiny_bank, tmp_path / "run", questions=["q2"])
+    frame, run = engram_eval.load_run(result.out)
+    assert frame["question_id"].unique().to_list() == ["q2"] and run["settings"]["questions"] == ["q2"]
+    assert engram_eval.summarize(frame, run)["header"]["questions"] == 1

@@ -14,6 +14,18 @@ from ..errors import EngramEvalError
 stderr = Console(stderr=True)
 
 
+def warning_printer() -> Callable[[str], None]:
+    """Prints each distinct warning once, as one `warning:` line on stderr."""
+    seen: set[str] = set()
+
+    def warn(message: str) -> None:
+        if message not in seen:
+            seen.add(message)
+            click.echo(f"warning: {message}", err=True)
+
+    return warn
+
+
 def stdout() -> Console:
     """The terminal as it is; piped output (files, CI logs, tests) gets 160 columns so tables do not fold."""
     console = Console()

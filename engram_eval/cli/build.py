@@ -8,7 +8,7 @@ import click
 from rich.table import Table
 
 from ..errors import EngramEvalError
-from .app import chunks_option, cli, max_tokens_option, model_options, outside_option, stderr, stdout, store_option
+from .app import chunks_option, cli, max_tokens_option, model_options, outside_option, stdout, store_option, warning_printer
 from .store import metadata_layers
 
 @cli.command()
@@ -47,13 +47,14 @@ def build(sources: tuple[Path, ...], bank: Path | None, load_lm, chunks: int, la
     lm = load_lm()
     layers = parse_layers(layers_text, lm.num_layers)
     store = EngramStore(store_dir)
+    warn = warning_printer()
     table = Table(title=f"engrams ({lm.name}, {lm.short_fingerprint})")
     for column in ("source", "status", "tokens", "layers", "chunks", "file"):
         table.add_column(column)
     for name, text in tqdm(named, desc="build", unit="source", disable=None):
         stored, status = store.ensure(lm, name, text, layers, chunks, max_tokens, force=force)
         for warning in engram_warnings(name, stored):
-            stderr.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
+            warn(warning)
         table.add_row(name, status, str(stored.engram.n_tokens) + (" (truncated)" if stored.engram.truncated else ""),
                       metadata_layers(stored.metadata["layers"]), str(chunks), str(stored.path))
     stdout().print(table)

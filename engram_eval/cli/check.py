@@ -6,11 +6,11 @@ import sys
 from pathlib import Path
 
 import click
-from rich.console import Console
 from rich.table import Table
 
 from ..check import DEFAULT_ATOL, DEFAULT_RTOL
-from .app import cli
+from ..errors import EngramEvalError
+from .app import cli, stdout
 
 @cli.command()
 @click.argument("run_dir", metavar="RUN", type=click.Path(file_okay=False, path_type=Path))
@@ -21,16 +21,25 @@ from .app import cli
 @click.option("--update", is_flag=True, help="Rewrite the baseline from this run instead of comparing.")
 def check(run_dir: Path, baseline_path: Path, rtol: float, atol: float, update: bool) -> None:
     """Regression gate: exit 0 when the run matches the baseline (per-question baseline log ratios, per-cell
-    log ratios, flips and breaks, totals) within tolerance; exit 1 with a table of what moved otherwise."""
-    from ..check import compare, read_baseline, summarize_run, write_baseline
+    log ratios, flips and breaks, totals) within tolerance; exit 1 with a table of what moved (on stdout)
+    otherwise. A run whose settings (bank, model, grid, scoring, injection, ...) differ from the baseline's is
+    refused before any value is compared."""
+    from ..check import compare, differing_settings, read_baseline, summarize_run, write_baseline
     from ..report import load_run
 
-    current = summarize_run(load_run(run_dir)[0])
+    frame, run = load_run(run_dir)
+    if run.get("partial"):
+        raise EngramEvalError(f"{run_dir}: the sweep has not finished ({run['partial']['questions_done']} questions done); "
+                              "check compares whole runs")
+    current = summarize_run(frame, run)
     if update:
         write_baseline(baseline_path, current)
         click.echo(f"baseline {baseline_path} updated ({current['totals']['cells']} cells)")
         return
-    drifts = compare(current, read_baseline(baseline_path), rtol=rtol, atol=atol)
+    baseline = read_baseline(baseline_path)
+    if differing := differing_settings(current, baseline):
+        raise EngramEvalError(f"{run_dir} was run with other settings than {baseline_path}: {'; '.join(differing)}")
+    drifts = compare(current, baseline, rtol=rtol, atol=atol)
     if not drifts:
         click.echo(f"check passed: {current['totals']['cells']} cells and {current['totals']['questions']} questions "
                    f"within rtol={rtol:g}, atol={atol:g} of {baseline_path}")
@@ -40,5 +49,5 @@ def check(run_dir: Path, baseline_path: Path, rtol: float, atol: float, update: 
         table.add_column(column)
     for drift in drifts:
         table.add_row(drift.what, str(drift.baseline), str(drift.current), "-" if drift.difference is None else f"{drift.difference:+.3g}")
-    Console(stderr=True, width=160).print(table)
+    stdout().print(table)
     sys.exit(1)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import click
+from rich.console import Console
 
+from ..errors import EngramEvalError
 from .app import cli, stdout
 
 @cli.command()
@@ -15,22 +18,31 @@ from .app import cli, stdout
                                       "for machines; html: writes RUN/report.html with heatmap images.")
 @click.option("--engram-role", type=click.Choice(["relevant", "control", "all"]), default="relevant", show_default=True,
               help="Which engrams get heatmaps: the relevant one, each control kind, or all.")
-def report(run_dir: Path, output_format: str, engram_role: str) -> None:
+@click.option("--output", "output_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the report to this file instead of stdout (html: instead of RUN/report.html).")
+def report(run_dir: Path, output_format: str, engram_role: str, output_path: Path | None) -> None:
     """Summarize a sweep: per-question baselines, best cells, calibration cases and decision-rule advice;
     layer x strength heatmaps of flip and fragile-correct rates; headline rates with 95% Wilson intervals;
-    relevant-vs-control comparison with a paired sign-flip test; the semantic-sink split."""
+    relevant-vs-control comparison with a paired sign-flip test; the semantic-sink split. A sweep that has not
+    finished is reported on the questions done so far, under a "partial" banner."""
     from ..files import atomic_write_text
     from ..rendering import render_html, render_json, render_markdown, render_table
     from ..report import load_run, summarize
 
     summary = summarize(*load_run(run_dir), engram_role=engram_role)
+    if output_format == "html":
+        output_path = output_path or run_dir / "report.html"
+    if output_path is not None and not output_path.parent.is_dir():
+        raise EngramEvalError(f"--output: folder {output_path.parent} does not exist")
     if output_format == "table":
-        render_table(summary, stdout())
-    elif output_format == "markdown":
-        click.echo(render_markdown(summary))
-    elif output_format == "json":
-        click.echo(render_json(summary))
+        if output_path is None:
+            return render_table(summary, stdout())
+        buffer = io.StringIO()
+        render_table(summary, Console(file=buffer, width=160, color_system=None))
+        text = buffer.getvalue()
     else:
-        path = run_dir / "report.html"
-        atomic_write_text(path, render_html(summary))
-        click.echo(str(path))
+        text = {"markdown": render_markdown, "json": render_json, "html": render_html}[output_format](summary) + "\n"
+    if output_path is None:
+        return click.echo(text, nl=False)
+    atomic_write_text(output_path, text)
+    click.echo(str(output_path))

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import shlex
+import sys
 from pathlib import Path
 
 import click
 from rich.table import Table
 
 from ..errors import EngramEvalError
-from .app import chunks_option, cli, max_tokens_option, model_options, outside_option, stderr, stdout, store_option
+from .app import chunks_option, cli, max_tokens_option, model_options, outside_option, stderr, stdout, store_option, warning_printer
 
 @cli.command()
 @click.argument("bank_path", metavar="BANK", type=click.Path(dir_okay=False, path_type=Path))
@@ -32,13 +35,16 @@ from .app import chunks_option, cli, max_tokens_option, model_options, outside_o
 @max_tokens_option
 @click.option("--force", is_flag=True, help="Replace a run in --out that has different settings.")
 @outside_option
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar or engram log.")
+@click.option("--strict", is_flag=True,
+              help="Treat the bank's warnings (a double or missing space before the answers, an answer whose first token "
+                   "is whitespace, a bank without controls) as errors.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar or engram log (warnings are still shown).")
 def sweep(bank_path: Path, load_lm, layers_text: str, strengths_text: str, chunks: int, scoring: str, injection: str,
           out: Path | None, store_dir: str, batch_size: str, question_ids: str | None, max_tokens: int, force: bool,
-          allow_outside_paths: bool, quiet: bool) -> None:
+          allow_outside_paths: bool, strict: bool, quiet: bool) -> None:
     """Score a question bank over the layer x strength grid for each question's relevant engram and its negative
     controls, plus one baseline per question, into RUN/results.parquet and RUN/run.json. An interrupted sweep
-    rerun with the same --out resumes from the questions already done."""
+    (Ctrl-C: exit status 130) rerun with the same command resumes from the questions already done."""
     from ..bank import load_bank
     from ..engram import check_chunks, parse_layers
     from ..store import EngramStore
@@ -51,14 +57,26 @@ def sweep(bank_path: Path, load_lm, layers_text: str, strengths_text: str, chunk
     bank = load_bank(bank_path, allow_outside_paths)
     if question_ids:
         bank = bank.select([q.strip() for q in question_ids.split(",") if q.strip()])
+    warn = warning_printer()
+    for warning in bank.lint():  # the textual checks, before the model loads
+        if strict:
+            raise EngramEvalError(f"{warning} (--strict)")
+        warn(warning)
     lm = load_lm()
     layers = parse_layers(layers_text, lm.num_layers)
     out = out or Path("reports") / f"{bank.name}-{lm.name}"
-    result = run_sweep(
-        lm, bank, EngramStore(store_dir), out, layers=layers, strengths=strengths, chunks=chunks, scoring=scoring,
-        injection=injection, batch_size=None if batch_size == "auto" else int(batch_size), max_tokens=max_tokens,
-        force=force, progress=not quiet, log=(lambda m: None) if quiet else stderr.print,
-    )
+    try:
+        result = run_sweep(
+            lm, bank, EngramStore(store_dir), out, layers=layers, strengths=strengths, chunks=chunks, scoring=scoring,
+            injection=injection, batch_size=None if batch_size == "auto" else int(batch_size), max_tokens=max_tokens,
+            force=force, strict=strict, progress=not quiet, log=(lambda m: None) if quiet else stderr.print, warn=warn,
+        )
+    except KeyboardInterrupt:
+        stopped = json.loads((out / "run.json").read_text())
+        click.echo(f"interrupted: {stopped['questions_done']} of {len(stopped['settings']['questions'])} questions are "
+                   f"finished and kept in {out}; resume with the same command: {shlex.join(['engram-eval', *sys.argv[1:]])}",
+                   err=True)
+        sys.exit(130)
     _sweep_summary(result)
 
 
