@@ -73,8 +73,18 @@ def test_sweep_killed_at_several_points_ends_identical(tiny_model_dir, tiny_bank
     assert got.equals(expected)
 
 
-def test_build_killed_at_several_points_leaves_no_partial_files(tiny_model_dir, tiny_bank, tmp_path):
-    args = ["build", "--bank", tiny_bank, "--model", tiny_model_dir, "--chunks", "4", "--store", tmp_path / "store"]
+def many_sources_bank(folder: Path, n: int = 40) -> Path:
+    """A bank whose build takes long enough (n sources) that a kill lands while it still runs, even on a busy machine."""
+    sources = "\n".join(f'  s{i}: {{text: "Source {i}: alpha blockers first, then beta blockers. {"more words " * i}"}}' for i in range(n))
+    path = folder / "many.yaml"
+    path.write_text(f"name: many\nsources:\n{sources}\nquestions:\n  - {{id: q, prompt: 'The drug is', correct: [' alpha'], "
+                    "incorrect: [' beta'], engram: s0, controls: [s1]}\n")
+    return path
+
+
+def test_build_killed_at_several_points_leaves_no_partial_files(tiny_model_dir, tmp_path):
+    bank = many_sources_bank(tmp_path)
+    args = ["build", "--bank", bank, "--model", tiny_model_dir, "--chunks", "4", "--store", tmp_path / "store"]
     run_to_end([*args[:-1], tmp_path / "reference"], tmp_path)
     folder = tmp_path / "store"
     kill_points = [  # after the first file, in the middle of a write (a temporary file exists), just after one
@@ -90,7 +100,7 @@ def test_build_killed_at_several_points_leaves_no_partial_files(tiny_model_dir, 
     assert not list((tmp_path / "store").glob(".tmp-*"))  # a later write removed what killed writers left
     reference = {p.name: EngramStore(p.parent).load(p).engram.layers for p in EngramStore(tmp_path / "reference").paths()}
     built = {p.name: EngramStore(p.parent).load(p).engram.layers for p in EngramStore(tmp_path / "store").paths()}
-    assert reference.keys() == built.keys() and len(built) == 4
+    assert reference.keys() == built.keys() and len(built) == 40
     assert all(all((built[n][l] == reference[n][l]).all() for l in reference[n]) for n in reference)
 
 
