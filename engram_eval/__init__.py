@@ -3,7 +3,8 @@
 __version__ = "0.1.0"
 
 from .bank import Bank, Question, Source, load_bank  # noqa: E402
-from .engram import Engram, chunk_mean, extract_engram  # noqa: E402
+from .engram import Engram, Extraction, extract_engram  # noqa: E402
+from .pooling import chunk_mean  # noqa: E402
 from .errors import EngramEvalError  # noqa: E402
 from .errors import EngramEvalWarning  # noqa: E402
 from .model import LoadedModel, load_model  # noqa: E402
@@ -13,6 +14,6 @@ from .sweep import run_sweep  # noqa: E402
 
 __all__ = [
     "Bank", "Engram", "EngramEvalError", "EngramEvalWarning", "EngramStore", "LoadedModel", "Question", "Source",
-    "StoredEngram", "chunk_mean", "extract_engram", "load_bank", "load_model", "load_run", "run_sweep", "summarize",
+    "StoredEngram", "Extraction", "chunk_mean", "extract_engram", "load_bank", "load_model", "load_run", "run_sweep", "summarize",
     "__version__",
 ]

@@ -15,6 +15,8 @@ from .errors import EngramEvalError
 from .files import read_text
 
 SOURCE_KINDS = ("relevant", "irrelevant", "random", "anti", "other")
+# Controls without any source text (engram_eval.injection builds their vectors): valid wherever a control name is.
+NULL_PREFIXES = ("~gaussian", "~mean-token")
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 
@@ -222,7 +224,12 @@ def load_bank(path: str | Path, allow_outside_paths: bool = False) -> Bank:
         first_seen[qid] = number
         engram = fields.text("engram")
         controls = fields.strings("controls", default_controls, non_empty=False)
-        for field, names in (("engram", (engram,)), ("controls", controls)):
+        if engram.startswith("~"):
+            fields.fail("engram", f"{engram!r} is a null prefix: it can be a control, not the question's relevant engram")
+        for name in controls:
+            if name.startswith("~") and name not in NULL_PREFIXES:
+                fields.fail("controls", f"unknown null prefix {name!r} (one of: {', '.join(NULL_PREFIXES)})")
+        for field, names in (("engram", (engram,)), ("controls", [c for c in controls if not c.startswith("~")])):
             for name in names:
                 if name not in sources:
                     fields.fail(field, f"unknown source {name!r} (known: {', '.join(sorted(sources))})")

@@ -15,7 +15,7 @@ from typing import Self
 import torch
 
 from .bank import Bank, Question
-from .engram import chunk_mean
+from .pooling import chunk_mean
 from .model import LoadedModel
 from .store import EngramStore
 from .injection import scale_engram

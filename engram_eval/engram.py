@@ -9,20 +9,48 @@ import torch
 
 from .errors import EngramEvalError
 from .model import LoadedModel
+from .pooling import POOLERS, check_pooled_length, check_pooling
 
 DEFAULT_CHUNKS = 16
 DEFAULT_MAX_TOKENS = 2048
 DOMINANCE_THRESHOLD = 0.5  # one chunk holding more than this share of the summed row norms dominates the engram
 
 
+@dataclass(frozen=True)
+class Extraction:
+    """How a source's hidden states become an engram, besides k: the defaults are the seed's method."""
+
+    pooling: str = "mean"
+    skip_tokens: int = 0
+    window: int | None = None
+    max_tokens: int = DEFAULT_MAX_TOKENS
+
+    @property
+    def is_seed(self) -> bool:
+        return (self.pooling, self.skip_tokens, self.window) == ("mean", 0, None)
+
+    def check(self, chunks: list[int]) -> Extraction:
+        check_pooling(self.pooling)
+        if self.skip_tokens < 0:
+            raise EngramEvalError(f"--skip-tokens: must be at least 0 (got {self.skip_tokens})")
+        if self.window is not None and self.window < max(chunks):
+            raise EngramEvalError(f"--window: {self.window} tokens is smaller than k = {max(chunks)}")
+        return self
+
+
+SEED_EXTRACTION = Extraction()
+
+
 @dataclass
 class Engram:
-    """Raw (unscaled) chunk means of one source text, per layer: layer index -> float32 tensor [chunks, hidden]."""
+    """Raw (unscaled) pooled vectors of one source text, per layer: layer index -> float32 tensor [chunks, hidden]."""
 
     layers: dict[int, torch.Tensor]
     n_tokens: int
     truncated: bool
     chunks: int
+    extraction: Extraction = SEED_EXTRACTION
+    windows: int = 1
 
 
 def chunk_shares(vectors: torch.Tensor) -> torch.Tensor:
@@ -107,47 +135,71 @@ def check_chunks(chunks: int) -> int:
     return chunks
 
 
-def chunk_mean(hidden: torch.Tensor, chunks: int) -> torch.Tensor:
-    """Seed-exact chunk averaging over the token axis (-2): [..., n, h] -> [..., chunks, h].
-
-    size = max(1, n // chunks); chunk i covers [i*size, i*size + size), the last chunk runs to n; a chunk
-    that would start at or past n is the last token's state (so n < chunks still yields `chunks` vectors).
-    """
-    n = hidden.shape[-2]
-    size = max(1, n // chunks)
-    means = []
-    for i in range(chunks):
-        start = i * size
-        if start >= n:
-            means.append(hidden[..., n - 1, :])
-        else:
-            end = n if i == chunks - 1 else start + size
-            means.append(hidden[..., start:end, :].mean(dim=-2))
-    return torch.stack(means, dim=-2)
-
-
-def tokenize_source(lm: LoadedModel, text: str, max_tokens: int = DEFAULT_MAX_TOKENS) -> tuple[list[int], bool]:
-    """Token ids with the tokenizer's default special tokens, cut at max_tokens -> (ids, truncated)."""
+def tokenize_source(lm: LoadedModel, text: str, max_tokens: int | None = DEFAULT_MAX_TOKENS) -> tuple[list[int], bool]:
+    """Token ids with the tokenizer's default special tokens, cut at max_tokens (None: never) -> (ids, truncated)."""
     ids = lm.tokenizer(text)["input_ids"]
     if not ids:
         raise EngramEvalError("source text produced no tokens")
+    if max_tokens is None:
+        return ids, False
     return ids[:max_tokens], len(ids) > max_tokens
 
 
+def source_ids(lm: LoadedModel, text: str, extraction: Extraction) -> tuple[list[int], bool]:
+    """The ids an extraction runs: with --window the whole source (in windows), else cut at --max-tokens."""
+    return tokenize_source(lm, text, None if extraction.window else extraction.max_tokens)
+
+
 @torch.inference_mode()
+def extract_engrams(
+    lm: LoadedModel,
+    ids: list[int],
+    truncated: bool,
+    layers: list[int],
+    chunks: list[int],
+    extraction: Extraction = SEED_EXTRACTION,
+    source: str = "source",
+) -> dict[int, Engram]:
+    """Every requested layer and every k from one forward pass per window with output_hidden_states, pooled in
+    float32. With a window, the source runs as consecutive independent windows whose states are pooled in order."""
+    for k in chunks:
+        check_chunks(k)
+    check_layers(layers, lm.num_layers)
+    extraction.check(chunks)
+    n = len(ids)
+    pooled = n - extraction.skip_tokens
+    for k in chunks:
+        check_pooled_length(source, pooled, k, extraction.pooling, extraction.skip_tokens)
+    size = extraction.window or n
+    windowed = size < n
+    poolers = {k: POOLERS[extraction.pooling](pooled, k, windowed) for k in chunks}
+    for start in range(0, n, size):
+        window = torch.tensor([ids[start : start + size]], device=lm.device)
+        hidden_states = lm.model(input_ids=window, output_hidden_states=True, use_cache=False).hidden_states
+        keep = max(0, extraction.skip_tokens - start)  # --skip-tokens: positions run, but are left out of the pooling
+        if keep >= window.shape[1]:
+            continue
+        states = torch.stack([hidden_states[layer][0, keep:] for layer in layers]).float().cpu()
+        for pooler in poolers.values():
+            pooler.add(states)
+    windows = -(-n // size)
+    return {
+        k: Engram(layers={layer: vectors[i] for i, layer in enumerate(layers)}, n_tokens=n, truncated=truncated,
+                  chunks=k, extraction=extraction, windows=windows)
+        for k, vectors in ((k, pooler.result()) for k, pooler in poolers.items())
+    }
+
+
 def extract_engram(
     lm: LoadedModel,
     text: str,
     layers: list[int],
     chunks: int = DEFAULT_CHUNKS,
     max_tokens: int = DEFAULT_MAX_TOKENS,
+    extraction: Extraction | None = None,
 ) -> Engram:
-    """Every requested layer from ONE forward pass with output_hidden_states, chunk-averaged in float32."""
+    """One source text -> its engram at these layers (the seed's method unless `extraction` says otherwise)."""
+    extraction = extraction or Extraction(max_tokens=max_tokens)
     check_chunks(chunks)
-    check_layers(layers, lm.num_layers)
-    ids, truncated = tokenize_source(lm, text, max_tokens)
-    input_ids = torch.tensor([ids], device=lm.device)
-    hidden_states = lm.model(input_ids=input_ids, output_hidden_states=True, use_cache=False).hidden_states
-    stacked = torch.stack([hidden_states[layer][0] for layer in layers]).float()
-    means = chunk_mean(stacked, chunks).cpu()
-    return Engram(layers={layer: means[i] for i, layer in enumerate(layers)}, n_tokens=len(ids), truncated=truncated, chunks=chunks)
+    ids, truncated = source_ids(lm, text, extraction)
+    return extract_engrams(lm, ids, truncated, layers, [chunks], extraction)[chunks]

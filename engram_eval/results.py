@@ -7,9 +7,9 @@ from typing import TYPE_CHECKING
 import polars as pl
 
 from .bank import Bank
-from .prompts import PreparedQuestion
 
 if TYPE_CHECKING:
+    from .prompts import PreparedQuestion
     from .rundir import SweepSettings
     from .sweep import Cell
 
@@ -43,6 +43,10 @@ RESULT_SCHEMA = pl.Schema(
         "layer": pl.Int32,
         "strength": pl.Float64,
         "chunks": pl.Int32,
+        "pooling": pl.String,
+        "skip_tokens": pl.Int32,
+        "window": pl.Int32,
+        "scaling": pl.String,
         "injection": pl.String,
         "scoring": pl.String,
         "p_correct": pl.Float64,
@@ -97,13 +101,17 @@ def question_frame(settings: SweepSettings, bank: Bank, prepared: PreparedQuesti
             "question_id": [question.id] * n,
             "tags": [list(question.tags)] * n,
             "related_wrong": [question.related_wrong] * n,
-            "engram": [None] + [c.source.name for c in cells],
-            "engram_key": [None] + [c.stored.key for c in cells],
+            "engram": [None] + [c.engram for c in cells],
+            "engram_key": [None] + [c.engram_key for c in cells],
             "role": ["baseline"] + [c.role for c in cells],
-            "control_kind": [None] + [c.source.kind if c.role == "control" else None for c in cells],
+            "control_kind": [None] + [c.control_kind for c in cells],
             "layer": [None] + [c.layer for c in cells],
             "strength": [None] + [c.strength for c in cells],
             "chunks": [settings.chunks] * n,
+            "pooling": [settings.pooling] * n,
+            "skip_tokens": [settings.skip_tokens] * n,
+            "window": [settings.window] * n,
+            "scaling": [settings.scaling] * n,
             "injection": [settings.injection] * n,
             "scoring": [settings.scoring] * n,
             "logp_correct": scores["logp_correct"],
@@ -113,7 +121,8 @@ def question_frame(settings: SweepSettings, bank: Bank, prepared: PreparedQuesti
             "top_token": scores["top_token"],
             "logp_top": scores["logp_top"],
         },
-        schema_overrides={k: RESULT_SCHEMA[k] for k in ("tags", "related_wrong", "engram", "engram_key", "control_kind", "layer", "strength", "chunks")},
+        schema_overrides={k: RESULT_SCHEMA[k] for k in ("tags", "related_wrong", "engram", "engram_key", "control_kind", "layer", "strength",
+                                                      "chunks", "skip_tokens", "window")},
     )
     log_ratio = pl.col("logp_correct") - pl.col("logp_incorrect")
     unscorable = pl.col("case") == "UNSCORABLE"

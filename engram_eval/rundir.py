@@ -14,7 +14,7 @@ from pathlib import Path
 import polars as pl
 
 from . import __version__
-from .engram import DEFAULT_MAX_TOKENS
+from .engram import DEFAULT_MAX_TOKENS, Extraction
 from .errors import EngramEvalError
 from .files import atomic_write_text
 from .results import RESULT_SCHEMA
@@ -35,6 +35,14 @@ class SweepSettings:
     injection: str
     questions: list[str]
     max_tokens: int = DEFAULT_MAX_TOKENS
+    pooling: str = "mean"
+    skip_tokens: int = 0
+    window: int | None = None
+    scaling: str = "global"
+
+    @property
+    def extraction(self) -> Extraction:
+        return Extraction(pooling=self.pooling, skip_tokens=self.skip_tokens, window=self.window, max_tokens=self.max_tokens)
 
     @property
     def run_id(self) -> str:
@@ -50,8 +58,8 @@ def package_versions() -> dict[str, str]:
     return {"engram-eval": __version__, "python": platform.python_version(), **{n: version(n) for n in names}}
 
 
-# The version of the part files' columns: resuming from parts of another format would mix schemas.
-RESULTS_FORMAT = 2
+# The part files' columns, as a short hash: resuming from parts of another format would mix schemas.
+RESULTS_FORMAT = hashlib.sha256(str(list(RESULT_SCHEMA.items())).encode()).hexdigest()[:8]
 
 # What a run directory holds that derives from its settings: --force on other settings removes all of it.
 DERIVED = ("parts", "results.parquet", "report.html", "generations.parquet", "generation-parts")
@@ -85,7 +93,7 @@ def prepare_out(out: Path, settings: SweepSettings, force: bool) -> dict:
         if not force:
             if older_format:
                 raise EngramEvalError(f"--out {out} holds parts written by another engram-eval version (results format "
-                                      f"{(read_run_json(out) or {}).get('results_format', 1)}, now {RESULTS_FORMAT}); "
+                                      f"{(read_run_json(out) or {}).get('results_format', 'unrecorded')}, now {RESULTS_FORMAT}); "
                                       "use --force to recompute the run")
             changed = sorted(k for k in asdict(settings) if (previous or {}).get(k) != asdict(settings)[k])
             raise EngramEvalError(

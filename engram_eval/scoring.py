@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from .injection import scale_engram
+from .injection import Steering, direction, residual_norms, scale_engram
 from .model import LoadedModel
 from .prompts import PreparedQuestion
 
@@ -37,29 +37,32 @@ class Scores:
 @torch.inference_mode()
 def variant_logprobs(
     lm: LoadedModel,
-    prefixes: torch.Tensor | None,
+    steering: Steering | None,
     prompt_ids: tuple[int, ...],
     variants: tuple[tuple[int, ...], ...],
     scoring: str,
 ) -> Scores:
-    """Log-probability of each variant after [prefix; prompt], in float32.
+    """Log-probability of each variant after the prompt with a batch of cells' steering in it, in float32.
 
     first-token: one forward pass, logits only at the last position; log-probabilities as the variants' logits minus
     the logsumexp over the vocabulary (no full log-softmax is written).
     sequence*: one pass per variant over [prefix; prompt; variant[:-1]], summing its tokens' log-probs
     (sequence-mean: their mean, so long answers are not penalised for their length).
-    prefixes=None is the baseline (no engram).
+    steering=None is the baseline (no engram).
     """
     embed = lm.model.get_input_embeddings()
     prompt = embed(torch.tensor(prompt_ids, device=lm.device))
-    batch = 1 if prefixes is None else prefixes.shape[0]
+    batch = 1 if steering is None else steering.vectors.shape[0]
 
     def forward(tail_ids: tuple[int, ...], keep: int) -> tuple[torch.Tensor, torch.Tensor]:
         """-> float32 logits [batch, keep, vocab] and their logsumexp [batch, keep, 1]."""
         parts = [prompt] if not tail_ids else [prompt, embed(torch.tensor(tail_ids, device=lm.device))]
         body = torch.cat(parts).unsqueeze(0).expand(batch, -1, -1)
-        inputs = body if prefixes is None else torch.cat([prefixes.to(lm.dtype), body], dim=1)
-        hidden = lm.model.base_model(inputs_embeds=inputs, use_cache=False).last_hidden_state
+        if steering is None:
+            hidden = lm.model.base_model(inputs_embeds=body, use_cache=False).last_hidden_state
+        else:
+            with steering.active(lm.model):
+                hidden = lm.model.base_model(inputs_embeds=steering.inputs(body), use_cache=False).last_hidden_state
         # The LM head on a contiguous [batch * keep, hidden] slice: transformers' logits_to_keep slice is strided
         # and turns the head into a slow batched matmul over an expanded weight.
         last = hidden[:, -keep:, :].reshape(-1, hidden.shape[-1]).contiguous()
@@ -113,25 +116,29 @@ def score_cells(
     lm: LoadedModel,
     prepared: PreparedQuestion,
     cells: list[Cell],
+    raw: dict[tuple[str, int, int], torch.Tensor],
     scoring: str,
+    injection: str,
+    scaling: str,
     batch_size: int,
     on_batch: Callable[[int], None] = lambda n: None,
 ) -> tuple[dict[str, list], int]:
     """Baseline row first, then one row per cell -> (raw score columns, the batch size that fit).
 
-    On out-of-memory the batch size halves and the batch is retried; callers pass the size back in for the next
-    question so it does not start over from the size that failed.
+    raw holds each cell's unscaled vectors by (engram, layer, k). Cells that inject the same thing (a null prefix at
+    another layer, for prefix and add) are computed once. Batches hold cells of one prefix length. On out-of-memory
+    the batch size halves and the batch is retried; callers pass the size back in for the next question so it does
+    not start over from the size that failed.
     """
     prompt_ids = prepared.prompt_ids
     columns: dict[str, list] = {
         "logp_correct": [], "logp_incorrect": [], "top_correct": [], "top_incorrect": [], "top_token": [], "logp_top": [],
     }
-
     variants = prepared.correct_ids + prepared.incorrect_ids
     n_correct = len(prepared.correct_ids)
 
-    def score(prefixes: torch.Tensor | None) -> None:
-        scores = variant_logprobs(lm, prefixes, prompt_ids, variants, scoring)  # both sides from one pass
+    def score(steering: Steering | None) -> None:
+        scores = variant_logprobs(lm, steering, prompt_ids, variants, scoring)  # both sides from one pass
         for side, part, names in (
             ("correct", scores.variants[:, :n_correct], prepared.question.correct),
             ("incorrect", scores.variants[:, n_correct:], prepared.question.incorrect),
@@ -144,20 +151,39 @@ def score_cells(
 
     score(None)
     on_batch(1)
-    unit: dict[tuple[str, int], torch.Tensor] = {}  # engram scaled to strength 1, per (source, layer)
+    norms = residual_norms(lm, prompt_ids, sorted({c.layer for c in cells})) if injection == "actadd" else {}
+    unit: dict[tuple[str, int, int], torch.Tensor] = {}  # strength 1: scaled engram (prefix, add) or direction u (actadd)
     for cell in cells:
-        key = (cell.source.name, cell.layer)
+        key = (cell.engram, cell.layer, cell.chunks)
         if key not in unit:
-            unit[key] = scale_engram(cell.stored.engram.layers[cell.layer], lm.embedding_norm, 1.0).to(lm.device)
-    size = batch_size
-    start = 0
-    while start < len(cells):
-        remaining = len(cells) - start
+            vectors = raw[key]
+            unit[key] = (direction(vectors) if injection == "actadd" else scale_engram(vectors, lm.embedding_norm, 1.0, scaling)).to(lm.device)
+
+    def vector(cell: Cell) -> torch.Tensor:
+        u = unit[(cell.engram, cell.layer, cell.chunks)]
+        return u * (cell.strength * norms[cell.layer]) if injection == "actadd" else u * cell.strength
+
+    def injects(cell: Cell) -> tuple:
+        """What a cell puts into the model: a null prefix is the same at every layer, except actadd's injection site."""
+        layer = None if cell.is_null and injection != "actadd" else cell.layer
+        return cell.engram, layer, cell.strength, cell.chunks
+
+    first_of: dict[tuple, int] = {}  # what a cell injects -> the unique cell that computes it
+    unique: list[Cell] = []
+    for cell in cells:
+        if injects(cell) not in first_of:
+            first_of[injects(cell)] = len(unique)
+            unique.append(cell)
+    order = sorted(range(len(unique)), key=lambda i: unique[i].chunks)  # one prefix length per batch
+    size, start = batch_size, 0
+    computed = len(columns["logp_correct"])
+    while start < len(order):
+        group = [i for i in order[start:] if unique[i].chunks == unique[order[start]].chunks]
         # Even batches: 120 cells at size 13 run as 10 x 12, not 9 x 13 + a slow 3-cell remainder.
-        batch = cells[start : start + math.ceil(remaining / math.ceil(remaining / size))]
-        prefixes = torch.stack([unit[(c.source.name, c.layer)] * c.strength for c in batch])
+        batch = group[: math.ceil(len(group) / math.ceil(len(group) / size))]
+        steering = Steering(injection, torch.stack([vector(unique[i]) for i in batch]), [unique[i].layer for i in batch])
         try:
-            score(prefixes)
+            score(steering)
         except (torch.OutOfMemoryError, RuntimeError) as exc:
             if not _is_oom(exc) or size == 1:
                 raise
@@ -167,4 +193,12 @@ def score_cells(
             continue
         start += len(batch)
         on_batch(len(batch))
+    # Rows came out in batch order, one per unique cell: put them back in cell order, repeating shared ones.
+    position = {i: computed + n for n, i in enumerate(order)}
+    rows = [position[first_of[injects(cell)]] for cell in cells]
+    for name, values in columns.items():
+        columns[name] = values[:computed] + [values[row] for row in rows]
+    skipped = len(cells) - len(unique)
+    if skipped:
+        on_batch(skipped)
     return columns, size

@@ -16,7 +16,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from . import __version__
-from .engram import DEFAULT_MAX_TOKENS, Engram, dominance_warning, extract_engram, tokenize_source
+from .engram import DEFAULT_MAX_TOKENS, SEED_EXTRACTION, Engram, Extraction, dominance_warning, extract_engrams, source_ids
 from .errors import EngramEvalError
 from .model import LoadedModel
 
@@ -36,9 +36,13 @@ def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def engram_key(model_fingerprint: str, source_sha256: str, chunks: int, n_tokens: int) -> str:
-    """Same inputs -> same key -> same file."""
-    return hashlib.sha256(f"{model_fingerprint}|{source_sha256}|{chunks}|{n_tokens}".encode()).hexdigest()[:16]
+def engram_key(model_fingerprint: str, source_sha256: str, chunks: int, n_tokens: int,
+               extraction: Extraction = SEED_EXTRACTION) -> str:
+    """Same inputs -> same key -> same file. The seed's extraction keeps the key it always had."""
+    identity = f"{model_fingerprint}|{source_sha256}|{chunks}|{n_tokens}"
+    if not extraction.is_seed:
+        identity += f"|{extraction.pooling}|{extraction.skip_tokens}|{extraction.window}"
+    return hashlib.sha256(identity.encode()).hexdigest()[:16]
 
 
 def safe_name(name: str) -> str:
@@ -147,11 +151,17 @@ class EngramStore:
         if tensors_sha256(tensors) != metadata["tensors_sha256"]:
             raise self._corrupt(path, "corrupt (checksum mismatch)")
         layers = {int(name.split(".", 1)[1]): tensor for name, tensor in tensors.items()}
+        window = metadata.get("window", "none")
+        extraction = Extraction(pooling=metadata.get("pooling", "mean"), skip_tokens=int(metadata.get("skip_tokens", 0)),
+                                window=None if window == "none" else int(window),
+                                max_tokens=int(metadata.get("max_tokens", DEFAULT_MAX_TOKENS)))
         engram = Engram(
             layers=dict(sorted(layers.items())),
             n_tokens=int(metadata["n_tokens"]),
             truncated=metadata["truncated"] == "true",
             chunks=int(metadata["chunks"]),
+            extraction=extraction,
+            windows=int(metadata.get("windows", 1)),
         )
         return StoredEngram(path=path, engram=engram, metadata=metadata)
 
@@ -164,52 +174,77 @@ class EngramStore:
         chunks: int,
         max_tokens: int = DEFAULT_MAX_TOKENS,
         force: bool = False,
+        extraction: Extraction | None = None,
     ) -> tuple[StoredEngram, str]:
-        """Get an engram from the store, building it (or the layers it lacks) when needed -> (engram, status).
+        """Get one engram from the store, building it (or the layers it lacks) when needed -> (engram, status),
+        status being 'cached', 'built' or 'rebuilt'."""
+        extraction = extraction or Extraction(max_tokens=max_tokens)
+        return self.ensure_all(lm, source_name, text, layers, [chunks], extraction, force)[chunks]
 
-        status is 'cached', 'built' or 'rebuilt'.
-        """
+    def ensure_all(
+        self,
+        lm: LoadedModel,
+        source_name: str,
+        text: str,
+        layers: list[int],
+        chunks: list[int],
+        extraction: Extraction = SEED_EXTRACTION,
+        force: bool = False,
+    ) -> dict[int, tuple[StoredEngram, str]]:
+        """One engram per k; every k that must be built (or extended) comes from the same forward pass."""
         source_sha = text_sha256(text)
-        ids, _ = tokenize_source(lm, text, max_tokens)
-        key = engram_key(lm.fingerprint, source_sha, chunks, len(ids))
-        path = self.path_for(source_name, key)
-        wanted = sorted(set(layers))
-        if path.exists() and not force:
-            stored = self.load(path)
-            if stored.metadata["model_fingerprint"] != lm.fingerprint:
-                raise EngramEvalError(
-                    f"store file {path} was built with model {stored.metadata['model']} "
-                    f"({stored.metadata['model_fingerprint'][:12]}), not {lm.name} ({lm.short_fingerprint})"
-                )
-            if set(wanted) <= set(stored.engram.layers):
-                return stored, "cached"
-            wanted = sorted(set(wanted) | set(stored.engram.layers))
-        elif path.exists():  # --force rebuilds what the file holds, and never shrinks it
-            try:
-                wanted = sorted(set(wanted) | {int(layer) for layer in self.read_metadata(path)["layers"].split(",")})
-            except EngramEvalError:
-                pass  # unreadable: rebuild just the requested layers over it
-        status = "rebuilt" if path.exists() else "built"
-        engram = extract_engram(lm, text, wanted, chunks, max_tokens)
-        metadata = {
-            "format_version": FORMAT_VERSION,
-            "key": key,
-            "model": lm.name,
-            "model_fingerprint": lm.fingerprint,
-            "hidden_size": str(lm.hidden_size),
-            "source_name": source_name,
-            "source_sha256": source_sha,
-            "n_tokens": str(engram.n_tokens),
-            "max_tokens": str(max_tokens),
-            "truncated": "true" if engram.truncated else "false",
-            "chunks": str(chunks),
-            "padded_chunks": str(max(0, chunks - engram.n_tokens)),
-            "pooling": "mean",
-            "layers": ",".join(str(layer) for layer in wanted),
-            "engram_eval_version": __version__,
-            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        }
-        return StoredEngram(path=path, engram=engram, metadata=self.save(engram, metadata, path)), status
+        ids, truncated = source_ids(lm, text, extraction)
+        found: dict[int, tuple[StoredEngram, str]] = {}
+        missing: list[tuple[int, str, Path]] = []
+        wanted = set(layers)
+        for k in chunks:
+            key = engram_key(lm.fingerprint, source_sha, k, len(ids), extraction)
+            path = self.path_for(source_name, key)
+            if path.exists() and not force:
+                stored = self.load(path)
+                if stored.metadata["model_fingerprint"] != lm.fingerprint:
+                    raise EngramEvalError(
+                        f"store file {path} was built with model {stored.metadata['model']} "
+                        f"({stored.metadata['model_fingerprint'][:12]}), not {lm.name} ({lm.short_fingerprint})"
+                    )
+                if set(layers) <= set(stored.engram.layers):
+                    found[k] = (stored, "cached")
+                    continue
+                wanted |= set(stored.engram.layers)
+            elif path.exists():  # --force rebuilds what the file holds, and never shrinks it
+                try:
+                    wanted |= {int(layer) for layer in self.read_metadata(path)["layers"].split(",")}
+                except EngramEvalError:
+                    pass  # unreadable: rebuild just the requested layers over it
+            missing.append((k, key, path))
+        if missing:
+            built = extract_engrams(lm, ids, truncated, sorted(wanted), [k for k, _, _ in missing], extraction, source_name)
+            for k, key, path in missing:
+                status = "rebuilt" if path.exists() else "built"
+                engram = built[k]
+                metadata = {
+                    "format_version": FORMAT_VERSION,
+                    "key": key,
+                    "model": lm.name,
+                    "model_fingerprint": lm.fingerprint,
+                    "hidden_size": str(lm.hidden_size),
+                    "source_name": source_name,
+                    "source_sha256": source_sha,
+                    "n_tokens": str(engram.n_tokens),
+                    "max_tokens": str(extraction.max_tokens),
+                    "truncated": "true" if engram.truncated else "false",
+                    "chunks": str(k),
+                    "padded_chunks": str(max(0, k - engram.n_tokens)),
+                    "pooling": extraction.pooling,
+                    "skip_tokens": str(extraction.skip_tokens),
+                    "window": "none" if extraction.window is None else str(extraction.window),
+                    "windows": str(engram.windows),
+                    "layers": ",".join(str(layer) for layer in sorted(wanted)),
+                    "engram_eval_version": __version__,
+                    "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                }
+                found[k] = (StoredEngram(path=path, engram=engram, metadata=self.save(engram, metadata, path)), status)
+        return {k: found[k] for k in chunks}
 
     def find(self, name: str) -> list[Path]:
         """Store files whose source name, file name or key (or a key prefix of 6+ characters) matches `name`."""

@@ -12,9 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .bank import Bank, Question, Source
-from .engram import DEFAULT_MAX_TOKENS, check_chunks, check_layers, chunk_shares
+import torch
+
+from .bank import NULL_PREFIXES, Bank, Question
+from .engram import DEFAULT_MAX_TOKENS, Extraction, check_chunks, check_layers, chunk_shares
 from .errors import EngramEvalError, EngramEvalWarning
+from .injection import NULL_KIND, check_injection, null_prefix
 from .model import LoadedModel
 from .prompts import PreparedQuestion, prepare_question, variant_token_warnings
 from .results import question_frame
@@ -22,9 +25,6 @@ from .rundir import (SweepSettings, mark_stopped, merge_parts, one_line, package
                      write_run_json)
 from .scoring import SCORINGS, auto_batch_size, score_cells
 from .store import EngramStore, StoredEngram, engram_warnings
-
-INJECTIONS = ("prefix",)
-
 
 def check_strengths(strengths: list[float]) -> list[float]:
     if not strengths:
@@ -45,11 +45,17 @@ def parse_strengths(text: str) -> list[float]:
 
 @dataclass(frozen=True)
 class Cell:
-    source: Source
-    stored: StoredEngram
-    role: str
+    engram: str  # a bank source's name, or a null prefix's ~name
+    engram_key: str | None  # the store key (None for a null prefix)
+    role: str  # relevant or control
+    control_kind: str | None
     layer: int
     strength: float
+    chunks: int
+
+    @property
+    def is_null(self) -> bool:
+        return self.control_kind == NULL_KIND
 
 
 @dataclass
@@ -62,10 +68,23 @@ class SweepResult:
 def _cells(question: Question, bank: Bank, engrams: dict[str, StoredEngram], settings: SweepSettings) -> list[Cell]:
     cells = []
     for name, role in [(question.engram, "relevant"), *[(c, "control") for c in question.controls]]:
+        null = name in NULL_PREFIXES
+        kind = NULL_KIND if null else bank.sources[name].kind if role == "control" else None
+        key = None if null else engrams[name].key
         for layer in settings.layers:
             for strength in settings.strengths:
-                cells.append(Cell(bank.sources[name], engrams[name], role, layer, strength))
+                cells.append(Cell(name, key, role, kind, layer, strength, settings.chunks))
     return cells
+
+
+def _raw_vectors(lm: LoadedModel, bank: Bank, engrams: dict[str, StoredEngram], settings: SweepSettings) -> dict[tuple[str, int, int], torch.Tensor]:
+    """Every engram's unscaled vectors by (name, layer, k); a null prefix is the same at every layer."""
+    raw = {(name, layer, settings.chunks): stored.engram.layers[layer] for name, stored in engrams.items() for layer in settings.layers}
+    nulls = {name for q in bank.questions for name in q.controls if name in NULL_PREFIXES}
+    for name in nulls:
+        vectors = null_prefix(name, lm, settings.chunks)
+        raw.update({(name, layer, settings.chunks): vectors for layer in settings.layers})
+    return raw
 
 
 def run_sweep(
@@ -79,6 +98,8 @@ def run_sweep(
     chunks: int = 16,
     scoring: str = "first-token",
     injection: str = "prefix",
+    scaling: str = "global",
+    extraction: Extraction | None = None,
     questions: list[str] | None = None,
     batch_size: int | None = None,
     max_tokens: int = DEFAULT_MAX_TOKENS,
@@ -91,7 +112,8 @@ def run_sweep(
 ) -> SweepResult:
     """Run the grid; each finished question lands atomically in out/parts, so a rerun resumes where it stopped.
 
-    questions limits the run to these question ids. warn receives what a researcher must read before trusting the
+    injection, scaling and extraction (pooling, skip_tokens, window) default to the seed's method. questions limits the
+    run to these question ids. warn receives what a researcher must read before trusting the
     numbers (bank mistakes, truncated or dominated engrams); by default Python's warnings machinery
     (EngramEvalWarning), one line each. strict makes the bank's mistakes errors, raised before any model work.
     before_question runs before each question is computed, outside the sweep's timings (the benchmark measures the
@@ -99,16 +121,21 @@ def run_sweep(
     """
     if scoring not in SCORINGS:
         raise EngramEvalError(f"--scoring: unknown '{scoring}' (one of: {', '.join(SCORINGS)})")
-    if injection not in INJECTIONS:
-        raise EngramEvalError(f"--injection: unknown '{injection}' (one of: {', '.join(INJECTIONS)})")
+    check_injection(injection, scaling)
     check_layers(layers, lm.num_layers)
     check_strengths(strengths)
     check_chunks(chunks)
+    extraction = (extraction or Extraction(max_tokens=max_tokens)).check([chunks])
     if questions is not None:
         bank = bank.select(questions)
     out = Path(out)
     started = time.perf_counter()
     prepared = [prepare_question(lm, q, scoring, bank.path) for q in bank.questions]  # before any model work
+    if injection == "add":
+        for p in prepared:
+            if len(p.prompt_ids) < chunks:
+                raise EngramEvalError(f"{bank.path}: question '{p.question.id}': --injection add needs a prompt of at least "
+                                      f"k = {chunks} tokens; this one has {len(p.prompt_ids)}")
     bank_warnings = bank.lint() + [w for p in prepared for w in variant_token_warnings(lm, p, bank.path)]
     if strict and bank_warnings:
         raise EngramEvalError(f"{bank_warnings[0]} (--strict)")
@@ -117,7 +144,8 @@ def run_sweep(
     settings = SweepSettings(
         model=lm.name, model_fingerprint=lm.fingerprint, bank=bank.name, bank_sha256=bank.sha256,
         layers=list(layers), strengths=list(strengths), chunks=chunks, scoring=scoring, injection=injection,
-        questions=[q.id for q in bank.questions], max_tokens=max_tokens,
+        questions=[q.id for q in bank.questions], max_tokens=extraction.max_tokens, pooling=extraction.pooling,
+        skip_tokens=extraction.skip_tokens, window=extraction.window, scaling=scaling,
     )
     run = prepare_out(out, settings, force)
     run.update(bank_path=str(bank.path), model_description=lm.description, versions=package_versions(),
@@ -143,11 +171,11 @@ def _run_grid(lm: LoadedModel, bank: Bank, store: EngramStore, out: Path, settin
     from tqdm import tqdm
 
     layers, chunks = settings.layers, settings.chunks
-    needed = list(dict.fromkeys(name for q in bank.questions for name in (q.engram, *q.controls)))
+    needed = list(dict.fromkeys(name for q in bank.questions for name in (q.engram, *q.controls) if name not in NULL_PREFIXES))
     engrams: dict[str, StoredEngram] = {}
     build_started = time.perf_counter()
     for name in needed:
-        stored, status = store.ensure(lm, name, bank.sources[name].text, layers, chunks, settings.max_tokens)
+        (stored, status), = store.ensure_all(lm, name, bank.sources[name].text, layers, [chunks], settings.extraction).values()
         if stored.engram.layers[layers[0]].shape[-1] != lm.hidden_size:
             raise EngramEvalError(f"store file {stored.path}: hidden size differs from {lm.name}'s {lm.hidden_size}")
         if status != "cached":
@@ -165,6 +193,7 @@ def _run_grid(lm: LoadedModel, bank: Bank, store: EngramStore, out: Path, settin
     write_run_json(out, run)
 
     grid = {p.question.id: _cells(p.question, bank, engrams, settings) for p in prepared}
+    raw = _raw_vectors(lm, bank, engrams, settings)
     total = sum(len(cells) + 1 for cells in grid.values())
     parts = part_paths(out, [p.question.id for p in prepared])
     done = sum(len(grid[p.question.id]) + 1 for p, part in zip(prepared, parts) if part.exists())
@@ -180,8 +209,10 @@ def _run_grid(lm: LoadedModel, bank: Bank, store: EngramStore, out: Path, settin
             before_question(p.question)
             paused += time.perf_counter() - pause_started
             cells = grid[p.question.id]
-            requested = batch_size or auto_batch_size(lm, chunks + len(p.prompt_ids), len(cells))
-            scores, size = score_cells(lm, p, cells, settings.scoring, min(requested, fits or requested), on_batch=bar.update)
+            prefix = chunks if settings.injection == "prefix" else 0
+            requested = batch_size or auto_batch_size(lm, prefix + len(p.prompt_ids), len(cells))
+            scores, size = score_cells(lm, p, cells, raw, settings.scoring, settings.injection, settings.scaling,
+                                       min(requested, fits or requested), on_batch=bar.update)
             if size < requested:
                 fits = size
             write_part(part, question_frame(settings, bank, p, cells, scores))

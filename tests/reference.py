@@ -49,24 +49,87 @@ def reference_engram(model, tokenizer, text: str, layer: int, k: int = 16) -> to
     return reference_chunks(reference_layer_states(model, tokenizer, text, layer), k)
 
 
+def reference_scaled(engram: torch.Tensor, table: torch.Tensor, strength: float, scaling: str = "global") -> torch.Tensor:
+    """The seed scaling (one scalar), or each row to the embeddings' mean row norm (per-chunk)."""
+    target = table.norm(dim=1).mean()
+    if scaling == "per-chunk":
+        return torch.stack([row / row.norm() * target * strength for row in engram])
+    return engram * (target / engram.norm(dim=1).mean()) * strength
+
+
 @torch.no_grad()
-def reference_distribution(model, tokenizer, engram: torch.Tensor | None, strength: float, prompt: str) -> torch.Tensor:
-    """The full next-token distribution after [scaled engram; prompt], seed method: prefix injection, float32 softmax."""
+def reference_block_output(model, inputs: torch.Tensor, layer: int) -> torch.Tensor:
+    """What block layer-1 outputs (layer 0: the input embeddings themselves) for [positions, hidden] inputs."""
+    if layer == 0:
+        return inputs
+    captured = {}
+    handle = model.model.layers[layer - 1].register_forward_hook(lambda m, i, o: captured.setdefault("h", o[0] if isinstance(o, tuple) else o))
+    model(inputs_embeds=inputs.unsqueeze(0))
+    handle.remove()
+    return captured["h"][0]
+
+
+@torch.no_grad()
+def reference_distribution(model, tokenizer, engram: torch.Tensor | None, strength: float, prompt: str, mode: str = "prefix",
+                           layer: int | None = None, scaling: str = "global") -> torch.Tensor:
+    """The full next-token distribution of one cell, float32 softmax.
+
+    prefix: scaled engram rows before the prompt; add: added to the first k prompt embeddings; actadd: a forward hook
+    adds strength * s * u to block layer-1's output at every position (u: unit mean of the raw engram rows; s: mean row
+    norm of that output without steering, over the prompt).
+    """
     table = model.get_input_embeddings().weight.float()
-    prompt_embeds = table[tokenizer(prompt)["input_ids"]]
-    if engram is None:
-        inputs = prompt_embeds
-    else:
-        scale = table.norm(dim=1).mean() / engram.norm(dim=1).mean()
-        inputs = torch.cat([engram * scale * strength, prompt_embeds])
-    logits = model(inputs_embeds=inputs.unsqueeze(0)).logits[0, -1].float()
+    inputs = table[tokenizer(prompt)["input_ids"]]
+    handle = None
+    if engram is not None and mode == "prefix":
+        inputs = torch.cat([reference_scaled(engram, table, strength, scaling), inputs])
+    elif engram is not None and mode == "add":
+        inputs = inputs.clone()
+        inputs[: engram.shape[0]] += reference_scaled(engram, table, strength, scaling)
+    elif engram is not None and mode == "actadd":
+        s = reference_block_output(model, inputs, layer).norm(dim=1).mean()
+        mean = engram.mean(dim=0)
+        vector = strength * s * mean / mean.norm()
+        if layer == 0:
+            inputs = inputs + vector
+        else:
+            def add(module, args, output):
+                return (output[0] + vector, *output[1:]) if isinstance(output, tuple) else output + vector
+            handle = model.model.layers[layer - 1].register_forward_hook(add)
+    try:
+        logits = model(inputs_embeds=inputs.unsqueeze(0)).logits[0, -1].float()
+    finally:
+        if handle is not None:
+            handle.remove()
     return torch.softmax(logits, dim=-1)
 
 
 @torch.no_grad()
 def reference_cell(model, tokenizer, engram: torch.Tensor | None, strength: float, prompt: str,
-                   correct: list[str], incorrect: list[str]) -> tuple[float, float]:
-    """(p_correct, p_incorrect) for one cell, seed method: first token, max over variants."""
-    probs = reference_distribution(model, tokenizer, engram, strength, prompt)
+                   correct: list[str], incorrect: list[str], **method) -> tuple[float, float]:
+    """(p_correct, p_incorrect) for one cell: first token, max over variants (method: mode, layer, scaling)."""
+    probs = reference_distribution(model, tokenizer, engram, strength, prompt, **method)
     first = lambda v: tokenizer.encode(v, add_special_tokens=False)[0]  # noqa: E731
     return max(probs[first(v)].item() for v in correct), max(probs[first(v)].item() for v in incorrect)
+
+
+@torch.no_grad()
+def reference_window_states(model, ids: list[int], layer: int, window: int) -> torch.Tensor:
+    """hidden_states[layer] of a long source run as consecutive independent windows, concatenated in order."""
+    states = []
+    for start in range(0, len(ids), window):
+        out = model(input_ids=torch.tensor([ids[start:start + window]]), output_hidden_states=True)
+        states.append(out.hidden_states[layer][0].float())
+    return torch.cat(states)
+
+
+def reference_pool(states: torch.Tensor, k: int, pooling: str) -> torch.Tensor:
+    """mean: the seed's chunks; last: the last k states; pca: the k leading right-singular vectors of the centred
+    states, each signed towards the mean state."""
+    if pooling == "mean":
+        return reference_chunks(states, k)
+    if pooling == "last":
+        return states[-k:]
+    mean = states.mean(dim=0)
+    _, _, vh = torch.linalg.svd(states - mean, full_matrices=False)
+    return torch.stack([v if v @ mean >= 0 else -v for v in vh[:k]])

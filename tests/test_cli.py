@@ -34,9 +34,13 @@ def test_every_command_and_option_is_documented():
 
 
 def test_cli_choices_match_the_library():
-    from engram_eval.sweep import INJECTIONS, SCORINGS
+    from engram_eval.injection import INJECTIONS, SCALINGS
+    from engram_eval.pooling import POOLINGS
+    from engram_eval.scoring import SCORINGS
     options = {p.name: p for p in cli.commands["sweep"].params}
     assert tuple(options["scoring"].type.choices) == SCORINGS and tuple(options["injection"].type.choices) == INJECTIONS
+    assert tuple(options["scaling"].type.choices) == SCALINGS and tuple(options["pooling"].type.choices) == POOLINGS
+    assert tuple({p.name: p for p in cli.commands["build"].params}["pooling"].type.choices) == POOLINGS
 
 
 def test_docs_cli_md_is_generated_from_help():
@@ -113,6 +117,15 @@ def test_sweep_report_and_check_from_the_command_line(tiny_model_dir, tiny_bank,
     (["store", "show", "ghost", "--store", "."], "store .: no engram named 'ghost' (see `engram-eval store ls`)"),
     (["store", "rm", "ghost", "--store", "."], "store .: no engram named 'ghost' (see `engram-eval store ls`)"),
     (["store", "gc", "--store", ".", "--runs", "nowhere"], "--runs: nowhere is not a folder"),
+    (["sweep", "{bank}", "--injection", "sideways"], "Invalid value for '--injection': 'sideways' is not one of 'prefix', 'add', 'actadd'."),
+    (["sweep", "{bank}", "--pooling", "median"], "Invalid value for '--pooling': 'median' is not one of 'mean', 'last', 'pca'."),
+    (["sweep", "{bank}", "--scaling", "loud"], "Invalid value for '--scaling': 'loud' is not one of 'global', 'per-chunk'."),
+    (["sweep", "{bank}", "--injection", "actadd", "--scaling", "per-chunk"],
+     "--scaling: applies to prefix and add injection; actadd scales its direction by the residual stream's own norm"),
+    (["sweep", "{bank}", "--window", "8"], "--window: 8 tokens is smaller than k = 16"),
+    (["sweep", "{bank}", "--skip-tokens", "-1"], "Invalid value for '--skip-tokens': -1 is not in the range x>=0."),
+    (["sweep"], "Missing argument 'BANK'."),
+    (["build", "ok.txt", "--pooling", "pca", "--model", "{tiny}"], "source 'ok': 2 tokens, at most k = 16: --pooling pca needs more than k (the centred states have rank n - 1)"),
 ])
 def test_bad_input_is_one_line_on_stderr(args, message, tiny_model_dir, tiny_bank, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

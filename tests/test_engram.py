@@ -1,32 +1,9 @@
 import pytest
 import torch
 
-from engram_eval.engram import chunk_mean, extract_engram, parse_layers
+from engram_eval.engram import extract_engram, parse_layers
 from engram_eval.errors import EngramEvalError
 from reference import reference_chunks, reference_engram
-
-
-@pytest.mark.parametrize("n,k", [(47, 16), (16, 16), (5, 16), (1, 16), (33, 4), (100, 1)])
-def test_chunk_mean_equals_reference(n, k):
-    states = torch.randn(n, 8)
-    assert torch.allclose(chunk_mean(states, k), reference_chunks(states, k), atol=1e-6)
-
-
-def test_remainder_goes_to_the_last_chunk():
-    states = torch.arange(47, dtype=torch.float32).unsqueeze(1)
-    means = chunk_mean(states, 16)[:, 0]
-    assert means[:15].tolist() == [2 * i + 0.5 for i in range(15)]  # 15 chunks of 2
-    assert means[15].item() == pytest.approx(sum(range(30, 47)) / 17)  # last chunk of 17
-
-
-def test_short_text_is_padded_with_the_last_state():
-    states = torch.arange(5, dtype=torch.float32).unsqueeze(1)
-    assert chunk_mean(states, 16)[:, 0].tolist() == [0, 1, 2, 3, 4] + [4] * 11
-
-
-def test_n_equals_k_gives_the_states_themselves():
-    states = torch.randn(16, 4)
-    assert torch.equal(chunk_mean(states, 16), states)
 
 
 def test_layer_zero_is_the_embedding_output(tiny):

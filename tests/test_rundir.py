@@ -5,6 +5,7 @@ import pytest
 
 import engram_eval.sweep as sweep_module
 from engram_eval.errors import EngramEvalError
+from engram_eval.rundir import RESULTS_FORMAT
 from conftest import sweep
 from engram_eval.report import load_run, summarize
 from engram_eval.rendering import render_markdown
@@ -109,4 +110,5 @@ def test_parts_of_another_results_format_are_not_resumed(tiny, tiny_bank, tmp_pa
     (out / "run.json").write_text(json.dumps(run))
     with pytest.raises(EngramEvalError) as error:
         sweep(tiny, tiny_bank, out)
-    assert "holds parts written by another engram-eval version (results format 1, now 2)" in str(error.value)
+    assert str(error.value) == (f"--out {out} holds parts written by another engram-eval version (results format unrecorded, "
+                                f"now {RESULTS_FORMAT}); use --force to recompute the run")

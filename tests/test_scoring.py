@@ -22,9 +22,9 @@ def test_batches_are_split_evenly_so_no_small_remainder_batch_runs(tiny, tiny_ba
     real = scoring_module.variant_logprobs
     sizes = []
 
-    def recording(lm, prefixes, *args):
-        sizes.append(0 if prefixes is None else prefixes.shape[0])
-        return real(lm, prefixes, *args)
+    def recording(lm, steering, *args):
+        sizes.append(0 if steering is None else steering.vectors.shape[0])
+        return real(lm, steering, *args)
 
     monkeypatch.setattr(scoring_module, "variant_logprobs", recording)
     result = sweep(tiny, tiny_bank, tmp_path / "run", batch_size=5)
@@ -69,12 +69,12 @@ def test_out_of_memory_backs_off_and_gives_identical_results(tiny, tiny_bank, tm
     real = scoring_module.variant_logprobs
     sizes = []
 
-    def small_memory(lm, prefixes, *args):
-        if prefixes is not None:
-            sizes.append(prefixes.shape[0])
-            if prefixes.shape[0] > 3:
+    def small_memory(lm, steering, *args):
+        if steering is not None:
+            sizes.append(steering.vectors.shape[0])
+            if steering.vectors.shape[0] > 3:
                 raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(lm, prefixes, *args)
+        return real(lm, steering, *args)
 
     monkeypatch.setattr(scoring_module, "variant_logprobs", small_memory)
     frame = pl.read_parquet(sweep(tiny, tiny_bank, tmp_path / "oom", batch_size=16).results_path)

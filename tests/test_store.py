@@ -149,3 +149,25 @@ def test_gc_keeps_what_runs_reference_and_removes_the_rest(tiny, tmp_path):
     stale.write_bytes(b"partial")
     assert run_engram_keys([tmp_path / "runs"]) == {kept.key}
     assert store.unreferenced({kept.key}) == [dropped.path] and store.stale_temporaries() == [stale]
+
+
+def test_the_seed_extraction_keeps_its_key_and_every_variant_gets_its_own(tiny, tmp_path):
+    import hashlib
+
+    from engram_eval.engram import Extraction
+
+    store = EngramStore(tmp_path)
+    n = len(tiny.tokenizer(TEXT)["input_ids"])
+    seed, _ = store.ensure(tiny, "topic", TEXT, layers=[1], chunks=4)
+    assert seed.key == hashlib.sha256(f"{tiny.fingerprint}|{text_sha256(TEXT)}|4|{n}".encode()).hexdigest()[:16]
+    variants = [Extraction(pooling="last"), Extraction(skip_tokens=1), Extraction(window=8), Extraction(pooling="pca", skip_tokens=1)]
+    keys = {seed.key}
+    for extraction in variants:
+        (stored, _), = store.ensure_all(tiny, "topic", TEXT, [1], [4], extraction).values()
+        keys.add(stored.key)
+        meta = stored.metadata
+        assert (meta["pooling"], meta["skip_tokens"], meta["window"]) == (
+            extraction.pooling, str(extraction.skip_tokens), "none" if extraction.window is None else str(extraction.window))
+        assert meta["windows"] == str(-(-n // extraction.window) if extraction.window else 1)
+        assert store.load(stored.path).engram.extraction == Extraction(**{**extraction.__dict__, "max_tokens": 2048})
+    assert len(keys) == 5

@@ -39,8 +39,22 @@ class CliError(click.ClickException):
         click.echo(f"error: {self.message}", err=True)
 
 
+class Command(click.Command):
+    """Reports a usage mistake (an unknown choice, a missing argument) as one line, like every other bad input."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.exceptions.NoArgsIsHelpError:
+            raise
+        except click.UsageError as exc:
+            raise CliError(" ".join(exc.format_message().split())) from None
+
+
 class Group(click.Group):
     """Turns the library's EngramEvalError into one line on stderr and exit status 2, no traceback."""
+
+    command_class = Command
 
     def invoke(self, ctx: click.Context):
         try:
@@ -72,8 +86,32 @@ def model_options(command: Callable) -> Callable:
 store_option = click.option("--store", "store_dir", default="store", show_default=True, type=click.Path(file_okay=False),
                             help="Engram store directory.")
 chunks_option = click.option("--chunks", default=16, show_default=True, type=int, help="Number of chunk-mean vectors per engram (k).")
-max_tokens_option = click.option("--max-tokens", default=2048, show_default=True, type=click.IntRange(min=1),
-                                 help="Truncate source texts at this many tokens (reported when it happens).")
+
+
+def extraction_options(command: Callable) -> Callable:
+    """--pooling, --skip-tokens, --window and --max-tokens -> one `extraction` argument (engram_eval.engram.Extraction)."""
+
+    @click.option("--pooling", type=click.Choice(["mean", "last", "pca"]), default="mean", show_default=True,
+                  help="How a source's hidden states become k vectors: mean (the seed's chunk means), last (the last k "
+                       "states), pca (the k leading right-singular vectors of the centred states, signed towards the mean state).")
+    @click.option("--skip-tokens", default=0, show_default=True, type=click.IntRange(min=0),
+                  help="Leave the source's first N positions out of the pooling (the source still runs whole); 1 removes the "
+                       "first token's massive activation.")
+    @click.option("--window", type=click.IntRange(min=1),
+                  help="Run a source longer than N tokens as consecutive independent windows of N tokens, pooled in order "
+                       "(no --max-tokens truncation; memory bounded by one window).")
+    @click.option("--max-tokens", default=2048, show_default=True, type=click.IntRange(min=1),
+                  help="Without --window, truncate source texts at this many tokens (reported when it happens).")
+    @functools.wraps(command)
+    def wrapper(pooling: str, skip_tokens: int, window: int | None, max_tokens: int, **kwargs):
+        from ..engram import Extraction
+
+        extraction = Extraction(pooling=pooling, skip_tokens=skip_tokens, window=window, max_tokens=max_tokens)
+        return command(extraction=extraction, **kwargs)
+
+    return wrapper
+
+
 outside_option = click.option("--allow-outside-paths", is_flag=True, help="Allow bank source files outside the bank's folder.")
 
 

@@ -8,7 +8,7 @@ import click
 from rich.table import Table
 
 from ..errors import EngramEvalError
-from .app import chunks_option, cli, max_tokens_option, model_options, outside_option, stdout, store_option, warning_printer
+from .app import chunks_option, cli, extraction_options, model_options, outside_option, stdout, store_option, warning_printer
 from .store import metadata_layers
 
 @cli.command()
@@ -18,11 +18,11 @@ from .store import metadata_layers
 @chunks_option
 @click.option("--layers", "layers_text", default="all", show_default=True,
               help="Layers to store: 'all', '4,8,12' or '10-20'. Layer L is hidden_states[L]; 0 is the embedding output.")
-@max_tokens_option
+@extraction_options
 @store_option
 @click.option("--force", is_flag=True, help="Rebuild even when the store already holds the engram.")
 @outside_option
-def build(sources: tuple[Path, ...], bank: Path | None, load_lm, chunks: int, layers_text: str, max_tokens: int,
+def build(sources: tuple[Path, ...], bank: Path | None, load_lm, chunks: int, layers_text: str, extraction,
           store_dir: str, force: bool, allow_outside_paths: bool) -> None:
     """Turn text files (or a bank's sources) into engrams for every requested layer, from one forward pass
     each, saved as safetensors files in the store."""
@@ -34,6 +34,7 @@ def build(sources: tuple[Path, ...], bank: Path | None, load_lm, chunks: int, la
     from ..store import EngramStore, engram_warnings
 
     check_chunks(chunks)
+    extraction.check([chunks])
     named: list[tuple[str, str]] = []
     for path in sources:
         text = read_text(path, "source file")
@@ -52,7 +53,7 @@ def build(sources: tuple[Path, ...], bank: Path | None, load_lm, chunks: int, la
     for column in ("source", "status", "tokens", "layers", "chunks", "file"):
         table.add_column(column)
     for name, text in tqdm(named, desc="build", unit="source", disable=None):
-        stored, status = store.ensure(lm, name, text, layers, chunks, max_tokens, force=force)
+        (stored, status), = store.ensure_all(lm, name, text, layers, [chunks], extraction, force=force).values()
         for warning in engram_warnings(name, stored):
             warn(warning)
         table.add_row(name, status, str(stored.engram.n_tokens) + (" (truncated)" if stored.engram.truncated else ""),

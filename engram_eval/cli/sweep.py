@@ -11,7 +11,7 @@ import click
 from rich.table import Table
 
 from ..errors import EngramEvalError
-from .app import chunks_option, cli, max_tokens_option, model_options, outside_option, stderr, stdout, store_option, warning_printer
+from .app import chunks_option, cli, extraction_options, model_options, outside_option, stderr, stdout, store_option, warning_printer
 
 @cli.command()
 @click.argument("bank_path", metavar="BANK", type=click.Path(dir_okay=False, path_type=Path))
@@ -25,14 +25,20 @@ from .app import chunks_option, cli, max_tokens_option, model_options, outside_o
               help="first-token: seed mode, max over variants of their first token's probability. sequence: summed "
                    "log-probability of each variant's tokens, logsumexp per side; sequence-max: the same, max per side; "
                    "sequence-mean: mean per-token log-probability (long answers are not penalised), max per side.")
-@click.option("--injection", type=click.Choice(["prefix"]), default="prefix", show_default=True,
-              help="prefix: prepend the k scaled vectors to the prompt's embeddings (seed mode).")
+@click.option("--injection", type=click.Choice(["prefix", "add", "actadd"]), default="prefix", show_default=True,
+              help="prefix: prepend the k scaled vectors to the prompt's embeddings (seed mode). add: add them to the "
+                   "embeddings of the first k prompt tokens. actadd: activation addition, strength x s x u added to the output "
+                   "of block L-1 at every position (u: unit mean of the engram's raw vectors at L; s: the mean row norm "
+                   "of that output over the prompt).")
+@click.option("--scaling", type=click.Choice(["global", "per-chunk"]), default="global", show_default=True,
+              help="global: one scalar so the engram's mean row norm is the embeddings' (seed). per-chunk: every vector to "
+                   "the embeddings' mean row norm, so no chunk dominates. prefix and add only.")
+@extraction_options
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Run directory [default: reports/BANK-MODEL].")
 @store_option
 @click.option("--batch-size", default="auto", show_default=True,
               help="Cells per forward pass, or auto: the largest that fits free memory (backs off on out-of-memory).")
 @click.option("--questions", "question_ids", help="Only these question ids, comma-separated.")
-@max_tokens_option
 @click.option("--force", is_flag=True, help="Replace a run in --out that has different settings.")
 @outside_option
 @click.option("--strict", is_flag=True,
@@ -40,17 +46,20 @@ from .app import chunks_option, cli, max_tokens_option, model_options, outside_o
                    "is whitespace, a bank without controls) as errors.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or engram log (warnings are still shown).")
 def sweep(bank_path: Path, load_lm, layers_text: str, strengths_text: str, chunks: int, scoring: str, injection: str,
-          out: Path | None, store_dir: str, batch_size: str, question_ids: str | None, max_tokens: int, force: bool,
+          scaling: str, extraction, out: Path | None, store_dir: str, batch_size: str, question_ids: str | None, force: bool,
           allow_outside_paths: bool, strict: bool, quiet: bool) -> None:
     """Score a question bank over the layer x strength grid for each question's relevant engram and its negative
     controls, plus one baseline per question, into RUN/results.parquet and RUN/run.json. An interrupted sweep
     (Ctrl-C: exit status 130) rerun with the same command resumes from the questions already done."""
     from ..bank import load_bank
     from ..engram import check_chunks, parse_layers
+    from ..injection import check_injection
     from ..store import EngramStore
     from ..sweep import parse_strengths, run_sweep
 
     check_chunks(chunks)
+    extraction.check([chunks])
+    check_injection(injection, scaling)
     strengths = parse_strengths(strengths_text)
     if batch_size != "auto" and not (batch_size.isdigit() and int(batch_size) >= 1):
         raise EngramEvalError(f"--batch-size: '{batch_size}' is not 'auto' or a whole number >= 1")
@@ -68,7 +77,8 @@ def sweep(bank_path: Path, load_lm, layers_text: str, strengths_text: str, chunk
     try:
         result = run_sweep(
             lm, bank, EngramStore(store_dir), out, layers=layers, strengths=strengths, chunks=chunks, scoring=scoring,
-            injection=injection, batch_size=None if batch_size == "auto" else int(batch_size), max_tokens=max_tokens,
+            injection=injection, scaling=scaling, extraction=extraction,
+            batch_size=None if batch_size == "auto" else int(batch_size),
             force=force, strict=strict, progress=not quiet, log=(lambda m: None) if quiet else stderr.print, warn=warn,
         )
     except KeyboardInterrupt:

@@ -1,0 +1,117 @@
+from pathlib import Path
+
+import polars as pl
+import pytest
+import torch
+
+import engram_eval.scoring as scoring_module
+from engram_eval.bank import load_bank
+from engram_eval.errors import EngramEvalError
+from engram_eval.injection import scale_engram
+from conftest import sweep, write_tiny_bank
+from reference import reference_cell, reference_engram
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def raw_vectors(lm, bank, name: str, layer: int, k: int) -> torch.Tensor | None:
+    """An engram's raw rows, written out independently: a source's chunk means (from a hook), or a null prefix."""
+    if name is None:
+        return None
+    if name == "~gaussian":
+        return torch.randn(k, lm.hidden_size, generator=torch.Generator().manual_seed(0))
+    if name == "~mean-token":
+        return lm.model.get_input_embeddings().weight.detach().float().mean(dim=0).repeat(k, 1)
+    return reference_engram(lm.model, lm.tokenizer, bank.sources[name].text, layer, k=k)
+
+
+def assert_rows_match_reference(lm, bank_path, frame, k, rel, **method):
+    bank = load_bank(bank_path)
+    for row in frame.iter_rows(named=True):
+        q = next(q for q in bank.questions if q.id == row["question_id"])
+        engram = raw_vectors(lm, bank, row["engram"], row["layer"], k)
+        p_c, p_i = reference_cell(lm.model, lm.tokenizer, engram, row["strength"], q.prompt, list(q.correct), list(q.incorrect),
+                                  layer=row["layer"], **method)
+        assert row["p_correct"] == pytest.approx(p_c, rel=rel), (row["engram"], row["layer"], row["strength"])
+        assert row["p_incorrect"] == pytest.approx(p_i, rel=rel), (row["engram"], row["layer"], row["strength"])
+
+
+@pytest.mark.parametrize("mode,scaling", [("add", "global"), ("actadd", "global"), ("prefix", "per-chunk"), ("add", "per-chunk")])
+def test_every_cell_of_each_mode_equals_the_straightforward_implementation(tiny, tiny_bank, tmp_path, mode, scaling):
+    result = sweep(tiny, tiny_bank, tmp_path / "run", injection=mode, scaling=scaling, layers=[0, 2, 4], strengths=[0.5, 3.0],
+                   questions=["q1", "q2"])
+    frame = pl.read_parquet(result.results_path)
+    assert set(frame["injection"]) == {mode} and set(frame["scaling"]) == {scaling}
+    assert_rows_match_reference(tiny, tiny_bank, frame, 4, rel=1e-5, mode=mode, scaling=scaling)
+
+
+def test_null_prefixes_are_the_documented_vectors_scaled_like_any_engram(tiny, tmp_path):
+    bank = write_tiny_bank(tmp_path, extra="").read_text().replace("controls: [stars, noise, anti]", "controls: [stars, ~gaussian, ~mean-token]")
+    (tmp_path / "nulls.yaml").write_text(bank)
+    frame = pl.read_parquet(sweep(tiny, tmp_path / "nulls.yaml", tmp_path / "run", layers=[1, 3]).results_path)
+    nulls = frame.filter(pl.col("control_kind") == "null")
+    assert sorted(set(nulls["engram"])) == ["~gaussian", "~mean-token"] and nulls["engram_key"].null_count() == nulls.height
+    assert_rows_match_reference(tiny, tmp_path / "nulls.yaml", nulls, 4, rel=1e-5, mode="prefix")
+    by_layer = [nulls.filter(pl.col("layer") == layer).drop("layer") for layer in (1, 3)]
+    assert by_layer[0].equals(by_layer[1])  # a null prefix is the same at every layer: one computation, repeated rows
+    again = pl.read_parquet(sweep(tiny, tmp_path / "nulls.yaml", tmp_path / "again", layers=[1, 3]).results_path)
+    assert again.filter(pl.col("control_kind") == "null").equals(nulls)
+
+
+def test_null_prefixes_are_computed_once_per_strength_for_prefix_and_per_layer_for_actadd(tiny, tmp_path, monkeypatch):
+    bank = write_tiny_bank(tmp_path).read_text().replace("controls: [stars, noise, anti]", "controls: [stars, ~gaussian]")
+    (tmp_path / "nulls.yaml").write_text(bank)
+    real, rows = scoring_module.variant_logprobs, []
+
+    def counting(lm, steering, *args):
+        rows.append(0 if steering is None else steering.vectors.shape[0])
+        return real(lm, steering, *args)
+
+    monkeypatch.setattr(scoring_module, "variant_logprobs", counting)
+    frame = pl.read_parquet(sweep(tiny, tmp_path / "nulls.yaml", tmp_path / "prefix", layers=[1, 2, 3], questions=["q1"]).results_path)
+    assert frame.height == 1 + 3 * 3 * 2 and sum(rows) == 2 * 3 * 2 + 2  # topic and stars per cell, ~gaussian per strength
+    rows.clear()
+    actadd = pl.read_parquet(sweep(tiny, tmp_path / "nulls.yaml", tmp_path / "actadd", layers=[1, 2, 3], questions=["q1"],
+                                   injection="actadd").results_path)
+    assert sum(rows) == 3 * 3 * 2  # actadd injects at the cell's layer: every cell is its own
+    gaussian = actadd.filter(pl.col("engram") == "~gaussian")
+    assert gaussian["p_correct"].n_unique() == gaussian.height
+    assert_rows_match_reference(tiny, tmp_path / "nulls.yaml", gaussian, 4, rel=1e-5, mode="actadd")
+
+
+def test_per_chunk_scaling_gives_every_vector_the_embedding_norm_and_global_is_the_seeds():
+    vectors = torch.tensor([[3.0, 4.0], [30.0, 40.0], [0.0, 2.0]])
+    per_chunk = scale_engram(vectors, embedding_norm=10.0, strength=2.0, scaling="per-chunk")
+    assert torch.allclose(per_chunk.norm(dim=1), torch.full((3,), 20.0))
+    assert torch.allclose(per_chunk[1] / per_chunk[1].norm(), vectors[1] / vectors[1].norm())
+    global_ = scale_engram(vectors, embedding_norm=10.0, strength=2.0)
+    assert torch.allclose(global_, vectors * (10.0 / vectors.norm(dim=1).mean()) * 2.0)
+
+
+@pytest.mark.parametrize("options,message", [
+    (dict(injection="add", chunks=12), "{bank}: question 'q1': --injection add needs a prompt of at least k = 12 tokens; this one has {n}"),
+    (dict(injection="actadd", scaling="per-chunk"), "--scaling: applies to prefix and add injection; actadd scales its direction by "
+                                                     "the residual stream's own norm"),
+    (dict(injection="sideways"), "--injection: unknown 'sideways' (one of: prefix, add, actadd)"),
+    (dict(scaling="loud"), "--scaling: unknown 'loud' (one of: global, per-chunk)"),
+])
+def test_bad_injection_settings_are_refused_before_any_model_work(tiny, tiny_bank, tmp_path, options, message):
+    with pytest.raises(EngramEvalError) as error:
+        sweep(tiny, tiny_bank, tmp_path / "run", **options)
+    n = len(tiny.tokenizer("The first medication for the tumor should be")["input_ids"])
+    assert str(error.value) == message.format(bank=tiny_bank, n=n)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "store").exists()
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("mode,scaling", [("add", "global"), ("actadd", "global"), ("prefix", "per-chunk")])
+def test_real_model_modes_match_the_straightforward_implementation_on_a_sample(real, tmp_path, mode, scaling):
+    from engram_eval.store import EngramStore
+    from engram_eval.sweep import run_sweep
+
+    bank_path = REPO / "questions/ci.yaml"
+    result = run_sweep(real, load_bank(bank_path), EngramStore(tmp_path / "store"), tmp_path / "run", layers=[12, 30],
+                       strengths=[1.0, 5.0], injection=mode, scaling=scaling, questions=["pheo1"], progress=False)
+    frame = pl.read_parquet(result.results_path)
+    sample = pl.concat([frame.filter(pl.col("role") == "baseline"), frame.filter(pl.col("role") != "baseline").sample(4, seed=2)])
+    assert_rows_match_reference(real, bank_path, sample, 16, rel=1e-4, mode=mode, scaling=scaling)
