@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip --disable-pip-version-check
 RUN := reports/demo
 
-.PHONY: demo test docs bench clean
+.PHONY: demo test docs bench findings clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,17 @@ docs: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(BIN)/engram-eval bench
+
+# docs/findings.md: the medical bank with the seed default, without the first token's massive activation, with per-chunk
+# scaling, and with activation addition; the controls tables side by side (about 10 minutes on 2 CPU cores).
+FINDINGS := reports/findings
+findings: $(VENV)/.installed
+	$(BIN)/engram-eval sweep questions/medical_traps.yaml --out $(FINDINGS)/seed --quiet
+	$(BIN)/engram-eval sweep questions/medical_traps.yaml --skip-tokens 1 --out $(FINDINGS)/skip-tokens-1 --quiet
+	$(BIN)/engram-eval sweep questions/medical_traps.yaml --scaling per-chunk --out $(FINDINGS)/per-chunk --quiet
+	$(BIN)/engram-eval sweep questions/medical_traps.yaml --injection actadd --out $(FINDINGS)/actadd --quiet
+	$(BIN)/python docs/findings.py "seed default=$(FINDINGS)/seed" "--skip-tokens 1=$(FINDINGS)/skip-tokens-1" \
+		"--scaling per-chunk=$(FINDINGS)/per-chunk" "--injection actadd=$(FINDINGS)/actadd" > docs/findings.md
 
 clean:
 	rm -rf $(VENV) reports/demo reports/ci

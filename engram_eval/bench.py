@@ -14,11 +14,11 @@ from typing import Self
 
 import torch
 
-from .bank import Bank, Question
+from .bank import NULL_PREFIXES, Bank, Question
 from .pooling import chunk_mean
 from .model import LoadedModel
 from .store import EngramStore
-from .injection import scale_engram
+from .injection import Steering, direction, null_prefix, residual_norms, scale_engram
 from .prompts import prepare_question
 from .sweep import run_sweep
 
@@ -70,20 +70,25 @@ def seed_extract(lm: LoadedModel, text: str, layer: int, chunks: int) -> torch.T
 
 @torch.inference_mode()
 def seed_loop(lm: LoadedModel, bank: Bank, question: Question, layers: list[int], strengths: list[float], chunks: int,
-              max_cells: int) -> tuple[int, float]:
+              max_cells: int, injection: str = "prefix") -> tuple[int, float]:
     """The seed scripts' way, on a question's first max_cells cells in grid order: extraction re-run for every layer,
-    one forward pass per cell, logits at every position -> (cells, seconds)."""
+    one forward pass per cell (with the cell's injection), logits at every position -> (cells, seconds)."""
     started = time.perf_counter()
     embed = lm.model.get_input_embeddings()
     prepared = prepare_question(lm, question, "first-token", bank.path)
-    prompt = embed(torch.tensor(prepared.prompt_ids, device=lm.device))
+    prompt = embed(torch.tensor(prepared.prompt_ids, device=lm.device)).unsqueeze(0)
+    norms = residual_norms(lm, prepared.prompt_ids, layers) if injection == "actadd" else {}
     cells = 0
     for name in (question.engram, *question.controls):
         for layer in layers:
-            engram = seed_extract(lm, bank.sources[name].text, layer, chunks)
+            engram = seed_extract(lm, bank.sources[name].text, layer, chunks) if name in bank.sources else null_prefix(name, lm, chunks)
             for strength in strengths:
-                prefix = scale_engram(engram, lm.embedding_norm, strength).to(lm.dtype)
-                logits = lm.model(inputs_embeds=torch.cat([prefix, prompt]).unsqueeze(0)).logits
+                if injection == "actadd":
+                    steering = Steering(injection, (direction(engram) * strength * norms[layer]).unsqueeze(0).to(lm.device), [layer])
+                else:
+                    steering = Steering(injection, scale_engram(engram, lm.embedding_norm, strength).unsqueeze(0).to(lm.device), [layer])
+                with steering.active(lm.model):
+                    logits = lm.model(inputs_embeds=steering.inputs(prompt)).logits
                 probs = torch.softmax(logits[0, -1].float(), dim=-1)
                 [probs[ids[0]].item() for ids in prepared.correct_ids + prepared.incorrect_ids]
                 cells += 1
@@ -93,7 +98,7 @@ def seed_loop(lm: LoadedModel, bank: Bank, question: Question, layers: list[int]
 
 
 def run_bench(lm: LoadedModel, bank: Bank, layers: list[int], strengths: list[float], chunks: int = 16,
-              loop_cells: int = 120, batch_size: int | None = None, probe_seconds: float = 0.3) -> dict:
+              loop_cells: int = 120, batch_size: int | None = None, probe_seconds: float = 0.3, injection: str = "prefix") -> dict:
     """Build and sweep with engram-eval; before each question of the sweep (outside its timings), run the seed loop
     on a sample of that question's cells and a matmul probe, so all three are measured under the same contention
     from whatever else shares the machine."""
@@ -101,7 +106,7 @@ def run_bench(lm: LoadedModel, bank: Bank, layers: list[int], strengths: list[fl
     loop_per_question = math.ceil(loop_cells / len(bank.questions))
     with tempfile.TemporaryDirectory() as tmp:
         store = EngramStore(Path(tmp) / "store")
-        sources = list(dict.fromkeys(n for q in bank.questions for n in (q.engram, *q.controls)))
+        sources = list(dict.fromkeys(n for q in bank.questions for n in (q.engram, *q.controls) if n in bank.sources))
         started = time.perf_counter()
         for name in sources:
             store.ensure(lm, name, bank.sources[name].text, layers, chunks)
@@ -117,14 +122,15 @@ def run_bench(lm: LoadedModel, bank: Bank, layers: list[int], strengths: list[fl
         def measure_machine(question: Question) -> None:
             nonlocal loop_done, loop_seconds
             paused = time.perf_counter()
-            done, seconds = seed_loop(lm, bank, question, layers, strengths, chunks, loop_per_question)
+            done, seconds = seed_loop(lm, bank, question, layers, strengths, chunks, loop_per_question, injection)
             loop_done, loop_seconds = loop_done + done, loop_seconds + seconds
             matmul_rates.append(probe.rate(probe_seconds))
             pauses.append((paused, time.perf_counter()))
 
         with RssSampler() as rss:
             result = run_sweep(lm, bank, store, Path(tmp) / "run", layers=layers, strengths=strengths, chunks=chunks,
-                               batch_size=batch_size, progress=False, before_question=measure_machine)
+                               injection=injection, batch_size=batch_size, progress=False, before_question=measure_machine,
+                               warn=lambda message: None)
         finished = time.perf_counter()
         matmul_rates.append(probe.rate(probe_seconds))
     # Question i ran between the end of pause i and the start of pause i + 1 (the last one until the sweep returned),
@@ -132,7 +138,7 @@ def run_bench(lm: LoadedModel, bank: Bank, layers: list[int], strengths: list[fl
     ends = [paused for paused, _ in pauses[1:]] + [finished]
     segments = [end - resumed for (_, resumed), end in zip(pauses, ends)]
     matmul_during = [(before + after) / 2 for before, after in itertools.pairwise(matmul_rates)]
-    flops = [question_flops(lm, bank, question, layers, strengths, chunks) for question in bank.questions]
+    flops = [question_flops(lm, bank, question, layers, strengths, chunks, injection) for question in bank.questions]
     sweep_seconds = sum(segments)
     best = max(probe.best(), *matmul_rates)
     achieved = sum(flops) / sweep_seconds
@@ -141,6 +147,7 @@ def run_bench(lm: LoadedModel, bank: Bank, layers: list[int], strengths: list[fl
     loop_rate = loop_done / loop_seconds
     return {
         "device": str(lm.device), "dtype": str(lm.dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
+        "injection": injection,
         "sources": len(sources), "layers": len(layers),
         "build_seconds": build_seconds, "seed_build_seconds": seed_build_seconds, "build_speedup": seed_build_seconds / build_seconds,
         "cells": result.run["cells"]["total"], "sweep_cells_per_second": sweep_rate,
@@ -152,11 +159,15 @@ def run_bench(lm: LoadedModel, bank: Bank, layers: list[int], strengths: list[fl
     }
 
 
-def question_flops(lm: LoadedModel, bank: Bank, question: Question, layers: list[int], strengths: list[float], chunks: int) -> float:
-    """The baseline pass plus one pass per cell, each with the prompt (and the engram's chunks) as its sequence."""
+def question_flops(lm: LoadedModel, bank: Bank, question: Question, layers: list[int], strengths: list[float], chunks: int,
+                   injection: str = "prefix") -> float:
+    """The baseline pass plus one pass per computed cell, each with the prompt (and, for prefix injection, the engram's
+    chunks) as its sequence. A null prefix is computed once per strength, not per layer, except with actadd."""
     prompt_len = len(prepare_question(lm, question, "first-token", bank.path).prompt_ids)
-    n_cells = (1 + len(question.controls)) * len(layers) * len(strengths)
-    return cell_flops(lm, prompt_len) + n_cells * cell_flops(lm, chunks + prompt_len)
+    nulls = sum(name in NULL_PREFIXES for name in question.controls)
+    null_cells = nulls * len(strengths) * (len(layers) if injection == "actadd" else 1)
+    n_cells = (1 + len(question.controls) - nulls) * len(layers) * len(strengths) + null_cells
+    return cell_flops(lm, prompt_len) + n_cells * cell_flops(lm, (chunks if injection == "prefix" else 0) + prompt_len)
 
 
 class RssSampler:

@@ -48,9 +48,10 @@ def test_matmul_probe_measures_positive_throughput_and_best_is_the_maximum_of_tr
     assert probe.best(trials=3) == 7.0
 
 
-def test_bench_ratios_are_computed_from_the_same_run(tiny, tiny_bank):
+@pytest.mark.parametrize("injection", ["prefix", "actadd"])
+def test_bench_ratios_are_computed_from_the_same_run(tiny, tiny_bank, injection):
     bank = load_bank(tiny_bank)
-    r = run_bench(tiny, bank, [1, 4], [0.5, 3.0], chunks=4, loop_cells=6, probe_seconds=0.05)
+    r = run_bench(tiny, bank, [1, 4], [0.5, 3.0], chunks=4, loop_cells=6, probe_seconds=0.05, injection=injection)
     cells_per_question = [(1 + len(q.controls)) * 4 for q in bank.questions]
     assert r["cells"] == sum(n + 1 for n in cells_per_question)
     assert r["loop_cells"] == sum(min(n, math.ceil(6 / len(bank.questions))) for n in cells_per_question)
@@ -59,13 +60,28 @@ def test_bench_ratios_are_computed_from_the_same_run(tiny, tiny_bank):
     assert r["roofline_fraction_of_best"] == pytest.approx(r["achieved_flops"] / r["matmul_flops_best"])
     # The best probe bounds every probe, so it also bounds their time-weighted mean.
     assert r["matmul_flops"] <= r["matmul_flops_best"]
-    # FLOPs per cell of the whole sweep, counted by hand: baseline (prompt only) + cells (4 engram vectors + prompt).
+    # FLOPs per cell of the whole sweep, counted by hand: baseline (prompt only) + cells (4 prefix vectors + prompt, or
+    # the prompt alone for actadd).
     config = tiny.model.config
     per_token, head = 2 * llama_non_embedding_parameters(config), 2 * config.hidden_size * config.vocab_size
     hand = 0
     for question, n in zip(bank.questions, cells_per_question):
         prompt_len = len(tiny.tokenizer(question.prompt)["input_ids"])
-        hand += per_token * prompt_len + head + n * (per_token * (4 + prompt_len) + head)
+        hand += per_token * prompt_len + head + n * (per_token * ((4 if injection == "prefix" else 0) + prompt_len) + head)
     assert r["achieved_flops"] / r["sweep_cells_per_second"] == pytest.approx(hand / r["cells"])
     assert r["build_speedup"] == pytest.approx(r["seed_build_seconds"] / r["build_seconds"])
-    assert (r["sources"], r["layers"], r["device"], r["dtype"]) == (4, 2, "cpu", "float32")
+    assert (r["sources"], r["layers"], r["device"], r["dtype"], r["injection"]) == (4, 2, "cpu", "float32", injection)
+
+
+@pytest.mark.parametrize("injection,null_cells", [("prefix", 3), ("actadd", 2 * 3)])
+def test_question_flops_count_a_null_prefix_once_per_strength_except_with_actadd(tiny, tmp_path, injection, null_cells):
+    from conftest import write_tiny_bank
+
+    text = write_tiny_bank(tmp_path).read_text().replace("controls: [stars, noise, anti]", "controls: [stars, ~gaussian]")
+    (tmp_path / "tiny.yaml").write_text(text)
+    bank = load_bank(tmp_path / "tiny.yaml")
+    question = bank.questions[0]
+    prompt_len = len(tiny.tokenizer(question.prompt)["input_ids"])
+    prefix = 4 if injection == "prefix" else 0
+    expected = cell_flops(tiny, prompt_len) + (2 * 2 * 3 + null_cells) * cell_flops(tiny, prefix + prompt_len)
+    assert question_flops(tiny, bank, question, [1, 4], [0.5, 1.0, 3.0], chunks=4, injection=injection) == expected

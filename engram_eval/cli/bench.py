@@ -18,11 +18,13 @@ from .app import cli, model_options, stderr, stdout
 @click.option("--loop-cells", default=120, show_default=True, type=click.IntRange(min=1),
               help="Cells timed with the seed's per-cell loop (its rate is compared with the sweep's).")
 @click.option("--batch-size", default="auto", show_default=True, help="Sweep batch size, or auto.")
+@click.option("--injection", type=click.Choice(["prefix", "add", "actadd"]), default="prefix", show_default=True,
+              help="Injection mode of the sweep and of the per-cell loop it is compared with.")
 @click.option("--random-init", "random_config", type=click.Path(dir_okay=False, path_type=Path),
               help="Benchmark a randomly initialised model built from this config.json instead of --model's weights "
                    "(--model still gives the tokenizer, device and dtype), e.g. benchmarks/qwen2.5-7b.config.json on a GPU.")
 def bench(load_lm, bank_path: Path, layers_text: str, strengths_text: str, loop_cells: int, batch_size: str,
-          random_config: Path | None) -> None:
+          injection: str, random_config: Path | None) -> None:
     """Measure, in one run: build and sweep throughput, the seed's per-cell loop on the same cells, the machine's
     dense matmul throughput, and the ratios between them (speedup, fraction of matmul FLOP/s), plus peak memory.
 
@@ -43,8 +45,8 @@ def bench(load_lm, bank_path: Path, layers_text: str, strengths_text: str, loop_
             lm = random_init_model(random_config, lm.tokenizer, device=lm.device, dtype=lm.dtype)
     with stderr.status("benchmarking ..."):
         r = run_bench(lm, bank, parse_layers(layers_text, lm.num_layers), strengths, loop_cells=loop_cells,
-                      batch_size=None if batch_size == "auto" else int(batch_size))
-    table = Table(title=f"engram-eval bench: {lm.name} on {r['device']} ({r['dtype']}, {r['threads']} threads)")
+                      batch_size=None if batch_size == "auto" else int(batch_size), injection=injection)
+    table = Table(title=f"engram-eval bench: {lm.name} on {r['device']} ({r['dtype']}, {r['threads']} threads, {injection} injection)")
     for column in ("measure", "value"):
         table.add_column(column)
     table.add_row(f"build: {r['layers']} layers, one pass per source", f"{r['sources']} sources in {r['build_seconds']:.2f} s")
