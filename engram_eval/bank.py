@@ -38,6 +38,8 @@ class Question:
     related_wrong: bool | None
     tags: tuple[str, ...]
     chat: bool
+    context: str | None = None  # a retrieved passage: scored prompts are context + "\n\n" + prompt (docs/bank.md)
+    answer_patterns: dict[str, tuple[str, ...]] | None = None  # regexes that find each side in generated text
 
 
 @dataclass(frozen=True)
@@ -168,6 +170,40 @@ def _type_name(value: Any) -> str:
     )
 
 
+def _read_bank_file(fields: _Fields, field: str, relative: str, allow_outside_paths: bool) -> str:
+    """A text file named by the bank, relative to its folder and confined to it unless allowed; non-empty UTF-8."""
+    bank_dir = fields.path.parent.resolve()
+    file = (bank_dir / relative).resolve()
+    if not allow_outside_paths and not file.is_relative_to(bank_dir):
+        fields.fail(field, f"{relative} lies outside the bank's folder {bank_dir} (pass --allow-outside-paths to allow it)")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        fields.fail(field, f"{file} not found")
+    except UnicodeDecodeError:
+        fields.fail(field, f"{file} is not UTF-8 text")
+    except OSError as exc:
+        fields.fail(field, f"cannot read {file} ({exc.strerror})")
+    if not text.strip():
+        fields.fail(field, f"{file} is empty")
+    return text
+
+
+def _answer_patterns(fields: _Fields) -> dict[str, tuple[str, ...]] | None:
+    raw = fields.get("answer_patterns", dict, None)
+    if raw is None:
+        return None
+    patterns = _Fields(fields.path, f"{fields.where}: answer_patterns", raw, {"correct", "incorrect"})
+    compiled = {side: patterns.strings(side, (), non_empty=False) for side in ("correct", "incorrect")}
+    for side, regexes in compiled.items():
+        for regex in regexes:
+            try:
+                re.compile(regex)
+            except re.error as exc:
+                patterns.fail(side, f"invalid regular expression {regex!r} ({exc})")
+    return compiled
+
+
 def _load_source(path: Path, name: str, data: Any, allow_outside_paths: bool) -> Source:
     fields = _Fields(path, f"source {name!r}", data, {"file", "text", "kind"})
     if not _NAME.fullmatch(name):
@@ -180,22 +216,15 @@ def _load_source(path: Path, name: str, data: Any, allow_outside_paths: bool) ->
         fields.fail(None, "give exactly one of 'file' or 'text'")
     if has_text:
         return Source(name, fields.text("text"), kind)
-    relative = fields.text("file")
-    bank_dir = path.parent.resolve()
-    file = (bank_dir / relative).resolve()
-    if not allow_outside_paths and not file.is_relative_to(bank_dir):
-        fields.fail("file", f"{relative} lies outside the bank's folder {bank_dir} (pass --allow-outside-paths to allow it)")
-    try:
-        text = file.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        fields.fail("file", f"{file} not found")
-    except UnicodeDecodeError:
-        fields.fail("file", f"{file} is not UTF-8 text")
-    except OSError as exc:
-        fields.fail("file", f"cannot read {file} ({exc.strerror})")
-    if not text.strip():
-        fields.fail("file", f"{file} is empty")
-    return Source(name, text, kind)
+    return Source(name, _read_bank_file(fields, "file", fields.text("file"), allow_outside_paths), kind)
+
+
+def _context(fields: _Fields, allow_outside_paths: bool) -> str | None:
+    if "context" in fields.data and "context_file" in fields.data:
+        fields.fail(None, "give at most one of 'context' or 'context_file'")
+    if "context_file" in fields.data:
+        return _read_bank_file(fields, "context_file", fields.text("context_file"), allow_outside_paths).strip()
+    return fields.text("context", None)
 
 
 def load_bank(path: str | Path, allow_outside_paths: bool = False) -> Bank:
@@ -212,7 +241,8 @@ def load_bank(path: str | Path, allow_outside_paths: bool = False) -> Bank:
         top.fail("questions", "must list at least one question")
     questions: list[Question] = []
     first_seen: dict[str, int] = {}
-    allowed = {"id", "prompt", "correct", "incorrect", "engram", "controls", "related_wrong", "tags", "chat"}
+    allowed = {"id", "prompt", "correct", "incorrect", "engram", "controls", "related_wrong", "tags", "chat", "context",
+               "context_file", "answer_patterns"}
     for number, data in enumerate(raw_questions, start=1):
         qid = data.get("id") if isinstance(data, dict) else None
         fields = _Fields(path, f"question {qid!r}" if isinstance(qid, str) else f"question #{number}", data, allowed)
@@ -251,6 +281,8 @@ def load_bank(path: str | Path, allow_outside_paths: bool = False) -> Bank:
                 related_wrong=fields.get("related_wrong", bool, None),
                 tags=fields.strings("tags", (), non_empty=False),
                 chat=fields.get("chat", bool, chat_default),
+                context=_context(fields, allow_outside_paths),
+                answer_patterns=_answer_patterns(fields),
             )
         )
     return Bank(

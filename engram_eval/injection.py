@@ -9,13 +9,16 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 
 from .bank import NULL_PREFIXES
 from .errors import EngramEvalError
 from .model import LoadedModel
+
+if TYPE_CHECKING:
+    from .grid import Cell
 
 INJECTIONS = ("prefix", "add", "actadd")
 SCALINGS = ("global", "per-chunk")
@@ -112,6 +115,13 @@ class Steering:
             return steered
         return body + self._rows_at(0, vectors).unsqueeze(1)
 
+    def next_inputs(self, embeds: torch.Tensor) -> torch.Tensor:
+        """The embeddings of tokens generated after the prefill: prefix and add are in the KV cache already; actadd at
+        layer 0 adds to every position, these included (deeper layers get it from the hooks)."""
+        if self.mode != "actadd":
+            return embeds
+        return embeds + self._rows_at(0, self.vectors.to(embeds.dtype)).unsqueeze(1)
+
     def _rows_at(self, layer: int, vectors: torch.Tensor) -> torch.Tensor:
         """The rows' vectors where the row's layer is `layer`, zero elsewhere."""
         mask = torch.tensor([row_layer == layer for row_layer in self.layers], device=vectors.device, dtype=vectors.dtype)
@@ -137,3 +147,27 @@ class Steering:
             steered = hidden + self._rows_at(layer, self.vectors.to(hidden.dtype)).unsqueeze(1)
             return (steered, *output[1:]) if isinstance(output, tuple) else steered
         return hook
+
+
+class CellVectors:
+    """Turns cells into the Steering of a batch, for one prompt: the scaled engram (prefix, add) or strength x s x u
+    (actadd) of each cell, from the raw vectors by (engram, layer, k). Work shared by cells is done once."""
+
+    def __init__(self, lm: LoadedModel, raw: dict[tuple[str, int, int], torch.Tensor], injection: str, scaling: str,
+                 prompt_ids: tuple[int, ...], cells: list[Cell]):
+        self.injection = injection
+        self.norms = residual_norms(lm, prompt_ids, sorted({c.layer for c in cells})) if injection == "actadd" else {}
+        self.unit: dict[tuple[str, int, int], torch.Tensor] = {}  # strength 1: scaled engram, or direction u
+        for cell in cells:
+            key = (cell.engram, cell.layer, cell.chunks)
+            if key not in self.unit:
+                vectors = raw[key]
+                unit = direction(vectors) if injection == "actadd" else scale_engram(vectors, lm.embedding_norm, 1.0, scaling)
+                self.unit[key] = unit.to(lm.device)
+
+    def vector(self, cell: Cell) -> torch.Tensor:
+        unit = self.unit[(cell.engram, cell.layer, cell.chunks)]
+        return unit * (cell.strength * self.norms[cell.layer]) if self.injection == "actadd" else unit * cell.strength
+
+    def steering(self, cells: list[Cell]) -> Steering:
+        return Steering(self.injection, torch.stack([self.vector(cell) for cell in cells]), [cell.layer for cell in cells])

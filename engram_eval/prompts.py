@@ -16,23 +16,37 @@ class PreparedQuestion:
     prompt_ids: tuple[int, ...]
     correct_ids: tuple[tuple[int, ...], ...]
     incorrect_ids: tuple[tuple[int, ...], ...]
+    context: bool | None = None  # the prompt carries the question's retrieved context (None: it has none)
 
 
-def prompt_token_ids(lm: LoadedModel, question: Question, bank_path: Path | str = "bank") -> list[int]:
+def prompt_text(question: Question, context: bool = False) -> str:
+    """The question as scored: with its retrieved context, the context, a blank line, then the prompt."""
+    return f"{question.context}\n\n{question.prompt}" if context and question.context else question.prompt
+
+
+def prompt_token_ids(lm: LoadedModel, question: Question, bank_path: Path | str = "bank", context: bool = False) -> list[int]:
     """Default special tokens; with chat, the tokenizer's chat template (generation prompt added) first."""
-    text = question.prompt
+    text = prompt_text(question, context)
     if question.chat:
         if not getattr(lm.tokenizer, "chat_template", None):
             raise EngramEvalError(
                 f"{bank_path}: question '{question.id}': chat: true, but {lm.name}'s tokenizer has no chat template"
             )
-        messages = [{"role": "user", "content": question.prompt}]
+        messages = [{"role": "user", "content": text}]
         text = lm.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return lm.tokenizer(text)["input_ids"]
 
 
-def prepare_question(lm: LoadedModel, question: Question, scoring: str, bank_path: Path | str = "bank") -> PreparedQuestion:
-    """Tokenize prompt and variants; refuse variants that cannot be scored apart."""
+def context_conditions(question: Question, mode: str) -> list[bool | None]:
+    """The conditions a question runs in for --context with|without|both (None: the question has no context)."""
+    if question.context is None:
+        return [None]
+    return {"with": [True], "without": [False], "both": [False, True]}[mode]
+
+
+def prepare_question(lm: LoadedModel, question: Question, scoring: str, bank_path: Path | str = "bank",
+                     context: bool | None = None) -> PreparedQuestion:
+    """Tokenize prompt (with or without its context) and variants; refuse variants that cannot be scored apart."""
     tokenizer = lm.tokenizer
 
     def encode(variants: tuple[str, ...]) -> tuple[tuple[int, ...], ...]:
@@ -55,7 +69,7 @@ def prepare_question(lm: LoadedModel, question: Question, scoring: str, bank_pat
                     f"{bank_path}: question '{question.id}': correct {c_text!r} and incorrect {i_text!r} share their "
                     f"{what} ({token!r}, id {c_ids[0]}), so {scoring} scoring cannot tell them apart"
                 )
-    return PreparedQuestion(question, tuple(prompt_token_ids(lm, question, bank_path)), correct, incorrect)
+    return PreparedQuestion(question, tuple(prompt_token_ids(lm, question, bank_path, bool(context))), correct, incorrect, context)
 
 
 def variant_token_warnings(lm: LoadedModel, prepared: PreparedQuestion, bank_path: Path | str = "bank") -> list[str]:

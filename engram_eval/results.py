@@ -11,7 +11,7 @@ from .bank import Bank
 if TYPE_CHECKING:
     from .prompts import PreparedQuestion
     from .rundir import SweepSettings
-    from .sweep import Cell
+    from .grid import Cell
 
 CASES = (
     "HIGH_CONFIDENCE_CORRECT",
@@ -48,6 +48,7 @@ RESULT_SCHEMA = pl.Schema(
         "window": pl.Int32,
         "scaling": pl.String,
         "injection": pl.String,
+        "context": pl.Boolean,
         "scoring": pl.String,
         "p_correct": pl.Float64,
         "p_incorrect": pl.Float64,
@@ -113,6 +114,7 @@ def question_frame(settings: SweepSettings, bank: Bank, prepared: PreparedQuesti
             "window": [settings.window] * n,
             "scaling": [settings.scaling] * n,
             "injection": [settings.injection] * n,
+            "context": [prepared.context] * n,
             "scoring": [settings.scoring] * n,
             "logp_correct": scores["logp_correct"],
             "logp_incorrect": scores["logp_incorrect"],
@@ -122,7 +124,7 @@ def question_frame(settings: SweepSettings, bank: Bank, prepared: PreparedQuesti
             "logp_top": scores["logp_top"],
         },
         schema_overrides={k: RESULT_SCHEMA[k] for k in ("tags", "related_wrong", "engram", "engram_key", "control_kind", "layer", "strength",
-                                                      "chunks", "skip_tokens", "window")},
+                                                      "chunks", "skip_tokens", "window", "context")},
     )
     log_ratio = pl.col("logp_correct") - pl.col("logp_incorrect")
     unscorable = pl.col("case") == "UNSCORABLE"

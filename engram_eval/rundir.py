@@ -39,6 +39,7 @@ class SweepSettings:
     skip_tokens: int = 0
     window: int | None = None
     scaling: str = "global"
+    context: str = "with"
 
     @property
     def extraction(self) -> Extraction:
@@ -62,7 +63,7 @@ def package_versions() -> dict[str, str]:
 RESULTS_FORMAT = hashlib.sha256(str(list(RESULT_SCHEMA.items())).encode()).hexdigest()[:8]
 
 # What a run directory holds that derives from its settings: --force on other settings removes all of it.
-DERIVED = ("parts", "results.parquet", "report.html", "generations.parquet", "generation-parts")
+DERIVED = ("parts", "results.parquet", "report.html", "generations.parquet", "generation-parts", "generation.json")
 
 
 def read_run_json(out: Path) -> dict | None:
@@ -135,10 +136,9 @@ def write_part(part: Path, frame: pl.DataFrame) -> None:
         ) from None
 
 
-def merge_parts(out: Path, parts: list[Path]) -> Path:
-    """Stream the parts, in bank order, into results.parquet (atomically)."""
-    results_path = out / "results.parquet"
-    tmp = out / ".results.parquet.tmp"
-    pl.scan_parquet(parts, schema=RESULT_SCHEMA).sink_parquet(tmp, maintain_order=True)
-    os.replace(tmp, results_path)
-    return results_path
+def merge_parts(target: Path, parts: list[Path], schema: pl.Schema = RESULT_SCHEMA) -> Path:
+    """Stream the parts, in bank order, into one Parquet file (atomically)."""
+    tmp = target.with_name(f".{target.name}.tmp")
+    pl.scan_parquet(parts, schema=schema).sink_parquet(tmp, maintain_order=True)
+    os.replace(tmp, target)
+    return target

@@ -9,12 +9,12 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from .injection import Steering, direction, residual_norms, scale_engram
+from .injection import CellVectors, Steering
 from .model import LoadedModel
 from .prompts import PreparedQuestion
 
 if TYPE_CHECKING:
-    from .sweep import Cell
+    from .grid import Cell
 
 SCORINGS = ("first-token", "sequence", "sequence-max", "sequence-mean")
 CPU_TOKENS_PER_BATCH = 1024  # measured: larger CPU batches fall out of cache and get slower (docs/performance.md)
@@ -151,17 +151,7 @@ def score_cells(
 
     score(None)
     on_batch(1)
-    norms = residual_norms(lm, prompt_ids, sorted({c.layer for c in cells})) if injection == "actadd" else {}
-    unit: dict[tuple[str, int, int], torch.Tensor] = {}  # strength 1: scaled engram (prefix, add) or direction u (actadd)
-    for cell in cells:
-        key = (cell.engram, cell.layer, cell.chunks)
-        if key not in unit:
-            vectors = raw[key]
-            unit[key] = (direction(vectors) if injection == "actadd" else scale_engram(vectors, lm.embedding_norm, 1.0, scaling)).to(lm.device)
-
-    def vector(cell: Cell) -> torch.Tensor:
-        u = unit[(cell.engram, cell.layer, cell.chunks)]
-        return u * (cell.strength * norms[cell.layer]) if injection == "actadd" else u * cell.strength
+    vectors = CellVectors(lm, raw, injection, scaling, prompt_ids, cells)
 
     def injects(cell: Cell) -> tuple:
         """What a cell puts into the model: a null prefix is the same at every layer, except actadd's injection site."""
@@ -181,7 +171,7 @@ def score_cells(
         group = [i for i in order[start:] if unique[i].chunks == unique[order[start]].chunks]
         # Even batches: 120 cells at size 13 run as 10 x 12, not 9 x 13 + a slow 3-cell remainder.
         batch = group[: math.ceil(len(group) / math.ceil(len(group) / size))]
-        steering = Steering(injection, torch.stack([vector(unique[i]) for i in batch]), [unique[i].layer for i in batch])
+        steering = vectors.steering([unique[i] for i in batch])
         try:
             score(steering)
         except (torch.OutOfMemoryError, RuntimeError) as exc:

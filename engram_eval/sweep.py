@@ -12,19 +12,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import torch
+import polars as pl
+
 
 from .bank import NULL_PREFIXES, Bank, Question
 from .engram import DEFAULT_MAX_TOKENS, Extraction, check_chunks, check_layers, chunk_shares
 from .errors import EngramEvalError, EngramEvalWarning
-from .injection import NULL_KIND, check_injection, null_prefix
+from .grid import question_cells, raw_vectors
+from .injection import check_injection
 from .model import LoadedModel
-from .prompts import PreparedQuestion, prepare_question, variant_token_warnings
+from .prompts import PreparedQuestion, context_conditions, prepare_question, variant_token_warnings
 from .results import question_frame
 from .rundir import (SweepSettings, mark_stopped, merge_parts, one_line, package_versions, part_paths, prepare_out, write_part,
                      write_run_json)
 from .scoring import SCORINGS, auto_batch_size, score_cells
 from .store import EngramStore, StoredEngram, engram_warnings
+
+CONTEXTS = ("with", "without", "both")
+
 
 def check_strengths(strengths: list[float]) -> list[float]:
     if not strengths:
@@ -43,48 +48,11 @@ def parse_strengths(text: str) -> list[float]:
     return sorted(set(check_strengths(strengths)))
 
 
-@dataclass(frozen=True)
-class Cell:
-    engram: str  # a bank source's name, or a null prefix's ~name
-    engram_key: str | None  # the store key (None for a null prefix)
-    role: str  # relevant or control
-    control_kind: str | None
-    layer: int
-    strength: float
-    chunks: int
-
-    @property
-    def is_null(self) -> bool:
-        return self.control_kind == NULL_KIND
-
-
 @dataclass
 class SweepResult:
     out: Path
     results_path: Path
     run: dict = field(default_factory=dict)
-
-
-def _cells(question: Question, bank: Bank, engrams: dict[str, StoredEngram], settings: SweepSettings) -> list[Cell]:
-    cells = []
-    for name, role in [(question.engram, "relevant"), *[(c, "control") for c in question.controls]]:
-        null = name in NULL_PREFIXES
-        kind = NULL_KIND if null else bank.sources[name].kind if role == "control" else None
-        key = None if null else engrams[name].key
-        for layer in settings.layers:
-            for strength in settings.strengths:
-                cells.append(Cell(name, key, role, kind, layer, strength, settings.chunks))
-    return cells
-
-
-def _raw_vectors(lm: LoadedModel, bank: Bank, engrams: dict[str, StoredEngram], settings: SweepSettings) -> dict[tuple[str, int, int], torch.Tensor]:
-    """Every engram's unscaled vectors by (name, layer, k); a null prefix is the same at every layer."""
-    raw = {(name, layer, settings.chunks): stored.engram.layers[layer] for name, stored in engrams.items() for layer in settings.layers}
-    nulls = {name for q in bank.questions for name in q.controls if name in NULL_PREFIXES}
-    for name in nulls:
-        vectors = null_prefix(name, lm, settings.chunks)
-        raw.update({(name, layer, settings.chunks): vectors for layer in settings.layers})
-    return raw
 
 
 def run_sweep(
@@ -100,6 +68,7 @@ def run_sweep(
     injection: str = "prefix",
     scaling: str = "global",
     extraction: Extraction | None = None,
+    context: str = "with",
     questions: list[str] | None = None,
     batch_size: int | None = None,
     max_tokens: int = DEFAULT_MAX_TOKENS,
@@ -112,8 +81,9 @@ def run_sweep(
 ) -> SweepResult:
     """Run the grid; each finished question lands atomically in out/parts, so a rerun resumes where it stopped.
 
-    injection, scaling and extraction (pooling, skip_tokens, window) default to the seed's method. questions limits the
-    run to these question ids. warn receives what a researcher must read before trusting the
+    injection, scaling and extraction (pooling, skip_tokens, window) default to the seed's method. context: questions
+    with a retrieved context run `with` it, `without` it, or `both` (each condition with its own baseline row).
+    questions limits the run to these question ids. warn receives what a researcher must read before trusting the
     numbers (bank mistakes, truncated or dominated engrams); by default Python's warnings machinery
     (EngramEvalWarning), one line each. strict makes the bank's mistakes errors, raised before any model work.
     before_question runs before each question is computed, outside the sweep's timings (the benchmark measures the
@@ -121,6 +91,8 @@ def run_sweep(
     """
     if scoring not in SCORINGS:
         raise EngramEvalError(f"--scoring: unknown '{scoring}' (one of: {', '.join(SCORINGS)})")
+    if context not in CONTEXTS:
+        raise EngramEvalError(f"--context: unknown '{context}' (one of: {', '.join(CONTEXTS)})")
     check_injection(injection, scaling)
     check_layers(layers, lm.num_layers)
     check_strengths(strengths)
@@ -130,13 +102,16 @@ def run_sweep(
         bank = bank.select(questions)
     out = Path(out)
     started = time.perf_counter()
-    prepared = [prepare_question(lm, q, scoring, bank.path) for q in bank.questions]  # before any model work
+    prepared = [[prepare_question(lm, q, scoring, bank.path, condition) for condition in context_conditions(q, context)]
+                for q in bank.questions]  # before any model work
     if injection == "add":
-        for p in prepared:
+        for p in (p for conditions in prepared for p in conditions):
             if len(p.prompt_ids) < chunks:
                 raise EngramEvalError(f"{bank.path}: question '{p.question.id}': --injection add needs a prompt of at least "
                                       f"k = {chunks} tokens; this one has {len(p.prompt_ids)}")
-    bank_warnings = bank.lint() + [w for p in prepared for w in variant_token_warnings(lm, p, bank.path)]
+    bank_warnings = bank.lint() + [w for conditions in prepared for w in variant_token_warnings(lm, conditions[0], bank.path)]
+    if context == "both" and not any(q.context for q in bank.questions):
+        bank_warnings.append(f"{bank.path}: --context both, but no question has a context: every question runs once")
     if strict and bank_warnings:
         raise EngramEvalError(f"{bank_warnings[0]} (--strict)")
     for warning in bank_warnings:
@@ -145,10 +120,10 @@ def run_sweep(
         model=lm.name, model_fingerprint=lm.fingerprint, bank=bank.name, bank_sha256=bank.sha256,
         layers=list(layers), strengths=list(strengths), chunks=chunks, scoring=scoring, injection=injection,
         questions=[q.id for q in bank.questions], max_tokens=extraction.max_tokens, pooling=extraction.pooling,
-        skip_tokens=extraction.skip_tokens, window=extraction.window, scaling=scaling,
+        skip_tokens=extraction.skip_tokens, window=extraction.window, scaling=scaling, context=context,
     )
     run = prepare_out(out, settings, force)
-    run.update(bank_path=str(bank.path), model_description=lm.description, versions=package_versions(),
+    run.update(bank_path=str(bank.path), store=str(store.root), model_description=lm.description, versions=package_versions(),
                device=str(lm.device), dtype=str(lm.dtype).removeprefix("torch."), batch_size=batch_size or "auto")
     write_run_json(out, run)
     try:
@@ -164,16 +139,13 @@ def run_sweep(
     return SweepResult(out=out, results_path=out / "results.parquet", run=run)
 
 
-def _run_grid(lm: LoadedModel, bank: Bank, store: EngramStore, out: Path, settings: SweepSettings, run: dict,
-              prepared: list[PreparedQuestion], batch_size: int | None, progress: bool, log: Callable[[str], None],
-              warn: Callable[[str], None], before_question: Callable[[Question], None]) -> None:
-    """Build what the store lacks, score every question not yet in out/parts, merge; fills run in place."""
-    from tqdm import tqdm
-
+def build_engrams(lm: LoadedModel, bank: Bank, store: EngramStore, settings: SweepSettings,
+                  warn: Callable[[str], None] = lambda message: None,
+                  log: Callable[[str], None] = lambda message: None) -> dict[str, StoredEngram]:
+    """Every source engram the bank's questions use, from the store (built where it lacks them)."""
     layers, chunks = settings.layers, settings.chunks
     needed = list(dict.fromkeys(name for q in bank.questions for name in (q.engram, *q.controls) if name not in NULL_PREFIXES))
     engrams: dict[str, StoredEngram] = {}
-    build_started = time.perf_counter()
     for name in needed:
         (stored, status), = store.ensure_all(lm, name, bank.sources[name].text, layers, [chunks], settings.extraction).values()
         if stored.engram.layers[layers[0]].shape[-1] != lm.hidden_size:
@@ -183,6 +155,18 @@ def _run_grid(lm: LoadedModel, bank: Bank, store: EngramStore, out: Path, settin
                 warn(warning)
         log(f"engram {name}: {status} ({stored.path})")
         engrams[name] = stored
+    return engrams
+
+
+def _run_grid(lm: LoadedModel, bank: Bank, store: EngramStore, out: Path, settings: SweepSettings, run: dict,
+              prepared: list[list[PreparedQuestion]], batch_size: int | None, progress: bool, log: Callable[[str], None],
+              warn: Callable[[str], None], before_question: Callable[[Question], None]) -> None:
+    """Build what the store lacks, score every question not yet in out/parts, merge; fills run in place."""
+    from tqdm import tqdm
+
+    layers, chunks = settings.layers, settings.chunks
+    build_started = time.perf_counter()
+    engrams = build_engrams(lm, bank, store, settings, warn, log)
     build_seconds = time.perf_counter() - build_started
     run.update(
         engram_keys={name: stored.key for name, stored in engrams.items()},
@@ -192,33 +176,38 @@ def _run_grid(lm: LoadedModel, bank: Bank, store: EngramStore, out: Path, settin
     )
     write_run_json(out, run)
 
-    grid = {p.question.id: _cells(p.question, bank, engrams, settings) for p in prepared}
-    raw = _raw_vectors(lm, bank, engrams, settings)
-    total = sum(len(cells) + 1 for cells in grid.values())
-    parts = part_paths(out, [p.question.id for p in prepared])
-    done = sum(len(grid[p.question.id]) + 1 for p, part in zip(prepared, parts) if part.exists())
+    keys = {name: stored.key for name, stored in engrams.items()}
+    grid = [[question_cells(p.question, bank, keys, layers, settings.strengths, chunks, p.context) for p in conditions]
+            for conditions in prepared]
+    raw = raw_vectors(lm, bank, engrams, layers, chunks)
+    rows = [sum(len(cells) + 1 for cells in question) for question in grid]
+    parts = part_paths(out, [conditions[0].question.id for conditions in prepared])
+    done = sum(n for n, part in zip(rows, parts) if part.exists())
     sweep_started = time.perf_counter()
-    bar = tqdm(total=total, initial=done, unit="cell", desc="sweep", disable=not progress or None, dynamic_ncols=True)
+    bar = tqdm(total=sum(rows), initial=done, unit="cell", desc="sweep", disable=not progress or None, dynamic_ncols=True)
     fits: int | None = None  # the largest batch size known to fit, after an out-of-memory back-off
     paused = 0.0
     with bar:
-        for p, part in zip(prepared, parts):
+        for conditions, question_grid, part in zip(prepared, grid, parts):
             if part.exists():
                 continue
             pause_started = time.perf_counter()
-            before_question(p.question)
+            before_question(conditions[0].question)
             paused += time.perf_counter() - pause_started
-            cells = grid[p.question.id]
-            prefix = chunks if settings.injection == "prefix" else 0
-            requested = batch_size or auto_batch_size(lm, prefix + len(p.prompt_ids), len(cells))
-            scores, size = score_cells(lm, p, cells, raw, settings.scoring, settings.injection, settings.scaling,
-                                       min(requested, fits or requested), on_batch=bar.update)
-            if size < requested:
-                fits = size
-            write_part(part, question_frame(settings, bank, p, cells, scores))
+            frames = []
+            for p, cells in zip(conditions, question_grid):
+                prefix = chunks if settings.injection == "prefix" else 0
+                requested = batch_size or auto_batch_size(lm, prefix + len(p.prompt_ids), len(cells))
+                scores, size = score_cells(lm, p, cells, raw, settings.scoring, settings.injection, settings.scaling,
+                                           min(requested, fits or requested), on_batch=bar.update)
+                if size < requested:
+                    fits = size
+                frames.append(question_frame(settings, bank, p, cells, scores))
+            write_part(part, pl.concat(frames))
     sweep_seconds = time.perf_counter() - sweep_started - paused
 
-    merge_parts(out, parts)
+    merge_parts(out / "results.parquet", parts)
+    total = sum(rows)
     run.update(
         status="complete",
         cells={"total": total, "resumed": done, "computed": total - done, "questions": len(prepared)},

@@ -6,6 +6,8 @@ position, a full softmax, Python loops.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 
@@ -69,10 +71,10 @@ def reference_block_output(model, inputs: torch.Tensor, layer: int) -> torch.Ten
     return captured["h"][0]
 
 
-@torch.no_grad()
-def reference_distribution(model, tokenizer, engram: torch.Tensor | None, strength: float, prompt: str, mode: str = "prefix",
-                           layer: int | None = None, scaling: str = "global") -> torch.Tensor:
-    """The full next-token distribution of one cell, float32 softmax.
+@contextmanager
+def reference_steered(model, tokenizer, engram: torch.Tensor | None, strength: float, prompt: str, mode: str = "prefix",
+                      layer: int | None = None, scaling: str = "global"):
+    """The input embeddings of one cell, with a forward hook active for actadd.
 
     prefix: scaled engram rows before the prompt; add: added to the first k prompt embeddings; actadd: a forward hook
     adds strength * s * u to block layer-1's output at every position (u: unit mean of the raw engram rows; s: mean row
@@ -91,17 +93,34 @@ def reference_distribution(model, tokenizer, engram: torch.Tensor | None, streng
         mean = engram.mean(dim=0)
         vector = strength * s * mean / mean.norm()
         if layer == 0:
+            handle = model.get_input_embeddings().register_forward_hook(lambda m, i, o: o + vector)
             inputs = inputs + vector
         else:
             def add(module, args, output):
                 return (output[0] + vector, *output[1:]) if isinstance(output, tuple) else output + vector
             handle = model.model.layers[layer - 1].register_forward_hook(add)
     try:
-        logits = model(inputs_embeds=inputs.unsqueeze(0)).logits[0, -1].float()
+        yield inputs
     finally:
         if handle is not None:
             handle.remove()
+
+
+@torch.no_grad()
+def reference_distribution(model, tokenizer, engram: torch.Tensor | None, strength: float, prompt: str, **method) -> torch.Tensor:
+    """The full next-token distribution of one cell, float32 softmax."""
+    with reference_steered(model, tokenizer, engram, strength, prompt, **method) as inputs:
+        logits = model(inputs_embeds=inputs.unsqueeze(0)).logits[0, -1].float()
     return torch.softmax(logits, dim=-1)
+
+
+@torch.no_grad()
+def reference_generation(model, tokenizer, engram: torch.Tensor | None, strength: float, prompt: str, max_new_tokens: int,
+                         **method) -> list[int]:
+    """transformers' own greedy `generate` for one cell (new tokens only, EOS included when it ends the text)."""
+    with reference_steered(model, tokenizer, engram, strength, prompt, **method) as inputs:
+        output = model.generate(inputs_embeds=inputs.unsqueeze(0), do_sample=False, max_new_tokens=max_new_tokens)
+    return output[0].tolist()
 
 
 @torch.no_grad()

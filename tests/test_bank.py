@@ -68,7 +68,8 @@ def test_yaml_syntax_error_names_line_and_column(tmp_path):
     (('correct: [" alpha"]', 'correct: []'), "question 'q1': field 'correct': must list at least one item"),
     (('correct: [" alpha"]', 'correct: [1]'), "question 'q1': field 'correct': every item must be a string, got int 1"),
     (('    engram: pheo\n', '    engram: pheo\n    colour: red\n'),
-     "question 'q1': field 'colour': unknown field (allowed: chat, controls, correct, engram, id, incorrect, prompt, related_wrong, tags)"),
+     "question 'q1': field 'colour': unknown field (allowed: answer_patterns, chat, context, context_file, controls, correct, engram, id, "
+     "incorrect, prompt, related_wrong, tags)"),
     (('    engram: pheo\n', '    engram: pheo\n    related_wrong: maybe\n'), "question 'q1': field 'related_wrong': must be bool, got a string"),
     (('kind: irrelevant', 'kind: cosmic'), "source 'stars': field 'kind': unknown kind 'cosmic' (one of: relevant, irrelevant, random, anti, other)"),
     (('engram: pheo', 'engram: pheox'), "question 'q1': field 'engram': unknown source 'pheox' (known: pheo, stars)"),
