@@ -9,17 +9,27 @@ import resource
 import tempfile
 import threading
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Self
 
+import polars as pl
 import torch
 
 from .bank import NULL_PREFIXES, Bank, Question
-from .pooling import chunk_mean
-from .model import LoadedModel
-from .store import EngramStore
+from .generation import (
+    DEFAULT_MAX_NEW_TOKENS,
+    question_rows,
+    reopen_run,
+    run_generate,
+    select_cells,
+)
 from .injection import Steering, direction, null_prefix, residual_norms, scale_engram
+from .model import LoadedModel
+from .pooling import chunk_mean
 from .prompts import prepare_question
+from .rundir import read_run_json
+from .store import EngramStore
 from .sweep import run_sweep
 
 
@@ -98,7 +108,8 @@ def seed_loop(lm: LoadedModel, bank: Bank, question: Question, layers: list[int]
 
 
 def run_bench(lm: LoadedModel, bank: Bank, layers: list[int], strengths: list[float], chunks: int = 16,
-              loop_cells: int = 120, batch_size: int | None = None, probe_seconds: float = 0.3, injection: str = "prefix") -> dict:
+              loop_cells: int = 120, batch_size: int | None = None, probe_seconds: float = 0.3, injection: str = "prefix",
+              generation_cells: int = 12, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> dict:
     """Build and sweep with engram-eval; before each question of the sweep (outside its timings), run the seed loop
     on a sample of that question's cells and a matmul probe, so all three are measured under the same contention
     from whatever else shares the machine."""
@@ -133,6 +144,7 @@ def run_bench(lm: LoadedModel, bank: Bank, layers: list[int], strengths: list[fl
                                warn=lambda message: None)
         finished = time.perf_counter()
         matmul_rates.append(probe.rate(probe_seconds))
+        generation = bench_generation(lm, result.out, generation_cells, max_new_tokens) if generation_cells else {}
     # Question i ran between the end of pause i and the start of pause i + 1 (the last one until the sweep returned),
     # next to the matmul probes just before and just after it.
     ends = [paused for paused, _ in pauses[1:]] + [finished]
@@ -156,7 +168,38 @@ def run_bench(lm: LoadedModel, bank: Bank, layers: list[int], strengths: list[fl
         "matmul_flops_best": best, "roofline_fraction_of_best": achieved / best,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "sweep_rss_quarter_mib": rss.at(0.25), "sweep_rss_end_mib": rss.at(1.0),
+        **generation,
     }
+
+
+@torch.inference_mode()
+def bench_generation(lm: LoadedModel, run_dir: Path, reference_cells: int, max_new_tokens: int) -> dict:
+    """The batched generator on the run's default selection, then transformers' own `generate`, one call per cell, on an
+    evenly spread sample of the same cells -> tokens/s of each and their ratio."""
+    result = run_generate(lm, run_dir, max_new_tokens=max_new_tokens, progress=False)
+    run = read_run_json(run_dir)
+    settings, bank, raw = reopen_run(lm, run_dir, run)
+    selected = select_cells(pl.read_parquet(run_dir / "results.parquet"), "default").drop("row")
+    step = max(1, selected.height // reference_cells)
+    sample = selected.gather(list(range(0, selected.height, step))[:reference_cells])
+    tokens, started = 0, time.perf_counter()
+    embed = lm.model.get_input_embeddings()
+    for question in bank.questions:
+        rows = sample.filter(pl.col("question_id") == question.id)
+        if rows.is_empty():
+            continue
+        for row in question_rows(lm, question, bank.path, rows, raw, settings)[1]:
+            body = embed(torch.tensor([row.prompt_ids], device=lm.device))
+            with row.steering.active(lm.model) if row.steering is not None else nullcontext():
+                inputs = body if row.steering is None else row.steering.inputs(body)
+                output = lm.model.generate(inputs_embeds=inputs, attention_mask=torch.ones(inputs.shape[:2], dtype=torch.long),
+                                           do_sample=False, max_new_tokens=max_new_tokens)
+            tokens += output.shape[1]
+    reference_rate = tokens / (time.perf_counter() - started)
+    batched_rate = result.info["timings"]["tokens_per_second"]
+    return {"generation_cells": result.info["generations"], "generation_tokens_per_second": batched_rate,
+            "generation_reference_cells": sample.height, "generation_reference_tokens_per_second": reference_rate,
+            "generation_speedup": batched_rate / reference_rate}
 
 
 def question_flops(lm: LoadedModel, bank: Bank, question: Question, layers: list[int], strengths: list[float], chunks: int,

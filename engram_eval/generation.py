@@ -19,19 +19,20 @@ import polars as pl
 import torch
 
 from .answers import AnswerMatcher
-from .bank import load_bank
+from .bank import Bank, load_bank
 from .errors import EngramEvalError
 from .files import atomic_write_text
 from .grid import Cell, raw_vectors
 from .injection import CellVectors, Steering
 from .model import LoadedModel
-from .prompts import prepare_question
-from .rundir import SweepSettings, merge_parts, one_line, read_run_json, write_part
+from .prompts import prepare_question, prompt_token_ids
+from .rundir import SweepSettings, check_results_format, merge_parts, one_line, read_run_json, write_part
 from .scoring import auto_batch_size
 from .store import EngramStore
 from .sweep import build_engrams
 
 SELECTIONS = ("default", "all", "baseline", "flips")
+GENERATION_BATCH_CPU = 64  # rows decoded together on a CPU; decoding reads every weight once per step whatever the batch
 DEFAULT_MAX_NEW_TOKENS = 48
 KEY_COLUMNS = ("question_id", "role", "engram", "control_kind", "layer", "strength", "chunks", "pooling", "skip_tokens",
                "window", "scaling", "injection", "context")
@@ -80,32 +81,63 @@ def eos_token_ids(lm: LoadedModel) -> set[int]:
     return set(configured if isinstance(configured, list) else [] if configured is None else [configured])
 
 
+@dataclass
+class Row:
+    """One text to generate: a prompt, and the cell's one-row steering (None: the baseline, nothing injected)."""
+
+    prompt_ids: tuple[int, ...]
+    steering: Steering | None = None
+
+
 @torch.inference_mode()
-def generate_batch(lm: LoadedModel, prompt_ids: tuple[int, ...], steering: Steering | None, max_new_tokens: int) -> list[Generated]:
-    """Greedy decoding of a batch of cells that share a prompt (steering None: one unsteered row). The EOS token ends a
-    row and is not part of its tokens; rows that ended keep decoding (their output unused) until all have."""
+def generate_rows(lm: LoadedModel, rows: list[Row], max_new_tokens: int) -> list[Generated]:
+    """Greedy decoding of rows in one batch with the KV cache. Rows of one length run exactly as they would alone; rows
+    of several lengths are left-padded, masked, and given their own positions. The EOS token ends a row and is not part
+    of its tokens; rows that ended keep decoding (their output unused) until all have."""
     embed = lm.model.get_input_embeddings()
-    batch = 1 if steering is None else steering.vectors.shape[0]
-    body = embed(torch.tensor(prompt_ids, device=lm.device)).unsqueeze(0).expand(batch, -1, -1)
+    inputs = []
+    for row in rows:
+        body = embed(torch.tensor(row.prompt_ids, device=lm.device)).unsqueeze(0)
+        inputs.append((body if row.steering is None else row.steering.inputs(body))[0])
+    longest = max(len(x) for x in inputs)
+    padded = torch.stack([torch.cat([x.new_zeros(longest - len(x), x.shape[-1]), x]) for x in inputs])
+    mask = positions = None
+    if any(len(x) != longest for x in inputs):
+        mask = torch.stack([torch.arange(longest, device=lm.device) >= longest - len(x) for x in inputs]).long()
+        positions = (mask.cumsum(dim=-1) - 1).clamp_min(0)
+    hooks = _actadd_rows(rows)
     stops = eos_token_ids(lm)
-    tokens: list[list[int]] = [[] for _ in range(batch)]
-    ended = [False] * batch
-    with steering.active(lm.model) if steering is not None else nullcontext():
-        output = lm.model(inputs_embeds=body if steering is None else steering.inputs(body), use_cache=True, logits_to_keep=1)
+    tokens: list[list[int]] = [[] for _ in rows]
+    ended = [False] * len(rows)
+    with hooks.active(lm.model) if hooks is not None else nullcontext():
+        output = lm.model(inputs_embeds=padded, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
         for step in range(max_new_tokens):
             next_ids = output.logits[:, -1].float().argmax(dim=-1)
-            for row, token in enumerate(next_ids.tolist()):
-                if not ended[row]:
+            for i, token in enumerate(next_ids.tolist()):
+                if not ended[i]:
                     if token in stops:
-                        ended[row] = True
+                        ended[i] = True
                     else:
-                        tokens[row].append(token)
+                        tokens[i].append(token)
             if all(ended) or step == max_new_tokens - 1:
                 break
             embeds = embed(next_ids).unsqueeze(1)
-            output = lm.model(inputs_embeds=embeds if steering is None else steering.next_inputs(embeds),
-                              past_key_values=output.past_key_values, use_cache=True, logits_to_keep=1)
+            if mask is not None:
+                mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
+                positions = positions[:, -1:] + 1
+            output = lm.model(inputs_embeds=embeds if hooks is None else hooks.next_inputs(embeds), attention_mask=mask,
+                              position_ids=positions, past_key_values=output.past_key_values, use_cache=True, logits_to_keep=1)
     return [Generated(row_tokens, "eos" if row_ended else "length") for row_tokens, row_ended in zip(tokens, ended)]
+
+
+def _actadd_rows(rows: list[Row]) -> Steering | None:
+    """One steering for a batch's actadd hooks: each row's vector at its layer; a baseline row adds exact zeros."""
+    if not any(row.steering is not None and row.steering.mode == "actadd" for row in rows):
+        return None
+    template = next(row.steering.vectors for row in rows if row.steering is not None)
+    vectors = [row.steering.vectors[0] if row.steering is not None else template.new_zeros(template.shape[1:]) for row in rows]
+    layers = [row.steering.layers[0] if row.steering is not None else 0 for row in rows]
+    return Steering("actadd", torch.stack(vectors), layers)
 
 
 def select_cells(frame: pl.DataFrame, selection: str) -> pl.DataFrame:
@@ -161,35 +193,37 @@ def run_generate(
     results = out / "results.parquet"
     if run is None or not results.is_file():
         raise EngramEvalError(f"{out}: no results.parquet (finish the sweep with `engram-eval sweep ... --out {out}` first)")
-    settings = SweepSettings(**run["settings"])
-    if lm.fingerprint != settings.model_fingerprint:
-        raise EngramEvalError(f"{out} was swept with model {settings.model} ({settings.model_fingerprint[:12]}), "
-                              f"not {lm.name} ({lm.short_fingerprint}): pass the run's --model")
-    bank = load_bank(run["bank_path"], allow_outside_paths=True).select(settings.questions)
-    if bank.sha256 != settings.bank_sha256:
-        raise EngramEvalError(f"{run['bank_path']}: the bank changed since {out} was swept; sweep again before generating")
+    check_results_format(out, run)
+    settings, bank, raw = reopen_run(lm, out, run)
     selected = select_cells(pl.read_parquet(results), cells)
     info = {"settings": {"cells": cells, "max_new_tokens": max_new_tokens, "run_id": run["run_id"]}, "status": "running"}
     _prepare_generation_dir(out, info, force)
-
-    engrams = build_engrams(lm, bank, EngramStore(run["store"]), settings)
-    raw = raw_vectors(lm, bank, engrams, settings.layers, settings.chunks)
     started, generated_tokens = time.perf_counter(), 0
     parts_dir = out / "generation-parts"
     parts = [parts_dir / f"{i:05d}-{qid}.parquet" for i, qid in enumerate(settings.questions)]
-    bar = tqdm(total=selected.height, unit="cell", desc="generate", disable=not progress or None, dynamic_ncols=True)
+    waiting = [(question, part, selected.filter(pl.col("question_id") == question.id)) for question, part in zip(bank.questions, parts)]
+    waiting = [(question, part, rows) for question, part, rows in waiting if rows.height and not part.exists()]
+    longest = settings.chunks + max(len(prompt_token_ids(lm, q, bank.path, context=True)) for q in bank.questions)
+    size = batch_size or min(GENERATION_BATCH_CPU if lm.device.type == "cpu" else selected.height,
+                             auto_batch_size(lm, longest + max_new_tokens, selected.height, cpu_token_budget=False))
+    bar = tqdm(total=selected.height, initial=selected.height - sum(rows.height for _, _, rows in waiting), unit="cell",
+               desc="generate", disable=not progress or None, dynamic_ncols=True)
     try:
         with bar:
-            for question, part in zip(bank.questions, parts):
-                rows = selected.filter(pl.col("question_id") == question.id)
-                if part.exists() or rows.is_empty():
-                    bar.update(rows.height)
-                    continue
-                frame, tokens = _generate_question(lm, question, bank.path, rows, raw, settings, max_new_tokens, batch_size,
-                                                   on_rows=bar.update)
-                generated_tokens += tokens
+            while waiting:
+                # Whole questions, as many as fill a batch: each lands in its part once its batch is done.
+                group, count = [], 0
+                while waiting and (not group or count + waiting[0][2].height <= size):
+                    group.append(waiting.pop(0))
+                    count += group[-1][2].height
+                prepared = [(question, part, *question_rows(lm, question, bank.path, rows, raw, settings)) for question, part, rows in group]
+                generated = _generate(lm, [row for *_, todo in prepared for row in todo], max_new_tokens, size, bar.update)
+                for question, part, rows, todo in prepared:
+                    mine, generated = generated[: len(todo)], generated[len(todo):]
+                    generated_tokens += sum(len(g.token_ids) for g in mine)
+                    frame = _generation_frame(lm, question, rows, mine).with_columns(run_id=pl.lit(run["run_id"]))
+                    write_part(part, frame.select(list(GENERATION_SCHEMA)))
                 bar.set_postfix(tokens_per_s=f"{generated_tokens / (time.perf_counter() - started):.0f}")
-                write_part(part, frame.with_columns(run_id=pl.lit(run["run_id"])).select(list(GENERATION_SCHEMA)))
     except KeyboardInterrupt:
         _write_info(out, {**info, "status": "interrupted"})
         raise
@@ -205,40 +239,61 @@ def run_generate(
     return GenerateResult(out=out, generations_path=generations, info=info)
 
 
-def _generate_question(lm: LoadedModel, question, bank_path: Path, rows: pl.DataFrame, raw: dict, settings: SweepSettings,
-                       max_new_tokens: int, batch_size: int | None, on_rows: Callable[[int], None]) -> tuple[pl.DataFrame, int]:
-    """Every selected row of one question, batched per context condition (one prompt, one prefill length)."""
-    matcher = AnswerMatcher.for_question(question)
-    frames, tokens = [], 0
+def reopen_run(lm: LoadedModel, out: Path, run: dict) -> tuple[SweepSettings, Bank, dict]:
+    """A finished sweep's settings, its bank (unchanged since) and its engrams' raw vectors, for this model."""
+    settings = SweepSettings(**run["settings"])
+    if lm.fingerprint != settings.model_fingerprint:
+        raise EngramEvalError(f"{out} was swept with model {settings.model} ({settings.model_fingerprint[:12]}), "
+                              f"not {lm.name} ({lm.short_fingerprint}): pass the run's --model")
+    bank = load_bank(run["bank_path"], allow_outside_paths=True).select(settings.questions)
+    if bank.sha256 != settings.bank_sha256:
+        raise EngramEvalError(f"{run['bank_path']}: the bank changed since {out} was swept; sweep again before generating")
+    engrams = build_engrams(lm, bank, EngramStore(run["store"]), settings)
+    return settings, bank, raw_vectors(lm, bank, engrams, settings.layers, settings.chunks)
+
+
+def question_rows(lm: LoadedModel, question, bank_path: Path, rows: pl.DataFrame, raw: dict,
+                   settings: SweepSettings) -> tuple[pl.DataFrame, list[Row]]:
+    """One question's selected results rows (baseline first in each context condition) and what to generate for each."""
+    ordered, todo = [], []
     for (context,), group in rows.group_by(["context"], maintain_order=True):
         prepared = prepare_question(lm, question, settings.scoring, bank_path, context)
-        generated: list[Generated] = []
         baseline = group.filter(pl.col("role") == "baseline")
-        cells_rows = group.filter(pl.col("role") != "baseline")
-        if baseline.height:
-            generated += generate_batch(lm, prepared.prompt_ids, None, max_new_tokens)
+        cell_rows = group.filter(pl.col("role") != "baseline")
         cells = [Cell(r["engram"], None, r["role"], r["control_kind"], r["layer"], r["strength"], r["chunks"], r["context"])
-                 for r in cells_rows.iter_rows(named=True)]
+                 for r in cell_rows.iter_rows(named=True)]
+        todo += [Row(prepared.prompt_ids)] * baseline.height
         if cells:
             vectors = CellVectors(lm, raw, settings.injection, settings.scaling, prepared.prompt_ids, cells)
-            prefix = settings.chunks if settings.injection == "prefix" else 0
-            size = batch_size or auto_batch_size(lm, prefix + len(prepared.prompt_ids) + max_new_tokens, len(cells))
-            for start in range(0, len(cells), size):
-                batch = cells[start : start + size]
-                generated += generate_batch(lm, prepared.prompt_ids, vectors.steering(batch), max_new_tokens)
-                on_rows(len(batch))
-        on_rows(baseline.height)
-        texts = [lm.tokenizer.decode(g.token_ids, skip_special_tokens=True) for g in generated]
-        judged = [matcher.judge(text) for text in texts]
-        frames.append(pl.concat([baseline, cells_rows]).select(*KEY_COLUMNS, "ratio", "flipped", "broken").with_columns(
-            text=pl.Series(texts, dtype=pl.String),
-            token_ids=pl.Series([g.token_ids for g in generated], dtype=pl.List(pl.Int64)),
-            n_tokens=pl.Series([len(g.token_ids) for g in generated], dtype=pl.Int32),
-            stop=pl.Series([g.stop for g in generated], dtype=pl.String),
-            **{key: pl.Series([j[key] for j in judged]) for key in ("says_correct", "says_incorrect", "first_answer", "verdict")},
-        ))
-        tokens += sum(len(g.token_ids) for g in generated)
-    return pl.concat(frames), tokens
+            todo += [Row(prepared.prompt_ids, vectors.steering([cell])) for cell in cells]
+        ordered += [baseline, cell_rows]
+    return pl.concat(ordered), todo
+
+
+def _generation_frame(lm: LoadedModel, question, rows: pl.DataFrame, generated: list[Generated]) -> pl.DataFrame:
+    matcher = AnswerMatcher.for_question(question)
+    texts = [lm.tokenizer.decode(g.token_ids, skip_special_tokens=True) for g in generated]
+    judged = [matcher.judge(text) for text in texts]
+    return rows.select(*KEY_COLUMNS, "ratio", "flipped", "broken").with_columns(
+        text=pl.Series(texts, dtype=pl.String),
+        token_ids=pl.Series([g.token_ids for g in generated], dtype=pl.List(pl.Int64)),
+        n_tokens=pl.Series([len(g.token_ids) for g in generated], dtype=pl.Int32),
+        stop=pl.Series([g.stop for g in generated], dtype=pl.String),
+        **{key: pl.Series([j[key] for j in judged]) for key in ("says_correct", "says_incorrect", "first_answer", "verdict")},
+    )
+
+
+def _generate(lm: LoadedModel, todo: list[Row], max_new_tokens: int, batch_size: int, on_rows: Callable[[int], None]) -> list[Generated]:
+    """Rows in batches of similar prefill length (less padding), results back in the rows' order."""
+    lengths = [len(row.prompt_ids) + (row.steering.prefix_length if row.steering is not None else 0) for row in todo]
+    order = sorted(range(len(todo)), key=lambda i: lengths[i])
+    results: dict[int, Generated] = {}
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        for i, generated in zip(batch, generate_rows(lm, [todo[i] for i in batch], max_new_tokens)):
+            results[i] = generated
+        on_rows(len(batch))
+    return [results[i] for i in range(len(todo))]
 
 
 def _prepare_generation_dir(out: Path, info: dict, force: bool) -> None:

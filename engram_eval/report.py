@@ -7,7 +7,7 @@ from pathlib import Path
 import polars as pl
 
 from .errors import EngramEvalError
-from .rundir import read_run_json
+from .rundir import check_results_format, read_run_json
 from .statistics import rate, sign_flip_test, verdict
 
 DECISION_STRENGTHS = (1.0, 5.0, 10.0, 15.0, 20.0)
@@ -18,6 +18,8 @@ def load_run(run_dir: str | Path) -> tuple[pl.DataFrame, dict]:
     from its part files, with run["partial"] = {"questions_done", "questions"}."""
     run_dir = Path(run_dir)
     run = read_run_json(run_dir) or {}
+    if run:
+        check_results_format(run_dir, run)
     results = run_dir / "results.parquet"
     parts = sorted((run_dir / "parts").glob("*.parquet")) if not results.is_file() else []
     if not results.is_file() and not parts:

@@ -80,6 +80,13 @@ def read_run_json(out: Path) -> dict | None:
         raise EngramEvalError(f"{path}: unreadable run.json ({one_line(exc)})") from None
 
 
+def check_results_format(out: Path, run: dict) -> None:
+    """Refuse a run whose rows have other columns than this engram-eval writes (one clear line, not a crash)."""
+    if run.get("results_format") != RESULTS_FORMAT:
+        raise EngramEvalError(f"{out} was written by another engram-eval version (results format "
+                              f"{run.get('results_format', 'unrecorded')}, now {RESULTS_FORMAT}); rerun its sweep with --force")
+
+
 def prepare_out(out: Path, settings: SweepSettings, force: bool) -> dict:
     """Create or reopen a run directory; refuse one that holds a run with other settings unless forced, and then
     remove everything derived from the old run."""

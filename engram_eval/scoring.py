@@ -96,9 +96,10 @@ def combine_side(logprobs: torch.Tensor, scoring: str) -> tuple[torch.Tensor, to
     return side, top
 
 
-def auto_batch_size(lm: LoadedModel, seq_len: int, n_cells: int) -> int:
+def auto_batch_size(lm: LoadedModel, seq_len: int, n_cells: int, cpu_token_budget: bool = True) -> int:
     """Largest batch whose activations fit in half the free memory (a rough upper bound per sequence); on CPU
-    also at most CPU_TOKENS_PER_BATCH tokens."""
+    also at most CPU_TOKENS_PER_BATCH tokens when cpu_token_budget (prefill-sized work; decoding one token per row
+    is bound by reading the weights, so it wants every row it can get)."""
     config = lm.model.config
     bytes_per = torch.finfo(lm.dtype).bits // 8
     heads = getattr(config, "num_attention_heads", 1)
@@ -108,7 +109,8 @@ def auto_batch_size(lm: LoadedModel, seq_len: int, n_cells: int) -> int:
         free = torch.cuda.mem_get_info(lm.device)[0]
     else:
         free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        n_cells = min(n_cells, max(1, CPU_TOKENS_PER_BATCH // seq_len))
+        if cpu_token_budget:
+            n_cells = min(n_cells, max(1, CPU_TOKENS_PER_BATCH // seq_len))
     return max(1, min(n_cells, int(free * 0.5 // per_sequence)))
 
 

@@ -71,6 +71,9 @@ def test_bench_ratios_are_computed_from_the_same_run(tiny, tiny_bank, injection)
     assert r["achieved_flops"] / r["sweep_cells_per_second"] == pytest.approx(hand / r["cells"])
     assert r["build_speedup"] == pytest.approx(r["seed_build_seconds"] / r["build_seconds"])
     assert (r["sources"], r["layers"], r["device"], r["dtype"], r["injection"]) == (4, 2, "cpu", "float32", injection)
+    # Generation: the batched generator and model.generate per cell, measured in the same run, on the same selection.
+    assert r["generation_speedup"] == pytest.approx(r["generation_tokens_per_second"] / r["generation_reference_tokens_per_second"])
+    assert r["generation_reference_cells"] == 12 and r["generation_cells"] >= 12
 
 
 @pytest.mark.parametrize("injection,null_cells", [("prefix", 3), ("actadd", 2 * 3)])

@@ -112,3 +112,18 @@ def test_parts_of_another_results_format_are_not_resumed(tiny, tiny_bank, tmp_pa
         sweep(tiny, tiny_bank, out)
     assert str(error.value) == (f"--out {out} holds parts written by another engram-eval version (results format unrecorded, "
                                 f"now {RESULTS_FORMAT}); use --force to recompute the run")
+
+
+def test_report_and_generate_refuse_a_run_of_another_results_format(tiny, tiny_bank, tmp_path):
+    from engram_eval.generation import run_generate
+
+    out = tmp_path / "run"
+    sweep(tiny, tiny_bank, out)
+    run = json.loads((out / "run.json").read_text())
+    run["results_format"] = "0ld"
+    (out / "run.json").write_text(json.dumps(run))
+    message = f"{out} was written by another engram-eval version (results format 0ld, now {RESULTS_FORMAT}); rerun its sweep with --force"
+    for call in (lambda: load_run(out), lambda: run_generate(tiny, out, progress=False)):
+        with pytest.raises(EngramEvalError) as error:
+            call()
+        assert str(error.value) == message

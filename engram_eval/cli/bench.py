@@ -20,11 +20,14 @@ from .app import cli, model_options, stderr, stdout
 @click.option("--batch-size", default="auto", show_default=True, help="Sweep batch size, or auto.")
 @click.option("--injection", type=click.Choice(["prefix", "add", "actadd"]), default="prefix", show_default=True,
               help="Injection mode of the sweep and of the per-cell loop it is compared with.")
+@click.option("--generation-cells", default=12, show_default=True, type=click.IntRange(min=0),
+              help="Cells of the sweep's default generation selection also decoded with one model.generate call each "
+                   "(the batched generator's reference); 0 skips the generation benchmark.")
 @click.option("--random-init", "random_config", type=click.Path(dir_okay=False, path_type=Path),
               help="Benchmark a randomly initialised model built from this config.json instead of --model's weights "
                    "(--model still gives the tokenizer, device and dtype), e.g. benchmarks/qwen2.5-7b.config.json on a GPU.")
 def bench(load_lm, bank_path: Path, layers_text: str, strengths_text: str, loop_cells: int, batch_size: str,
-          injection: str, random_config: Path | None) -> None:
+          injection: str, generation_cells: int, random_config: Path | None) -> None:
     """Measure, in one run: build and sweep throughput, the seed's per-cell loop on the same cells, the machine's
     dense matmul throughput, and the ratios between them (speedup, fraction of matmul FLOP/s), plus peak memory.
 
@@ -45,7 +48,8 @@ def bench(load_lm, bank_path: Path, layers_text: str, strengths_text: str, loop_
             lm = random_init_model(random_config, lm.tokenizer, device=lm.device, dtype=lm.dtype)
     with stderr.status("benchmarking ..."):
         r = run_bench(lm, bank, parse_layers(layers_text, lm.num_layers), strengths, loop_cells=loop_cells,
-                      batch_size=None if batch_size == "auto" else int(batch_size), injection=injection)
+                      batch_size=None if batch_size == "auto" else int(batch_size), injection=injection,
+                      generation_cells=generation_cells)
     table = Table(title=f"engram-eval bench: {lm.name} on {r['device']} ({r['dtype']}, {r['threads']} threads, {injection} injection)")
     for column in ("measure", "value"):
         table.add_column(column)
@@ -62,4 +66,9 @@ def bench(load_lm, bank_path: Path, layers_text: str, strengths_text: str, loop_
     table.add_row("peak RSS", f"{r['peak_rss_mib']:.0f} MiB")
     if r["sweep_rss_end_mib"] is not None:
         table.add_row("sweep RSS: first quarter / whole sweep", f"{r['sweep_rss_quarter_mib']:.0f} / {r['sweep_rss_end_mib']:.0f} MiB")
+    if "generation_speedup" in r:
+        table.add_row("generation: batched, default selection", f"{r['generation_tokens_per_second']:.1f} tokens/s ({r['generation_cells']} cells)")
+        table.add_row("generation: model.generate per cell", f"{r['generation_reference_tokens_per_second']:.1f} tokens/s "
+                                                             f"({r['generation_reference_cells']} of the same cells)")
+        table.add_row("generation speedup", f"{r['generation_speedup']:.2f}x")
     stdout().print(table)

@@ -33,6 +33,10 @@ from .app import chunks_option, cli, extraction_options, model_options, outside_
 @click.option("--scaling", type=click.Choice(["global", "per-chunk"]), default="global", show_default=True,
               help="global: one scalar so the engram's mean row norm is the embeddings' (seed). per-chunk: every vector to "
                    "the embeddings' mean row norm, so no chunk dominates. prefix and add only.")
+@click.option("--context", type=click.Choice(["with", "without", "both"]), default="with", show_default=True,
+              help="Questions with a retrieved context (context or context_file in the bank) are scored with it (the prompt "
+                   "is the context, a blank line, then the prompt), without it, or both, each condition with its own "
+                   "baseline (the `context` column).")
 @extraction_options
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Run directory [default: reports/BANK-MODEL].")
 @store_option
@@ -46,7 +50,7 @@ from .app import chunks_option, cli, extraction_options, model_options, outside_
                    "is whitespace, a bank without controls) as errors.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or engram log (warnings are still shown).")
 def sweep(bank_path: Path, load_lm, layers_text: str, strengths_text: str, chunks: int, scoring: str, injection: str,
-          scaling: str, extraction, out: Path | None, store_dir: str, batch_size: str, question_ids: str | None, force: bool,
+          scaling: str, context: str, extraction, out: Path | None, store_dir: str, batch_size: str, question_ids: str | None, force: bool,
           allow_outside_paths: bool, strict: bool, quiet: bool) -> None:
     """Score a question bank over the layer x strength grid for each question's relevant engram and its negative
     controls, plus one baseline per question, into RUN/results.parquet and RUN/run.json. An interrupted sweep
@@ -77,7 +81,7 @@ def sweep(bank_path: Path, load_lm, layers_text: str, strengths_text: str, chunk
     try:
         result = run_sweep(
             lm, bank, EngramStore(store_dir), out, layers=layers, strengths=strengths, chunks=chunks, scoring=scoring,
-            injection=injection, scaling=scaling, extraction=extraction,
+            injection=injection, scaling=scaling, extraction=extraction, context=context,
             batch_size=None if batch_size == "auto" else int(batch_size),
             force=force, strict=strict, progress=not quiet, log=(lambda m: None) if quiet else stderr.print, warn=warn,
         )

@@ -1,0 +1,58 @@
+"""engram-eval generate: greedy text from a finished sweep's cells -> RUN/generations.parquet."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from ..errors import EngramEvalError
+from .app import cli, model_options, stdout
+
+
+@cli.command()
+@click.argument("run_dir", metavar="RUN", type=click.Path(file_okay=False, path_type=Path))
+@model_options
+@click.option("--cells", "selection", type=click.Choice(["default", "all", "baseline", "flips"]), default="default",
+              show_default=True,
+              help="default: per question and context condition, the baseline, every relevant-engram cell that flipped or "
+                   "broke, and the best and worst cell (by ratio) of the relevant engram and of each control kind. all: every "
+                   "row. baseline: the baseline rows. flips: the baseline and every flipped or broken cell of any engram.")
+@click.option("--max-new-tokens", default=48, show_default=True, type=int, help="Tokens to generate per cell at most.")
+@click.option("--batch-size", default="auto", show_default=True,
+              help="Cells decoded together, or auto: as many as fit (cells of one question share their prefill length).")
+@click.option("--force", is_flag=True, help="Replace generations made with other settings.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def generate(run_dir: Path, load_lm, selection: str, max_new_tokens: int, batch_size: str, force: bool, quiet: bool) -> None:
+    """Decode greedily from a finished sweep's cells, with each cell's engram injected as in the sweep (prefix and add
+    in the prefill, seen through the KV cache; actadd at every position), and judge each text: does it say the correct
+    answer, the incorrect one, which first (word boundaries, case-insensitive)? Writes RUN/generations.parquet;
+    `engram-eval report RUN` then compares the probability verdict with the text. Resumable like sweep."""
+    from ..generation import run_generate
+
+    if max_new_tokens < 1:
+        raise EngramEvalError(f"--max-new-tokens: must be at least 1 (got {max_new_tokens})")
+    if batch_size != "auto" and not (batch_size.isdigit() and int(batch_size) >= 1):
+        raise EngramEvalError(f"--batch-size: '{batch_size}' is not 'auto' or a whole number >= 1")
+    if not (run_dir / "results.parquet").is_file():
+        raise EngramEvalError(f"{run_dir}: no results.parquet (finish the sweep with `engram-eval sweep ... --out {run_dir}` first)")
+    lm = load_lm()
+    try:
+        result = run_generate(lm, run_dir, cells=selection, max_new_tokens=max_new_tokens,
+                              batch_size=None if batch_size == "auto" else int(batch_size), force=force, progress=not quiet)
+    except KeyboardInterrupt:
+        click.echo(f"interrupted: finished questions are kept in {run_dir / 'generation-parts'}; rerun the same command to resume",
+                   err=True)
+        sys.exit(130)
+    timings = result.info["timings"]
+    table = Table(title=f"generate {run_dir}", show_header=False)
+    table.add_row("cells", f"{result.info['generations']} ({selection}), at most {max_new_tokens} tokens each")
+    if timings["tokens"]:
+        table.add_row("time", f"{timings['seconds']:.1f} s ({timings['tokens_per_second']} tokens/s)")
+    else:
+        table.add_row("time", "nothing left to generate: every question was already done (resumed)")
+    table.add_row("generations", str(result.generations_path))
+    table.add_row("next", f"engram-eval report {run_dir}")
+    stdout().print(table)
