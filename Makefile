@@ -18,6 +18,7 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	$(BIN)/engram-eval build --bank questions/medical_traps.yaml
 	$(BIN)/engram-eval sweep questions/medical_traps.yaml --out $(RUN)
+	$(BIN)/engram-eval generate $(RUN)
 	$(BIN)/engram-eval report $(RUN)
 	$(BIN)/engram-eval report $(RUN) --format html
 

@@ -134,6 +134,31 @@ def _sections(summary: dict) -> list[tuple[str, list[str], list[list[str]]]]:
         [[{True: "yes", False: "no", None: "unlabelled"}[s["related_wrong"]], str(s["questions"]), fmt_rate(s["flip"]), fmt_rate(s["break"])]
          for s in summary["semantic_sink"]],
     ))
+    if (g := summary.get("generation")) is not None:
+        verdicts = ("correct", "incorrect", "both", "neither")
+        sections.append((
+            f"Probability vs generated text ({g['cells']} generated cells): probability verdict (ratio) against what the text says",
+            ["probability says \\ text says", *verdicts],
+            [[p, *[str(g["confusion"][p][v]) for v in verdicts]] for p in ("correct", "incorrect", "tie") if any(g["confusion"][p].values())],
+        ))
+        sections.append((
+            "Generation flips: does the text say the correct answer first?", ["rows", "text says the correct answer first"],
+            [["flipped cells (ratio crossed 1)", fmt_rate(g["flipped_says_correct_first"])],
+             ["baseline rows", fmt_rate(g["baseline_says_correct_first"])],
+             ["baseline rows the probability calls correct", fmt_rate(g["baseline_probability_correct"])]],
+        ))
+        sections.append((
+            "Generated text, examples (first 120 characters)", ["question", "cell", "text verdict", "text"],
+            [[e["question_id"], e["cell"], e["verdict"], e["text"].replace("\n", " ")] for e in g["examples"]],
+        ))
+    if (rag := summary.get("rag")) is not None:
+        conditions = ("no engram", "engram only", "context only", "engram + context")
+        sections.append((
+            f"RAG priming: share of the {rag['questions']} questions with a context that are correct (ratio > 1)",
+            ["cell", *conditions, "engram + context vs context only (exact McNemar)"],
+            [[f"{c['cell']}: L{c['layer']}, {c['strength']:g}", *[fmt_rate(c[name]) for name in conditions],
+              f"{c['engram_context_only']} vs {c['context_only']} discordant, p = {fmt_p(c['p_value'])}"] for c in rag["conditions"]],
+        ))
     return sections
 
 
@@ -234,6 +259,13 @@ def render_html(summary: dict) -> str:
             parts.append(f"<img alt='{html.escape(title)}' src='data:image/png;base64,{png}'>")
         parts.append("<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in columns) + "</tr>")
         parts += ["<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>" for row in rows]
+        parts.append("</table>")
+    if summary.get("generation"):
+        parts.append("<h2>Generated texts</h2><table><tr><th>question</th><th>cell</th><th>ratio</th><th>first answer</th>"
+                     "<th>verdict</th><th>text</th></tr>")
+        parts += [f"<tr><td>{html.escape(t['question_id'])}</td><td>{html.escape(t['cell'])}</td><td>{fmt_ratio(t['ratio'])}</td>"
+                  f"<td>{t['first_answer']}</td><td>{t['verdict']}</td><td>{html.escape(t['text'])}</td></tr>"
+                  for t in summary["generation"]["texts"]]
         parts.append("</table>")
     parts.append("</body></html>")
     return "\n".join(parts)

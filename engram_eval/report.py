@@ -8,7 +8,7 @@ import polars as pl
 
 from .errors import EngramEvalError
 from .rundir import check_results_format, read_run_json
-from .statistics import rate, sign_flip_test, verdict
+from .statistics import mcnemar_exact, rate, sign_flip_test, verdict
 
 DECISION_STRENGTHS = (1.0, 5.0, 10.0, 15.0, 20.0)
 
@@ -31,6 +31,92 @@ def load_run(run_dir: str | Path) -> tuple[pl.DataFrame, dict]:
     if parts:
         run = {**run, "partial": {"questions_done": len(parts), "questions": len(run.get("settings", {}).get("questions", [])) or None}}
     return frame, run
+
+
+def per_condition(frame: pl.DataFrame) -> pl.DataFrame:
+    """A question run with and without its retrieved context is two units of analysis, labelled as such:
+    `capital_france +context`, `capital_france -context` (questions without a context keep their id)."""
+    suffix = pl.when(pl.col("context")).then(pl.lit(" +context")).otherwise(pl.lit(" -context"))
+    return frame.with_columns(question_id=pl.when(pl.col("context").is_null()).then(pl.col("question_id"))
+                              .otherwise(pl.col("question_id") + suffix))
+
+
+def load_generations(run_dir: str | Path) -> pl.DataFrame | None:
+    """RUN/generations.parquet when `engram-eval generate` has run, else None."""
+    path = Path(run_dir) / "generations.parquet"
+    if not path.is_file():
+        return None
+    try:
+        return pl.read_parquet(path)
+    except (OSError, pl.exceptions.PolarsError) as exc:
+        raise EngramEvalError(f"{path}: cannot read ({exc})") from None
+
+
+def cell_label(row: dict) -> str:
+    if row["role"] == "baseline":
+        return "baseline" + ("" if row.get("context") is None else " with context" if row["context"] else " without context")
+    context = "" if row.get("context") is None else ", with context" if row["context"] else ", without context"
+    return f"{row['engram']} L{row['layer']} x{row['strength']:g}{context}"
+
+
+def _generation(generations: pl.DataFrame, examples: int = 4) -> dict:
+    """Probability verdict (ratio > 1) against the text's verdict; for flipped cells and baseline rows, how often the
+    text says the correct answer first (the seed's "generation flips")."""
+    probability = (pl.when(pl.col("ratio") > 1).then(pl.lit("correct")).when(pl.col("ratio") < 1).then(pl.lit("incorrect"))
+                   .otherwise(pl.lit("tie")))
+    table = generations.with_columns(probability=probability)
+    confusion = {p: {v: 0 for v in ("correct", "incorrect", "both", "neither")} for p in ("correct", "incorrect", "tie")}
+    for row in table.group_by("probability", "verdict").len().iter_rows(named=True):
+        confusion[row["probability"]][row["verdict"]] = row["len"]
+    flipped = table.filter(pl.col("flipped").fill_null(False))
+    baseline = table.filter(pl.col("role") == "baseline")
+    shown = pl.concat([flipped.head(examples // 2), baseline.head(examples - min(examples // 2, flipped.height))])
+    return {
+        "cells": generations.height,
+        "confusion": confusion,
+        "flipped_says_correct_first": rate(int((flipped["first_answer"] == "correct").sum()), flipped.height),
+        "baseline_says_correct_first": rate(int((baseline["first_answer"] == "correct").sum()), baseline.height),
+        "baseline_probability_correct": rate(int((baseline["probability"] == "correct").sum()), baseline.height),
+        "examples": [{"question_id": r["question_id"], "cell": cell_label(r), "verdict": r["verdict"], "text": r["text"][:120]}
+                     for r in shown.iter_rows(named=True)],
+        "texts": [{"question_id": r["question_id"], "cell": cell_label(r), "ratio": r["ratio"], "verdict": r["verdict"],
+                   "first_answer": r["first_answer"], "text": r["text"]} for r in table.iter_rows(named=True)],
+    }
+
+
+def _rag(frame: pl.DataFrame) -> dict | None:
+    """With and without the retrieved context, with and without the engram: accuracy (share of questions correct) of
+    the four conditions at the best cell for engram + context (chosen after looking) and at strength 1.0, and an exact
+    McNemar test of engram + context against context alone over the same questions."""
+    both = frame.filter(pl.col("context").is_not_null()).group_by("question_id").agg(n=pl.col("context").n_unique())
+    questions = both.filter(pl.col("n") == 2)["question_id"].to_list()
+    if not questions:
+        return None
+    rows = frame.filter(pl.col("question_id").is_in(questions))
+    baseline = {(r["question_id"], r["context"]): r["correct_before"] for r in rows.filter(pl.col("role") == "baseline").iter_rows(named=True)}
+    relevant = rows.filter(pl.col("role") == "relevant")
+    accuracy = (relevant.filter(pl.col("context")).group_by("layer", "strength").agg(correct=pl.col("correct_after").sum())
+                .sort(["correct", "layer", "strength"], descending=[True, False, False]))
+    chosen = {"best cell (chosen after looking)": accuracy.row(0, named=True)}
+    at_one = accuracy.filter(pl.col("strength") == 1.0)
+    if at_one.height:
+        chosen["strength 1.0 (its best layer)"] = at_one.row(0, named=True)
+    conditions = []
+    for label, cell in chosen.items():
+        at = {(r["question_id"], r["context"]): r["correct_after"] for r in relevant.filter(
+            (pl.col("layer") == cell["layer"]) & (pl.col("strength") == cell["strength"])).iter_rows(named=True)}
+        engram_context_only = sum(at[(q, True)] and not baseline[(q, True)] for q in questions)
+        context_only = sum(baseline[(q, True)] and not at[(q, True)] for q in questions)
+        conditions.append({
+            "cell": label, "layer": cell["layer"], "strength": cell["strength"],
+            "no engram": rate(sum(baseline[(q, False)] for q in questions), len(questions)),
+            "engram only": rate(sum(at[(q, False)] for q in questions), len(questions)),
+            "context only": rate(sum(baseline[(q, True)] for q in questions), len(questions)),
+            "engram + context": rate(sum(at[(q, True)] for q in questions), len(questions)),
+            "engram_context_only": engram_context_only, "context_only": context_only,
+            "p_value": mcnemar_exact(engram_context_only, context_only),
+        })
+    return {"questions": len(questions), "conditions": conditions}
 
 
 def decision_advice(baseline_ratio: float, related_wrong: bool | None, walk: list[tuple[float, float]], layer: int | None) -> str:
@@ -220,10 +306,12 @@ def _semantic_sink(relevant: pl.DataFrame) -> list[dict]:
     ]
 
 
-def summarize(frame: pl.DataFrame, run: dict, engram_role: str = "relevant") -> dict:
+def summarize(frame: pl.DataFrame, run: dict, engram_role: str = "relevant", generations: pl.DataFrame | None = None) -> dict:
     """Every number the report shows, computed once; all formats render this."""
     if frame.is_empty():
         raise EngramEvalError("results.parquet holds no rows")
+    rag = _rag(frame)
+    frame = per_condition(frame)
     settings = run.get("settings", {})
     cells = frame.filter(pl.col("role") != "baseline")
     layers = sorted(cells["layer"].unique().drop_nulls().to_list())
@@ -260,4 +348,6 @@ def summarize(frame: pl.DataFrame, run: dict, engram_role: str = "relevant") -> 
         "headline": _headline(relevant, heatmaps.get("relevant") or _heatmap(relevant, layers, strengths)),
         "controls": _controls(frame),
         "semantic_sink": _semantic_sink(relevant),
+        "generation": None if generations is None else _generation(generations),
+        "rag": rag,
     }

@@ -59,3 +59,12 @@ def verdict(mean_difference: float | None, p_value: float | None, n: int) -> str
 def rate(successes: int, n: int) -> dict:
     interval = wilson_interval(successes, n)
     return {"k": successes, "n": n, "rate": successes / n if n else None, "ci95": list(interval) if interval else None}
+
+
+def mcnemar_exact(a_only: int, b_only: int) -> float:
+    """Exact two-sided McNemar test of paired outcomes: the binomial test of the discordant pairs (a_only of
+    a_only + b_only, at 1/2); 1.0 when there are none."""
+    from scipy.stats import binomtest
+
+    discordant = a_only + b_only
+    return 1.0 if discordant == 0 else float(binomtest(a_only, discordant, 0.5).pvalue)

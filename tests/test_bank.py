@@ -49,6 +49,9 @@ def test_bundled_banks_validate():
     assert {"pheo1", "pheo_mc", "tension1", "glaucoma1", "wernicke1", "mh1", "tca1", "methanol1", "thyroid1", "anaphylaxis1", "dka1"} == ids
     assert {s.kind for s in medical.sources.values()} == {"relevant", "anti", "irrelevant", "random"}
     assert load_bank(REPO / "questions/ci.yaml").questions
+    rag = load_bank(REPO / "questions/rag_recall.yaml")
+    assert len(rag.questions) >= 20 and all(q.context and q.controls and q.engram in rag.sources for q in rag.questions)
+    assert {"~gaussian", "~mean-token"} <= set(rag.questions[0].controls) and rag.lint() == []
 
 
 def test_random_words_source_is_reproducible_from_its_seed():
@@ -170,3 +173,35 @@ def test_lint_skips_chat_questions_and_warns_of_a_bank_without_controls(tmp_path
     bare = write(tmp_path, GOOD.replace("  controls: [stars]", "  controls: []"), "bare.yaml")
     assert load_bank(bare).lint() == [f"{bare}: no question has a control engram, so no number can tell a relevant engram "
                                       "from any engram at all (add `defaults: controls: [...]`)"]
+
+
+@pytest.mark.parametrize("content,message", [(None, "not found"), ("  \n", "is empty"), (b"\xff\xfe", "is not UTF-8 text")])
+def test_context_file_problems_name_the_path(tmp_path, content, message):
+    context = tmp_path / "passage.txt"
+    if isinstance(content, bytes):
+        context.write_bytes(content)
+    elif content is not None:
+        context.write_text(content)
+    path = write(tmp_path, GOOD + "    context_file: passage.txt\n")
+    assert error_of(path) == f"{path}: question 'q1': field 'context_file': {context} {message}"
+
+
+def test_context_file_outside_the_bank_folder_is_refused_and_inline_context_loads(tmp_path):
+    (tmp_path / "bank").mkdir()
+    (tmp_path / "passage.txt").write_text("Alpha first.")
+    path = write(tmp_path / "bank", GOOD + "    context_file: ../passage.txt\n")
+    assert error_of(path) == (f"{path}: question 'q1': field 'context_file': ../passage.txt lies outside the bank's folder "
+                              f"{(tmp_path / 'bank').resolve()} (pass --allow-outside-paths to allow it)")
+    assert load_bank(path, allow_outside_paths=True).questions[0].context == "Alpha first."
+    inline = write(tmp_path, GOOD + '    context: "Alpha first."\n', "inline.yaml")
+    assert load_bank(inline).questions[0].context == "Alpha first."
+    both = write(tmp_path, GOOD + '    context: "x"\n    context_file: passage.txt\n', "both.yaml")
+    assert error_of(both) == f"{both}: question 'q1': give at most one of 'context' or 'context_file'"
+
+
+def test_an_invalid_answer_pattern_is_a_bank_error_naming_the_pattern(tmp_path):
+    path = write(tmp_path, GOOD + '    answer_patterns: {correct: ["alpha(", "ok"]}\n')
+    message = error_of(path)
+    assert message.startswith(f"{path}: question 'q1': answer_patterns: field 'correct': invalid regular expression 'alpha(' (")
+    good = write(tmp_path, GOOD + '    answer_patterns: {correct: ["alpha[- ]?blocker"]}\n', "good.yaml")
+    assert load_bank(good).questions[0].answer_patterns == {"correct": ("alpha[- ]?blocker",), "incorrect": ()}

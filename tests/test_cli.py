@@ -125,6 +125,10 @@ def test_sweep_report_and_check_from_the_command_line(tiny_model_dir, tiny_bank,
     (["sweep", "{bank}", "--window", "8"], "--window: 8 tokens is smaller than k = 16"),
     (["sweep", "{bank}", "--skip-tokens", "-1"], "Invalid value for '--skip-tokens': -1 is not in the range x>=0."),
     (["sweep"], "Missing argument 'BANK'."),
+    (["sweep", "{bank}", "--context", "sometimes"], "Invalid value for '--context': 'sometimes' is not one of 'with', 'without', 'both'."),
+    (["generate", "nowhere"], "nowhere: no results.parquet (finish the sweep with `engram-eval sweep ... --out nowhere` first)"),
+    (["generate", "nowhere", "--cells", "some"], "Invalid value for '--cells': 'some' is not one of 'default', 'all', 'baseline', 'flips'."),
+    (["generate", "nowhere", "--max-new-tokens", "0"], "--max-new-tokens: must be at least 1 (got 0)"),
     (["build", "ok.txt", "--pooling", "pca", "--model", "{tiny}"], "source 'ok': 2 tokens, at most k = 16: --pooling pca needs more than k (the centred states have rank n - 1)"),
 ])
 def test_bad_input_is_one_line_on_stderr(args, message, tiny_model_dir, tiny_bank, tmp_path, monkeypatch):

@@ -173,3 +173,10 @@ def test_real_model_generation_equals_transformers_generate(real, tmp_path):
     eos = real.tokenizer.eos_token_id
     for row in frame.with_columns(eos=pl.lit(eos)).iter_rows(named=True):
         assert ours(row) == reference_tokens(real, bank_path, row, 20, 16, "prefix"), (row["engram"], row["strength"])
+
+
+def test_context_both_on_a_bank_without_any_context_is_a_warning(tiny, tiny_bank, tmp_path):
+    warnings = []
+    result = sweep(tiny, tiny_bank, tmp_path / "run", layers=[1], strengths=[1.0], context="both", warn=warnings.append)
+    assert f"{tiny_bank}: --context both, but no question has a context: every question runs once" in warnings
+    assert pl.read_parquet(result.results_path)["context"].null_count() == 3 * 5

@@ -58,3 +58,18 @@ def test_a_variant_whose_first_token_is_whitespace_is_warned_of(tiny, tmp_path):
         f"(id {first}), so first-token scoring scores that, not the answer"]
     clean = prepare_question(tiny, load_bank(write_tiny_bank(tmp_path)).questions[0], "first-token", path)
     assert variant_token_warnings(tiny, clean, path) == []
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("bank_name", ["medical_traps", "rag_recall", "ci"])
+def test_bundled_banks_have_distinct_first_tokens_on_the_real_tokenizer(real, bank_name):
+    from pathlib import Path
+
+    from engram_eval.prompts import variant_token_warnings
+
+    path = Path(__file__).resolve().parents[1] / f"questions/{bank_name}.yaml"
+    bank = load_bank(path)
+    for question in bank.questions:
+        for context in (False, True) if question.context else (None,):
+            prepared = prepare_question(real, question, "first-token", path, context)  # raises on a shared first token
+            assert variant_token_warnings(real, prepared, path) == []

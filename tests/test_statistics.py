@@ -45,3 +45,13 @@ def test_a_control_test_that_cannot_reach_significance_says_so(n, p, expected):
     assert verdict(1.0 if p is not None else None, p, n) == expected
     if n >= 6:
         assert smallest_p_value(n) == sign_flip_test([1.0] * n) < 0.05
+
+
+def test_exact_mcnemar_on_a_hand_worked_example():
+    from engram_eval.statistics import mcnemar_exact
+
+    # 8 discordant pairs one way, 2 the other: two-sided binomial, 2 * P(X <= 2 | n = 10, 1/2) = 2 * (1 + 10 + 45) / 1024
+    assert mcnemar_exact(8, 2) == pytest.approx(112 / 1024)
+    assert mcnemar_exact(2, 8) == pytest.approx(112 / 1024)
+    assert mcnemar_exact(5, 5) == pytest.approx(1.0) and mcnemar_exact(0, 0) == 1.0
+    assert mcnemar_exact(6, 0) == pytest.approx(2 / 64)

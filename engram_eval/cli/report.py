@@ -23,13 +23,15 @@ from .app import cli, stdout
 def report(run_dir: Path, output_format: str, engram_role: str, output_path: Path | None) -> None:
     """Summarize a sweep: per-question baselines, best cells, calibration cases and decision-rule advice;
     layer x strength heatmaps of flip and fragile-correct rates; headline rates with 95% Wilson intervals;
-    relevant-vs-control comparison with a paired sign-flip test; the semantic-sink split. A sweep that has not
-    finished is reported on the questions done so far, under a "partial" banner."""
+    relevant-vs-control comparison with a paired sign-flip test; the semantic-sink split; with generations
+    (`engram-eval generate`), the probability verdict against the generated text; with both context conditions
+    (`sweep --context both`), RAG priming. A sweep that has not finished is reported on the questions done so far,
+    under a "partial" banner."""
     from ..files import atomic_write_text
     from ..rendering import render_html, render_json, render_markdown, render_table
-    from ..report import load_run, summarize
+    from ..report import load_generations, load_run, summarize
 
-    summary = summarize(*load_run(run_dir), engram_role=engram_role)
+    summary = summarize(*load_run(run_dir), engram_role=engram_role, generations=load_generations(run_dir))
     if output_format == "html":
         output_path = output_path or run_dir / "report.html"
     if output_path is not None and not output_path.parent.is_dir():
