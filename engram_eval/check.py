@@ -21,10 +21,15 @@ DEFAULT_RTOL = 1e-4
 def summarize_run(frame: pl.DataFrame, run: dict) -> dict:
     """The baseline file's content: the run's settings; per question its baseline log ratio; per cell log ratio,
     flipped, broken; totals."""
-    frame = frame.sort("question_id", "role", "engram", "layer", "strength", nulls_last=True)
+    from .report import per_condition
+
+    frame = per_condition(frame).sort("question_id", "role", "engram", "chunks", "layer", "strength", nulls_last=True)
     base = frame.filter(pl.col("role") == "baseline")
-    cells = frame.filter(pl.col("role") != "baseline").with_columns(
+    cells = frame.filter(pl.col("role") != "baseline")
+    k_axis = cells["chunks"].n_unique() > 1  # a chunk-count grid: k is part of a cell's name (seed runs keep theirs)
+    cells = cells.with_columns(
         key=pl.format("{}|{}|L{}|s{}", "question_id", "engram", "layer", "strength")
+        + (pl.format("|k{}", "chunks") if k_axis else pl.lit(""))
     )
     return {
         "settings": run.get("settings", {}),

@@ -203,7 +203,7 @@ def run_generate(
     parts = [parts_dir / f"{i:05d}-{qid}.parquet" for i, qid in enumerate(settings.questions)]
     waiting = [(question, part, selected.filter(pl.col("question_id") == question.id)) for question, part in zip(bank.questions, parts)]
     waiting = [(question, part, rows) for question, part, rows in waiting if rows.height and not part.exists()]
-    longest = settings.chunks + max(len(prompt_token_ids(lm, q, bank.path, context=True)) for q in bank.questions)
+    longest = max(settings.chunk_list) + max(len(prompt_token_ids(lm, q, bank.path, context=True)) for q in bank.questions)
     size = batch_size or min(GENERATION_BATCH_CPU if lm.device.type == "cpu" else selected.height,
                              auto_batch_size(lm, longest + max_new_tokens, selected.height, cpu_token_budget=False))
     bar = tqdm(total=selected.height, initial=selected.height - sum(rows.height for _, _, rows in waiting), unit="cell",
@@ -249,7 +249,7 @@ def reopen_run(lm: LoadedModel, out: Path, run: dict) -> tuple[SweepSettings, Ba
     if bank.sha256 != settings.bank_sha256:
         raise EngramEvalError(f"{run['bank_path']}: the bank changed since {out} was swept; sweep again before generating")
     engrams = build_engrams(lm, bank, EngramStore(run["store"]), settings)
-    return settings, bank, raw_vectors(lm, bank, engrams, settings.layers, settings.chunks)
+    return settings, bank, raw_vectors(lm, bank, engrams, settings.layers, settings.chunk_list)
 
 
 def question_rows(lm: LoadedModel, question, bank_path: Path, rows: pl.DataFrame, raw: dict,

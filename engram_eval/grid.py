@@ -34,24 +34,32 @@ def question_engrams(question: Question) -> list[tuple[str, str]]:
     return [(question.engram, "relevant"), *[(name, "control") for name in question.controls]]
 
 
-def question_cells(question: Question, bank: Bank, keys: dict[str, str], layers: list[int], strengths: list[float],
-                   chunks: int, context: bool | None = None) -> list[Cell]:
+def question_cells(question: Question, bank: Bank, keys: dict[tuple[str, int], str], layers: list[int],
+                   strengths: list[float], chunks: list[int], context: bool | None = None) -> list[Cell]:
+    """Grid order: k, then engram (relevant first), layer, strength. keys: store key by (source name, k)."""
     cells = []
-    for name, role in question_engrams(question):
-        null = name in NULL_PREFIXES
-        kind = NULL_KIND if null else bank.sources[name].kind if role == "control" else None
-        for layer in layers:
-            for strength in strengths:
-                cells.append(Cell(name, None if null else keys[name], role, kind, layer, strength, chunks, context))
+    for k in chunks:
+        for name, role in question_engrams(question):
+            null = name in NULL_PREFIXES
+            kind = NULL_KIND if null else bank.sources[name].kind if role == "control" else None
+            for layer in layers:
+                for strength in strengths:
+                    cells.append(Cell(name, None if null else keys[(name, k)], role, kind, layer, strength, k, context))
     return cells
 
 
-def raw_vectors(lm: LoadedModel, bank: Bank, engrams: dict[str, StoredEngram], layers: list[int],
-                chunks: int) -> dict[tuple[str, int, int], torch.Tensor]:
+def raw_vectors(lm: LoadedModel, bank: Bank, engrams: dict[tuple[str, int], StoredEngram], layers: list[int],
+                chunks: list[int]) -> dict[tuple[str, int, int], torch.Tensor]:
     """Every engram's unscaled vectors by (name, layer, k); a null prefix is the same at every layer."""
-    raw = {(name, layer, chunks): stored.engram.layers[layer] for name, stored in engrams.items() for layer in layers}
+    raw = {(name, layer, k): stored.engram.layers[layer] for (name, k), stored in engrams.items() for layer in layers}
     nulls = {name for q in bank.questions for name in q.controls if name in NULL_PREFIXES}
     for name in sorted(nulls):
-        vectors = null_prefix(name, lm, chunks)
-        raw.update({(name, layer, chunks): vectors for layer in layers})
+        for k in chunks:
+            vectors = null_prefix(name, lm, k)
+            raw.update({(name, layer, k): vectors for layer in layers})
     return raw
+
+
+def engram_label(name: str, k: int, chunks: list[int]) -> str:
+    """How run.json names an engram: its source, and its k when the run has several."""
+    return name if len(chunks) == 1 else f"{name}@k{k}"

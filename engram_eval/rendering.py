@@ -29,11 +29,15 @@ def fmt_probs(p_correct: float | None, p_incorrect: float | None) -> str:
     return f"{fmt_prob(p_correct)} / {fmt_prob(p_incorrect)}"
 
 
-def fmt_best(best: dict) -> str:
+def fmt_cell_name(cell: dict, show_k: bool = False) -> str:
+    return f"L{cell['layer']}, {cell['strength']:g}" + (f", k={cell['chunks']}" if show_k else "")
+
+
+def fmt_best(best: dict, show_k: bool = False) -> str:
     """The relevant engram's best cell; when no cell beats the baseline ratio, say so rather than call it best."""
     if best["layer"] is None:
         return "-"
-    cell = f"L{best['layer']}, {best['strength']:g}: {fmt_ratio(best['ratio'])} ({fmt_probs(best['p_correct'], best['p_incorrect'])})"
+    cell = f"{fmt_cell_name(best, show_k)}: {fmt_ratio(best['ratio'])} ({fmt_probs(best['p_correct'], best['p_incorrect'])})"
     return cell if best["improves_on_baseline"] else f"no cell improves on the baseline (highest {cell})"
 
 
@@ -74,10 +78,11 @@ def partial_banner(summary: dict) -> str | None:
 def _sections(summary: dict) -> list[tuple[str, list[str], list[list[str]]]]:
     """(title, columns, rows) for every table, in report order; table, markdown and html render these."""
     h = summary["header"]
+    show_k = isinstance(h["chunks"], list)
     sections = [(
         "Run", ["field", "value"],
         [["model", f"{h['model']} ({h['model_fingerprint']})"], ["bank", h["bank"]],
-         ["grid", f"layers {', '.join(map(str, h['layers']))} x strengths {', '.join(f'{s:g}' for s in h['strengths'])}, k = {h['chunks']}"],
+         ["grid", f"layers {', '.join(map(str, h['layers']))} x strengths {', '.join(f'{s:g}' for s in h['strengths'])}, k = {', '.join(map(str, h['chunks'])) if show_k else h['chunks']}"],
          ["scoring", f"{h['scoring']}, {h['injection']} injection"],
          ["cells", f"{h['cells']} rows, {h['questions']} questions (run {h['run_id']}, {partial_banner(summary) or h['status']})"],
          ["duration", "-" if h["duration_seconds"] is None else f"{h['duration_seconds']:.1f} s"]],
@@ -94,7 +99,7 @@ def _sections(summary: dict) -> list[tuple[str, list[str], list[list[str]]]]:
          "flips (clean / p(correct) fell / mass collapsed)", "breaks"],
         [[q["question_id"], fmt_ratio(q["baseline_ratio"]), fmt_probs(q["baseline_p_correct"], q["baseline_p_incorrect"]),
           "yes" if q["correct_before"] else "no", {True: "yes", False: "no", None: "-"}[q["related_wrong"]],
-          fmt_best(q["best"]), fmt_flips(q), str(q["breaks"])]
+          fmt_best(q["best"], show_k), fmt_flips(q), str(q["breaks"])]
          for q in summary["questions"]],
     ))
     sections.append((
@@ -115,8 +120,8 @@ def _sections(summary: dict) -> list[tuple[str, list[str], list[list[str]]]]:
          ["... with a clean flip (p(correct) rose, mass kept)", fmt_rate(hl["question_clean_flip_rate"])],
          ["baseline-correct questions that break somewhere in the grid", fmt_rate(hl["question_fragile_correct_rate"])],
          *([] if best is None else [
-             [f"flip rate at best cell (L{best['layer']}, strength {best['strength']:g})", fmt_rate(best["flip_rate"])],
-             [f"fragile-correct rate at best cell (L{best['layer']}, strength {best['strength']:g})", fmt_rate(best["break_rate"])]])],
+             [f"flip rate at best cell ({fmt_cell_name(best, show_k)})", fmt_rate(best["flip_rate"])],
+             [f"fragile-correct rate at best cell ({fmt_cell_name(best, show_k)})", fmt_rate(best["break_rate"])]])],
     ))
     sections.append((
         "Negative controls (same cells; paired sign-flip test across questions)",
@@ -134,6 +139,18 @@ def _sections(summary: dict) -> list[tuple[str, list[str], list[list[str]]]]:
         [[{True: "yes", False: "no", None: "unlabelled"}[s["related_wrong"]], str(s["questions"]), fmt_rate(s["flip"]), fmt_rate(s["break"])]
          for s in summary["semantic_sink"]],
     ))
+    if summary.get("chunk_count"):
+        sections.append((
+            "Chunk count (the seed's table): per k", ["k", "tokens per chunk (min-max)", "mean log-improvement, relevant (95% bootstrap CI)",
+                                                      "difference signal relevant vs anti (%)", "directional steering: relevant beats anti"],
+            [[str(c["chunks"]), "-" if c["tokens_per_chunk"] is None else f"{c['tokens_per_chunk'][0]}-{c['tokens_per_chunk'][1]}",
+              fmt_float(c["mean_log_improvement"]) + ("" if c["mean_log_improvement_ci95"] is None else
+                                                       f" ({c['mean_log_improvement_ci95'][0]:.3f} to {c['mean_log_improvement_ci95'][1]:.3f})"),
+              "-" if c["anti_difference_signal"] is None else f"{c['anti_difference_signal']:.3f}",
+              "-" if not c["directional"]["n"] else
+              f"{c['directional']['verdict']}: {c['directional']['k']}/{c['directional']['n']} cells ({100 * c['directional']['share']:.0f}%)"]
+             for c in summary["chunk_count"]],
+        ))
     if (g := summary.get("generation")) is not None:
         verdicts = ("correct", "incorrect", "both", "neither")
         sections.append((

@@ -8,9 +8,10 @@ import polars as pl
 
 from .errors import EngramEvalError
 from .rundir import check_results_format, read_run_json
-from .statistics import mcnemar_exact, rate, sign_flip_test, verdict
+from .statistics import bootstrap_mean_ci, mcnemar_exact, rate, sign_flip_test, verdict
 
 DECISION_STRENGTHS = (1.0, 5.0, 10.0, 15.0, 20.0)
+CELL_KEYS = ("layer", "strength", "chunks")  # a cell of a question: what pairs a control with the relevant engram
 
 
 def load_run(run_dir: str | Path) -> tuple[pl.DataFrame, dict]:
@@ -162,10 +163,10 @@ def _flip_kinds() -> dict[str, pl.Expr]:
 def _questions(frame: pl.DataFrame) -> list[dict]:
     relevant = frame.filter(pl.col("role") == "relevant")
     best = (
-        relevant.sort(["question_id", "ratio", "layer", "strength"], descending=[False, True, False, False])
+        relevant.sort(["question_id", "ratio", "chunks", "layer", "strength"], descending=[False, True, False, False, False])
         .group_by("question_id", maintain_order=True)
         .first()
-        .select("question_id", best_layer="layer", best_strength="strength", best_ratio="ratio",
+        .select("question_id", best_layer="layer", best_strength="strength", best_chunks="chunks", best_ratio="ratio",
                 best_p_correct="p_correct", best_p_incorrect="p_incorrect", best_mass_ratio="mass_ratio")
     )
     counts = relevant.group_by("question_id").agg(
@@ -177,7 +178,7 @@ def _questions(frame: pl.DataFrame) -> list[dict]:
     table = base.join(best, on="question_id", how="left").join(counts, on="question_id", how="left")
     walks = (
         relevant.join(best, on="question_id")
-        .filter(pl.col("layer") == pl.col("best_layer"))
+        .filter((pl.col("layer") == pl.col("best_layer")) & (pl.col("chunks") == pl.col("best_chunks")))
         .sort("strength")
         .group_by("question_id")
         .agg(walk=pl.struct("strength", "ratio"))
@@ -195,7 +196,7 @@ def _questions(frame: pl.DataFrame) -> list[dict]:
                 "baseline_p_incorrect": row["p_incorrect"],
                 "correct_before": row["correct_before"],
                 "related_wrong": row["related_wrong"],
-                "best": {"layer": row["best_layer"], "strength": row["best_strength"], "ratio": row["best_ratio"],
+                "best": {"layer": row["best_layer"], "strength": row["best_strength"], "chunks": row["best_chunks"], "ratio": row["best_ratio"],
                          "p_correct": row["best_p_correct"], "p_incorrect": row["best_p_incorrect"],
                          "mass_ratio": row["best_mass_ratio"], "improves_on_baseline": improves},
                 **{kind: row[kind] or 0 for kind in _flip_kinds()},
@@ -207,8 +208,11 @@ def _questions(frame: pl.DataFrame) -> list[dict]:
     return rows
 
 
-def _heatmap(cells: pl.DataFrame, layers: list[int], strengths: list[float]) -> dict:
-    """Per (layer, strength): flips over baseline-wrong questions, breaks over baseline-correct questions."""
+def _heatmap(cells: pl.DataFrame, layers: list[int], strengths: list[float], chunks: int | None = None) -> dict:
+    """Per (layer, strength), at one k when the run has several: flips over baseline-wrong questions, breaks over
+    baseline-correct questions."""
+    if chunks is not None:
+        cells = cells.filter(pl.col("chunks") == chunks)
     grouped = cells.group_by("layer", "strength").agg(
         flips=pl.col("flipped").sum(),
         wrong=(~pl.col("correct_before")).sum(),
@@ -221,12 +225,13 @@ def _heatmap(cells: pl.DataFrame, layers: list[int], strengths: list[float]) -> 
     return {
         "layers": layers,
         "strengths": strengths,
+        "chunks": chunks,
         "flip": [[rate(c["flips"], c["wrong"]) for c in row] for row in grid],
         "break": [[rate(c["breaks"], c["correct"]) for c in row] for row in grid],
     }
 
 
-def _headline(relevant: pl.DataFrame, heatmap: dict) -> dict:
+def _headline(relevant: pl.DataFrame, heatmaps: list[dict]) -> dict:
     per_question = relevant.group_by("question_id").agg(
         wrong=~pl.col("correct_before").first(), correct=pl.col("correct_before").first(),
         flips=pl.col("flipped").any(), breaks=pl.col("broken").any(),
@@ -235,28 +240,30 @@ def _headline(relevant: pl.DataFrame, heatmap: dict) -> dict:
     wrong = per_question.filter(pl.col("wrong"))
     correct = per_question.filter(pl.col("correct"))
     cells = [
-        (flip["rate"] or 0.0, -(brk["rate"] or 0.0), layer, strength, flip, brk)
+        (flip["rate"] or 0.0, -(brk["rate"] or 0.0), -(heatmap["chunks"] or 0), layer, strength, heatmap["chunks"], flip, brk)
+        for heatmap in heatmaps
         for layer, flip_row, break_row in zip(heatmap["layers"], heatmap["flip"], heatmap["break"])
         for strength, flip, brk in zip(heatmap["strengths"], flip_row, break_row)
     ]
-    best = max(cells, key=lambda c: (c[0], c[1], -c[2], -c[3])) if cells else None
+    best = max(cells, key=lambda c: (c[0], c[1], c[2], -c[3], -c[4])) if cells else None
     return {
         "question_flip_rate": rate(int(wrong["flips"].sum()), wrong.height),
         "question_clean_flip_rate": rate(int(wrong["clean_flips"].sum()), wrong.height),
         "question_fragile_correct_rate": rate(int(correct["breaks"].sum()), correct.height),
-        "best_cell": None if best is None else {"layer": best[2], "strength": best[3], "flip_rate": best[4], "break_rate": best[5]},
+        "best_cell": None if best is None else {"layer": best[3], "strength": best[4], "chunks": best[5],
+                                                "flip_rate": best[6], "break_rate": best[7]},
     }
 
 
 def _controls(frame: pl.DataFrame) -> list[dict]:
     relevant = frame.filter(pl.col("role") == "relevant").select(
-        "question_id", "layer", "strength", rel_log=pl.col("log_improvement"), rel_flip="flipped", rel_break="broken",
-        wrong=~pl.col("correct_before")
+        "question_id", *CELL_KEYS, rel_log=pl.col("log_improvement"), rel_flip="flipped", rel_break="broken",
+        rel_ratio="ratio", wrong=~pl.col("correct_before")
     )
     controls = frame.filter(pl.col("role") == "control")
     rows = []
     for kind in sorted(controls["control_kind"].unique().drop_nulls().to_list()):
-        paired = controls.filter(pl.col("control_kind") == kind).join(relevant, on=["question_id", "layer", "strength"])
+        paired = controls.filter(pl.col("control_kind") == kind).join(relevant, on=["question_id", *CELL_KEYS])
         per_question = (
             paired.group_by("question_id", maintain_order=True)
             .agg(difference=(pl.col("rel_log") - pl.col("log_improvement")).mean())
@@ -289,6 +296,46 @@ def _controls(frame: pl.DataFrame) -> list[dict]:
     return rows
 
 
+def tokens_per_chunk(n_tokens: int, chunks: int) -> tuple[int, int]:
+    """(smallest, largest) tokens in one chunk under the seed rule: chunks of n // k, the remainder in the last; with
+    n < k, one token each (the rest repeat the last token)."""
+    if n_tokens < chunks:
+        return 1, 1
+    size = n_tokens // chunks
+    return size, n_tokens - (chunks - 1) * size
+
+
+def _chunk_count(frame: pl.DataFrame, run: dict, chunks: list[int]) -> list[dict]:
+    """The seed's chunk-count table, per k: tokens per chunk actually used, the relevant engram's mean log-improvement
+    (bootstrap interval over questions), the difference signal relevant vs anti, and "directional steering": the share
+    of cells where the relevant engram's ratio beats the anti engram's (YES above half, inverted below)."""
+    settings = run.get("settings", {})
+    pooled = [n - settings.get("skip_tokens", 0) for n in run.get("engram_tokens", {}).values()]
+    signals = run.get("anti_difference_signal", [])
+    relevant = frame.filter(pl.col("role") == "relevant")
+    anti = frame.filter(pl.col("control_kind") == "anti").join(
+        relevant.select("question_id", *CELL_KEYS, rel_ratio="ratio"), on=["question_id", *CELL_KEYS])
+    rows = []
+    for k in chunks:
+        per_question = relevant.filter(pl.col("chunks") == k).group_by("question_id").agg(pl.col("log_improvement").mean())
+        values = per_question["log_improvement"].to_list()
+        sizes = [tokens_per_chunk(n, k) for n in pooled] if settings.get("pooling", "mean") == "mean" else []
+        at_k = anti.filter(pl.col("chunks") == k)
+        beats = int((at_k["rel_ratio"] > at_k["ratio"]).sum())
+        signal = [s["difference_signal"] for s in signals if s["chunks"] == k]
+        share = beats / at_k.height if at_k.height else None
+        rows.append({
+            "chunks": k,
+            "tokens_per_chunk": [min(a for a, _ in sizes), max(b for _, b in sizes)] if sizes else None,
+            "mean_log_improvement": sum(values) / len(values) if values else None,
+            "mean_log_improvement_ci95": bootstrap_mean_ci(values),
+            "anti_difference_signal": sum(signal) / len(signal) if signal else None,
+            "directional": {"k": beats, "n": at_k.height, "share": share,
+                            "verdict": None if share is None else "YES" if share > 0.5 else "inverted" if share < 0.5 else "tied"},
+        })
+    return rows
+
+
 def _semantic_sink(relevant: pl.DataFrame) -> list[dict]:
     grouped = relevant.group_by("related_wrong").agg(
         questions=pl.col("question_id").n_unique(),
@@ -316,14 +363,16 @@ def summarize(frame: pl.DataFrame, run: dict, engram_role: str = "relevant", gen
     cells = frame.filter(pl.col("role") != "baseline")
     layers = sorted(cells["layer"].unique().drop_nulls().to_list())
     strengths = sorted(cells["strength"].unique().drop_nulls().to_list())
+    chunks = sorted(cells["chunks"].unique().drop_nulls().to_list())
+    grid = [(None, "")] if len(chunks) == 1 else [(k, f" k={k}") for k in chunks]  # heatmaps per k in a chunk-count grid
     relevant = frame.filter(pl.col("role") == "relevant")
-    heatmaps = {"relevant": _heatmap(relevant, layers, strengths)}
+    relevant_maps = {f"relevant{suffix}": _heatmap(relevant, layers, strengths, k) for k, suffix in grid}
+    heatmaps = dict(relevant_maps) if engram_role != "control" else {}
     if engram_role in ("control", "all"):
         controls = frame.filter(pl.col("role") == "control")
         for kind in sorted(controls["control_kind"].unique().drop_nulls().to_list()):
-            heatmaps[kind] = _heatmap(controls.filter(pl.col("control_kind") == kind), layers, strengths)
-        if engram_role == "control":
-            heatmaps.pop("relevant")
+            for k, suffix in grid:
+                heatmaps[f"{kind}{suffix}"] = _heatmap(controls.filter(pl.col("control_kind") == kind), layers, strengths, k)
     return {
         "header": {
             "run_id": frame["run_id"][0],
@@ -332,7 +381,7 @@ def summarize(frame: pl.DataFrame, run: dict, engram_role: str = "relevant", gen
             "bank": frame["bank"][0],
             "layers": layers,
             "strengths": strengths,
-            "chunks": int(frame["chunks"][0]),
+            "chunks": chunks[0] if len(chunks) == 1 else chunks,
             "scoring": frame["scoring"][0],
             "injection": frame["injection"][0],
             "cells": frame.height,
@@ -345,7 +394,8 @@ def summarize(frame: pl.DataFrame, run: dict, engram_role: str = "relevant", gen
         },
         "questions": _questions(frame),
         "heatmaps": heatmaps,
-        "headline": _headline(relevant, heatmaps.get("relevant") or _heatmap(relevant, layers, strengths)),
+        "headline": _headline(relevant, list(relevant_maps.values())),
+        "chunk_count": _chunk_count(frame, run, chunks) if len(chunks) > 1 else None,
         "controls": _controls(frame),
         "semantic_sink": _semantic_sink(relevant),
         "generation": None if generations is None else _generation(generations),

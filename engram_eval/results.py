@@ -108,7 +108,7 @@ def question_frame(settings: SweepSettings, bank: Bank, prepared: PreparedQuesti
             "control_kind": [None] + [c.control_kind for c in cells],
             "layer": [None] + [c.layer for c in cells],
             "strength": [None] + [c.strength for c in cells],
-            "chunks": [settings.chunks] * n,
+            "chunks": [settings.chunks if isinstance(settings.chunks, int) else None] + [c.chunks for c in cells],
             "pooling": [settings.pooling] * n,
             "skip_tokens": [settings.skip_tokens] * n,
             "window": [settings.window] * n,

@@ -30,7 +30,7 @@ class SweepSettings:
     bank_sha256: str
     layers: list[int]
     strengths: list[float]
-    chunks: int
+    chunks: int | list[int]  # one k (an int, as the seed's runs record it) or the chunk-count grid
     scoring: str
     injection: str
     questions: list[str]
@@ -40,6 +40,10 @@ class SweepSettings:
     window: int | None = None
     scaling: str = "global"
     context: str = "with"
+
+    @property
+    def chunk_list(self) -> list[int]:
+        return [self.chunks] if isinstance(self.chunks, int) else list(self.chunks)
 
     @property
     def extraction(self) -> Extraction:

@@ -68,3 +68,16 @@ def mcnemar_exact(a_only: int, b_only: int) -> float:
 
     discordant = a_only + b_only
     return 1.0 if discordant == 0 else float(binomtest(a_only, discordant, 0.5).pvalue)
+
+
+def bootstrap_mean_ci(values: list[float], seed: int = 0, confidence: float = 0.95) -> tuple[float, float] | None:
+    """Percentile bootstrap interval of the mean (scipy, 9999 resamples, seeded); None for fewer than two values or when
+    every value is the same (nothing to resample)."""
+    import numpy as np
+    from scipy.stats import bootstrap
+
+    if len(values) < 2 or len(set(values)) == 1:
+        return None
+    result = bootstrap((np.asarray(values, dtype=float),), np.mean, confidence_level=confidence, n_resamples=9999,
+                       method="percentile", rng=np.random.default_rng(seed))
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)

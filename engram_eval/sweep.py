@@ -18,7 +18,8 @@ import polars as pl
 from .bank import NULL_PREFIXES, Bank, Question
 from .engram import DEFAULT_MAX_TOKENS, Extraction, check_chunks, check_layers, chunk_shares
 from .errors import EngramEvalError, EngramEvalWarning
-from .grid import question_cells, raw_vectors
+from .geometry import pair_geometry
+from .grid import engram_label, question_cells, raw_vectors
 from .injection import check_injection
 from .model import LoadedModel
 from .prompts import PreparedQuestion, context_conditions, prepare_question, variant_token_warnings
@@ -29,6 +30,26 @@ from .scoring import SCORINGS, auto_batch_size, score_cells
 from .store import EngramStore, StoredEngram, engram_warnings
 
 CONTEXTS = ("with", "without", "both")
+
+
+def check_chunk_list(chunks: int | list[int]) -> list[int]:
+    """One k, or the chunk-count grid: each at least 1, none repeated."""
+    values = [chunks] if isinstance(chunks, int) else list(chunks)
+    if not values:
+        raise EngramEvalError("--chunks: no chunk count given")
+    for k in values:
+        check_chunks(k)
+        if values.count(k) > 1:
+            raise EngramEvalError(f"--chunks: {k} is repeated")
+    return values
+
+
+def parse_chunks(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise EngramEvalError(f"--chunks: malformed '{text}' (expected whole numbers like '16' or '8,16,32,64,128')") from None
+    return check_chunk_list(values)
 
 
 def check_strengths(strengths: list[float]) -> list[float]:
@@ -63,7 +84,7 @@ def run_sweep(
     *,
     layers: list[int],
     strengths: list[float],
-    chunks: int = 16,
+    chunks: int | list[int] = 16,
     scoring: str = "first-token",
     injection: str = "prefix",
     scaling: str = "global",
@@ -96,8 +117,8 @@ def run_sweep(
     check_injection(injection, scaling)
     check_layers(layers, lm.num_layers)
     check_strengths(strengths)
-    check_chunks(chunks)
-    extraction = (extraction or Extraction(max_tokens=max_tokens)).check([chunks])
+    chunk_list = check_chunk_list(chunks)
+    extraction = (extraction or Extraction(max_tokens=max_tokens)).check(chunk_list)
     if questions is not None:
         bank = bank.select(questions)
     out = Path(out)
@@ -106,9 +127,9 @@ def run_sweep(
                 for q in bank.questions]  # before any model work
     if injection == "add":
         for p in (p for conditions in prepared for p in conditions):
-            if len(p.prompt_ids) < chunks:
+            if len(p.prompt_ids) < max(chunk_list):
                 raise EngramEvalError(f"{bank.path}: question '{p.question.id}': --injection add needs a prompt of at least "
-                                      f"k = {chunks} tokens; this one has {len(p.prompt_ids)}")
+                                      f"k = {max(chunk_list)} tokens; this one has {len(p.prompt_ids)}")
     bank_warnings = bank.lint() + [w for conditions in prepared for w in variant_token_warnings(lm, conditions[0], bank.path)]
     if context == "both" and not any(q.context for q in bank.questions):
         bank_warnings.append(f"{bank.path}: --context both, but no question has a context: every question runs once")
@@ -118,7 +139,8 @@ def run_sweep(
         warn(warning)
     settings = SweepSettings(
         model=lm.name, model_fingerprint=lm.fingerprint, bank=bank.name, bank_sha256=bank.sha256,
-        layers=list(layers), strengths=list(strengths), chunks=chunks, scoring=scoring, injection=injection,
+        layers=list(layers), strengths=list(strengths), chunks=chunk_list[0] if len(chunk_list) == 1 else chunk_list,
+        scoring=scoring, injection=injection,
         questions=[q.id for q in bank.questions], max_tokens=extraction.max_tokens, pooling=extraction.pooling,
         skip_tokens=extraction.skip_tokens, window=extraction.window, scaling=scaling, context=context,
     )
@@ -141,21 +163,37 @@ def run_sweep(
 
 def build_engrams(lm: LoadedModel, bank: Bank, store: EngramStore, settings: SweepSettings,
                   warn: Callable[[str], None] = lambda message: None,
-                  log: Callable[[str], None] = lambda message: None) -> dict[str, StoredEngram]:
-    """Every source engram the bank's questions use, from the store (built where it lacks them)."""
-    layers, chunks = settings.layers, settings.chunks
+                  log: Callable[[str], None] = lambda message: None) -> dict[tuple[str, int], StoredEngram]:
+    """Every source engram the bank's questions use, by (source, k), from the store (built where it lacks them; one
+    forward pass per source serves every k)."""
+    layers, chunks = settings.layers, settings.chunk_list
     needed = list(dict.fromkeys(name for q in bank.questions for name in (q.engram, *q.controls) if name not in NULL_PREFIXES))
-    engrams: dict[str, StoredEngram] = {}
+    engrams: dict[tuple[str, int], StoredEngram] = {}
     for name in needed:
-        (stored, status), = store.ensure_all(lm, name, bank.sources[name].text, layers, [chunks], settings.extraction).values()
-        if stored.engram.layers[layers[0]].shape[-1] != lm.hidden_size:
-            raise EngramEvalError(f"store file {stored.path}: hidden size differs from {lm.name}'s {lm.hidden_size}")
-        if status != "cached":
-            for warning in engram_warnings(name, stored.restricted(layers)):
-                warn(warning)
-        log(f"engram {name}: {status} ({stored.path})")
-        engrams[name] = stored
+        for k, (stored, status) in store.ensure_all(lm, name, bank.sources[name].text, layers, chunks, settings.extraction).items():
+            if stored.engram.layers[layers[0]].shape[-1] != lm.hidden_size:
+                raise EngramEvalError(f"store file {stored.path}: hidden size differs from {lm.name}'s {lm.hidden_size}")
+            if status != "cached":
+                for warning in engram_warnings(name, stored.restricted(layers)):
+                    warn(warning)
+            log(f"engram {engram_label(name, k, chunks)}: {status} ({stored.path})")
+            engrams[(name, k)] = stored
     return engrams
+
+
+def anti_difference_signals(bank: Bank, engrams: dict[tuple[str, int], StoredEngram], layers: list[int],
+                            chunks: list[int]) -> list[dict]:
+    """The seeds' difference signal between each question's relevant engram and its anti-content controls, per k and
+    layer (the chunk-count section of the report reads these)."""
+    signals = []
+    for q in bank.questions:
+        for anti in (c for c in q.controls if c not in NULL_PREFIXES and bank.sources[c].kind == "anti"):
+            for k in chunks:
+                for layer in layers:
+                    a, b = engrams[(q.engram, k)].engram.layers[layer], engrams[(anti, k)].engram.layers[layer]
+                    signals.append({"question_id": q.id, "anti": anti, "chunks": k, "layer": layer,
+                                    "difference_signal": pair_geometry(a, b)["difference_signal"]})
+    return signals
 
 
 def _run_grid(lm: LoadedModel, bank: Bank, store: EngramStore, out: Path, settings: SweepSettings, run: dict,
@@ -164,19 +202,23 @@ def _run_grid(lm: LoadedModel, bank: Bank, store: EngramStore, out: Path, settin
     """Build what the store lacks, score every question not yet in out/parts, merge; fills run in place."""
     from tqdm import tqdm
 
-    layers, chunks = settings.layers, settings.chunks
+    layers, chunks = settings.layers, settings.chunk_list
     build_started = time.perf_counter()
     engrams = build_engrams(lm, bank, store, settings, warn, log)
     build_seconds = time.perf_counter() - build_started
+    labels = {(name, k): engram_label(name, k, chunks) for name, k in engrams}
     run.update(
-        engram_keys={name: stored.key for name, stored in engrams.items()},
-        engram_files={name: str(stored.path) for name, stored in engrams.items()},
-        largest_chunk_share={name: {str(layer): round(chunk_shares(stored.engram.layers[layer]).max().item(), 4) for layer in layers}
-                             for name, stored in engrams.items()},
+        engram_keys={labels[key]: stored.key for key, stored in engrams.items()},
+        engram_files={labels[key]: str(stored.path) for key, stored in engrams.items()},
+        largest_chunk_share={labels[key]: {str(layer): round(chunk_shares(stored.engram.layers[layer]).max().item(), 4)
+                                           for layer in layers} for key, stored in engrams.items()},
+        num_layers=lm.num_layers,
+        engram_tokens={name: stored.engram.n_tokens for (name, _), stored in engrams.items()},
+        anti_difference_signal=anti_difference_signals(bank, engrams, layers, chunks),
     )
     write_run_json(out, run)
 
-    keys = {name: stored.key for name, stored in engrams.items()}
+    keys = {key: stored.key for key, stored in engrams.items()}
     grid = [[question_cells(p.question, bank, keys, layers, settings.strengths, chunks, p.context) for p in conditions]
             for conditions in prepared]
     raw = raw_vectors(lm, bank, engrams, layers, chunks)
@@ -196,7 +238,7 @@ def _run_grid(lm: LoadedModel, bank: Bank, store: EngramStore, out: Path, settin
             paused += time.perf_counter() - pause_started
             frames = []
             for p, cells in zip(conditions, question_grid):
-                prefix = chunks if settings.injection == "prefix" else 0
+                prefix = max(chunks) if settings.injection == "prefix" else 0
                 requested = batch_size or auto_batch_size(lm, prefix + len(p.prompt_ids), len(cells))
                 scores, size = score_cells(lm, p, cells, raw, settings.scoring, settings.injection, settings.scaling,
                                            min(requested, fits or requested), on_batch=bar.update)

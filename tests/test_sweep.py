@@ -107,3 +107,26 @@ def test_questions_limits_the_run_and_the_package_exports_the_report_api(tiny, t
     frame, run = engram_eval.load_run(result.out)
     assert frame["question_id"].unique().to_list() == ["q2"] and run["settings"]["questions"] == ["q2"]
     assert engram_eval.summarize(frame, run)["header"]["questions"] == 1
+
+
+def test_the_chunk_count_grid_matches_the_reference_cell_by_cell_at_each_k(tiny, tiny_bank, tmp_path):
+    result = sweep(tiny, tiny_bank, tmp_path / "run", layers=[2], strengths=[1.0, 4.0], chunks=[2, 6], questions=["q1", "q3"])
+    frame = pl.read_parquet(result.results_path)
+    bank = load_bank(tiny_bank)
+    cells = frame.filter(pl.col("role") != "baseline")
+    assert cells.group_by("chunks").len().sort("chunks").rows() == [(2, 2 * 4 * 2), (6, 2 * 4 * 2)]
+    assert frame.filter(pl.col("role") == "baseline")["chunks"].null_count() == 2
+    for row in cells.iter_rows(named=True):
+        q = next(q for q in bank.questions if q.id == row["question_id"])
+        engram = reference_engram(tiny.model, tiny.tokenizer, bank.sources[row["engram"]].text, row["layer"], k=row["chunks"])
+        p_c, p_i = reference_cell(tiny.model, tiny.tokenizer, engram, row["strength"], q.prompt, list(q.correct), list(q.incorrect))
+        assert row["p_correct"] == pytest.approx(p_c, rel=1e-5) and row["p_incorrect"] == pytest.approx(p_i, rel=1e-5)
+    assert result.run["settings"]["chunks"] == [2, 6] and set(result.run["engram_keys"]) == {
+        f"{name}@k{k}" for name in ("topic", "stars", "noise", "anti") for k in (2, 6)}
+
+
+@pytest.mark.parametrize("chunks,message", [([4, 0], "--chunks: must be at least 1 (got 0)"), ([4, 8, 4], "--chunks: 4 is repeated")])
+def test_bad_chunk_counts_are_refused(tiny, tiny_bank, tmp_path, chunks, message):
+    with pytest.raises(EngramEvalError) as error:
+        sweep(tiny, tiny_bank, tmp_path / "run", chunks=chunks)
+    assert str(error.value) == message

@@ -85,7 +85,8 @@ def model_options(command: Callable) -> Callable:
 
 store_option = click.option("--store", "store_dir", default="store", show_default=True, type=click.Path(file_okay=False),
                             help="Engram store directory.")
-chunks_option = click.option("--chunks", default=16, show_default=True, type=int, help="Number of chunk-mean vectors per engram (k).")
+chunks_option = click.option("--chunks", "chunks_text", default="16", show_default=True,
+                             help="Number of vectors per engram (k), or several for the chunk-count grid: '8,16,32,64,128'.")
 
 
 def extraction_options(command: Callable) -> Callable:

@@ -22,19 +22,20 @@ from .store import metadata_layers
 @store_option
 @click.option("--force", is_flag=True, help="Rebuild even when the store already holds the engram.")
 @outside_option
-def build(sources: tuple[Path, ...], bank: Path | None, load_lm, chunks: int, layers_text: str, extraction,
+def build(sources: tuple[Path, ...], bank: Path | None, load_lm, chunks_text: str, layers_text: str, extraction,
           store_dir: str, force: bool, allow_outside_paths: bool) -> None:
-    """Turn text files (or a bank's sources) into engrams for every requested layer, from one forward pass
-    each, saved as safetensors files in the store."""
+    """Turn text files (or a bank's sources) into engrams for every requested layer and k, from one forward pass
+    each (per window), saved as safetensors files in the store (one file per k)."""
     from tqdm import tqdm
 
     from ..bank import load_bank
     from ..files import read_text
-    from ..engram import check_chunks, parse_layers
+    from ..engram import parse_layers
+    from ..sweep import parse_chunks
     from ..store import EngramStore, engram_warnings
 
-    check_chunks(chunks)
-    extraction.check([chunks])
+    chunks = parse_chunks(chunks_text)
+    extraction.check(chunks)
     named: list[tuple[str, str]] = []
     for path in sources:
         text = read_text(path, "source file")
@@ -53,9 +54,9 @@ def build(sources: tuple[Path, ...], bank: Path | None, load_lm, chunks: int, la
     for column in ("source", "status", "tokens", "layers", "chunks", "file"):
         table.add_column(column)
     for name, text in tqdm(named, desc="build", unit="source", disable=None):
-        (stored, status), = store.ensure_all(lm, name, text, layers, [chunks], extraction, force=force).values()
-        for warning in engram_warnings(name, stored):
-            warn(warning)
-        table.add_row(name, status, str(stored.engram.n_tokens) + (" (truncated)" if stored.engram.truncated else ""),
-                      metadata_layers(stored.metadata["layers"]), str(chunks), str(stored.path))
+        for k, (stored, status) in store.ensure_all(lm, name, text, layers, chunks, extraction, force=force).items():
+            for warning in engram_warnings(name, stored):
+                warn(warning)
+            table.add_row(name, status, str(stored.engram.n_tokens) + (" (truncated)" if stored.engram.truncated else ""),
+                          metadata_layers(stored.metadata["layers"]), str(k), str(stored.path))
     stdout().print(table)

@@ -49,20 +49,20 @@ from .app import chunks_option, cli, extraction_options, model_options, outside_
               help="Treat the bank's warnings (a double or missing space before the answers, an answer whose first token "
                    "is whitespace, a bank without controls) as errors.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or engram log (warnings are still shown).")
-def sweep(bank_path: Path, load_lm, layers_text: str, strengths_text: str, chunks: int, scoring: str, injection: str,
+def sweep(bank_path: Path, load_lm, layers_text: str, strengths_text: str, chunks_text: str, scoring: str, injection: str,
           scaling: str, context: str, extraction, out: Path | None, store_dir: str, batch_size: str, question_ids: str | None, force: bool,
           allow_outside_paths: bool, strict: bool, quiet: bool) -> None:
     """Score a question bank over the layer x strength grid for each question's relevant engram and its negative
     controls, plus one baseline per question, into RUN/results.parquet and RUN/run.json. An interrupted sweep
     (Ctrl-C: exit status 130) rerun with the same command resumes from the questions already done."""
     from ..bank import load_bank
-    from ..engram import check_chunks, parse_layers
+    from ..engram import parse_layers
     from ..injection import check_injection
     from ..store import EngramStore
-    from ..sweep import parse_strengths, run_sweep
+    from ..sweep import parse_chunks, parse_strengths, run_sweep
 
-    check_chunks(chunks)
-    extraction.check([chunks])
+    chunks = parse_chunks(chunks_text)
+    extraction.check(chunks)
     check_injection(injection, scaling)
     strengths = parse_strengths(strengths_text)
     if batch_size != "auto" and not (batch_size.isdigit() and int(batch_size) >= 1):
@@ -80,7 +80,8 @@ def sweep(bank_path: Path, load_lm, layers_text: str, strengths_text: str, chunk
     out = out or Path("reports") / f"{bank.name}-{lm.name}"
     try:
         result = run_sweep(
-            lm, bank, EngramStore(store_dir), out, layers=layers, strengths=strengths, chunks=chunks, scoring=scoring,
+            lm, bank, EngramStore(store_dir), out, layers=layers, strengths=strengths,
+            chunks=chunks[0] if len(chunks) == 1 else chunks, scoring=scoring,
             injection=injection, scaling=scaling, extraction=extraction, context=context,
             batch_size=None if batch_size == "auto" else int(batch_size),
             force=force, strict=strict, progress=not quiet, log=(lambda m: None) if quiet else stderr.print, warn=warn,
