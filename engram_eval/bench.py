@@ -145,6 +145,7 @@ def run_bench(lm: LoadedModel, bank: Bank, layers: list[int], strengths: list[fl
         finished = time.perf_counter()
         matmul_rates.append(probe.rate(probe_seconds))
         generation = bench_generation(lm, result.out, generation_cells, max_new_tokens) if generation_cells else {}
+        attention = bench_attention(lm, bank, store, Path(tmp), layers, strengths, chunks, injection)
     # Question i ran between the end of pause i and the start of pause i + 1 (the last one until the sweep returned),
     # next to the matmul probes just before and just after it.
     ends = [paused for paused, _ in pauses[1:]] + [finished]
@@ -169,7 +170,22 @@ def run_bench(lm: LoadedModel, bank: Bank, layers: list[int], strengths: list[fl
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "sweep_rss_quarter_mib": rss.at(0.25), "sweep_rss_end_mib": rss.at(1.0),
         **generation,
+        **attention,
     }
+
+
+def bench_attention(lm: LoadedModel, bank: Bank, store: EngramStore, folder: Path, layers: list[int], strengths: list[float],
+                    chunks: int, injection: str, questions: int = 2) -> dict:
+    """What --record-attention costs: the first questions swept with it and without it, alternated, in one run."""
+    ids = [q.id for q in bank.questions[:questions]]
+    seconds = {False: 0.0, True: 0.0}
+    for trial in range(2):
+        for record in (False, True) if trial == 0 else (True, False):
+            out = folder / f"attention-{record}-{trial}"
+            result = run_sweep(lm, bank, store, out, layers=layers, strengths=strengths, chunks=chunks, injection=injection,
+                               questions=ids, record_attention=record, progress=False, warn=lambda message: None)
+            seconds[record] += result.run["timings"]["sweep_seconds"]
+    return {"attention_cost": seconds[True] / seconds[False]}
 
 
 @torch.inference_mode()

@@ -151,6 +151,12 @@ def _sections(summary: dict) -> list[tuple[str, list[str], list[list[str]]]]:
               f"{c['directional']['verdict']}: {c['directional']['k']}/{c['directional']['n']} cells ({100 * c['directional']['share']:.0f}%)"]
              for c in summary["chunk_count"]],
         ))
+    if summary.get("attention"):
+        sections.append((
+            "Where the model looks: the last prompt position's attention (mean over heads, layers and cells)",
+            ["engram kind", "rows", "share on the k engram positions (first k positions for baseline, add, actadd)", "share on position 0"],
+            [[a["kind"], str(a["rows"]), f"{a['attn_prefix_share']:.3f}", f"{a['attn_first_share']:.3f}"] for a in summary["attention"]],
+        ))
     if (g := summary.get("generation")) is not None:
         verdicts = ("correct", "incorrect", "both", "neither")
         sections.append((
@@ -183,11 +189,16 @@ def _sections(summary: dict) -> list[tuple[str, list[str], list[list[str]]]]:
 
 
 def render_table(summary: dict, console) -> None:
-    from rich.table import Table
-
     if banner := partial_banner(summary):
         console.print(f"[bold yellow]{banner}[/]")
-    for title, columns, rows in _sections(summary):
+    print_sections(_sections(summary), console, summary["heatmaps"])
+
+
+def print_sections(sections: list[tuple[str, list[str], list[list[str]]]], console, heatmaps: dict | None = None) -> None:
+    """Rich tables; a single run's heatmap tables get coloured cells."""
+    from rich.table import Table
+
+    for title, columns, rows in sections:
         heat = title.startswith("Heatmap")
         table = Table(title=title, title_justify="left", show_header=True)
         for i, column in enumerate(columns):
@@ -195,9 +206,9 @@ def render_table(summary: dict, console) -> None:
             longest = max((len(word) for row in rows for word in row[i].split()), default=0)
             table.add_column(column, justify="right" if heat else "left", overflow="fold", min_width=min(longest, 24))
         grid = None
-        if heat:
+        if heat and heatmaps is not None:
             name, measure = title.removeprefix("Heatmap ").split(":")[0], "flip" if "flip rate" in title else "break"
-            grid = summary["heatmaps"][name][measure]
+            grid = heatmaps[name][measure]
         for i, row in enumerate(rows):
             if grid is None:
                 table.add_row(*row)
@@ -215,10 +226,14 @@ def _heat_cell(text: str, cell: dict, measure: str) -> str:
 
 
 def render_markdown(summary: dict) -> str:
-    lines = [f"# engram-eval report: {summary['header']['bank']} on {summary['header']['model']}", ""]
-    if banner := partial_banner(summary):
-        lines += [f"> **{banner}**", ""]
-    for title, columns, rows in _sections(summary):
+    banner = partial_banner(summary)
+    return markdown_page(f"engram-eval report: {summary['header']['bank']} on {summary['header']['model']}",
+                         _sections(summary), [f"> **{banner}**"] if banner else [])
+
+
+def markdown_page(heading: str, sections: list[tuple[str, list[str], list[list[str]]]], preface: list[str] = ()) -> str:
+    lines = [f"# {heading}", ""] + ([*preface, ""] if preface else [])
+    for title, columns, rows in sections:
         lines += [f"## {title}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
         lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
         lines.append("")
@@ -232,6 +247,18 @@ def render_json(summary: dict) -> str:
 def label_colour(rate: float | None) -> str:
     """Heatmap cells above 0.5 are in the colour map's dark half (vmin 0, vmax 1): white labels stay readable there."""
     return "white" if rate is not None and rate > 0.5 else "black"
+
+
+def _html_table(columns: list[str], rows: list[list[str]]) -> str:
+    return ("<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in columns) + "</tr>"
+            + "".join("<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>" for row in rows) + "</table>")
+
+
+def _html_page(title: str, body: str) -> str:
+    return ("<!doctype html><html><head><meta charset='utf-8'>"
+            f"<title>{html.escape(title)}</title><style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse;margin:1em 0}}"
+            "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}th{background:#eee}</style></head><body>"
+            f"<h1>{html.escape(title)}</h1>{body}</body></html>")
 
 
 def heatmap_png(heatmap: dict, measure: str, title: str) -> bytes:
@@ -274,9 +301,7 @@ def render_html(summary: dict) -> str:
             measure = "flip" if "flip rate" in title else "break"
             png = base64.b64encode(heatmap_png(summary["heatmaps"][name], measure, title)).decode()
             parts.append(f"<img alt='{html.escape(title)}' src='data:image/png;base64,{png}'>")
-        parts.append("<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in columns) + "</tr>")
-        parts += ["<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>" for row in rows]
-        parts.append("</table>")
+        parts.append(_html_table(columns, rows))
     if summary.get("generation"):
         parts.append("<h2>Generated texts</h2><table><tr><th>question</th><th>cell</th><th>ratio</th><th>first answer</th>"
                      "<th>verdict</th><th>text</th></tr>")
@@ -286,3 +311,46 @@ def render_html(summary: dict) -> str:
         parts.append("</table>")
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def side_by_side_sections(comparison: dict) -> list[tuple[str, list[str], list[list[str]]]]:
+    """(title, columns, rows) of several runs side by side: one column per run; heatmap rows by relative depth."""
+    runs = comparison["runs"]
+    names = [f"{i + 1}: {r['model']}" for i, r in enumerate(runs)]
+    kinds = sorted({kind for r in runs for kind in r["controls"]})
+    rows = [["run", *[r["run"] for r in runs]], ["bank", *[r["bank"] for r in runs]],
+            ["layers (relative depth)", *[", ".join(f"L{l} ({d:.2f})" for l, d in zip(r["layers"], r["depths"])) for r in runs]],
+            ["baseline accuracy", *[fmt_rate(r["baseline_accuracy"]) for r in runs]],
+            ["baseline-wrong questions that flip", *[fmt_rate(r["question_flip_rate"]) for r in runs]],
+            ["baseline-correct questions that break", *[fmt_rate(r["question_fragile_correct_rate"]) for r in runs]]]
+    rows += [[f"relevant vs {kind}", *["-" if kind not in r["controls"] else
+                                       f"{r['controls'][kind]['verdict']} (p {fmt_p(r['controls'][kind]['p_value'])})" for r in runs]]
+             for kind in kinds]
+    sections = [("Runs side by side", ["measure", *names], rows)]
+    for name, run in zip(names, runs):
+        for heat, heatmap in run["heatmaps"].items():
+            sections.append((
+                f"Heatmap {heat} of run {name}: flip rate by relative depth", ["depth (layer) \\ strength", *[f"{s:g}" for s in heatmap["strengths"]]],
+                [[f"{d:.2f} (L{layer})", *[fmt_cell(c) for c in row]] for d, layer, row in zip(heatmap["depths"], heatmap["layers"], heatmap["flip"])],
+            ))
+        if run["chunk_count"]:
+            sections.append((
+                f"Chunk count of run {name}", ["k", "mean log-improvement", "difference signal vs anti (%)", "directional steering"],
+                [[str(c["chunks"]), fmt_float(c["mean_log_improvement"]),
+                  "-" if c["anti_difference_signal"] is None else f"{c['anti_difference_signal']:.3f}",
+                  "-" if not c["directional"]["n"] else f"{c['directional']['verdict']} ({c['directional']['k']}/{c['directional']['n']})"]
+                 for c in run["chunk_count"]],
+            ))
+    return sections
+
+
+def render_side_by_side(comparison: dict, output_format: str, console=None) -> str | None:
+    sections = side_by_side_sections(comparison)
+    if output_format == "json":
+        return json.dumps(comparison, indent=2, default=str)
+    if output_format == "table":
+        return print_sections(sections, console)
+    if output_format == "html":
+        tables = "\n".join(f"<h2>{html.escape(title)}</h2>" + _html_table(columns, rows) for title, columns, rows in sections)
+        return _html_page("engram-eval report: runs side by side", tables)
+    return markdown_page("engram-eval report: runs side by side", sections)

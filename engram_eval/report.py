@@ -296,6 +296,19 @@ def _controls(frame: pl.DataFrame) -> list[dict]:
     return rows
 
 
+def _attention(frame: pl.DataFrame) -> list[dict] | None:
+    """With --record-attention: per engram kind (the baseline included, for comparison), the mean share of the last
+    prompt position's attention on the k engram positions (or the first k prompt positions) and on position 0."""
+    recorded = frame.filter(pl.col("attn_prefix_share").is_not_null())
+    if recorded.is_empty():
+        return None
+    kinds = recorded.with_columns(kind=pl.coalesce(pl.col("control_kind"), pl.col("role")))
+    grouped = kinds.group_by("kind").agg(rows=pl.len(), prefix=pl.col("attn_prefix_share").mean(), first=pl.col("attn_first_share").mean())
+    order = {"baseline": 0, "relevant": 1}
+    return [{"kind": r["kind"], "rows": r["rows"], "attn_prefix_share": r["prefix"], "attn_first_share": r["first"]}
+            for r in sorted(grouped.iter_rows(named=True), key=lambda r: (order.get(r["kind"], 2), r["kind"]))]
+
+
 def tokens_per_chunk(n_tokens: int, chunks: int) -> tuple[int, int]:
     """(smallest, largest) tokens in one chunk under the seed rule: chunks of n // k, the remainder in the last; with
     n < k, one token each (the rest repeat the last token)."""
@@ -396,8 +409,43 @@ def summarize(frame: pl.DataFrame, run: dict, engram_role: str = "relevant", gen
         "heatmaps": heatmaps,
         "headline": _headline(relevant, list(relevant_maps.values())),
         "chunk_count": _chunk_count(frame, run, chunks) if len(chunks) > 1 else None,
+        "attention": _attention(frame),
         "controls": _controls(frame),
         "semantic_sink": _semantic_sink(relevant),
         "generation": None if generations is None else _generation(generations),
         "rag": rag,
     }
+
+
+def summarize_runs(runs: list[tuple[str, pl.DataFrame, dict]], allow_different_banks: bool = False) -> dict:
+    """Several runs side by side (e.g. one bank on several models): per run its model, its layers as relative depth
+    (layer / number of layers, so a 30-layer and a 28-layer model line up), baseline accuracy, question flip and
+    fragile-correct rates, control verdicts, the relevant engram's heatmaps by depth, and its chunk-count table."""
+    banks = {run.get("settings", {}).get("bank_sha256") for _, _, run in runs}
+    if len(banks) > 1 and not allow_different_banks:
+        described = ", ".join(f"{path} ({run.get('settings', {}).get('bank', '?')} {str(run.get('settings', {}).get('bank_sha256'))[:8]})"
+                              for path, _, run in runs)
+        raise EngramEvalError(f"report: the runs use different banks ({described}); pass --allow-different-banks to put them side by side")
+    columns = []
+    for path, frame, run in runs:
+        if "num_layers" not in run:
+            raise EngramEvalError(f"{path}: run.json has no num_layers (swept with an older engram-eval); sweep it again to compare it")
+        summary = summarize(frame, run)
+        base = per_condition(frame).filter(pl.col("role") == "baseline")
+        depth = {layer: layer / run["num_layers"] for layer in summary["header"]["layers"]}
+        columns.append({
+            "run": str(path),
+            "model": summary["header"]["model"],
+            "bank": summary["header"]["bank"],
+            "layers": summary["header"]["layers"],
+            "depths": [round(depth[layer], 3) for layer in summary["header"]["layers"]],
+            "baseline_accuracy": rate(int(base["correct_before"].sum()), base.height),
+            "question_flip_rate": summary["headline"]["question_flip_rate"],
+            "question_fragile_correct_rate": summary["headline"]["question_fragile_correct_rate"],
+            "controls": {c["kind"]: {"verdict": c["verdict"], "p_value": c["p_value"], "mean_difference": c["mean_difference"]}
+                         for c in summary["controls"]},
+            "heatmaps": {name: {**heatmap, "depths": [round(depth[layer], 3) for layer in heatmap["layers"]]}
+                         for name, heatmap in summary["heatmaps"].items()},
+            "chunk_count": summary["chunk_count"],
+        })
+    return {"runs": columns}

@@ -58,6 +58,8 @@ RESULT_SCHEMA = pl.Schema(
         "p_correct_rose": pl.Boolean,
         "top_token": pl.String,
         "p_top": pl.Float64,
+        "attn_prefix_share": pl.Float64,
+        "attn_first_share": pl.Float64,
         "log_ratio": pl.Float64,
         "ratio": pl.Float64,
         "baseline_ratio": pl.Float64,
@@ -122,9 +124,12 @@ def question_frame(settings: SweepSettings, bank: Bank, prepared: PreparedQuesti
             "top_incorrect_variant": scores["top_incorrect"],
             "top_token": scores["top_token"],
             "logp_top": scores["logp_top"],
+            "attn_prefix_share": scores["attn_prefix_share"],
+            "attn_first_share": scores["attn_first_share"],
         },
         schema_overrides={k: RESULT_SCHEMA[k] for k in ("tags", "related_wrong", "engram", "engram_key", "control_kind", "layer", "strength",
-                                                      "chunks", "skip_tokens", "window", "context")},
+                                                      "chunks", "skip_tokens", "window", "context", "attn_prefix_share",
+                                                      "attn_first_share")},
     )
     log_ratio = pl.col("logp_correct") - pl.col("logp_incorrect")
     unscorable = pl.col("case") == "UNSCORABLE"

@@ -40,6 +40,7 @@ class SweepSettings:
     window: int | None = None
     scaling: str = "global"
     context: str = "with"
+    record_attention: bool = False  # eager attention: its float rounding differs slightly from the default kernel
 
     @property
     def chunk_list(self) -> list[int]:

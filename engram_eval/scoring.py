@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 import os
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 
-from .injection import CellVectors, Steering
+from .injection import CellVectors, Steering, decoder_layers
 from .model import LoadedModel
 from .prompts import PreparedQuestion
 
@@ -32,6 +33,7 @@ class Scores:
     variants: torch.Tensor
     top_id: torch.Tensor
     top_logp: torch.Tensor
+    attention: torch.Tensor | None = None  # [batch, positions]: the last prompt position's attention, mean of heads and layers
 
 
 @torch.inference_mode()
@@ -41,6 +43,7 @@ def variant_logprobs(
     prompt_ids: tuple[int, ...],
     variants: tuple[tuple[int, ...], ...],
     scoring: str,
+    record_attention: bool = False,
 ) -> Scores:
     """Log-probability of each variant after the prompt with a batch of cells' steering in it, in float32.
 
@@ -48,8 +51,10 @@ def variant_logprobs(
     the logsumexp over the vocabulary (no full log-softmax is written).
     sequence*: one pass per variant over [prefix; prompt; variant[:-1]], summing its tokens' log-probs
     (sequence-mean: their mean, so long answers are not penalised for their length).
-    steering=None is the baseline (no engram).
+    steering=None is the baseline (no engram). record_attention (eager attention only) also returns the last prompt
+    position's attention over every position, averaged over heads and layers, from the first pass.
     """
+    attention: list[torch.Tensor] = []
     embed = lm.model.get_input_embeddings()
     prompt = embed(torch.tensor(prompt_ids, device=lm.device))
     batch = 1 if steering is None else steering.vectors.shape[0]
@@ -58,11 +63,13 @@ def variant_logprobs(
         """-> float32 logits [batch, keep, vocab] and their logsumexp [batch, keep, 1]."""
         parts = [prompt] if not tail_ids else [prompt, embed(torch.tensor(tail_ids, device=lm.device))]
         body = torch.cat(parts).unsqueeze(0).expand(batch, -1, -1)
-        if steering is None:
-            hidden = lm.model.base_model(inputs_embeds=body, use_cache=False).last_hidden_state
-        else:
-            with steering.active(lm.model):
-                hidden = lm.model.base_model(inputs_embeds=steering.inputs(body), use_cache=False).last_hidden_state
+        record = record_attention and not attention
+        with attention_recorded(lm, attention, -keep) if record else nullcontext():
+            if steering is None:
+                hidden = lm.model.base_model(inputs_embeds=body, use_cache=False).last_hidden_state
+            else:
+                with steering.active(lm.model):
+                    hidden = lm.model.base_model(inputs_embeds=steering.inputs(body), use_cache=False).last_hidden_state
         # The LM head on a contiguous [batch * keep, hidden] slice: transformers' logits_to_keep slice is strided
         # and turns the head into a slow batched matmul over an expanded weight.
         last = hidden[:, -keep:, :].reshape(-1, hidden.shape[-1]).contiguous()
@@ -75,9 +82,13 @@ def variant_logprobs(
         best, index = logits.max(dim=-1)
         return index, best - normalizer.squeeze(-1)
 
+    def mean_attention() -> torch.Tensor | None:
+        return torch.stack(attention).mean(dim=(0, 2)) if attention else None  # [layers, batch, heads, kv] -> [batch, kv]
+
     if scoring == "first-token":
         logits, normalizer = forward((), 1)
-        return Scores(logits[:, -1, [variant[0] for variant in variants]] - normalizer[:, -1], *top(logits[:, -1], normalizer[:, -1]))
+        return Scores(logits[:, -1, [variant[0] for variant in variants]] - normalizer[:, -1], *top(logits[:, -1], normalizer[:, -1]),
+                      mean_attention())
     columns, after_prompt = [], None
     for variant in variants:
         logits, normalizer = forward(variant[:-1], len(variant))
@@ -86,7 +97,22 @@ def variant_logprobs(
         targets = torch.tensor(variant, device=lm.device).expand(batch, -1).unsqueeze(-1)
         token_logps = (logits.gather(-1, targets) - normalizer).squeeze(-1)
         columns.append(token_logps.mean(dim=-1) if scoring == "sequence-mean" else token_logps.sum(dim=-1))
-    return Scores(torch.stack(columns, dim=1), *after_prompt)
+    return Scores(torch.stack(columns, dim=1), *after_prompt, mean_attention())
+
+
+@contextmanager
+def attention_recorded(lm: LoadedModel, into: list[torch.Tensor], query: int) -> Iterator[None]:
+    """While the model runs, keep each layer's attention weights of one query position, [batch, heads, kv] (eager
+    attention returns its weights; the others do not compute them)."""
+    def hook(module, args, output):
+        into.append(output[1][:, :, query, :].float())
+
+    handles = [block.self_attn.register_forward_hook(hook) for block in decoder_layers(lm.model)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def combine_side(logprobs: torch.Tensor, scoring: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,6 +150,8 @@ def score_cells(
     scaling: str,
     batch_size: int,
     on_batch: Callable[[int], None] = lambda n: None,
+    record_attention: bool = False,
+    baseline_chunks: int = 16,
 ) -> tuple[dict[str, list], int]:
     """Baseline row first, then one row per cell -> (raw score columns, the batch size that fit).
 
@@ -135,12 +163,19 @@ def score_cells(
     prompt_ids = prepared.prompt_ids
     columns: dict[str, list] = {
         "logp_correct": [], "logp_incorrect": [], "top_correct": [], "top_incorrect": [], "top_token": [], "logp_top": [],
+        "attn_prefix_share": [], "attn_first_share": [],
     }
     variants = prepared.correct_ids + prepared.incorrect_ids
     n_correct = len(prepared.correct_ids)
 
-    def score(steering: Steering | None) -> None:
-        scores = variant_logprobs(lm, steering, prompt_ids, variants, scoring)  # both sides from one pass
+    def score(steering: Steering | None, chunks: list[int]) -> None:
+        scores = variant_logprobs(lm, steering, prompt_ids, variants, scoring, record_attention)  # both sides from one pass
+        if scores.attention is None:
+            columns["attn_prefix_share"].extend([None] * len(chunks))
+            columns["attn_first_share"].extend([None] * len(chunks))
+        else:  # the k engram positions (prefix) or the first k prompt positions (add, actadd, baseline), and position 0
+            columns["attn_prefix_share"].extend(scores.attention[i, :k].sum().item() for i, k in enumerate(chunks))
+            columns["attn_first_share"].extend(scores.attention[:, 0].tolist())
         for side, part, names in (
             ("correct", scores.variants[:, :n_correct], prepared.question.correct),
             ("incorrect", scores.variants[:, n_correct:], prepared.question.incorrect),
@@ -151,7 +186,7 @@ def score_cells(
         columns["top_token"].extend(lm.tokenizer.decode([token]) for token in scores.top_id.cpu().tolist())
         columns["logp_top"].extend(scores.top_logp.double().cpu().tolist())
 
-    score(None)
+    score(None, [baseline_chunks])
     on_batch(1)
     vectors = CellVectors(lm, raw, injection, scaling, prompt_ids, cells)
 
@@ -175,7 +210,7 @@ def score_cells(
         batch = group[: math.ceil(len(group) / math.ceil(len(group) / size))]
         steering = vectors.steering([unique[i] for i in batch])
         try:
-            score(steering)
+            score(steering, [unique[i].chunks for i in batch])
         except (torch.OutOfMemoryError, RuntimeError) as exc:
             if not _is_oom(exc) or size == 1:
                 raise

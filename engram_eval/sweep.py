@@ -90,6 +90,7 @@ def run_sweep(
     scaling: str = "global",
     extraction: Extraction | None = None,
     context: str = "with",
+    record_attention: bool = False,
     questions: list[str] | None = None,
     batch_size: int | None = None,
     max_tokens: int = DEFAULT_MAX_TOKENS,
@@ -104,7 +105,9 @@ def run_sweep(
 
     injection, scaling and extraction (pooling, skip_tokens, window) default to the seed's method. context: questions
     with a retrieved context run `with` it, `without` it, or `both` (each condition with its own baseline row).
-    questions limits the run to these question ids. warn receives what a researcher must read before trusting the
+    record_attention adds, per row, the share of the last prompt position's attention (mean over heads and layers) on
+    the k engram positions and on position 0 (eager attention while the sweep runs). questions limits the run to these
+    question ids. warn receives what a researcher must read before trusting the
     numbers (bank mistakes, truncated or dominated engrams); by default Python's warnings machinery
     (EngramEvalWarning), one line each. strict makes the bank's mistakes errors, raised before any model work.
     before_question runs before each question is computed, outside the sweep's timings (the benchmark measures the
@@ -143,12 +146,16 @@ def run_sweep(
         scoring=scoring, injection=injection,
         questions=[q.id for q in bank.questions], max_tokens=extraction.max_tokens, pooling=extraction.pooling,
         skip_tokens=extraction.skip_tokens, window=extraction.window, scaling=scaling, context=context,
+        record_attention=record_attention,
     )
     run = prepare_out(out, settings, force)
     run.update(bank_path=str(bank.path), store=str(store.root), model_description=lm.description, versions=package_versions(),
                device=str(lm.device), dtype=str(lm.dtype).removeprefix("torch."), batch_size=batch_size or "auto")
     write_run_json(out, run)
+    attention = lm.model.config._attn_implementation
     try:
+        if record_attention:
+            lm.model.set_attn_implementation("eager")  # the only kernel that gives its attention weights
         _run_grid(lm, bank, store, out, settings, run, prepared, batch_size, progress, log, warn, before_question)
     except KeyboardInterrupt:
         mark_stopped(out, run, "interrupted")
@@ -156,6 +163,8 @@ def run_sweep(
     except Exception as exc:
         mark_stopped(out, run, "failed", one_line(exc))
         raise
+    finally:
+        lm.model.set_attn_implementation(attention)
     run["timings"]["total_seconds"] = round(time.perf_counter() - started, 3)
     write_run_json(out, run)
     return SweepResult(out=out, results_path=out / "results.parquet", run=run)
@@ -241,7 +250,8 @@ def _run_grid(lm: LoadedModel, bank: Bank, store: EngramStore, out: Path, settin
                 prefix = max(chunks) if settings.injection == "prefix" else 0
                 requested = batch_size or auto_batch_size(lm, prefix + len(p.prompt_ids), len(cells))
                 scores, size = score_cells(lm, p, cells, raw, settings.scoring, settings.injection, settings.scaling,
-                                           min(requested, fits or requested), on_batch=bar.update)
+                                           min(requested, fits or requested), on_batch=bar.update,
+                                           record_attention=settings.record_attention, baseline_chunks=chunks[0])
                 if size < requested:
                     fits = size
                 frames.append(question_frame(settings, bank, p, cells, scores))

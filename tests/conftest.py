@@ -132,4 +132,19 @@ def assert_same_results(got, expected, rel: float = 1e-5, atol: float = 1e-6) ->
     assert got.drop(floats).equals(expected.drop(floats))
     for name in floats:
         a, b = got[name].to_numpy(), expected[name].to_numpy()
-        assert ((abs(a - b) <= rel * abs(b) + atol) | (a == b)).all(), name
+        both_null = got[name].is_null().to_numpy() & expected[name].is_null().to_numpy()
+        assert ((abs(a - b) <= rel * abs(b) + atol) | (a == b) | both_null).all(), name
+
+
+@pytest.fixture(scope="session")
+def shallow_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """A second local model: the tiny model's first 2 of 4 layers, same tokenizer (models of different depth)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = tmp_path_factory.mktemp("shallow")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model.config.num_hidden_layers = 2
+    model.model.layers = model.model.layers[:2]
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(path)
+    return path

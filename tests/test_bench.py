@@ -74,6 +74,7 @@ def test_bench_ratios_are_computed_from_the_same_run(tiny, tiny_bank, injection)
     # Generation: the batched generator and model.generate per cell, measured in the same run, on the same selection.
     assert r["generation_speedup"] == pytest.approx(r["generation_tokens_per_second"] / r["generation_reference_tokens_per_second"])
     assert r["generation_reference_cells"] == 12 and r["generation_cells"] >= 12
+    assert r["attention_cost"] > 0
 
 
 @pytest.mark.parametrize("injection,null_cells", [("prefix", 3), ("actadd", 2 * 3)])

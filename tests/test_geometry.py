@@ -86,15 +86,8 @@ def test_named_sources_with_a_null_prefix_and_bad_names(tiny, tiny_bank, tmp_pat
         bank_pairs(bank, ["topic"])
 
 
-def test_compare_command_on_two_models_writes_parquet_per_model(tiny_model_dir, tiny_bank, tmp_path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    shallow = tmp_path / "shallow"  # a second local model of another depth, same tokenizer
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    model.config.num_hidden_layers = 2
-    model.model.layers = model.model.layers[:2]
-    model.save_pretrained(shallow)
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(shallow)
+def test_compare_command_on_two_models_writes_parquet_per_model(tiny_model_dir, shallow_model_dir, tiny_bank, tmp_path):
+    shallow = shallow_model_dir
     out = tmp_path / "geometry.parquet"
     result = CliRunner().invoke(cli, ["compare", "--bank", str(tiny_bank), "topic", "anti", "--model", str(tiny_model_dir),
                                       "--model", str(shallow), "--depths", "0.5,1", "--chunks", "4", "--store", str(tmp_path / "s"),
@@ -102,7 +95,7 @@ def test_compare_command_on_two_models_writes_parquet_per_model(tiny_model_dir, 
     assert result.exit_code == 0, result.output
     frame = pl.read_parquet(out)
     assert frame.select("model", "layer", "depth").rows() == [(tiny_model_dir.name, 2, 0.5), (tiny_model_dir.name, 4, 1.0),
-                                                             ("shallow", 1, 0.5), ("shallow", 2, 1.0)]
+                                                             (shallow.name, 1, 0.5), (shallow.name, 2, 1.0)]
     assert {"difference_signal", "centered_cosine", "cosine_without_first_chunk", "shared_prefix_tokens"} <= set(frame.columns)
 
 

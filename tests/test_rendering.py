@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from engram_eval.rendering import fmt_best, fmt_flips, fmt_share, render_html, render_json, render_markdown
 from engram_eval.report import summarize
 
@@ -63,3 +65,20 @@ def test_the_header_names_the_model_as_it_is(run):
     frame, meta = run
     summary = summarize(frame, {**meta, "model_description": "SmolLM2-135M-Instruct, Q4_1 GGUF dequantized to float32"})
     assert render_markdown(summary).startswith("# engram-eval report: tiny on SmolLM2-135M-Instruct, Q4_1 GGUF dequantized to float32")
+
+
+def test_the_attention_section_averages_per_engram_kind(tiny, tiny_bank, tmp_path):
+    import polars as pl
+
+    from conftest import sweep
+
+    result = sweep(tiny, tiny_bank, tmp_path / "run", record_attention=True, layers=[2], strengths=[1.0, 5.0])
+    frame = pl.read_parquet(result.results_path)
+    attention = {a["kind"]: a for a in summarize(frame, result.run)["attention"]}
+    assert list(attention)[:2] == ["baseline", "relevant"]
+    for kind, a in attention.items():
+        rows = [r for r in frame.to_dicts() if (r["control_kind"] or r["role"]) == kind]
+        assert a["rows"] == len(rows)
+        assert a["attn_prefix_share"] == pytest.approx(sum(r["attn_prefix_share"] for r in rows) / len(rows))
+        assert a["attn_first_share"] == pytest.approx(sum(r["attn_first_share"] for r in rows) / len(rows))
+    assert "## Where the model looks" in render_markdown(summarize(frame, result.run))

@@ -80,3 +80,30 @@ def test_out_of_memory_backs_off_and_gives_identical_results(tiny, tiny_bank, tm
     frame = pl.read_parquet(sweep(tiny, tiny_bank, tmp_path / "oom", batch_size=16).results_path)
     assert sizes[:4] == [16, 8, 4, 2] and max(sizes[3:]) == 2  # halves until it fits, then keeps that size
     assert_same_results(frame, reference)
+
+
+@pytest.mark.parametrize("injection", ["prefix", "actadd"])
+def test_recorded_attention_shares_equal_output_attentions(tiny, tiny_bank, tmp_path, injection):
+    from reference import reference_steered
+
+    before = tiny.model.config._attn_implementation
+    result = sweep(tiny, tiny_bank, tmp_path / "run", record_attention=True, injection=injection, layers=[2, 4],
+                   strengths=[1.0, 5.0], questions=["q1"])
+    assert tiny.model.config._attn_implementation == before  # restored after the sweep
+    frame = pl.read_parquet(result.results_path)
+    bank = load_bank(tiny_bank)
+    q = bank.questions[0]
+    tiny.model.set_attn_implementation("eager")
+    try:
+        for row in frame.iter_rows(named=True):
+            engram = None if row["engram"] is None else reference_engram(tiny.model, tiny.tokenizer, bank.sources[row["engram"]].text, row["layer"], k=4)
+            with reference_steered(tiny.model, tiny.tokenizer, engram, row["strength"], q.prompt, mode=injection, layer=row["layer"]) as inputs:
+                with torch.no_grad():
+                    attentions = tiny.model(inputs_embeds=inputs.unsqueeze(0), output_attentions=True).attentions
+            last = torch.stack([a[0, :, -1, :] for a in attentions]).mean(dim=(0, 1))  # layers and heads
+            assert row["attn_prefix_share"] == pytest.approx(last[:4].sum().item(), rel=1e-5)
+            assert row["attn_first_share"] == pytest.approx(last[0].item(), rel=1e-5)
+    finally:
+        tiny.model.set_attn_implementation(before)
+    unrecorded = pl.read_parquet(sweep(tiny, tiny_bank, tmp_path / "plain", layers=[2], strengths=[1.0], questions=["q1"]).results_path)
+    assert unrecorded["attn_prefix_share"].null_count() == unrecorded.height

@@ -66,6 +66,7 @@ def bench(load_lm, bank_path: Path, layers_text: str, strengths_text: str, loop_
     table.add_row("peak RSS", f"{r['peak_rss_mib']:.0f} MiB")
     if r["sweep_rss_end_mib"] is not None:
         table.add_row("sweep RSS: first quarter / whole sweep", f"{r['sweep_rss_quarter_mib']:.0f} / {r['sweep_rss_end_mib']:.0f} MiB")
+    table.add_row("sweep with --record-attention (eager attention) / without", f"{r['attention_cost']:.2f}x the time")
     if "generation_speedup" in r:
         table.add_row("generation: batched, default selection", f"{r['generation_tokens_per_second']:.1f} tokens/s ({r['generation_cells']} cells)")
         table.add_row("generation: model.generate per cell", f"{r['generation_reference_tokens_per_second']:.1f} tokens/s "

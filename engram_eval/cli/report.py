@@ -12,7 +12,7 @@ from ..errors import EngramEvalError
 from .app import cli, stdout
 
 @cli.command()
-@click.argument("run_dir", metavar="RUN", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("run_dirs", metavar="RUN [RUN ...]", nargs=-1, required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--format", "output_format", type=click.Choice(["table", "markdown", "json", "html"]), default="table",
               show_default=True, help="table: rich terminal output; markdown: for CI step summaries; json: the same numbers "
                                       "for machines; html: writes RUN/report.html with heatmap images.")
@@ -20,30 +20,41 @@ from .app import cli, stdout
               help="Which engrams get heatmaps: the relevant one, each control kind, or all.")
 @click.option("--output", "output_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the report to this file instead of stdout (html: instead of RUN/report.html).")
-def report(run_dir: Path, output_format: str, engram_role: str, output_path: Path | None) -> None:
+@click.option("--allow-different-banks", is_flag=True, help="Put runs of different banks side by side.")
+def report(run_dirs: tuple[Path, ...], output_format: str, engram_role: str, output_path: Path | None,
+           allow_different_banks: bool) -> None:
     """Summarize a sweep: per-question baselines, best cells, calibration cases and decision-rule advice;
     layer x strength heatmaps of flip and fragile-correct rates; headline rates with 95% Wilson intervals;
     relevant-vs-control comparison with a paired sign-flip test; the semantic-sink split; with generations
     (`engram-eval generate`), the probability verdict against the generated text; with both context conditions
     (`sweep --context both`), RAG priming. A sweep that has not finished is reported on the questions done so far,
-    under a "partial" banner."""
+    under a "partial" banner. Several RUNs are put side by side: per run the model, layers as relative depth,
+    baseline accuracy, flip and fragile-correct rates, control verdicts, heatmaps by depth and the chunk-count table
+    (runs of different banks are refused unless --allow-different-banks)."""
     from ..files import atomic_write_text
-    from ..rendering import render_html, render_json, render_markdown, render_table
-    from ..report import load_generations, load_run, summarize
+    from ..rendering import render_html, render_json, render_markdown, render_side_by_side, render_table
+    from ..report import load_generations, load_run, summarize, summarize_runs
 
-    summary = summarize(*load_run(run_dir), engram_role=engram_role, generations=load_generations(run_dir))
+    run_dir = run_dirs[0]
     if output_format == "html":
-        output_path = output_path or run_dir / "report.html"
+        output_path = output_path or (run_dir / "report.html" if len(run_dirs) == 1 else Path("report.html"))
     if output_path is not None and not output_path.parent.is_dir():
         raise EngramEvalError(f"--output: folder {output_path.parent} does not exist")
+    if len(run_dirs) > 1:
+        comparison = summarize_runs([(str(path), *load_run(path)) for path in run_dirs], allow_different_banks)
+        render = lambda console=None: render_side_by_side(comparison, output_format, console)  # noqa: E731
+    else:
+        summary = summarize(*load_run(run_dir), engram_role=engram_role, generations=load_generations(run_dir))
+        renderers = {"markdown": render_markdown, "json": render_json, "html": render_html}
+        render = lambda console=None: render_table(summary, console) if output_format == "table" else renderers[output_format](summary)  # noqa: E731
     if output_format == "table":
         if output_path is None:
-            return render_table(summary, stdout())
+            return render(stdout())
         buffer = io.StringIO()
-        render_table(summary, Console(file=buffer, width=160, color_system=None))
+        render(Console(file=buffer, width=160, color_system=None))
         text = buffer.getvalue()
     else:
-        text = {"markdown": render_markdown, "json": render_json, "html": render_html}[output_format](summary) + "\n"
+        text = render() + "\n"
     if output_path is None:
         return click.echo(text, nl=False)
     atomic_write_text(output_path, text)

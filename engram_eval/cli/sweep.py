@@ -45,13 +45,17 @@ from .app import chunks_option, cli, extraction_options, model_options, outside_
 @click.option("--questions", "question_ids", help="Only these question ids, comma-separated.")
 @click.option("--force", is_flag=True, help="Replace a run in --out that has different settings.")
 @outside_option
+@click.option("--record-attention", is_flag=True,
+              help="Add, per cell, the share of the last prompt position's attention (mean over heads and layers) on the k "
+                   "engram positions (add, actadd: the first k prompt positions) and on position 0. Runs eager attention "
+                   "(slower; see `engram-eval bench`).")
 @click.option("--strict", is_flag=True,
               help="Treat the bank's warnings (a double or missing space before the answers, an answer whose first token "
                    "is whitespace, a bank without controls) as errors.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or engram log (warnings are still shown).")
 def sweep(bank_path: Path, load_lm, layers_text: str, strengths_text: str, chunks_text: str, scoring: str, injection: str,
           scaling: str, context: str, extraction, out: Path | None, store_dir: str, batch_size: str, question_ids: str | None, force: bool,
-          allow_outside_paths: bool, strict: bool, quiet: bool) -> None:
+          allow_outside_paths: bool, record_attention: bool, strict: bool, quiet: bool) -> None:
     """Score a question bank over the layer x strength grid for each question's relevant engram and its negative
     controls, plus one baseline per question, into RUN/results.parquet and RUN/run.json. An interrupted sweep
     (Ctrl-C: exit status 130) rerun with the same command resumes from the questions already done."""
@@ -82,7 +86,7 @@ def sweep(bank_path: Path, load_lm, layers_text: str, strengths_text: str, chunk
         result = run_sweep(
             lm, bank, EngramStore(store_dir), out, layers=layers, strengths=strengths,
             chunks=chunks[0] if len(chunks) == 1 else chunks, scoring=scoring,
-            injection=injection, scaling=scaling, extraction=extraction, context=context,
+            injection=injection, scaling=scaling, extraction=extraction, context=context, record_attention=record_attention,
             batch_size=None if batch_size == "auto" else int(batch_size),
             force=force, strict=strict, progress=not quiet, log=(lambda m: None) if quiet else stderr.print, warn=warn,
         )
