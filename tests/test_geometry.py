@@ -1,3 +1,4 @@
+import json
 import math
 from pathlib import Path
 
@@ -126,3 +127,28 @@ def test_real_model_geometry_equals_the_straightforward_computation(real, tmp_pa
             assert row[key] == pytest.approx(expected[key], rel=1e-3, abs=1e-4), key
     pheo_anti = frame.row(0, named=True)
     assert pheo_anti["shared_prefix_tokens"] >= 9 and pheo_anti["shared_prefix_covers_a_chunk"]  # the seeds' opposite texts
+
+
+@pytest.mark.real_model
+def test_the_embedded_model_and_a_second_local_model_side_by_side(real, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    other = tmp_path / "random-llama"  # a small random-init model with the embedded model's tokenizer, saved to disk
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(real.tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(other)
+    real.tokenizer.save_pretrained(other)
+    runner = CliRunner()
+    geometry = tmp_path / "geometry.parquet"
+    result = runner.invoke(cli, ["compare", "--bank", str(REPO / "questions/ci.yaml"), "pheo", "anti_pheo", "--model", "smollm2-135m",
+                                 "--model", str(other), "--depths", "0.5,1", "--store", str(tmp_path / "s"), "--out", str(geometry)])
+    assert result.exit_code == 0, result.output
+    assert pl.read_parquet(geometry).select("model", "layer").rows() == [("smollm2-135m", 15), ("smollm2-135m", 30),
+                                                                        ("random-llama", 2), ("random-llama", 3)]
+    for model, layers, out in (("smollm2-135m", "15,30", "a"), (str(other), "2,3", "b")):
+        assert runner.invoke(cli, ["sweep", str(REPO / "questions/ci.yaml"), "--model", model, "--layers", layers, "--strengths", "1",
+                                   "--questions", "pheo1", "--out", str(tmp_path / out), "--store", str(tmp_path / "s"), "--quiet"]).exit_code == 0
+    report = runner.invoke(cli, ["report", str(tmp_path / "a"), str(tmp_path / "b"), "--format", "json"])
+    assert report.exit_code == 0, report.output
+    runs = json.loads(report.stdout)["runs"]
+    assert [r["depths"] for r in runs] == [[0.5, 1.0], [0.667, 1.0]]
