@@ -33,7 +33,8 @@ def report(run_dirs: tuple[Path, ...], output_format: str, engram_role: str, out
     (runs of different banks are refused unless --allow-different-banks)."""
     from ..files import atomic_write_text
     from ..rendering import render_html, render_json, render_markdown, render_side_by_side, render_table
-    from ..report import load_generations, load_run, summarize, summarize_runs
+    from ..comparison import summarize_runs
+    from ..report import load_generations, load_run, summarize
 
     run_dir = run_dirs[0]
     if output_format == "html":

@@ -1,0 +1,96 @@
+import pytest
+
+from engram_eval.report import summarize
+
+
+def test_the_generation_section_recounts_from_the_generations(tiny, tiny_bank, tmp_path):
+    from engram_eval.generation import run_generate
+    from engram_eval.report import load_generations, load_run
+    from conftest import sweep
+
+    result = sweep(tiny, tiny_bank, tmp_path / "run", layers=[1, 3], strengths=[1.0, 20.0])
+    run_generate(tiny, result.out, cells="all", max_new_tokens=8, progress=False)
+    generations = load_generations(result.out)
+    g = summarize(*load_run(result.out), generations=generations)["generation"]
+    rows = generations.to_dicts()
+    for row in rows:
+        row["probability"] = "correct" if row["ratio"] > 1 else "incorrect" if row["ratio"] < 1 else "tie"
+    for p, verdicts in g["confusion"].items():
+        for v, n in verdicts.items():
+            assert n == sum(r["probability"] == p and r["verdict"] == v for r in rows)
+    flipped = [r for r in rows if r["flipped"]]
+    assert (g["flipped_says_correct_first"]["k"], g["flipped_says_correct_first"]["n"]) == (
+        sum(r["first_answer"] == "correct" for r in flipped), len(flipped))
+    assert g["cells"] == len(rows) == len(g["texts"])
+
+
+def test_rag_priming_compares_the_four_conditions_on_the_same_questions(tiny, tmp_path):
+    from engram_eval.report import load_run
+    from engram_eval.statistics import mcnemar_exact
+    from conftest import sweep, write_tiny_bank
+
+    bank_path = write_tiny_bank(tmp_path)
+    bank_path.write_text(bank_path.read_text().replace("  engram: topic\n", "  engram: topic\n  context: \"Alpha blockers come first.\"\n"))
+    result = sweep(tiny, bank_path, tmp_path / "run", layers=[1, 3], strengths=[1.0, 20.0], context="both")
+    frame, run = load_run(result.out)
+    rag = summarize(frame, run)["rag"]
+    rows = frame.to_dicts()
+    assert rag["questions"] == 3 and [c["strength"] for c in rag["conditions"]][1] == 1.0
+    base = {(r["question_id"], r["context"]): r["correct_before"] for r in rows if r["role"] == "baseline"}
+    for c in rag["conditions"]:
+        at = {(r["question_id"], r["context"]): r["correct_after"] for r in rows
+              if r["role"] == "relevant" and (r["layer"], r["strength"]) == (c["layer"], c["strength"])}
+        qs = ["q1", "q2", "q3"]
+        assert c["no engram"]["k"] == sum(base[(q, False)] for q in qs)
+        assert c["engram only"]["k"] == sum(at[(q, False)] for q in qs)
+        assert c["context only"]["k"] == sum(base[(q, True)] for q in qs)
+        assert c["engram + context"]["k"] == sum(at[(q, True)] for q in qs)
+        b = sum(at[(q, True)] and not base[(q, True)] for q in qs)
+        d = sum(base[(q, True)] and not at[(q, True)] for q in qs)
+        assert (c["engram_context_only"], c["context_only"], c["p_value"]) == (b, d, mcnemar_exact(b, d))
+    best = max(((r["layer"], r["strength"]) for r in rows if r["role"] == "relevant"),
+               key=lambda cell: (sum(r["correct_after"] for r in rows if r["role"] == "relevant" and r["context"]
+                                     and (r["layer"], r["strength"]) == cell), -cell[0], -cell[1]))
+    assert (rag["conditions"][0]["layer"], rag["conditions"][0]["strength"]) == best
+    assert sorted(q["question_id"] for q in summarize(frame, run)["questions"]) == [
+        f"{q} {c}context" for q in ("q1", "q2", "q3") for c in "+-"]  # each condition is its own, labelled unit
+
+
+def test_the_chunk_count_section_recounts_the_seed_table(tiny, tiny_bank, tmp_path):
+    from engram_eval.bank import load_bank
+    from engram_eval.rendering import render_markdown
+    from engram_eval.report import load_run
+    from engram_eval.statistics import bootstrap_mean_ci
+    from conftest import sweep
+    from reference import reference_engram
+
+    result = sweep(tiny, tiny_bank, tmp_path / "run", layers=[1, 3], strengths=[1.0, 9.0], chunks=[2, 4, 8])
+    frame, run = load_run(result.out)
+    summary = summarize(frame, run)
+    rows, bank = frame.to_dicts(), load_bank(tiny_bank)
+    assert set(summary["heatmaps"]) == {"relevant k=2", "relevant k=4", "relevant k=8"}
+    for c in summary["chunk_count"]:
+        k = c["chunks"]
+        sizes = []
+        for name, source in bank.sources.items():
+            n = len(tiny.tokenizer(source.text)["input_ids"])
+            sizes += [n // k, n - (k - 1) * (n // k)]
+        assert c["tokens_per_chunk"] == [min(sizes), max(sizes)]
+        per_question = {}
+        for r in rows:
+            if r["role"] == "relevant" and r["chunks"] == k:
+                per_question.setdefault(r["question_id"], []).append(r["log_improvement"])
+        means = [sum(v) / len(v) for v in per_question.values()]
+        assert c["mean_log_improvement"] == pytest.approx(sum(means) / len(means))
+        assert c["mean_log_improvement_ci95"] == pytest.approx(bootstrap_mean_ci(means))
+        rel = {(r["question_id"], r["layer"], r["strength"]): r["ratio"] for r in rows if r["role"] == "relevant" and r["chunks"] == k}
+        anti = [r for r in rows if r["control_kind"] == "anti" and r["chunks"] == k]
+        beats = sum(rel[(r["question_id"], r["layer"], r["strength"])] > r["ratio"] for r in anti)
+        assert (c["directional"]["k"], c["directional"]["n"]) == (beats, len(anti))
+        signals = []
+        for layer in (1, 3):
+            a = reference_engram(tiny.model, tiny.tokenizer, bank.sources["topic"].text, layer, k=k).flatten().double()
+            b = reference_engram(tiny.model, tiny.tokenizer, bank.sources["anti"].text, layer, k=k).flatten().double()
+            signals += [100 * (1 - (a @ b / (a.norm() * b.norm())).item())] * 3  # three questions share topic and anti
+        assert c["anti_difference_signal"] == pytest.approx(sum(signals) / len(signals), abs=1e-4)
+    assert "## Chunk count (the seed's table): per k" in render_markdown(summary)
