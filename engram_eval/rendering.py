@@ -47,6 +47,21 @@ def fmt_flips(q: dict) -> str:
     return f"{q['flips']} ({q['clean_flips']} / {q['flips_p_correct_fell']} / {q['flips_collapsed']})"
 
 
+def fmt_effect(cell: dict) -> str:
+    if cell["mean"] is None:
+        return "-"
+    interval = "" if cell["ci95"] is None else f" ({cell['ci95'][0]:.2f} to {cell['ci95'][1]:.2f})"
+    return f"{cell['mean']:.2f}{interval}"
+
+
+def fmt_measured(decision: dict) -> str:
+    ratio = decision["measured_ratio"]
+    if ratio is None:
+        return "-"
+    where = "baseline" if decision["strength"] is None else f"strength {decision['strength']:g}"
+    return f"{where}: ratio {fmt_ratio(ratio)} ({'correct' if decision['measured_correct'] else 'wrong'})"
+
+
 def fmt_rate(r: dict) -> str:
     if not r["n"]:
         return f"{r['k']}/0"
@@ -75,8 +90,9 @@ def partial_banner(summary: dict) -> str | None:
             "rerun it with the same command to complete the run)")
 
 
-def _sections(summary: dict) -> list[tuple[str, list[str], list[list[str]]]]:
-    """(title, columns, rows) for every table, in report order; table, markdown and html render these."""
+def _sections(summary: dict, short: bool = False) -> list[tuple[str, list[str], list[list[str]]]]:
+    """(title, columns, rows) for every table, in report order; table, markdown and html render these. short (markdown,
+    for CI step summaries) leaves out the effect-size tables."""
     h = summary["header"]
     show_k = isinstance(h["chunks"], list)
     sections = [(
@@ -103,8 +119,10 @@ def _sections(summary: dict) -> list[tuple[str, list[str], list[list[str]]]]:
          for q in summary["questions"]],
     ))
     sections.append((
-        "Calibration cases and decision-rule advice", ["question", "cases (relevant cells)", "advice"],
-        [[q["question_id"], ", ".join(f"{c} {n}" for c, n in q["cases"].items()), q["advice"]] for q in summary["questions"]],
+        "Calibration cases, and the practical guide's decision rule (in its order) with what the grid measured at its advice",
+        ["question", "cases (relevant cells)", "advice", "measured at the advice"],
+        [[q["question_id"], ", ".join(f"{c} {n}" for c, n in q["cases"].items()), q["decision"]["advice"], fmt_measured(q["decision"])]
+         for q in summary["questions"]],
     ))
     for name, heatmap in summary["heatmaps"].items():
         for measure, label in (("flip", "flip rate (flips / baseline-wrong questions)"), ("break", "fragile-correct rate (breaks / baseline-correct questions)")):
@@ -120,9 +138,38 @@ def _sections(summary: dict) -> list[tuple[str, list[str], list[list[str]]]]:
          ["... with a clean flip (p(correct) rose, mass kept)", fmt_rate(hl["question_clean_flip_rate"])],
          ["baseline-correct questions that break somewhere in the grid", fmt_rate(hl["question_fragile_correct_rate"])],
          *([] if best is None else [
-             [f"flip rate at best cell ({fmt_cell_name(best, show_k)})", fmt_rate(best["flip_rate"])],
-             [f"fragile-correct rate at best cell ({fmt_cell_name(best, show_k)})", fmt_rate(best["break_rate"])]])],
+             [f"flip rate at the best cell ({fmt_cell_name(best, show_k)}; chosen after looking at these questions, see --split)",
+              fmt_rate(best["flip_rate"])],
+             [f"fragile-correct rate at that cell ({fmt_cell_name(best, show_k)})", fmt_rate(best["break_rate"])]])],
     ))
+    if (split := summary.get("split")) is not None:
+        sections.append((
+            f"Held-out best cell (--split {split['seed']}): chosen on {len(split['chosen_on'])} questions, measured on the other "
+            f"{len(split['measured_on'])}", ["measure", "where chosen", "held out"],
+            [["cell", fmt_cell_name(split["cell"], show_k), ""],
+             ["flip rate", fmt_rate(split["flip_rate_where_chosen"]), fmt_rate(split["flip_rate_held_out"])],
+             ["fragile-correct rate", fmt_rate(split["break_rate_where_chosen"]), fmt_rate(split["break_rate_held_out"])],
+             ["questions", ", ".join(split["chosen_on"]), ", ".join(split["measured_on"])]],
+        ))
+    tests = summary.get("tests") or []
+    surviving = [t for t in tests if t["survives"]]
+    keys = [k for k in ("layer", "strength", "chunks", "context") if tests and k in tests[0]]
+    sections.append((
+        f"Per-cell exact tests (McNemar, relevant vs control on the same questions): {len(surviving)} of {len(tests)} survive "
+        "Benjamini-Hochberg at q < 0.05 over the whole grid",
+        [*keys, "control", "outcome", "relevant only / control only", "p", "q"],
+        [[*(str(t[k]) for k in keys), t["control"], t["outcome"], f"{t['relevant_only']} / {t['control_only']}",
+          fmt_p(t["p_value"]), fmt_p(t["q_value"])] for t in surviving] or [["none", *[""] * (len(keys) + 4)]],
+    ))
+    if not short:
+        for name, effects in (summary.get("effects") or {}).items():
+            for label, grid in effects["maps"].items():
+                suffix = "" if effects["chunks"] is None else f", k={effects['chunks']}"
+                sections.append((
+                    f"Effect size {label}{suffix}: mean log-improvement (95% bootstrap CI over questions)",
+                    ["layer \\ strength", *[f"{s:g}" for s in effects["strengths"]]],
+                    [[f"L{layer}", *[fmt_effect(cell) for cell in row]] for layer, row in zip(effects["layers"], grid)],
+                ))
     sections.append((
         "Negative controls (same cells; paired sign-flip test across questions)",
         ["control", "questions", "cells", "mean log impr. relevant", "mean log impr. control", "difference", "p", "verdict",
@@ -228,7 +275,7 @@ def _heat_cell(text: str, cell: dict, measure: str) -> str:
 def render_markdown(summary: dict) -> str:
     banner = partial_banner(summary)
     return markdown_page(f"engram-eval report: {summary['header']['bank']} on {summary['header']['model']}",
-                         _sections(summary), [f"> **{banner}**"] if banner else [])
+                         _sections(summary, short=True), [f"> **{banner}**"] if banner else [])
 
 
 def markdown_page(heading: str, sections: list[tuple[str, list[str], list[list[str]]]], preface: list[str] = ()) -> str:
@@ -345,12 +392,42 @@ def side_by_side_sections(comparison: dict) -> list[tuple[str, list[str], list[l
 
 
 def render_side_by_side(comparison: dict, output_format: str, console=None) -> str | None:
-    sections = side_by_side_sections(comparison)
+    return _render_sections(comparison, side_by_side_sections(comparison), "engram-eval report: runs side by side", output_format, console)
+
+
+def render_drilldown(drill: dict, output_format: str, console=None) -> str | None:
+    return _render_sections(drill, drilldown_sections(drill), f"engram-eval report: question {drill['question_id']}", output_format, console)
+
+
+def _render_sections(data: dict, sections: list, heading: str, output_format: str, console=None) -> str | None:
     if output_format == "json":
-        return json.dumps(comparison, indent=2, default=str)
+        return json.dumps(data, indent=2, default=str)
     if output_format == "table":
         return print_sections(sections, console)
     if output_format == "html":
-        tables = "\n".join(f"<h2>{html.escape(title)}</h2>" + _html_table(columns, rows) for title, columns, rows in sections)
-        return _html_page("engram-eval report: runs side by side", tables)
-    return markdown_page("engram-eval report: runs side by side", sections)
+        return _html_page(heading, "\n".join(f"<h2>{html.escape(title)}</h2>" + _html_table(columns, rows) for title, columns, rows in sections))
+    return markdown_page(heading, sections)
+
+
+def drilldown_sections(drill: dict) -> list[tuple[str, list[str], list[list[str]]]]:
+    """One question cell by cell: each side's probability and its boost against the baseline, the sink score, the
+    top variants and the top token; then the generated texts."""
+    sections = []
+    for condition in drill["conditions"]:
+        base = condition["baseline"]
+        where = "" if condition["context"] is None else " with its context" if condition["context"] else " without its context"
+        title = (f"{drill['question_id']}{where}: baseline p(correct) {fmt_prob(base['p_correct'])} ({base['top_correct_variant']!r}), "
+                 f"p(incorrect) {fmt_prob(base['p_incorrect'])} ({base['top_incorrect_variant']!r}), ratio {fmt_ratio(base['ratio'])}; "
+                 "sink score = log boost(incorrect) - log boost(correct)")
+        show_k = len({c["chunks"] for c in condition["cells"]}) > 1
+        rows = [[c["engram"], f"L{c['layer']}" + (f" k={c['chunks']}" if show_k else ""), f"{c['strength']:g}",
+                 f"{fmt_prob(c['p_correct'])} (x{fmt_ratio(c['boost_correct'])})", f"{fmt_prob(c['p_incorrect'])} (x{fmt_ratio(c['boost_incorrect'])})",
+                 fmt_ratio(c["ratio"]), fmt_float(c["sink_score"], 2), f"{c['top_correct_variant']!r} / {c['top_incorrect_variant']!r}",
+                 f"{c['top_token']!r} {fmt_prob(c['p_top'])}"] for c in condition["cells"]]
+        sections.append((title, ["engram", "layer", "strength", "p(correct) (boost)", "p(incorrect) (boost)", "ratio", "sink",
+                                 "top variants", "top token"], rows))
+    if drill["texts"]:
+        sections.append((f"{drill['question_id']}: generated texts", ["cell", "first answer", "verdict", "text"],
+                         [["baseline" if t["role"] == "baseline" else f"{t['engram']} L{t['layer']} x{t['strength']:g}",
+                           t["first_answer"], t["verdict"], t["text"].replace("\n", " ")] for t in drill["texts"]]))
+    return sections

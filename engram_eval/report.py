@@ -8,6 +8,7 @@ import polars as pl
 
 from .errors import EngramEvalError
 from .rundir import check_results_format, read_run_json
+from .evidence import cell_tests, effect_sizes, held_out_best_cell
 from .experiments import CELL_KEYS, attention_summary, chunk_count_summary, generation_summary, rag_summary
 from .statistics import rate, sign_flip_test, verdict
 
@@ -53,32 +54,37 @@ def load_generations(run_dir: str | Path) -> pl.DataFrame | None:
         raise EngramEvalError(f"{path}: cannot read ({exc})") from None
 
 
-def decision_advice(baseline_ratio: float, related_wrong: bool | None, walk: list[tuple[float, float]], layer: int | None) -> str:
-    """The practical guide's decision rule; `walk` is (strength, ratio) at the question's best layer."""
+def decision_advice(baseline_ratio: float, related_wrong: bool | None, walk: list[tuple[float, float]], layer: int | None) -> dict:
+    """The practical guide's decision tree, in its order: baseline ratio > 10, don't use an engram; the wrong answer is
+    topic-related, don't use one; baseline > 1, strength 1.0; otherwise search 1 -> 5 -> 10 -> 15 -> 20, stopping at a
+    flip or when the ratio falls below 0.8 x the best so far. `walk` is (strength, ratio) at the question's best layer.
+    -> the advice, the strength it settles on (None: no engram), and what the grid measured there (its ratio)."""
+    at = dict(walk)
     if baseline_ratio > 10:
-        advice = "confident and correct: don't use an engram"
-    elif baseline_ratio > 1:
-        advice = "correct, not confident: strength 1.0"
-    elif baseline_ratio == 1:
-        advice = "tie at baseline: first-token scoring cannot decide"
-    else:
-        searched = [(s, r) for s, r in walk if s in DECISION_STRENGTHS]
-        advice = "wrong: search strengths 1-20 (none of them in this grid)"
-        best = 0.0
-        for strength, ratio in searched:
-            if ratio > 1:
-                advice = f"wrong: flips at layer {layer}, strength {strength:g}"
-                break
-            if ratio < 0.8 * best:
-                advice = f"wrong: stop at strength {strength:g} (ratio falling), no flip at layer {layer}"
-                break
-            best = max(best, ratio)
-        else:
-            if searched:
-                advice = f"wrong: no flip up to strength {searched[-1][0]:g} at layer {layer}"
+        return _advice("confident and correct: don't use an engram", None, baseline_ratio)
     if related_wrong:
-        advice += "; wrong answer is topic-related, engram likely hurts"
-    return advice
+        return _advice("the wrong answer is topic-related: don't use an engram (it boosts the wrong answer too)", None, baseline_ratio)
+    if baseline_ratio > 1:
+        return _advice(f"correct, not confident: strength 1.0 (layer {layer})", 1.0, at.get(1.0))
+    if baseline_ratio == 1:
+        return _advice("tie at baseline: first-token scoring cannot decide", None, baseline_ratio)
+    searched = [(s, r) for s, r in walk if s in DECISION_STRENGTHS]
+    if not searched:
+        return _advice("wrong: search strengths 1-20 (none of them in this grid)", None, None)
+    best = 0.0
+    for strength, ratio in searched:
+        if ratio > 1:
+            return _advice(f"wrong: flips at layer {layer}, strength {strength:g}", strength, ratio)
+        if ratio < 0.8 * best:
+            return _advice(f"wrong: stop at strength {strength:g} (ratio falling), no flip at layer {layer}", strength, ratio)
+        best = max(best, ratio)
+    strength, ratio = searched[-1]
+    return _advice(f"wrong: no flip up to strength {strength:g} at layer {layer}", strength, ratio)
+
+
+def _advice(text: str, strength: float | None, measured: float | None) -> dict:
+    return {"advice": text, "strength": strength, "measured_ratio": measured,
+            "measured_correct": None if measured is None else measured > 1}
 
 
 def _flip_kinds() -> dict[str, pl.Expr]:
@@ -135,7 +141,7 @@ def _questions(frame: pl.DataFrame) -> list[dict]:
                 **{kind: row[kind] or 0 for kind in _flip_kinds()},
                 "breaks": row["breaks"] or 0,
                 "cases": {c["case"]: c["count"] for c in row["cases"] or []},
-                "advice": decision_advice(row["baseline_ratio"], row["related_wrong"], walk, row["best_layer"]),
+                "decision": decision_advice(row["baseline_ratio"], row["related_wrong"], walk, row["best_layer"]),
             }
         )
     return rows
@@ -246,8 +252,10 @@ def _semantic_sink(relevant: pl.DataFrame) -> list[dict]:
     ]
 
 
-def summarize(frame: pl.DataFrame, run: dict, engram_role: str = "relevant", generations: pl.DataFrame | None = None) -> dict:
-    """Every number the report shows, computed once; all formats render this."""
+def summarize(frame: pl.DataFrame, run: dict, engram_role: str = "relevant", generations: pl.DataFrame | None = None,
+              split: int | None = None) -> dict:
+    """Every number the report shows, computed once; all formats render this. split: pick the best cell on a random
+    half of the questions (this seed) and report its rates on the other half."""
     if frame.is_empty():
         raise EngramEvalError("results.parquet holds no rows")
     rag = rag_summary(frame)
@@ -289,6 +297,9 @@ def summarize(frame: pl.DataFrame, run: dict, engram_role: str = "relevant", gen
         "heatmaps": heatmaps,
         "headline": _headline(relevant, list(relevant_maps.values())),
         "chunk_count": chunk_count_summary(frame, run, chunks) if len(chunks) > 1 else None,
+        "tests": cell_tests(frame),
+        "effects": {f"k={k}" if k is not None else "all": effect_sizes(frame, layers, strengths, k) for k, _ in grid},
+        "split": None if split is None else held_out_best_cell(frame, split),
         "attention": attention_summary(frame),
         "controls": _controls(frame),
         "semantic_sink": _semantic_sink(relevant),

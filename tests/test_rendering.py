@@ -1,3 +1,4 @@
+import html
 import json
 
 import pytest
@@ -14,8 +15,8 @@ def test_markdown_json_and_html_carry_the_same_numbers(run):
     assert set(summary["heatmaps"]) == {"relevant", "anti", "irrelevant", "random"}
     for q in summary["questions"]:
         outcome, cases = [l for l in markdown.splitlines() if l.startswith(f"| {q['question_id']} |")]
-        assert outcome.endswith(f"| {fmt_flips(q)} | {q['breaks']} |") and cases.endswith(f"| {q['advice']} |")
-        assert q["advice"] in page
+        assert outcome.endswith(f"| {fmt_flips(q)} | {q['breaks']} |") and f"| {q['decision']['advice']} |" in cases
+        assert html.escape(q["decision"]["advice"]) in page
     assert page.count("<img alt='Heatmap") == 2 * len(summary["heatmaps"])
     assert page.count("data:image/png;base64,iVBOR") == 2 * len(summary["heatmaps"])  # real PNGs
     assert page.startswith("<!doctype html>") and page.rstrip().endswith("</html>")

@@ -4,16 +4,22 @@ from engram_eval.report import decision_advice, summarize
 from engram_eval.statistics import sign_flip_test, wilson_interval
 
 
-@pytest.mark.parametrize("baseline,related,walk,expected", [
-    (20.0, False, [], "confident and correct: don't use an engram"),
-    (3.0, None, [], "correct, not confident: strength 1.0"),
-    (0.5, False, [(1.0, 0.6), (5.0, 1.2)], "wrong: flips at layer 8, strength 5"),
-    (0.5, False, [(1.0, 0.6), (5.0, 0.4)], "wrong: stop at strength 5 (ratio falling), no flip at layer 8"),
-    (0.5, True, [(1.0, 0.6), (5.0, 0.7), (10.0, 0.8)], "wrong: no flip up to strength 10 at layer 8; wrong answer is topic-related, engram likely hurts"),
-    (0.5, False, [(2.0, 3.0)], "wrong: search strengths 1-20 (none of them in this grid)"),
+@pytest.mark.parametrize("baseline,related,walk,advice,strength,measured", [
+    (20.0, True, [(1.0, 30.0)], "confident and correct: don't use an engram", None, 20.0),
+    (6.97, True, [(1.0, 2.0)], "the wrong answer is topic-related: don't use an engram (it boosts the wrong answer too)", None, 6.97),
+    (0.5, True, [(1.0, 2.0)], "the wrong answer is topic-related: don't use an engram (it boosts the wrong answer too)", None, 0.5),
+    (3.0, False, [(1.0, 0.7), (5.0, 4.0)], "correct, not confident: strength 1.0 (layer 8)", 1.0, 0.7),
+    (3.0, None, [(5.0, 4.0)], "correct, not confident: strength 1.0 (layer 8)", 1.0, None),
+    (1.0, False, [], "tie at baseline: first-token scoring cannot decide", None, 1.0),
+    (0.5, False, [(1.0, 0.6), (5.0, 1.2)], "wrong: flips at layer 8, strength 5", 5.0, 1.2),
+    (0.5, False, [(1.0, 0.6), (5.0, 0.4)], "wrong: stop at strength 5 (ratio falling), no flip at layer 8", 5.0, 0.4),
+    (0.5, None, [(1.0, 0.6), (5.0, 0.7), (10.0, 0.8)], "wrong: no flip up to strength 10 at layer 8", 10.0, 0.8),
+    (0.5, False, [(2.0, 3.0)], "wrong: search strengths 1-20 (none of them in this grid)", None, None),
 ])
-def test_decision_rule(baseline, related, walk, expected):
-    assert decision_advice(baseline, related, walk, 8) == expected
+def test_the_decision_rule_in_the_guides_order(baseline, related, walk, advice, strength, measured):
+    decision = decision_advice(baseline, related, walk, 8)
+    assert (decision["advice"], decision["strength"], decision["measured_ratio"]) == (advice, strength, measured)
+    assert decision["measured_correct"] == (None if measured is None else measured > 1)
 
 
 def test_counts_and_rates_equal_a_recount_of_the_rows(run):

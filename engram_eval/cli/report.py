@@ -21,8 +21,12 @@ from .app import cli, stdout
 @click.option("--output", "output_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the report to this file instead of stdout (html: instead of RUN/report.html).")
 @click.option("--allow-different-banks", is_flag=True, help="Put runs of different banks side by side.")
+@click.option("--question", "question_id", help="Drill down to one question: per cell, each answer's probability and its boost "
+                                                "against the baseline, the sink score, the top variants and tokens, the texts.")
+@click.option("--split", "split_seed", type=int,
+              help="Pick the best cell on a random half of the questions (this seed) and report its rates on the other half.")
 def report(run_dirs: tuple[Path, ...], output_format: str, engram_role: str, output_path: Path | None,
-           allow_different_banks: bool) -> None:
+           allow_different_banks: bool, question_id: str | None, split_seed: int | None) -> None:
     """Summarize a sweep: per-question baselines, best cells, calibration cases and decision-rule advice;
     layer x strength heatmaps of flip and fragile-correct rates; headline rates with 95% Wilson intervals;
     relevant-vs-control comparison with a paired sign-flip test; the semantic-sink split; with generations
@@ -32,8 +36,9 @@ def report(run_dirs: tuple[Path, ...], output_format: str, engram_role: str, out
     baseline accuracy, flip and fragile-correct rates, control verdicts, heatmaps by depth and the chunk-count table
     (runs of different banks are refused unless --allow-different-banks)."""
     from ..files import atomic_write_text
-    from ..rendering import render_html, render_json, render_markdown, render_side_by_side, render_table
+    from ..rendering import render_drilldown, render_html, render_json, render_markdown, render_side_by_side, render_table
     from ..comparison import summarize_runs
+    from ..drilldown import question_drilldown
     from ..report import load_generations, load_run, summarize
 
     run_dir = run_dirs[0]
@@ -41,11 +46,16 @@ def report(run_dirs: tuple[Path, ...], output_format: str, engram_role: str, out
         output_path = output_path or (run_dir / "report.html" if len(run_dirs) == 1 else Path("report.html"))
     if output_path is not None and not output_path.parent.is_dir():
         raise EngramEvalError(f"--output: folder {output_path.parent} does not exist")
+    if len(run_dirs) > 1 and question_id is not None:
+        raise EngramEvalError("--question: give one RUN")
     if len(run_dirs) > 1:
         comparison = summarize_runs([(str(path), *load_run(path)) for path in run_dirs], allow_different_banks)
         render = lambda console=None: render_side_by_side(comparison, output_format, console)  # noqa: E731
+    elif question_id is not None:
+        drill = question_drilldown(load_run(run_dir)[0], question_id, load_generations(run_dir))
+        render = lambda console=None: render_drilldown(drill, output_format, console)  # noqa: E731
     else:
-        summary = summarize(*load_run(run_dir), engram_role=engram_role, generations=load_generations(run_dir))
+        summary = summarize(*load_run(run_dir), engram_role=engram_role, generations=load_generations(run_dir), split=split_seed)
         renderers = {"markdown": render_markdown, "json": render_json, "html": render_html}
         render = lambda console=None: render_table(summary, console) if output_format == "table" else renderers[output_format](summary)  # noqa: E731
     if output_format == "table":
