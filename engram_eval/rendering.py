@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
 import math
 
@@ -291,11 +289,6 @@ def render_json(summary: dict) -> str:
     return json.dumps(summary, indent=2, default=str)
 
 
-def label_colour(rate: float | None) -> str:
-    """Heatmap cells above 0.5 are in the colour map's dark half (vmin 0, vmax 1): white labels stay readable there."""
-    return "white" if rate is not None and rate > 0.5 else "black"
-
-
 def _html_table(columns: list[str], rows: list[list[str]]) -> str:
     return ("<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in columns) + "</tr>"
             + "".join("<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>" for row in rows) + "</table>")
@@ -306,58 +299,6 @@ def _html_page(title: str, body: str) -> str:
             f"<title>{html.escape(title)}</title><style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse;margin:1em 0}}"
             "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}th{background:#eee}</style></head><body>"
             f"<h1>{html.escape(title)}</h1>{body}</body></html>")
-
-
-def heatmap_png(heatmap: dict, measure: str, title: str) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    values = [[c["rate"] if c["rate"] is not None else float("nan") for c in row] for row in heatmap[measure]]
-    fig, ax = plt.subplots(figsize=(1.1 + 0.8 * len(heatmap["strengths"]), 1.0 + 0.5 * len(heatmap["layers"])))
-    image = ax.imshow(values, cmap="Greens" if measure == "flip" else "Reds", vmin=0, vmax=1, aspect="auto")
-    ax.set_xticks(range(len(heatmap["strengths"])), [f"{s:g}" for s in heatmap["strengths"]])
-    ax.set_yticks(range(len(heatmap["layers"])), [f"L{layer}" for layer in heatmap["layers"]])
-    ax.set_xlabel("strength")
-    ax.set_title(title, fontsize=9)
-    for i, row in enumerate(heatmap[measure]):
-        for j, cell in enumerate(row):
-            ax.text(j, i, fmt_cell(cell), ha="center", va="center", fontsize=8, color=label_colour(cell["rate"]))
-    fig.colorbar(image, ax=ax, fraction=0.05)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return buffer.getvalue()
-
-
-def render_html(summary: dict) -> str:
-    parts = [
-        "<!doctype html><html><head><meta charset='utf-8'>",
-        f"<title>engram-eval report: {html.escape(summary['header']['bank'])}</title>",
-        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}"
-        "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}th{background:#eee}</style></head><body>",
-        f"<h1>engram-eval report: {html.escape(summary['header']['bank'])} on {html.escape(summary['header']['model'])}</h1>",
-    ]
-    if banner := partial_banner(summary):
-        parts.append(f"<p><strong>{html.escape(banner)}</strong></p>")
-    for title, columns, rows in _sections(summary):
-        parts.append(f"<h2>{html.escape(title)}</h2>")
-        if title.startswith("Heatmap"):
-            name = title.removeprefix("Heatmap ").split(":")[0]
-            measure = "flip" if "flip rate" in title else "break"
-            png = base64.b64encode(heatmap_png(summary["heatmaps"][name], measure, title)).decode()
-            parts.append(f"<img alt='{html.escape(title)}' src='data:image/png;base64,{png}'>")
-        parts.append(_html_table(columns, rows))
-    if summary.get("generation"):
-        parts.append("<h2>Generated texts</h2><table><tr><th>question</th><th>cell</th><th>ratio</th><th>first answer</th>"
-                     "<th>verdict</th><th>text</th></tr>")
-        parts += [f"<tr><td>{html.escape(t['question_id'])}</td><td>{html.escape(t['cell'])}</td><td>{fmt_ratio(t['ratio'])}</td>"
-                  f"<td>{t['first_answer']}</td><td>{t['verdict']}</td><td>{html.escape(t['text'])}</td></tr>"
-                  for t in summary["generation"]["texts"]]
-        parts.append("</table>")
-    parts.append("</body></html>")
-    return "\n".join(parts)
 
 
 def side_by_side_sections(comparison: dict) -> list[tuple[str, list[str], list[list[str]]]]:

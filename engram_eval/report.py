@@ -157,16 +157,18 @@ def _heatmap(cells: pl.DataFrame, layers: list[int], strengths: list[float], chu
         wrong=(~pl.col("correct_before")).sum(),
         breaks=pl.col("broken").sum(),
         correct=pl.col("correct_before").sum(),
+        flipping=pl.col("question_id").filter(pl.col("flipped")).unique().sort(),
+        breaking=pl.col("question_id").filter(pl.col("broken")).unique().sort(),
     )
     lookup = {(r["layer"], r["strength"]): r for r in grouped.iter_rows(named=True)}
-    empty = {"flips": 0, "wrong": 0, "breaks": 0, "correct": 0}
+    empty = {"flips": 0, "wrong": 0, "breaks": 0, "correct": 0, "flipping": [], "breaking": []}
     grid = [[lookup.get((layer, strength), empty) for strength in strengths] for layer in layers]
     return {
         "layers": layers,
         "strengths": strengths,
         "chunks": chunks,
-        "flip": [[rate(c["flips"], c["wrong"]) for c in row] for row in grid],
-        "break": [[rate(c["breaks"], c["correct"]) for c in row] for row in grid],
+        "flip": [[{**rate(c["flips"], c["wrong"]), "questions": c["flipping"]} for c in row] for row in grid],
+        "break": [[{**rate(c["breaks"], c["correct"]), "questions": c["breaking"]} for c in row] for row in grid],
     }
 
 

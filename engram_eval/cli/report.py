@@ -14,8 +14,8 @@ from .app import cli, stdout
 @cli.command()
 @click.argument("run_dirs", metavar="RUN [RUN ...]", nargs=-1, required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--format", "output_format", type=click.Choice(["table", "markdown", "json", "html"]), default="table",
-              show_default=True, help="table: rich terminal output; markdown: for CI step summaries; json: the same numbers "
-                                      "for machines; html: writes RUN/report.html with heatmap images.")
+              show_default=True, help="table: rich terminal output; markdown: short, for CI step summaries; json: every number "
+                                      "for machines; html: RUN/report.html, one self-contained interactive page that works offline.")
 @click.option("--engram-role", type=click.Choice(["relevant", "control", "all"]), default="relevant", show_default=True,
               help="Which engrams get heatmaps: the relevant one, each control kind, or all.")
 @click.option("--output", "output_path", type=click.Path(dir_okay=False, path_type=Path),
@@ -36,7 +36,8 @@ def report(run_dirs: tuple[Path, ...], output_format: str, engram_role: str, out
     baseline accuracy, flip and fragile-correct rates, control verdicts, heatmaps by depth and the chunk-count table
     (runs of different banks are refused unless --allow-different-banks)."""
     from ..files import atomic_write_text
-    from ..rendering import render_drilldown, render_html, render_json, render_markdown, render_side_by_side, render_table
+    from ..html_report import render_html
+    from ..rendering import render_drilldown, render_json, render_markdown, render_side_by_side, render_table
     from ..comparison import summarize_runs
     from ..drilldown import question_drilldown
     from ..report import load_generations, load_run, summarize
@@ -55,8 +56,11 @@ def report(run_dirs: tuple[Path, ...], output_format: str, engram_role: str, out
         drill = question_drilldown(load_run(run_dir)[0], question_id, load_generations(run_dir))
         render = lambda console=None: render_drilldown(drill, output_format, console)  # noqa: E731
     else:
-        summary = summarize(*load_run(run_dir), engram_role=engram_role, generations=load_generations(run_dir), split=split_seed)
-        renderers = {"markdown": render_markdown, "json": render_json, "html": render_html}
+        frame, run = load_run(run_dir)
+        generations = load_generations(run_dir)
+        summary = summarize(frame, run, engram_role=engram_role, generations=generations, split=split_seed)
+        drills = lambda: [question_drilldown(frame, qid, generations) for qid in frame["question_id"].unique(maintain_order=True)]  # noqa: E731
+        renderers = {"markdown": render_markdown, "json": render_json, "html": lambda summary: render_html(summary, drills())}
         render = lambda console=None: render_table(summary, console) if output_format == "table" else renderers[output_format](summary)  # noqa: E731
     if output_format == "table":
         if output_path is None:

@@ -1,0 +1,100 @@
+"""The HTML report: one self-contained page that works offline — plotly's JavaScript inlined, interactive heatmaps
+(hover: counts, rate, interval, questions; click a cell: its questions listed under the plot), every table of the
+report, a drill-down per question, and the generated texts."""
+
+from __future__ import annotations
+
+import html
+
+import plotly.graph_objects as go
+from plotly.offline import get_plotlyjs
+
+from .rendering import _html_table, _sections, drilldown_sections, fmt_cell, fmt_effect, partial_banner
+
+STYLE = ("body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;margin:1em 0}"
+         "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px;vertical-align:top}th{background:#eee}"
+         "details{margin:.4em 0}summary{cursor:pointer;font-weight:bold}.questions{font-size:13px;color:#333;min-height:1.2em}")
+
+# Plotly's own event API: a click on a heatmap cell lists that cell's questions under the plot.
+CLICK = ("var plot = document.getElementById('{plot_id}');"
+         "plot.on('plotly_click', function (event) { var point = event.points[0];"
+         " document.getElementById('{plot_id}-questions').textContent ="
+         " point.y + ', strength ' + point.x + ': ' + (point.customdata[2] || 'no questions'); });")
+
+
+def render_html(summary: dict, drills: list[dict] = ()) -> str:
+    header = summary["header"]
+    title = f"engram-eval report: {header['bank']} on {header['model']}"
+    body = [f"<h1>{html.escape(title)}</h1>"]
+    if banner := partial_banner(summary):
+        body.append(f"<p><strong>{html.escape(banner)}</strong></p>")
+    figures = 0
+    for section_title, columns, rows in _sections(summary):
+        body.append(f"<h2>{html.escape(section_title)}</h2>")
+        if section_title.startswith("Heatmap"):
+            name = section_title.removeprefix("Heatmap ").split(":")[0]
+            measure = "flip" if "flip rate" in section_title else "break"
+            body.append(_count_heatmap(summary["heatmaps"][name], measure, f"heatmap-{figures}"))
+            figures += 1
+        elif section_title.startswith("Effect size"):
+            body.append(_effect_heatmap(section_title, columns, rows, summary, f"heatmap-{figures}"))
+            figures += 1
+        body.append(_html_table(columns, rows))
+    if drills:
+        body.append("<h2>Per question: each cell's probabilities, boosts against the baseline, sink score and texts</h2>")
+        for drill in drills:
+            body.append(_drilldown(drill))
+    if summary.get("generation"):
+        texts = summary["generation"]["texts"]
+        body.append("<h2>Generated texts</h2>" + _html_table(
+            ["question", "cell", "ratio", "first answer", "verdict", "text"],
+            [[t["question_id"], t["cell"], f"{t['ratio']:.3g}", t["first_answer"], t["verdict"], t["text"]] for t in texts]))
+    return ("<!doctype html><html><head><meta charset='utf-8'>"
+            f"<title>{html.escape(title)}</title><style>{STYLE}</style>"
+            f"<script type='text/javascript'>{get_plotlyjs()}</script></head><body>\n" + "\n".join(body) + "\n</body></html>")
+
+
+def _count_heatmap(heatmap: dict, measure: str, div_id: str) -> str:
+    """Flip (or break) counts per layer x strength: colour by rate, each cell labelled k/n."""
+    grid = heatmap[measure]
+    customdata = [[[f"{100 * c['rate']:.0f}%" if c["rate"] is not None else "-",
+                    "-" if not c["ci95"] else f"{100 * c['ci95'][0]:.0f}-{100 * c['ci95'][1]:.0f}%",
+                    ", ".join(c["questions"])] for c in row] for row in grid]
+    figure = go.Figure(go.Heatmap(
+        z=[[c["rate"] for c in row] for row in grid], x=[f"{s:g}" for s in heatmap["strengths"]],
+        y=[f"L{layer}" for layer in heatmap["layers"]], zmin=0, zmax=1, colorscale="Greens" if measure == "flip" else "Reds",
+        text=[[fmt_cell(c) for c in row] for row in grid], texttemplate="%{text}", customdata=customdata,
+        hovertemplate="%{y}, strength %{x}<br>%{text} = %{customdata[0]} (95% CI %{customdata[1]})<br>"
+                      "questions: %{customdata[2]}<extra></extra>",
+        colorbar={"title": f"{measure} rate"},
+    ))
+    return _figure(figure, div_id)
+
+
+def _effect_heatmap(title: str, columns: list[str], rows: list[list[str]], summary: dict, div_id: str) -> str:
+    """A mean log-improvement heatmap, diverging around 0, hover with the bootstrap interval."""
+    label, _, k = title.removeprefix("Effect size ").partition(":")[0].partition(", k=")
+    effects = summary["effects"][f"k={k}" if k else "all"]
+    grid = effects["maps"][label]
+    figure = go.Figure(go.Heatmap(
+        z=[[c["mean"] for c in row] for row in grid], x=[f"{s:g}" for s in effects["strengths"]],
+        y=[f"L{layer}" for layer in effects["layers"]], zmid=0, colorscale="RdBu",
+        text=[[fmt_effect(c) for c in row] for row in grid], texttemplate="%{text}",
+        customdata=[[c["n"] for c in row] for row in grid],
+        hovertemplate="%{y}, strength %{x}<br>%{text}<br>questions: %{customdata}<extra></extra>",
+        colorbar={"title": "log-improvement"},
+    ))
+    return _figure(figure, div_id, clickable=False)
+
+
+def _figure(figure: go.Figure, div_id: str, clickable: bool = True) -> str:
+    figure.update_layout(height=120 + 40 * len(figure.data[0].y), width=180 + 110 * len(figure.data[0].x),
+                         margin={"t": 20, "b": 40, "l": 60, "r": 20}, xaxis_title="strength", yaxis={"autorange": "reversed"})
+    page = figure.to_html(full_html=False, include_plotlyjs=False, div_id=div_id, post_script=CLICK if clickable else None,
+                          config={"displaylogo": False})
+    return page + (f"<div class='questions' id='{div_id}-questions'>click a cell to list its questions</div>" if clickable else "")
+
+
+def _drilldown(drill: dict) -> str:
+    inner = "".join(f"<h3>{html.escape(title)}</h3>" + _html_table(columns, rows) for title, columns, rows in drilldown_sections(drill))
+    return f"<details id='question-{html.escape(drill['question_id'])}'><summary>{html.escape(drill['question_id'])}</summary>{inner}</details>"

@@ -1,0 +1,67 @@
+"""The HTML report in a real headless browser (Debian's chromium and chromedriver; .ci/run installs them)."""
+
+import os
+import shutil
+import tempfile
+
+import pytest
+
+from engram_eval.drilldown import question_drilldown
+from engram_eval.html_report import render_html
+from engram_eval.report import summarize
+
+
+@pytest.fixture(scope="module")
+def browser():
+    chromium, driver = shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")
+    if not (chromium and driver):
+        if os.environ.get("ENGRAM_EVAL_REQUIRE_BROWSER"):
+            pytest.fail("chromium and chromedriver are required (ENGRAM_EVAL_REQUIRE_BROWSER is set)")
+        pytest.skip("no chromium/chromedriver: `apt-get install chromium chromium-driver` (.ci/run does)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    options = Options()
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run", "--disable-sync",
+                 "--disable-background-networking", "--disable-component-update", "--window-size=1400,1000",
+                 f"--user-data-dir={tempfile.mkdtemp()}"):
+        options.add_argument(flag)
+    options.binary_location = chromium
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    session = webdriver.Chrome(options=options, service=Service(driver))  # a given driver: nothing is downloaded
+    yield session
+    session.quit()
+
+
+def test_the_report_loads_offline_without_console_errors_and_shows_the_numbers(browser, run, tmp_path):
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    frame, meta = run
+    summary = summarize(frame, meta, engram_role="all")
+    page = tmp_path / "report.html"
+    page.write_text(render_html(summary, [question_drilldown(frame, q) for q in ("q1", "q2", "q3")]))
+    assert "<script src" not in page.read_text()  # self-contained: plotly inlined, nothing fetched
+    browser.get(page.as_uri())
+    assert [entry for entry in browser.get_log("browser") if entry["level"] in ("SEVERE", "WARNING")] == []
+    heatmaps = 2 * len(summary["heatmaps"]) + sum(len(e["maps"]) for e in summary["effects"].values())
+    assert len(browser.find_elements("css selector", ".js-plotly-plot .main-svg")) >= heatmaps  # plotly drew every figure
+    text = browser.find_element("tag name", "body").text
+    headline = summary["headline"]["question_flip_rate"]
+    assert f"{headline['k']}/{headline['n']} ({100 * headline['rate']:.0f}%" in text
+    for question in summary["questions"]:
+        assert question["question_id"] in text and question["decision"]["advice"] in text
+    assert len(browser.find_elements("css selector", "details[id^=question-]")) == 3
+    # Click the flip heatmap's cell with the most flips: its questions appear under the plot.
+    heatmap = summary["heatmaps"]["relevant"]
+    i, j = max(((i, j) for i in range(len(heatmap["layers"])) for j in range(len(heatmap["strengths"]))),
+               key=lambda ij: heatmap["flip"][ij[0]][ij[1]]["k"])
+    area = browser.find_element("css selector", "#heatmap-0 .nsewdrag")
+    width, height = area.size["width"], area.size["height"]
+    x = -width / 2 + (j + 0.5) * width / len(heatmap["strengths"])
+    y = -height / 2 + (i + 0.5) * height / len(heatmap["layers"])
+    ActionChains(browser).move_to_element_with_offset(area, int(x), int(y)).click().perform()
+    listed = browser.find_element("id", "heatmap-0-questions").text
+    expected = ", ".join(heatmap["flip"][i][j]["questions"]) or "no questions"
+    assert listed == f"L{heatmap['layers'][i]}, strength {heatmap['strengths'][j]:g}: {expected}"
+    assert [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"] == []
