@@ -90,3 +90,29 @@ def test_summaries_carry_the_tests_effects_and_split(run):
     summary = summarize(frame, meta, split=3)
     assert summary["tests"] == cell_tests(frame) and summary["split"] == held_out_best_cell(frame, 3)
     assert set(summary["effects"]["all"]["maps"]) == {"relevant", "relevant - anti", "relevant - irrelevant", "relevant - random"}
+
+
+def test_every_interval_and_control_p_value_equals_scipy_on_the_parquet(run):
+    from scipy.stats import permutation_test
+
+    frame, meta = run
+    summary = summarize(frame, meta)
+    rows = frame.to_dicts()
+    relevant = [r for r in rows if r["role"] == "relevant"]
+    heat = summary["heatmaps"]["relevant"]
+    for i, layer in enumerate(heat["layers"]):
+        for j, strength in enumerate(heat["strengths"]):
+            wrong = [r for r in relevant if r["layer"] == layer and r["strength"] == strength and not r["correct_before"]]
+            if wrong:
+                ci = binomtest(sum(r["flipped"] for r in wrong), len(wrong)).proportion_ci(method="wilson")
+                assert heat["flip"][i][j]["ci95"] == pytest.approx([max(0.0, ci.low), min(1.0, ci.high)], abs=1e-11)
+    by_cell = {(r["question_id"], r["layer"], r["strength"]): r["log_improvement"] for r in relevant}
+    for control in summary["controls"]:
+        per_question = {}
+        for r in rows:
+            if r["control_kind"] == control["kind"]:
+                per_question.setdefault(r["question_id"], []).append(by_cell[(r["question_id"], r["layer"], r["strength"])] - r["log_improvement"])
+        differences = np.array([np.mean(v) for _, v in sorted(per_question.items())])
+        expected = permutation_test((differences,), lambda x, axis: np.mean(x, axis=axis), permutation_type="samples",
+                                    vectorized=True, n_resamples=2 ** len(differences)).pvalue
+        assert control["p_value"] == pytest.approx(expected)
