@@ -17,6 +17,7 @@ import polars as pl
 import torch
 
 from .bank import NULL_PREFIXES, Bank, Question
+from .distributed import RayOptions
 from .generation import (
     DEFAULT_MAX_NEW_TOKENS,
     question_rows,
@@ -109,7 +110,7 @@ def seed_loop(lm: LoadedModel, bank: Bank, question: Question, layers: list[int]
 
 def run_bench(lm: LoadedModel, bank: Bank, layers: list[int], strengths: list[float], chunks: int = 16,
               loop_cells: int = 120, batch_size: int | None = None, probe_seconds: float = 0.3, injection: str = "prefix",
-              generation_cells: int = 12, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> dict:
+              generation_cells: int = 12, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, ray: RayOptions | None = None) -> dict:
     """Build and sweep with engram-eval; before each question of the sweep (outside its timings), run the seed loop
     on a sample of that question's cells and a matmul probe, so all three are measured under the same contention
     from whatever else shares the machine."""
@@ -146,6 +147,7 @@ def run_bench(lm: LoadedModel, bank: Bank, layers: list[int], strengths: list[fl
         matmul_rates.append(probe.rate(probe_seconds))
         generation = bench_generation(lm, result.out, generation_cells, max_new_tokens) if generation_cells else {}
         attention = bench_attention(lm, bank, store, Path(tmp), layers, strengths, chunks, injection)
+        distributed = bench_ray(lm, bank, store, Path(tmp), layers, strengths, chunks, injection, ray) if ray else {}
     # Question i ran between the end of pause i and the start of pause i + 1 (the last one until the sweep returned),
     # next to the matmul probes just before and just after it.
     ends = [paused for paused, _ in pauses[1:]] + [finished]
@@ -171,7 +173,28 @@ def run_bench(lm: LoadedModel, bank: Bank, layers: list[int], strengths: list[fl
         "sweep_rss_quarter_mib": rss.at(0.25), "sweep_rss_end_mib": rss.at(1.0),
         **generation,
         **attention,
+        **distributed,
     }
+
+
+def bench_ray(lm: LoadedModel, bank: Bank, store: EngramStore, folder: Path, layers: list[int], strengths: list[float],
+              chunks: int, injection: str, ray: RayOptions, questions: int = 4) -> dict:
+    """Ray's overhead: the first questions swept by this process (its threads) and by the Ray workers, alternated twice
+    in one run; the workers' start and model loading are outside the timed sweep, like this process's own."""
+    ids = [q.id for q in bank.questions[:questions]]
+    seconds, cells, workers = {"process": 0.0, "ray": 0.0}, {"process": 0, "ray": 0}, None
+    for trial in range(2):
+        for kind in ("process", "ray") if trial == 0 else ("ray", "process"):
+            result = run_sweep(lm, bank, store, folder / f"ray-bench-{kind}-{trial}", layers=layers, strengths=strengths,
+                               chunks=chunks, injection=injection, questions=ids, progress=False, warn=lambda message: None,
+                               ray=ray if kind == "ray" else None)
+            seconds[kind] += result.run["timings"]["sweep_seconds"]
+            cells[kind] += result.run["cells"]["total"]
+            if kind == "ray":
+                workers = result.run["distributed"]["workers"]
+    process_rate, ray_rate = cells["process"] / seconds["process"], cells["ray"] / seconds["ray"]
+    return {"ray_workers": workers, "ray_threads_per_worker": ray.threads_per_worker, "process_threads": torch.get_num_threads(),
+            "process_cells_per_second": process_rate, "ray_cells_per_second": ray_rate, "ray_throughput_ratio": ray_rate / process_rate}
 
 
 def bench_attention(lm: LoadedModel, bank: Bank, store: EngramStore, folder: Path, layers: list[int], strengths: list[float],

@@ -13,7 +13,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import polars as pl
 import torch
@@ -30,6 +30,9 @@ from .rundir import SweepSettings, check_results_format, merge_parts, one_line, 
 from .scoring import auto_batch_size
 from .store import EngramStore
 from .sweep import build_engrams
+
+if TYPE_CHECKING:
+    from .distributed import RayOptions
 
 SELECTIONS = ("default", "all", "baseline", "flips")
 GENERATION_BATCH_CPU = 64  # rows decoded together on a CPU; decoding reads every weight once per step whatever the batch
@@ -87,6 +90,11 @@ class Row:
 
     prompt_ids: tuple[int, ...]
     steering: Steering | None = None
+
+    def to(self, device: torch.device) -> Row:
+        if self.steering is None:
+            return self
+        return Row(self.prompt_ids, Steering(self.steering.mode, self.steering.vectors.to(device), self.steering.layers))
 
 
 @torch.inference_mode()
@@ -181,9 +189,11 @@ def run_generate(
     batch_size: int | None = None,
     force: bool = False,
     progress: bool = True,
+    ray: RayOptions | None = None,
 ) -> GenerateResult:
     """Generate from a finished sweep's selected cells; each question lands atomically in RUN/generation-parts, so a
-    rerun resumes. A run holding generations with other settings is refused unless force."""
+    rerun resumes. A run holding generations with other settings is refused unless force. ray: batches of whole
+    questions go to a Ray cluster's workers."""
     from tqdm import tqdm
 
     out = Path(run_dir)
@@ -198,32 +208,64 @@ def run_generate(
     selected = select_cells(pl.read_parquet(results), cells)
     info = {"settings": {"cells": cells, "max_new_tokens": max_new_tokens, "run_id": run["run_id"]}, "status": "running"}
     _prepare_generation_dir(out, info, force)
-    started, generated_tokens = time.perf_counter(), 0
     parts_dir = out / "generation-parts"
     parts = [parts_dir / f"{i:05d}-{qid}.parquet" for i, qid in enumerate(settings.questions)]
     waiting = [(question, part, selected.filter(pl.col("question_id") == question.id)) for question, part in zip(bank.questions, parts)]
     waiting = [(question, part, rows) for question, part, rows in waiting if rows.height and not part.exists()]
     longest = max(settings.chunk_list) + max(len(prompt_token_ids(lm, q, bank.path, context=True)) for q in bank.questions)
-    size = batch_size or min(GENERATION_BATCH_CPU if lm.device.type == "cpu" else selected.height,
+    size = batch_size or min(GENERATION_BATCH_CPU if lm.device.type == "cpu" or ray else selected.height,
                              auto_batch_size(lm, longest + max_new_tokens, selected.height, cpu_token_budget=False))
-    bar = tqdm(total=selected.height, initial=selected.height - sum(rows.height for _, _, rows in waiting), unit="cell",
-               desc="generate", disable=not progress or None, dynamic_ncols=True)
+    groups = []  # whole questions, as many as fill a batch: each lands in its part once its batch is done
+    while waiting:
+        group, count = [], 0
+        while waiting and (not group or count + waiting[0][2].height <= size):
+            group.append(waiting.pop(0))
+            count += group[-1][2].height
+        groups.append(group)
+    bar = tqdm(total=selected.height, initial=selected.height - sum(rows.height for group in groups for _, _, rows in group),
+               unit="cell", desc="generate", disable=not progress or None, dynamic_ncols=True)
+    pool = None
+    if ray is not None:
+        from .distributed import WorkerPool
+
+        pool = WorkerPool(lm, ray)
+        info["distributed"] = {"ray": pool.version, "workers": pool.size, "gpus_per_worker": ray.gpus_per_worker}
+    started, generated_tokens = time.perf_counter(), 0
+
+    def prepare(group: list) -> list:
+        return [(question, part, *question_rows(lm, question, bank.path, rows, raw, settings)) for question, part, rows in group]
+
+    def finish(prepared: list, generated: list[Generated]) -> None:
+        nonlocal generated_tokens
+        for question, part, rows, todo in prepared:
+            mine, generated = generated[: len(todo)], generated[len(todo):]
+            generated_tokens += sum(len(g.token_ids) for g in mine)
+            frame = _generation_frame(lm, question, rows, mine).with_columns(run_id=pl.lit(run["run_id"]))
+            write_part(part, frame.select(list(GENERATION_SCHEMA)))
+        bar.set_postfix(tokens_per_s=f"{generated_tokens / (time.perf_counter() - started):.0f}")
+
     try:
         with bar:
-            while waiting:
-                # Whole questions, as many as fill a batch: each lands in its part once its batch is done.
-                group, count = [], 0
-                while waiting and (not group or count + waiting[0][2].height <= size):
-                    group.append(waiting.pop(0))
-                    count += group[-1][2].height
-                prepared = [(question, part, *question_rows(lm, question, bank.path, rows, raw, settings)) for question, part, rows in group]
-                generated = _generate(lm, [row for *_, todo in prepared for row in todo], max_new_tokens, size, bar.update)
-                for question, part, rows, todo in prepared:
-                    mine, generated = generated[: len(todo)], generated[len(todo):]
-                    generated_tokens += sum(len(g.token_ids) for g in mine)
-                    frame = _generation_frame(lm, question, rows, mine).with_columns(run_id=pl.lit(run["run_id"]))
-                    write_part(part, frame.select(list(GENERATION_SCHEMA)))
-                bar.set_postfix(tokens_per_s=f"{generated_tokens / (time.perf_counter() - started):.0f}")
+            if pool is not None:
+                prepared_groups = {f"{i}:{group[0][0].id}": prepare(group) for i, group in enumerate(groups)}
+
+                def submit(key: str) -> Callable:
+                    todo = [row for *_, rows in prepared_groups[key] for row in rows]
+                    return lambda worker: worker.generate.remote(key.split(":", 1)[1], todo, max_new_tokens, size)
+
+                def done(key: str, generated: list[Generated]) -> None:
+                    finish(prepared_groups[key], generated)
+                    bar.update(len(generated))
+
+                try:
+                    pool.run([(key, submit(key)) for key in prepared_groups], done)
+                finally:
+                    pool.shutdown()
+            else:
+                for group in groups:
+                    prepared = prepare(group)
+                    finish(prepared, generate_in_batches(lm, [row for *_, todo in prepared for row in todo], max_new_tokens, size,
+                                                         bar.update))
     except KeyboardInterrupt:
         _write_info(out, {**info, "status": "interrupted"})
         raise
@@ -283,7 +325,8 @@ def _generation_frame(lm: LoadedModel, question, rows: pl.DataFrame, generated: 
     )
 
 
-def _generate(lm: LoadedModel, todo: list[Row], max_new_tokens: int, batch_size: int, on_rows: Callable[[int], None]) -> list[Generated]:
+def generate_in_batches(lm: LoadedModel, todo: list[Row], max_new_tokens: int, batch_size: int,
+                        on_rows: Callable[[int], None] = lambda n: None) -> list[Generated]:
     """Rows in batches of similar prefill length (less padding), results back in the rows' order."""
     lengths = [len(row.prompt_ids) + (row.steering.prefix_length if row.steering is not None else 0) for row in todo]
     order = sorted(range(len(todo)), key=lambda i: lengths[i])

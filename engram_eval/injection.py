@@ -106,7 +106,7 @@ class Steering:
 
     def inputs(self, body: torch.Tensor) -> torch.Tensor:
         """The input embeddings [batch, positions, hidden] with the engram in them (prefix, add, or actadd at layer 0)."""
-        vectors = self.vectors.to(body.dtype)
+        vectors = self.vectors.to(body.device, body.dtype)
         if self.mode == "prefix":
             return torch.cat([vectors, body], dim=1)
         if self.mode == "add":
@@ -120,7 +120,7 @@ class Steering:
         layer 0 adds to every position, these included (deeper layers get it from the hooks)."""
         if self.mode != "actadd":
             return embeds
-        return embeds + self._rows_at(0, self.vectors.to(embeds.dtype)).unsqueeze(1)
+        return embeds + self._rows_at(0, self.vectors.to(embeds.device, embeds.dtype)).unsqueeze(1)
 
     def _rows_at(self, layer: int, vectors: torch.Tensor) -> torch.Tensor:
         """The rows' vectors where the row's layer is `layer`, zero elsewhere."""
@@ -144,7 +144,7 @@ class Steering:
     def _adder(self, layer: int):
         def hook(module, args, output):
             hidden = output[0] if isinstance(output, tuple) else output
-            steered = hidden + self._rows_at(layer, self.vectors.to(hidden.dtype)).unsqueeze(1)
+            steered = hidden + self._rows_at(layer, self.vectors.to(hidden.device, hidden.dtype)).unsqueeze(1)
             return (steered, *output[1:]) if isinstance(output, tuple) else steered
         return hook
 

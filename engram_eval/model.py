@@ -58,6 +58,7 @@ class LoadedModel:
     dtype: torch.dtype
     source: str = field(default="")
     description: str = field(default="")  # the model as it is, for reports: "SmolLM2-135M-Instruct, Q4_1 GGUF dequantized to float32"
+    spec: str = field(default="")  # what --model said: how another process (a Ray worker) loads the same model
 
     @property
     def num_layers(self) -> int:
@@ -202,6 +203,23 @@ def _resolve_source(spec: str) -> tuple[str, str, str]:
     return spec, spec, spec
 
 
+@dataclass
+class TokenizerOnly:
+    """A model's tokenizer without its weights, for the checks that need no forward pass (bank validate, stats)."""
+
+    tokenizer: PreTrainedTokenizerBase
+    name: str
+
+
+def load_tokenizer(spec: str = DEFAULT_MODEL, trust_remote_code: bool = False) -> TokenizerOnly:
+    name, source, _ = _resolve_source(spec)
+    try:
+        return TokenizerOnly(AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code), name)
+    except (OSError, ValueError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise EngramEvalError(f"--model: could not load the tokenizer of '{spec}': {first_line}") from None
+
+
 def load_model(
     spec: str = DEFAULT_MODEL, *, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False
 ) -> LoadedModel:
@@ -234,6 +252,7 @@ def load_model(
         dtype=torch_dtype,
         source=source,
         description=description,
+        spec=spec,
     )
 
 

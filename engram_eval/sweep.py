@@ -10,16 +10,17 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import polars as pl
+import torch
 
 
 from .bank import NULL_PREFIXES, Bank, Question
 from .engram import DEFAULT_MAX_TOKENS, Extraction, check_chunks, check_layers, chunk_shares
 from .errors import EngramEvalError, EngramEvalWarning
 from .geometry import pair_geometry
-from .grid import engram_label, question_cells, raw_vectors
+from .grid import Cell, engram_label, question_cells, raw_vectors
 from .injection import check_injection
 from .model import LoadedModel
 from .prompts import PreparedQuestion, context_conditions, prepare_question, variant_token_warnings
@@ -28,6 +29,10 @@ from .rundir import (SweepSettings, mark_stopped, merge_parts, one_line, package
                      write_run_json)
 from .scoring import SCORINGS, auto_batch_size, score_cells
 from .store import EngramStore, StoredEngram, engram_warnings
+
+if TYPE_CHECKING:
+    from .distributed import RayOptions
+    from .distributed import WorkerPool as RayPool
 
 CONTEXTS = ("with", "without", "both")
 
@@ -91,6 +96,7 @@ def run_sweep(
     extraction: Extraction | None = None,
     context: str = "with",
     record_attention: bool = False,
+    ray: RayOptions | None = None,
     questions: list[str] | None = None,
     batch_size: int | None = None,
     max_tokens: int = DEFAULT_MAX_TOKENS,
@@ -106,8 +112,8 @@ def run_sweep(
     injection, scaling and extraction (pooling, skip_tokens, window) default to the seed's method. context: questions
     with a retrieved context run `with` it, `without` it, or `both` (each condition with its own baseline row).
     record_attention adds, per row, the share of the last prompt position's attention (mean over heads and layers) on
-    the k engram positions and on position 0 (eager attention while the sweep runs). questions limits the run to these
-    question ids. warn receives what a researcher must read before trusting the
+    the k engram positions and on position 0 (eager attention while the sweep runs). ray shards the questions over a
+    Ray cluster's workers (results identical). questions limits the run to these question ids. warn receives what a researcher must read before trusting the
     numbers (bank mistakes, truncated or dominated engrams); by default Python's warnings machinery
     (EngramEvalWarning), one line each. strict makes the bank's mistakes errors, raised before any model work.
     before_question runs before each question is computed, outside the sweep's timings (the benchmark measures the
@@ -124,6 +130,10 @@ def run_sweep(
     extraction = (extraction or Extraction(max_tokens=max_tokens)).check(chunk_list)
     if questions is not None:
         bank = bank.select(questions)
+    if ray is not None:
+        from .distributed import plan_workers
+
+        plan_workers(ray)
     out = Path(out)
     started = time.perf_counter()
     prepared = [[prepare_question(lm, q, scoring, bank.path, condition) for condition in context_conditions(q, context)]
@@ -156,7 +166,7 @@ def run_sweep(
     try:
         if record_attention:
             lm.model.set_attn_implementation("eager")  # the only kernel that gives its attention weights
-        _run_grid(lm, bank, store, out, settings, run, prepared, batch_size, progress, log, warn, before_question)
+        _run_grid(lm, bank, store, out, settings, run, prepared, batch_size, progress, log, warn, before_question, ray)
     except KeyboardInterrupt:
         mark_stopped(out, run, "interrupted")
         raise
@@ -205,9 +215,45 @@ def anti_difference_signals(bank: Bank, engrams: dict[tuple[str, int], StoredEng
     return signals
 
 
+def score_question(lm: LoadedModel, settings: SweepSettings, bank: Bank, conditions: list[PreparedQuestion], grid: list[list[Cell]],
+                   raw: dict[tuple[str, int, int], torch.Tensor], batch_size: int | None, fits: int | None = None,
+                   on_batch: Callable[[int], None] = lambda n: None) -> tuple[pl.DataFrame, int | None]:
+    """One question's rows, every context condition: its baseline then its cells -> (frame, the batch size known to fit
+    after an out-of-memory back-off, for the next question)."""
+    chunks = settings.chunk_list
+    frames = []
+    for prepared, cells in zip(conditions, grid):
+        prefix = max(chunks) if settings.injection == "prefix" else 0
+        requested = batch_size or auto_batch_size(lm, prefix + len(prepared.prompt_ids), len(cells))
+        scores, size = score_cells(lm, prepared, cells, raw, settings.scoring, settings.injection, settings.scaling,
+                                   min(requested, fits or requested), on_batch=on_batch,
+                                   record_attention=settings.record_attention, baseline_chunks=chunks[0])
+        if size < requested:
+            fits = size
+        frames.append(question_frame(settings, bank, prepared, cells, scores))
+    return pl.concat(frames), fits
+
+
+def _sweep_on_ray(pool: RayPool, settings: SweepSettings, bank: Bank, prepared: list[list[PreparedQuestion]], grid: list[list[list[Cell]]],
+                  raw: dict, rows: list[int], parts: list[Path], batch_size: int | None, bar) -> None:
+    """Questions to the workers, largest first (a short tail); each finished question lands in its part file here."""
+    raw_ref = pool.ray.put(raw)
+    todo = sorted((i for i, part in enumerate(parts) if not part.exists()), key=lambda i: -rows[i])
+
+    def submit(i: int) -> Callable:
+        return lambda worker: worker.sweep.remote(settings, bank, prepared[i], grid[i], raw_ref, batch_size, None)
+
+    def finished(key: str, result: tuple) -> None:
+        i = int(key.split(":")[0])
+        write_part(parts[i], pl.from_arrow(result[0]))
+        bar.update(rows[i])
+
+    pool.run([(f"{i}:{prepared[i][0].question.id}", submit(i)) for i in todo], finished)
+
+
 def _run_grid(lm: LoadedModel, bank: Bank, store: EngramStore, out: Path, settings: SweepSettings, run: dict,
               prepared: list[list[PreparedQuestion]], batch_size: int | None, progress: bool, log: Callable[[str], None],
-              warn: Callable[[str], None], before_question: Callable[[Question], None]) -> None:
+              warn: Callable[[str], None], before_question: Callable[[Question], None], ray: RayOptions | None) -> None:
     """Build what the store lacks, score every question not yet in out/parts, merge; fills run in place."""
     from tqdm import tqdm
 
@@ -234,28 +280,31 @@ def _run_grid(lm: LoadedModel, bank: Bank, store: EngramStore, out: Path, settin
     rows = [sum(len(cells) + 1 for cells in question) for question in grid]
     parts = part_paths(out, [conditions[0].question.id for conditions in prepared])
     done = sum(n for n, part in zip(rows, parts) if part.exists())
+    pool = None
+    if ray is not None:
+        from .distributed import WorkerPool
+
+        pool = WorkerPool(lm, ray)  # started, models loaded and checked before the sweep's clock starts
+        run.update(distributed={"ray": pool.version, "workers": pool.size, "gpus_per_worker": ray.gpus_per_worker,
+                                "threads_per_worker": ray.threads_per_worker})
     sweep_started = time.perf_counter()
     bar = tqdm(total=sum(rows), initial=done, unit="cell", desc="sweep", disable=not progress or None, dynamic_ncols=True)
     fits: int | None = None  # the largest batch size known to fit, after an out-of-memory back-off
     paused = 0.0
     with bar:
+        if pool is not None:
+            try:
+                _sweep_on_ray(pool, settings, bank, prepared, grid, raw, rows, parts, batch_size, bar)
+            finally:
+                pool.shutdown()
         for conditions, question_grid, part in zip(prepared, grid, parts):
             if part.exists():
                 continue
             pause_started = time.perf_counter()
             before_question(conditions[0].question)
             paused += time.perf_counter() - pause_started
-            frames = []
-            for p, cells in zip(conditions, question_grid):
-                prefix = max(chunks) if settings.injection == "prefix" else 0
-                requested = batch_size or auto_batch_size(lm, prefix + len(p.prompt_ids), len(cells))
-                scores, size = score_cells(lm, p, cells, raw, settings.scoring, settings.injection, settings.scaling,
-                                           min(requested, fits or requested), on_batch=bar.update,
-                                           record_attention=settings.record_attention, baseline_chunks=chunks[0])
-                if size < requested:
-                    fits = size
-                frames.append(question_frame(settings, bank, p, cells, scores))
-            write_part(part, pl.concat(frames))
+            frame, fits = score_question(lm, settings, bank, conditions, question_grid, raw, batch_size, fits, bar.update)
+            write_part(part, frame)
     sweep_seconds = time.perf_counter() - sweep_started - paused
 
     merge_parts(out / "results.parquet", parts)

@@ -93,7 +93,7 @@ def test_generation_resumes_after_an_interruption_and_equals_an_uninterrupted_ru
     result = sweep(tiny, tiny_bank, tmp_path / "run", layers=[1], strengths=[1.0])
     whole = pl.read_parquet(run_generate(tiny, result.out, max_new_tokens=6, progress=False).generations_path)
     cut = sweep(tiny, tiny_bank, tmp_path / "cut", layers=[1], strengths=[1.0])
-    real, calls = generation_module._generate, []
+    real, calls = generation_module.generate_in_batches, []
 
     def interrupted(*args, **kwargs):
         calls.append(1)
@@ -101,11 +101,11 @@ def test_generation_resumes_after_an_interruption_and_equals_an_uninterrupted_ru
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(generation_module, "_generate", interrupted)
+    monkeypatch.setattr(generation_module, "generate_in_batches", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_generate(tiny, cut.out, max_new_tokens=6, batch_size=4, progress=False)  # batches of 4 rows: one question each
     assert [p.name for p in (cut.out / "generation-parts").iterdir()] == ["00000-q1.parquet"]
-    monkeypatch.setattr(generation_module, "_generate", real)
+    monkeypatch.setattr(generation_module, "generate_in_batches", real)
     resumed = pl.read_parquet(run_generate(tiny, cut.out, max_new_tokens=6, progress=False).generations_path)
     assert resumed.drop("run_id").equals(whole.drop("run_id"))
 

@@ -122,3 +122,31 @@ def cli() -> None:
     """Measure engram activation steering honestly: build engrams, sweep a question bank over a layer x
     strength grid with negative controls, report flips, fragile-correct answers and calibration cases,
     and gate regressions in CI."""
+
+
+def ray_options(command: Callable) -> Callable:
+    """--ray, --workers, --gpus-per-worker, --threads-per-worker -> one `ray` argument (None: this process alone)."""
+
+    @click.option("--ray", "ray_address", metavar="auto|ADDRESS",
+                  help="Shard the work over a Ray cluster: auto joins a running cluster or starts a local one; ADDRESS "
+                       "(host:port or ray://host:port) joins that cluster. Needs the extra: pip install 'engram-eval[ray]'.")
+    @click.option("--workers", type=int, help="With --ray: worker processes, each loading the model once [default: as many as "
+                                              "the cluster's CPUs (or GPUs, with --gpus-per-worker) allow].")
+    @click.option("--gpus-per-worker", type=float, default=0.0, show_default=True, help="With --ray: GPUs each worker takes.")
+    @click.option("--threads-per-worker", type=int, default=1, show_default=True,
+                  help="With --ray: CPU threads (and Ray CPUs) each worker takes.")
+    @functools.wraps(command)
+    def wrapper(ray_address: str | None, workers: int | None, gpus_per_worker: float, threads_per_worker: int, **kwargs):
+        if ray_address is None:
+            for option, value, default in (("--workers", workers, None), ("--gpus-per-worker", gpus_per_worker, 0.0),
+                                           ("--threads-per-worker", threads_per_worker, 1)):
+                if value != default:
+                    raise EngramEvalError(f"{option}: only with --ray")
+            return command(ray=None, **kwargs)
+        from ..distributed import RayOptions, plan_workers
+
+        options = RayOptions(ray_address, workers, gpus_per_worker, threads_per_worker)
+        plan_workers(options)  # before any model work: a missing extra, a wrong address, too few CPUs are one line
+        return command(ray=options, **kwargs)
+
+    return wrapper

@@ -23,11 +23,17 @@ from .app import cli, model_options, stderr, stdout
 @click.option("--generation-cells", default=12, show_default=True, type=click.IntRange(min=0),
               help="Cells of the sweep's default generation selection also decoded with one model.generate call each "
                    "(the batched generator's reference); 0 skips the generation benchmark.")
+@click.option("--ray", "ray_address", metavar="auto|ADDRESS",
+              help="Also measure Ray's overhead: the first questions swept by this process and by Ray workers (--workers, "
+                   "--threads-per-worker), alternated; e.g. 2 workers x 1 thread against 1 process x 2 threads.")
+@click.option("--workers", type=int, default=2, show_default=True, help="With --ray: worker processes.")
+@click.option("--threads-per-worker", type=int, default=1, show_default=True, help="With --ray: CPU threads each worker takes.")
 @click.option("--random-init", "random_config", type=click.Path(dir_okay=False, path_type=Path),
               help="Benchmark a randomly initialised model built from this config.json instead of --model's weights "
                    "(--model still gives the tokenizer, device and dtype), e.g. benchmarks/qwen2.5-7b.config.json on a GPU.")
 def bench(load_lm, bank_path: Path, layers_text: str, strengths_text: str, loop_cells: int, batch_size: str,
-          injection: str, generation_cells: int, random_config: Path | None) -> None:
+          injection: str, generation_cells: int, ray_address: str | None, workers: int, threads_per_worker: int,
+          random_config: Path | None) -> None:
     """Measure, in one run: build and sweep throughput, the seed's per-cell loop on the same cells, the machine's
     dense matmul throughput, and the ratios between them (speedup, fraction of matmul FLOP/s), plus peak memory.
 
@@ -40,6 +46,12 @@ def bench(load_lm, bank_path: Path, layers_text: str, strengths_text: str, loop_
 
     strengths = parse_strengths(strengths_text)
     bank = load_bank(bank_path)
+    ray = None
+    if ray_address is not None:
+        from ..distributed import RayOptions, plan_workers
+
+        ray = RayOptions(ray_address, workers, 0.0, threads_per_worker)
+        plan_workers(ray)
     lm = load_lm()
     if random_config is not None:
         from ..model import random_init_model
@@ -49,7 +61,7 @@ def bench(load_lm, bank_path: Path, layers_text: str, strengths_text: str, loop_
     with stderr.status("benchmarking ..."):
         r = run_bench(lm, bank, parse_layers(layers_text, lm.num_layers), strengths, loop_cells=loop_cells,
                       batch_size=None if batch_size == "auto" else int(batch_size), injection=injection,
-                      generation_cells=generation_cells)
+                      generation_cells=generation_cells, ray=ray)
     table = Table(title=f"engram-eval bench: {lm.name} on {r['device']} ({r['dtype']}, {r['threads']} threads, {injection} injection)")
     for column in ("measure", "value"):
         table.add_column(column)
@@ -67,6 +79,10 @@ def bench(load_lm, bank_path: Path, layers_text: str, strengths_text: str, loop_
     if r["sweep_rss_end_mib"] is not None:
         table.add_row("sweep RSS: first quarter / whole sweep", f"{r['sweep_rss_quarter_mib']:.0f} / {r['sweep_rss_end_mib']:.0f} MiB")
     table.add_row("sweep with --record-attention (eager attention) / without", f"{r['attention_cost']:.2f}x the time")
+    if "ray_throughput_ratio" in r:
+        table.add_row(f"Ray: {r['ray_workers']} workers x {r['ray_threads_per_worker']} thread(s)", f"{r['ray_cells_per_second']:.2f} cells/s")
+        table.add_row(f"this process: {r['process_threads']} threads, same cells", f"{r['process_cells_per_second']:.2f} cells/s")
+        table.add_row("Ray throughput / this process's", f"{100 * r['ray_throughput_ratio']:.0f}% (overhead target: under 10%)")
     if "generation_speedup" in r:
         table.add_row("generation: batched, default selection", f"{r['generation_tokens_per_second']:.1f} tokens/s ({r['generation_cells']} cells)")
         table.add_row("generation: model.generate per cell", f"{r['generation_reference_tokens_per_second']:.1f} tokens/s "

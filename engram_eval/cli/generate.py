@@ -9,7 +9,7 @@ import click
 from rich.table import Table
 
 from ..errors import EngramEvalError
-from .app import cli, model_options, stdout
+from .app import cli, model_options, ray_options, stdout
 
 
 @cli.command()
@@ -24,8 +24,9 @@ from .app import cli, model_options, stdout
 @click.option("--batch-size", default="auto", show_default=True,
               help="Cells decoded together, or auto: as many as fit (cells of one question share their prefill length).")
 @click.option("--force", is_flag=True, help="Replace generations made with other settings.")
+@ray_options
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def generate(run_dir: Path, load_lm, selection: str, max_new_tokens: int, batch_size: str, force: bool, quiet: bool) -> None:
+def generate(run_dir: Path, load_lm, selection: str, max_new_tokens: int, batch_size: str, force: bool, ray, quiet: bool) -> None:
     """Decode greedily from a finished sweep's cells, with each cell's engram injected as in the sweep (prefix and add
     in the prefill, seen through the KV cache; actadd at every position), and judge each text: does it say the correct
     answer, the incorrect one, which first (word boundaries, case-insensitive)? Writes RUN/generations.parquet;
@@ -41,7 +42,8 @@ def generate(run_dir: Path, load_lm, selection: str, max_new_tokens: int, batch_
     lm = load_lm()
     try:
         result = run_generate(lm, run_dir, cells=selection, max_new_tokens=max_new_tokens,
-                              batch_size=None if batch_size == "auto" else int(batch_size), force=force, progress=not quiet)
+                              batch_size=None if batch_size == "auto" else int(batch_size), force=force, progress=not quiet,
+                              ray=ray)
     except KeyboardInterrupt:
         click.echo(f"interrupted: finished questions are kept in {run_dir / 'generation-parts'}; rerun the same command to resume",
                    err=True)

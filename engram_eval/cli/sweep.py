@@ -11,7 +11,7 @@ import click
 from rich.table import Table
 
 from ..errors import EngramEvalError
-from .app import chunks_option, cli, extraction_options, model_options, outside_option, stderr, stdout, store_option, warning_printer
+from .app import chunks_option, cli, extraction_options, model_options, outside_option, stderr, stdout, store_option, ray_options, warning_printer
 
 @cli.command()
 @click.argument("bank_path", metavar="BANK", type=click.Path(dir_okay=False, path_type=Path))
@@ -52,10 +52,11 @@ from .app import chunks_option, cli, extraction_options, model_options, outside_
 @click.option("--strict", is_flag=True,
               help="Treat the bank's warnings (a double or missing space before the answers, an answer whose first token "
                    "is whitespace, a bank without controls) as errors.")
+@ray_options
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or engram log (warnings are still shown).")
 def sweep(bank_path: Path, load_lm, layers_text: str, strengths_text: str, chunks_text: str, scoring: str, injection: str,
           scaling: str, context: str, extraction, out: Path | None, store_dir: str, batch_size: str, question_ids: str | None, force: bool,
-          allow_outside_paths: bool, record_attention: bool, strict: bool, quiet: bool) -> None:
+          allow_outside_paths: bool, record_attention: bool, strict: bool, ray, quiet: bool) -> None:
     """Score a question bank over the layer x strength grid for each question's relevant engram and its negative
     controls, plus one baseline per question, into RUN/results.parquet and RUN/run.json. An interrupted sweep
     (Ctrl-C: exit status 130) rerun with the same command resumes from the questions already done."""
@@ -86,7 +87,7 @@ def sweep(bank_path: Path, load_lm, layers_text: str, strengths_text: str, chunk
         result = run_sweep(
             lm, bank, EngramStore(store_dir), out, layers=layers, strengths=strengths,
             chunks=chunks[0] if len(chunks) == 1 else chunks, scoring=scoring,
-            injection=injection, scaling=scaling, extraction=extraction, context=context, record_attention=record_attention,
+            injection=injection, scaling=scaling, extraction=extraction, context=context, record_attention=record_attention, ray=ray,
             batch_size=None if batch_size == "auto" else int(batch_size),
             force=force, strict=strict, progress=not quiet, log=(lambda m: None) if quiet else stderr.print, warn=warn,
         )

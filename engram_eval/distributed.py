@@ -1,0 +1,188 @@
+"""Sweeps and generation sharded over a Ray cluster (the optional `ray` extra; nothing here runs without `--ray`).
+
+The driver does what is done once — prepares the questions, fills the engram store, lays out the grid — and puts
+every engram's raw vectors in Ray's object store. Workers are actors that load the model once and keep it; the driver
+hands them whole questions, largest first, and each returns its question's rows as an Arrow table, which the driver
+writes as the question's part file with the same atomic write as a single-process sweep. So the run directory and the
+store live on the driver's disk alone; only the model must be loadable on every node. A worker that dies (killed, out
+of memory) has its question retried on a fresh worker; a killed driver leaves only whole part files, and a rerun
+resumes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .errors import EngramEvalError
+from .model import LoadedModel, load_model
+
+INSTALL_HINT = "pip install 'engram-eval[ray]'"
+CONNECT_SECONDS = 10
+MAX_ATTEMPTS = 3  # tries per question before the run fails
+WORKER_START_SECONDS = 1800  # a worker loads its model within this (a 7B model from a network disk can take minutes)
+TEST_KILL_ONCE = "ENGRAM_EVAL_TEST_KILL_WORKER_ONCE"  # "question_id:marker_path": a worker SIGKILLs itself there, once
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    address: str = "auto"  # auto: a running cluster, else a local one; or a cluster's address
+    workers: int | None = None  # None: as many as the cluster's CPUs (or GPUs) allow
+    gpus_per_worker: float = 0.0
+    threads_per_worker: int = 1
+
+    def check(self) -> RayOptions:
+        if self.workers is not None and self.workers < 1:
+            raise EngramEvalError(f"--workers: must be at least 1 (got {self.workers})")
+        if self.gpus_per_worker < 0:
+            raise EngramEvalError(f"--gpus-per-worker: must be at least 0 (got {self.gpus_per_worker:g})")
+        if self.threads_per_worker < 1:
+            raise EngramEvalError(f"--threads-per-worker: must be at least 1 (got {self.threads_per_worker})")
+        return self
+
+
+def import_ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise EngramEvalError(f"--ray: Ray is not installed; install the extra: {INSTALL_HINT}") from None
+    return ray
+
+
+def connect(options: RayOptions) -> Any:
+    """Join the cluster (or start a local one for `auto`) -> the ray module. An address is checked for an answer first,
+    within CONNECT_SECONDS, so a wrong one is one line rather than a long hang."""
+    ray = import_ray()
+    if options.address != "auto":
+        host, _, port = options.address.removeprefix("ray://").rpartition(":")
+        try:
+            socket.create_connection((host or "127.0.0.1", int(port)), timeout=CONNECT_SECONDS).close()
+        except (OSError, ValueError):
+            raise EngramEvalError(f"--ray: no Ray cluster answers at {options.address} (waited {CONNECT_SECONDS} s)") from None
+    if ray.is_initialized():
+        return ray
+    quiet = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
+    if options.address == "auto":
+        try:
+            ray.init(address="auto", **quiet)
+        except (ConnectionError, RuntimeError):
+            ray.init(**quiet)  # no running cluster: a local one with this machine's CPUs (and GPUs)
+    else:
+        ray.init(address=options.address, **quiet)
+    return ray
+
+
+def plan_workers(options: RayOptions) -> tuple[Any, int]:
+    """Connect, and check that the cluster can place the workers asked for -> (ray, number of workers). Run before any
+    model work: an actor that cannot be placed would wait forever."""
+    ray = connect(options.check())
+    resources = ray.cluster_resources()
+    cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
+    if options.gpus_per_worker > gpus:
+        raise EngramEvalError(f"--gpus-per-worker: {options.gpus_per_worker:g} GPUs asked for, but the cluster has {gpus:g}")
+    per_worker = options.gpus_per_worker or options.threads_per_worker
+    workers = options.workers or max(1, int((gpus if options.gpus_per_worker else cpus) // per_worker))
+    if workers * options.threads_per_worker > cpus:
+        raise EngramEvalError(f"--workers: {workers} workers x {options.threads_per_worker} threads need "
+                              f"{workers * options.threads_per_worker} CPUs; the cluster has {cpus:g}")
+    if workers * options.gpus_per_worker > gpus:
+        raise EngramEvalError(f"--workers: {workers} workers x {options.gpus_per_worker:g} GPUs need "
+                              f"{workers * options.gpus_per_worker:g} GPUs; the cluster has {gpus:g}")
+    return ray, workers
+
+
+class Worker:
+    """A Ray actor's body: loads the model once and keeps it; scores or generates whole questions."""
+
+    def __init__(self, spec: str, device: str, dtype: str, trust_remote_code: bool, threads: int):
+        torch.set_num_threads(threads)
+        self.lm = load_model(spec, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+
+    def fingerprint(self) -> str:
+        return self.lm.fingerprint
+
+    def sweep(self, settings, bank, conditions, grid, raw, batch_size, fits):
+        from .sweep import score_question
+
+        _die_here_once(conditions[0].question.id)
+        frame, fits = score_question(self.lm, settings, bank, conditions, grid, raw, batch_size, fits)
+        return frame.to_arrow(), fits
+
+    def generate(self, key: str, rows, max_new_tokens: int, batch_size: int):
+        from .generation import generate_in_batches
+
+        _die_here_once(key)
+        return generate_in_batches(self.lm, [row.to(self.lm.device) for row in rows], max_new_tokens, batch_size)
+
+
+def _die_here_once(key: str) -> None:
+    """Fault injection for the tests: die as a worker killed mid-question would, the first time it reaches `key`."""
+    target, _, marker = os.environ.get(TEST_KILL_ONCE, "").partition(":")
+    if target == key and not Path(marker).exists():
+        Path(marker).touch()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class WorkerPool:
+    def __init__(self, lm: LoadedModel, options: RayOptions):
+        self.ray, self.size = plan_workers(options)
+        self.lm, self.options = lm, options
+        env = {TEST_KILL_ONCE: os.environ[TEST_KILL_ONCE]} if TEST_KILL_ONCE in os.environ else {}
+        self.actor = self.ray.remote(Worker).options(num_cpus=options.threads_per_worker, num_gpus=options.gpus_per_worker,
+                                                     max_restarts=0, runtime_env={"env_vars": env} if env else None)
+        self.workers = [self._start() for _ in range(self.size)]
+        try:
+            fingerprints = self.ray.get([w.fingerprint.remote() for w in self.workers], timeout=WORKER_START_SECONDS)
+        except self.ray.exceptions.GetTimeoutError:
+            raise EngramEvalError(f"--ray: the workers did not load the model within {WORKER_START_SECONDS} s") from None
+        for fingerprint in fingerprints:
+            if fingerprint != lm.fingerprint:
+                raise EngramEvalError(f"--ray: a worker loaded '{lm.spec}' as another model ({fingerprint[:12]}, driver "
+                                      f"{lm.short_fingerprint}): every node needs the same weights")
+
+    def _start(self):
+        device = "cuda" if self.options.gpus_per_worker else "cpu"
+        dtype = str(self.lm.dtype).removeprefix("torch.")
+        return self.actor.remote(self.lm.spec, device, dtype, False, self.options.threads_per_worker)
+
+    def run(self, items: list[tuple[str, Callable[[Any], Any]]], on_result: Callable[[str, Any], None]) -> None:
+        """items: (key, submit(worker) -> object ref), in the order to hand them out. A worker that dies has its item
+        retried on a fresh worker (at most MAX_ATTEMPTS tries); an error of the work itself stops the run."""
+        ray = self.ray
+        pending = deque((key, submit, 1) for key, submit in items)
+        idle, running = list(self.workers), {}
+        while pending or running:
+            while pending and idle:
+                key, submit, attempt = pending.popleft()
+                worker = idle.pop()
+                running[submit(worker)] = (worker, key, submit, attempt)
+            (ref,), _ = ray.wait(list(running), num_returns=1)
+            worker, key, submit, attempt = running.pop(ref)
+            try:
+                result = ray.get(ref)
+            except ray.exceptions.RayActorError:
+                if attempt >= MAX_ATTEMPTS:
+                    raise EngramEvalError(f"--ray: '{key}' failed {attempt} times: its workers died") from None
+                replacement = self._start()
+                self.workers[self.workers.index(worker)] = replacement
+                idle.append(replacement)
+                pending.appendleft((key, submit, attempt + 1))
+                continue
+            except ray.exceptions.RayTaskError as exc:
+                raise exc.as_instanceof_cause() from None
+            idle.append(worker)
+            on_result(key, result)
+
+    def shutdown(self) -> None:
+        for worker in self.workers:
+            self.ray.kill(worker)
+
+    @property
+    def version(self) -> str:
+        return self.ray.__version__

@@ -1,0 +1,158 @@
+"""Sweeps and generation on a real local Ray cluster (started once for these tests), with the tiny model."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+import torch
+
+import engram_eval.store as store_module
+from engram_eval.bank import load_bank
+from engram_eval.distributed import TEST_KILL_ONCE, RayOptions
+from engram_eval.errors import EngramEvalError
+from engram_eval.generation import run_generate
+from engram_eval.store import EngramStore
+from engram_eval.sweep import run_sweep
+
+ray = pytest.importorskip("ray")
+REPO = Path(__file__).resolve().parents[1]
+KEY = ["question_id", "role", "engram", "layer", "strength"]
+GRID = dict(layers=[1, 4], strengths=[0.5, 3.0], chunks=4, progress=False, warn=lambda message: None)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture
+def one_thread():
+    """The single-process reference at one thread, like each worker: float32 reductions then split alike."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def sorted_rows(path: Path) -> pl.DataFrame:
+    return pl.read_parquet(path).drop("engram_key").sort(KEY, nulls_last=True)
+
+
+def test_a_sharded_sweep_equals_the_single_process_sweep(cluster, tiny, tiny_bank, tmp_path, one_thread):
+    single = run_sweep(tiny, load_bank(tiny_bank), EngramStore(tmp_path / "s1"), tmp_path / "single", **GRID)
+    sharded = run_sweep(tiny, load_bank(tiny_bank), EngramStore(tmp_path / "s2"), tmp_path / "ray", ray=RayOptions(workers=2), **GRID)
+    assert sorted_rows(sharded.results_path).equals(sorted_rows(single.results_path))
+    assert sharded.run["distributed"] == {"ray": ray.__version__, "workers": 2, "gpus_per_worker": 0.0, "threads_per_worker": 1}
+    assert sharded.run["run_id"] == single.run["run_id"]  # the workers are not a setting
+
+
+def test_a_worker_killed_mid_question_has_its_question_retried(cluster, tiny, tiny_bank, tmp_path, monkeypatch, one_thread):
+    marker = tmp_path / "killed"
+    monkeypatch.setenv(TEST_KILL_ONCE, f"q2:{marker}")
+    sharded = run_sweep(tiny, load_bank(tiny_bank), EngramStore(tmp_path / "s"), tmp_path / "ray", ray=RayOptions(workers=2), **GRID)
+    assert marker.exists()  # a worker did die on q2
+    single = run_sweep(tiny, load_bank(tiny_bank), EngramStore(tmp_path / "s"), tmp_path / "single", **GRID)
+    assert sorted_rows(sharded.results_path).equals(sorted_rows(single.results_path))
+
+
+def test_the_store_is_filled_once_by_the_driver(cluster, tiny, tiny_bank, tmp_path, monkeypatch):
+    real, built = store_module.extract_engrams, []
+
+    def counting(lm, ids, *args, **kwargs):
+        built.append(len(ids))
+        return real(lm, ids, *args, **kwargs)
+
+    monkeypatch.setattr(store_module, "extract_engrams", counting)
+    run_sweep(tiny, load_bank(tiny_bank), EngramStore(tmp_path / "s"), tmp_path / "ray", ray=RayOptions(workers=2), **GRID)
+    assert len(built) == 4 and len(EngramStore(tmp_path / "s").paths()) == 4  # one pass per source, in the driver
+
+
+def test_generation_on_ray_equals_local_generation(cluster, tiny, tiny_bank, tmp_path, one_thread):
+    result = run_sweep(tiny, load_bank(tiny_bank), EngramStore(tmp_path / "s"), tmp_path / "run", **GRID)
+    local = pl.read_parquet(run_generate(tiny, result.out, max_new_tokens=6, progress=False).generations_path)
+    (result.out / "generations.parquet").unlink()
+    for path in (result.out / "generation-parts").iterdir():
+        path.unlink()
+    sharded = run_generate(tiny, result.out, max_new_tokens=6, batch_size=8, progress=False, ray=RayOptions(workers=2))
+    assert pl.read_parquet(sharded.generations_path).equals(local) and sharded.info["distributed"]["workers"] == 2
+
+
+def test_a_killed_driver_leaves_whole_parts_and_a_rerun_resumes(cluster, tiny_model_dir, tiny_bank, tmp_path):
+    def sweep_command(out: str) -> list[str]:
+        return [sys.executable, "-m", "engram_eval.cli", "sweep", str(tiny_bank), "--model", str(tiny_model_dir), "--layers", "0-4",
+                "--strengths", "0.5,1,1.5,2,3,4,5,6,8,10", "--chunks", "4", "--batch-size", "1", "--store", str(tmp_path / "s"),
+                "--out", str(tmp_path / out), "--ray", cluster, "--workers", "1", "--quiet"]
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    process = subprocess.Popen(sweep_command("cut"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    parts, deadline = tmp_path / "cut/parts", time.monotonic() + 120
+    while len(list(parts.glob("*.parquet")) if parts.exists() else []) < 1 and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert process.poll() is None  # still running when killed
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    done = list(parts.glob("*.parquet"))
+    assert 1 <= len(done) < 3 and not list(parts.glob(".*"))  # only whole part files
+    for part in done:
+        pl.read_parquet(part)
+    subprocess.run(sweep_command("cut"), env=env, check=True, capture_output=True)
+    assert json.loads((tmp_path / "cut/run.json").read_text())["cells"]["resumed"] > 0
+    subprocess.run(sweep_command("whole"), env=env, check=True, capture_output=True)
+    assert sorted_rows(tmp_path / "cut/results.parquet").equals(sorted_rows(tmp_path / "whole/results.parquet"))
+
+
+def test_the_default_path_never_imports_ray(tiny_model_dir, tiny_bank, tmp_path):
+    code = ("import sys; from click.testing import CliRunner; from engram_eval.cli import cli; "
+            f"r = CliRunner().invoke(cli, ['sweep', {str(tiny_bank)!r}, '--model', {str(tiny_model_dir)!r}, '--layers', '1', "
+            f"'--strengths', '1', '--chunks', '4', '--out', {str(tmp_path / 'run')!r}, '--store', {str(tmp_path / 's')!r}, '--quiet']); "
+            "assert r.exit_code == 0, r.output; print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--ray", "127.0.0.1:1"], "--ray: no Ray cluster answers at 127.0.0.1:1 (waited 10 s)"),
+    (["--ray", "auto", "--workers", "0"], "--workers: must be at least 1 (got 0)"),
+    (["--workers", "2"], "--workers: only with --ray"),
+    (["--ray", "auto", "--gpus-per-worker", "1"], "--gpus-per-worker: 1 GPUs asked for, but the cluster has 0"),
+    (["--ray", "auto", "--workers", "3"], "--workers: 3 workers x 1 threads need 3 CPUs; the cluster has 2"),
+])
+def test_bad_ray_input_is_one_line(cluster, args, message, tiny_model_dir, tiny_bank, tmp_path):
+    from click.testing import CliRunner
+
+    from engram_eval.cli import cli
+
+    result = CliRunner().invoke(cli, ["sweep", str(tiny_bank), "--model", str(tiny_model_dir), "--layers", "1", "--strengths", "1",
+                                      "--chunks", "4", "--out", str(tmp_path / "run"), "--store", str(tmp_path / "s"), *args])
+    assert result.exit_code == 2 and result.stderr == f"error: {message}\n", result.output
+    assert not (tmp_path / "run").exists() and not (tmp_path / "s").exists()  # refused before any work
+
+
+def test_ray_not_installed_says_how_to_install_it(monkeypatch):
+    from engram_eval.distributed import import_ray
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # what an environment without the extra looks like to `import ray`
+    with pytest.raises(EngramEvalError) as error:
+        import_ray()
+    assert str(error.value) == "--ray: Ray is not installed; install the extra: pip install 'engram-eval[ray]'"
+
+
+def test_bench_measures_rays_throughput_against_this_process_in_one_run(cluster, tiny, tiny_bank):
+    from engram_eval.bench import bench_ray
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        r = bench_ray(tiny, load_bank(tiny_bank), EngramStore(Path(folder) / "s"), Path(folder), [1, 4], [0.5, 3.0], 4, "prefix",
+                      RayOptions(workers=2), questions=2)
+    assert (r["ray_workers"], r["ray_threads_per_worker"]) == (2, 1)
+    assert r["ray_throughput_ratio"] == pytest.approx(r["ray_cells_per_second"] / r["process_cells_per_second"])
