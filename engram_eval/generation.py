@@ -26,6 +26,7 @@ from .grid import Cell, raw_vectors
 from .injection import CellVectors, Steering
 from .model import LoadedModel
 from .prompts import prepare_question, prompt_token_ids
+from .results import CELL_SETTING_COLUMNS
 from .rundir import SweepSettings, check_results_format, merge_parts, one_line, read_run_json, write_part
 from .scoring import auto_batch_size
 from .store import EngramStore
@@ -47,15 +48,7 @@ GENERATION_SCHEMA = pl.Schema(
         "role": pl.String,
         "engram": pl.String,
         "control_kind": pl.String,
-        "layer": pl.Int32,
-        "strength": pl.Float64,
-        "chunks": pl.Int32,
-        "pooling": pl.String,
-        "skip_tokens": pl.Int32,
-        "window": pl.Int32,
-        "scaling": pl.String,
-        "injection": pl.String,
-        "context": pl.Boolean,
+        **CELL_SETTING_COLUMNS,
         "ratio": pl.Float64,
         "flipped": pl.Boolean,
         "broken": pl.Boolean,

@@ -27,6 +27,19 @@ CASES = (
 # engram moved the probability to other tokens, so its ratio compares two vanishing numbers (docs/results.md).
 COLLAPSE_THRESHOLD = 0.1
 
+# A cell's settings: the columns results.parquet and generations.parquet share, in this order.
+CELL_SETTING_COLUMNS = {
+    "layer": pl.Int32,
+    "strength": pl.Float64,
+    "chunks": pl.Int32,
+    "pooling": pl.String,
+    "skip_tokens": pl.Int32,
+    "window": pl.Int32,
+    "scaling": pl.String,
+    "injection": pl.String,
+    "context": pl.Boolean,
+}
+
 RESULT_SCHEMA = pl.Schema(
     {
         "run_id": pl.String,
@@ -40,15 +53,7 @@ RESULT_SCHEMA = pl.Schema(
         "engram_key": pl.String,
         "role": pl.String,
         "control_kind": pl.String,
-        "layer": pl.Int32,
-        "strength": pl.Float64,
-        "chunks": pl.Int32,
-        "pooling": pl.String,
-        "skip_tokens": pl.Int32,
-        "window": pl.Int32,
-        "scaling": pl.String,
-        "injection": pl.String,
-        "context": pl.Boolean,
+        **CELL_SETTING_COLUMNS,
         "scoring": pl.String,
         "p_correct": pl.Float64,
         "p_incorrect": pl.Float64,
