@@ -37,10 +37,10 @@ bench: $(VENV)/.installed
 # scaling, and with activation addition; the controls tables side by side (about 10 minutes on 2 CPU cores).
 FINDINGS := reports/findings
 findings: $(VENV)/.installed
-	$(BIN)/engram-eval sweep questions/medical_traps.yaml --out $(FINDINGS)/seed --quiet
-	$(BIN)/engram-eval sweep questions/medical_traps.yaml --skip-tokens 1 --out $(FINDINGS)/skip-tokens-1 --quiet
-	$(BIN)/engram-eval sweep questions/medical_traps.yaml --scaling per-chunk --out $(FINDINGS)/per-chunk --quiet
-	$(BIN)/engram-eval sweep questions/medical_traps.yaml --injection actadd --out $(FINDINGS)/actadd --quiet
+	$(BIN)/engram-eval sweep questions/medical_traps.yaml --out $(FINDINGS)/seed --force --quiet
+	$(BIN)/engram-eval sweep questions/medical_traps.yaml --skip-tokens 1 --out $(FINDINGS)/skip-tokens-1 --force --quiet
+	$(BIN)/engram-eval sweep questions/medical_traps.yaml --scaling per-chunk --out $(FINDINGS)/per-chunk --force --quiet
+	$(BIN)/engram-eval sweep questions/medical_traps.yaml --injection actadd --out $(FINDINGS)/actadd --force --quiet
 	$(BIN)/python docs/findings.py "seed default=$(FINDINGS)/seed" "--skip-tokens 1=$(FINDINGS)/skip-tokens-1" \
 		"--scaling per-chunk=$(FINDINGS)/per-chunk" "--injection actadd=$(FINDINGS)/actadd" > docs/findings.md
 
