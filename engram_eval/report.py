@@ -7,9 +7,9 @@ from pathlib import Path
 import polars as pl
 
 from .errors import EngramEvalError
-from .rundir import check_results_format, read_run_json
 from .evidence import cell_tests, effect_sizes, held_out_best_cell
 from .experiments import CELL_KEYS, attention_summary, chunk_count_summary, generation_summary, rag_summary
+from .rundir import check_results_format, read_run_json
 from .statistics import rate, sign_flip_test, verdict
 
 DECISION_STRENGTHS = (1.0, 5.0, 10.0, 15.0, 20.0)

@@ -9,9 +9,9 @@ import polars as pl
 from .bank import Bank
 
 if TYPE_CHECKING:
+    from .grid import Cell
     from .prompts import PreparedQuestion
     from .rundir import SweepSettings
-    from .grid import Cell
 
 CASES = (
     "HIGH_CONFIDENCE_CORRECT",

@@ -16,7 +16,15 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from . import __version__
-from .engram import DEFAULT_MAX_TOKENS, SEED_EXTRACTION, Engram, Extraction, dominance_warning, extract_engrams, source_ids
+from .engram import (
+    DEFAULT_MAX_TOKENS,
+    SEED_EXTRACTION,
+    Engram,
+    Extraction,
+    dominance_warning,
+    extract_engrams,
+    source_ids,
+)
 from .errors import EngramEvalError
 from .model import LoadedModel
 

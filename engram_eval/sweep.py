@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Callable
 import polars as pl
 import torch
 
-
 from .bank import NULL_PREFIXES, Bank, Question
 from .engram import DEFAULT_MAX_TOKENS, Extraction, check_chunks, check_layers, chunk_shares
 from .errors import EngramEvalError, EngramEvalWarning
@@ -25,8 +24,17 @@ from .injection import check_injection
 from .model import LoadedModel
 from .prompts import PreparedQuestion, context_conditions, prepare_question, variant_token_warnings
 from .results import question_frame
-from .rundir import (SweepSettings, mark_stopped, merge_parts, one_line, package_versions, part_paths, prepare_out, write_part,
-                     write_run_json)
+from .rundir import (
+    SweepSettings,
+    mark_stopped,
+    merge_parts,
+    one_line,
+    package_versions,
+    part_paths,
+    prepare_out,
+    write_part,
+    write_run_json,
+)
 from .scoring import SCORINGS, auto_batch_size, score_cells
 from .store import EngramStore, StoredEngram, engram_warnings
 

@@ -9,6 +9,7 @@ from rich.table import Table
 
 from .app import cli, model_options, stderr, stdout
 
+
 @cli.command()
 @model_options
 @click.option("--bank", "bank_path", default="questions/medical_traps.yaml", show_default=True,

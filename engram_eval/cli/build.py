@@ -8,8 +8,18 @@ import click
 from rich.table import Table
 
 from ..errors import EngramEvalError
-from .app import chunks_option, cli, extraction_options, model_options, outside_option, stdout, store_option, warning_printer
+from .app import (
+    chunks_option,
+    cli,
+    extraction_options,
+    model_options,
+    outside_option,
+    stdout,
+    store_option,
+    warning_printer,
+)
 from .store import metadata_layers
+
 
 @cli.command()
 @click.argument("sources", nargs=-1, type=click.Path(dir_okay=False, path_type=Path))
@@ -29,10 +39,10 @@ def build(sources: tuple[Path, ...], bank: Path | None, load_lm, chunks_text: st
     from tqdm import tqdm
 
     from ..bank import load_bank
-    from ..files import read_text
     from ..engram import parse_layers
-    from ..sweep import parse_chunks
+    from ..files import read_text
     from ..store import EngramStore, engram_warnings
+    from ..sweep import parse_chunks
 
     chunks = parse_chunks(chunks_text)
     extraction.check(chunks)

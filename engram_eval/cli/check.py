@@ -12,6 +12,7 @@ from ..check import DEFAULT_ATOL, DEFAULT_RTOL
 from ..errors import EngramEvalError
 from .app import cli, stdout
 
+
 @cli.command()
 @click.argument("run_dir", metavar="RUN", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--baseline", "baseline_path", required=True, type=click.Path(dir_okay=False, path_type=Path),

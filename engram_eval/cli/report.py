@@ -11,6 +11,7 @@ from rich.console import Console
 from ..errors import EngramEvalError
 from .app import cli, stdout
 
+
 @cli.command()
 @click.argument("run_dirs", metavar="RUN [RUN ...]", nargs=-1, required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--format", "output_format", type=click.Choice(["table", "markdown", "json", "html"]), default="table",
@@ -35,11 +36,11 @@ def report(run_dirs: tuple[Path, ...], output_format: str, engram_role: str, out
     under a "partial" banner. Several RUNs are put side by side: per run the model, layers as relative depth,
     baseline accuracy, flip and fragile-correct rates, control verdicts, heatmaps by depth and the chunk-count table
     (runs of different banks are refused unless --allow-different-banks)."""
+    from ..comparison import summarize_runs
+    from ..drilldown import question_drilldown
     from ..files import atomic_write_text
     from ..html_report import render_html
     from ..rendering import render_drilldown, render_json, render_markdown, render_side_by_side, render_table
-    from ..comparison import summarize_runs
-    from ..drilldown import question_drilldown
     from ..report import load_generations, load_run, summarize
 
     run_dir = run_dirs[0]

@@ -11,7 +11,19 @@ import click
 from rich.table import Table
 
 from ..errors import EngramEvalError
-from .app import chunks_option, cli, extraction_options, model_options, outside_option, stderr, stdout, store_option, ray_options, warning_printer
+from .app import (
+    chunks_option,
+    cli,
+    extraction_options,
+    model_options,
+    outside_option,
+    ray_options,
+    stderr,
+    stdout,
+    store_option,
+    warning_printer,
+)
+
 
 @cli.command()
 @click.argument("bank_path", metavar="BANK", type=click.Path(dir_okay=False, path_type=Path))
