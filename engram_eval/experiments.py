@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import polars as pl
 
+from .pooling import chunk_bounds
 from .statistics import bootstrap_mean_ci, mcnemar_exact, rate
 
 CELL_KEYS = ("layer", "strength", "chunks")  # a cell of a question: what pairs a control with the relevant engram
@@ -93,10 +94,8 @@ def attention_summary(frame: pl.DataFrame) -> list[dict] | None:
 def tokens_per_chunk(n_tokens: int, chunks: int) -> tuple[int, int]:
     """(smallest, largest) tokens in one chunk under the seed rule: chunks of n // k, the remainder in the last; with
     n < k, one token each (the rest repeat the last token)."""
-    if n_tokens < chunks:
-        return 1, 1
-    size = n_tokens // chunks
-    return size, n_tokens - (chunks - 1) * size
+    sizes = [end - start for start, end in chunk_bounds(n_tokens, chunks)]
+    return min(sizes), max(sizes)
 
 
 def chunk_count_summary(frame: pl.DataFrame, run: dict, chunks: list[int]) -> list[dict]:

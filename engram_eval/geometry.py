@@ -19,6 +19,7 @@ from .engram import Extraction, source_ids
 from .errors import EngramEvalError
 from .injection import null_prefix
 from .model import LoadedModel
+from .pooling import chunk_bounds
 from .store import EngramStore
 
 GEOMETRY_COLUMNS = ("cosine", "angle_deg", "difference_signal", "chunk_cosine_min", "chunk_cosine_median", "norm_ratio",
@@ -63,7 +64,8 @@ def shared_prefix_tokens(a: list[int], b: list[int]) -> int:
 
 def first_chunk_size(n_tokens: int, chunks: int) -> int:
     """Tokens in chunk 0 under the seed rule."""
-    return max(1, n_tokens // chunks) if chunks > 1 else n_tokens
+    start, end = chunk_bounds(n_tokens, chunks)[0]
+    return end - start
 
 
 def bank_pairs(bank: Bank, names: list[str]) -> tuple[dict[str, str], list[tuple[str, str]]]:

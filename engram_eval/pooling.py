@@ -19,17 +19,7 @@ def chunk_mean(hidden: torch.Tensor, chunks: int) -> torch.Tensor:
     size = max(1, n // chunks); chunk i covers [i*size, i*size + size), the last chunk runs to n; a chunk
     that would start at or past n is the last token's state (so n < chunks still yields `chunks` vectors).
     """
-    n = hidden.shape[-2]
-    size = max(1, n // chunks)
-    means = []
-    for i in range(chunks):
-        start = i * size
-        if start >= n:
-            means.append(hidden[..., n - 1, :])
-        else:
-            end = n if i == chunks - 1 else start + size
-            means.append(hidden[..., start:end, :].mean(dim=-2))
-    return torch.stack(means, dim=-2)
+    return torch.stack([hidden[..., start:end, :].mean(dim=-2) for start, end in chunk_bounds(hidden.shape[-2], chunks)], dim=-2)
 
 
 def chunk_bounds(n: int, chunks: int) -> list[tuple[int, int]]:
