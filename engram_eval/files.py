@@ -1,11 +1,15 @@
-"""Reading and writing the project's text files: one clear error on read, atomic replacement on write."""
+"""Reading and writing the project's files: one clear error on read, atomic replacement on write."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import EngramEvalError
+
+if TYPE_CHECKING:
+    import polars as pl
 
 
 def read_text(path: Path, what: str) -> str:
@@ -24,4 +28,11 @@ def atomic_write_text(path: Path, text: str) -> None:
     """Write beside the target, then rename over it: readers never see a half-written file."""
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def atomic_write_parquet(path: Path, frame: pl.DataFrame) -> None:
+    """The same for a Parquet file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    frame.write_parquet(tmp)
     os.replace(tmp, path)

@@ -27,7 +27,7 @@ from .injection import CellVectors, Steering
 from .model import LoadedModel
 from .prompts import prepare_question, prompt_token_ids
 from .results import CELL_SETTING_COLUMNS
-from .rundir import SweepSettings, check_results_format, merge_parts, one_line, read_run_json, write_part
+from .rundir import SweepSettings, check_results_format, merge_parts, one_line, part_paths, read_run_json, write_part
 from .scoring import auto_batch_size
 from .store import EngramStore
 from .sweep import build_engrams
@@ -201,8 +201,7 @@ def run_generate(
     selected = select_cells(pl.read_parquet(results), cells)
     info = {"settings": {"cells": cells, "max_new_tokens": max_new_tokens, "run_id": run["run_id"]}, "status": "running"}
     _prepare_generation_dir(out, info, force)
-    parts_dir = out / "generation-parts"
-    parts = [parts_dir / f"{i:05d}-{qid}.parquet" for i, qid in enumerate(settings.questions)]
+    parts = part_paths(out / "generation-parts", settings.questions)
     waiting = [(question, part, selected.filter(pl.col("question_id") == question.id)) for question, part in zip(bank.questions, parts)]
     waiting = [(question, part, rows) for question, part, rows in waiting if rows.height and not part.exists()]
     longest = max(settings.chunk_list) + max(len(prompt_token_ids(lm, q, bank.path, context=True)) for q in bank.questions)

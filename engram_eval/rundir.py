@@ -16,7 +16,7 @@ import polars as pl
 from . import __version__
 from .engram import DEFAULT_MAX_TOKENS, Extraction
 from .errors import EngramEvalError
-from .files import atomic_write_text
+from .files import atomic_write_parquet, atomic_write_text
 from .results import RESULT_SCHEMA
 
 
@@ -133,15 +133,14 @@ def mark_stopped(out: Path, run: dict, status: str, reason: str | None = None) -
     write_run_json(out, run)
 
 
-def part_paths(out: Path, question_ids: list[str]) -> list[Path]:
-    return [out / "parts" / f"{i:05d}-{qid}.parquet" for i, qid in enumerate(question_ids)]
+def part_paths(folder: Path, question_ids: list[str]) -> list[Path]:
+    """One part file per question, in bank order (a sweep's parts/, generate's generation-parts/)."""
+    return [folder / f"{i:05d}-{qid}.parquet" for i, qid in enumerate(question_ids)]
 
 
 def write_part(part: Path, frame: pl.DataFrame) -> None:
-    tmp = part.with_name(f".{part.name}.tmp")
     try:
-        frame.write_parquet(tmp)
-        os.replace(tmp, part)
+        atomic_write_parquet(part, frame)
     except OSError as exc:
         raise EngramEvalError(
             f"{part}: write failed ({exc.strerror or exc}); finished questions are kept, rerun to resume"

@@ -286,7 +286,7 @@ def _run_grid(lm: LoadedModel, bank: Bank, store: EngramStore, out: Path, settin
             for conditions in prepared]
     raw = raw_vectors(lm, bank, engrams, layers, chunks)
     rows = [sum(len(cells) + 1 for cells in question) for question in grid]
-    parts = part_paths(out, [conditions[0].question.id for conditions in prepared])
+    parts = part_paths(out / "parts", [conditions[0].question.id for conditions in prepared])
     done = sum(n for n, part in zip(rows, parts) if part.exists())
     pool = None
     if ray is not None:

@@ -44,7 +44,7 @@ def compare(sources: tuple[str, ...], bank_path: Path | None, model_specs: tuple
 
     from ..bank import load_bank
     from ..engram import parse_layers
-    from ..files import read_text
+    from ..files import atomic_write_parquet, read_text
     from ..geometry import bank_pairs, compare_engrams
     from ..model import load_model
     from ..store import EngramStore
@@ -76,9 +76,7 @@ def compare(sources: tuple[str, ...], bank_path: Path | None, model_specs: tuple
     frame = pl.concat(frames)
     _print(frame, several_models=len(model_specs) > 1)
     if out is not None:
-        tmp = out.with_name(f".{out.name}.tmp")
-        frame.write_parquet(tmp)
-        tmp.replace(out)
+        atomic_write_parquet(out, frame)
         click.echo(str(out))
 
 
