@@ -57,12 +57,16 @@ def check_chunk_list(chunks: int | list[int]) -> list[int]:
     return values
 
 
-def parse_chunks(text: str) -> list[int]:
+def parse_numbers(text: str, cast: Callable[[str], float], option: str, expected: str) -> list:
+    """A comma-separated option value -> its numbers, or one line naming the option and what it expects."""
     try:
-        values = [int(part) for part in text.split(",")]
+        return [cast(part) for part in text.split(",")]
     except ValueError:
-        raise EngramEvalError(f"--chunks: malformed '{text}' (expected whole numbers like '16' or '8,16,32,64,128')") from None
-    return check_chunk_list(values)
+        raise EngramEvalError(f"{option}: malformed '{text}' (expected {expected})") from None
+
+
+def parse_chunks(text: str) -> list[int]:
+    return check_chunk_list(parse_numbers(text, int, "--chunks", "whole numbers like '16' or '8,16,32,64,128'"))
 
 
 def check_strengths(strengths: list[float]) -> list[float]:
@@ -75,11 +79,7 @@ def check_strengths(strengths: list[float]) -> list[float]:
 
 
 def parse_strengths(text: str) -> list[float]:
-    try:
-        strengths = [float(part) for part in text.split(",")]
-    except ValueError:
-        raise EngramEvalError(f"--strengths: malformed '{text}' (expected numbers like '0.5,1,2,5,10,20')") from None
-    return sorted(set(check_strengths(strengths)))
+    return sorted(set(check_strengths(parse_numbers(text, float, "--strengths", "numbers like '0.5,1,2,5,10,20'"))))
 
 
 @dataclass

@@ -113,6 +113,19 @@ def extraction_options(command: Callable) -> Callable:
     return wrapper
 
 
+def batch_size_option(help: str) -> Callable:
+    """--batch-size: 'auto' -> None, or a whole number >= 1."""
+
+    def to_size(ctx: click.Context, param: click.Parameter, value: str) -> int | None:
+        if value == "auto":
+            return None
+        if not (value.isdigit() and int(value) >= 1):
+            raise EngramEvalError(f"--batch-size: '{value}' is not 'auto' or a whole number >= 1")
+        return int(value)
+
+    return click.option("--batch-size", default="auto", show_default=True, callback=to_size, help=help)
+
+
 outside_option = click.option("--allow-outside-paths", is_flag=True, help="Allow bank source files outside the bank's folder.")
 
 

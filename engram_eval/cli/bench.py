@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from .app import cli, model_options, stderr, stdout
+from .app import batch_size_option, cli, model_options, stderr, stdout
 
 
 @cli.command()
@@ -18,7 +18,7 @@ from .app import cli, model_options, stderr, stdout
 @click.option("--strengths", "strengths_text", default="0.5,1,2,5,10,20", show_default=True, help="Strengths of the sweep grid.")
 @click.option("--loop-cells", default=120, show_default=True, type=click.IntRange(min=1),
               help="Cells timed with the seed's per-cell loop (its rate is compared with the sweep's).")
-@click.option("--batch-size", default="auto", show_default=True, help="Sweep batch size, or auto.")
+@batch_size_option("Sweep batch size, or auto.")
 @click.option("--injection", type=click.Choice(["prefix", "add", "actadd"]), default="prefix", show_default=True,
               help="Injection mode of the sweep and of the per-cell loop it is compared with.")
 @click.option("--generation-cells", default=12, show_default=True, type=click.IntRange(min=0),
@@ -32,7 +32,7 @@ from .app import cli, model_options, stderr, stdout
 @click.option("--random-init", "random_config", type=click.Path(dir_okay=False, path_type=Path),
               help="Benchmark a randomly initialised model built from this config.json instead of --model's weights "
                    "(--model still gives the tokenizer, device and dtype), e.g. benchmarks/qwen2.5-7b.config.json on a GPU.")
-def bench(load_lm, bank_path: Path, layers_text: str, strengths_text: str, loop_cells: int, batch_size: str,
+def bench(load_lm, bank_path: Path, layers_text: str, strengths_text: str, loop_cells: int, batch_size: int | None,
           injection: str, generation_cells: int, ray_address: str | None, workers: int, threads_per_worker: int,
           random_config: Path | None) -> None:
     """Measure, in one run: build and sweep throughput, the seed's per-cell loop on the same cells, the machine's
@@ -61,7 +61,7 @@ def bench(load_lm, bank_path: Path, layers_text: str, strengths_text: str, loop_
             lm = random_init_model(random_config, lm.tokenizer, device=lm.device, dtype=lm.dtype)
     with stderr.status("benchmarking ..."):
         r = run_bench(lm, bank, parse_layers(layers_text, lm.num_layers), strengths, loop_cells=loop_cells,
-                      batch_size=None if batch_size == "auto" else int(batch_size), injection=injection,
+                      batch_size=batch_size, injection=injection,
                       generation_cells=generation_cells, ray=ray)
     table = Table(title=f"engram-eval bench: {lm.name} on {r['device']} ({r['dtype']}, {r['threads']} threads, {injection} injection)")
     for column in ("measure", "value"):

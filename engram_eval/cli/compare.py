@@ -81,10 +81,9 @@ def compare(sources: tuple[str, ...], bank_path: Path | None, model_specs: tuple
 
 
 def parse_depths(text: str) -> list[float]:
-    try:
-        depths = [float(part) for part in text.split(",")]
-    except ValueError:
-        raise EngramEvalError(f"--depths: malformed '{text}' (expected fractions like '0.25,0.5,0.75')") from None
+    from ..sweep import parse_numbers
+
+    depths = parse_numbers(text, float, "--depths", "fractions like '0.25,0.5,0.75'")
     for depth in depths:
         if not 0 <= depth <= 1:
             raise EngramEvalError(f"--depths: {depth} is not a relative depth between 0 and 1")

@@ -9,7 +9,7 @@ import click
 from rich.table import Table
 
 from ..errors import EngramEvalError
-from .app import cli, model_options, ray_options, stdout
+from .app import batch_size_option, cli, model_options, ray_options, stdout
 
 
 @cli.command()
@@ -21,12 +21,11 @@ from .app import cli, model_options, ray_options, stdout
                    "broke, and the best and worst cell (by ratio) of the relevant engram and of each control kind. all: every "
                    "row. baseline: the baseline rows. flips: the baseline and every flipped or broken cell of any engram.")
 @click.option("--max-new-tokens", default=48, show_default=True, type=int, help="Tokens to generate per cell at most.")
-@click.option("--batch-size", default="auto", show_default=True,
-              help="Cells decoded together, or auto: as many as fit (cells of one question share their prefill length).")
+@batch_size_option("Cells decoded together, or auto: as many as fit (cells of one question share their prefill length).")
 @click.option("--force", is_flag=True, help="Replace generations made with other settings.")
 @ray_options
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def generate(run_dir: Path, load_lm, selection: str, max_new_tokens: int, batch_size: str, force: bool, ray, quiet: bool) -> None:
+def generate(run_dir: Path, load_lm, selection: str, max_new_tokens: int, batch_size: int | None, force: bool, ray, quiet: bool) -> None:
     """Decode greedily from a finished sweep's cells, with each cell's engram injected as in the sweep (prefix and add
     in the prefill, seen through the KV cache; actadd at every position), and judge each text: does it say the correct
     answer, the incorrect one, which first (word boundaries, case-insensitive)? Writes RUN/generations.parquet;
@@ -35,14 +34,12 @@ def generate(run_dir: Path, load_lm, selection: str, max_new_tokens: int, batch_
 
     if max_new_tokens < 1:
         raise EngramEvalError(f"--max-new-tokens: must be at least 1 (got {max_new_tokens})")
-    if batch_size != "auto" and not (batch_size.isdigit() and int(batch_size) >= 1):
-        raise EngramEvalError(f"--batch-size: '{batch_size}' is not 'auto' or a whole number >= 1")
     if not (run_dir / "results.parquet").is_file():
         raise EngramEvalError(f"{run_dir}: no results.parquet (finish the sweep with `engram-eval sweep ... --out {run_dir}` first)")
     lm = load_lm()
     try:
         result = run_generate(lm, run_dir, cells=selection, max_new_tokens=max_new_tokens,
-                              batch_size=None if batch_size == "auto" else int(batch_size), force=force, progress=not quiet,
+                              batch_size=batch_size, force=force, progress=not quiet,
                               ray=ray)
     except KeyboardInterrupt:
         click.echo(f"interrupted: finished questions are kept in {run_dir / 'generation-parts'}; rerun the same command to resume",

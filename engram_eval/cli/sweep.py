@@ -12,6 +12,7 @@ from rich.table import Table
 
 from ..errors import EngramEvalError
 from .app import (
+    batch_size_option,
     chunks_option,
     cli,
     extraction_options,
@@ -52,8 +53,7 @@ from .app import (
 @extraction_options
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Run directory [default: reports/BANK-MODEL].")
 @store_option
-@click.option("--batch-size", default="auto", show_default=True,
-              help="Cells per forward pass, or auto: the largest that fits free memory (backs off on out-of-memory).")
+@batch_size_option("Cells per forward pass, or auto: the largest that fits free memory (backs off on out-of-memory).")
 @click.option("--questions", "question_ids", help="Only these question ids, comma-separated.")
 @click.option("--force", is_flag=True, help="Replace a run in --out that has different settings.")
 @outside_option
@@ -67,7 +67,7 @@ from .app import (
 @ray_options
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or engram log (warnings are still shown).")
 def sweep(bank_path: Path, load_lm, layers_text: str, strengths_text: str, chunks_text: str, scoring: str, injection: str,
-          scaling: str, context: str, extraction, out: Path | None, store_dir: str, batch_size: str, question_ids: str | None, force: bool,
+          scaling: str, context: str, extraction, out: Path | None, store_dir: str, batch_size: int | None, question_ids: str | None, force: bool,
           allow_outside_paths: bool, record_attention: bool, strict: bool, ray, quiet: bool) -> None:
     """Score a question bank over the layer x strength grid for each question's relevant engram and its negative
     controls, plus one baseline per question, into RUN/results.parquet and RUN/run.json. An interrupted sweep
@@ -82,8 +82,6 @@ def sweep(bank_path: Path, load_lm, layers_text: str, strengths_text: str, chunk
     extraction.check(chunks)
     check_injection(injection, scaling)
     strengths = parse_strengths(strengths_text)
-    if batch_size != "auto" and not (batch_size.isdigit() and int(batch_size) >= 1):
-        raise EngramEvalError(f"--batch-size: '{batch_size}' is not 'auto' or a whole number >= 1")
     bank = load_bank(bank_path, allow_outside_paths)
     if question_ids:
         bank = bank.select([q.strip() for q in question_ids.split(",") if q.strip()])
@@ -100,7 +98,7 @@ def sweep(bank_path: Path, load_lm, layers_text: str, strengths_text: str, chunk
             lm, bank, EngramStore(store_dir), out, layers=layers, strengths=strengths,
             chunks=chunks[0] if len(chunks) == 1 else chunks, scoring=scoring,
             injection=injection, scaling=scaling, extraction=extraction, context=context, record_attention=record_attention, ray=ray,
-            batch_size=None if batch_size == "auto" else int(batch_size),
+            batch_size=batch_size,
             force=force, strict=strict, progress=not quiet, log=(lambda m: None) if quiet else stderr.print, warn=warn,
         )
     except KeyboardInterrupt:
