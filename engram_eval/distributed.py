@@ -131,6 +131,8 @@ def _die_here_once(key: str) -> None:
 
 class WorkerPool:
     def __init__(self, lm: LoadedModel, options: RayOptions):
+        if not lm.spec:
+            raise EngramEvalError(f"--ray: workers load the model by its --model name, and {lm.name} has none")
         self.ray, self.size = plan_workers(options)
         self.lm, self.options = lm, options
         env = {TEST_KILL_ONCE: os.environ[TEST_KILL_ONCE]} if TEST_KILL_ONCE in os.environ else {}
@@ -149,7 +151,7 @@ class WorkerPool:
     def _start(self):
         device = "cuda" if self.options.gpus_per_worker else "cpu"
         dtype = str(self.lm.dtype).removeprefix("torch.")
-        return self.actor.remote(self.lm.spec, device, dtype, False, self.options.threads_per_worker)
+        return self.actor.remote(self.lm.spec, device, dtype, self.lm.trust_remote_code, self.options.threads_per_worker)
 
     def run(self, items: list[tuple[str, Callable[[Any], Any]]], on_result: Callable[[str, Any], None]) -> None:
         """items: (key, submit(worker) -> object ref), in the order to hand them out. A worker that dies has its item

@@ -59,6 +59,7 @@ class LoadedModel:
     source: str = field(default="")
     description: str = field(default="")  # the model as it is, for reports: "SmolLM2-135M-Instruct, Q4_1 GGUF dequantized to float32"
     spec: str = field(default="")  # what --model said: how another process (a Ray worker) loads the same model
+    trust_remote_code: bool = False  # as loaded: another process loads it the same way
 
     @property
     def num_layers(self) -> int:
@@ -253,6 +254,7 @@ def load_model(
         source=source,
         description=description,
         spec=spec,
+        trust_remote_code=trust_remote_code,
     )
 
 

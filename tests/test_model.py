@@ -61,6 +61,12 @@ def test_hub_id_goes_through_from_pretrained(monkeypatch):
     assert str(error.value).startswith("--model: could not load 'someone/not-cached-model': ")
 
 
+def test_a_loaded_model_records_how_to_load_it_again(tiny_model_dir):
+    lm = load_model(str(tiny_model_dir), trust_remote_code=True)  # a local model with no code of its own: the flag is inert
+    assert (lm.spec, lm.trust_remote_code) == (str(tiny_model_dir), True)
+    assert load_model(str(tiny_model_dir)).trust_remote_code is False
+
+
 def test_bad_device_and_dtype(tiny_model_dir):
     with pytest.raises(EngramEvalError, match="^--dtype: unknown dtype 'int8'"):
         load_model(str(tiny_model_dir), dtype="int8")

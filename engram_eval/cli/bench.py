@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
+from ..errors import EngramEvalError
 from .app import batch_size_option, cli, model_options, stderr, stdout
 
 
@@ -45,6 +46,8 @@ def bench(load_lm, bank_path: Path, layers_text: str, strengths_text: str, loop_
     from ..engram import parse_layers
     from ..sweep import parse_strengths
 
+    if ray_address is not None and random_config is not None:
+        raise EngramEvalError("--ray: not with --random-init (workers load --model's weights by name)")
     strengths = parse_strengths(strengths_text)
     bank = load_bank(bank_path)
     ray = None
