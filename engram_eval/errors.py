@@ -11,3 +11,9 @@ class EngramEvalWarning(UserWarning):
 
     The CLI prints the message as one `warning:` line on stderr; `--strict` turns warnings about the bank into errors.
     """
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of a library's exception message (its type's name when it has none), for a one-line error."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

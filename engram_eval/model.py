@@ -23,7 +23,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from .errors import EngramEvalError
+from .errors import EngramEvalError, first_line
 from .files import read_text
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -217,8 +217,7 @@ def load_tokenizer(spec: str = DEFAULT_MODEL, trust_remote_code: bool = False) -
     try:
         return TokenizerOnly(AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code), name)
     except (OSError, ValueError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise EngramEvalError(f"--model: could not load the tokenizer of '{spec}': {first_line}") from None
+        raise EngramEvalError(f"--model: could not load the tokenizer of '{spec}': {first_line(exc)}") from None
 
 
 def load_model(
@@ -237,8 +236,7 @@ def load_model(
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise EngramEvalError(f"--model: could not load '{spec}': {first_line}") from None
+        raise EngramEvalError(f"--model: could not load '{spec}': {first_line(exc)}") from None
     finally:
         if progress_bars:
             hf_logging.enable_progress_bar()
@@ -269,7 +267,7 @@ def random_init_model(
             raise ValueError("no model_type: not a Hugging Face config.json")
         config = AutoConfig.for_model(**config_dict)
     except (ValueError, TypeError) as exc:
-        raise EngramEvalError(f"{config_path}: not a usable model config ({str(exc).strip().splitlines()[0]})") from None
+        raise EngramEvalError(f"{config_path}: not a usable model config ({first_line(exc)})") from None
     if len(tokenizer) > config.vocab_size:
         raise EngramEvalError(f"{config_path}: vocab_size {config.vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens")
     torch.manual_seed(seed)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import click
@@ -103,30 +104,22 @@ def bank_validate(bank_path: Path, model_spec: str | None, strict: bool, allow_o
 def bank_stats(bank_path: Path, model_spec: str, allow_outside_paths: bool) -> None:
     """Count what a bank holds: questions, sources, controls per kind, prompt lengths in tokens."""
     from ..bank import NULL_PREFIXES, load_bank
+    from ..injection import NULL_KIND
     from ..prompts import prompt_token_ids
 
     loaded = load_bank(bank_path, allow_outside_paths)
     lm = _tokenizer_model(model_spec)
     lengths = sorted(len(prompt_token_ids(lm, q, bank_path, context=True)) for q in loaded.questions)
-    kinds: dict[str, int] = {}
-    for question in loaded.questions:
-        for control in question.controls:
-            kind = "null" if control in NULL_PREFIXES else loaded.sources[control].kind
-            kinds[kind] = kinds.get(kind, 0) + 1
+    kinds = Counter(NULL_KIND if control in NULL_PREFIXES else loaded.sources[control].kind
+                    for question in loaded.questions for control in question.controls)
+    sources = Counter(source.kind for source in loaded.sources.values())
     table = Table(title=f"bank {loaded.name} ({bank_path})", show_header=False)
     table.add_row("questions", str(len(loaded.questions)))
     table.add_row("with a context", str(sum(q.context is not None for q in loaded.questions)))
-    table.add_row("sources", f"{len(loaded.sources)} ({', '.join(f'{k} {n}' for k, n in sorted(_count(loaded).items()))})")
+    table.add_row("sources", f"{len(loaded.sources)} ({', '.join(f'{k} {n}' for k, n in sorted(sources.items()))})")
     table.add_row("controls per kind (question x control)", ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())) or "none")
     table.add_row(f"prompt tokens ({model_spec}): min / median / max", f"{lengths[0]} / {lengths[len(lengths) // 2]} / {lengths[-1]}")
     stdout().print(table)
-
-
-def _count(loaded) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for source in loaded.sources.values():
-        counts[source.kind] = counts.get(source.kind, 0) + 1
-    return counts
 
 
 def _tokenizer_model(spec: str):
