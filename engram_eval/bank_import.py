@@ -18,6 +18,7 @@ import polars as pl
 import yaml
 
 from .bank import NULL_PREFIXES, load_bank
+from .controls import IRRELEVANT_TEXT, random_words
 from .errors import EngramEvalError
 from .files import atomic_write_text
 
@@ -28,11 +29,6 @@ FIELDS = {
 }
 MC_TEMPLATE = "{question}\n{choices}\nAnswer:"
 CONTROLS = ("~gaussian", "~mean-token", "irrelevant", "random")
-IRRELEVANT_TEXT = (
-    "The spectral sequence of stars is O B A F G K M, from hot blue stars to cool red stars. Each class is divided into ten "
-    "subclasses. The Sun is a G2 star, with a surface temperature of about 5,800 kelvin. Hot O and B stars are rare and short-lived; "
-    "cool M dwarfs are the most common stars in the galaxy."
-)
 
 
 @dataclass(frozen=True)
@@ -260,12 +256,7 @@ def write_bank(data: dict, sources: dict[str, str], out: Path, name: str, descri
         if "irrelevant" in spec.controls:
             texts["irrelevant"] = IRRELEVANT_TEXT
         if "random" in spec.controls:
-            from random import Random
-
-            words = ("apple river table window garden pencil cloud mountain letter button candle mirror basket tunnel violin "
-                     "harbor meadow lantern pebble ribbon saddle thimble walnut zipper anchor blanket compass feather kettle").split()
-            rng = Random(spec.seed)
-            texts["random"] = " ".join(rng.choice(words) for _ in range(120)) + "."
+            texts["random"] = random_words(120, spec.seed)
         kinds = {"irrelevant": "irrelevant", "random": "random"}
         bank = {
             "name": name,

@@ -55,9 +55,12 @@ def test_bundled_banks_validate():
 
 
 def test_random_words_source_is_reproducible_from_its_seed():
-    import runpy
-    generator = runpy.run_path(str(REPO / "questions/sources/make_random_words.py"))
-    assert generator["random_words"]() == (REPO / "questions/sources/random_words.txt").read_text()
+    import subprocess
+    import sys
+
+    script = subprocess.run([sys.executable, str(REPO / "questions/sources/make_random_words.py")], capture_output=True,
+                            text=True, check=True)
+    assert script.stdout == (REPO / "questions/sources/random_words.txt").read_text()
 
 
 def test_yaml_syntax_error_names_line_and_column(tmp_path):
