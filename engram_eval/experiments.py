@@ -6,16 +6,17 @@ from __future__ import annotations
 import polars as pl
 
 from .pooling import chunk_bounds
+from .results import engram_kind
 from .statistics import bootstrap_mean_ci, mcnemar_exact, rate
 
 CELL_KEYS = ("layer", "strength", "chunks")  # a cell of a question: what pairs a control with the relevant engram
 
 
 def cell_label(row: dict) -> str:
+    context = "" if row.get("context") is None else " with context" if row["context"] else " without context"
     if row["role"] == "baseline":
-        return "baseline" + ("" if row.get("context") is None else " with context" if row["context"] else " without context")
-    context = "" if row.get("context") is None else ", with context" if row["context"] else ", without context"
-    return f"{row['engram']} L{row['layer']} x{row['strength']:g}{context}"
+        return "baseline" + context
+    return f"{row['engram']} L{row['layer']} x{row['strength']:g}" + (f",{context}" if context else "")
 
 
 def generation_summary(generations: pl.DataFrame, examples: int = 4) -> dict:
@@ -84,7 +85,7 @@ def attention_summary(frame: pl.DataFrame) -> list[dict] | None:
     recorded = frame.filter(pl.col("attn_prefix_share").is_not_null())
     if recorded.is_empty():
         return None
-    kinds = recorded.with_columns(kind=pl.coalesce(pl.col("control_kind"), pl.col("role")))
+    kinds = recorded.with_columns(engram_kind())
     grouped = kinds.group_by("kind").agg(rows=pl.len(), prefix=pl.col("attn_prefix_share").mean(), first=pl.col("attn_first_share").mean())
     order = {"baseline": 0, "relevant": 1}
     return [{"kind": r["kind"], "rows": r["rows"], "attn_prefix_share": r["prefix"], "attn_first_share": r["first"]}

@@ -26,7 +26,7 @@ from .grid import Cell, raw_vectors
 from .injection import CellVectors, Steering
 from .model import LoadedModel
 from .prompts import prepare_question, prompt_token_ids
-from .results import CELL_SETTING_COLUMNS
+from .results import CELL_SETTING_COLUMNS, engram_kind
 from .rundir import SweepSettings, check_results_format, merge_parts, one_line, part_paths, read_run_json, write_part
 from .scoring import auto_batch_size
 from .store import EngramStore
@@ -156,11 +156,11 @@ def select_cells(frame: pl.DataFrame, selection: str) -> pl.DataFrame:
         return frame.filter(baseline)
     if selection == "flips":
         return frame.filter(baseline | moved)
-    condition = ["question_id", "context", pl.coalesce(pl.col("control_kind"), pl.col("role")).alias("kind")]
-    cells = frame.filter(~baseline).with_columns(kind=pl.coalesce(pl.col("control_kind"), pl.col("role")))
+    condition = ["question_id", "context", "kind"]
+    cells = frame.filter(~baseline).with_columns(engram_kind())
     ranked = cells.with_columns(
-        best=pl.col("row") == pl.col("row").sort_by("ratio", descending=True).first().over(condition[:2] + ["kind"]),
-        worst=pl.col("row") == pl.col("row").sort_by("ratio").first().over(condition[:2] + ["kind"]),
+        best=pl.col("row") == pl.col("row").sort_by("ratio", descending=True).first().over(condition),
+        worst=pl.col("row") == pl.col("row").sort_by("ratio").first().over(condition),
     )
     keep = ranked.filter(pl.col("best") | pl.col("worst") | ((pl.col("role") == "relevant") & moved))["row"]
     return frame.filter(baseline | pl.col("row").is_in(keep.implode()))

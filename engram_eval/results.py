@@ -97,6 +97,12 @@ def case_expr() -> pl.Expr:
     )
 
 
+def engram_kind() -> pl.Expr:
+    """A row's kind of engram as one column: a control's kind (anti, irrelevant, random, null), else its role
+    (relevant, baseline)."""
+    return pl.coalesce(pl.col("control_kind"), pl.col("role")).alias("kind")
+
+
 def question_frame(settings: SweepSettings, bank: Bank, prepared: PreparedQuestion, cells: list[Cell], scores: dict[str, list]) -> pl.DataFrame:
     question = prepared.question
     n = len(cells) + 1
