@@ -9,11 +9,7 @@ import html
 import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
-from .rendering import _html_table, _sections, drilldown_sections, fmt_cell, fmt_effect, partial_banner
-
-STYLE = ("body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;margin:1em 0}"
-         "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px;vertical-align:top}th{background:#eee}"
-         "details{margin:.4em 0}summary{cursor:pointer;font-weight:bold}.questions{font-size:13px;color:#333;min-height:1.2em}")
+from .rendering import _sections, drilldown_sections, fmt_cell, fmt_effect, html_page, html_table, partial_banner
 
 # Plotly's own event API: a click on a heatmap cell lists that cell's questions under the plot.
 CLICK = ("var plot = document.getElementById('{plot_id}');"
@@ -25,7 +21,7 @@ CLICK = ("var plot = document.getElementById('{plot_id}');"
 def render_html(summary: dict, drills: list[dict] = ()) -> str:
     header = summary["header"]
     title = f"engram-eval report: {header['bank']} on {header['model']}"
-    body = [f"<h1>{html.escape(title)}</h1>"]
+    body = []
     if banner := partial_banner(summary):
         body.append(f"<p><strong>{html.escape(banner)}</strong></p>")
     figures = 0
@@ -39,19 +35,17 @@ def render_html(summary: dict, drills: list[dict] = ()) -> str:
         elif section_title.startswith("Effect size"):
             body.append(_effect_heatmap(section_title, columns, rows, summary, f"heatmap-{figures}"))
             figures += 1
-        body.append(_html_table(columns, rows))
+        body.append(html_table(columns, rows))
     if drills:
         body.append("<h2>Per question: each cell's probabilities, boosts against the baseline, sink score and texts</h2>")
         for drill in drills:
             body.append(_drilldown(drill))
     if summary.get("generation"):
         texts = summary["generation"]["texts"]
-        body.append("<h2>Generated texts</h2>" + _html_table(
+        body.append("<h2>Generated texts</h2>" + html_table(
             ["question", "cell", "ratio", "first answer", "verdict", "text"],
             [[t["question_id"], t["cell"], f"{t['ratio']:.3g}", t["first_answer"], t["verdict"], t["text"]] for t in texts]))
-    return ("<!doctype html><html><head><meta charset='utf-8'>"
-            f"<title>{html.escape(title)}</title><style>{STYLE}</style>"
-            f"<script type='text/javascript'>{get_plotlyjs()}</script></head><body>\n" + "\n".join(body) + "\n</body></html>")
+    return html_page(title, "\n".join(body), head=f"<script type='text/javascript'>{get_plotlyjs()}</script>")
 
 
 def _count_heatmap(heatmap: dict, measure: str, div_id: str) -> str:
@@ -96,5 +90,5 @@ def _figure(figure: go.Figure, div_id: str, clickable: bool = True) -> str:
 
 
 def _drilldown(drill: dict) -> str:
-    inner = "".join(f"<h3>{html.escape(title)}</h3>" + _html_table(columns, rows) for title, columns, rows in drilldown_sections(drill))
+    inner = "".join(f"<h3>{html.escape(title)}</h3>" + html_table(columns, rows) for title, columns, rows in drilldown_sections(drill))
     return f"<details id='question-{html.escape(drill['question_id'])}'><summary>{html.escape(drill['question_id'])}</summary>{inner}</details>"

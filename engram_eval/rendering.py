@@ -289,16 +289,21 @@ def render_json(summary: dict) -> str:
     return json.dumps(summary, indent=2, default=str)
 
 
-def _html_table(columns: list[str], rows: list[list[str]]) -> str:
+PAGE_STYLE = ("body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;margin:1em 0}"
+              "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px;vertical-align:top}th{background:#eee}"
+              "details{margin:.4em 0}summary{cursor:pointer;font-weight:bold}.questions{font-size:13px;color:#333;min-height:1.2em}")
+
+
+def html_table(columns: list[str], rows: list[list[str]]) -> str:
     return ("<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in columns) + "</tr>"
             + "".join("<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>" for row in rows) + "</table>")
 
 
-def _html_page(title: str, body: str) -> str:
+def html_page(title: str, body: str, head: str = "") -> str:
+    """A self-contained page: the title as heading, the body, and anything the head needs (a script)."""
     return ("<!doctype html><html><head><meta charset='utf-8'>"
-            f"<title>{html.escape(title)}</title><style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse;margin:1em 0}}"
-            "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}th{background:#eee}</style></head><body>"
-            f"<h1>{html.escape(title)}</h1>{body}</body></html>")
+            f"<title>{html.escape(title)}</title><style>{PAGE_STYLE}</style>{head}</head><body>\n"
+            f"<h1>{html.escape(title)}</h1>\n{body}\n</body></html>")
 
 
 def side_by_side_sections(comparison: dict) -> list[tuple[str, list[str], list[list[str]]]]:
@@ -346,7 +351,7 @@ def _render_sections(data: dict, sections: list, heading: str, output_format: st
     if output_format == "table":
         return print_sections(sections, console)
     if output_format == "html":
-        return _html_page(heading, "\n".join(f"<h2>{html.escape(title)}</h2>" + _html_table(columns, rows) for title, columns, rows in sections))
+        return html_page(heading, "\n".join(f"<h2>{html.escape(title)}</h2>" + html_table(columns, rows) for title, columns, rows in sections))
     return markdown_page(heading, sections)
 
 
