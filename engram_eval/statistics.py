@@ -26,14 +26,15 @@ def clamp_unit(value: float) -> float:
 
 def sign_flip_test(differences: list[float], samples: int = 200_000, seed: int = 0) -> float | None:
     """Two-sided paired permutation test of mean(differences) = 0 (scipy's permutation_test, signs flipped): exact over
-    all 2^n sign patterns up to 16 questions, else a seeded random sample of them. None without data."""
+    all 2^n sign patterns up to 16 questions, else a seeded random sample of them (of the sorted differences, so the
+    p-value does not depend on the rows' order). None without data."""
     n = len(differences)
     if n == 0:
         return None
     if n == 1:
         return 1.0  # both signs give the same |mean|
     exact = n <= EXACT_SIGN_FLIPS_UP_TO
-    result = permutation_test((np.asarray(differences, dtype=float),), _mean, permutation_type="samples", vectorized=True,
+    result = permutation_test((np.sort(np.asarray(differences, dtype=float)),), _mean, permutation_type="samples", vectorized=True,
                               n_resamples=2**n if exact else samples, alternative="two-sided", rng=np.random.default_rng(seed))
     return float(result.pvalue)
 
@@ -76,11 +77,12 @@ def mcnemar_exact(a_only: int, b_only: int) -> float:
 
 def bootstrap_mean_ci(values: list[float], seed: int = 0, confidence: float = 0.95) -> tuple[float, float] | None:
     """Percentile bootstrap interval of the mean (scipy, 9999 resamples, seeded); None for fewer than two values or when
-    every value is the same (nothing to resample)."""
+    every value is the same (nothing to resample). The values are sorted first: the seeded resamples pick positions, so
+    the interval must not depend on the order polars happened to aggregate the rows in."""
     from scipy.stats import bootstrap
 
     if len(values) < 2 or len(set(values)) == 1:
         return None
-    result = bootstrap((np.asarray(values, dtype=float),), np.mean, confidence_level=confidence, n_resamples=9999,
+    result = bootstrap((np.sort(np.asarray(values, dtype=float)),), np.mean, confidence_level=confidence, n_resamples=9999,
                        method="percentile", rng=np.random.default_rng(seed))
     return float(result.confidence_interval.low), float(result.confidence_interval.high)

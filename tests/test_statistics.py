@@ -55,3 +55,15 @@ def test_exact_mcnemar_on_a_hand_worked_example():
     assert mcnemar_exact(2, 8) == pytest.approx(112 / 1024)
     assert mcnemar_exact(5, 5) == pytest.approx(1.0) and mcnemar_exact(0, 0) == 1.0
     assert mcnemar_exact(6, 0) == pytest.approx(2 / 64)
+
+
+def test_seeded_resampling_does_not_depend_on_the_order_of_the_values():
+    import random
+
+    from engram_eval.statistics import bootstrap_mean_ci
+
+    rng = random.Random(1)
+    values = [rng.gauss(0.3, 1) for _ in range(24)]  # above the exact sign-flip limit: sampled signs
+    shuffled = random.Random(2).sample(values, len(values))
+    assert bootstrap_mean_ci(shuffled) == bootstrap_mean_ci(values)
+    assert sign_flip_test(shuffled) == sign_flip_test(values)
