@@ -6,6 +6,8 @@ import html
 import json
 import math
 
+from .experiments import cell_label
+
 
 def fmt_ratio(value: float | None) -> str:
     if value is None:
@@ -374,6 +376,6 @@ def drilldown_sections(drill: dict) -> list[tuple[str, list[str], list[list[str]
                                  "top variants", "top token"], rows))
     if drill["texts"]:
         sections.append((f"{drill['question_id']}: generated texts", ["cell", "first answer", "verdict", "text"],
-                         [["baseline" if t["role"] == "baseline" else f"{t['engram']} L{t['layer']} x{t['strength']:g}",
+                         [[cell_label(t),
                            t["first_answer"], t["verdict"], t["text"].replace("\n", " ")] for t in drill["texts"]]))
     return sections

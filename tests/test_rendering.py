@@ -77,3 +77,15 @@ def test_the_attention_section_averages_per_engram_kind(tiny, tiny_bank, tmp_pat
         assert a["attn_prefix_share"] == pytest.approx(sum(r["attn_prefix_share"] for r in rows) / len(rows))
         assert a["attn_first_share"] == pytest.approx(sum(r["attn_first_share"] for r in rows) / len(rows))
     assert "## Where the model looks" in render_markdown(summarize(frame, result.run))
+
+
+def test_a_questions_generated_texts_name_their_context_condition():
+    from engram_eval.rendering import drilldown_sections
+
+    texts = [{"role": "baseline", "engram": None, "layer": None, "strength": None, "chunks": None, "context": True,
+              "first_answer": "none", "verdict": "neither", "text": "a"},
+             {"role": "relevant", "engram": "pheo", "layer": 8, "strength": 2.0, "chunks": 16, "context": False,
+              "first_answer": "correct", "verdict": "correct", "text": "b\nc"}]
+    (title, _, rows), = drilldown_sections({"question_id": "q1", "conditions": [], "texts": texts})
+    assert [row[0] for row in rows] == ["baseline with context", "pheo L8 x2, without context"]
+    assert rows[1][3] == "b c"
