@@ -31,7 +31,7 @@ from .pooling import chunk_mean
 from .prompts import prepare_question
 from .rundir import read_run_json
 from .store import EngramStore
-from .sweep import run_sweep
+from .sweep import SweepResult, run_sweep
 
 
 class MatmulProbe:
@@ -177,38 +177,42 @@ def run_bench(lm: LoadedModel, bank: Bank, layers: list[int], strengths: list[fl
     }
 
 
+def alternated_sweeps(lm: LoadedModel, bank: Bank, store: EngramStore, folder: Path, variants: dict[str, dict], questions: int,
+                      **grid) -> dict[str, list[SweepResult]]:
+    """The first questions swept once per variant (run_sweep's keyword arguments), twice, in the order A B then B A, in one
+    run: every variant meets the same contention -> each variant's two results."""
+    ids = [q.id for q in bank.questions[:questions]]
+    names = list(variants)
+    results: dict[str, list[SweepResult]] = {name: [] for name in names}
+    for trial in range(2):
+        for name in names if trial == 0 else names[::-1]:
+            results[name].append(run_sweep(lm, bank, store, folder / f"{name}-{trial}", questions=ids, progress=False,
+                                           warn=lambda message: None, **grid, **variants[name]))
+    return results
+
+
+def _seconds(results: list[SweepResult]) -> float:
+    return sum(result.run["timings"]["sweep_seconds"] for result in results)
+
+
 def bench_ray(lm: LoadedModel, bank: Bank, store: EngramStore, folder: Path, layers: list[int], strengths: list[float],
               chunks: int, injection: str, ray: RayOptions, questions: int = 4) -> dict:
-    """Ray's overhead: the first questions swept by this process (its threads) and by the Ray workers, alternated twice
-    in one run; the workers' start and model loading are outside the timed sweep, like this process's own."""
-    ids = [q.id for q in bank.questions[:questions]]
-    seconds, cells, workers = {"process": 0.0, "ray": 0.0}, {"process": 0, "ray": 0}, None
-    for trial in range(2):
-        for kind in ("process", "ray") if trial == 0 else ("ray", "process"):
-            result = run_sweep(lm, bank, store, folder / f"ray-bench-{kind}-{trial}", layers=layers, strengths=strengths,
-                               chunks=chunks, injection=injection, questions=ids, progress=False, warn=lambda message: None,
-                               ray=ray if kind == "ray" else None)
-            seconds[kind] += result.run["timings"]["sweep_seconds"]
-            cells[kind] += result.run["cells"]["total"]
-            if kind == "ray":
-                workers = result.run["distributed"]["workers"]
-    process_rate, ray_rate = cells["process"] / seconds["process"], cells["ray"] / seconds["ray"]
-    return {"ray_workers": workers, "ray_threads_per_worker": ray.threads_per_worker, "process_threads": torch.get_num_threads(),
-            "process_cells_per_second": process_rate, "ray_cells_per_second": ray_rate, "ray_throughput_ratio": ray_rate / process_rate}
+    """Ray's overhead: the first questions swept by this process (its threads) and by the Ray workers, alternated; the
+    workers' start and model loading are outside the timed sweep, like this process's own."""
+    runs = alternated_sweeps(lm, bank, store, folder, {"process": {}, "ray": {"ray": ray}}, questions,
+                             layers=layers, strengths=strengths, chunks=chunks, injection=injection)
+    rate = {kind: sum(r.run["cells"]["total"] for r in results) / _seconds(results) for kind, results in runs.items()}
+    return {"ray_workers": runs["ray"][0].run["distributed"]["workers"], "ray_threads_per_worker": ray.threads_per_worker,
+            "process_threads": torch.get_num_threads(), "process_cells_per_second": rate["process"],
+            "ray_cells_per_second": rate["ray"], "ray_throughput_ratio": rate["ray"] / rate["process"]}
 
 
 def bench_attention(lm: LoadedModel, bank: Bank, store: EngramStore, folder: Path, layers: list[int], strengths: list[float],
                     chunks: int, injection: str, questions: int = 2) -> dict:
     """What --record-attention costs: the first questions swept with it and without it, alternated, in one run."""
-    ids = [q.id for q in bank.questions[:questions]]
-    seconds = {False: 0.0, True: 0.0}
-    for trial in range(2):
-        for record in (False, True) if trial == 0 else (True, False):
-            out = folder / f"attention-{record}-{trial}"
-            result = run_sweep(lm, bank, store, out, layers=layers, strengths=strengths, chunks=chunks, injection=injection,
-                               questions=ids, record_attention=record, progress=False, warn=lambda message: None)
-            seconds[record] += result.run["timings"]["sweep_seconds"]
-    return {"attention_cost": seconds[True] / seconds[False]}
+    runs = alternated_sweeps(lm, bank, store, folder, {"without": {}, "with": {"record_attention": True}}, questions,
+                             layers=layers, strengths=strengths, chunks=chunks, injection=injection)
+    return {"attention_cost": _seconds(runs["with"]) / _seconds(runs["without"])}
 
 
 @torch.inference_mode()
