@@ -96,17 +96,18 @@ def prepare_out(out: Path, settings: SweepSettings, force: bool) -> dict:
     """Create or reopen a run directory; refuse one that holds a run with other settings unless forced, and then
     remove everything derived from the old run."""
     try:
-        previous = (read_run_json(out) or {}).get("settings")
+        previous_run = read_run_json(out) or {}
     except EngramEvalError:
         if not force:
             raise EngramEvalError(f"{out / 'run.json'}: unreadable run.json; use --force to replace the run in {out}") from None
-        previous = None
-    older_format = previous is not None and (read_run_json(out) or {}).get("results_format") != RESULTS_FORMAT
+        previous_run = {}
+    previous = previous_run.get("settings")
+    older_format = previous is not None and previous_run.get("results_format") != RESULTS_FORMAT
     if (out / "run.json").exists() and (previous != asdict(settings) or older_format):
         if not force:
             if older_format:
                 raise EngramEvalError(f"--out {out} holds parts written by another engram-eval version (results format "
-                                      f"{(read_run_json(out) or {}).get('results_format', 'unrecorded')}, now {RESULTS_FORMAT}); "
+                                      f"{previous_run.get('results_format', 'unrecorded')}, now {RESULTS_FORMAT}); "
                                       "use --force to recompute the run")
             changed = sorted(k for k in asdict(settings) if (previous or {}).get(k) != asdict(settings)[k])
             raise EngramEvalError(
