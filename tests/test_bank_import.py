@@ -172,7 +172,7 @@ def test_bank_validate_and_stats(tiny_model_dir, tmp_path):
     stats = run("bank", "stats", bank, "--model", tiny_model_dir).stdout
     from engram_eval.model import load_tokenizer
     lengths = sorted(len(load_tokenizer(str(tiny_model_dir)).tokenizer(p)["input_ids"]) for p in ("The drug is", "Before glucose you must give"))
-    assert f"{lengths[0]} / {lengths[1]} / {lengths[1]}" in stats and "anti 2, irrelevant 2, random 2" in stats
+    assert f"{lengths[0]} / {(lengths[0] + lengths[1]) / 2:g} / {lengths[1]}" in stats  # an even count: the mean of the middle two and "anti 2, irrelevant 2, random 2" in stats
 
 
 @pytest.mark.real_model

@@ -169,3 +169,50 @@ def test_bench_measures_rays_throughput_against_this_process_in_one_run(cluster,
                       RayOptions(workers=2), questions=2)
     assert (r["ray_workers"], r["ray_threads_per_worker"]) == (2, 1)
     assert r["ray_throughput_ratio"] == pytest.approx(r["ray_cells_per_second"] / r["process_cells_per_second"])
+
+
+def cli_run(*args):
+    from click.testing import CliRunner
+
+    from engram_eval.cli import cli
+
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_sweep_and_generate_on_ray_from_the_command_line(cluster, tiny, tiny_model_dir, tiny_bank, tmp_path, one_thread):
+    """--ray, --workers and --threads-per-worker reach the pool: run.json (and generation.json) record them, and the
+    rows equal this process's."""
+    args = ["--model", tiny_model_dir, "--layers", "1,4", "--strengths", "0.5,3", "--chunks", "4", "--store", tmp_path / "s", "-q"]
+    sharded = cli_run("sweep", tiny_bank, *args, "--out", tmp_path / "ray", "--ray", cluster, "--workers", "2", "--threads-per-worker", "1")
+    assert sharded.exit_code == 0, sharded.output
+    assert cli_run("sweep", tiny_bank, *args, "--out", tmp_path / "local").exit_code == 0
+    distributed = json.loads((tmp_path / "ray/run.json").read_text())["distributed"]
+    assert (distributed["workers"], distributed["threads_per_worker"]) == (2, 1)
+    assert sorted_rows(tmp_path / "ray/results.parquet").equals(sorted_rows(tmp_path / "local/results.parquet"))
+    generated = cli_run("generate", tmp_path / "ray", "--model", tiny_model_dir, "--max-new-tokens", "3", "--ray", cluster, "--workers", "1", "-q")
+    assert generated.exit_code == 0, generated.output
+    assert json.loads((tmp_path / "ray/generation.json").read_text())["distributed"]["workers"] == 1
+    assert cli_run("generate", tmp_path / "local", "--model", tiny_model_dir, "--max-new-tokens", "3", "-q").exit_code == 0
+    texts = [pl.read_parquet(tmp_path / run / "generations.parquet").sort("question_id", "engram", "layer", "strength", nulls_last=True)
+             .select("question_id", "text") for run in ("ray", "local")]
+    assert texts[0].equals(texts[1])
+    busy = cli_run("sweep", tiny_bank, *args, "--out", tmp_path / "busy", "--ray", cluster, "--workers", "1", "--threads-per-worker", "3")
+    assert busy.stderr == "error: --workers: 1 workers x 3 threads need 3 CPUs; the cluster has 2\n"
+
+
+def test_generate_gpus_per_worker_reaches_the_cluster_check(cluster, tiny_model_dir, tmp_path):
+    (tmp_path / "run").mkdir()
+    refused = cli_run("generate", tmp_path / "run", "--model", tiny_model_dir, "--ray", cluster, "--gpus-per-worker", "0.5")
+    assert refused.exit_code == 2 and refused.stderr == "error: --gpus-per-worker: 0.5 GPUs asked for, but the cluster has 0\n"
+
+
+def test_bench_ray_options_reach_the_ray_benchmark(cluster, tiny_model_dir, tiny_bank, monkeypatch):
+    import engram_eval.bench as bench_module
+
+    seen = []
+    monkeypatch.setattr(bench_module, "run_bench", lambda *a, **k: seen.append(k["ray"]) or (_ for _ in ()).throw(EngramEvalError("stop")))
+    result = cli_run("bench", "--model", tiny_model_dir, "--bank", tiny_bank, "--ray", cluster, "--workers", "1", "--threads-per-worker", "2")
+    assert result.stderr == "error: stop\n"
+    assert seen == [RayOptions(cluster, 1, 0.0, 2)]
+    assert cli_run("bench", "--bank", tiny_bank, "--ray", cluster, "--workers", "3").stderr == (
+        "error: --workers: 3 workers x 1 threads need 3 CPUs; the cluster has 2\n")

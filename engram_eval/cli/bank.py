@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from statistics import median
 from pathlib import Path
 
 import click
@@ -118,7 +119,7 @@ def bank_stats(bank_path: Path, model_spec: str, allow_outside_paths: bool) -> N
     table.add_row("with a context", str(sum(q.context is not None for q in loaded.questions)))
     table.add_row("sources", f"{len(loaded.sources)} ({', '.join(f'{k} {n}' for k, n in sorted(sources.items()))})")
     table.add_row("controls per kind (question x control)", ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())) or "none")
-    table.add_row(f"prompt tokens ({model_spec}): min / median / max", f"{lengths[0]} / {lengths[len(lengths) // 2]} / {lengths[-1]}")
+    table.add_row(f"prompt tokens ({model_spec}): min / median / max", f"{lengths[0]} / {median(lengths):g} / {lengths[-1]}")
     stdout().print(table)
 
 
