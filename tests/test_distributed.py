@@ -211,7 +211,8 @@ def test_bench_ray_options_reach_the_ray_benchmark(cluster, tiny_model_dir, tiny
 
     seen = []
     monkeypatch.setattr(bench_module, "run_bench", lambda *a, **k: seen.append(k["ray"]) or (_ for _ in ()).throw(EngramEvalError("stop")))
-    result = cli_run("bench", "--model", tiny_model_dir, "--bank", tiny_bank, "--ray", cluster, "--workers", "1", "--threads-per-worker", "2")
+    result = cli_run("bench", "--model", tiny_model_dir, "--bank", tiny_bank, "--layers", "1", "--ray", cluster, "--workers", "1",
+                     "--threads-per-worker", "2")
     assert result.stderr == "error: stop\n"
     assert seen == [RayOptions(cluster, 1, 0.0, 2)]
     assert cli_run("bench", "--bank", tiny_bank, "--ray", cluster, "--workers", "3").stderr == (

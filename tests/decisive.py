@@ -1,0 +1,94 @@
+"""A constructed run where the tests decide: 20 questions (10 wrong at baseline, 10 right), a 2 x 2 grid, and three
+control kinds built to be told apart:
+
+- anti: always a little worse than the relevant engram (the relevant engram beats it), and never flips;
+- random: flips every baseline-wrong question in every cell (it beats the relevant engram, which flips them only at
+  L2 x5);
+- irrelevant: differs from the relevant engram by seeded noise (p of moderate size: the sampled sign-flip path is
+  checked against the exact enumeration).
+
+The rows are written out here from (log p(correct), log p(incorrect)) with the formulas of docs/results.md, so the
+report's numbers can be recounted against a frame whose every value the test knows."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import polars as pl
+
+from engram_eval.results import RESULT_SCHEMA
+
+QUESTIONS = [f"q{i:02d}" for i in range(1, 21)]
+LAYERS = (1, 2)
+STRENGTHS = (1.0, 5.0)
+WRONG = set(QUESTIONS[:10])  # baseline-wrong questions
+RELATED = set(QUESTIONS[::3])  # related_wrong questions (semantic sink split)
+
+
+def case(baseline_ratio: float, ratio: float) -> str:
+    if baseline_ratio == 1 or ratio == 1:
+        return "TIE"
+    if baseline_ratio > 1:
+        return "HIGH_CONFIDENCE_CORRECT" if ratio > baseline_ratio else "CORRECT_WEAKENED" if ratio >= 1 else "FRAGILE_CORRECT"
+    return "HIGH_CONFIDENCE_INCORRECT" if ratio < 1 else "RECOVERED_KNOWLEDGE"
+
+
+def cell_log_ratio(question: int, qid: str, kind: str, layer: int, strength: float, noise: np.ndarray) -> float:
+    base = -1.0 if qid in WRONG else 1.0
+    if kind == "relevant":
+        if qid in WRONG:
+            return 0.8 if (layer, strength) == (2, 5.0) else base + 0.3 + 0.05 * layer
+        return base - 1.6 if (qid == "q11" and strength == 5.0) else base + 0.1 * strength  # q11 breaks at strength 5
+    if kind == "anti":
+        return cell_log_ratio(question, qid, "relevant", layer, strength, noise) - 1.0 - 0.01 * question
+    if kind == "random":
+        return 1.5 if qid in WRONG else base + 0.2
+    return cell_log_ratio(question, qid, "relevant", layer, strength, noise) - noise[question]  # irrelevant
+
+
+def decisive_frame(seed: int = 7) -> pl.DataFrame:
+    noise = np.random.default_rng(seed).normal(0.15, 0.6, len(QUESTIONS))
+    rows = []
+    for i, qid in enumerate(QUESTIONS):
+        base_log = -1.0 if qid in WRONG else 1.0
+        logp_incorrect = math.log(0.3)
+        entries = [("baseline", None, None, None, None, base_log, 0.0)]
+        for kind in ("relevant", "anti", "irrelevant", "random"):
+            for layer in LAYERS:
+                for strength in STRENGTHS:
+                    shift = -0.4 if kind == "random" else 0.1 * (i % 3)  # p(correct) falls under random; mass moves
+                    entries.append((kind, layer, strength, layer, strength, cell_log_ratio(i, qid, kind, layer, strength, noise), shift))
+        base_p_correct = math.exp(logp_incorrect + base_log)
+        base_mass = base_p_correct + 0.3
+        for kind, layer, strength, _, _, log_ratio, shift in entries:
+            p_incorrect = math.exp(logp_incorrect + shift - (2.5 if kind == "random" and qid == "q02" else 0.0))
+            p_correct = p_incorrect * math.exp(log_ratio)
+            mass = p_correct + p_incorrect
+            ratio = math.exp(log_ratio)
+            baseline_ratio = math.exp(base_log)
+            is_base = kind == "baseline"
+            rows.append({
+                "run_id": "decisive0001", "model": "constructed", "model_fingerprint": "f" * 64, "bank": "decisive",
+                "question_id": qid, "tags": ["made"], "related_wrong": qid in RELATED,
+                "engram": None if is_base else f"{kind}-{qid}" if kind in ("relevant", "anti") else kind,
+                "engram_key": None if is_base else f"key-{kind}-{qid}",
+                "role": "baseline" if is_base else "relevant" if kind == "relevant" else "control",
+                "control_kind": None if kind in ("baseline", "relevant") else kind,
+                "layer": layer, "strength": strength, "chunks": 16, "pooling": "mean", "skip_tokens": 0, "window": None,
+                "scaling": "global", "injection": "prefix", "context": None, "scoring": "first-token",
+                "p_correct": p_correct, "p_incorrect": p_incorrect, "mass": mass, "mass_ratio": mass / base_mass,
+                "collapsed": mass / base_mass < 0.1, "p_correct_rose": None if is_base else p_correct > base_p_correct,
+                "top_token": " x", "p_top": 0.5, "attn_prefix_share": None, "attn_first_share": None,
+                "log_ratio": log_ratio, "ratio": ratio, "baseline_ratio": baseline_ratio,
+                "improvement": math.exp(log_ratio - base_log), "log_improvement": log_ratio - base_log,
+                "correct_before": baseline_ratio > 1, "correct_after": ratio > 1,
+                "flipped": baseline_ratio < 1 < ratio, "broken": baseline_ratio > 1 > ratio,
+                "case": None if is_base else case(baseline_ratio, ratio),
+                "top_correct_variant": " a", "top_incorrect_variant": " b",
+            })
+    return pl.DataFrame(rows, schema=RESULT_SCHEMA)
+
+
+def decisive_run() -> dict:
+    return {"status": "complete", "settings": {"max_tokens": 2048}, "timings": {"total_seconds": 1.0}}

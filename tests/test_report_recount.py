@@ -1,0 +1,279 @@
+"""Every number the report shows, recounted from the rows with polars and scipy written here (not the package's
+helpers), on a constructed run where the tests decide (tests/decisive.py) and on tiny-model runs for the chunk-count,
+RAG, generation and side-by-side sections."""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+
+import numpy as np
+import polars as pl
+import pytest
+from conftest import sweep, write_tiny_bank
+from decisive import QUESTIONS, WRONG, decisive_frame, decisive_run
+from scipy.stats import binomtest, false_discovery_control, permutation_test
+
+from engram_eval.report import summarize
+
+
+@pytest.fixture(scope="module")
+def frame() -> pl.DataFrame:
+    return decisive_frame()
+
+
+@pytest.fixture(scope="module")
+def summary(frame) -> dict:
+    return summarize(frame, decisive_run(), split=1)
+
+
+def wilson(k: int, n: int) -> list[float]:
+    ci = binomtest(k, n).proportion_ci(method="wilson")
+    return [max(0.0, ci.low), min(1.0, ci.high)]
+
+
+def assert_rate(got: dict, k: int, n: int) -> None:
+    assert (got["k"], got["n"]) == (k, n)
+    if n:
+        assert got["rate"] == pytest.approx(k / n) and got["ci95"] == pytest.approx(wilson(k, n), abs=1e-9)
+    else:
+        assert got["rate"] is None
+
+
+def exact_sign_flip(differences: list[float]) -> float:
+    """All 2^n sign patterns, counted here: the share whose |mean| reaches the observed one."""
+    d = np.asarray(differences)
+    signs = np.array(list(itertools.product((1, -1), repeat=len(d))))
+    means = np.abs(signs @ d) / len(d)
+    return float(np.mean(means >= abs(d.mean()) * (1 - 1e-12)))
+
+
+def per_question_difference(frame: pl.DataFrame, kind: str) -> pl.DataFrame:
+    keys = ["question_id", "layer", "strength", "chunks"]
+    rel = frame.filter(pl.col("role") == "relevant").select(*keys, rel="log_improvement")
+    ctl = frame.filter(pl.col("control_kind") == kind).select(*keys, ctl="log_improvement")
+    return (rel.join(ctl, on=keys).group_by("question_id").agg(d=(pl.col("rel") - pl.col("ctl")).mean()).sort("question_id"))
+
+
+def test_per_question_counts_best_cell_and_decision(frame, summary):
+    relevant = frame.filter(pl.col("role") == "relevant")
+    for q in summary["questions"]:
+        mine = relevant.filter(pl.col("question_id") == q["question_id"])
+        base = frame.filter((pl.col("role") == "baseline") & (pl.col("question_id") == q["question_id"])).row(0, named=True)
+        assert (q["baseline_ratio"], q["baseline_p_correct"], q["correct_before"]) == (base["ratio"], base["p_correct"], base["correct_before"])
+        flipped = mine.filter(pl.col("flipped"))
+        assert q["flips"] == flipped.height and q["breaks"] == mine["broken"].sum()
+        assert q["clean_flips"] == flipped.filter(pl.col("p_correct_rose") & ~pl.col("collapsed")).height
+        assert q["flips_p_correct_fell"] == flipped.filter(~pl.col("p_correct_rose")).height
+        assert q["flips_collapsed"] == flipped.filter(pl.col("collapsed")).height
+        assert q["cases"] == dict(Counter(mine["case"].to_list()))
+        top = max(mine.iter_rows(named=True), key=lambda r: (r["ratio"], -r["chunks"], -r["layer"], -r["strength"]))
+        best = q["best"]
+        assert (best["layer"], best["strength"], best["ratio"]) == (top["layer"], top["strength"], top["ratio"])
+        assert best["improves_on_baseline"] == (top["ratio"] > base["ratio"])
+        walk = {r["strength"]: r["ratio"] for r in mine.filter(pl.col("layer") == top["layer"]).iter_rows(named=True)}
+        decision = q["decision"]
+        if base["ratio"] > 10 or base["related_wrong"]:
+            assert decision["strength"] is None
+        elif base["ratio"] > 1:
+            assert (decision["strength"], decision["measured_ratio"]) == (1.0, walk[1.0])
+        else:  # wrong: the walk 1 -> 5 at the best layer only, stopping at the first flip or a fall below 0.8 x the best
+            best_so_far, stop = 0.0, None
+            for strength in sorted(walk):
+                if walk[strength] > 1 or walk[strength] < 0.8 * best_so_far:
+                    stop = strength
+                    break
+                best_so_far = max(best_so_far, walk[strength])
+            stop = stop or max(walk)
+            assert (decision["strength"], decision["measured_ratio"]) == (stop, walk[stop])
+            assert decision["measured_correct"] == (walk[stop] > 1)
+
+
+def test_headline_rates_and_best_cell(frame, summary):
+    relevant = frame.filter(pl.col("role") == "relevant")
+    per_q = relevant.group_by("question_id").agg(wrong=~pl.col("correct_before").first(), flips=pl.col("flipped").any(),
+                                                 breaks=pl.col("broken").any(),
+                                                 clean=(pl.col("flipped") & pl.col("p_correct_rose") & ~pl.col("collapsed")).any())
+    wrong, right = per_q.filter(pl.col("wrong")), per_q.filter(~pl.col("wrong"))
+    hl = summary["headline"]
+    assert_rate(hl["question_flip_rate"], wrong["flips"].sum(), wrong.height)
+    assert_rate(hl["question_clean_flip_rate"], wrong["clean"].sum(), wrong.height)
+    assert_rate(hl["question_fragile_correct_rate"], right["breaks"].sum(), right.height)
+    cells = relevant.group_by("layer", "strength").agg(flips=pl.col("flipped").sum(), wrong=(~pl.col("correct_before")).sum(),
+                                                       breaks=pl.col("broken").sum(), right=pl.col("correct_before").sum())
+    top = max(cells.iter_rows(named=True), key=lambda c: (c["flips"] / c["wrong"], -c["breaks"] / c["right"], -c["layer"], -c["strength"]))
+    best = hl["best_cell"]
+    assert (best["layer"], best["strength"]) == (top["layer"], top["strength"]) == (2, 5.0)
+    assert_rate(best["flip_rate"], top["flips"], top["wrong"])
+    assert_rate(best["break_rate"], top["breaks"], top["right"])
+    for cell in cells.iter_rows(named=True):
+        i, j = [1, 2].index(cell["layer"]), [1.0, 5.0].index(cell["strength"])
+        assert_rate(summary["heatmaps"]["relevant"]["flip"][i][j], cell["flips"], cell["wrong"])
+        assert_rate(summary["heatmaps"]["relevant"]["break"][i][j], cell["breaks"], cell["right"])
+    assert summary["header"]["cells"] == frame.height and summary["header"]["questions"] == 20
+
+
+def test_controls_table_both_sides_and_the_adjusted_rate(frame, summary):
+    keys = ["question_id", "layer", "strength", "chunks"]
+    rel = frame.filter(pl.col("role") == "relevant").select(*keys, rel_flip="flipped", rel_break="broken", rel_log="log_improvement")
+    verdicts = {}
+    for c in summary["controls"]:
+        paired = frame.filter(pl.col("control_kind") == c["kind"]).join(rel, on=keys)
+        assert (c["cells"], c["questions"]) == (paired.height, 20)
+        assert (c["flips_relevant"], c["flips_control"]) == (paired["rel_flip"].sum(), paired["flipped"].sum())
+        assert (c["breaks_relevant"], c["breaks_control"]) == (paired["rel_break"].sum(), paired["broken"].sum())
+        assert c["mean_log_improvement_relevant"] == pytest.approx(paired["rel_log"].mean())
+        assert c["mean_log_improvement_control"] == pytest.approx(paired["log_improvement"].mean())
+        wrong = paired.filter(~pl.col("correct_before"))
+        adjusted = int(wrong["rel_flip"].sum()) - int(wrong["flipped"].sum())
+        assert (c["adjusted_flips"], c["baseline_wrong_cells"]) == (adjusted, wrong.height)
+        assert c["adjusted_flip_rate"] == pytest.approx(adjusted / wrong.height)
+        d = per_question_difference(frame, c["kind"])["d"].to_list()
+        assert c["mean_difference"] == pytest.approx(np.mean(d))
+        verdicts[c["kind"]] = c["verdict"]
+    assert verdicts == {"anti": "relevant beats controls", "random": "controls beat relevant", "irrelevant": verdicts["irrelevant"]}
+
+
+def test_the_sampled_sign_flip_path_agrees_with_the_exact_enumeration(frame, summary):
+    """20 questions: above the exact limit, the report samples 200,000 sign patterns; the exact share over all 2^20
+    is counted here, and the two agree within four Monte-Carlo standard errors."""
+    irrelevant = next(c for c in summary["controls"] if c["kind"] == "irrelevant")
+    d = per_question_difference(frame, "irrelevant")["d"].to_list()
+    exact = exact_sign_flip(d)
+    assert 0.01 < exact < 0.9  # a p-value of moderate size, so the comparison means something
+    assert abs(irrelevant["p_value"] - exact) <= 4 * np.sqrt(exact * (1 - exact) / 200_000)
+    anti = next(c for c in summary["controls"] if c["kind"] == "anti")
+    assert anti["p_value"] == pytest.approx(exact_sign_flip(per_question_difference(frame, "anti")["d"].to_list()), abs=1e-5)
+    scipy_p = permutation_test((np.array(d),), np.mean, permutation_type="samples", n_resamples=200_000,
+                               rng=np.random.default_rng(1)).pvalue
+    assert abs(scipy_p - exact) <= 4 * np.sqrt(exact * (1 - exact) / 200_000)
+
+
+def test_per_cell_tests_survive_correction_and_their_counts(frame, summary):
+    keys = ["question_id", "layer", "strength"]
+    rel = frame.filter(pl.col("role") == "relevant").select(*keys, rf="flipped", rb="broken")
+    expected = []
+    for (layer, strength, kind), group in sorted(frame.filter(pl.col("role") == "control").join(rel, on=keys)
+                                                 .group_by("layer", "strength", "control_kind"), key=lambda g: g[0]):
+        for outcome, column, other, eligible in (("flip", "flipped", "rf", False), ("break", "broken", "rb", True)):
+            rows = group.filter(pl.col("correct_before") == eligible)
+            a = int((rows[other] & ~rows[column]).sum())
+            b = int((~rows[other] & rows[column]).sum())
+            p = 1.0 if a + b == 0 else binomtest(a, a + b).pvalue
+            expected.append(((layer, strength, kind, outcome), a, b, p))
+    q = false_discovery_control([e[3] for e in expected], method="bh")
+    got = {(t["layer"], t["strength"], t["control"], t["outcome"]): t for t in summary["tests"]}
+    assert len(got) == len(expected)
+    for (key, a, b, p), q_value in zip(expected, q):
+        t = got[key]
+        assert (t["relevant_only"], t["control_only"]) == (a, b)
+        assert t["p_value"] == pytest.approx(p) and t["q_value"] == pytest.approx(q_value) and t["survives"] == (q_value < 0.05)
+    survivors = {k for k, t in got.items() if t["survives"]}
+    assert (2, 5.0, "anti", "flip") in survivors  # the relevant engram beats a control, cell by cell
+    assert (1, 1.0, "random", "flip") in survivors  # and a control beats the relevant engram
+
+
+def test_semantic_sink_split_counts_breaks_and_flips(frame, summary):
+    relevant = frame.filter(pl.col("role") == "relevant")
+    for s in summary["semantic_sink"]:
+        mine = relevant.filter(pl.col("related_wrong") == s["related_wrong"])
+        assert s["questions"] == mine["question_id"].n_unique()
+        assert_rate(s["flip"], mine["flipped"].sum(), (~mine["correct_before"]).sum())
+        assert_rate(s["break"], mine["broken"].sum(), mine["correct_before"].sum())
+    assert [s["related_wrong"] for s in summary["semantic_sink"]] == [False, True]
+
+
+def test_effect_sizes_and_the_held_out_split(frame, summary):
+    relevant = frame.filter(pl.col("role") == "relevant")
+    effects = summary["effects"]["all"]
+    for i, layer in enumerate(effects["layers"]):
+        for j, strength in enumerate(effects["strengths"]):
+            values = relevant.filter((pl.col("layer") == layer) & (pl.col("strength") == strength))["log_improvement"]
+            cell = effects["maps"]["relevant"][i][j]
+            assert cell["n"] == values.len() and cell["mean"] == pytest.approx(values.mean())
+            assert cell["ci95"] is None or cell["ci95"][0] <= cell["mean"] <= cell["ci95"][1]
+    split = summary["split"]
+    order = [sorted(QUESTIONS)[i] for i in np.random.default_rng(1).permutation(20)]
+    assert (split["chosen_on"], split["measured_on"]) == (sorted(order[:10]), sorted(order[10:]))
+
+    def rates(ids):
+        return relevant.filter(pl.col("question_id").is_in(ids)).group_by("layer", "strength").agg(
+            f=pl.col("flipped").sum(), w=(~pl.col("correct_before")).sum(), b=pl.col("broken").sum(), c=pl.col("correct_before").sum())
+
+    chosen = rates(split["chosen_on"]).with_columns(fr=pl.col("f") / pl.col("w").clip(1), br=pl.col("b") / pl.col("c").clip(1))
+    top = max(chosen.iter_rows(named=True), key=lambda r: (r["fr"], -r["br"], -r["layer"], -r["strength"]))
+    assert (split["cell"]["layer"], split["cell"]["strength"]) == (top["layer"], top["strength"])
+    assert_rate(split["flip_rate_where_chosen"], top["f"], top["w"])
+    held = rates(split["measured_on"]).filter((pl.col("layer") == top["layer"]) & (pl.col("strength") == top["strength"])).row(0, named=True)
+    assert_rate(split["flip_rate_held_out"], held["f"], held["w"])
+    assert_rate(split["break_rate_held_out"], held["b"], held["c"])
+
+
+def test_the_generation_summary_recounted():
+    from engram_eval.experiments import generation_summary
+
+    rows = []
+    for i in range(12):
+        role = "baseline" if i < 5 else "relevant"
+        rows.append({"question_id": f"q{i}", "role": role, "engram": None if role == "baseline" else "e", "layer": None if role == "baseline" else 1,
+                     "strength": None if role == "baseline" else 2.0, "context": None, "ratio": [0.5, 2.0, 1.0][i % 3],
+                     "flipped": None if role == "baseline" else i % 2 == 0, "verdict": ["correct", "incorrect", "both", "neither"][i % 4],
+                     "first_answer": ["correct", "incorrect", None][i % 3], "text": f"text {i}"})
+    generations = pl.DataFrame(rows)
+    g = generation_summary(generations)
+    probability = ["correct" if r["ratio"] > 1 else "incorrect" if r["ratio"] < 1 else "tie" for r in rows]
+    for p in ("correct", "incorrect", "tie"):
+        for v in ("correct", "incorrect", "both", "neither"):
+            assert g["confusion"][p][v] == sum(pp == p and r["verdict"] == v for pp, r in zip(probability, rows))
+    flipped = [r for r in rows if r["flipped"]]
+    baseline = [r for r in rows if r["role"] == "baseline"]
+    assert_rate(g["flipped_says_correct_first"], sum(r["first_answer"] == "correct" for r in flipped), len(flipped))
+    assert_rate(g["baseline_says_correct_first"], sum(r["first_answer"] == "correct" for r in baseline), len(baseline))
+    assert_rate(g["baseline_probability_correct"], sum(r["ratio"] > 1 for r in baseline), len(baseline))
+    assert g["cells"] == 12
+
+
+def test_chunk_count_rag_and_side_by_side_recounted(tiny, tmp_path):
+    from engram_eval.comparison import summarize_runs
+    from engram_eval.report import load_run
+
+    bank = write_tiny_bank(tmp_path)
+    bank.write_text(bank.read_text().replace("  engram: topic\n", '  engram: topic\n  context: "Alpha blockers come first."\n'))
+    result = sweep(tiny, bank, tmp_path / "run", layers=[1, 2], strengths=[1.0, 5.0, 20.0], chunks=[4, 8], context="both")
+    frame, run = load_run(result.out)
+    summary = summarize(frame, run)
+    relevant = frame.filter(pl.col("role") == "relevant")
+    keys = ["question_id", "layer", "strength", "chunks", "context"]
+    anti = frame.filter(pl.col("control_kind") == "anti").join(relevant.select(*keys, rel="ratio"), on=keys)
+    for row in summary["chunk_count"]:
+        at_k = relevant.filter(pl.col("chunks") == row["chunks"])
+        per_question = at_k.group_by("question_id").agg(pl.col("log_improvement").mean())["log_improvement"]
+        assert row["mean_log_improvement"] == pytest.approx(per_question.mean())
+        a = anti.filter(pl.col("chunks") == row["chunks"])
+        beats = int((a["rel"] > a["ratio"]).sum())
+        assert (row["directional"]["k"], row["directional"]["n"]) == (beats, a.height)
+    rag = summary["rag"]
+    assert rag["questions"] == 3
+    base = {(r["question_id"], r["context"]): r["correct_before"] for r in frame.filter(pl.col("role") == "baseline").iter_rows(named=True)}
+    with_context = relevant.filter(pl.col("context"))
+    for condition in rag["conditions"]:
+        here = relevant.filter((pl.col("layer") == condition["layer"]) & (pl.col("strength") == condition["strength"]))
+        at = {(r["question_id"], r["context"]): r["correct_after"] for r in here.iter_rows(named=True)}
+        qs = ["q1", "q2", "q3"]
+        assert_rate(condition["no engram"], sum(base[(q, False)] for q in qs), 3)
+        assert_rate(condition["context only"], sum(base[(q, True)] for q in qs), 3)
+        assert_rate(condition["engram only"], sum(at[(q, False)] for q in qs), 3)
+        assert_rate(condition["engram + context"], sum(at[(q, True)] for q in qs), 3)
+        a = sum(at[(q, True)] and not base[(q, True)] for q in qs)
+        b = sum(base[(q, True)] and not at[(q, True)] for q in qs)
+        assert (condition["engram_context_only"], condition["context_only"]) == (a, b)
+        assert condition["p_value"] == pytest.approx(1.0 if a + b == 0 else binomtest(a, a + b).pvalue)
+    best = max(with_context.group_by("layer", "strength").agg(n=pl.col("correct_after").sum()).iter_rows(named=True),
+               key=lambda r: (r["n"], -r["layer"], -r["strength"]))
+    assert (rag["conditions"][0]["layer"], rag["conditions"][0]["strength"]) == (best["layer"], best["strength"])
+    (tmp_path / "other").mkdir()
+    other = sweep(tiny, write_tiny_bank(tmp_path / "other"), tmp_path / "run2", layers=[1], strengths=[1.0], chunks=4)
+    side = summarize_runs([("a", frame, run), ("b", *load_run(other.out))], allow_different_banks=True)
+    for column, run_dir in zip(side["runs"], (result.out, other.out)):
+        rows = pl.read_parquet(run_dir / "results.parquet").filter(pl.col("role") == "baseline")
+        assert_rate(column["baseline_accuracy"], int(rows["correct_before"].sum()), rows.height)
