@@ -1,0 +1,185 @@
+"""The numbers a person reads, parsed back out of the table, markdown and HTML renderings of one run, against the JSON
+of `report --format json` (every section; intervals' bounds in order)."""
+
+from __future__ import annotations
+
+import io
+import re
+from html.parser import HTMLParser
+
+import pytest
+from decisive import decisive_frame, decisive_run
+from rich.console import Console
+
+from engram_eval.html_report import render_html
+from engram_eval.rendering import render_markdown, render_table
+from engram_eval.report import summarize
+
+RATE = re.compile(r"^(\d+)/(\d+) \((\d+)%, 95% CI (\d+)-(\d+)%\)$")
+
+
+@pytest.fixture(scope="module")
+def summary() -> dict:
+    return summarize(decisive_frame(), decisive_run(), split=1)
+
+
+def markdown_sections(text: str) -> dict[str, list[list[str]]]:
+    sections, title = {}, None
+    for line in text.splitlines():
+        if line.startswith("## "):
+            title = line[3:]
+            sections[title] = []
+        elif title and line.startswith("|") and not line.startswith("|---"):
+            sections[title].append([cell.strip().replace("\\|", "|") for cell in re.split(r"(?<!\\)\|", line.strip())[1:-1]])
+    return {t: rows[1:] for t, rows in sections.items()}  # without the header row
+
+
+class _Tables(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.sections, self.title, self.in_h2, self.cell, self.row = {}, None, False, None, None
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "h2":
+            self.in_h2, self.title = True, ""
+        elif tag == "tr" and self.title is not None:
+            self.row = []
+        elif tag == "td" and self.row is not None:
+            self.cell = ""
+
+    def handle_endtag(self, tag):
+        if tag == "h2":
+            self.in_h2 = False
+            self.sections.setdefault(self.title, [])
+        elif tag == "td" and self.cell is not None:
+            self.row.append(self.cell)
+            self.cell = None
+        elif tag == "tr" and self.row:
+            self.sections[self.title].append(self.row)
+            self.row = None
+
+    def handle_data(self, data):
+        if self.in_h2:
+            self.title += data
+        elif self.cell is not None:
+            self.cell += data
+
+
+def html_sections(text: str) -> dict[str, list[list[str]]]:
+    parser = _Tables()
+    parser.feed(text)
+    return parser.sections
+
+
+def table_sections(summary: dict) -> dict[str, list[list[str]]]:
+    """The rich tables at a width where nothing wraps, split on their column rules."""
+    buffer = io.StringIO()
+    render_table(summary, Console(file=buffer, width=4000, color_system=None))
+    sections, title, wrapping = {}, None, False
+    for line in buffer.getvalue().splitlines():
+        stripped = line.strip()
+        if stripped and stripped[0] not in "┏┃┡│└━─┗╇":
+            if wrapping:  # a title longer than its table wraps onto the next lines
+                sections[title + " " + stripped] = sections.pop(title)
+                title += " " + stripped
+            else:
+                title, wrapping = stripped, True
+                sections[title] = []
+            continue
+        wrapping = False
+        if stripped.startswith("│") and title is not None:
+            sections[title].append([cell.strip() for cell in stripped.strip("│").split("│")])
+    return sections
+
+
+def check_rate(text: str, rate: dict) -> None:
+    k, n, percent, low, high = map(int, RATE.match(text).groups())
+    assert (k, n) == (rate["k"], rate["n"])
+    assert percent == round(100 * rate["rate"]) and (low, high) == (round(100 * rate["ci95"][0]), round(100 * rate["ci95"][1]))
+    assert low <= percent <= high
+
+
+def test_the_three_renderings_show_the_same_cells(summary):
+    markdown = markdown_sections(render_markdown(summary))
+    page = html_sections(render_html(summary))
+    table = table_sections(summary)
+    assert set(markdown) <= set(table)
+    for title, rows in markdown.items():
+        assert table[title] == rows, title
+    shared = set(markdown) & set(page)  # the HTML page draws the heatmaps as figures
+    assert {"Headline", "Negative controls (same cells; paired sign-flip test across questions)"} <= shared
+    for title in shared:
+        assert page[title] == markdown[title], title
+    effect_titles = [t for t in page if t.startswith("Effect size")]
+    assert effect_titles and all(page[t] == table[t] for t in effect_titles)
+
+
+def test_rendered_numbers_equal_the_json(summary):
+    sections = table_sections(summary)
+    headline = dict(map(tuple, sections["Headline"]))
+    hl = summary["headline"]
+    check_rate(headline["baseline-wrong questions that flip somewhere in the grid"], hl["question_flip_rate"])
+    check_rate(headline["... with a clean flip (p(correct) rose, mass kept)"], hl["question_clean_flip_rate"])
+    check_rate(headline["baseline-correct questions that break somewhere in the grid"], hl["question_fragile_correct_rate"])
+    best = hl["best_cell"]
+    (flip_at_best,) = [v for k, v in headline.items() if k.startswith(f"flip rate at the best cell (L{best['layer']}, {best['strength']:g};")]
+    check_rate(flip_at_best, best["flip_rate"])
+
+    controls = {row[0]: row for row in sections["Negative controls (same cells; paired sign-flip test across questions)"]}
+    for c in summary["controls"]:
+        row = controls[c["kind"]]
+        assert (int(row[1]), int(row[2])) == (c["questions"], c["cells"])
+        assert [float(v) for v in row[3:6]] == pytest.approx([c["mean_log_improvement_relevant"], c["mean_log_improvement_control"],
+                                                             c["mean_difference"]], abs=5e-4)
+        assert float(row[6]) == pytest.approx(c["p_value"], abs=5e-5) and row[7] == c["verdict"]
+        assert row[8] == f"{c['flips_relevant']}/{c['flips_control']}" and row[9] == f"{c['breaks_relevant']}/{c['breaks_control']}"
+        assert row[10].startswith(f"{c['adjusted_flips']}/{c['baseline_wrong_cells']} ")
+
+    questions = {row[0]: row for row in next(rows for t, rows in sections.items() if t.startswith("Questions"))}
+    for q in summary["questions"]:
+        row = questions[q["question_id"]]
+        assert float(row[1]) == pytest.approx(q["baseline_ratio"], rel=5e-3) and row[3] == ("yes" if q["correct_before"] else "no")
+        assert row[6].split()[0] == str(q["flips"]) and row[7] == str(q["breaks"])
+        if q["flips"]:
+            assert row[6] == f"{q['flips']} ({q['clean_flips']} / {q['flips_p_correct_fell']} / {q['flips_collapsed']})"
+
+    for measure in ("flip", "break"):
+        (rows,) = [rows for t, rows in sections.items() if t.startswith("Heatmap relevant: " + ("flip" if measure == "flip" else "fragile-correct"))]
+        grid = summary["heatmaps"]["relevant"][measure]
+        for row, cells in zip(rows, grid):
+            assert row[1:] == [f"{c['k']}/{c['n']}" for c in cells]
+
+    (tests,) = [rows for t, rows in sections.items() if t.startswith("Per-cell exact tests")]
+    survivors = [t for t in summary["tests"] if t["survives"]]
+    assert len(tests) == len(survivors) and survivors
+    for row, t in zip(tests, survivors):
+        assert (row[0], row[1], row[2], row[3]) == (str(t["layer"]), str(t["strength"]), t["control"], t["outcome"])
+        assert row[4] == f"{t['relevant_only']} / {t['control_only']}"
+        assert float(row[5]) == pytest.approx(t["p_value"], abs=5e-5) and float(row[6]) == pytest.approx(t["q_value"], abs=5e-5)
+
+    for title, rows in sections.items():
+        if not title.startswith("Effect size"):
+            continue
+        label = title.removeprefix("Effect size ").split(":")[0]
+        grid = summary["effects"]["all"]["maps"][label]
+        for row, cells in zip(rows, grid):
+            for text, cell in zip(row[1:], cells):
+                mean, low, high = map(float, re.match(r"^(-?[\d.]+) \((-?[\d.]+) to (-?[\d.]+)\)$", text).groups())
+                assert mean == pytest.approx(cell["mean"], abs=5.001e-3) and [low, high] == pytest.approx(cell["ci95"], abs=5.001e-3)
+                assert low <= high
+
+    sink = {row[0]: row for row in next(rows for t, rows in sections.items() if t.startswith("Semantic sink"))}
+    for s in summary["semantic_sink"]:
+        row = sink[{True: "yes", False: "no", None: "unlabelled"}[s["related_wrong"]]]
+        assert row[1] == str(s["questions"])
+        check_rate(row[2], s["flip"])
+        check_rate(row[3], s["break"])
+
+    split = summary["split"]
+    (rows,) = [rows for t, rows in sections.items() if t.startswith("Held-out best cell")]
+    table = {row[0]: row[1:] for row in rows}
+    check_rate(table["flip rate"][0], split["flip_rate_where_chosen"])
+    check_rate(table["flip rate"][1], split["flip_rate_held_out"])
+    check_rate(table["fragile-correct rate"][0], split["break_rate_where_chosen"])
+    check_rate(table["fragile-correct rate"][1], split["break_rate_held_out"])
+    assert table["questions"] == [", ".join(split["chosen_on"]), ", ".join(split["measured_on"])]
