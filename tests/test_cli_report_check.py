@@ -1,0 +1,93 @@
+"""`report` and `check` from the command line on the constructed run (tests/decisive.py) written as a run directory:
+no model, so these run fast enough for the mutation run (`make mutation`) too."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from click.testing import CliRunner
+from decisive import decisive_frame, decisive_run
+
+from engram_eval.check import compare, summarize_run
+from engram_eval.cli import cli
+from engram_eval.rendering import render_markdown
+from engram_eval.report import summarize
+from engram_eval.rundir import RESULTS_FORMAT
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    decisive_frame().write_parquet(out / "results.parquet")
+    (out / "run.json").write_text(json.dumps({**decisive_run(), "results_format": RESULTS_FORMAT, "num_layers": 4}))
+    return out
+
+
+def test_report_formats_engram_role_split_and_output(run_dir, tmp_path):
+    frame, run_json = decisive_frame(), {**decisive_run(), "results_format": RESULTS_FORMAT, "num_layers": 4}
+    def rounded(text):  # polars may sum the read-back rows in another order: the last bit of a mean moves
+        return json.loads(text, parse_float=lambda v: round(float(v), 9))
+
+    as_json = rounded(run("report", run_dir, "--format", "json", "--split", "2", "--engram-role", "all").stdout)
+    expected = rounded(json.dumps(summarize(frame, run_json, engram_role="all", split=2), default=str))
+    assert as_json == expected and as_json["split"]["seed"] == 2
+    assert sorted(as_json["heatmaps"]) == ["anti", "irrelevant", "random", "relevant"]
+    assert run("report", run_dir, "--format", "markdown").stdout == render_markdown(summarize(frame, run_json)) + "\n"
+    out = tmp_path / "r.md"
+    assert run("report", run_dir, "--format", "markdown", "--output", out).stdout == f"{out}\n"
+    assert out.read_text() == render_markdown(summarize(frame, run_json)) + "\n"
+    table = run("report", run_dir, "--output", tmp_path / "r.txt").stdout
+    assert table == f"{tmp_path / 'r.txt'}\n" and "Headline" in (tmp_path / "r.txt").read_text()
+    assert "Headline" in run("report", run_dir).stdout
+    missing = run("report", run_dir, "--output", tmp_path / "nowhere" / "r.md")
+    assert missing.exit_code == 2 and missing.stderr == f"error: --output: folder {tmp_path / 'nowhere'} does not exist\n"
+    page = run("report", run_dir, "--format", "html")
+    assert page.stdout == f"{run_dir / 'report.html'}\n" and (run_dir / "report.html").read_text().startswith("<!doctype html>")
+    two = run("report", run_dir, run_dir, "--question", "q01")
+    assert two.exit_code == 2 and two.stderr == "error: --question: give one RUN\n"
+    drill = json.loads(run("report", run_dir, "--question", "q01", "--format", "json").stdout)
+    assert drill["question_id"] == "q01" and len(drill["conditions"][0]["cells"]) == 16
+    side = json.loads(run("report", run_dir, run_dir, "--format", "json").stdout)
+    assert [r["run"] for r in side["runs"]] == [str(run_dir)] * 2
+    assert side["runs"][0]["baseline_accuracy"]["k"] == 10
+
+
+def test_check_update_pass_drift_and_tolerances(run_dir, tmp_path):
+    baseline = tmp_path / "b.json"
+    assert run("check", run_dir, "--baseline", baseline, "--update").stdout == f"baseline {baseline} updated (320 cells)\n"
+    assert json.loads(baseline.read_text()) == json.loads(json.dumps(summarize_run(decisive_frame(), decisive_run())))
+    passed = run("check", run_dir, "--baseline", baseline)
+    assert passed.exit_code == 0 and passed.stdout == (f"check passed: 320 cells and 20 questions within rtol=0.0001, atol=0.0001 "
+                                                       f"of {baseline}\n")
+    data = json.loads(baseline.read_text())
+    data["cells"]["q05|relevant-q05|L2|s5.0"]["log_ratio"] += 0.01
+    data["totals"]["flips"] += 1
+    baseline.write_text(json.dumps(data))
+    failed = run("check", run_dir, "--baseline", baseline)
+    assert failed.exit_code == 1 and "check failed: 2 values moved" in failed.stdout
+    assert "q05|relevant-q05|L2|s5.0 log_ratio" in failed.stdout and "-0.01" in failed.stdout and "totals flips" in failed.stdout
+    data["settings"] = {"max_tokens": 1}
+    baseline.write_text(json.dumps(data))
+    refused = run("check", run_dir, "--baseline", baseline)
+    assert refused.exit_code == 2 and "max_tokens (baseline 1, run 2048)" in refused.stderr
+
+
+@pytest.mark.parametrize("old,new,moved", [
+    (math.inf, math.inf, False), (-math.inf, -math.inf, False), (math.nan, math.nan, False),
+    (math.inf, 3.0, True), (3.0, math.inf, True), (-math.inf, math.inf, True), (math.nan, 3.0, True), (3.0, math.nan, True),
+    (math.inf, math.nan, True), (1.0, 1.0 + 5e-5, False), (1.0, 1.0 + 5e-4, True),
+])
+def test_check_compares_infinite_and_nan_log_ratios_both_ways(old, new, moved):
+    def summary(value):
+        return {"questions": {"q": {"baseline_log_ratio": 0.0}}, "cells": {"c": {"log_ratio": value, "flipped": False}},
+                "totals": {"cells": 1}}
+
+    drifts = compare(summary(new), summary(old))
+    assert bool(drifts) == moved and all(d.what == "c log_ratio" for d in drifts)
