@@ -17,6 +17,13 @@ from engram_eval.report import summarize
 from engram_eval.rundir import RESULTS_FORMAT
 
 
+SUBSET = [f"q{i:02d}" for i in (*range(1, 7), *range(11, 17))]  # 6 wrong, 6 right: exact sign-flip tests, quick to summarize
+
+
+def small_frame():
+    return decisive_frame().filter(decisive_frame()["question_id"].is_in(SUBSET))
+
+
 def run(*args):
     return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
 
@@ -25,13 +32,13 @@ def run(*args):
 def run_dir(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
-    decisive_frame().write_parquet(out / "results.parquet")
+    small_frame().write_parquet(out / "results.parquet")
     (out / "run.json").write_text(json.dumps({**decisive_run(), "results_format": RESULTS_FORMAT, "num_layers": 4}))
     return out
 
 
 def test_report_formats_engram_role_split_and_output(run_dir, tmp_path):
-    frame, run_json = decisive_frame(), {**decisive_run(), "results_format": RESULTS_FORMAT, "num_layers": 4}
+    frame, run_json = small_frame(), {**decisive_run(), "results_format": RESULTS_FORMAT, "num_layers": 4}
     def rounded(text):  # polars may sum the read-back rows in another order: the last bit of a mean moves
         return json.loads(text, parse_float=lambda v: round(float(v), 9))
 
@@ -56,15 +63,15 @@ def test_report_formats_engram_role_split_and_output(run_dir, tmp_path):
     assert drill["question_id"] == "q01" and len(drill["conditions"][0]["cells"]) == 16
     side = json.loads(run("report", run_dir, run_dir, "--format", "json").stdout)
     assert [r["run"] for r in side["runs"]] == [str(run_dir)] * 2
-    assert side["runs"][0]["baseline_accuracy"]["k"] == 10
+    assert side["runs"][0]["baseline_accuracy"]["k"] == 6
 
 
 def test_check_update_pass_drift_and_tolerances(run_dir, tmp_path):
     baseline = tmp_path / "b.json"
-    assert run("check", run_dir, "--baseline", baseline, "--update").stdout == f"baseline {baseline} updated (320 cells)\n"
-    assert json.loads(baseline.read_text()) == json.loads(json.dumps(summarize_run(decisive_frame(), decisive_run())))
+    assert run("check", run_dir, "--baseline", baseline, "--update").stdout == f"baseline {baseline} updated (192 cells)\n"
+    assert json.loads(baseline.read_text()) == json.loads(json.dumps(summarize_run(small_frame(), decisive_run())))
     passed = run("check", run_dir, "--baseline", baseline)
-    assert passed.exit_code == 0 and passed.stdout == (f"check passed: 320 cells and 20 questions within rtol=0.0001, atol=0.0001 "
+    assert passed.exit_code == 0 and passed.stdout == (f"check passed: 192 cells and 12 questions within rtol=0.0001, atol=0.0001 "
                                                        f"of {baseline}\n")
     data = json.loads(baseline.read_text())
     data["cells"]["q05|relevant-q05|L2|s5.0"]["log_ratio"] += 0.01
@@ -91,3 +98,46 @@ def test_check_compares_infinite_and_nan_log_ratios_both_ways(old, new, moved):
 
     drifts = compare(summary(new), summary(old))
     assert bool(drifts) == moved and all(d.what == "c log_ratio" for d in drifts)
+
+
+def test_compare_names_each_drift_exactly():
+    from engram_eval.check import Drift
+
+    def summary(cells, questions=None, totals=None):
+        return {"questions": questions or {}, "cells": cells, "totals": totals or {}}
+
+    base = summary({"a": {"log_ratio": 1.0, "flipped": False}, "b": {"log_ratio": 2.0, "flipped": True}},
+                   {"q": {"baseline_log_ratio": 0.5}}, {"cells": 2, "flips": 1})
+    now = summary({"b": {"log_ratio": 2.25, "flipped": False}, "c": {"log_ratio": 0.0, "flipped": False}},
+                  {"q": {"baseline_log_ratio": 0.5}}, {"cells": 2, "flips": 0})
+    assert compare(now, base) == [
+        Drift("cell a", "present", "missing"),
+        Drift("b log_ratio", 2.0, 2.25, 0.25),
+        Drift("b flipped", True, False),
+        Drift("cell c", "missing", "present"),
+        Drift("totals flips", 1, 0),
+    ]
+    gone = summary({"a": {"log_ratio": 1.0, "flipped": False}})
+    assert compare(gone, summary({"a": {"log_ratio": 1.0, "flipped": False, "extra": None}})) == []  # None == missing field
+    assert compare(summary({"a": {"flipped": False}}), summary({"a": {"log_ratio": 1.0, "flipped": False}})) == [
+        Drift("a log_ratio", 1.0, None, None)]
+    assert compare({"totals": {}}, {"cells": {"a": {"log_ratio": 1.0}}}) == [Drift("cell a", "present", "missing")]
+    assert compare({"cells": {"a": {"log_ratio": 1.0}}, "totals": {}}, {}) == [Drift("cell a", "missing", "present")]
+    at_the_bound = compare(summary({"a": {"log_ratio": 1.5}}), summary({"a": {"log_ratio": 1.0}}), rtol=0.0, atol=0.5)
+    assert at_the_bound == []  # |difference| <= atol + rtol |baseline|: the bound itself passes
+    assert compare(summary({"a": {"log_ratio": 3.0}}), summary({"a": {"log_ratio": 2.0}}), rtol=0.5, atol=0.0) == []
+    assert compare(summary({"a": {"log_ratio": 3.0}}), summary({"a": {"log_ratio": 2.0}}), rtol=0.25, atol=0.5) == []
+    assert compare(summary({"a": {"log_ratio": 3.0}}), summary({"a": {"log_ratio": 2.0}}), rtol=0.25, atol=0.4) != []
+    assert compare(summary({"a": {"log_ratio": -3.0}}), summary({"a": {"log_ratio": -2.0}}), rtol=0.5, atol=0.0) == []
+
+
+def test_differing_settings_name_each_setting_and_shorten_long_values():
+    from engram_eval.check import differing_settings
+
+    long_value = list(range(30))
+    assert differing_settings({"settings": {"layers": long_value, "bank": "a"}}, {"settings": {"layers": [1], "bank": "a"}}) == [
+        f"layers (baseline [1], run {json.dumps(long_value)[:37]}...)"]
+    assert differing_settings({"settings": {"layers": [1]}}, {"settings": {"layers": [1]}}) == []
+    assert differing_settings({"settings": {"pooling": "last"}}, {"settings": {"bank": "x"}}) == [
+        'bank (baseline "x", run "(absent)")', 'pooling (baseline "mean", run "last")']
+    assert differing_settings({"settings": {}}, {})[0].startswith("none recorded in the baseline")

@@ -126,7 +126,10 @@ def test_real_model_geometry_equals_the_straightforward_computation(real, tmp_pa
         for key in ("cosine", "difference_signal", "centered_cosine", "cosine_without_first_chunk", "chunk_cosine_min"):
             assert row[key] == pytest.approx(expected[key], rel=1e-3, abs=1e-4), key
     pheo_anti = frame.row(0, named=True)
-    assert pheo_anti["shared_prefix_tokens"] >= 9 and pheo_anti["shared_prefix_covers_a_chunk"]  # the seeds' opposite texts
+    a, b = (real.tokenizer(texts[name])["input_ids"] for name in ("pheo", "anti_pheo"))
+    shared = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))  # counted here, token by token
+    assert pheo_anti["shared_prefix_tokens"] == shared > 0
+    assert pheo_anti["shared_prefix_covers_a_chunk"] == (shared >= min(len(a), len(b)) // 16)  # the seed's first chunk: n // k
 
 
 @pytest.mark.real_model

@@ -110,3 +110,48 @@ def test_model_descriptions_say_what_was_loaded(tiny, tiny_model_dir):
     assert gguf_description(Path("plain.gguf")) == "plain, GGUF dequantized to float32"
     assert tiny.description == f"{tiny_model_dir.name}, float32"
     assert load_model(str(tiny_model_dir), device="cpu", dtype="bfloat16").description == f"{tiny_model_dir.name}, bfloat16"
+
+
+@pytest.mark.parametrize("change", ["tokenizer", "chat template", "config"])
+def test_fingerprint_changes_with_the_tokenizer_the_chat_template_and_the_config(change, tiny, tiny_model_dir, tmp_path):
+    import json
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_model_dir, copy)
+    assert load_model(str(copy), device="cpu").fingerprint == tiny.fingerprint  # a copy is the same model
+    if change == "tokenizer":
+        tokenizer = json.loads((copy / "tokenizer.json").read_text())
+        merges = tokenizer["model"]["merges"]
+        merges[0], merges[1] = merges[1], merges[0]  # same vocabulary, another merge order: other token ids for some texts
+        (copy / "tokenizer.json").write_text(json.dumps(tokenizer))
+    elif change == "chat template":
+        config = json.loads((copy / "tokenizer_config.json").read_text())
+        if "chat_template" in config:
+            config["chat_template"] += " "
+            (copy / "tokenizer_config.json").write_text(json.dumps(config))
+        else:
+            template = copy / "chat_template.jinja"
+            template.write_text(template.read_text() + " ")
+    else:
+        config = json.loads((copy / "config.json").read_text())
+        config["rms_norm_eps"] = config["rms_norm_eps"] * 2
+        (copy / "config.json").write_text(json.dumps(config))
+    assert load_model(str(copy), device="cpu").fingerprint != tiny.fingerprint
+
+
+@pytest.mark.real_model
+def test_the_cached_dequantized_copy_gives_the_logits_of_transformers_own_gguf_loading(real):
+    """The safetensors copy against `from_pretrained(gguf_file=...)` straight from the package's GGUF."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = embedded_gguf_path("smollm2-135m")
+    direct = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    ids = tokenizer("The first medication for a pheochromocytoma is", return_tensors="pt")["input_ids"]
+    assert ids.tolist() == real.tokenizer("The first medication for a pheochromocytoma is", return_tensors="pt")["input_ids"].tolist()
+    with torch.no_grad():
+        expected = direct(ids).logits
+        got = real.model(ids).logits
+    assert torch.allclose(got, expected, rtol=0, atol=1e-5), (got - expected).abs().max()

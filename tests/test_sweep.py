@@ -30,6 +30,9 @@ def test_every_cell_equals_the_straightforward_implementation(tiny, tiny_bank, t
         probs = reference_distribution(tiny.model, tiny.tokenizer, engram, row["strength"], q.prompt)
         assert row["top_token"] == tiny.tokenizer.decode([probs.argmax().item()])
         assert row["p_top"] == pytest.approx(probs.max().item(), rel=1e-5)
+        first = lambda v: tiny.tokenizer.encode(v, add_special_tokens=False)[0]  # noqa: E731
+        assert row["top_correct_variant"] == max(q.correct, key=lambda v: probs[first(v)].item())  # the argmax, not the first
+        assert row["top_incorrect_variant"] == max(q.incorrect, key=lambda v: probs[first(v)].item())
 
 
 def test_baseline_rows_equal_a_plain_forward_pass(tiny, tiny_bank, tmp_path):
@@ -42,18 +45,29 @@ def test_baseline_rows_equal_a_plain_forward_pass(tiny, tiny_bank, tmp_path):
         assert (row["engram"], row["layer"], row["strength"], row["case"], row["improvement"]) == (None, None, None, None, 1.0)
 
 
-def test_before_question_runs_once_per_question_outside_the_sweep_timings(tiny, tiny_bank, tmp_path):
-    import time
+def test_before_question_runs_once_per_question_outside_the_sweep_timings(tiny, tiny_bank, tmp_path, monkeypatch):
+    """A fake clock, not sleeps: each call advances it by a millisecond, and the hook by 100 s, so what the timings
+    include is read off the recorded values whatever the machine's load."""
+    import types
 
+    import engram_eval.sweep as sweep_module
+
+    now = [0.0]
+
+    def perf_counter():
+        now[0] += 0.001
+        return now[0]
+
+    monkeypatch.setattr(sweep_module, "time", types.SimpleNamespace(perf_counter=perf_counter))
     seen = []
 
     def slow(question):
         seen.append(question.id)
-        time.sleep(1.0)
+        now[0] += 100.0
 
     result = sweep(tiny, tiny_bank, tmp_path / "run", before_question=slow)
     assert seen == ["q1", "q2", "q3"]
-    assert result.run["timings"]["sweep_seconds"] < 3.0 <= result.run["timings"]["total_seconds"]
+    assert result.run["timings"]["sweep_seconds"] < 1.0 and result.run["timings"]["total_seconds"] >= 300.0
 
 
 @pytest.mark.real_model
