@@ -141,3 +141,31 @@ def test_differing_settings_name_each_setting_and_shorten_long_values():
     assert differing_settings({"settings": {"pooling": "last"}}, {"settings": {"bank": "x"}}) == [
         'bank (baseline "x", run "(absent)")', 'pooling (baseline "mean", run "last")']
     assert differing_settings({"settings": {}}, {})[0].startswith("none recorded in the baseline")
+
+
+def test_the_baseline_file_is_the_runs_cells_written_out():
+    """summarize_run against the rows, key by key: question|engram|Llayer|sstrength, and |kK in a chunk-count grid."""
+    import polars as pl
+
+    frame = small_frame()
+    settings = {"layers": [1, 2], "bank": "decisive"}
+    summary = summarize_run(frame, {"settings": settings})
+    cells = frame.filter(pl.col("role") != "baseline")
+    assert summary["settings"] == settings and summary["model_fingerprint"] == "f" * 64
+    assert summary["questions"] == {r["question_id"]: {"baseline_log_ratio": r["log_ratio"]}
+                                    for r in frame.filter(pl.col("role") == "baseline").iter_rows(named=True)}
+    assert summary["cells"] == {f"{r['question_id']}|{r['engram']}|L{r['layer']}|s{r['strength']}":
+                                {"log_ratio": r["log_ratio"], "flipped": r["flipped"], "broken": r["broken"]}
+                                for r in cells.iter_rows(named=True)}
+    assert summary["totals"] == {"questions": 12, "cells": cells.height, "flips": int(cells["flipped"].sum()),
+                                 "breaks": int(cells["broken"].sum())}
+    assert summarize_run(frame, {})["settings"] == {}
+    grid = pl.concat([frame, cells.with_columns(chunks=pl.lit(8, pl.Int32), log_ratio=pl.col("log_ratio") + 1)])
+    keyed = summarize_run(grid, {})["cells"]
+    assert len(keyed) == 2 * cells.height
+    r = cells.row(0, named=True)
+    key = f"{r['question_id']}|{r['engram']}|L{r['layer']}|s{r['strength']}"
+    assert keyed[key + "|k16"]["log_ratio"] == r["log_ratio"] and keyed[key + "|k8"]["log_ratio"] == r["log_ratio"] + 1
+    both = pl.concat([frame.with_columns(context=pl.lit(True)), frame.with_columns(context=pl.lit(False))])
+    conditions = summarize_run(both, {})
+    assert set(conditions["questions"]) == {f"{q} {c}" for q in SUBSET for c in ("+context", "-context")}

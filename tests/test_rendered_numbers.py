@@ -183,3 +183,39 @@ def test_rendered_numbers_equal_the_json(summary):
     check_rate(table["fragile-correct rate"][0], split["break_rate_where_chosen"])
     check_rate(table["fragile-correct rate"][1], split["break_rate_held_out"])
     assert table["questions"] == [", ".join(split["chosen_on"]), ", ".join(split["measured_on"])]
+
+
+def test_the_side_by_side_rows_equal_the_comparison(summary):
+    import json
+
+    import polars as pl
+
+    from engram_eval.comparison import summarize_runs
+    from engram_eval.rendering import render_json, render_side_by_side, side_by_side_sections
+
+    frame = decisive_frame()
+    shallow = frame.filter(pl.col("layer").is_null() | (pl.col("layer") == 1))
+    runs = [("a", frame, {**decisive_run(), "num_layers": 4}), ("b", shallow, {**decisive_run(), "num_layers": 2})]
+    comparison = summarize_runs(runs)
+    sections = side_by_side_sections(comparison)
+    title, columns, rows = sections[0]
+    assert (title, columns) == ("Runs side by side", ["measure", "1: constructed", "2: constructed"])
+    table = {row[0]: row[1:] for row in rows}
+    assert table["run"] == ["a", "b"] and table["bank"] == ["decisive", "decisive"]
+    assert table["layers (relative depth)"] == ["L1 (0.25), L2 (0.50)", "L1 (0.50)"]
+    for i, run in enumerate(comparison["runs"]):
+        check_rate(table["baseline accuracy"][i], run["baseline_accuracy"])
+        check_rate(table["baseline-wrong questions that flip"][i], run["question_flip_rate"])
+        check_rate(table["baseline-correct questions that break"][i], run["question_fragile_correct_rate"])
+        for kind, control in run["controls"].items():
+            assert table[f"relevant vs {kind}"][i] == f"{control['verdict']} (p {control['p_value']:.4f})"
+    assert comparison["runs"][0]["baseline_accuracy"]["k"] == 10
+    heat = {t: r for t, _, r in sections[1:]}
+    first = heat["Heatmap relevant of run 1: constructed: flip rate by relative depth"]
+    grid = comparison["runs"][0]["heatmaps"]["relevant"]
+    assert first == [[f"{d:.2f} (L{layer})", *[f"{c['k']}/{c['n']}" for c in row]]
+                     for d, layer, row in zip(grid["depths"], grid["layers"], grid["flip"])]
+    assert first[0][0] == "0.25 (L1)" and first[1][2] == "10/10"
+    assert json.loads(render_side_by_side(comparison, "json")) == json.loads(json.dumps(comparison, default=str))
+    assert render_side_by_side(comparison, "markdown").startswith("# engram-eval report: runs side by side\n\n## Runs side by side")
+    assert render_json(summary) == json.dumps(summary, indent=2, default=str)
