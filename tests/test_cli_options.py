@@ -622,7 +622,7 @@ def test_bench_options_reach_the_benchmark(tiny_model_dir, bank_dir, tmp_path, m
 # ---------------------------------------------------------------- build
 
 
-BUILD_EFFECTS = [
+EXTRACTION_EFFECTS = [  # build and compare: each extraction option against the library's extraction
     ([], Extraction()),
     (["--pooling", "last"], Extraction(pooling="last")),
     (["--pooling", "pca"], Extraction(pooling="pca")),
@@ -632,7 +632,7 @@ BUILD_EFFECTS = [
 ]
 
 
-@pytest.mark.parametrize("args,extraction", BUILD_EFFECTS, ids=[" ".join(a) or "seed" for a, _ in BUILD_EFFECTS])
+@pytest.mark.parametrize("args,extraction", EXTRACTION_EFFECTS, ids=[" ".join(a) or "seed" for a, _ in EXTRACTION_EFFECTS])
 def test_build_options_store_the_librarys_engrams(args, extraction, tiny, tiny_model_dir, bank_dir, tmp_path):
     from engram_eval.engram import extract_engram
     from engram_eval.store import EngramStore
@@ -665,17 +665,9 @@ def test_build_force_rebuilds(tiny_model_dir, tmp_path):
 # ---------------------------------------------------------------- compare
 
 
-COMPARE_EFFECTS = [
-    ([], Extraction()),
-    (["--pooling", "last"], Extraction(pooling="last")),
-    (["--pooling", "pca"], Extraction(pooling="pca")),
-    (["--skip-tokens", "1"], Extraction(skip_tokens=1)),
-    (["--window", "8"], Extraction(window=8)),
-    (["--max-tokens", "10"], Extraction(max_tokens=10)),
-]
 
 
-@pytest.mark.parametrize("args,extraction", COMPARE_EFFECTS, ids=[" ".join(a) or "seed" for a, _ in COMPARE_EFFECTS])
+@pytest.mark.parametrize("args,extraction", EXTRACTION_EFFECTS, ids=[" ".join(a) or "seed" for a, _ in EXTRACTION_EFFECTS])
 def test_compare_options_equal_the_library(args, extraction, tiny, tiny_model_dir, shallow_model_dir, bank_dir, tmp_path):
     from engram_eval.geometry import compare_engrams
     from engram_eval.model import load_model
