@@ -219,3 +219,40 @@ def test_the_side_by_side_rows_equal_the_comparison(summary):
     assert json.loads(render_side_by_side(comparison, "json")) == json.loads(json.dumps(comparison, default=str))
     assert render_side_by_side(comparison, "markdown").startswith("# engram-eval report: runs side by side\n\n## Runs side by side")
     assert render_json(summary) == json.dumps(summary, indent=2, default=str)
+
+
+def test_the_drill_down_renderings_show_each_cell_of_the_question():
+    import json
+
+    import polars as pl
+
+    from engram_eval.drilldown import question_drilldown
+    from engram_eval.rendering import render_drilldown
+
+    frame = decisive_frame().filter(pl.col("question_id") == "q02")
+    both = pl.concat([frame.with_columns(context=pl.lit(True)), frame.with_columns(context=pl.lit(False))])
+    texts = pl.DataFrame([{"question_id": "q02", "role": "relevant", "engram": "relevant-q02", "layer": 2, "strength": 5.0, "chunks": 16,
+                           "context": True, "first_answer": "correct", "verdict": "correct", "text": "a\nb"}])
+    drill = question_drilldown(both, "q02", texts)
+    assert json.loads(render_drilldown(drill, "json")) == json.loads(json.dumps(drill, default=str))
+    assert render_drilldown(drill, "json") == json.dumps(drill, indent=2, default=str)
+    markdown = render_drilldown(drill, "markdown")
+    assert markdown.startswith("# engram-eval report: question q02\n")
+    sections = markdown_sections(markdown)
+    titles = list(sections)
+    assert titles[0].startswith("q02 with its context: baseline p(correct) ") and titles[1].startswith("q02 without its context:")
+    assert titles[2] == "q02: generated texts" and sections[titles[2]] == [["relevant-q02 L2 x5, with context", "correct", "correct", "a b"]]
+    base = frame.filter(pl.col("role") == "baseline").row(0, named=True)
+    assert f"ratio {base['ratio']:.3g}" in titles[0] and f"({base['top_correct_variant']!r})" in titles[0]
+    rows = sections[titles[0]]
+    cells = frame.filter(pl.col("role") != "baseline")
+    assert len(rows) == cells.height and rows[0][0].startswith("relevant-q02")  # the relevant engram first
+    first = drill["conditions"][0]["cells"][0]
+    assert rows[0][1:3] == [f"L{first['layer']}", f"{first['strength']:g}"]
+    assert float(rows[0][5]) == pytest.approx(first["ratio"], rel=5e-3)
+    assert float(rows[0][6]) == pytest.approx(first["sink_score"], abs=5e-3)
+    page = render_drilldown(drill, "html")
+    assert html_sections(page)[titles[2]] == sections[titles[2]] and "<title>engram-eval report: question q02</title>" in page
+    buffer = io.StringIO()
+    render_drilldown(drill, "table", Console(file=buffer, width=4000, color_system=None))
+    assert "q02: generated texts" in buffer.getvalue() and "relevant-q02 L2 x5, with context" in buffer.getvalue()
