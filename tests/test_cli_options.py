@@ -250,16 +250,7 @@ def test_sweep_option_equals_the_library_with_the_same_setting(args, setting, ti
     ok(run("sweep", bank_dir / "tiny.yaml", "--model", tiny_model_dir, *GRID, *args, "--out", tmp_path / "cli",
            "--store", tmp_path / "store", "-q"))
     got = pl.read_parquet(tmp_path / "cli/results.parquet")
-    library = {**LIBRARY_GRID, **setting}
-    if "questions" in library:
-        from engram_eval.bank import load_bank
-        from engram_eval.store import EngramStore
-        from engram_eval.sweep import run_sweep
-
-        expected = pl.read_parquet(run_sweep(tiny, load_bank(bank_dir / "tiny.yaml"), EngramStore(tmp_path / "store"), tmp_path / "lib",
-                                             progress=False, **library).results_path)
-    else:
-        expected = pl.read_parquet(sweep(tiny, bank_dir / "tiny.yaml", tmp_path / "lib", **library).results_path)
+    expected = pl.read_parquet(sweep(tiny, bank_dir / "tiny.yaml", tmp_path / "lib", **{**LIBRARY_GRID, **setting}).results_path)
     assert_same_results(got, expected)
     assert got["run_id"][0] != default_sweep["run_id"][0]
     changed = got.height != default_sweep.height or any(not got[c].equals(default_sweep[c]) for c in got.columns if c != "run_id")

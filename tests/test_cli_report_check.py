@@ -21,7 +21,9 @@ SUBSET = [f"q{i:02d}" for i in (*range(1, 7), *range(11, 17))]  # 6 wrong, 6 rig
 
 
 def small_frame():
-    return decisive_frame().filter(decisive_frame()["question_id"].is_in(SUBSET))
+    import polars as pl
+
+    return decisive_frame().filter(pl.col("question_id").is_in(SUBSET))
 
 
 def run(*args):
