@@ -13,7 +13,7 @@ from pathlib import Path
 
 import polars as pl
 
-from . import __version__
+from ._version import __version__
 from .engram import DEFAULT_MAX_TOKENS, Extraction
 from .errors import EngramEvalError
 from .files import atomic_write_parquet, atomic_write_text

@@ -15,7 +15,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from . import __version__
+from ._version import __version__
 from .engram import (
     DEFAULT_MAX_TOKENS,
     SEED_EXTRACTION,

@@ -8,7 +8,7 @@ from typing import Callable
 import click
 from rich.console import Console
 
-from .. import __version__
+from .._version import __version__
 from ..errors import EngramEvalError
 
 stderr = Console(stderr=True)
