@@ -25,7 +25,8 @@ from .generation import (
     run_generate,
     select_cells,
 )
-from .injection import Steering, direction, null_prefix, residual_norms, scale_engram
+from .injection import Steering, direction, residual_norms, scale_engram
+from .nulls import null_prefix
 from .model import LoadedModel
 from .pooling import chunk_mean
 from .prompts import prepare_question

@@ -61,7 +61,7 @@ def differing_settings(current: dict, baseline: dict) -> list[str]:
     baseline predates must have its default value (the seed method) in the run."""
     from dataclasses import MISSING, fields
 
-    from .rundir import SweepSettings
+    from .settings import SweepSettings
 
     defaults = {f.name: f.default for f in fields(SweepSettings) if f.default is not MISSING}
     before, now = baseline.get("settings"), current.get("settings", {})

@@ -98,7 +98,8 @@ def plan_workers(options: RayOptions) -> tuple[Any, int]:
 
 
 class Worker:
-    """A Ray actor's body: loads the model once and keeps it; scores or generates whole questions."""
+    """A Ray actor's body: loads the model once and keeps it, and runs the work it is handed on it (a question's cells,
+    a batch of generations)."""
 
     def __init__(self, spec: str, device: str, dtype: str, trust_remote_code: bool, threads: int):
         torch.set_num_threads(threads)
@@ -107,18 +108,10 @@ class Worker:
     def fingerprint(self) -> str:
         return self.lm.fingerprint
 
-    def sweep(self, settings, bank, conditions, grid, raw, batch_size, fits):
-        from .sweep import score_question
-
-        _die_here_once(conditions[0].question.id)
-        frame, fits = score_question(self.lm, settings, bank, conditions, grid, raw, batch_size, fits)
-        return frame.to_arrow(), fits
-
-    def generate(self, key: str, rows, max_new_tokens: int, batch_size: int):
-        from .generation import generate_in_batches
-
+    def call(self, key: str, work: Callable[..., Any], *args: Any) -> Any:
+        """work(model, *args): a module-level function of the layer above (Ray sends it by reference)."""
         _die_here_once(key)
-        return generate_in_batches(self.lm, [row.to(self.lm.device) for row in rows], max_new_tokens, batch_size)
+        return work(self.lm, *args)
 
 
 def _die_here_once(key: str) -> None:

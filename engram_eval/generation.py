@@ -27,10 +27,10 @@ from .injection import CellVectors, Steering
 from .model import LoadedModel
 from .prompts import prepare_question, prompt_token_ids
 from .results import CELL_SETTING_COLUMNS, engram_kind
-from .rundir import SweepSettings, check_results_format, merge_parts, one_line, part_paths, read_run_json, write_part
+from .rundir import check_results_format, merge_parts, one_line, part_paths, read_run_json, write_part
 from .scoring import auto_batch_size
-from .store import EngramStore
-from .sweep import build_engrams
+from .settings import SweepSettings
+from .store import EngramStore, bank_engrams
 
 if TYPE_CHECKING:
     from .distributed import RayOptions
@@ -243,7 +243,7 @@ def run_generate(
 
                 def submit(key: str) -> Callable:
                     todo = [row for *_, rows in prepared_groups[key] for row in rows]
-                    return lambda worker: worker.generate.remote(key.split(":", 1)[1], todo, max_new_tokens, size)
+                    return lambda worker: worker.call.remote(key.split(":", 1)[1], generate_on_worker, todo, max_new_tokens, size)
 
                 def done(key: str, generated: list[Generated]) -> None:
                     finish(prepared_groups[key], generated)
@@ -282,7 +282,7 @@ def reopen_run(lm: LoadedModel, out: Path, run: dict) -> tuple[SweepSettings, Ba
     bank = load_bank(run["bank_path"], allow_outside_paths=True).select(settings.questions)
     if bank.sha256 != settings.bank_sha256:
         raise EngramEvalError(f"{run['bank_path']}: the bank changed since {out} was swept; sweep again before generating")
-    engrams = build_engrams(lm, bank, EngramStore(run["store"]), settings)
+    engrams = bank_engrams(lm, bank, EngramStore(run["store"]), settings.layers, settings.chunk_list, settings.extraction)
     return settings, bank, raw_vectors(lm, bank, engrams, settings.layers, settings.chunk_list)
 
 
@@ -329,6 +329,11 @@ def generate_in_batches(lm: LoadedModel, todo: list[Row], max_new_tokens: int, b
             results[i] = generated
         on_rows(len(batch))
     return [results[i] for i in range(len(todo))]
+
+
+def generate_on_worker(lm: LoadedModel, todo: list[Row], max_new_tokens: int, batch_size: int) -> list[Generated]:
+    """generate_in_batches on a worker, whose device may differ from the driver's."""
+    return generate_in_batches(lm, [row.to(lm.device) for row in todo], max_new_tokens, batch_size)
 
 
 def _prepare_generation_dir(out: Path, info: dict, force: bool) -> None:

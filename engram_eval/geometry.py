@@ -17,7 +17,7 @@ import torch
 from .bank import NULL_PREFIXES, Bank
 from .engram import Extraction, source_ids
 from .errors import EngramEvalError
-from .injection import null_prefix
+from .nulls import null_prefix
 from .model import LoadedModel
 from .pooling import chunk_bounds
 from .store import EngramStore

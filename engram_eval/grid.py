@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from .bank import NULL_PREFIXES, Bank, Question
-from .injection import NULL_KIND, null_prefix
+from .nulls import NULL_KIND, null_prefix
 from .model import LoadedModel
 from .store import StoredEngram
 
@@ -58,8 +58,3 @@ def raw_vectors(lm: LoadedModel, bank: Bank, engrams: dict[tuple[str, int], Stor
             vectors = null_prefix(name, lm, k)
             raw.update({(name, layer, k): vectors for layer in layers})
     return raw
-
-
-def engram_label(name: str, k: int, chunks: list[int]) -> str:
-    """How run.json names an engram: its source, and its k when the run has several."""
-    return name if len(chunks) == 1 else f"{name}@k{k}"

@@ -2,8 +2,7 @@
 
 Modes (`--injection`): `prefix` (the seed's: k scaled vectors before the prompt), `add` (added to the first k prompt
 embeddings) and `actadd` (activation addition: strength x s x u added to the residual stream after block L-1 at every
-position). Scalings (`--scaling`, prefix and add): `global` (the seed's one scalar) and `per-chunk`. Null prefixes
-(`~gaussian`, `~mean-token`) are engrams without a source text, for controls with no content at all."""
+position). Scalings (`--scaling`, prefix and add): `global` (the seed's one scalar) and `per-chunk`."""
 
 from __future__ import annotations
 
@@ -13,7 +12,6 @@ from typing import TYPE_CHECKING, Iterator
 
 import torch
 
-from .bank import NULL_PREFIXES
 from .errors import EngramEvalError
 from .model import LoadedModel
 
@@ -22,7 +20,6 @@ if TYPE_CHECKING:
 
 INJECTIONS = ("prefix", "add", "actadd")
 SCALINGS = ("global", "per-chunk")
-NULL_KIND = "null"  # control_kind of the null prefixes
 
 
 def mean_row_norm(x: torch.Tensor) -> torch.Tensor:
@@ -36,16 +33,6 @@ def scale_engram(vectors: torch.Tensor, embedding_norm: float, strength: float, 
     if scaling == "per-chunk":
         return vectors / vectors.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny) * embedding_norm * strength
     return vectors * (embedding_norm / mean_row_norm(vectors)) * strength
-
-
-def null_prefix(name: str, lm: LoadedModel, chunks: int) -> torch.Tensor:
-    """The raw vectors [chunks, hidden] of a null prefix; like any engram's, they are scaled before injection."""
-    if name == "~gaussian":
-        return torch.randn(chunks, lm.hidden_size, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
-    if name == "~mean-token":
-        mean = lm.model.get_input_embeddings().weight.detach().float().mean(dim=0).cpu()
-        return mean.expand(chunks, -1).clone()
-    raise EngramEvalError(f"unknown null prefix '{name}' (one of: {', '.join(NULL_PREFIXES)})")
 
 
 def check_injection(injection: str, scaling: str) -> None:

@@ -11,7 +11,7 @@ from .bank import Bank
 if TYPE_CHECKING:
     from .grid import Cell
     from .prompts import PreparedQuestion
-    from .rundir import SweepSettings
+    from .settings import SweepSettings
 
 CASES = (
     "HIGH_CONFIDENCE_CORRECT",

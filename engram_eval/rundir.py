@@ -1,4 +1,4 @@
-"""The run directory: settings that determine a run's numbers, run.json, per-question parts and their merge."""
+"""The run directory: run.json, per-question parts and their merge."""
 
 from __future__ import annotations
 
@@ -7,52 +7,17 @@ import json
 import os
 import platform
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from importlib.metadata import version
 from pathlib import Path
 
 import polars as pl
 
 from ._version import __version__
-from .engram import DEFAULT_MAX_TOKENS, Extraction
 from .errors import EngramEvalError
 from .files import atomic_write_parquet, atomic_write_text
 from .results import RESULT_SCHEMA
-
-
-@dataclass
-class SweepSettings:
-    """Everything that determines the numbers of a run (batch size does not)."""
-
-    model: str
-    model_fingerprint: str
-    bank: str
-    bank_sha256: str
-    layers: list[int]
-    strengths: list[float]
-    chunks: int | list[int]  # one k (an int, as the seed's runs record it) or the chunk-count grid
-    scoring: str
-    injection: str
-    questions: list[str]
-    max_tokens: int = DEFAULT_MAX_TOKENS
-    pooling: str = "mean"
-    skip_tokens: int = 0
-    window: int | None = None
-    scaling: str = "global"
-    context: str = "with"
-    record_attention: bool = False  # eager attention: its float rounding differs slightly from the default kernel
-
-    @property
-    def chunk_list(self) -> list[int]:
-        return [self.chunks] if isinstance(self.chunks, int) else list(self.chunks)
-
-    @property
-    def extraction(self) -> Extraction:
-        return Extraction(pooling=self.pooling, skip_tokens=self.skip_tokens, window=self.window, max_tokens=self.max_tokens)
-
-    @property
-    def run_id(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+from .settings import SweepSettings
 
 
 def write_run_json(out: Path, data: dict) -> None:

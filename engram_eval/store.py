@@ -10,12 +10,14 @@ import tempfile
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ._version import __version__
+from .bank import NULL_PREFIXES, Bank
 from .engram import (
     DEFAULT_MAX_TOKENS,
     SEED_EXTRACTION,
@@ -292,3 +294,27 @@ def run_engram_keys(run_roots: list[Path]) -> set[str]:
             except (OSError, ValueError, AttributeError):
                 raise EngramEvalError(f"{run_json}: unreadable run.json; cannot tell which engrams it uses") from None
     return keys
+
+
+def engram_label(name: str, k: int, chunks: list[int]) -> str:
+    """How run.json names an engram: its source, and its k when the run has several."""
+    return name if len(chunks) == 1 else f"{name}@k{k}"
+
+
+def bank_engrams(lm: LoadedModel, bank: Bank, store: EngramStore, layers: list[int], chunks: list[int], extraction: Extraction,
+                 warn: Callable[[str], None] = lambda message: None,
+                 log: Callable[[str], None] = lambda message: None) -> dict[tuple[str, int], StoredEngram]:
+    """Every source engram the bank's questions use, by (source, k), from the store (built where it lacks them; one
+    forward pass per source serves every k)."""
+    needed = list(dict.fromkeys(name for q in bank.questions for name in (q.engram, *q.controls) if name not in NULL_PREFIXES))
+    engrams: dict[tuple[str, int], StoredEngram] = {}
+    for name in needed:
+        for k, (stored, status) in store.ensure_all(lm, name, bank.sources[name].text, layers, chunks, extraction).items():
+            if stored.engram.layers[layers[0]].shape[-1] != lm.hidden_size:
+                raise EngramEvalError(f"store file {stored.path}: hidden size differs from {lm.name}'s {lm.hidden_size}")
+            if status != "cached":
+                for warning in engram_warnings(name, stored.restricted(layers)):
+                    warn(warning)
+            log(f"engram {engram_label(name, k, chunks)}: {status} ({stored.path})")
+            engrams[(name, k)] = stored
+    return engrams

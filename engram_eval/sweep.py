@@ -19,13 +19,12 @@ from .bank import NULL_PREFIXES, Bank, Question
 from .engram import DEFAULT_MAX_TOKENS, Extraction, check_chunks, check_layers, chunk_shares
 from .errors import EngramEvalError, EngramEvalWarning
 from .geometry import pair_geometry
-from .grid import Cell, engram_label, question_cells, raw_vectors
+from .grid import Cell, question_cells, raw_vectors
 from .injection import check_injection
 from .model import LoadedModel
 from .prompts import PreparedQuestion, context_conditions, prepare_question, variant_token_warnings
 from .results import question_frame
 from .rundir import (
-    SweepSettings,
     mark_stopped,
     merge_parts,
     one_line,
@@ -36,7 +35,8 @@ from .rundir import (
     write_run_json,
 )
 from .scoring import SCORINGS, auto_batch_size, score_cells
-from .store import EngramStore, StoredEngram, engram_warnings
+from .settings import SweepSettings
+from .store import EngramStore, StoredEngram, bank_engrams, engram_label
 
 if TYPE_CHECKING:
     from .distributed import RayOptions
@@ -188,26 +188,6 @@ def run_sweep(
     return SweepResult(out=out, results_path=out / "results.parquet", run=run)
 
 
-def build_engrams(lm: LoadedModel, bank: Bank, store: EngramStore, settings: SweepSettings,
-                  warn: Callable[[str], None] = lambda message: None,
-                  log: Callable[[str], None] = lambda message: None) -> dict[tuple[str, int], StoredEngram]:
-    """Every source engram the bank's questions use, by (source, k), from the store (built where it lacks them; one
-    forward pass per source serves every k)."""
-    layers, chunks = settings.layers, settings.chunk_list
-    needed = list(dict.fromkeys(name for q in bank.questions for name in (q.engram, *q.controls) if name not in NULL_PREFIXES))
-    engrams: dict[tuple[str, int], StoredEngram] = {}
-    for name in needed:
-        for k, (stored, status) in store.ensure_all(lm, name, bank.sources[name].text, layers, chunks, settings.extraction).items():
-            if stored.engram.layers[layers[0]].shape[-1] != lm.hidden_size:
-                raise EngramEvalError(f"store file {stored.path}: hidden size differs from {lm.name}'s {lm.hidden_size}")
-            if status != "cached":
-                for warning in engram_warnings(name, stored.restricted(layers)):
-                    warn(warning)
-            log(f"engram {engram_label(name, k, chunks)}: {status} ({stored.path})")
-            engrams[(name, k)] = stored
-    return engrams
-
-
 def anti_difference_signals(bank: Bank, engrams: dict[tuple[str, int], StoredEngram], layers: list[int],
                             chunks: list[int]) -> list[dict]:
     """The seeds' difference signal between each question's relevant engram and its anti-content controls, per k and
@@ -242,6 +222,14 @@ def score_question(lm: LoadedModel, settings: SweepSettings, bank: Bank, conditi
     return pl.concat(frames), fits
 
 
+def score_question_table(lm: LoadedModel, settings: SweepSettings, bank: Bank, conditions: list[PreparedQuestion],
+                         grid: list[list[Cell]], raw: dict[tuple[str, int, int], torch.Tensor],
+                         batch_size: int | None) -> tuple[object, int | None]:
+    """score_question on a worker: its rows as an Arrow table (what travels back to the driver)."""
+    frame, fits = score_question(lm, settings, bank, conditions, grid, raw, batch_size)
+    return frame.to_arrow(), fits
+
+
 def _sweep_on_ray(pool: RayPool, settings: SweepSettings, bank: Bank, prepared: list[list[PreparedQuestion]], grid: list[list[list[Cell]]],
                   raw: dict, rows: list[int], parts: list[Path], batch_size: int | None, bar) -> None:
     """Questions to the workers, largest first (a short tail); each finished question lands in its part file here."""
@@ -249,7 +237,9 @@ def _sweep_on_ray(pool: RayPool, settings: SweepSettings, bank: Bank, prepared: 
     todo = sorted((i for i, part in enumerate(parts) if not part.exists()), key=lambda i: -rows[i])
 
     def submit(i: int) -> Callable:
-        return lambda worker: worker.sweep.remote(settings, bank, prepared[i], grid[i], raw_ref, batch_size, None)
+        question_id = prepared[i][0].question.id
+        return lambda worker: worker.call.remote(question_id, score_question_table, settings, bank, prepared[i], grid[i],
+                                                 raw_ref, batch_size)
 
     def finished(key: str, result: tuple) -> None:
         i = int(key.split(":")[0])
@@ -267,7 +257,7 @@ def _run_grid(lm: LoadedModel, bank: Bank, store: EngramStore, out: Path, settin
 
     layers, chunks = settings.layers, settings.chunk_list
     build_started = time.perf_counter()
-    engrams = build_engrams(lm, bank, store, settings, warn, log)
+    engrams = bank_engrams(lm, bank, store, layers, chunks, settings.extraction, warn, log)
     build_seconds = time.perf_counter() - build_started
     labels = {(name, k): engram_label(name, k, chunks) for name, k in engrams}
     run.update(

@@ -105,7 +105,7 @@ def bank_validate(bank_path: Path, model_spec: str | None, strict: bool, allow_o
 def bank_stats(bank_path: Path, model_spec: str, allow_outside_paths: bool) -> None:
     """Count what a bank holds: questions, sources, controls per kind, prompt lengths in tokens."""
     from ..bank import NULL_PREFIXES, load_bank
-    from ..injection import NULL_KIND
+    from ..nulls import NULL_KIND
     from ..prompts import prompt_token_ids
 
     loaded = load_bank(bank_path, allow_outside_paths)
