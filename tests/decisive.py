@@ -92,3 +92,32 @@ def decisive_frame(seed: int = 7) -> pl.DataFrame:
 
 def decisive_run() -> dict:
     return {"status": "complete", "settings": {"max_tokens": 2048}, "timings": {"total_seconds": 1.0}}
+
+
+def every_section_frame() -> pl.DataFrame:
+    """The decisive frame at two chunk counts, each question with and without a retrieved context, attention recorded:
+    every section of the report has rows."""
+    frame = decisive_frame()
+    grid = pl.concat([frame, frame.filter(pl.col("role") != "baseline").with_columns(chunks=pl.lit(8, RESULT_SCHEMA["chunks"]))])
+    attention = {"attn_prefix_share": pl.lit(0.25, RESULT_SCHEMA["attn_prefix_share"]),
+                 "attn_first_share": pl.lit(0.5, RESULT_SCHEMA["attn_first_share"])}
+    both = pl.concat([grid.with_columns(context=pl.lit(True), **attention), grid.with_columns(context=pl.lit(False), **attention)])
+    return both.select([pl.col(name).cast(dtype) for name, dtype in RESULT_SCHEMA.items()])
+
+
+def every_section_run() -> dict:
+    return {**decisive_run(), "largest_chunk_share": {"relevant-q01": {"1": 0.4, "2": 0.6}},
+            "anti_difference_signal": [{"question_id": q, "anti": f"anti-{q}", "chunks": k, "layer": layer, "difference_signal": 0.1 * k}
+                                       for q in QUESTIONS for k in (8, 16) for layer in LAYERS]}
+
+
+def every_section_generations() -> pl.DataFrame:
+    rows = []
+    for i, qid in enumerate(QUESTIONS[:8]):
+        for role in ("baseline", "relevant"):
+            rows.append({"question_id": qid, "role": role, "engram": None if role == "baseline" else f"relevant-{qid}",
+                         "layer": None if role == "baseline" else 2, "strength": None if role == "baseline" else 5.0, "chunks": 16,
+                         "context": True, "ratio": [0.5, 2.0, 1.0][i % 3], "flipped": None if role == "baseline" else i % 2 == 0,
+                         "verdict": ["correct", "incorrect", "both", "neither"][i % 4], "first_answer": ["correct", "incorrect", "none"][i % 3],
+                         "text": f"text {i}\nmore"})
+    return pl.DataFrame(rows)
