@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
+from .errors import EngramEvalError
 from .statistics import ALPHA, benjamini_hochberg, bootstrap_mean_ci, mcnemar_exact, rate
 
 OUTCOMES = {"flip": ("flipped", ~pl.col("correct_before")), "break": ("broken", pl.col("correct_before"))}
@@ -84,6 +85,9 @@ def held_out_best_cell(frame: pl.DataFrame, seed: int) -> dict:
     """AxBench's practice: pick the best cell (highest flip rate, then lowest break rate, then lowest k, layer, strength)
     on a random half of the questions, and report its rates on the other half."""
     questions = sorted(frame["question_id"].unique().to_list())
+    if len(questions) < 2:
+        raise EngramEvalError(f"--split: needs at least 2 questions to choose on one half and measure on the other "
+                              f"(the run has {len(questions)})")
     shuffled = [questions[i] for i in np.random.default_rng(seed).permutation(len(questions))]
     chosen, held_out = sorted(shuffled[: len(questions) // 2]), sorted(shuffled[len(questions) // 2:])
     relevant = frame.filter(pl.col("role") == "relevant")
@@ -100,7 +104,7 @@ def held_out_best_cell(frame: pl.DataFrame, seed: int) -> dict:
     cell = {key: picked[key] for key in ("layer", "strength", "chunks")}
     there = rates(held_out).filter((pl.col("layer") == cell["layer"]) & (pl.col("strength") == cell["strength"])
                                    & (pl.col("chunks") == cell["chunks"]))
-    held = there.row(0, named=True) if there.height else {"flips": 0, "wrong": 0, "breaks": 0, "correct": 0}
+    held = there.row(0, named=True)  # every question of a run has every cell
     return {
         "seed": seed, "chosen_on": chosen, "measured_on": held_out, "cell": cell,
         "flip_rate_where_chosen": rate(int(picked["flips"]), int(picked["wrong"])),

@@ -171,3 +171,16 @@ def test_the_baseline_file_is_the_runs_cells_written_out():
     both = pl.concat([frame.with_columns(context=pl.lit(True)), frame.with_columns(context=pl.lit(False))])
     conditions = summarize_run(both, {})
     assert set(conditions["questions"]) == {f"{q} {c}" for q in SUBSET for c in ("+context", "-context")}
+
+
+def test_split_on_a_one_question_run_is_one_line(tmp_path):
+    import polars as pl
+
+    out = tmp_path / "one"
+    out.mkdir()
+    decisive_frame().filter(pl.col("question_id") == "q01").write_parquet(out / "results.parquet")
+    (out / "run.json").write_text(json.dumps({**decisive_run(), "results_format": RESULTS_FORMAT}))
+    result = CliRunner().invoke(cli, ["report", str(out), "--split", "1"])
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert result.output.strip().splitlines()[-1] == ("error: --split: needs at least 2 questions to choose on one half and measure "
+                                                      "on the other (the run has 1)")

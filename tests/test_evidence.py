@@ -116,3 +116,36 @@ def test_every_interval_and_control_p_value_equals_scipy_on_the_parquet(run):
         expected = permutation_test((differences,), lambda x, axis: np.mean(x, axis=axis), permutation_type="samples",
                                     vectorized=True, n_resamples=2 ** len(differences)).pvalue
         assert control["p_value"] == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_the_held_out_pick_and_its_ties_against_the_rule_written_out(seed):
+    """Small random grids (6 questions, so halves of 3: ties, and halves with no baseline-wrong or no baseline-correct
+    question, are common): the cell picked on the chosen half is the highest flip rate, then the lowest break rate, then
+    the lowest k, layer and strength (a rate with no eligible question counts as 0), and its counts on both halves."""
+    rng = np.random.default_rng(seed)
+    questions = [f"q{i}" for i in range(6)]
+    correct = {q: bool(rng.random() < 0.5) for q in questions}
+    rows = [{"question_id": q, "role": role, "layer": layer, "strength": strength, "chunks": k, "correct_before": correct[q],
+             "flipped": role == "relevant" and not correct[q] and bool(rng.random() < 0.4),
+             "broken": role == "relevant" and correct[q] and bool(rng.random() < 0.4)}
+            for q in questions for role in ("relevant", "control") for layer in (1, 2) for strength in (1.0, 5.0) for k in (8, 16)]
+    split = held_out_best_cell(pl.DataFrame(rows), seed)
+    order = [sorted(questions)[i] for i in np.random.default_rng(seed).permutation(6)]
+    assert (split["chosen_on"], split["measured_on"]) == (sorted(order[:3]), sorted(order[3:]))
+
+    def counts(ids, cell):
+        mine = [r for r in rows if r["role"] == "relevant" and r["question_id"] in ids and (r["layer"], r["strength"], r["chunks"]) == cell]
+        return (sum(r["flipped"] for r in mine), sum(not r["correct_before"] for r in mine),
+                sum(r["broken"] for r in mine), sum(r["correct_before"] for r in mine))
+
+    def key(cell):
+        flips, wrong, breaks, right = counts(split["chosen_on"], cell)
+        return (-(flips / wrong if wrong else 0.0), breaks / right if right else 0.0, cell[2], cell[0], cell[1])
+
+    best = min([(layer, strength, k) for layer in (1, 2) for strength in (1.0, 5.0) for k in (8, 16)], key=key)
+    assert (split["cell"]["layer"], split["cell"]["strength"], split["cell"]["chunks"]) == best
+    for half, flip, brk in (("chosen_on", "flip_rate_where_chosen", "break_rate_where_chosen"),
+                            ("measured_on", "flip_rate_held_out", "break_rate_held_out")):
+        flips, wrong, breaks, right = counts(split[half], best)
+        assert (split[flip]["k"], split[flip]["n"], split[brk]["k"], split[brk]["n"]) == (flips, wrong, breaks, right)
