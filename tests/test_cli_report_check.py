@@ -184,3 +184,42 @@ def test_split_on_a_one_question_run_is_one_line(tmp_path):
     assert result.exit_code != 0 and "Traceback" not in result.output
     assert result.output.strip().splitlines()[-1] == ("error: --split: needs at least 2 questions to choose on one half and measure "
                                                       "on the other (the run has 1)")
+
+
+def test_compare_names_question_drifts_and_every_cell_either_side_lacks():
+    from engram_eval.check import Drift
+
+    base = {"questions": {"q": {"baseline_log_ratio": 0.5}, "r": {"baseline_log_ratio": 1.0}},
+            "cells": {"a": {"log_ratio": 1.0}}, "totals": {}}
+    now = {"questions": {"q": {"baseline_log_ratio": 0.75}}, "cells": {"a": {"log_ratio": 1.0}, "b": {"log_ratio": 0.0},
+                                                                      "c": {"log_ratio": 0.0}}, "totals": {}}
+    assert compare(now, base) == [Drift("q baseline_log_ratio", 0.5, 0.75, 0.25), Drift("question r", "present", "missing"),
+                                  Drift("cell b", "missing", "present"), Drift("cell c", "missing", "present")]
+    assert compare(base, now) == [Drift("q baseline_log_ratio", 0.75, 0.5, -0.25), Drift("question r", "missing", "present"),
+                                  Drift("cell b", "present", "missing"), Drift("cell c", "present", "missing")]
+
+
+def test_differing_settings_fill_in_defaults_and_absences_on_either_side():
+    from engram_eval.check import differing_settings
+
+    assert differing_settings({"settings": {"bank": "x"}}, {"settings": {"pooling": "last"}}) == [
+        'bank (baseline "(absent)", run "x")', 'pooling (baseline "last", run "mean")']
+    assert differing_settings({}, {"settings": {"pooling": "mean", "bank": "x"}}) == ['bank (baseline "x", run "(absent)")']
+    forty = "a" * 38  # json.dumps adds the quotes: 40 characters are shown whole, 41 are cut to 37 and "..."
+    assert differing_settings({"settings": {"bank": forty}}, {"settings": {"bank": "b"}}) == [f'bank (baseline "b", run "{forty}")']
+    assert differing_settings({"settings": {"bank": forty + "a"}}, {"settings": {"bank": "b"}}) == [
+        f'bank (baseline "b", run "{forty[:36]}...)']
+
+
+def test_the_baseline_file_is_written_where_asked_and_diffs_line_by_line(tmp_path):
+    """One key per line, keys sorted: a baseline's change reads as a small diff in review."""
+    from engram_eval.check import read_baseline, write_baseline
+
+    summary = {"totals": {"cells": 2, "flips": 1}, "cells": {"b|x|L1|s1.0": {"log_ratio": 0.5}, "a|x|L1|s1.0": {"log_ratio": 1.5}}}
+    path = tmp_path / "new" / "folder" / "baseline.json"
+    write_baseline(path, summary)
+    text = path.read_text()
+    assert read_baseline(path) == summary and text.endswith("}\n")
+    lines = text.splitlines()
+    assert lines[:4] == ['{', ' "cells": {', '  "a|x|L1|s1.0": {', '   "log_ratio": 1.5']
+    assert lines.index('  "b|x|L1|s1.0": {') > lines.index('  "a|x|L1|s1.0": {') and lines[-3:] == ['  "flips": 1', ' }', '}']
