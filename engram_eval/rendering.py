@@ -242,16 +242,16 @@ def render_table(summary: dict, console) -> None:
 
 
 def print_sections(sections: list[tuple[str, list[str], list[list[str]]]], console, heatmaps: dict | None = None) -> None:
-    """Rich tables; a single run's heatmap tables get coloured cells."""
+    """Rich tables; a single run's heatmap tables get coloured cells. No column gets a min_width: rich keeps words
+    whole where the console has room and folds them where it has not, whereas a min_width made it crop the last
+    columns off tables that were too wide."""
     from rich.table import Table
 
     for title, columns, rows in sections:
         heat = title.startswith("Heatmap")
         table = Table(title=title, title_justify="left", show_header=True)
-        for i, column in enumerate(columns):
-            # Wide enough for the column's longest word, so words wrap whole (a path may still fold).
-            longest = max((len(word) for row in rows for word in row[i].split()), default=0)
-            table.add_column(column, justify="right" if heat else "left", overflow="fold", min_width=min(longest, 24))
+        for column in columns:
+            table.add_column(column, justify="right" if heat else "left", overflow="fold")
         grid = None
         if heat and heatmaps is not None:
             name, measure = title.removeprefix("Heatmap ").split(":")[0], "flip" if "flip rate" in title else "break"

@@ -256,3 +256,93 @@ def test_the_drill_down_renderings_show_each_cell_of_the_question():
     buffer = io.StringIO()
     render_drilldown(drill, "table", Console(file=buffer, width=4000, color_system=None))
     assert "q02: generated texts" in buffer.getvalue() and "relevant-q02 L2 x5, with context" in buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def every_section() -> dict:
+    from decisive import every_section_frame, every_section_generations, every_section_run
+
+    return summarize(every_section_frame(), every_section_run(), generations=every_section_generations(), split=1)
+
+
+def terminal(summary: dict, **console) -> str:
+    buffer = io.StringIO()
+    render_table(summary, Console(file=buffer, width=100, **console))
+    return buffer.getvalue()
+
+
+def terminal_tables(text: str) -> list[tuple[list[str], list[str]]]:
+    """(title lines, body lines) of each rich table."""
+    tables, title, body = [], [], None
+    for line in text.splitlines():
+        if line.startswith("┏"):
+            body = [line]
+        elif body is not None:
+            body.append(line)
+            if line.startswith("└"):
+                tables.append((title, body))
+                title, body = [], None
+        else:
+            title.append(line)
+    return tables
+
+
+def terminal_cells(text: str) -> set[str]:
+    return set(re.split(r"[\s│┃]+", text))
+
+
+@pytest.mark.parametrize("width", [60, 80, 100, 120, 160, 250])
+def test_the_terminal_tables_fit_the_console_and_keep_words_whole_where_they_can(every_section, width):
+    """No table loses its last columns to a narrow console (every row ends with its rule); where the console is wide
+    enough, no word of 24 characters or fewer is folded."""
+    buffer = io.StringIO()
+    render_table(every_section, Console(file=buffer, width=width, color_system=None))
+    text = buffer.getvalue()
+    assert all(len(line) <= width for line in text.splitlines())
+    assert all(line.rstrip().endswith("│") for line in text.splitlines() if line.startswith("│"))
+    markdown = markdown_sections(render_markdown(every_section))
+    if width >= 200:
+        words = terminal_cells(text)
+        for title, rows in markdown.items():
+            for row in rows:
+                for cell in row:
+                    assert all(word in words for word in cell.split() if len(word) <= 24), (title, cell)
+
+
+def test_the_terminal_tables_put_titles_left_headers_on_and_heatmap_counts_right(every_section):
+    text = terminal(every_section, color_system=None)
+    tables = terminal_tables(text)
+    markdown = markdown_sections(render_markdown(every_section))
+    assert len(tables) == len(markdown) + sum(t.startswith("Effect size") for t in html_sections(render_html(every_section)))
+    for title, body in tables:
+        assert title and not title[0].startswith(" ")  # titles start at the left edge, above the table
+        header = body[1]
+        assert header.startswith("┃") and header.strip("┃ ")  # the header row is shown
+        heat = title[0].startswith("Heatmap")
+        rows = [line for line in body if line.startswith("│")]
+        for line in rows:
+            cells = line.split("│")[1:-1]
+            if heat:
+                assert all(cell.endswith(" ") and not cell.endswith("  ") and cell.startswith("  ") for cell in cells), line
+            else:
+                assert all(cell.startswith(" ") and (not cell.strip() or cell[1] != " ") for cell in cells), line
+
+
+def test_the_terminal_heatmaps_are_shaded_by_each_cells_rate(every_section):
+    text = terminal(every_section, color_system="256", force_terminal=True)
+    backgrounds = re.compile(r"\x1b\[[0-9;]*48;5;(\d+)")
+    heat, flat = [], []
+    for title, body in terminal_tables(text):
+        plain = re.sub(r"\x1b\[[0-9;]*m", "", title[0])
+        (heat if plain.startswith("Heatmap") else flat).append((plain, body))
+    assert heat and all(not backgrounds.search("\n".join(body)) for _, body in flat)
+    for plain, body in heat:
+        rows = [line for line in body if line.startswith("│")]
+        assert all(len(backgrounds.findall(line)) == 2 for line in rows)  # one shade per strength column
+    (_, body), *_ = [(p, b) for p, b in heat if p.startswith("Heatmap relevant k=8: flip")]
+    grid = every_section["heatmaps"]["relevant k=8"]["flip"]
+    shades = {}
+    for line, cells in zip([line for line in body if line.startswith("│")], grid):
+        for shade, cell in zip(backgrounds.findall(line), cells):
+            shades.setdefault(cell["rate"], set()).add(shade)
+    assert all(len(s) == 1 for s in shades.values()) and len(set().union(*shades.values())) == len(shades) >= 2
