@@ -161,8 +161,7 @@ def _heatmap(cells: pl.DataFrame, layers: list[int], strengths: list[float], chu
         breaking=pl.col("question_id").filter(pl.col("broken")).unique().sort(),
     )
     lookup = {(r["layer"], r["strength"]): r for r in grouped.iter_rows(named=True)}
-    empty = {"flips": 0, "wrong": 0, "breaks": 0, "correct": 0, "flipping": [], "breaking": []}
-    grid = [[lookup.get((layer, strength), empty) for strength in strengths] for layer in layers]
+    grid = [[lookup[(layer, strength)] for strength in strengths] for layer in layers]  # every question has every cell
     return {
         "layers": layers,
         "strengths": strengths,

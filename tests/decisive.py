@@ -98,7 +98,8 @@ def every_section_frame() -> pl.DataFrame:
     """The decisive frame at two chunk counts, each question with and without a retrieved context, attention recorded:
     every section of the report has rows."""
     frame = decisive_frame()
-    grid = pl.concat([frame, frame.filter(pl.col("role") != "baseline").with_columns(chunks=pl.lit(8, RESULT_SCHEMA["chunks"]))])
+    at_8 = frame.filter(pl.col("role") != "baseline").with_columns(chunks=pl.lit(8, RESULT_SCHEMA["chunks"]), layer=3 - pl.col("layer"))
+    grid = pl.concat([frame, at_8])  # k = 8 is k = 16 with its layers swapped: the two heatmaps differ
     attention = {"attn_prefix_share": pl.lit(0.25, RESULT_SCHEMA["attn_prefix_share"]),
                  "attn_first_share": pl.lit(0.5, RESULT_SCHEMA["attn_first_share"])}
     both = pl.concat([grid.with_columns(context=pl.lit(True), **attention), grid.with_columns(context=pl.lit(False), **attention)])

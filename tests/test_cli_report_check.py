@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 from click.testing import CliRunner
@@ -223,3 +224,34 @@ def test_the_baseline_file_is_written_where_asked_and_diffs_line_by_line(tmp_pat
     lines = text.splitlines()
     assert lines[:4] == ['{', ' "cells": {', '  "a|x|L1|s1.0": {', '   "log_ratio": 1.5']
     assert lines.index('  "b|x|L1|s1.0": {') > lines.index('  "a|x|L1|s1.0": {') and lines[-3:] == ['  "flips": 1', ' }', '}']
+
+
+def test_load_run_reads_an_unfinished_runs_parts_and_refuses_other_formats(tmp_path):
+    import polars as pl
+
+    from engram_eval.errors import EngramEvalError
+    from engram_eval.report import load_run
+
+    out = tmp_path / "partial"
+    (out / "parts").mkdir(parents=True)
+    frame = small_frame()
+    done = SUBSET[:3]
+    for i, q in enumerate(done):
+        frame.filter(pl.col("question_id") == q).write_parquet(out / "parts" / f"{i:05d}-{q}.parquet")
+    (out / "parts" / "notes.txt").write_text("not a part")
+    run_json = {**decisive_run(), "results_format": RESULTS_FORMAT, "settings": {"questions": SUBSET}}
+    (out / "run.json").write_text(json.dumps(run_json))
+    rows, run = load_run(out)
+    assert sorted(set(rows["question_id"])) == done and rows.height == frame.filter(pl.col("question_id").is_in(done)).height
+    assert run["partial"] == {"questions_done": 3, "questions": len(SUBSET)}
+    frame.write_parquet(out / "results.parquet")  # finished: the merged file, not the parts
+    rows, run = load_run(out)
+    assert rows.height == frame.height and "partial" not in run
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "run.json").write_text(json.dumps(run_json))
+    with pytest.raises(EngramEvalError, match=f"^{re.escape(str(empty))}: no results.parquet"):
+        load_run(empty)
+    (empty / "run.json").write_text(json.dumps({**run_json, "results_format": "0ld"}))
+    with pytest.raises(EngramEvalError, match=f"^{re.escape(str(empty))} was written by another engram-eval version"):
+        load_run(empty)

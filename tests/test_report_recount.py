@@ -55,7 +55,14 @@ def per_question_difference(frame: pl.DataFrame, kind: str) -> pl.DataFrame:
     return (rel.join(ctl, on=keys).group_by("question_id").agg(d=(pl.col("rel") - pl.col("ctl")).mean()).sort("question_id"))
 
 
-def test_per_question_counts_best_cell_and_decision(frame, summary):
+def labelled(frame: pl.DataFrame) -> pl.DataFrame:
+    """With and without its context, a question is two units: `q01 +context`, `q01 -context`."""
+    return frame.with_columns(question_id=pl.when(pl.col("context").is_null()).then(pl.col("question_id")).otherwise(
+        pl.col("question_id") + pl.when(pl.col("context")).then(pl.lit(" +context")).otherwise(pl.lit(" -context"))))
+
+
+def check_questions(frame: pl.DataFrame, summary: dict) -> None:
+    frame = labelled(frame)
     relevant = frame.filter(pl.col("role") == "relevant")
     for q in summary["questions"]:
         mine = relevant.filter(pl.col("question_id") == q["question_id"])
@@ -69,14 +76,18 @@ def test_per_question_counts_best_cell_and_decision(frame, summary):
         assert q["cases"] == dict(Counter(mine["case"].to_list()))
         top = max(mine.iter_rows(named=True), key=lambda r: (r["ratio"], -r["chunks"], -r["layer"], -r["strength"]))
         best = q["best"]
-        assert (best["layer"], best["strength"], best["ratio"]) == (top["layer"], top["strength"], top["ratio"])
+        assert {k: best[k] for k in ("layer", "strength", "chunks", "ratio", "p_correct", "p_incorrect", "mass_ratio")} == {
+            "layer": top["layer"], "strength": top["strength"], "chunks": top["chunks"], "ratio": top["ratio"],
+            "p_correct": top["p_correct"], "p_incorrect": top["p_incorrect"], "mass_ratio": top["mass_ratio"]}
         assert best["improves_on_baseline"] == (top["ratio"] > base["ratio"])
-        walk = {r["strength"]: r["ratio"] for r in mine.filter(pl.col("layer") == top["layer"]).iter_rows(named=True)}
+        at_best = mine.filter((pl.col("layer") == top["layer"]) & (pl.col("chunks") == top["chunks"]))
+        walk = {r["strength"]: r["ratio"] for r in at_best.iter_rows(named=True)}
         decision = q["decision"]
         if base["ratio"] > 10 or base["related_wrong"]:
             assert decision["strength"] is None
         elif base["ratio"] > 1:
             assert (decision["strength"], decision["measured_ratio"]) == (1.0, walk[1.0])
+            assert decision["advice"] == f"correct, not confident: strength 1.0 (layer {top['layer']})"
         else:  # wrong: the walk 1 -> 5 at the best layer only, stopping at the first flip or a fall below 0.8 x the best
             best_so_far, stop = 0.0, None
             for strength in sorted(walk):
@@ -87,6 +98,29 @@ def test_per_question_counts_best_cell_and_decision(frame, summary):
             stop = stop or max(walk)
             assert (decision["strength"], decision["measured_ratio"]) == (stop, walk[stop])
             assert decision["measured_correct"] == (walk[stop] > 1)
+            assert f"layer {top['layer']}" in decision["advice"]
+
+
+def test_per_question_counts_best_cell_and_decision(frame, summary):
+    check_questions(frame, summary)
+
+
+def test_per_question_numbers_in_a_chunk_grid_with_both_context_conditions():
+    """Ties everywhere: k = 8 repeats k = 16's ratios at swapped layers, so the best cell's lowest-k, lowest-layer,
+    lowest-strength tie-break decides; the decision walks the best cell's own layer and k."""
+    from decisive import every_section_frame, every_section_run
+
+    frame = every_section_frame()
+    check_questions(frame, summarize(frame, every_section_run()))
+
+
+def test_the_best_cell_must_beat_the_baseline_to_improve_on_it(frame):
+    """A best cell whose ratio equals the baseline's does not improve on it."""
+    base = frame.filter(pl.col("role") == "baseline").select("question_id", b="ratio")
+    capped = frame.join(base, on="question_id").with_columns(
+        ratio=pl.when(pl.col("role") == "relevant").then(pl.min_horizontal("ratio", "b")).otherwise(pl.col("ratio"))).drop("b")
+    for q in summarize(capped, decisive_run())["questions"]:
+        assert q["best"]["ratio"] == q["baseline_ratio"] and q["best"]["improves_on_baseline"] is False
 
 
 def test_headline_rates_and_best_cell(frame, summary):
@@ -277,3 +311,25 @@ def test_chunk_count_rag_and_side_by_side_recounted(tiny, tmp_path):
     for column, run_dir in zip(side["runs"], (result.out, other.out)):
         rows = pl.read_parquet(run_dir / "results.parquet").filter(pl.col("role") == "baseline")
         assert_rate(column["baseline_accuracy"], int(rows["correct_before"].sum()), rows.height)
+
+
+def test_heatmaps_per_k_in_a_chunk_grid():
+    from decisive import every_section_frame, every_section_run
+
+    frame = labelled(every_section_frame())
+    summary = summarize(every_section_frame(), every_section_run(), engram_role="all")
+    kinds = ("relevant", "anti", "irrelevant", "random")
+    assert set(summary["heatmaps"]) == {f"{kind} k={k}" for kind in kinds for k in (8, 16)}
+    for kind in kinds:
+        for k in (8, 16):
+            heatmap = summary["heatmaps"][f"{kind} k={k}"]
+            cells = frame.filter((pl.col("control_kind") == kind) if kind != "relevant" else (pl.col("role") == "relevant"))
+            for i, layer in enumerate(heatmap["layers"]):
+                for j, strength in enumerate(heatmap["strengths"]):
+                    here = cells.filter((pl.col("chunks") == k) & (pl.col("layer") == layer) & (pl.col("strength") == strength))
+                    flip, brk = heatmap["flip"][i][j], heatmap["break"][i][j]
+                    assert_rate(flip, int(here["flipped"].sum()), int((~here["correct_before"]).sum()))
+                    assert_rate(brk, int(here["broken"].sum()), int(here["correct_before"].sum()))
+                    assert flip["questions"] == sorted(set(here.filter(pl.col("flipped"))["question_id"]))
+                    assert brk["questions"] == sorted(set(here.filter(pl.col("broken"))["question_id"]))
+    assert summary["heatmaps"]["relevant k=8"]["flip"] != summary["heatmaps"]["relevant k=16"]["flip"]
