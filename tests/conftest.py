@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import textwrap
 from pathlib import Path
 
@@ -11,6 +12,13 @@ import torch
 from engram_eval.model import LoadedModel, load_model
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def module_unless_mapping(fixture_name: str, config) -> str:
+    """The scope of a fixture that computes a summary once per module. mutmut (`make mutation`) credits a test with
+    the functions called while it runs; while it maps them (MUTANT_UNDER_TEST=stats) each test computes its own, so
+    every test that reads the summary is run against the summary's mutants, not only the first."""
+    return "function" if os.environ.get("MUTANT_UNDER_TEST") == "stats" else "module"
 
 TINY_SOURCES = {
     "topic": "Alpha blockers first, then beta blockers. The tumor releases adrenaline; alpha blockade must come first. " * 3,

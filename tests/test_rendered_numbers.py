@@ -8,6 +8,7 @@ import re
 from html.parser import HTMLParser
 
 import pytest
+from conftest import module_unless_mapping
 from decisive import decisive_frame, decisive_run
 from rich.console import Console
 
@@ -18,7 +19,7 @@ from engram_eval.report import summarize
 RATE = re.compile(r"^(\d+)/(\d+) \((\d+)%, 95% CI (\d+)-(\d+)%\)$")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope=module_unless_mapping)
 def summary() -> dict:
     return summarize(decisive_frame(), decisive_run(), split=1)
 
@@ -258,7 +259,7 @@ def test_the_drill_down_renderings_show_each_cell_of_the_question():
     assert "q02: generated texts" in buffer.getvalue() and "relevant-q02 L2 x5, with context" in buffer.getvalue()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope=module_unless_mapping)
 def every_section() -> dict:
     from decisive import every_section_frame, every_section_generations, every_section_run
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from conftest import module_unless_mapping
 from decisive import every_section_frame, every_section_generations, every_section_run
 from rich.color import Color
 
@@ -112,7 +113,7 @@ def match(rendered: list[tuple[str, list[str], list[str] | None]], entries: list
     return found
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope=module_unless_mapping)
 def summary() -> dict:
     return summarize(every_section_frame(), every_section_run(), generations=every_section_generations(), split=1)
 

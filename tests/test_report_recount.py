@@ -10,19 +10,19 @@ from collections import Counter
 import numpy as np
 import polars as pl
 import pytest
-from conftest import sweep, write_tiny_bank
+from conftest import module_unless_mapping, sweep, write_tiny_bank
 from decisive import QUESTIONS, WRONG, decisive_frame, decisive_run
 from scipy.stats import binomtest, false_discovery_control, permutation_test
 
 from engram_eval.report import summarize
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope=module_unless_mapping)
 def frame() -> pl.DataFrame:
     return decisive_frame()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope=module_unless_mapping)
 def summary(frame) -> dict:
     return summarize(frame, decisive_run(), split=1)
 
