@@ -23,6 +23,7 @@ demo: $(VENV)/.installed
 	$(BIN)/engram-eval report $(RUN) --format html
 
 test: $(VENV)/.installed
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q tests
 	$(BIN)/engram-eval sweep questions/ci.yaml --layers 8,16,24 --strengths 1,5,10 --out reports/ci --force --quiet
 	$(BIN)/engram-eval check reports/ci --baseline tests/baselines/ci.json

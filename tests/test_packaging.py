@@ -1,0 +1,62 @@
+"""The wheel, not the checkout: built with pip, installed non-editable into a fresh virtualenv (its dependencies are
+the ones already installed, reached through a .pth file), and run from outside the checkout. An editable install
+hides a package left out of the wheel; this does not."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import sysconfig
+import zipfile
+from pathlib import Path
+
+import polars as pl
+import pytest
+from conftest import REPO, sweep
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory) -> tuple[Path, Path]:
+    """(the fresh environment's engram-eval script, the wheel)."""
+    root = tmp_path_factory.mktemp("wheel")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet", "-w", root / "dist",
+                    REPO], check=True, cwd=root, capture_output=True)
+    (wheel,) = (root / "dist").glob("engram_eval-*.whl")
+    env = root / "env"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", env], check=True)
+    python = env / "bin" / "python"
+    site = Path(subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], check=True,
+                               capture_output=True, text=True).stdout.strip())
+    # The dependencies installed here, as a plain path: .pth files inside it (this checkout's editable install) are
+    # not read, so engram_eval can only come from the wheel.
+    (site / "dependencies.pth").write_text(sysconfig.get_path("purelib") + "\n")
+    subprocess.run([sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "--no-index", "--quiet", wheel],
+                   check=True, capture_output=True)
+    return env / "bin" / "engram-eval", wheel
+
+
+def test_the_wheel_holds_every_subpackage(installed):
+    _, wheel = installed
+    names = zipfile.ZipFile(wheel).namelist()
+    packages = sorted(str(p.parent.relative_to(REPO)) for p in (REPO / "engram_eval").rglob("__init__.py"))
+    assert packages and all(f"{package}/__init__.py" in names for package in packages)
+    modules = sorted(str(p.relative_to(REPO)) for p in (REPO / "engram_eval").rglob("*.py"))
+    assert sorted(n for n in names if n.endswith(".py")) == modules
+
+
+def test_the_installed_cli_runs_a_sweep_outside_the_checkout(installed, tiny, tiny_model_dir, tiny_bank, tmp_path):
+    script, _ = installed
+    where = subprocess.run([script.parent / "python", "-c", "import engram_eval; print(engram_eval.__file__)"],
+                           cwd=tmp_path, capture_output=True, text=True, check=True).stdout.strip()
+    assert where.startswith(str(script.parent.parent)) and not where.startswith(str(REPO / "engram_eval"))
+    help_text = subprocess.run([script, "--help"], cwd=tmp_path, capture_output=True, text=True, check=True).stdout
+    assert all(command in help_text for command in ("build", "sweep", "generate", "report", "check", "bench", "bank", "store"))
+    options = ["--layers", "1,2", "--strengths", "1,4", "--chunks", "4", "--questions", "q1,q3"]
+    done = subprocess.run([script, "sweep", tiny_bank, "--model", tiny_model_dir, *options, "--out", tmp_path / "run",
+                           "--store", tmp_path / "store", "--quiet"], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    expected = sweep(tiny, tiny_bank, tmp_path / "library", layers=[1, 2], strengths=[1.0, 4.0], chunks=4, questions=["q1", "q3"])
+    got, want = pl.read_parquet(tmp_path / "run/results.parquet"), pl.read_parquet(expected.results_path)
+    assert got.equals(want)
+    assert json.loads((tmp_path / "run/run.json").read_text())["run_id"] == expected.run["run_id"]
