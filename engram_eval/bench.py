@@ -25,7 +25,7 @@ from .generation import (
     run_generate,
     select_cells,
 )
-from .injection import Steering, direction, residual_norms, scale_engram
+from .injection import DEFAULT_INJECTION, INJECTIONS, Steering
 from .nulls import null_prefix
 from .model import LoadedModel
 from .pooling import chunk_mean
@@ -82,23 +82,22 @@ def seed_extract(lm: LoadedModel, text: str, layer: int, chunks: int) -> torch.T
 
 @torch.inference_mode()
 def seed_loop(lm: LoadedModel, bank: Bank, question: Question, layers: list[int], strengths: list[float], chunks: int,
-              max_cells: int, injection: str = "prefix") -> tuple[int, float]:
+              max_cells: int, injection: str = DEFAULT_INJECTION) -> tuple[int, float]:
     """The seed scripts' way, on a question's first max_cells cells in grid order: extraction re-run for every layer,
     one forward pass per cell (with the cell's injection), logits at every position -> (cells, seconds)."""
     started = time.perf_counter()
     embed = lm.model.get_input_embeddings()
     prepared = prepare_question(lm, question, "first-token", bank.path)
     prompt = embed(torch.tensor(prepared.prompt_ids, device=lm.device)).unsqueeze(0)
-    norms = residual_norms(lm, prepared.prompt_ids, layers) if injection == "actadd" else {}
+    mode = INJECTIONS[injection]
+    norms = mode.residual_norms(lm, prepared.prompt_ids, layers)
     cells = 0
     for name in (question.engram, *question.controls):
         for layer in layers:
             engram = seed_extract(lm, bank.sources[name].text, layer, chunks) if name in bank.sources else null_prefix(name, lm, chunks)
+            unit = mode.unit(lm, engram, "global")
             for strength in strengths:
-                if injection == "actadd":
-                    steering = Steering(injection, (direction(engram) * strength * norms[layer]).unsqueeze(0).to(lm.device), [layer])
-                else:
-                    steering = Steering(injection, scale_engram(engram, lm.embedding_norm, strength).unsqueeze(0).to(lm.device), [layer])
+                steering = Steering(injection, mode.scaled(unit, strength, norms.get(layer)).unsqueeze(0).to(lm.device), [layer])
                 with steering.active(lm.model):
                     logits = lm.model(inputs_embeds=steering.inputs(prompt)).logits
                 probs = torch.softmax(logits[0, -1].float(), dim=-1)
@@ -110,7 +109,7 @@ def seed_loop(lm: LoadedModel, bank: Bank, question: Question, layers: list[int]
 
 
 def run_bench(lm: LoadedModel, bank: Bank, layers: list[int], strengths: list[float], chunks: int = 16,
-              loop_cells: int = 120, batch_size: int | None = None, probe_seconds: float = 0.3, injection: str = "prefix",
+              loop_cells: int = 120, batch_size: int | None = None, probe_seconds: float = 0.3, injection: str = DEFAULT_INJECTION,
               generation_cells: int = 12, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, ray: RayOptions | None = None) -> dict:
     """Build and sweep with engram-eval; before each question of the sweep (outside its timings), run the seed loop
     on a sample of that question's cells and a matmul probe, so all three are measured under the same contention
@@ -247,14 +246,15 @@ def bench_generation(lm: LoadedModel, run_dir: Path, reference_cells: int, max_n
 
 
 def question_flops(lm: LoadedModel, bank: Bank, question: Question, layers: list[int], strengths: list[float], chunks: int,
-                   injection: str = "prefix") -> float:
+                   injection: str = DEFAULT_INJECTION) -> float:
     """The baseline pass plus one pass per computed cell, each with the prompt (and, for prefix injection, the engram's
     chunks) as its sequence. A null prefix is computed once per strength, not per layer, except with actadd."""
     prompt_len = len(prepare_question(lm, question, "first-token", bank.path).prompt_ids)
     nulls = sum(name in NULL_PREFIXES for name in question.controls)
-    null_cells = nulls * len(strengths) * (len(layers) if injection == "actadd" else 1)
+    mode = INJECTIONS[injection]
+    null_cells = nulls * len(strengths) * (len(layers) if mode.site_depends_on_layer else 1)
     n_cells = (1 + len(question.controls) - nulls) * len(layers) * len(strengths) + null_cells
-    return cell_flops(lm, prompt_len) + n_cells * cell_flops(lm, (chunks if injection == "prefix" else 0) + prompt_len)
+    return cell_flops(lm, prompt_len) + n_cells * cell_flops(lm, (chunks if mode.prefix_positions else 0) + prompt_len)
 
 
 class RssSampler:

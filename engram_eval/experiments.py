@@ -86,10 +86,10 @@ def attention_summary(frame: pl.DataFrame) -> list[dict] | None:
     if recorded.is_empty():
         return None
     kinds = recorded.with_columns(engram_kind())
-    grouped = kinds.group_by("kind").agg(rows=pl.len(), prefix=pl.col("attn_prefix_share").mean(), first=pl.col("attn_first_share").mean())
+    grouped = kinds.group_by("kind").agg(rows=pl.len(), attn_prefix_share=pl.col("attn_prefix_share").mean(),
+                                         attn_first_share=pl.col("attn_first_share").mean())
     order = {"baseline": 0, "relevant": 1}
-    return [{"kind": r["kind"], "rows": r["rows"], "attn_prefix_share": r["prefix"], "attn_first_share": r["first"]}
-            for r in sorted(grouped.iter_rows(named=True), key=lambda r: (order.get(r["kind"], 2), r["kind"]))]
+    return sorted(grouped.iter_rows(named=True), key=lambda r: (order.get(r["kind"], 2), r["kind"]))
 
 
 def tokens_per_chunk(n_tokens: int, chunks: int) -> tuple[int, int]:

@@ -106,7 +106,7 @@ def generate_rows(lm: LoadedModel, rows: list[Row], max_new_tokens: int) -> list
     if any(len(x) != longest for x in inputs):
         mask = torch.stack([torch.arange(longest, device=lm.device) >= longest - len(x) for x in inputs]).long()
         positions = (mask.cumsum(dim=-1) - 1).clamp_min(0)
-    hooks = _actadd_rows(rows)
+    hooks = _block_hooks(rows)
     stops = eos_token_ids(lm)
     tokens: list[list[int]] = [[] for _ in rows]
     ended = [False] * len(rows)
@@ -131,14 +131,16 @@ def generate_rows(lm: LoadedModel, rows: list[Row], max_new_tokens: int) -> list
     return [Generated(row_tokens, "eos" if row_ended else "length") for row_tokens, row_ended in zip(tokens, ended)]
 
 
-def _actadd_rows(rows: list[Row]) -> Steering | None:
-    """One steering for a batch's actadd hooks: each row's vector at its layer; a baseline row adds exact zeros."""
-    if not any(row.steering is not None and row.steering.mode == "actadd" for row in rows):
+def _block_hooks(rows: list[Row]) -> Steering | None:
+    """One steering for a batch's block hooks (a mode that hooks blocks, actadd): each row's vector at its layer; a
+    baseline row adds exact zeros."""
+    steered = [row.steering for row in rows if row.steering is not None]
+    if not steered or not steered[0].injection.hooks_blocks:
         return None
-    template = next(row.steering.vectors for row in rows if row.steering is not None)
+    template = steered[0].vectors
     vectors = [row.steering.vectors[0] if row.steering is not None else template.new_zeros(template.shape[1:]) for row in rows]
     layers = [row.steering.layers[0] if row.steering is not None else 0 for row in rows]
-    return Steering("actadd", torch.stack(vectors), layers)
+    return Steering(steered[0].mode, torch.stack(vectors), layers)
 
 
 def select_cells(frame: pl.DataFrame, selection: str) -> pl.DataFrame:

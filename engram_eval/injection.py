@@ -1,24 +1,25 @@
 """Injection: raw engram vectors -> what a cell does to the model.
 
-Modes (`--injection`): `prefix` (the seed's: k scaled vectors before the prompt), `add` (added to the first k prompt
-embeddings) and `actadd` (activation addition: strength x s x u added to the residual stream after block L-1 at every
-position). Scalings (`--scaling`, prefix and add): `global` (the seed's one scalar) and `per-chunk`."""
+Modes (`--injection`), each a class registered in INJECTIONS: `prefix` (the seed's: k scaled vectors before the
+prompt), `add` (added to the first k prompt embeddings) and `actadd` (activation addition: strength x s x u added to
+the residual stream after block L-1 at every position). Scalings (`--scaling`, prefix and add): `global` (the seed's
+one scalar) and `per-chunk`."""
 
 from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, ClassVar, Iterator
 
 import torch
 
 from .errors import EngramEvalError
 from .model import LoadedModel
+from .registry import Registry
 
 if TYPE_CHECKING:
     from .grid import Cell
 
-INJECTIONS = ("prefix", "add", "actadd")
 SCALINGS = ("global", "per-chunk")
 
 
@@ -33,16 +34,6 @@ def scale_engram(vectors: torch.Tensor, embedding_norm: float, strength: float, 
     if scaling == "per-chunk":
         return vectors / vectors.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny) * embedding_norm * strength
     return vectors * (embedding_norm / mean_row_norm(vectors)) * strength
-
-
-def check_injection(injection: str, scaling: str) -> None:
-    if injection not in INJECTIONS:
-        raise EngramEvalError(f"--injection: unknown '{injection}' (one of: {', '.join(INJECTIONS)})")
-    if scaling not in SCALINGS:
-        raise EngramEvalError(f"--scaling: unknown '{scaling}' (one of: {', '.join(SCALINGS)})")
-    if injection == "actadd" and scaling != "global":
-        raise EngramEvalError("--scaling: applies to prefix and add injection; actadd scales its direction by the "
-                              "residual stream's own norm")
 
 
 def direction(vectors: torch.Tensor) -> torch.Tensor:
@@ -78,6 +69,99 @@ def _capture(captured: dict[int, torch.Tensor], layer: int):
     return hook
 
 
+class Injection:
+    """An injection mode: how a cell's engram enters the model. The class attributes are what the sweep, generation
+    and the benchmark need to know of a mode; the methods do the work."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]  # its --injection help
+    prefix_positions: ClassVar[bool] = False  # the engram's k vectors are extra positions before the prompt
+    needs_k_prompt_tokens: ClassVar[bool] = False  # the prompt must have at least k tokens
+    site_depends_on_layer: ClassVar[bool] = False  # a null prefix (the same vectors at every layer) differs per layer
+    hooks_blocks: ClassVar[bool] = False  # adds to decoder blocks' outputs while the model runs
+    scalings: ClassVar[tuple[str, ...]] = SCALINGS
+    scaling_refusal: ClassVar[str] = ""  # the error for a --scaling it does not take
+
+    def residual_norms(self, lm: LoadedModel, prompt_ids: tuple[int, ...], layers: list[int]) -> dict[int, float]:
+        """What the mode measures of the prompt before it scales (nothing, unless it overrides this)."""
+        return {}
+
+    def unit(self, lm: LoadedModel, vectors: torch.Tensor, scaling: str) -> torch.Tensor:
+        """The injected vectors at strength 1, from an engram's raw vectors."""
+        return scale_engram(vectors, lm.embedding_norm, 1.0, scaling)
+
+    def scaled(self, unit: torch.Tensor, strength: float, norm: float | None) -> torch.Tensor:
+        return unit * strength
+
+    def inputs(self, steering: Steering, vectors: torch.Tensor, body: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def next_inputs(self, steering: Steering, embeds: torch.Tensor) -> torch.Tensor:
+        """The embeddings of tokens generated after the prefill (the prefill's injection is in the KV cache)."""
+        return embeds
+
+
+INJECTIONS: Registry[Injection] = Registry("--injection")
+DEFAULT_INJECTION = "prefix"
+
+
+@INJECTIONS.register
+class Prefix(Injection):
+    name = "prefix"
+    summary = "prepend the k scaled vectors to the prompt's embeddings (seed mode)."
+    prefix_positions = True
+
+    def inputs(self, steering: Steering, vectors: torch.Tensor, body: torch.Tensor) -> torch.Tensor:
+        return torch.cat([vectors, body], dim=1)
+
+
+@INJECTIONS.register
+class Add(Injection):
+    name = "add"
+    summary = "add them to the embeddings of the first k prompt tokens."
+    needs_k_prompt_tokens = True
+
+    def inputs(self, steering: Steering, vectors: torch.Tensor, body: torch.Tensor) -> torch.Tensor:
+        steered = body.clone()
+        steered[:, : vectors.shape[1]] += vectors
+        return steered
+
+
+@INJECTIONS.register
+class ActAdd(Injection):
+    name = "actadd"
+    summary = ("activation addition, strength x s x u added to the output of block L-1 at every position (u: unit mean "
+               "of the engram's raw vectors at L; s: the mean row norm of that output over the prompt).")
+    site_depends_on_layer = True
+    hooks_blocks = True
+    scalings = ("global",)
+    scaling_refusal = "--scaling: applies to prefix and add injection; actadd scales its direction by the residual stream's own norm"
+
+    def residual_norms(self, lm: LoadedModel, prompt_ids: tuple[int, ...], layers: list[int]) -> dict[int, float]:
+        return residual_norms(lm, prompt_ids, layers)
+
+    def unit(self, lm: LoadedModel, vectors: torch.Tensor, scaling: str) -> torch.Tensor:
+        return direction(vectors)
+
+    def scaled(self, unit: torch.Tensor, strength: float, norm: float | None) -> torch.Tensor:
+        return unit * (strength * norm)
+
+    def inputs(self, steering: Steering, vectors: torch.Tensor, body: torch.Tensor) -> torch.Tensor:
+        return body + steering.rows_at(0, vectors).unsqueeze(1)  # layer 0: the input embeddings
+
+    def next_inputs(self, steering: Steering, embeds: torch.Tensor) -> torch.Tensor:
+        """Layer 0 adds to every position, generated tokens included (deeper layers get it from the hooks)."""
+        return embeds + steering.rows_at(0, steering.vectors.to(embeds.device, embeds.dtype)).unsqueeze(1)
+
+
+def check_injection(injection: str, scaling: str) -> None:
+    mode = INJECTIONS[injection]
+    if scaling not in SCALINGS:
+        raise EngramEvalError(f"--scaling: unknown '{scaling}' (one of: {', '.join(SCALINGS)})")
+    if scaling not in mode.scalings:
+        raise EngramEvalError(mode.scaling_refusal)
+
+
 @dataclass
 class Steering:
     """What a batch of cells does to the model, one row each. prefix and add: vectors [batch, k, hidden], already
@@ -88,37 +172,31 @@ class Steering:
     layers: list[int] | None = None
 
     @property
+    def injection(self) -> Injection:
+        return INJECTIONS[self.mode]
+
+    @property
     def prefix_length(self) -> int:
-        return self.vectors.shape[1] if self.mode == "prefix" else 0
+        return self.vectors.shape[1] if self.injection.prefix_positions else 0
 
     def inputs(self, body: torch.Tensor) -> torch.Tensor:
-        """The input embeddings [batch, positions, hidden] with the engram in them (prefix, add, or actadd at layer 0)."""
-        vectors = self.vectors.to(body.device, body.dtype)
-        if self.mode == "prefix":
-            return torch.cat([vectors, body], dim=1)
-        if self.mode == "add":
-            steered = body.clone()
-            steered[:, : vectors.shape[1]] += vectors
-            return steered
-        return body + self._rows_at(0, vectors).unsqueeze(1)
+        """The input embeddings [batch, positions, hidden] with the engram in them."""
+        return self.injection.inputs(self, self.vectors.to(body.device, body.dtype), body)
 
     def next_inputs(self, embeds: torch.Tensor) -> torch.Tensor:
-        """The embeddings of tokens generated after the prefill: prefix and add are in the KV cache already; actadd at
-        layer 0 adds to every position, these included (deeper layers get it from the hooks)."""
-        if self.mode != "actadd":
-            return embeds
-        return embeds + self._rows_at(0, self.vectors.to(embeds.device, embeds.dtype)).unsqueeze(1)
+        return self.injection.next_inputs(self, embeds)
 
-    def _rows_at(self, layer: int, vectors: torch.Tensor) -> torch.Tensor:
+    def rows_at(self, layer: int, vectors: torch.Tensor) -> torch.Tensor:
         """The rows' vectors where the row's layer is `layer`, zero elsewhere."""
         mask = torch.tensor([row_layer == layer for row_layer in self.layers], device=vectors.device, dtype=vectors.dtype)
         return vectors * mask.unsqueeze(-1)
 
     @contextmanager
     def active(self, model: torch.nn.Module) -> Iterator[None]:
-        """actadd: while the block runs, add each row's vector to block L-1's output at every position."""
+        """A mode that hooks blocks (actadd): while block L-1 runs, add each row's vector to its output at every
+        position."""
         handles = []
-        if self.mode == "actadd":
+        if self.injection.hooks_blocks:
             blocks = decoder_layers(model)
             for layer in sorted(set(self.layers) - {0}):
                 handles.append(blocks[layer - 1].register_forward_hook(self._adder(layer)))
@@ -131,30 +209,29 @@ class Steering:
     def _adder(self, layer: int):
         def hook(module, args, output):
             hidden = output[0] if isinstance(output, tuple) else output
-            steered = hidden + self._rows_at(layer, self.vectors.to(hidden.device, hidden.dtype)).unsqueeze(1)
+            steered = hidden + self.rows_at(layer, self.vectors.to(hidden.device, hidden.dtype)).unsqueeze(1)
             return (steered, *output[1:]) if isinstance(output, tuple) else steered
         return hook
 
 
 class CellVectors:
-    """Turns cells into the Steering of a batch, for one prompt: the scaled engram (prefix, add) or strength x s x u
-    (actadd) of each cell, from the raw vectors by (engram, layer, k). Work shared by cells is done once."""
+    """Turns cells into the Steering of a batch, for one prompt: each cell's vectors at strength 1 (the mode's unit:
+    the scaled engram, or actadd's direction u) times its strength (and what the mode measured of the prompt, actadd's
+    s). Work shared by cells is done once."""
 
     def __init__(self, lm: LoadedModel, raw: dict[tuple[str, int, int], torch.Tensor], injection: str, scaling: str,
                  prompt_ids: tuple[int, ...], cells: list[Cell]):
         self.injection = injection
-        self.norms = residual_norms(lm, prompt_ids, sorted({c.layer for c in cells})) if injection == "actadd" else {}
-        self.unit: dict[tuple[str, int, int], torch.Tensor] = {}  # strength 1: scaled engram, or direction u
+        self.mode = INJECTIONS[injection]
+        self.norms = self.mode.residual_norms(lm, prompt_ids, sorted({c.layer for c in cells}))
+        self.unit: dict[tuple[str, int, int], torch.Tensor] = {}
         for cell in cells:
             key = (cell.engram, cell.layer, cell.chunks)
             if key not in self.unit:
-                vectors = raw[key]
-                unit = direction(vectors) if injection == "actadd" else scale_engram(vectors, lm.embedding_norm, 1.0, scaling)
-                self.unit[key] = unit.to(lm.device)
+                self.unit[key] = self.mode.unit(lm, raw[key], scaling).to(lm.device)
 
     def vector(self, cell: Cell) -> torch.Tensor:
-        unit = self.unit[(cell.engram, cell.layer, cell.chunks)]
-        return unit * (cell.strength * self.norms[cell.layer]) if self.injection == "actadd" else unit * cell.strength
+        return self.mode.scaled(self.unit[(cell.engram, cell.layer, cell.chunks)], cell.strength, self.norms.get(cell.layer))
 
     def steering(self, cells: list[Cell]) -> Steering:
         return Steering(self.injection, torch.stack([self.vector(cell) for cell in cells]), [cell.layer for cell in cells])

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 
-from .injection import CellVectors, Steering, decoder_layers
+from .injection import INJECTIONS, CellVectors, Steering, decoder_layers
 from .model import LoadedModel
 from .prompts import PreparedQuestion
 
@@ -191,8 +191,9 @@ def score_cells(
     vectors = CellVectors(lm, raw, injection, scaling, prompt_ids, cells)
 
     def injects(cell: Cell) -> tuple:
-        """What a cell puts into the model: a null prefix is the same at every layer, except actadd's injection site."""
-        layer = None if cell.is_null and injection != "actadd" else cell.layer
+        """What a cell puts into the model: a null prefix is the same at every layer, unless the mode's injection site
+        is the layer (actadd)."""
+        layer = None if cell.is_null and not INJECTIONS[injection].site_depends_on_layer else cell.layer
         return cell.engram, layer, cell.strength, cell.chunks
 
     first_of: dict[tuple, int] = {}  # what a cell injects -> the unique cell that computes it

@@ -20,7 +20,7 @@ from .engram import DEFAULT_MAX_TOKENS, Extraction, check_chunks, check_layers, 
 from .errors import EngramEvalError, EngramEvalWarning
 from .geometry import pair_geometry
 from .grid import Cell, question_cells, raw_vectors
-from .injection import check_injection
+from .injection import DEFAULT_INJECTION, INJECTIONS, check_injection
 from .model import LoadedModel
 from .prompts import PreparedQuestion, context_conditions, prepare_question, variant_token_warnings
 from .results import question_frame
@@ -99,7 +99,7 @@ def run_sweep(
     strengths: list[float],
     chunks: int | list[int] = 16,
     scoring: str = "first-token",
-    injection: str = "prefix",
+    injection: str = DEFAULT_INJECTION,
     scaling: str = "global",
     extraction: Extraction | None = None,
     context: str = "with",
@@ -146,10 +146,10 @@ def run_sweep(
     started = time.perf_counter()
     prepared = [[prepare_question(lm, q, scoring, bank.path, condition) for condition in context_conditions(q, context)]
                 for q in bank.questions]  # before any model work
-    if injection == "add":
+    if INJECTIONS[injection].needs_k_prompt_tokens:
         for p in (p for conditions in prepared for p in conditions):
             if len(p.prompt_ids) < max(chunk_list):
-                raise EngramEvalError(f"{bank.path}: question '{p.question.id}': --injection add needs a prompt of at least "
+                raise EngramEvalError(f"{bank.path}: question '{p.question.id}': --injection {injection} needs a prompt of at least "
                                       f"k = {max(chunk_list)} tokens; this one has {len(p.prompt_ids)}")
     bank_warnings = bank.lint() + [w for conditions in prepared for w in variant_token_warnings(lm, conditions[0], bank.path)]
     if context == "both" and not any(q.context for q in bank.questions):
@@ -211,7 +211,7 @@ def score_question(lm: LoadedModel, settings: SweepSettings, bank: Bank, conditi
     chunks = settings.chunk_list
     frames = []
     for prepared, cells in zip(conditions, grid):
-        prefix = max(chunks) if settings.injection == "prefix" else 0
+        prefix = max(chunks) if INJECTIONS[settings.injection].prefix_positions else 0
         requested = batch_size or auto_batch_size(lm, prefix + len(prepared.prompt_ids), len(cells))
         scores, size = score_cells(lm, prepared, cells, raw, settings.scoring, settings.injection, settings.scaling,
                                    min(requested, fits or requested), on_batch=on_batch,

@@ -38,7 +38,7 @@ def test_cli_choices_match_the_library():
     from engram_eval.pooling import POOLINGS
     from engram_eval.scoring import SCORINGS
     options = {p.name: p for p in cli.commands["sweep"].params}
-    assert tuple(options["scoring"].type.choices) == SCORINGS and tuple(options["injection"].type.choices) == INJECTIONS
+    assert tuple(options["scoring"].type.choices) == SCORINGS and tuple(options["injection"].type.choices) == INJECTIONS.names()
     assert tuple(options["scaling"].type.choices) == SCALINGS and tuple(options["pooling"].type.choices) == POOLINGS
     assert tuple({p.name: p for p in cli.commands["build"].params}["pooling"].type.choices) == POOLINGS
 

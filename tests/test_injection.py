@@ -36,7 +36,10 @@ def assert_rows_match_reference(lm, bank_path, frame, k, rel, **method):
         assert row["p_incorrect"] == pytest.approx(p_i, rel=rel), (row["engram"], row["layer"], row["strength"])
 
 
-@pytest.mark.parametrize("mode,scaling", [("add", "global"), ("actadd", "global"), ("prefix", "per-chunk"), ("add", "per-chunk")])
+MODES = [("add", "global"), ("actadd", "global"), ("prefix", "per-chunk"), ("add", "per-chunk")]  # prefix, global: test_sweep
+
+
+@pytest.mark.parametrize("mode,scaling", MODES)
 def test_every_cell_of_each_mode_equals_the_straightforward_implementation(tiny, tiny_bank, tmp_path, mode, scaling):
     result = sweep(tiny, tiny_bank, tmp_path / "run", injection=mode, scaling=scaling, layers=[0, 2, 4], strengths=[0.5, 3.0],
                    questions=["q1", "q2"])
@@ -115,3 +118,64 @@ def test_real_model_modes_match_the_straightforward_implementation_on_a_sample(r
     frame = pl.read_parquet(result.results_path)
     sample = pl.concat([frame.filter(pl.col("role") == "baseline"), frame.filter(pl.col("role") != "baseline").sample(4, seed=2)])
     assert_rows_match_reference(real, bank_path, sample, 16, rel=1e-4, mode=mode, scaling=scaling)
+
+
+def test_the_mode_table_is_the_cli_choices_the_help_and_the_reference_tests():
+    from engram_eval.cli import cli
+    from engram_eval.injection import INJECTIONS
+
+    names = INJECTIONS.names()
+    assert set(names) == {mode for mode, _ in MODES} | {"prefix"}  # a new mode needs its reference test
+    for command in ("sweep", "bench"):
+        option = next(p for p in cli.commands[command].params if p.name == "injection")
+        assert tuple(option.type.choices) == names and option.default == "prefix"
+    help_text = next(p for p in cli.commands["sweep"].params if p.name == "injection").help
+    assert all(f"{name}: {INJECTIONS[name].summary}" in help_text for name in names)
+    with pytest.raises(EngramEvalError, match=r"^--injection: unknown 'steer' \(one of: prefix, add, actadd\)$"):
+        INJECTIONS["steer"]
+
+
+def test_an_injection_modes_name_is_spelled_in_at_most_two_modules():
+    """Mode-specific facts are attributes of the mode, not `if injection == ...` in the sweep, generation and bench."""
+    import ast
+
+    from engram_eval.injection import INJECTIONS
+
+    names = set(INJECTIONS.names())
+    spelling = {str(path.relative_to(REPO)) for path in (REPO / "engram_eval").rglob("*.py")
+                if any(isinstance(node, ast.Constant) and node.value in names for node in ast.walk(ast.parse(path.read_text())))}
+    assert spelling == {"engram_eval/injection.py"}
+
+
+@pytest.mark.parametrize("name", ["prefix", "add", "actadd"])
+def test_each_modes_attributes_say_what_it_does(tiny, name):
+    """prefix_positions: the inputs grow by k; hooks_blocks: hooks on the blocks while active; an add-like mode
+    changes the first k positions only; site_depends_on_layer: the same vectors at another layer steer differently."""
+    from engram_eval.injection import INJECTIONS, Steering, decoder_layers
+
+    mode = INJECTIONS[name]
+    k, body = 3, torch.randn(1, 6, tiny.hidden_size)
+    vectors = torch.randn(1, k, tiny.hidden_size) if not mode.hooks_blocks else torch.randn(1, tiny.hidden_size)
+    steering = Steering(name, vectors, [0])
+    inputs = steering.inputs(body)
+    assert inputs.shape[1] == 6 + (k if mode.prefix_positions else 0) and steering.prefix_length == (k if mode.prefix_positions else 0)
+    if name == "add":
+        assert torch.equal(inputs[:, k:], body[:, k:]) and not torch.equal(inputs[:, :k], body[:, :k])
+    blocks = decoder_layers(tiny.model)
+
+    def hooks() -> int:
+        return sum(len(block._forward_hooks) for block in blocks)
+
+    before = hooks()
+    with Steering(name, vectors, [2]).active(tiny.model):
+        during = hooks()
+    assert (during > before) == mode.hooks_blocks and hooks() == before
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    embeds = tiny.model.get_input_embeddings()(ids)
+
+    def logits(layer):
+        steer = Steering(name, vectors, [layer])
+        with torch.no_grad(), steer.active(tiny.model):
+            return tiny.model(inputs_embeds=steer.inputs(embeds)).logits[0, -1]
+
+    assert (not torch.allclose(logits(1), logits(2))) == mode.site_depends_on_layer

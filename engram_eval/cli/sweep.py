@@ -11,6 +11,7 @@ import click
 from rich.table import Table
 
 from ..errors import EngramEvalError
+from ..injection import DEFAULT_INJECTION, INJECTIONS
 from .app import (
     batch_size_option,
     chunks_option,
@@ -38,11 +39,8 @@ from .app import (
               help="first-token: seed mode, max over variants of their first token's probability. sequence: summed "
                    "log-probability of each variant's tokens, logsumexp per side; sequence-max: the same, max per side; "
                    "sequence-mean: mean per-token log-probability (long answers are not penalised), max per side.")
-@click.option("--injection", type=click.Choice(["prefix", "add", "actadd"]), default="prefix", show_default=True,
-              help="prefix: prepend the k scaled vectors to the prompt's embeddings (seed mode). add: add them to the "
-                   "embeddings of the first k prompt tokens. actadd: activation addition, strength x s x u added to the output "
-                   "of block L-1 at every position (u: unit mean of the engram's raw vectors at L; s: the mean row norm "
-                   "of that output over the prompt).")
+@click.option("--injection", type=click.Choice(INJECTIONS.names()), default=DEFAULT_INJECTION, show_default=True,
+              help=INJECTIONS.help())
 @click.option("--scaling", type=click.Choice(["global", "per-chunk"]), default="global", show_default=True,
               help="global: one scalar so the engram's mean row norm is the embeddings' (seed). per-chunk: every vector to "
                    "the embeddings' mean row norm, so no chunk dominates. prefix and add only.")
