@@ -23,7 +23,7 @@ def summarize_run(frame: pl.DataFrame, run: dict) -> dict:
     flipped, broken; totals."""
     from .report import per_condition
 
-    frame = per_condition(frame).sort("question_id", "role", "engram", "chunks", "layer", "strength", nulls_last=True)
+    frame = per_condition(frame)  # no order needed: the file is keyed by cell and written with sorted keys
     base = frame.filter(pl.col("role") == "baseline")
     cells = frame.filter(pl.col("role") != "baseline")
     k_axis = cells["chunks"].n_unique() > 1  # a chunk-count grid: k is part of a cell's name (seed runs keep theirs)
