@@ -13,7 +13,7 @@ from decisive import decisive_frame, decisive_run
 from rich.console import Console
 
 from engram_eval.html_report import render_html
-from engram_eval.rendering import render_markdown, render_table
+from engram_eval.rendering import render_drilldown, render_markdown, render_table
 from engram_eval.report import summarize
 
 RATE = re.compile(r"^(\d+)/(\d+) \((\d+)%, 95% CI (\d+)-(\d+)%\)$")
@@ -347,3 +347,69 @@ def test_the_terminal_heatmaps_are_shaded_by_each_cells_rate(every_section):
         for shade, cell in zip(backgrounds.findall(line), cells):
             shades.setdefault(cell["rate"], set()).add(shade)
     assert all(len(s) == 1 for s in shades.values()) and len(set().union(*shades.values())) == len(shades) >= 2
+
+
+def test_the_run_questions_and_headline_rows_say_the_summarys_values(every_section):
+    """The rows a person reads first, written out from the JSON: the run's grid and status, each question's baseline
+    probabilities and labels, the best cells named with their k in a chunk grid."""
+    sections = markdown_sections(render_markdown(every_section))
+    h = every_section["header"]
+    run = dict(map(tuple, sections["Run"]))
+    assert run["grid"] == "layers 1, 2 x strengths 1, 5, k = 8, 16"
+    assert run["cells"] == f"{h['cells']} rows, {h['questions']} questions (run {h['run_id']}, complete)"
+    assert run["duration"] == "1.0 s" and run["scoring"] == "first-token, prefix injection"
+    questions = {row[0]: row for row in sections["Questions (probabilities: p(correct) / p(incorrect))"]}
+    for q in every_section["questions"]:
+        row = questions[q["question_id"]]
+        assert row[2] == f"{q['baseline_p_correct']:.3g} / {q['baseline_p_incorrect']:.3g}"
+        assert row[4] == {True: "yes", False: "no", None: "-"}[q["related_wrong"]]
+        best = q["best"]
+        assert row[5].startswith(f"L{best['layer']}, {best['strength']:g}, k={best['chunks']}: ")
+    calibration = {row[0]: row for row in next(rows for t, rows in sections.items() if t.startswith("Calibration"))}
+    for q in every_section["questions"]:
+        assert calibration[q["question_id"]][1] == ", ".join(f"{c} {n}" for c, n in q["cases"].items())
+    best = every_section["headline"]["best_cell"]
+    headline = [row[0] for row in sections["Headline"]]
+    assert f"flip rate at the best cell (L{best['layer']}, {best['strength']:g}, k={best['chunks']}; chosen after looking" in headline[3]
+    assert headline[4] == f"fragile-correct rate at that cell (L{best['layer']}, {best['strength']:g}, k={best['chunks']})"
+    split = every_section["split"]
+    (held,) = [rows for t, rows in sections.items() if t.startswith("Held-out")]
+    assert held[0] == ["cell", f"L{split['cell']['layer']}, {split['cell']['strength']:g}, k={split['cell']['chunks']}", ""]
+    unfinished = {**every_section, "header": {**h, "duration_seconds": None, "partial": {"questions_done": 3, "questions": None}}}
+    run = dict(map(tuple, markdown_sections(render_markdown(unfinished))["Run"]))
+    assert run["duration"] == "-" and run["cells"].endswith("(the sweep has not finished; rerun it with the same command to complete the run))")
+    assert "partial: 3 questions (the sweep" in run["cells"]
+
+
+def test_html_tables_are_exactly_the_cells_escaped():
+    from engram_eval.rendering import html_table
+
+    assert html_table(["a", "b<"], [["1", "<2>"], ["&", ""]]) == (
+        "<table><tr><th>a</th><th>b&lt;</th></tr><tr><td>1</td><td>&lt;2&gt;</td></tr><tr><td>&amp;</td><td></td></tr></table>")
+
+
+def test_narrow_terminals_fold_cells_rather_than_cut_them(every_section):
+    buffer = io.StringIO()
+    render_table(every_section, Console(file=buffer, width=60, color_system=None))
+    assert "…" not in buffer.getvalue()
+
+
+def test_drill_down_rows_show_each_cells_probabilities_boosts_and_k():
+    import polars as pl
+    from decisive import every_section_frame
+
+    from engram_eval.drilldown import question_drilldown
+    from engram_eval.rendering import fmt_prob, fmt_ratio
+
+    drill = question_drilldown(every_section_frame(), "q02")
+    sections = markdown_sections(render_drilldown(drill, "markdown"))
+    for condition, (title, rows) in zip(drill["conditions"], sections.items()):
+        base = condition["baseline"]
+        assert title.startswith(f"q02 {'with' if condition['context'] else 'without'} its context: baseline p(correct) "
+                                f"{fmt_prob(base['p_correct'])} ({base['top_correct_variant']!r}), p(incorrect) {fmt_prob(base['p_incorrect'])}")
+        for row, c in zip(rows, condition["cells"]):
+            assert row[1] == f"L{c['layer']} k={c['chunks']}"
+            assert row[3] == f"{c['p_correct']:.3g} (x{fmt_ratio(c['boost_correct'])})"
+            assert row[4] == f"{c['p_incorrect']:.3g} (x{fmt_ratio(c['boost_incorrect'])})"
+            assert row[6] == f"{c['sink_score']:.2f}"
+    assert len(sections) == 2 and pl.Series([c["chunks"] for c in drill["conditions"][0]["cells"]]).n_unique() == 2
