@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
@@ -95,38 +94,18 @@ def format_layers(layers: list[int]) -> str:
     return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
 
 
-def _valid_layers(num_layers: int) -> str:
+def valid_layers(num_layers: int) -> str:
     return f"valid layers are 0..{num_layers} (0 = embedding output, {num_layers} = last)"
 
 
 def check_layers(layers: list[int], num_layers: int, option: str = "--layers") -> list[int]:
     """The library's check of layer indices, with the command line's message."""
     if not layers:
-        raise EngramEvalError(f"{option}: no layers given; {_valid_layers(num_layers)}")
+        raise EngramEvalError(f"{option}: no layers given; {valid_layers(num_layers)}")
     for layer in layers:
         if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer <= num_layers:
-            raise EngramEvalError(f"{option}: layer {layer} is out of range; {_valid_layers(num_layers)}")
+            raise EngramEvalError(f"{option}: layer {layer} is out of range; {valid_layers(num_layers)}")
     return layers
-
-
-def parse_layers(text: str, num_layers: int, option: str = "--layers") -> list[int]:
-    """'all', '4,8,12', '10-20' or a mix -> sorted layer indices; layer L is hidden_states[L], 0..num_layers."""
-    valid = _valid_layers(num_layers)
-    if text.strip() == "all":
-        return list(range(num_layers + 1))
-    layers: set[int] = set()
-    for part in text.split(","):
-        match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
-        if not match:
-            raise EngramEvalError(f"{option}: malformed '{text}' (expected 'all', '4,8,12' or '10-20'); {valid}")
-        low = int(match[1])
-        high = int(match[2]) if match[2] is not None else low
-        if low > high:
-            raise EngramEvalError(f"{option}: range '{part.strip()}' runs backwards; {valid}")
-        if high > num_layers:
-            raise EngramEvalError(f"{option}: layer {high} is out of range; {valid}")
-        layers.update(range(low, high + 1))
-    return sorted(layers)
 
 
 def check_chunks(chunks: int) -> int:

@@ -57,18 +57,6 @@ def check_chunk_list(chunks: int | list[int]) -> list[int]:
     return values
 
 
-def parse_numbers(text: str, cast: Callable[[str], float], option: str, expected: str) -> list:
-    """A comma-separated option value -> its numbers, or one line naming the option and what it expects."""
-    try:
-        return [cast(part) for part in text.split(",")]
-    except ValueError:
-        raise EngramEvalError(f"{option}: malformed '{text}' (expected {expected})") from None
-
-
-def parse_chunks(text: str) -> list[int]:
-    return check_chunk_list(parse_numbers(text, int, "--chunks", "whole numbers like '16' or '8,16,32,64,128'"))
-
-
 def check_strengths(strengths: list[float]) -> list[float]:
     if not strengths:
         raise EngramEvalError("--strengths: no strengths given")
@@ -76,10 +64,6 @@ def check_strengths(strengths: list[float]) -> list[float]:
         if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength) or strength <= 0:
             raise EngramEvalError(f"--strengths: {strength} is not allowed; strengths must be finite and > 0")
     return strengths
-
-
-def parse_strengths(text: str) -> list[float]:
-    return sorted(set(check_strengths(parse_numbers(text, float, "--strengths", "numbers like '0.5,1,2,5,10,20'"))))
 
 
 @dataclass

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from engram_eval.engram import extract_engram, parse_layers
+from engram_eval.cli.parsing import parse_layers
+from engram_eval.engram import extract_engram
 from engram_eval.errors import EngramEvalError
 from reference import reference_chunks, reference_engram
 

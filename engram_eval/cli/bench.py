@@ -44,8 +44,8 @@ def bench(load_lm, bank_path: Path, layers_text: str, strengths_text: str, loop_
     the same contention on a shared machine; the fraction of the run's best matmul throughput is printed too."""
     from ..bank import load_bank
     from ..bench import run_bench
-    from ..engram import parse_layers
-    from ..sweep import parse_strengths
+    from .parsing import parse_layers
+    from .parsing import parse_strengths
 
     if ray_address is not None and random_config is not None:
         raise EngramEvalError("--ray: not with --random-init (workers load --model's weights by name)")

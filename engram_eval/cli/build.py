@@ -39,10 +39,10 @@ def build(sources: tuple[Path, ...], bank: Path | None, load_lm, chunks_text: st
     from tqdm import tqdm
 
     from ..bank import load_bank
-    from ..engram import parse_layers
+    from .parsing import parse_layers
     from ..files import read_text
     from ..store import EngramStore, engram_warnings
-    from ..sweep import parse_chunks
+    from .parsing import parse_chunks
 
     chunks = parse_chunks(chunks_text)
     extraction.check(chunks)

@@ -43,12 +43,12 @@ def compare(sources: tuple[str, ...], bank_path: Path | None, model_specs: tuple
     import polars as pl
 
     from ..bank import load_bank
-    from ..engram import parse_layers
+    from .parsing import parse_layers
     from ..files import atomic_write_parquet, read_text
     from ..geometry import bank_pairs, compare_engrams
     from ..model import load_model
     from ..store import EngramStore
-    from ..sweep import parse_chunks
+    from .parsing import parse_chunks
 
     chunks = parse_chunks(chunks_text)
     extraction.check(chunks)
@@ -81,7 +81,7 @@ def compare(sources: tuple[str, ...], bank_path: Path | None, model_specs: tuple
 
 
 def parse_depths(text: str) -> list[float]:
-    from ..sweep import parse_numbers
+    from .parsing import parse_numbers
 
     depths = parse_numbers(text, float, "--depths", "fractions like '0.25,0.5,0.75'")
     for depth in depths:

@@ -71,10 +71,11 @@ def sweep(bank_path: Path, load_lm, layers_text: str, strengths_text: str, chunk
     controls, plus one baseline per question, into RUN/results.parquet and RUN/run.json. An interrupted sweep
     (Ctrl-C: exit status 130) rerun with the same command resumes from the questions already done."""
     from ..bank import load_bank
-    from ..engram import parse_layers
+    from .parsing import parse_layers
     from ..injection import check_injection
     from ..store import EngramStore
-    from ..sweep import parse_chunks, parse_strengths, run_sweep
+    from ..sweep import run_sweep
+    from .parsing import parse_chunks, parse_strengths
 
     chunks = parse_chunks(chunks_text)
     extraction.check(chunks)
