@@ -151,7 +151,7 @@ class ActAdd(Injection):
 
     def next_inputs(self, steering: Steering, embeds: torch.Tensor) -> torch.Tensor:
         """Layer 0 adds to every position, generated tokens included (deeper layers get it from the hooks)."""
-        return embeds + steering.rows_at(0, steering.vectors.to(embeds.device, embeds.dtype)).unsqueeze(1)
+        return self.inputs(steering, steering.vectors.to(embeds.device, embeds.dtype), embeds)
 
 
 def check_injection(injection: str, scaling: str) -> None:

@@ -4,7 +4,7 @@ validation and its documentation, so a new mode is one class and its test."""
 
 from __future__ import annotations
 
-from typing import Callable, Generic, TypeVar
+from typing import Generic, TypeVar
 
 from .errors import EngramEvalError
 
@@ -32,5 +32,6 @@ class Registry(Generic[T]):
         except KeyError:
             raise EngramEvalError(f"{self.option}: unknown '{name}' (one of: {', '.join(self._entries)})") from None
 
-    def help(self, describe: Callable[[T], str] = lambda entry: entry.summary) -> str:
-        return " ".join(f"{name}: {describe(entry)}" for name, entry in self._entries.items())
+    def help(self) -> str:
+        """The option's --help: each name with its entry's one-sentence summary."""
+        return " ".join(f"{name}: {entry.summary}" for name, entry in self._entries.items())
