@@ -13,10 +13,10 @@ import yaml
 
 from .errors import EngramEvalError
 from .files import read_text
+from .registry import NULL_PREFIXES
 
 SOURCE_KINDS = ("relevant", "irrelevant", "random", "anti", "other")
 # Controls without any source text (engram_eval.injection builds their vectors): valid wherever a control name is.
-NULL_PREFIXES = ("~gaussian", "~mean-token")
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 

@@ -10,17 +10,18 @@ import re
 import shutil
 import string
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 import yaml
 
-from .bank import NULL_PREFIXES, load_bank
+from .bank import load_bank
 from .controls import IRRELEVANT_TEXT, random_words
 from .errors import EngramEvalError
 from .files import atomic_write_text
+from .registry import NULL_PREFIXES
 
 FORMATS = ("mc", "completion")
 FIELDS = {
@@ -28,7 +29,12 @@ FIELDS = {
     "completion": {"required": ("prompt", "correct", "incorrect"), "optional": ("id", "source", "topic", "context", "related_wrong", "tags")},
 }
 MC_TEMPLATE = "{question}\n{choices}\nAnswer:"
-CONTROLS = ("~gaussian", "~mean-token", "irrelevant", "random")
+SOURCE_CONTROLS = ("irrelevant", "random")  # the null prefixes come before these
+
+
+def import_controls() -> tuple[str, ...]:
+    """The controls an imported bank may give each question: every null prefix, an irrelevant and a random source."""
+    return (*NULL_PREFIXES.names(), *SOURCE_CONTROLS)
 
 
 @dataclass(frozen=True)
@@ -36,7 +42,7 @@ class ImportSpec:
     format: str
     mapping: dict[str, list[str]]  # field -> columns (several for choices given as one column per option)
     template: str = MC_TEMPLATE
-    controls: tuple[str, ...] = CONTROLS
+    controls: tuple[str, ...] = field(default_factory=import_controls)
     limit: int | None = None
     seed: int = 0
     source_per_topic: bool = False
@@ -113,10 +119,10 @@ def _read_hf(spec: str) -> pl.DataFrame:
 def build_bank(frame: pl.DataFrame, spec: ImportSpec, name: str, record: str, where: str) -> tuple[dict, dict[str, str]]:
     """-> (the bank as YAML data, source texts by file name relative to the bank). Every record is checked; an error
     names the record (its line or row number, from 1)."""
-    for field, columns in spec.mapping.items():
+    for mapped, columns in spec.mapping.items():
         for column in columns:
             if column not in frame.columns:
-                raise EngramEvalError(f"{where}: --map {field}={'+'.join(columns)}: no column '{column}' "
+                raise EngramEvalError(f"{where}: --map {mapped}={'+'.join(columns)}: no column '{column}' "
                                       f"(columns: {', '.join(frame.columns)})")
     numbered = frame.with_row_index("__number", offset=1)
     if spec.limit is not None and spec.limit < numbered.height:
@@ -243,8 +249,8 @@ def write_bank(data: dict, sources: dict[str, str], out: Path, name: str, descri
     """Write the bank YAML and a folder of source files next to it, then load it back as any bank is checked. On any
     failure nothing is left behind."""
     for control in spec.controls:
-        if control not in CONTROLS:
-            raise EngramEvalError(f"--controls: unknown '{control}' (one of: {', '.join(CONTROLS)})")
+        if control not in import_controls():
+            raise EngramEvalError(f"--controls: unknown '{control}' (one of: {', '.join(import_controls())})")
     folder = out.parent / f"{out.stem}-sources"
     if (out.exists() or folder.exists()) and not force:
         raise EngramEvalError(f"--out: {out if out.exists() else folder} exists; use --force to replace it")

@@ -10,14 +10,14 @@ import tempfile
 import threading
 import time
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 from typing import Self
 
 import polars as pl
 import torch
 
-from .bank import NULL_PREFIXES, Bank, Question
-from .distributed import RayOptions
+from .bank import Bank, Question
 from .generation import (
     DEFAULT_MAX_NEW_TOKENS,
     question_rows,
@@ -25,12 +25,14 @@ from .generation import (
     run_generate,
     select_cells,
 )
-from .injection import DEFAULT_INJECTION, INJECTIONS, Steering
-from .nulls import null_prefix
+from .injection import Steering
 from .model import LoadedModel
+from .nulls import null_prefix
 from .pooling import chunk_mean
 from .prompts import prepare_question
+from .registry import INJECTIONS, NULL_PREFIXES
 from .rundir import read_run_json
+from .spec import QUIET, SEED_METHOD, Execution, RayOptions, SweepSpec
 from .store import EngramStore
 from .sweep import SweepResult, run_sweep
 
@@ -82,12 +84,12 @@ def seed_extract(lm: LoadedModel, text: str, layer: int, chunks: int) -> torch.T
 
 @torch.inference_mode()
 def seed_loop(lm: LoadedModel, bank: Bank, question: Question, layers: list[int], strengths: list[float], chunks: int,
-              max_cells: int, injection: str = DEFAULT_INJECTION) -> tuple[int, float]:
+              max_cells: int, injection: str = SEED_METHOD.injection) -> tuple[int, float]:
     """The seed scripts' way, on a question's first max_cells cells in grid order: extraction re-run for every layer,
     one forward pass per cell (with the cell's injection), logits at every position -> (cells, seconds)."""
     started = time.perf_counter()
     embed = lm.model.get_input_embeddings()
-    prepared = prepare_question(lm, question, "first-token", bank.path)
+    prepared = prepare_question(lm, question, SEED_METHOD.scoring, bank.path)
     prompt = embed(torch.tensor(prepared.prompt_ids, device=lm.device)).unsqueeze(0)
     mode = INJECTIONS[injection]
     norms = mode.residual_norms(lm, prepared.prompt_ids, layers)
@@ -109,7 +111,7 @@ def seed_loop(lm: LoadedModel, bank: Bank, question: Question, layers: list[int]
 
 
 def run_bench(lm: LoadedModel, bank: Bank, layers: list[int], strengths: list[float], chunks: int = 16,
-              loop_cells: int = 120, batch_size: int | None = None, probe_seconds: float = 0.3, injection: str = DEFAULT_INJECTION,
+              loop_cells: int = 120, batch_size: int | None = None, probe_seconds: float = 0.3, injection: str = SEED_METHOD.injection,
               generation_cells: int = 12, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, ray: RayOptions | None = None) -> dict:
     """Build and sweep with engram-eval; before each question of the sweep (outside its timings), run the seed loop
     on a sample of that question's cells and a matmul probe, so all three are measured under the same contention
@@ -140,9 +142,9 @@ def run_bench(lm: LoadedModel, bank: Bank, layers: list[int], strengths: list[fl
             pauses.append((paused, time.perf_counter()))
 
         with RssSampler() as rss:
-            result = run_sweep(lm, bank, store, Path(tmp) / "run", layers=layers, strengths=strengths, chunks=chunks,
-                               injection=injection, batch_size=batch_size, progress=False, before_question=measure_machine,
-                               warn=lambda message: None)
+            spec = SweepSpec.build(layers=layers, strengths=strengths, chunks=chunks, injection=injection)
+            result = run_sweep(lm, bank, store, Path(tmp) / "run", spec, execution=Execution(batch_size=batch_size),
+                               observer=replace(QUIET, before_question=measure_machine))
         finished = time.perf_counter()
         matmul_rates.append(probe.rate(probe_seconds))
         generation = bench_generation(lm, result.out, generation_cells, max_new_tokens) if generation_cells else {}
@@ -177,17 +179,18 @@ def run_bench(lm: LoadedModel, bank: Bank, layers: list[int], strengths: list[fl
     }
 
 
-def alternated_sweeps(lm: LoadedModel, bank: Bank, store: EngramStore, folder: Path, variants: dict[str, dict], questions: int,
-                      **grid) -> dict[str, list[SweepResult]]:
-    """The first questions swept once per variant (run_sweep's keyword arguments), twice, in the order A B then B A, in one
-    run: every variant meets the same contention -> each variant's two results."""
-    ids = [q.id for q in bank.questions[:questions]]
+def alternated_sweeps(lm: LoadedModel, bank: Bank, store: EngramStore, folder: Path,
+                      variants: dict[str, tuple[SweepSpec, Execution]], questions: int) -> dict[str, list[SweepResult]]:
+    """The first questions swept once per variant, twice, in the order A B then B A, in one run: every variant meets the
+    same contention -> each variant's two results."""
+    ids = tuple(q.id for q in bank.questions[:questions])
     names = list(variants)
     results: dict[str, list[SweepResult]] = {name: [] for name in names}
     for trial in range(2):
         for name in names if trial == 0 else names[::-1]:
-            results[name].append(run_sweep(lm, bank, store, folder / f"{name}-{trial}", questions=ids, progress=False,
-                                           warn=lambda message: None, **grid, **variants[name]))
+            spec, execution = variants[name]
+            results[name].append(run_sweep(lm, bank, store, folder / f"{name}-{trial}", replace(spec, questions=ids),
+                                           execution=execution, observer=QUIET))
     return results
 
 
@@ -199,8 +202,9 @@ def bench_ray(lm: LoadedModel, bank: Bank, store: EngramStore, folder: Path, lay
               chunks: int, injection: str, ray: RayOptions, questions: int = 4) -> dict:
     """Ray's overhead: the first questions swept by this process (its threads) and by the Ray workers, alternated; the
     workers' start and model loading are outside the timed sweep, like this process's own."""
-    runs = alternated_sweeps(lm, bank, store, folder, {"process": {}, "ray": {"ray": ray}}, questions,
-                             layers=layers, strengths=strengths, chunks=chunks, injection=injection)
+    spec = SweepSpec.build(layers=layers, strengths=strengths, chunks=chunks, injection=injection)
+    runs = alternated_sweeps(lm, bank, store, folder, {"process": (spec, Execution()), "ray": (spec, Execution(ray=ray))},
+                             questions)
     rate = {kind: sum(r.run["cells"]["total"] for r in results) / _seconds(results) for kind, results in runs.items()}
     return {"ray_workers": runs["ray"][0].run["distributed"]["workers"], "ray_threads_per_worker": ray.threads_per_worker,
             "process_threads": torch.get_num_threads(), "process_cells_per_second": rate["process"],
@@ -210,8 +214,10 @@ def bench_ray(lm: LoadedModel, bank: Bank, store: EngramStore, folder: Path, lay
 def bench_attention(lm: LoadedModel, bank: Bank, store: EngramStore, folder: Path, layers: list[int], strengths: list[float],
                     chunks: int, injection: str, questions: int = 2) -> dict:
     """What --record-attention costs: the first questions swept with it and without it, alternated, in one run."""
-    runs = alternated_sweeps(lm, bank, store, folder, {"without": {}, "with": {"record_attention": True}}, questions,
-                             layers=layers, strengths=strengths, chunks=chunks, injection=injection)
+    without = SweepSpec.build(layers=layers, strengths=strengths, chunks=chunks, injection=injection)
+    with_attention = replace(without, method=replace(without.method, record_attention=True))
+    runs = alternated_sweeps(lm, bank, store, folder, {"without": (without, Execution()), "with": (with_attention, Execution())},
+                             questions)
     return {"attention_cost": _seconds(runs["with"]) / _seconds(runs["without"])}
 
 
@@ -246,10 +252,10 @@ def bench_generation(lm: LoadedModel, run_dir: Path, reference_cells: int, max_n
 
 
 def question_flops(lm: LoadedModel, bank: Bank, question: Question, layers: list[int], strengths: list[float], chunks: int,
-                   injection: str = DEFAULT_INJECTION) -> float:
+                   injection: str = SEED_METHOD.injection) -> float:
     """The baseline pass plus one pass per computed cell, each with the prompt (and, for prefix injection, the engram's
     chunks) as its sequence. A null prefix is computed once per strength, not per layer, except with actadd."""
-    prompt_len = len(prepare_question(lm, question, "first-token", bank.path).prompt_ids)
+    prompt_len = len(prepare_question(lm, question, SEED_METHOD.scoring, bank.path).prompt_ids)
     nulls = sum(name in NULL_PREFIXES for name in question.controls)
     mode = INJECTIONS[injection]
     null_cells = nulls * len(strengths) * (len(layers) if mode.site_depends_on_layer else 1)

@@ -14,7 +14,6 @@ import os
 import signal
 import socket
 from collections import deque
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,29 +21,13 @@ import torch
 
 from .errors import EngramEvalError
 from .model import LoadedModel, load_model
+from .spec import RayOptions
 
 INSTALL_HINT = "pip install 'engram-eval[ray]'"
 CONNECT_SECONDS = 10
 MAX_ATTEMPTS = 3  # tries per question before the run fails
 WORKER_START_SECONDS = 1800  # a worker loads its model within this (a 7B model from a network disk can take minutes)
 TEST_KILL_ONCE = "ENGRAM_EVAL_TEST_KILL_WORKER_ONCE"  # "question_id:marker_path": a worker SIGKILLs itself there, once
-
-
-@dataclass(frozen=True)
-class RayOptions:
-    address: str = "auto"  # auto: a running cluster, else a local one; or a cluster's address
-    workers: int | None = None  # None: as many as the cluster's CPUs (or GPUs) allow
-    gpus_per_worker: float = 0.0
-    threads_per_worker: int = 1
-
-    def check(self) -> RayOptions:
-        if self.workers is not None and self.workers < 1:
-            raise EngramEvalError(f"--workers: must be at least 1 (got {self.workers})")
-        if self.gpus_per_worker < 0:
-            raise EngramEvalError(f"--gpus-per-worker: must be at least 0 (got {self.gpus_per_worker:g})")
-        if self.threads_per_worker < 1:
-            raise EngramEvalError(f"--threads-per-worker: must be at least 1 (got {self.threads_per_worker})")
-        return self
 
 
 def import_ray() -> Any:

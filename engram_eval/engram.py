@@ -8,36 +8,11 @@ import torch
 
 from .errors import EngramEvalError
 from .model import LoadedModel
-from .pooling import POOLERS, check_pooled_length, check_pooling
+from .pooling import check_pooled_length
+from .registry import POOLINGS
+from .spec import DEFAULT_CHUNKS, DEFAULT_MAX_TOKENS, SEED_EXTRACTION, Extraction, check_chunks, check_layers
 
-DEFAULT_CHUNKS = 16
-DEFAULT_MAX_TOKENS = 2048
 DOMINANCE_THRESHOLD = 0.5  # one chunk holding more than this share of the summed row norms dominates the engram
-
-
-@dataclass(frozen=True)
-class Extraction:
-    """How a source's hidden states become an engram, besides k: the defaults are the seed's method."""
-
-    pooling: str = "mean"
-    skip_tokens: int = 0
-    window: int | None = None
-    max_tokens: int = DEFAULT_MAX_TOKENS
-
-    @property
-    def is_seed(self) -> bool:
-        return (self.pooling, self.skip_tokens, self.window) == ("mean", 0, None)
-
-    def check(self, chunks: list[int]) -> Extraction:
-        check_pooling(self.pooling)
-        if self.skip_tokens < 0:
-            raise EngramEvalError(f"--skip-tokens: must be at least 0 (got {self.skip_tokens})")
-        if self.window is not None and self.window < max(chunks):
-            raise EngramEvalError(f"--window: {self.window} tokens is smaller than k = {max(chunks)}")
-        return self
-
-
-SEED_EXTRACTION = Extraction()
 
 
 @dataclass
@@ -94,26 +69,6 @@ def format_layers(layers: list[int]) -> str:
     return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
 
 
-def valid_layers(num_layers: int) -> str:
-    return f"valid layers are 0..{num_layers} (0 = embedding output, {num_layers} = last)"
-
-
-def check_layers(layers: list[int], num_layers: int, option: str = "--layers") -> list[int]:
-    """The library's check of layer indices, with the command line's message."""
-    if not layers:
-        raise EngramEvalError(f"{option}: no layers given; {valid_layers(num_layers)}")
-    for layer in layers:
-        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer <= num_layers:
-            raise EngramEvalError(f"{option}: layer {layer} is out of range; {valid_layers(num_layers)}")
-    return layers
-
-
-def check_chunks(chunks: int) -> int:
-    if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
-        raise EngramEvalError(f"--chunks: must be at least 1 (got {chunks})")
-    return chunks
-
-
 def tokenize_source(lm: LoadedModel, text: str, max_tokens: int | None = DEFAULT_MAX_TOKENS) -> tuple[list[int], bool]:
     """Token ids with the tokenizer's default special tokens, cut at max_tokens (None: never) -> (ids, truncated)."""
     ids = lm.tokenizer(text)["input_ids"]
@@ -151,7 +106,7 @@ def extract_engrams(
         check_pooled_length(source, pooled, k, extraction.pooling, extraction.skip_tokens)
     size = extraction.window or n
     windowed = size < n
-    poolers = {k: POOLERS[extraction.pooling](pooled, k, windowed) for k in chunks}
+    poolers = {k: POOLINGS[extraction.pooling](pooled, k, windowed) for k in chunks}
     for start in range(0, n, size):
         window = torch.tensor([ids[start : start + size]], device=lm.device)
         hidden_states = lm.model(input_ids=window, output_hidden_states=True, use_cache=False).hidden_states

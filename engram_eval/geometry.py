@@ -14,13 +14,14 @@ import math
 import polars as pl
 import torch
 
-from .bank import NULL_PREFIXES, Bank
+from .bank import Bank
 from .engram import Extraction, source_ids
 from .errors import EngramEvalError
 from .nulls import null_prefix
 from .model import LoadedModel
 from .pooling import chunk_bounds
 from .store import EngramStore
+from .registry import NULL_PREFIXES
 
 GEOMETRY_COLUMNS = ("cosine", "angle_deg", "difference_signal", "chunk_cosine_min", "chunk_cosine_median", "norm_ratio",
                     "centered_cosine", "cosine_without_first_chunk")

@@ -7,10 +7,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .bank import NULL_PREFIXES, Bank, Question
+from .bank import Bank, Question
 from .nulls import NULL_KIND, null_prefix
 from .model import LoadedModel
 from .store import StoredEngram
+from .registry import NULL_PREFIXES
 
 
 @dataclass(frozen=True)

@@ -13,14 +13,12 @@ from typing import TYPE_CHECKING, ClassVar, Iterator
 
 import torch
 
-from .errors import EngramEvalError
 from .model import LoadedModel
-from .registry import Registry
+from .registry import INJECTIONS
+from .spec import SCALINGS
 
 if TYPE_CHECKING:
     from .grid import Cell
-
-SCALINGS = ("global", "per-chunk")
 
 
 def mean_row_norm(x: torch.Tensor) -> torch.Tensor:
@@ -101,10 +99,6 @@ class Injection:
         return embeds
 
 
-INJECTIONS: Registry[Injection] = Registry("--injection")
-DEFAULT_INJECTION = "prefix"
-
-
 @INJECTIONS.register
 class Prefix(Injection):
     name = "prefix"
@@ -152,14 +146,6 @@ class ActAdd(Injection):
     def next_inputs(self, steering: Steering, embeds: torch.Tensor) -> torch.Tensor:
         """Layer 0 adds to every position, generated tokens included (deeper layers get it from the hooks)."""
         return self.inputs(steering, steering.vectors.to(embeds.device, embeds.dtype), embeds)
-
-
-def check_injection(injection: str, scaling: str) -> None:
-    mode = INJECTIONS[injection]
-    if scaling not in SCALINGS:
-        raise EngramEvalError(f"--scaling: unknown '{scaling}' (one of: {', '.join(SCALINGS)})")
-    if scaling not in mode.scalings:
-        raise EngramEvalError(mode.scaling_refusal)
 
 
 @dataclass

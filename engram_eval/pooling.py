@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import torch
 
-from .errors import EngramEvalError
+from typing import ClassVar
 
-POOLINGS = ("mean", "last", "pca")
+from .errors import EngramEvalError
+from .registry import POOLINGS
 
 
 def chunk_mean(hidden: torch.Tensor, chunks: int) -> torch.Tensor:
@@ -49,7 +50,11 @@ class Pooler:
     """Receives the pooled positions' states [layers, t, h] (float32) window by window, in order -> [layers, k, h].
 
     A source in one window is pooled from all its states at once, exactly as METHOD.md writes it; a windowed source
-    streams (`stream`, `streamed`) so that memory stays bounded by one window."""
+    streams (`stream`, `streamed`) so that memory stays bounded by one window. A pooling is a subclass registered in
+    POOLINGS under its `--pooling` name."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]  # its --pooling help
 
     def __init__(self, n: int, chunks: int, windowed: bool):
         self.n, self.chunks, self.windowed = n, chunks, windowed
@@ -70,9 +75,17 @@ class Pooler:
     def streamed(self) -> torch.Tensor:
         raise NotImplementedError
 
+    @classmethod
+    def check_length(cls, source: str, pooled: int, chunks: int, skipped: str) -> None:
+        """What the pooling needs of a source's pooled positions (nothing, unless it overrides this)."""
 
+
+@POOLINGS.register
 class MeanPooler(Pooler):
     """The seed's chunk means; streamed as per-chunk float64 sums."""
+
+    name = "mean"
+    summary = "the seed's chunk means."
 
     def __init__(self, n: int, chunks: int, windowed: bool):
         super().__init__(n, chunks, windowed)
@@ -97,8 +110,17 @@ class MeanPooler(Pooler):
         return (self.sums / counts).float()
 
 
+@POOLINGS.register
 class LastPooler(Pooler):
     """The last k states, in order."""
+
+    name = "last"
+    summary = "the last k states."
+
+    @classmethod
+    def check_length(cls, source: str, pooled: int, chunks: int, skipped: str) -> None:
+        if pooled < chunks:
+            raise EngramEvalError(f"source '{source}': {pooled} tokens{skipped}, fewer than k = {chunks}: --pooling last needs at least k")
 
     def __init__(self, n: int, chunks: int, windowed: bool):
         super().__init__(n, chunks, windowed)
@@ -115,9 +137,19 @@ class LastPooler(Pooler):
         return self.tail
 
 
+@POOLINGS.register
 class PcaPooler(Pooler):
     """The SVD of the centred states (METHOD.md); streamed as the eigenvectors of their covariance, accumulated in
     float64 (the same vectors, up to float error; memory stays [layers, h, h] whatever the source's length)."""
+
+    name = "pca"
+    summary = "the k leading right-singular vectors of the centred states, signed towards the mean state."
+
+    @classmethod
+    def check_length(cls, source: str, pooled: int, chunks: int, skipped: str) -> None:
+        if pooled <= chunks:
+            raise EngramEvalError(f"source '{source}': {pooled} tokens{skipped}, at most k = {chunks}: --pooling pca needs more "
+                                  "than k (the centred states have rank n - 1)")
 
     def __init__(self, n: int, chunks: int, windowed: bool):
         super().__init__(n, chunks, windowed)
@@ -143,22 +175,9 @@ class PcaPooler(Pooler):
         return _signed(leading, mean).float()
 
 
-POOLERS = {"mean": MeanPooler, "last": LastPooler, "pca": PcaPooler}
-
-
-def check_pooling(pooling: str) -> str:
-    if pooling not in POOLINGS:
-        raise EngramEvalError(f"--pooling: unknown '{pooling}' (one of: {', '.join(POOLINGS)})")
-    return pooling
-
-
 def check_pooled_length(source: str, pooled: int, chunks: int, pooling: str, skip_tokens: int) -> None:
     """What each pooling needs of the source's pooled positions (after --skip-tokens); one line naming the source."""
     skipped = f" after --skip-tokens {skip_tokens}" if skip_tokens else ""
     if skip_tokens and pooled < chunks:
         raise EngramEvalError(f"source '{source}': --skip-tokens {skip_tokens} leaves {pooled} tokens, fewer than k = {chunks}")
-    if pooling == "last" and pooled < chunks:
-        raise EngramEvalError(f"source '{source}': {pooled} tokens{skipped}, fewer than k = {chunks}: --pooling last needs at least k")
-    if pooling == "pca" and pooled <= chunks:
-        raise EngramEvalError(f"source '{source}': {pooled} tokens{skipped}, at most k = {chunks}: --pooling pca needs more than k "
-                              "(the centred states have rank n - 1)")
+    POOLINGS[pooling].check_length(source, pooled, chunks, skipped)

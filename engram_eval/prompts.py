@@ -8,6 +8,7 @@ from pathlib import Path
 from .bank import Question
 from .errors import EngramEvalError
 from .model import LoadedModel
+from .registry import SCORINGS
 
 
 @dataclass(frozen=True)
@@ -61,10 +62,11 @@ def prepare_question(lm: LoadedModel, question: Question, scoring: str, bank_pat
     correct, incorrect = encode(question.correct), encode(question.incorrect)
     for c_text, c_ids in zip(question.correct, correct):
         for i_text, i_ids in zip(question.incorrect, incorrect):
-            same = c_ids[0] == i_ids[0] if scoring == "first-token" else c_ids == i_ids
+            first_token_only = SCORINGS[scoring].first_token_only
+            same = c_ids[0] == i_ids[0] if first_token_only else c_ids == i_ids
             if same:
                 token = tokenizer.convert_ids_to_tokens(c_ids[0])
-                what = "first token" if scoring == "first-token" else "tokens"
+                what = "first token" if first_token_only else "tokens"
                 raise EngramEvalError(
                     f"{bank_path}: question '{question.id}': correct {c_text!r} and incorrect {i_text!r} share their "
                     f"{what} ({token!r}, id {c_ids[0]}), so {scoring} scoring cannot tell them apart"

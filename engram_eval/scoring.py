@@ -6,23 +6,70 @@ import math
 import os
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Callable, ClassVar, Iterator
 
 import torch
 
-from .injection import INJECTIONS, CellVectors, Steering, decoder_layers
+from .injection import CellVectors, Steering, decoder_layers
 from .model import LoadedModel
 from .prompts import PreparedQuestion
+from .registry import INJECTIONS, SCORINGS
 
 if TYPE_CHECKING:
     from .grid import Cell
 
-SCORINGS = ("first-token", "sequence", "sequence-max", "sequence-mean")
 CPU_TOKENS_PER_BATCH = 1024  # measured: larger CPU batches fall out of cache and get slower (docs/performance.md)
 
 
 def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in str(exc) or "out of memory" in str(exc)
+
+
+class Scoring:
+    """A scoring (`--scoring`): how a variant's tokens become its log-probability, and a side's variants one number."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]  # its --scoring help
+    first_token_only: ClassVar[bool] = False  # scores each variant's first token alone (one forward pass)
+
+    def variant(self, token_logps: torch.Tensor) -> torch.Tensor:
+        """A variant's per-token log-probabilities [batch, tokens] -> its log-probability [batch]."""
+        return token_logps.sum(dim=-1)
+
+    def side(self, logprobs: torch.Tensor) -> torch.Tensor:
+        """A side's variants [batch, variants] -> the side's log-probability [batch]: the best variant's, by default."""
+        return logprobs.max(dim=1).values
+
+
+@SCORINGS.register
+class FirstToken(Scoring):
+    name = "first-token"
+    summary = "seed mode, max over variants of their first token's probability."
+    first_token_only = True
+
+
+@SCORINGS.register
+class Sequence(Scoring):
+    name = "sequence"
+    summary = "summed log-probability of each variant's tokens, logsumexp per side."
+
+    def side(self, logprobs: torch.Tensor) -> torch.Tensor:
+        return torch.logsumexp(logprobs, dim=1)
+
+
+@SCORINGS.register
+class SequenceMax(Scoring):
+    name = "sequence-max"
+    summary = "the same, max per side."
+
+
+@SCORINGS.register
+class SequenceMean(Scoring):
+    name = "sequence-mean"
+    summary = "mean per-token log-probability (long answers are not penalised), max per side."
+
+    def variant(self, token_logps: torch.Tensor) -> torch.Tensor:
+        return token_logps.mean(dim=-1)
 
 
 @dataclass
@@ -85,7 +132,8 @@ def variant_logprobs(
     def mean_attention() -> torch.Tensor | None:
         return torch.stack(attention).mean(dim=(0, 2)) if attention else None  # [layers, batch, heads, kv] -> [batch, kv]
 
-    if scoring == "first-token":
+    mode = SCORINGS[scoring]
+    if mode.first_token_only:
         logits, normalizer = forward((), 1)
         return Scores(logits[:, -1, [variant[0] for variant in variants]] - normalizer[:, -1], *top(logits[:, -1], normalizer[:, -1]),
                       mean_attention())
@@ -96,7 +144,7 @@ def variant_logprobs(
             after_prompt = top(logits[:, 0], normalizer[:, 0])
         targets = torch.tensor(variant, device=lm.device).expand(batch, -1).unsqueeze(-1)
         token_logps = (logits.gather(-1, targets) - normalizer).squeeze(-1)
-        columns.append(token_logps.mean(dim=-1) if scoring == "sequence-mean" else token_logps.sum(dim=-1))
+        columns.append(mode.variant(token_logps))
     return Scores(torch.stack(columns, dim=1), *after_prompt, mean_attention())
 
 
@@ -116,10 +164,8 @@ def attention_recorded(lm: LoadedModel, into: list[torch.Tensor], query: int) ->
 
 
 def combine_side(logprobs: torch.Tensor, scoring: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per side: max over variants (seed), or logsumexp for `sequence` -> (side log-prob, index of top variant)."""
-    top = logprobs.argmax(dim=1)
-    side = torch.logsumexp(logprobs, dim=1) if scoring == "sequence" else logprobs.max(dim=1).values
-    return side, top
+    """Per side: the scoring's side log-prob (max over variants, seed) and the index of the top variant."""
+    return SCORINGS[scoring].side(logprobs), logprobs.argmax(dim=1)
 
 
 def auto_batch_size(lm: LoadedModel, seq_len: int, n_cells: int, cpu_token_budget: bool = True) -> int:

@@ -6,12 +6,15 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass
 
-from .engram import DEFAULT_MAX_TOKENS, Extraction
+from .spec import DEFAULT_MAX_TOKENS, SEED_EXTRACTION, SEED_METHOD, Extraction, Grid, Method, SweepSpec
 
 
 @dataclass
 class SweepSettings:
-    """Everything that determines the numbers of a run (batch size does not)."""
+    """Everything that determines the numbers of a run (batch size does not): the spec, the model and the bank.
+
+    Its fields are run.json's `settings` as they have always been written, so the run id hashed from them does not move;
+    the defaults read a run written before a field existed."""
 
     model: str
     model_fingerprint: str
@@ -24,12 +27,32 @@ class SweepSettings:
     injection: str
     questions: list[str]
     max_tokens: int = DEFAULT_MAX_TOKENS
-    pooling: str = "mean"
-    skip_tokens: int = 0
-    window: int | None = None
-    scaling: str = "global"
-    context: str = "with"
-    record_attention: bool = False  # eager attention: its float rounding differs slightly from the default kernel
+    pooling: str = SEED_EXTRACTION.pooling
+    skip_tokens: int = SEED_EXTRACTION.skip_tokens
+    window: int | None = SEED_EXTRACTION.window
+    scaling: str = SEED_METHOD.scaling
+    context: str = SEED_METHOD.context
+    record_attention: bool = SEED_METHOD.record_attention
+
+    @classmethod
+    def of(cls, spec: SweepSpec, *, model: str, model_fingerprint: str, bank: str, bank_sha256: str,
+           questions: list[str]) -> SweepSettings:
+        grid, method, extraction = spec.grid, spec.method, spec.extraction
+        return cls(
+            model=model, model_fingerprint=model_fingerprint, bank=bank, bank_sha256=bank_sha256,
+            layers=list(grid.layers), strengths=list(grid.strengths),
+            chunks=grid.chunks[0] if len(grid.chunks) == 1 else list(grid.chunks),
+            scoring=method.scoring, injection=method.injection, questions=list(questions),
+            max_tokens=extraction.max_tokens, pooling=extraction.pooling, skip_tokens=extraction.skip_tokens,
+            window=extraction.window, scaling=method.scaling, context=method.context,
+            record_attention=method.record_attention,
+        )
+
+    @property
+    def spec(self) -> SweepSpec:
+        return SweepSpec(Grid(tuple(self.layers), tuple(self.strengths), tuple(self.chunk_list)),
+                         Method(self.injection, self.scaling, self.scoring, self.context, self.record_attention),
+                         self.extraction, tuple(self.questions))
 
     @property
     def chunk_list(self) -> list[int]:

@@ -17,18 +17,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ._version import __version__
-from .bank import NULL_PREFIXES, Bank
-from .engram import (
-    DEFAULT_MAX_TOKENS,
-    SEED_EXTRACTION,
-    Engram,
-    Extraction,
-    dominance_warning,
-    extract_engrams,
-    source_ids,
-)
+from .bank import Bank
+from .engram import Engram, dominance_warning, extract_engrams, source_ids
 from .errors import EngramEvalError
 from .model import LoadedModel
+from .registry import NULL_PREFIXES
+from .spec import DEFAULT_MAX_TOKENS, SEED_EXTRACTION, SEED_POOLING, Extraction
 
 FORMAT_VERSION = "1"
 
@@ -162,7 +156,7 @@ class EngramStore:
             raise self._corrupt(path, "corrupt (checksum mismatch)")
         layers = {int(name.split(".", 1)[1]): tensor for name, tensor in tensors.items()}
         window = metadata.get("window", "none")
-        extraction = Extraction(pooling=metadata.get("pooling", "mean"), skip_tokens=int(metadata.get("skip_tokens", 0)),
+        extraction = Extraction(pooling=metadata.get("pooling", SEED_POOLING), skip_tokens=int(metadata.get("skip_tokens", 0)),
                                 window=None if window == "none" else int(window),
                                 max_tokens=int(metadata.get("max_tokens", DEFAULT_MAX_TOKENS)))
         engram = Engram(

@@ -5,9 +5,7 @@ Orchestration only: prompts, injection, scoring, results and the run directory e
 
 from __future__ import annotations
 
-import math
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -15,12 +13,11 @@ from typing import TYPE_CHECKING, Callable
 import polars as pl
 import torch
 
-from .bank import NULL_PREFIXES, Bank, Question
-from .engram import DEFAULT_MAX_TOKENS, Extraction, check_chunks, check_layers, chunk_shares
-from .errors import EngramEvalError, EngramEvalWarning
+from .bank import Bank
+from .engram import chunk_shares
+from .errors import EngramEvalError
 from .geometry import pair_geometry
 from .grid import Cell, question_cells, raw_vectors
-from .injection import DEFAULT_INJECTION, INJECTIONS, check_injection
 from .model import LoadedModel
 from .prompts import PreparedQuestion, context_conditions, prepare_question, variant_token_warnings
 from .results import question_frame
@@ -34,37 +31,14 @@ from .rundir import (
     write_part,
     write_run_json,
 )
-from .scoring import SCORINGS, auto_batch_size, score_cells
+from .registry import INJECTIONS, NULL_PREFIXES
+from .scoring import auto_batch_size, score_cells
 from .settings import SweepSettings
+from .spec import Execution, Observer, SweepSpec
 from .store import EngramStore, StoredEngram, bank_engrams, engram_label
 
 if TYPE_CHECKING:
-    from .distributed import RayOptions
     from .distributed import WorkerPool as RayPool
-
-CONTEXTS = ("with", "without", "both")
-
-
-def check_chunk_list(chunks: int | list[int]) -> list[int]:
-    """One k, or the chunk-count grid: each at least 1, none repeated."""
-    values = [chunks] if isinstance(chunks, int) else list(chunks)
-    if not values:
-        raise EngramEvalError("--chunks: no chunk count given")
-    for k in values:
-        check_chunks(k)
-        if values.count(k) > 1:
-            raise EngramEvalError(f"--chunks: {k} is repeated")
-    return values
-
-
-def check_strengths(strengths: list[float]) -> list[float]:
-    if not strengths:
-        raise EngramEvalError("--strengths: no strengths given")
-    for strength in strengths:
-        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength) or strength <= 0:
-            raise EngramEvalError(f"--strengths: {strength} is not allowed; strengths must be finite and > 0")
-    return strengths
-
 
 @dataclass
 class SweepResult:
@@ -78,87 +52,63 @@ def run_sweep(
     bank: Bank,
     store: EngramStore,
     out: str | Path,
+    spec: SweepSpec,
     *,
-    layers: list[int],
-    strengths: list[float],
-    chunks: int | list[int] = 16,
-    scoring: str = "first-token",
-    injection: str = DEFAULT_INJECTION,
-    scaling: str = "global",
-    extraction: Extraction | None = None,
-    context: str = "with",
-    record_attention: bool = False,
-    ray: RayOptions | None = None,
-    questions: list[str] | None = None,
-    batch_size: int | None = None,
-    max_tokens: int = DEFAULT_MAX_TOKENS,
+    execution: Execution = Execution(),
     force: bool = False,
     strict: bool = False,
-    progress: bool = True,
-    log: Callable[[str], None] = lambda message: None,
-    warn: Callable[[str], None] = lambda message: warnings.warn(message, EngramEvalWarning, stacklevel=3),
-    before_question: Callable[[Question], None] = lambda question: None,
+    observer: Observer = Observer(),
 ) -> SweepResult:
-    """Run the grid; each finished question lands atomically in out/parts, so a rerun resumes where it stopped.
+    """Run the spec's grid over the bank; each finished question lands atomically in out/parts, so a rerun resumes where
+    it stopped.
 
-    injection, scaling and extraction (pooling, skip_tokens, window) default to the seed's method. context: questions
-    with a retrieved context run `with` it, `without` it, or `both` (each condition with its own baseline row).
-    record_attention adds, per row, the share of the last prompt position's attention (mean over heads and layers) on
-    the k engram positions and on position 0 (eager attention while the sweep runs). ray shards the questions over a
-    Ray cluster's workers (results identical). questions limits the run to these question ids. warn receives what a researcher must read before trusting the
-    numbers (bank mistakes, truncated or dominated engrams); by default Python's warnings machinery
-    (EngramEvalWarning), one line each. strict makes the bank's mistakes errors, raised before any model work.
-    before_question runs before each question is computed, outside the sweep's timings (the benchmark measures the
-    machine there, under the same contention as the sweep). An interrupted or failed run says so in run.json.
+    The spec (engram_eval.spec) says what is computed: the extraction, the layer x strength x k grid, the method
+    (injection, scaling, scoring; context: questions with a retrieved context run `with` it, `without` it, or `both`,
+    each condition with its own baseline row; record_attention adds, per row, the share of the last prompt position's
+    attention on the k engram positions and on position 0) and which questions. execution says how (batch size; Ray
+    shards the questions over a cluster's workers, results identical). strict makes the bank's mistakes errors, raised
+    before any model work. observer receives the progress, the log and the warnings a researcher must read before
+    trusting the numbers (bank mistakes, truncated or dominated engrams). An interrupted or failed run says so in
+    run.json.
     """
-    if scoring not in SCORINGS:
-        raise EngramEvalError(f"--scoring: unknown '{scoring}' (one of: {', '.join(SCORINGS)})")
-    if context not in CONTEXTS:
-        raise EngramEvalError(f"--context: unknown '{context}' (one of: {', '.join(CONTEXTS)})")
-    check_injection(injection, scaling)
-    check_layers(layers, lm.num_layers)
-    check_strengths(strengths)
-    chunk_list = check_chunk_list(chunks)
-    extraction = (extraction or Extraction(max_tokens=max_tokens)).check(chunk_list)
-    if questions is not None:
-        bank = bank.select(questions)
-    if ray is not None:
+    spec.check(lm.num_layers)
+    execution.check()
+    method, chunk_list = spec.method, list(spec.grid.chunks)
+    warn = observer.warn
+    if spec.questions is not None:
+        bank = bank.select(list(spec.questions))
+    if execution.ray is not None:
         from .distributed import plan_workers
 
-        plan_workers(ray)
+        plan_workers(execution.ray)
     out = Path(out)
     started = time.perf_counter()
-    prepared = [[prepare_question(lm, q, scoring, bank.path, condition) for condition in context_conditions(q, context)]
+    prepared = [[prepare_question(lm, q, method.scoring, bank.path, condition) for condition in context_conditions(q, method.context)]
                 for q in bank.questions]  # before any model work
+    injection = method.injection
     if INJECTIONS[injection].needs_k_prompt_tokens:
         for p in (p for conditions in prepared for p in conditions):
             if len(p.prompt_ids) < max(chunk_list):
                 raise EngramEvalError(f"{bank.path}: question '{p.question.id}': --injection {injection} needs a prompt of at least "
                                       f"k = {max(chunk_list)} tokens; this one has {len(p.prompt_ids)}")
     bank_warnings = bank.lint() + [w for conditions in prepared for w in variant_token_warnings(lm, conditions[0], bank.path)]
-    if context == "both" and not any(q.context for q in bank.questions):
+    if method.context == "both" and not any(q.context for q in bank.questions):
         bank_warnings.append(f"{bank.path}: --context both, but no question has a context: every question runs once")
     if strict and bank_warnings:
         raise EngramEvalError(f"{bank_warnings[0]} (--strict)")
     for warning in bank_warnings:
         warn(warning)
-    settings = SweepSettings(
-        model=lm.name, model_fingerprint=lm.fingerprint, bank=bank.name, bank_sha256=bank.sha256,
-        layers=list(layers), strengths=list(strengths), chunks=chunk_list[0] if len(chunk_list) == 1 else chunk_list,
-        scoring=scoring, injection=injection,
-        questions=[q.id for q in bank.questions], max_tokens=extraction.max_tokens, pooling=extraction.pooling,
-        skip_tokens=extraction.skip_tokens, window=extraction.window, scaling=scaling, context=context,
-        record_attention=record_attention,
-    )
+    settings = SweepSettings.of(spec, model=lm.name, model_fingerprint=lm.fingerprint, bank=bank.name,
+                                bank_sha256=bank.sha256, questions=[q.id for q in bank.questions])
     run = prepare_out(out, settings, force)
     run.update(bank_path=str(bank.path), store=str(store.root), model_description=lm.description, versions=package_versions(),
-               device=str(lm.device), dtype=str(lm.dtype).removeprefix("torch."), batch_size=batch_size or "auto")
+               device=str(lm.device), dtype=str(lm.dtype).removeprefix("torch."), batch_size=execution.batch_size or "auto")
     write_run_json(out, run)
     attention = lm.model.config._attn_implementation
     try:
-        if record_attention:
+        if method.record_attention:
             lm.model.set_attn_implementation("eager")  # the only kernel that gives its attention weights
-        _run_grid(lm, bank, store, out, settings, run, prepared, batch_size, progress, log, warn, before_question, ray)
+        _run_grid(lm, bank, store, out, settings, run, prepared, execution, observer)
     except KeyboardInterrupt:
         mark_stopped(out, run, "interrupted")
         raise
@@ -234,14 +184,15 @@ def _sweep_on_ray(pool: RayPool, settings: SweepSettings, bank: Bank, prepared: 
 
 
 def _run_grid(lm: LoadedModel, bank: Bank, store: EngramStore, out: Path, settings: SweepSettings, run: dict,
-              prepared: list[list[PreparedQuestion]], batch_size: int | None, progress: bool, log: Callable[[str], None],
-              warn: Callable[[str], None], before_question: Callable[[Question], None], ray: RayOptions | None) -> None:
+              prepared: list[list[PreparedQuestion]], execution: Execution, observer: Observer) -> None:
     """Build what the store lacks, score every question not yet in out/parts, merge; fills run in place."""
     from tqdm import tqdm
 
+    batch_size, ray = execution.batch_size, execution.ray
+
     layers, chunks = settings.layers, settings.chunk_list
     build_started = time.perf_counter()
-    engrams = bank_engrams(lm, bank, store, layers, chunks, settings.extraction, warn, log)
+    engrams = bank_engrams(lm, bank, store, layers, chunks, settings.extraction, observer.warn, observer.log)
     build_seconds = time.perf_counter() - build_started
     labels = {(name, k): engram_label(name, k, chunks) for name, k in engrams}
     run.update(
@@ -270,7 +221,7 @@ def _run_grid(lm: LoadedModel, bank: Bank, store: EngramStore, out: Path, settin
         run.update(distributed={"ray": pool.version, "workers": pool.size, "gpus_per_worker": ray.gpus_per_worker,
                                 "threads_per_worker": ray.threads_per_worker})
     sweep_started = time.perf_counter()
-    bar = tqdm(total=sum(rows), initial=done, unit="cell", desc="sweep", disable=not progress or None, dynamic_ncols=True)
+    bar = tqdm(total=sum(rows), initial=done, unit="cell", desc="sweep", disable=not observer.progress or None, dynamic_ncols=True)
     fits: int | None = None  # the largest batch size known to fit, after an out-of-memory back-off
     paused = 0.0
     with bar:
@@ -283,7 +234,7 @@ def _run_grid(lm: LoadedModel, bank: Bank, store: EngramStore, out: Path, settin
             if part.exists():
                 continue
             pause_started = time.perf_counter()
-            before_question(conditions[0].question)
+            observer.before_question(conditions[0].question)
             paused += time.perf_counter() - pause_started
             frame, fits = score_question(lm, settings, bank, conditions, question_grid, raw, batch_size, fits, bar.update)
             write_part(part, frame)

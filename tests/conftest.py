@@ -110,14 +110,25 @@ def real() -> LoadedModel:
 SWEEP_GRID = dict(layers=[1, 4], strengths=[0.5, 3.0], chunks=4)
 
 
+def flat_sweep(lm: LoadedModel, bank, store, out: Path, *, batch_size: int | None = None, ray=None, force: bool = False,
+               strict: bool = False, progress: bool = True, **keywords):
+    """run_sweep from the command line's flat keywords: the spec's (SweepSpec.build), the execution's (batch_size, ray)
+    and the observer's (progress, log, warn, before_question)."""
+    from engram_eval.spec import Execution, Observer, SweepSpec
+    from engram_eval.sweep import run_sweep
+
+    observed = {name: keywords.pop(name) for name in ("log", "warn", "before_question") if name in keywords}
+    return run_sweep(lm, bank, store, out, SweepSpec.build(**keywords), execution=Execution(batch_size, ray), force=force,
+                     strict=strict, observer=Observer(progress=progress, **observed))
+
+
 def sweep(lm: LoadedModel, bank_path: Path, out: Path, **kwargs):
     """A small sweep of a bank on the tiny model, store beside the run directory."""
     from engram_eval.bank import load_bank
     from engram_eval.store import EngramStore
-    from engram_eval.sweep import run_sweep
 
     options = {**SWEEP_GRID, "progress": False, **kwargs}
-    return run_sweep(lm, load_bank(bank_path), EngramStore(out.parent / "store"), out, **options)
+    return flat_sweep(lm, load_bank(bank_path), EngramStore(out.parent / "store"), out, **options)
 
 
 @pytest.fixture(scope="session")

@@ -179,7 +179,7 @@ def test_bank_validate_and_stats(tiny_model_dir, tmp_path):
 def test_an_imported_bank_has_distinct_letters_on_the_real_tokenizer_and_sweeps(real, tmp_path):
     from engram_eval.prompts import prepare_question, variant_token_warnings
     from engram_eval.store import EngramStore
-    from engram_eval.sweep import run_sweep
+    from conftest import flat_sweep
 
     bank_path = REPO / "questions/science_mc.yaml"
     bank = load_bank(bank_path)
@@ -187,7 +187,7 @@ def test_an_imported_bank_has_distinct_letters_on_the_real_tokenizer_and_sweeps(
         prepared = prepare_question(real, question, "first-token", bank_path)  # raises on a shared first token
         assert len({ids[0] for ids in prepared.correct_ids + prepared.incorrect_ids}) == 4
         assert variant_token_warnings(real, prepared, bank_path) == []
-    result = run_sweep(real, bank, EngramStore(tmp_path / "s"), tmp_path / "run", layers=[16], strengths=[1.0],
+    result = flat_sweep(real, bank, EngramStore(tmp_path / "s"), tmp_path / "run", layers=[16], strengths=[1.0],
                        questions=["sci-01", "sci-05"], progress=False, warn=lambda m: None)
     frame = pl.read_parquet(result.results_path)
     assert frame.height == 2 * (1 + 5) and set(frame["control_kind"].drop_nulls()) == {"irrelevant", "random", "null"}

@@ -93,16 +93,21 @@ def test_question_flops_count_a_null_prefix_once_per_strength_except_with_actadd
 
 def test_alternated_sweeps_run_each_variant_twice_in_the_order_a_b_b_a(tiny, tiny_bank, tmp_path, monkeypatch):
     import engram_eval.bench as bench_module
+    from dataclasses import replace
+
     from engram_eval.bench import alternated_sweeps
+    from engram_eval.spec import Execution, SweepSpec
     from engram_eval.store import EngramStore
 
     order = []  # recorded as each sweep returns, not read off file times
     real = bench_module.run_sweep
     monkeypatch.setattr(bench_module, "run_sweep", lambda *a, **k: (r := real(*a, **k), order.append(
-        "with" if k.get("record_attention") else "without"))[0])
+        "with" if a[4].method.record_attention else "without"))[0])
 
+    without = SweepSpec.build(layers=[1], strengths=[1.0], chunks=4)
+    with_attention = replace(without, method=replace(without.method, record_attention=True))
     runs = alternated_sweeps(tiny, load_bank(tiny_bank), EngramStore(tmp_path / "s"), tmp_path,
-                             {"without": {}, "with": {"record_attention": True}}, 2, layers=[1], strengths=[1.0], chunks=4)
+                             {"without": (without, Execution()), "with": (with_attention, Execution())}, 2)
     assert [r.run["settings"]["record_attention"] for r in runs["without"] + runs["with"]] == [False, False, True, True]
     assert all(r.run["settings"]["questions"] == ["q1", "q2"] for r in runs["without"] + runs["with"])
     assert order == ["without", "with", "with", "without"]

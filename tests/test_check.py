@@ -10,7 +10,7 @@ from engram_eval.bank import load_bank
 from engram_eval.check import compare, summarize_run
 from engram_eval.cli import cli
 from engram_eval.store import EngramStore
-from engram_eval.sweep import run_sweep
+from conftest import flat_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 CI_GRID = dict(layers=[8, 16, 24], strengths=[1.0, 5.0, 10.0])  # the grid `make test` sweeps for the committed baseline
@@ -20,7 +20,7 @@ CI_GRID = dict(layers=[8, 16, 24], strengths=[1.0, 5.0, 10.0])  # the grid `make
 def tiny_run(tiny, tmp_path_factory):
     from conftest import write_tiny_bank
     folder = tmp_path_factory.mktemp("check")
-    run_sweep(tiny, load_bank(write_tiny_bank(folder)), EngramStore(folder / "store"), folder / "run",
+    flat_sweep(tiny, load_bank(write_tiny_bank(folder)), EngramStore(folder / "store"), folder / "run",
               layers=[1, 3], strengths=[1.0, 9.0], chunks=4, progress=False)
     return folder / "run"
 
@@ -63,11 +63,11 @@ def test_compare_reports_missing_and_changed_cells():
 def test_committed_baseline_passes_and_a_changed_convention_fails(real, tmp_path, monkeypatch):
     bank = load_bank(REPO / "questions/ci.yaml")
     baseline = json.loads((REPO / "tests/baselines/ci.json").read_text())
-    run = run_sweep(real, bank, EngramStore(tmp_path / "store"), tmp_path / "seed", **CI_GRID, progress=False)
+    run = flat_sweep(real, bank, EngramStore(tmp_path / "store"), tmp_path / "seed", **CI_GRID, progress=False)
     assert compare(summarize_run(pl.read_parquet(run.results_path), run.run), baseline) == []
     # Break one convention: scale by the engram's max row norm instead of its mean row norm.
     monkeypatch.setattr(injection_module, "mean_row_norm", lambda x: x.float().norm(dim=1).max())
-    drifted = run_sweep(real, bank, EngramStore(tmp_path / "store"), tmp_path / "drift", **CI_GRID, progress=False)
+    drifted = flat_sweep(real, bank, EngramStore(tmp_path / "store"), tmp_path / "drift", **CI_GRID, progress=False)
     drifts = compare(summarize_run(pl.read_parquet(drifted.results_path), drifted.run), baseline)
     assert len(drifts) > 10 and all(d.what.split()[0] in baseline["cells"] or d.what.startswith("totals") for d in drifts)
     assert not any("baseline_log_ratio" in d.what for d in drifts)  # baselines carry no engram: unchanged

@@ -34,13 +34,13 @@ def test_every_command_and_option_is_documented():
 
 
 def test_cli_choices_match_the_library():
-    from engram_eval.injection import INJECTIONS, SCALINGS
-    from engram_eval.pooling import POOLINGS
-    from engram_eval.scoring import SCORINGS
+    from engram_eval.registry import INJECTIONS, POOLINGS, SCORINGS
+    from engram_eval.spec import CONTEXTS, SCALINGS
     options = {p.name: p for p in cli.commands["sweep"].params}
-    assert tuple(options["scoring"].type.choices) == SCORINGS and tuple(options["injection"].type.choices) == INJECTIONS.names()
-    assert tuple(options["scaling"].type.choices) == SCALINGS and tuple(options["pooling"].type.choices) == POOLINGS
-    assert tuple({p.name: p for p in cli.commands["build"].params}["pooling"].type.choices) == POOLINGS
+    assert tuple(options["scoring"].type.choices) == SCORINGS.names() and tuple(options["injection"].type.choices) == INJECTIONS.names()
+    assert tuple(options["scaling"].type.choices) == SCALINGS and tuple(options["pooling"].type.choices) == POOLINGS.names()
+    assert tuple(options["context"].type.choices) == CONTEXTS
+    assert tuple({p.name: p for p in cli.commands["build"].params}["pooling"].type.choices) == POOLINGS.names()
 
 
 def test_docs_cli_md_is_generated_from_help():

@@ -320,14 +320,15 @@ def test_sweep_strict_turns_the_banks_warnings_into_errors(tiny_model_dir, tmp_p
 
 def test_quiet_silences_the_progress_bar_and_the_engram_log(tiny_model_dir, bank_dir, tmp_path, monkeypatch):
     """Under CliRunner stderr is no terminal, so tqdm draws no bar either way: what --quiet hands the library is
-    checked (progress=False), and the engram log it silences is read."""
+    checked (the sweep's observer, generate's progress=False), and the engram log it silences is read."""
     import engram_eval.generation as generation
     import engram_eval.sweep as sweep_module
 
     progress = []
     for module, name in ((sweep_module, "run_sweep"), (generation, "run_generate")):
         real = getattr(module, name)
-        monkeypatch.setattr(module, name, lambda *a, _real=real, **k: progress.append(k["progress"]) or _real(*a, **k))
+        monkeypatch.setattr(module, name, lambda *a, _real=real, **k: progress.append(k["observer"].progress if "observer" in k
+                                                                                    else k["progress"]) or _real(*a, **k))
     args = ["--model", tiny_model_dir, "--layers", "1", "--strengths", "1", "--chunks", "4", "--store", tmp_path / "store"]
     loud = ok(run("sweep", bank_dir / "tiny.yaml", *args, "--out", tmp_path / "a"))
     quiet = ok(run("sweep", bank_dir / "tiny.yaml", *args, "--out", tmp_path / "b", "-q"))

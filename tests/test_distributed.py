@@ -18,7 +18,7 @@ from engram_eval.distributed import TEST_KILL_ONCE, RayOptions
 from engram_eval.errors import EngramEvalError
 from engram_eval.generation import run_generate
 from engram_eval.store import EngramStore
-from engram_eval.sweep import run_sweep
+from conftest import flat_sweep
 
 ray = pytest.importorskip("ray")
 REPO = Path(__file__).resolve().parents[1]
@@ -47,8 +47,8 @@ def sorted_rows(path: Path) -> pl.DataFrame:
 
 
 def test_a_sharded_sweep_equals_the_single_process_sweep(cluster, tiny, tiny_bank, tmp_path, one_thread):
-    single = run_sweep(tiny, load_bank(tiny_bank), EngramStore(tmp_path / "s1"), tmp_path / "single", **GRID)
-    sharded = run_sweep(tiny, load_bank(tiny_bank), EngramStore(tmp_path / "s2"), tmp_path / "ray", ray=RayOptions(workers=2), **GRID)
+    single = flat_sweep(tiny, load_bank(tiny_bank), EngramStore(tmp_path / "s1"), tmp_path / "single", **GRID)
+    sharded = flat_sweep(tiny, load_bank(tiny_bank), EngramStore(tmp_path / "s2"), tmp_path / "ray", ray=RayOptions(workers=2), **GRID)
     assert sorted_rows(sharded.results_path).equals(sorted_rows(single.results_path))
     assert sharded.run["distributed"] == {"ray": ray.__version__, "workers": 2, "gpus_per_worker": 0.0, "threads_per_worker": 1}
     assert sharded.run["run_id"] == single.run["run_id"]  # the workers are not a setting
@@ -57,9 +57,9 @@ def test_a_sharded_sweep_equals_the_single_process_sweep(cluster, tiny, tiny_ban
 def test_a_worker_killed_mid_question_has_its_question_retried(cluster, tiny, tiny_bank, tmp_path, monkeypatch, one_thread):
     marker = tmp_path / "killed"
     monkeypatch.setenv(TEST_KILL_ONCE, f"q2:{marker}")
-    sharded = run_sweep(tiny, load_bank(tiny_bank), EngramStore(tmp_path / "s"), tmp_path / "ray", ray=RayOptions(workers=2), **GRID)
+    sharded = flat_sweep(tiny, load_bank(tiny_bank), EngramStore(tmp_path / "s"), tmp_path / "ray", ray=RayOptions(workers=2), **GRID)
     assert marker.exists()  # a worker did die on q2
-    single = run_sweep(tiny, load_bank(tiny_bank), EngramStore(tmp_path / "s"), tmp_path / "single", **GRID)
+    single = flat_sweep(tiny, load_bank(tiny_bank), EngramStore(tmp_path / "s"), tmp_path / "single", **GRID)
     assert sorted_rows(sharded.results_path).equals(sorted_rows(single.results_path))
 
 
@@ -71,12 +71,12 @@ def test_the_store_is_filled_once_by_the_driver(cluster, tiny, tiny_bank, tmp_pa
         return real(lm, ids, *args, **kwargs)
 
     monkeypatch.setattr(store_module, "extract_engrams", counting)
-    run_sweep(tiny, load_bank(tiny_bank), EngramStore(tmp_path / "s"), tmp_path / "ray", ray=RayOptions(workers=2), **GRID)
+    flat_sweep(tiny, load_bank(tiny_bank), EngramStore(tmp_path / "s"), tmp_path / "ray", ray=RayOptions(workers=2), **GRID)
     assert len(built) == 4 and len(EngramStore(tmp_path / "s").paths()) == 4  # one pass per source, in the driver
 
 
 def test_generation_on_ray_equals_local_generation(cluster, tiny, tiny_bank, tmp_path, one_thread):
-    result = run_sweep(tiny, load_bank(tiny_bank), EngramStore(tmp_path / "s"), tmp_path / "run", **GRID)
+    result = flat_sweep(tiny, load_bank(tiny_bank), EngramStore(tmp_path / "s"), tmp_path / "run", **GRID)
     local = pl.read_parquet(run_generate(tiny, result.out, max_new_tokens=6, progress=False).generations_path)
     (result.out / "generations.parquet").unlink()
     for path in (result.out / "generation-parts").iterdir():

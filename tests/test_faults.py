@@ -17,7 +17,7 @@ import engram_eval.store as store_module
 from engram_eval.bank import load_bank
 from engram_eval.errors import EngramEvalError
 from engram_eval.store import EngramStore
-from engram_eval.sweep import run_sweep
+from conftest import flat_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 GRID = ["--layers", "0-4", "--strengths", "0.5,1,1.5,2,3,4,5,6,8,10", "--chunks", "4", "--batch-size", "1", "--quiet"]
@@ -138,11 +138,11 @@ def test_failed_results_write_is_clear_and_resumable(tiny, tiny_bank, tmp_path, 
 
     monkeypatch.setattr(pl.DataFrame, "write_parquet", no_space)
     with pytest.raises(EngramEvalError) as error:
-        run_sweep(tiny, load_bank(tiny_bank), EngramStore(tmp_path / "s"), tmp_path / "run", layers=[1], strengths=[1.0], chunks=4, progress=False)
+        flat_sweep(tiny, load_bank(tiny_bank), EngramStore(tmp_path / "s"), tmp_path / "run", layers=[1], strengths=[1.0], chunks=4, progress=False)
     part = tmp_path / "run/parts/00000-q1.parquet"
     assert str(error.value) == f"{part}: write failed (No space left on device); finished questions are kept, rerun to resume"
     monkeypatch.undo()
-    result = run_sweep(tiny, load_bank(tiny_bank), EngramStore(tmp_path / "s"), tmp_path / "run", layers=[1], strengths=[1.0], chunks=4, progress=False)
+    result = flat_sweep(tiny, load_bank(tiny_bank), EngramStore(tmp_path / "s"), tmp_path / "run", layers=[1], strengths=[1.0], chunks=4, progress=False)
     assert pl.read_parquet(result.results_path).height == 3 * 5
 
 

@@ -164,10 +164,10 @@ def test_a_context_question_is_scored_and_generated_after_its_passage(tiny, tmp_
 @pytest.mark.real_model
 def test_real_model_generation_equals_transformers_generate(real, tmp_path):
     from engram_eval.store import EngramStore
-    from engram_eval.sweep import run_sweep
+    from conftest import flat_sweep
 
     bank_path = REPO / "questions/ci.yaml"
-    result = run_sweep(real, load_bank(bank_path), EngramStore(tmp_path / "store"), tmp_path / "run", layers=[16],
+    result = flat_sweep(real, load_bank(bank_path), EngramStore(tmp_path / "store"), tmp_path / "run", layers=[16],
                        strengths=[1.0, 10.0], questions=["mh1"], progress=False)
     frame = pl.read_parquet(run_generate(real, result.out, cells="all", max_new_tokens=20, progress=False).generations_path)
     eos = real.tokenizer.eos_token_id

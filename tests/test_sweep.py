@@ -7,7 +7,7 @@ import torch
 from engram_eval.bank import load_bank
 from engram_eval.errors import EngramEvalError
 from engram_eval.store import EngramStore
-from engram_eval.sweep import run_sweep
+from conftest import flat_sweep
 from conftest import sweep
 from reference import reference_cell, reference_distribution, reference_engram
 
@@ -73,7 +73,7 @@ def test_before_question_runs_once_per_question_outside_the_sweep_timings(tiny, 
 @pytest.mark.real_model
 def test_real_model_sweep_matches_the_straightforward_implementation(real, tmp_path):
     bank_path = REPO / "questions/ci.yaml"
-    result = run_sweep(real, load_bank(bank_path), EngramStore(tmp_path / "store"), tmp_path / "run",
+    result = flat_sweep(real, load_bank(bank_path), EngramStore(tmp_path / "store"), tmp_path / "run",
                        layers=[12, 24], strengths=[1.0, 10.0], progress=False)
     frame = pl.read_parquet(result.results_path)
     assert frame.height == 3 + 4 * 4 + 2 * 3 * 4

@@ -10,6 +10,8 @@ from rich.console import Console
 
 from .._version import __version__
 from ..errors import EngramEvalError
+from ..registry import POOLINGS
+from ..spec import SEED_EXTRACTION, Extraction, RayOptions
 
 stderr = Console(stderr=True)
 
@@ -90,23 +92,20 @@ chunks_option = click.option("--chunks", "chunks_text", default="16", show_defau
 
 
 def extraction_options(command: Callable) -> Callable:
-    """--pooling, --skip-tokens, --window and --max-tokens -> one `extraction` argument (engram_eval.engram.Extraction)."""
+    """--pooling, --skip-tokens, --window and --max-tokens -> one `extraction` argument (engram_eval.spec.Extraction)."""
 
-    @click.option("--pooling", type=click.Choice(["mean", "last", "pca"]), default="mean", show_default=True,
-                  help="How a source's hidden states become k vectors: mean (the seed's chunk means), last (the last k "
-                       "states), pca (the k leading right-singular vectors of the centred states, signed towards the mean state).")
+    @click.option("--pooling", type=click.Choice(POOLINGS.names()), default=SEED_EXTRACTION.pooling, show_default=True,
+                  help=f"How a source's hidden states become k vectors. {POOLINGS.help()}")
     @click.option("--skip-tokens", default=0, show_default=True, type=click.IntRange(min=0),
                   help="Leave the source's first N positions out of the pooling (the source still runs whole); 1 removes the "
                        "first token's massive activation.")
     @click.option("--window", type=click.IntRange(min=1),
                   help="Run a source longer than N tokens as consecutive independent windows of N tokens, pooled in order "
                        "(no --max-tokens truncation; memory bounded by one window).")
-    @click.option("--max-tokens", default=2048, show_default=True, type=click.IntRange(min=1),
+    @click.option("--max-tokens", default=SEED_EXTRACTION.max_tokens, show_default=True, type=click.IntRange(min=1),
                   help="Without --window, truncate source texts at this many tokens (reported when it happens).")
     @functools.wraps(command)
     def wrapper(pooling: str, skip_tokens: int, window: int | None, max_tokens: int, **kwargs):
-        from ..engram import Extraction
-
         extraction = Extraction(pooling=pooling, skip_tokens=skip_tokens, window=window, max_tokens=max_tokens)
         return command(extraction=extraction, **kwargs)
 
@@ -156,7 +155,7 @@ def ray_options(command: Callable) -> Callable:
                 if value != default:
                     raise EngramEvalError(f"{option}: only with --ray")
             return command(ray=None, **kwargs)
-        from ..distributed import RayOptions, plan_workers
+        from ..distributed import plan_workers
 
         options = RayOptions(ray_address, workers, gpus_per_worker, threads_per_worker)
         plan_workers(options)  # before any model work: a missing extra, a wrong address, too few CPUs are one line

@@ -9,7 +9,9 @@ from pathlib import Path
 import click
 from rich.table import Table
 
+from ..bank_import import import_controls
 from ..errors import EngramEvalError
+from ..spec import SEED_METHOD
 from .app import Group, cli, outside_option, stdout, warning_printer
 
 
@@ -36,7 +38,7 @@ def bank() -> None:
 @click.option("--name", help="The bank's name [default: --out's stem].")
 @click.option("--template", default="{question}\n{choices}\nAnswer:", show_default=True,
               help="mc prompt: {question} and {choices} (the options lettered 'A) ...', one per line).")
-@click.option("--controls", "controls_text", default="~gaussian,~mean-token,irrelevant,random", show_default=True,
+@click.option("--controls", "controls_text", default=",".join(import_controls()), show_default=True,
               help="Controls for every question: the null prefixes, a bundled irrelevant text (stellar classification), and "
                    "a random-words text drawn with --seed.")
 @click.option("--limit", type=click.IntRange(min=1), help="A reproducible random subset of this many records (--seed), in file order.")
@@ -85,7 +87,7 @@ def bank_validate(bank_path: Path, model_spec: str | None, strict: bool, allow_o
         lm = _tokenizer_model(model_spec)
         for question in loaded.questions:
             for condition in context_conditions(question, "both"):
-                prepared = prepare_question(lm, question, "first-token", bank_path, condition)
+                prepared = prepare_question(lm, question, SEED_METHOD.scoring, bank_path, condition)
                 warnings += variant_token_warnings(lm, prepared, bank_path)
     warnings = list(dict.fromkeys(warnings))
     if strict and warnings:
@@ -104,7 +106,8 @@ def bank_validate(bank_path: Path, model_spec: str | None, strict: bool, allow_o
 @outside_option
 def bank_stats(bank_path: Path, model_spec: str, allow_outside_paths: bool) -> None:
     """Count what a bank holds: questions, sources, controls per kind, prompt lengths in tokens."""
-    from ..bank import NULL_PREFIXES, load_bank
+    from ..bank import load_bank
+    from ..registry import NULL_PREFIXES
     from ..nulls import NULL_KIND
     from ..prompts import prompt_token_ids
 

@@ -8,7 +8,8 @@ import click
 from rich.table import Table
 
 from ..errors import EngramEvalError
-from ..injection import DEFAULT_INJECTION, INJECTIONS
+from ..registry import INJECTIONS
+from ..spec import SEED_METHOD, RayOptions
 from .app import batch_size_option, cli, model_options, stderr, stdout
 
 
@@ -21,7 +22,7 @@ from .app import batch_size_option, cli, model_options, stderr, stdout
 @click.option("--loop-cells", default=120, show_default=True, type=click.IntRange(min=1),
               help="Cells timed with the seed's per-cell loop (its rate is compared with the sweep's).")
 @batch_size_option("Sweep batch size, or auto.")
-@click.option("--injection", type=click.Choice(INJECTIONS.names()), default=DEFAULT_INJECTION, show_default=True,
+@click.option("--injection", type=click.Choice(INJECTIONS.names()), default=SEED_METHOD.injection, show_default=True,
               help="Injection mode of the sweep and of the per-cell loop it is compared with.")
 @click.option("--generation-cells", default=12, show_default=True, type=click.IntRange(min=0),
               help="Cells of the sweep's default generation selection also decoded with one model.generate call each "
@@ -53,7 +54,7 @@ def bench(load_lm, bank_path: Path, layers_text: str, strengths_text: str, loop_
     bank = load_bank(bank_path)
     ray = None
     if ray_address is not None:
-        from ..distributed import RayOptions, plan_workers
+        from ..distributed import plan_workers
 
         ray = RayOptions(ray_address, workers, 0.0, threads_per_worker)
         plan_workers(ray)

@@ -5,9 +5,8 @@ from __future__ import annotations
 import re
 from typing import Callable
 
-from ..engram import valid_layers
 from ..errors import EngramEvalError
-from ..sweep import check_chunk_list, check_strengths
+from ..spec import check_chunk_list, check_strengths, valid_layers
 
 
 def parse_numbers(text: str, cast: Callable[[str], float], option: str, expected: str) -> list:

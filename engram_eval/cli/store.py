@@ -8,6 +8,7 @@ import click
 from rich.table import Table
 
 from ..errors import EngramEvalError
+from ..spec import SEED_POOLING
 from .app import Group, cli, stdout, store_option
 
 SPARKS = "▁▂▃▄▅▆▇█"
@@ -49,7 +50,7 @@ def store_ls(store_dir: str) -> None:
             table.add_row(name, EngramStore.key_of(path), "[red]corrupt[/]", "-", "-", "-", "-", size, str(path))
             continue
         table.add_row(meta["source_name"], meta["key"], f"{meta['model']} ({meta['model_fingerprint'][:12]})",
-                      metadata_layers(meta["layers"]), meta["chunks"], meta.get("pooling", "mean"), meta["n_tokens"], size, str(path))
+                      metadata_layers(meta["layers"]), meta["chunks"], meta.get("pooling", SEED_POOLING), meta["n_tokens"], size, str(path))
     stdout().print(table)
 
 
@@ -73,7 +74,7 @@ def store_show(name: str, store_dir: str) -> None:
             table.add_column(column)
         for path in paths:
             meta = engram_store.read_metadata(path)
-            table.add_row(meta["key"], meta["chunks"], meta.get("pooling", "mean"), metadata_layers(meta["layers"]), meta["n_tokens"], str(path))
+            table.add_row(meta["key"], meta["chunks"], meta.get("pooling", SEED_POOLING), metadata_layers(meta["layers"]), meta["n_tokens"], str(path))
         stdout().print(table)
         raise EngramEvalError(f"store {store_dir}: {len(paths)} engrams are named '{name}'; give one of their keys")
     stored = engram_store.load(paths[0])
