@@ -1,9 +1,11 @@
 """Sweeps and generation sharded over a Ray cluster (the optional `ray` extra; nothing here runs without `--ray`).
 
-The driver does what is done once — prepares the questions, fills the engram store, lays out the grid — and puts
-every engram's raw vectors in Ray's object store. Workers are actors that load the model once and keep it; the driver
-hands them whole questions, largest first, and each returns its question's rows as an Arrow table, which the driver
-writes as the question's part file with the same atomic write as a single-process sweep. So the run directory and the
+RayExecutor is the executor (engram_eval.executors) of a Ray cluster. The driver does what is done once — prepares
+the questions, fills the engram store, lays out the grid — and shares every engram's raw vectors through Ray's object
+store. Workers are actors that load the model once and keep it, and run the task they are handed (a question's cells,
+a batch of generations); the driver hands out whole questions, largest first, and each returns its question's rows as
+an Arrow table, which the driver writes as the question's part file with the same atomic write as a single-process
+sweep. So the run directory and the
 store live on the driver's disk alone; only the model must be loadable on every node. A worker that dies (killed, out
 of memory) has its question retried on a fresh worker; a killed driver leaves only whole part files, and a rerun
 resumes."""
@@ -15,7 +17,7 @@ import signal
 import socket
 from collections import deque
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -92,9 +94,10 @@ class Worker:
         return self.lm.fingerprint
 
     def call(self, key: str, work: Callable[..., Any], *args: Any) -> Any:
-        """work(model, *args): a module-level function of the layer above (Ray sends it by reference)."""
+        """work(model, *args): a module-level function of the layer above (Ray sends it by reference); its progress
+        is counted by the driver when the result arrives."""
         _die_here_once(key)
-        return work(self.lm, *args)
+        return work(self.lm, *args, progress=lambda n: None)
 
 
 def _die_here_once(key: str) -> None:
@@ -105,7 +108,13 @@ def _die_here_once(key: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-class WorkerPool:
+class RayExecutor:
+    """The Ray cluster's workers, each with the model loaded once: an executor (engram_eval.executors) whose tasks
+    travel to whichever worker is free. A worker that dies has its task retried on a fresh worker (at most
+    MAX_ATTEMPTS tries)."""
+
+    parallel = True
+
     def __init__(self, lm: LoadedModel, options: RayOptions):
         if not lm.spec:
             raise EngramEvalError(f"--ray: workers load the model by its --model name, and {lm.name} has none")
@@ -118,49 +127,62 @@ class WorkerPool:
         try:
             fingerprints = self.ray.get([w.fingerprint.remote() for w in self.workers], timeout=WORKER_START_SECONDS)
         except self.ray.exceptions.GetTimeoutError:
+            self.close()
             raise EngramEvalError(f"--ray: the workers did not load the model within {WORKER_START_SECONDS} s") from None
         for fingerprint in fingerprints:
             if fingerprint != lm.fingerprint:
+                self.close()
                 raise EngramEvalError(f"--ray: a worker loaded '{lm.spec}' as another model ({fingerprint[:12]}, driver "
                                       f"{lm.short_fingerprint}): every node needs the same weights")
+
+    @property
+    def description(self) -> dict:
+        return {"ray": self.ray.__version__, "workers": self.size, "gpus_per_worker": self.options.gpus_per_worker,
+                "threads_per_worker": self.options.threads_per_worker}
 
     def _start(self):
         device = "cuda" if self.options.gpus_per_worker else "cpu"
         dtype = str(self.lm.dtype).removeprefix("torch.")
         return self.actor.remote(self.lm.spec, device, dtype, self.lm.trust_remote_code, self.options.threads_per_worker)
 
-    def run(self, items: list[tuple[str, Callable[[Any], Any]]], on_result: Callable[[str, Any], None]) -> None:
-        """items: (key, submit(worker) -> object ref), in the order to hand them out. A worker that dies has its item
-        retried on a fresh worker (at most MAX_ATTEMPTS tries); an error of the work itself stops the run."""
+    def share(self, value: Any) -> Any:
+        return self.ray.put(value)  # a top-level ObjectRef argument arrives at the worker as the value
+
+    def map(self, tasks: Iterable[Any], on_result: Callable[[Any, Any], None], progress: Callable[[int], None]) -> None:
+        """tasks: engram_eval.executors.Task (this module imports nothing of the layers that make them)."""
         ray = self.ray
-        pending = deque((key, submit, 1) for key, submit in items)
+        fresh, retries = iter(tasks), deque()
         idle, running = list(self.workers), {}
-        while pending or running:
-            while pending and idle:
-                key, submit, attempt = pending.popleft()
+        while True:
+            while idle:
+                if retries:
+                    task, attempt = retries.popleft()
+                elif (task := next(fresh, None)) is not None:
+                    attempt = 1
+                else:
+                    break
                 worker = idle.pop()
-                running[submit(worker)] = (worker, key, submit, attempt)
+                running[worker.call.remote(task.name, task.work, *task.args)] = (worker, task, attempt)
+            if not running:
+                return
             (ref,), _ = ray.wait(list(running), num_returns=1)
-            worker, key, submit, attempt = running.pop(ref)
+            worker, task, attempt = running.pop(ref)
             try:
                 result = ray.get(ref)
             except ray.exceptions.RayActorError:
                 if attempt >= MAX_ATTEMPTS:
-                    raise EngramEvalError(f"--ray: '{key}' failed {attempt} times: its workers died") from None
+                    raise EngramEvalError(f"--ray: '{task.name}' failed {attempt} times: its workers died") from None
                 replacement = self._start()
                 self.workers[self.workers.index(worker)] = replacement
                 idle.append(replacement)
-                pending.appendleft((key, submit, attempt + 1))
+                retries.append((task, attempt + 1))
                 continue
             except ray.exceptions.RayTaskError as exc:
                 raise exc.as_instanceof_cause() from None
             idle.append(worker)
-            on_result(key, result)
+            on_result(task, result)
+            progress(task.size)
 
-    def shutdown(self) -> None:
+    def close(self) -> None:
         for worker in self.workers:
             self.ray.kill(worker)
-
-    @property
-    def version(self) -> str:
-        return self.ray.__version__

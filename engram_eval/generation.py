@@ -13,7 +13,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable, Iterator
 
 import polars as pl
 import torch
@@ -21,6 +21,7 @@ import torch
 from .answers import AnswerMatcher
 from .bank import Bank, load_bank
 from .errors import EngramEvalError
+from .executors import Task, open_executor
 from .files import atomic_write_text
 from .grid import Cell, raw_vectors
 from .injection import CellVectors, Steering
@@ -30,10 +31,8 @@ from .results import CELL_SETTING_COLUMNS, engram_kind
 from .rundir import check_results_format, merge_parts, one_line, part_paths, read_run_json, write_part
 from .scoring import auto_batch_size
 from .settings import SweepSettings
+from .spec import RayOptions
 from .store import EngramStore, bank_engrams
-
-if TYPE_CHECKING:
-    from .distributed import RayOptions
 
 SELECTIONS = ("default", "all", "baseline", "flips")
 GENERATION_BATCH_CPU = 64  # rows decoded together on a CPU; decoding reads every weight once per step whatever the batch
@@ -218,54 +217,39 @@ def run_generate(
         groups.append(group)
     bar = tqdm(total=selected.height, initial=selected.height - sum(rows.height for group in groups for _, _, rows in group),
                unit="cell", desc="generate", disable=not progress or None, dynamic_ncols=True)
-    pool = None
-    if ray is not None:
-        from .distributed import WorkerPool
-
-        pool = WorkerPool(lm, ray)
-        info["distributed"] = {"ray": pool.version, "workers": pool.size, "gpus_per_worker": ray.gpus_per_worker}
+    executor = open_executor(lm, ray)
+    if executor.description is not None:
+        info["distributed"] = executor.description
     started, generated_tokens = time.perf_counter(), 0
 
-    def prepare(group: list) -> list:
-        return [(question, part, *question_rows(lm, question, bank.path, rows, raw, settings)) for question, part, rows in group]
+    def tasks() -> Iterator[Task]:
+        for group in groups:
+            prepared = [(question, part, *question_rows(lm, question, bank.path, rows, raw, settings)) for question, part, rows in group]
+            todo = [row for *_, rows in prepared for row in rows]
+            prepared_groups[group[0][0].id] = prepared
+            yield Task(group[0][0].id, generate_on_worker, (todo, max_new_tokens, size), len(todo))
 
-    def finish(prepared: list, generated: list[Generated]) -> None:
+    def finish(task: Task, generated: list[Generated]) -> None:
         nonlocal generated_tokens
-        for question, part, rows, todo in prepared:
+        for question, part, rows, todo in prepared_groups.pop(task.name):
             mine, generated = generated[: len(todo)], generated[len(todo):]
             generated_tokens += sum(len(g.token_ids) for g in mine)
             frame = _generation_frame(lm, question, rows, mine).with_columns(run_id=pl.lit(run["run_id"]))
             write_part(part, frame.select(list(GENERATION_SCHEMA)))
         bar.set_postfix(tokens_per_s=f"{generated_tokens / (time.perf_counter() - started):.0f}")
 
+    prepared_groups: dict[str, list] = {}  # a task's questions, their rows and what they generate, until it finishes
     try:
         with bar:
-            if pool is not None:
-                prepared_groups = {f"{i}:{group[0][0].id}": prepare(group) for i, group in enumerate(groups)}
-
-                def submit(key: str) -> Callable:
-                    todo = [row for *_, rows in prepared_groups[key] for row in rows]
-                    return lambda worker: worker.call.remote(key.split(":", 1)[1], generate_on_worker, todo, max_new_tokens, size)
-
-                def done(key: str, generated: list[Generated]) -> None:
-                    finish(prepared_groups[key], generated)
-                    bar.update(len(generated))
-
-                try:
-                    pool.run([(key, submit(key)) for key in prepared_groups], done)
-                finally:
-                    pool.shutdown()
-            else:
-                for group in groups:
-                    prepared = prepare(group)
-                    finish(prepared, generate_in_batches(lm, [row for *_, todo in prepared for row in todo], max_new_tokens, size,
-                                                         bar.update))
+            executor.map(tasks(), finish, bar.update)
     except KeyboardInterrupt:
         _write_info(out, {**info, "status": "interrupted"})
         raise
     except Exception as exc:
         _write_info(out, {**info, "status": "failed", "reason": one_line(exc)})
         raise
+    finally:
+        executor.close()
     seconds = time.perf_counter() - started
     generations = merge_parts(out / "generations.parquet", [part for part in parts if part.exists()], GENERATION_SCHEMA)
     info.update(status="complete", generations=selected.height,
@@ -333,9 +317,11 @@ def generate_in_batches(lm: LoadedModel, todo: list[Row], max_new_tokens: int, b
     return [results[i] for i in range(len(todo))]
 
 
-def generate_on_worker(lm: LoadedModel, todo: list[Row], max_new_tokens: int, batch_size: int) -> list[Generated]:
-    """generate_in_batches on a worker, whose device may differ from the driver's."""
-    return generate_in_batches(lm, [row.to(lm.device) for row in todo], max_new_tokens, batch_size)
+def generate_on_worker(lm: LoadedModel, todo: list[Row], max_new_tokens: int, batch_size: int, *,
+                       progress: Callable[[int], None]) -> list[Generated]:
+    """A batch of whole questions' generations as an executor's task; on a worker, whose device may differ from the
+    driver's."""
+    return generate_in_batches(lm, [row.to(lm.device) for row in todo], max_new_tokens, batch_size, progress)
 
 
 def _prepare_generation_dir(out: Path, info: dict, force: bool) -> None:

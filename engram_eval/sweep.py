@@ -8,13 +8,14 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable, Iterator
 
 import polars as pl
 import torch
 
 from .bank import Bank
 from .engram import chunk_shares
+from .executors import Executor, Task, open_executor
 from .errors import EngramEvalError
 from .geometry import pair_geometry
 from .grid import Cell, question_cells, raw_vectors
@@ -36,9 +37,6 @@ from .scoring import auto_batch_size, score_cells
 from .settings import SweepSettings
 from .spec import Execution, Observer, SweepSpec
 from .store import EngramStore, StoredEngram, bank_engrams, engram_label
-
-if TYPE_CHECKING:
-    from .distributed import WorkerPool as RayPool
 
 @dataclass
 class SweepResult:
@@ -77,10 +75,6 @@ def run_sweep(
     warn = observer.warn
     if spec.questions is not None:
         bank = bank.select(list(spec.questions))
-    if execution.ray is not None:
-        from .distributed import plan_workers
-
-        plan_workers(execution.ray)
     out = Path(out)
     started = time.perf_counter()
     prepared = [[prepare_question(lm, q, method.scoring, bank.path, condition) for condition in context_conditions(q, method.context)]
@@ -98,9 +92,14 @@ def run_sweep(
         raise EngramEvalError(f"{bank_warnings[0]} (--strict)")
     for warning in bank_warnings:
         warn(warning)
+    executor = open_executor(lm, execution.ray)  # Ray: the workers started, their models loaded and checked
     settings = SweepSettings.of(spec, model=lm.name, model_fingerprint=lm.fingerprint, bank=bank.name,
                                 bank_sha256=bank.sha256, questions=[q.id for q in bank.questions])
-    run = prepare_out(out, settings, force)
+    try:
+        run = prepare_out(out, settings, force)
+    except BaseException:
+        executor.close()
+        raise
     run.update(bank_path=str(bank.path), store=str(store.root), model_description=lm.description, versions=package_versions(),
                device=str(lm.device), dtype=str(lm.dtype).removeprefix("torch."), batch_size=execution.batch_size or "auto")
     write_run_json(out, run)
@@ -108,7 +107,7 @@ def run_sweep(
     try:
         if method.record_attention:
             lm.model.set_attn_implementation("eager")  # the only kernel that gives its attention weights
-        _run_grid(lm, bank, store, out, settings, run, prepared, execution, observer)
+        _run_grid(lm, bank, store, out, settings, run, prepared, execution, executor, observer)
     except KeyboardInterrupt:
         mark_stopped(out, run, "interrupted")
         raise
@@ -116,6 +115,7 @@ def run_sweep(
         mark_stopped(out, run, "failed", one_line(exc))
         raise
     finally:
+        executor.close()
         lm.model.set_attn_implementation(attention)
     run["timings"]["total_seconds"] = round(time.perf_counter() - started, 3)
     write_run_json(out, run)
@@ -156,39 +156,19 @@ def score_question(lm: LoadedModel, settings: SweepSettings, bank: Bank, conditi
     return pl.concat(frames), fits
 
 
-def score_question_table(lm: LoadedModel, settings: SweepSettings, bank: Bank, conditions: list[PreparedQuestion],
-                         grid: list[list[Cell]], raw: dict[tuple[str, int, int], torch.Tensor],
-                         batch_size: int | None) -> tuple[object, int | None]:
-    """score_question on a worker: its rows as an Arrow table (what travels back to the driver)."""
-    frame, fits = score_question(lm, settings, bank, conditions, grid, raw, batch_size)
+def question_rows(lm: LoadedModel, settings: SweepSettings, bank: Bank, conditions: list[PreparedQuestion],
+                  grid: list[list[Cell]], raw: dict[tuple[str, int, int], torch.Tensor], batch_size: int | None,
+                  fits: int | None, *, progress: Callable[[int], None]) -> tuple[object, int | None]:
+    """A question's task for an executor: score_question's rows as an Arrow table (what travels back from a worker)."""
+    frame, fits = score_question(lm, settings, bank, conditions, grid, raw, batch_size, fits, progress)
     return frame.to_arrow(), fits
 
 
-def _sweep_on_ray(pool: RayPool, settings: SweepSettings, bank: Bank, prepared: list[list[PreparedQuestion]], grid: list[list[list[Cell]]],
-                  raw: dict, rows: list[int], parts: list[Path], batch_size: int | None, bar) -> None:
-    """Questions to the workers, largest first (a short tail); each finished question lands in its part file here."""
-    raw_ref = pool.ray.put(raw)
-    todo = sorted((i for i, part in enumerate(parts) if not part.exists()), key=lambda i: -rows[i])
-
-    def submit(i: int) -> Callable:
-        question_id = prepared[i][0].question.id
-        return lambda worker: worker.call.remote(question_id, score_question_table, settings, bank, prepared[i], grid[i],
-                                                 raw_ref, batch_size)
-
-    def finished(key: str, result: tuple) -> None:
-        i = int(key.split(":")[0])
-        write_part(parts[i], pl.from_arrow(result[0]))
-        bar.update(rows[i])
-
-    pool.run([(f"{i}:{prepared[i][0].question.id}", submit(i)) for i in todo], finished)
-
-
 def _run_grid(lm: LoadedModel, bank: Bank, store: EngramStore, out: Path, settings: SweepSettings, run: dict,
-              prepared: list[list[PreparedQuestion]], execution: Execution, observer: Observer) -> None:
-    """Build what the store lacks, score every question not yet in out/parts, merge; fills run in place."""
+              prepared: list[list[PreparedQuestion]], execution: Execution, executor: Executor, observer: Observer) -> None:
+    """Build what the store lacks, score every question not yet in out/parts on the executor, merge; fills run in
+    place."""
     from tqdm import tqdm
-
-    batch_size, ray = execution.batch_size, execution.ray
 
     layers, chunks = settings.layers, settings.chunk_list
     build_started = time.perf_counter()
@@ -213,31 +193,31 @@ def _run_grid(lm: LoadedModel, bank: Bank, store: EngramStore, out: Path, settin
     rows = [sum(len(cells) + 1 for cells in question) for question in grid]
     parts = part_paths(out / "parts", [conditions[0].question.id for conditions in prepared])
     done = sum(n for n, part in zip(rows, parts) if part.exists())
-    pool = None
-    if ray is not None:
-        from .distributed import WorkerPool
-
-        pool = WorkerPool(lm, ray)  # started, models loaded and checked before the sweep's clock starts
-        run.update(distributed={"ray": pool.version, "workers": pool.size, "gpus_per_worker": ray.gpus_per_worker,
-                                "threads_per_worker": ray.threads_per_worker})
-    sweep_started = time.perf_counter()
-    bar = tqdm(total=sum(rows), initial=done, unit="cell", desc="sweep", disable=not observer.progress or None, dynamic_ncols=True)
+    if executor.description is not None:
+        run.update(distributed=executor.description)
     fits: int | None = None  # the largest batch size known to fit, after an out-of-memory back-off
     paused = 0.0
-    with bar:
-        if pool is not None:
-            try:
-                _sweep_on_ray(pool, settings, bank, prepared, grid, raw, rows, parts, batch_size, bar)
-            finally:
-                pool.shutdown()
-        for conditions, question_grid, part in zip(prepared, grid, parts):
-            if part.exists():
-                continue
+
+    def tasks(shared_raw: object) -> Iterator[Task]:
+        nonlocal paused
+        todo = [i for i, part in enumerate(parts) if not part.exists()]
+        for i in sorted(todo, key=lambda i: -rows[i]) if executor.parallel else todo:
             pause_started = time.perf_counter()
-            observer.before_question(conditions[0].question)
+            observer.before_question(prepared[i][0].question)
             paused += time.perf_counter() - pause_started
-            frame, fits = score_question(lm, settings, bank, conditions, question_grid, raw, batch_size, fits, bar.update)
-            write_part(part, frame)
+            yield Task(prepared[i][0].question.id, question_rows,
+                       (settings, bank, prepared[i], grid[i], shared_raw, execution.batch_size, fits), rows[i])
+
+    def finished(task: Task, result: tuple) -> None:
+        nonlocal fits
+        table, fits = result
+        write_part(parts[index[task.name]], pl.from_arrow(table))
+
+    index = {conditions[0].question.id: i for i, conditions in enumerate(prepared)}
+    sweep_started = time.perf_counter()
+    bar = tqdm(total=sum(rows), initial=done, unit="cell", desc="sweep", disable=not observer.progress or None, dynamic_ncols=True)
+    with bar:
+        executor.map(tasks(executor.share(raw)), finished, bar.update)
     sweep_seconds = time.perf_counter() - sweep_started - paused
 
     merge_parts(out / "results.parquet", parts)

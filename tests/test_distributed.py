@@ -138,7 +138,7 @@ def test_bad_ray_input_is_one_line(cluster, args, message, tiny_model_dir, tiny_
 
 
 def test_a_model_without_a_name_to_load_is_refused_before_ray_starts(tiny, tmp_path):
-    from engram_eval.distributed import WorkerPool
+    from engram_eval.distributed import RayExecutor
     from engram_eval.model import random_init_model
 
     config = tmp_path / "small.config.json"
@@ -146,7 +146,7 @@ def test_a_model_without_a_name_to_load_is_refused_before_ray_starts(tiny, tmp_p
                                   "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 700}))
     lm = random_init_model(config, tiny.tokenizer, device=tiny.device, dtype=tiny.dtype)
     with pytest.raises(EngramEvalError) as error:
-        WorkerPool(lm, RayOptions("nowhere:1"))
+        RayExecutor(lm, RayOptions("nowhere:1"))
     assert str(error.value) == "--ray: workers load the model by its --model name, and random-init small.config.json has none"
 
 
