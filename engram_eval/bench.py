@@ -69,17 +69,15 @@ def _sync(device: torch.device) -> None:
 
 def cell_flops(lm: LoadedModel, seq_len: int, scored_positions: int = 1) -> float:
     """2 x non-embedding parameters x sequence length + 2 x hidden x vocabulary per scored position."""
-    config = lm.model.config
-    embedding = config.vocab_size * config.hidden_size
-    non_embedding = sum(p.numel() for p in lm.model.parameters()) - embedding * (1 if config.tie_word_embeddings else 2)
-    return 2 * non_embedding * seq_len + 2 * config.hidden_size * config.vocab_size * scored_positions
+    per_token, head = lm.backend.flops_per_token()
+    return per_token * seq_len + head * scored_positions
 
 
 @torch.inference_mode()
 def seed_extract(lm: LoadedModel, text: str, layer: int, chunks: int) -> torch.Tensor:
     """The seed scripts' extraction: tokenize and run the source for one layer."""
     ids = torch.tensor([lm.tokenizer(text)["input_ids"]], device=lm.device)
-    return chunk_mean(lm.model(input_ids=ids, output_hidden_states=True).hidden_states[layer][0].float(), chunks)
+    return chunk_mean(lm.backend.hidden_states(ids)[layer][0].float(), chunks)
 
 
 @torch.inference_mode()
@@ -88,7 +86,7 @@ def seed_loop(lm: LoadedModel, bank: Bank, question: Question, layers: list[int]
     """The seed scripts' way, on a question's first max_cells cells in grid order: extraction re-run for every layer,
     one forward pass per cell (with the cell's injection), logits at every position -> (cells, seconds)."""
     started = time.perf_counter()
-    embed = lm.model.get_input_embeddings()
+    embed = lm.backend.embed
     prepared = prepare_question(lm, question, SEED_METHOD.scoring, bank.path)
     prompt = embed(torch.tensor(prepared.prompt_ids, device=lm.device)).unsqueeze(0)
     mode = INJECTIONS[injection]
@@ -100,8 +98,8 @@ def seed_loop(lm: LoadedModel, bank: Bank, question: Question, layers: list[int]
             unit = mode.unit(lm, engram, "global")
             for strength in strengths:
                 steering = Steering(injection, mode.scaled(unit, strength, norms.get(layer)).unsqueeze(0).to(lm.device), [layer])
-                with steering.active(lm.model):
-                    logits = lm.model(inputs_embeds=steering.inputs(prompt)).logits
+                with steering.active(lm.backend):
+                    logits = lm.backend.full_logits(steering.inputs(prompt))
                 probs = torch.softmax(logits[0, -1].float(), dim=-1)
                 [probs[ids[0]].item() for ids in prepared.correct_ids + prepared.incorrect_ids]
                 cells += 1
@@ -232,18 +230,16 @@ def bench_generation(lm: LoadedModel, run_dir: Path, reference_cells: int, max_n
     step = max(1, selected.height // reference_cells)
     sample = selected.gather(list(range(0, selected.height, step))[:reference_cells])
     tokens, started = 0, time.perf_counter()
-    embed = lm.model.get_input_embeddings()
+    embed = lm.backend.embed
     for question in bank.questions:
         rows = sample.filter(pl.col("question_id") == question.id)
         if rows.is_empty():
             continue
         for row in question_rows(lm, question, bank.path, rows, raw, settings)[1]:
             body = embed(torch.tensor([row.prompt_ids], device=lm.device))
-            with row.steering.active(lm.model) if row.steering is not None else nullcontext():
+            with row.steering.active(lm.backend) if row.steering is not None else nullcontext():
                 inputs = body if row.steering is None else row.steering.inputs(body)
-                output = lm.model.generate(inputs_embeds=inputs, attention_mask=torch.ones(inputs.shape[:2], dtype=torch.long),
-                                           do_sample=False, max_new_tokens=max_new_tokens)
-            tokens += output.shape[1]
+                tokens += len(lm.backend.generate(inputs, max_new_tokens))
     reference_rate = tokens / (time.perf_counter() - started)
     batched_rate = result.info["timings"]["tokens_per_second"]
     return {"generation_cells": result.info["generations"], "generation_tokens_per_second": batched_rate,

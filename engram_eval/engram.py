@@ -94,7 +94,7 @@ def extract_engrams(
     extraction: Extraction = SEED_EXTRACTION,
     source: str = "source",
 ) -> dict[int, Engram]:
-    """Every requested layer and every k from one forward pass per window with output_hidden_states, pooled in
+    """Every requested layer and every k from one forward pass per window (the backend's hidden states), pooled in
     float32. With a window, the source runs as consecutive independent windows whose states are pooled in order."""
     for k in chunks:
         check_chunks(k)
@@ -109,7 +109,7 @@ def extract_engrams(
     poolers = {k: POOLINGS[extraction.pooling](pooled, k, windowed) for k in chunks}
     for start in range(0, n, size):
         window = torch.tensor([ids[start : start + size]], device=lm.device)
-        hidden_states = lm.model(input_ids=window, output_hidden_states=True, use_cache=False).hidden_states
+        hidden_states = lm.backend.hidden_states(window)
         keep = max(0, extraction.skip_tokens - start)  # --skip-tokens: positions run, but are left out of the pooling
         if keep >= window.shape[1]:
             continue

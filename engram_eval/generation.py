@@ -69,13 +69,6 @@ class Generated:
     stop: str  # eos | length
 
 
-def eos_token_ids(lm: LoadedModel) -> set[int]:
-    configured = getattr(lm.model.generation_config, "eos_token_id", None)
-    if configured is None:
-        configured = lm.tokenizer.eos_token_id
-    return set(configured if isinstance(configured, list) else [] if configured is None else [configured])
-
-
 @dataclass
 class Row:
     """One text to generate: a prompt, and the cell's one-row steering (None: the baseline, nothing injected)."""
@@ -94,7 +87,8 @@ def generate_rows(lm: LoadedModel, rows: list[Row], max_new_tokens: int) -> list
     """Greedy decoding of rows in one batch with the KV cache. Rows of one length run exactly as they would alone; rows
     of several lengths are left-padded, masked, and given their own positions. The EOS token ends a row and is not part
     of its tokens; rows that ended keep decoding (their output unused) until all have."""
-    embed = lm.model.get_input_embeddings()
+    backend = lm.backend
+    embed = backend.embed
     inputs = []
     for row in rows:
         body = embed(torch.tensor(row.prompt_ids, device=lm.device)).unsqueeze(0)
@@ -106,13 +100,13 @@ def generate_rows(lm: LoadedModel, rows: list[Row], max_new_tokens: int) -> list
         mask = torch.stack([torch.arange(longest, device=lm.device) >= longest - len(x) for x in inputs]).long()
         positions = (mask.cumsum(dim=-1) - 1).clamp_min(0)
     hooks = _block_hooks(rows)
-    stops = eos_token_ids(lm)
+    stops = backend.eos_token_ids()
     tokens: list[list[int]] = [[] for _ in rows]
     ended = [False] * len(rows)
-    with hooks.active(lm.model) if hooks is not None else nullcontext():
-        output = lm.model(inputs_embeds=padded, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    with hooks.active(backend) if hooks is not None else nullcontext():
+        logits, cache = backend.prefill(padded, mask, positions)
         for step in range(max_new_tokens):
-            next_ids = output.logits[:, -1].float().argmax(dim=-1)
+            next_ids = logits.argmax(dim=-1)
             for i, token in enumerate(next_ids.tolist()):
                 if not ended[i]:
                     if token in stops:
@@ -125,8 +119,7 @@ def generate_rows(lm: LoadedModel, rows: list[Row], max_new_tokens: int) -> list
             if mask is not None:
                 mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
                 positions = positions[:, -1:] + 1
-            output = lm.model(inputs_embeds=embeds if hooks is None else hooks.next_inputs(embeds), attention_mask=mask,
-                              position_ids=positions, past_key_values=output.past_key_values, use_cache=True, logits_to_keep=1)
+            logits, cache = backend.decode(embeds if hooks is None else hooks.next_inputs(embeds), mask, positions, cache)
     return [Generated(row_tokens, "eos" if row_ended else "length") for row_tokens, row_ended in zip(tokens, ended)]
 
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, ClassVar, Iterator
 
 import torch
 
+from .backend import Backend
 from .model import LoadedModel
 from .registry import INJECTIONS
 from .spec import SCALINGS
@@ -40,21 +41,16 @@ def direction(vectors: torch.Tensor) -> torch.Tensor:
     return mean / mean.norm().clamp_min(torch.finfo(torch.float32).tiny)
 
 
-def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    base = model.base_model
-    return base.layers if hasattr(base, "layers") else base.h
-
-
 @torch.inference_mode()
 def residual_norms(lm: LoadedModel, prompt_ids: tuple[int, ...], layers: list[int]) -> dict[int, float]:
     """actadd's s per layer: the mean row norm of block L-1's unsteered output over the prompt's positions
     (layer 0: of the prompt's input embeddings), from one forward pass over the prompt."""
-    embeds = lm.model.get_input_embeddings()(torch.tensor([prompt_ids], device=lm.device))
+    embeds = lm.backend.embed(torch.tensor([prompt_ids], device=lm.device))
     captured: dict[int, torch.Tensor] = {0: embeds[0]}
-    blocks = decoder_layers(lm.model)
+    blocks = lm.backend.blocks()
     handles = [blocks[layer - 1].register_forward_hook(_capture(captured, layer)) for layer in set(layers) if layer > 0]
     try:
-        lm.model.base_model(inputs_embeds=embeds, use_cache=False)
+        lm.backend.last_hidden(embeds)
     finally:
         for handle in handles:
             handle.remove()
@@ -178,12 +174,12 @@ class Steering:
         return vectors * mask.unsqueeze(-1)
 
     @contextmanager
-    def active(self, model: torch.nn.Module) -> Iterator[None]:
+    def active(self, backend: Backend) -> Iterator[None]:
         """A mode that hooks blocks (actadd): while block L-1 runs, add each row's vector to its output at every
         position."""
         handles = []
         if self.injection.hooks_blocks:
-            blocks = decoder_layers(model)
+            blocks = backend.blocks()
             for layer in sorted(set(self.layers) - {0}):
                 handles.append(blocks[layer - 1].register_forward_hook(self._adder(layer)))
         try:

@@ -1,4 +1,5 @@
-"""Model resolution: an embedded alias, a local directory, a .gguf file or a hub id -> a loaded causal LM."""
+"""Model resolution: an embedded alias, a local directory, a .gguf file or a hub id -> a loaded causal LM, used through
+its backend (engram_eval.backend)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+from .backend import Backend, HFCausalLM
 from .errors import EngramEvalError, first_line
 from .files import read_text
 
@@ -60,20 +62,24 @@ class LoadedModel:
     description: str = field(default="")  # the model as it is, for reports: "SmolLM2-135M-Instruct, Q4_1 GGUF dequantized to float32"
     spec: str = field(default="")  # what --model said: how another process (a Ray worker) loads the same model
     trust_remote_code: bool = False  # as loaded: another process loads it the same way
+    backend: Backend = field(default=None, repr=False)  # type: ignore[assignment]  # None: the Hugging Face backend of `model`
+
+    def __post_init__(self) -> None:
+        if self.backend is None:
+            self.backend = HFCausalLM(self.model, self.tokenizer, self.device, self.dtype)
 
     @property
     def num_layers(self) -> int:
-        return self.model.config.num_hidden_layers
+        return self.backend.num_layers
 
     @property
     def hidden_size(self) -> int:
-        return self.model.config.hidden_size
+        return self.backend.hidden_size
 
     @cached_property
     def embedding_norm(self) -> float:
         """Mean row norm of the input embedding matrix, in float32 (the engram scale's numerator)."""
-        weight = self.model.get_input_embeddings().weight
-        return weight.detach().float().norm(dim=1).mean().item()
+        return self.backend.embedding_matrix().float().norm(dim=1).mean().item()
 
     @property
     def short_fingerprint(self) -> str:

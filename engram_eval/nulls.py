@@ -37,7 +37,7 @@ class MeanToken(NullPrefix):
     summary = "the mean of the input embedding matrix's rows, k times."
 
     def vectors(self, lm: LoadedModel, chunks: int) -> torch.Tensor:
-        mean = lm.model.get_input_embeddings().weight.detach().float().mean(dim=0).cpu()
+        mean = lm.backend.embedding_matrix().float().mean(dim=0).cpu()
         return mean.expand(chunks, -1).clone()
 
 

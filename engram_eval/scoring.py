@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import math
-import os
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, ClassVar, Iterator
 
 import torch
 
-from .injection import CellVectors, Steering, decoder_layers
+from .injection import CellVectors, Steering
 from .model import LoadedModel
 from .prompts import PreparedQuestion
 from .registry import INJECTIONS, SCORINGS
@@ -102,7 +101,8 @@ def variant_logprobs(
     position's attention over every position, averaged over heads and layers, from the first pass.
     """
     attention: list[torch.Tensor] = []
-    embed = lm.model.get_input_embeddings()
+    backend = lm.backend
+    embed = backend.embed
     prompt = embed(torch.tensor(prompt_ids, device=lm.device))
     batch = 1 if steering is None else steering.vectors.shape[0]
 
@@ -113,16 +113,14 @@ def variant_logprobs(
         record = record_attention and not attention
         with attention_recorded(lm, attention, -keep) if record else nullcontext():
             if steering is None:
-                hidden = lm.model.base_model(inputs_embeds=body, use_cache=False).last_hidden_state
+                hidden = backend.last_hidden(body)
             else:
-                with steering.active(lm.model):
-                    hidden = lm.model.base_model(inputs_embeds=steering.inputs(body), use_cache=False).last_hidden_state
+                with steering.active(backend):
+                    hidden = backend.last_hidden(steering.inputs(body))
         # The LM head on a contiguous [batch * keep, hidden] slice: transformers' logits_to_keep slice is strided
         # and turns the head into a slow batched matmul over an expanded weight.
         last = hidden[:, -keep:, :].reshape(-1, hidden.shape[-1]).contiguous()
-        logits = lm.model.get_output_embeddings()(last).float().view(batch, keep, -1)
-        if cap := getattr(lm.model.config, "final_logit_softcapping", None):
-            logits = torch.tanh(logits / cap) * cap
+        logits = backend.logits(last).view(batch, keep, -1)
         return logits, torch.logsumexp(logits, dim=-1, keepdim=True)
 
     def top(logits: torch.Tensor, normalizer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,7 +153,7 @@ def attention_recorded(lm: LoadedModel, into: list[torch.Tensor], query: int) ->
     def hook(module, args, output):
         into.append(output[1][:, :, query, :].float())
 
-    handles = [block.self_attn.register_forward_hook(hook) for block in decoder_layers(lm.model)]
+    handles = [attention.register_forward_hook(hook) for attention in lm.backend.attention_modules()]
     try:
         yield
     finally:
@@ -172,17 +170,10 @@ def auto_batch_size(lm: LoadedModel, seq_len: int, n_cells: int, cpu_token_budge
     """Largest batch whose activations fit in half the free memory (a rough upper bound per sequence); on CPU
     also at most CPU_TOKENS_PER_BATCH tokens when cpu_token_budget (prefill-sized work; decoding one token per row
     is bound by reading the weights, so it wants every row it can get)."""
-    config = lm.model.config
-    bytes_per = torch.finfo(lm.dtype).bits // 8
-    heads = getattr(config, "num_attention_heads", 1)
-    intermediate = getattr(config, "intermediate_size", 4 * lm.hidden_size)
-    per_sequence = bytes_per * seq_len * (8 * lm.hidden_size + 3 * intermediate + 2 * heads * seq_len) + 8 * config.vocab_size
-    if lm.device.type == "cuda":
-        free = torch.cuda.mem_get_info(lm.device)[0]
-    else:
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        if cpu_token_budget:
-            n_cells = min(n_cells, max(1, CPU_TOKENS_PER_BATCH // seq_len))
+    per_sequence = lm.backend.bytes_per_sequence(seq_len)
+    free = lm.backend.free_memory()
+    if lm.device.type != "cuda" and cpu_token_budget:
+        n_cells = min(n_cells, max(1, CPU_TOKENS_PER_BATCH // seq_len))
     return max(1, min(n_cells, int(free * 0.5 // per_sequence)))
 
 

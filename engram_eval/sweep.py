@@ -6,6 +6,7 @@ Orchestration only: prompts, injection, scoring, results and the run directory e
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -103,11 +104,9 @@ def run_sweep(
     run.update(bank_path=str(bank.path), store=str(store.root), model_description=lm.description, versions=package_versions(),
                device=str(lm.device), dtype=str(lm.dtype).removeprefix("torch."), batch_size=execution.batch_size or "auto")
     write_run_json(out, run)
-    attention = lm.model.config._attn_implementation
     try:
-        if method.record_attention:
-            lm.model.set_attn_implementation("eager")  # the only kernel that gives its attention weights
-        _run_grid(lm, bank, store, out, settings, run, prepared, execution, executor, observer)
+        with lm.backend.eager_attention() if method.record_attention else nullcontext():  # the kernel that gives its weights
+            _run_grid(lm, bank, store, out, settings, run, prepared, execution, executor, observer)
     except KeyboardInterrupt:
         mark_stopped(out, run, "interrupted")
         raise
@@ -116,7 +115,6 @@ def run_sweep(
         raise
     finally:
         executor.close()
-        lm.model.set_attn_implementation(attention)
     run["timings"]["total_seconds"] = round(time.perf_counter() - started, 3)
     write_run_json(out, run)
     return SweepResult(out=out, results_path=out / "results.parquet", run=run)

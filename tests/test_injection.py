@@ -139,7 +139,7 @@ def test_the_mode_table_is_the_cli_choices_the_help_and_the_reference_tests():
 def test_each_modes_attributes_say_what_it_does(tiny, name):
     """prefix_positions: the inputs grow by k; hooks_blocks: hooks on the blocks while active; an add-like mode
     changes the first k positions only; site_depends_on_layer: the same vectors at another layer steer differently."""
-    from engram_eval.injection import INJECTIONS, Steering, decoder_layers
+    from engram_eval.injection import INJECTIONS, Steering
 
     mode = INJECTIONS[name]
     k, body = 3, torch.randn(1, 6, tiny.hidden_size)
@@ -149,13 +149,13 @@ def test_each_modes_attributes_say_what_it_does(tiny, name):
     assert inputs.shape[1] == 6 + (k if mode.prefix_positions else 0) and steering.prefix_length == (k if mode.prefix_positions else 0)
     if name == "add":
         assert torch.equal(inputs[:, k:], body[:, k:]) and not torch.equal(inputs[:, :k], body[:, :k])
-    blocks = decoder_layers(tiny.model)
+    blocks = tiny.backend.blocks()
 
     def hooks() -> int:
         return sum(len(block._forward_hooks) for block in blocks)
 
     before = hooks()
-    with Steering(name, vectors, [2]).active(tiny.model):
+    with Steering(name, vectors, [2]).active(tiny.backend):
         during = hooks()
     assert (during > before) == mode.hooks_blocks and hooks() == before
     ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
@@ -163,7 +163,7 @@ def test_each_modes_attributes_say_what_it_does(tiny, name):
 
     def logits(layer):
         steer = Steering(name, vectors, [layer])
-        with torch.no_grad(), steer.active(tiny.model):
+        with torch.no_grad(), steer.active(tiny.backend):
             return tiny.model(inputs_embeds=steer.inputs(embeds)).logits[0, -1]
 
     assert (not torch.allclose(logits(1), logits(2))) == mode.site_depends_on_layer
