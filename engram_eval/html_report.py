@@ -9,7 +9,9 @@ import html
 import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
-from .rendering import _sections, drilldown_sections, fmt_cell, fmt_effect, html_page, html_table, partial_banner
+from .formatting import fmt_cell, fmt_effect, partial_banner
+from .rendering import html_page, html_table
+from .sections import CountHeatmap, EffectHeatmap, drilldown_sections, summary_sections
 
 # Plotly's own event API: a click on a heatmap cell lists that cell's questions under the plot.
 CLICK = ("var plot = document.getElementById('{plot_id}');"
@@ -25,17 +27,15 @@ def render_html(summary: dict, drills: list[dict] = ()) -> str:
     if banner := partial_banner(summary):
         body.append(f"<p><strong>{html.escape(banner)}</strong></p>")
     figures = 0
-    for section_title, columns, rows in _sections(summary):
-        body.append(f"<h2>{html.escape(section_title)}</h2>")
-        if section_title.startswith("Heatmap"):
-            name = section_title.removeprefix("Heatmap ").split(":")[0]
-            measure = "flip" if "flip rate" in section_title else "break"
-            body.append(_count_heatmap(summary["heatmaps"][name], measure, f"heatmap-{figures}"))
+    for section in summary_sections(summary):
+        body.append(f"<h2>{html.escape(section.title)}</h2>")
+        if isinstance(section.figure, CountHeatmap):
+            body.append(_count_heatmap(section.figure.heatmap, section.figure.measure, f"heatmap-{figures}"))
             figures += 1
-        elif section_title.startswith("Effect size"):
-            body.append(_effect_heatmap(section_title, columns, rows, summary, f"heatmap-{figures}"))
+        elif isinstance(section.figure, EffectHeatmap):
+            body.append(_effect_heatmap(section.figure.effects, section.figure.label, f"heatmap-{figures}"))
             figures += 1
-        body.append(html_table(columns, rows))
+        body.append(html_table(section.columns, section.rows))
     if drills:
         body.append("<h2>Per question: each cell's probabilities, boosts against the baseline, sink score and texts</h2>")
         for drill in drills:
@@ -65,10 +65,8 @@ def _count_heatmap(heatmap: dict, measure: str, div_id: str) -> str:
     return _figure(figure, div_id)
 
 
-def _effect_heatmap(title: str, columns: list[str], rows: list[list[str]], summary: dict, div_id: str) -> str:
+def _effect_heatmap(effects: dict, label: str, div_id: str) -> str:
     """A mean log-improvement heatmap, diverging around 0, hover with the bootstrap interval."""
-    label, _, k = title.removeprefix("Effect size ").partition(":")[0].partition(", k=")
-    effects = summary["effects"][f"k={k}" if k else "all"]
     grid = effects["maps"][label]
     figure = go.Figure(go.Heatmap(
         z=[[c["mean"] for c in row] for row in grid], x=[f"{s:g}" for s in effects["strengths"]],
@@ -90,5 +88,5 @@ def _figure(figure: go.Figure, div_id: str, clickable: bool = True) -> str:
 
 
 def _drilldown(drill: dict) -> str:
-    inner = "".join(f"<h3>{html.escape(title)}</h3>" + html_table(columns, rows) for title, columns, rows in drilldown_sections(drill))
+    inner = "".join(f"<h3>{html.escape(s.title)}</h3>" + html_table(s.columns, s.rows) for s in drilldown_sections(drill))
     return f"<details id='question-{html.escape(drill['question_id'])}'><summary>{html.escape(drill['question_id'])}</summary>{inner}</details>"

@@ -491,13 +491,14 @@ def test_generate_force_replaces_generations_of_other_settings(tiny, tiny_model_
 
 
 def test_report_formats_and_output(flipping_run, tmp_path):
-    from engram_eval.rendering import render_markdown
+    from engram_eval.rendering import render_json, render_markdown
     from engram_eval.report import load_generations, load_run, summarize
 
     frame, run_json = load_run(flipping_run)
     summary = summarize(frame, run_json, generations=load_generations(flipping_run))
     as_json = ok(run("report", flipping_run, "--format", "json")).stdout
-    assert json.loads(as_json) == json.loads(json.dumps(summary, default=str))
+    assert json.loads(as_json) == json.loads(render_json(summary))
+    assert {k: v for k, v in json.loads(as_json).items() if k != "sections"} == json.loads(json.dumps(summary, default=str))
     markdown = ok(run("report", flipping_run, "--format", "markdown")).stdout
     assert markdown == render_markdown(summary) + "\n"
     table = ok(run("report", flipping_run)).stdout

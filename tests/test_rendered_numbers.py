@@ -192,14 +192,15 @@ def test_the_side_by_side_rows_equal_the_comparison(summary):
     import polars as pl
 
     from engram_eval.comparison import summarize_runs
-    from engram_eval.rendering import render_json, render_side_by_side, side_by_side_sections
+    from engram_eval.rendering import render_json, render_side_by_side
+    from engram_eval.sections import side_by_side_sections, summary_sections
 
     frame = decisive_frame()
     shallow = frame.filter(pl.col("layer").is_null() | (pl.col("layer") == 1))
     runs = [("a", frame, {**decisive_run(), "num_layers": 4}), ("b", shallow, {**decisive_run(), "num_layers": 2})]
     comparison = summarize_runs(runs)
     sections = side_by_side_sections(comparison)
-    title, columns, rows = sections[0]
+    title, columns, rows = sections[0].title, sections[0].columns, sections[0].rows
     assert (title, columns) == ("Runs side by side", ["measure", "1: constructed", "2: constructed"])
     table = {row[0]: row[1:] for row in rows}
     assert table["run"] == ["a", "b"] and table["bank"] == ["decisive", "decisive"]
@@ -211,15 +212,20 @@ def test_the_side_by_side_rows_equal_the_comparison(summary):
         for kind, control in run["controls"].items():
             assert table[f"relevant vs {kind}"][i] == f"{control['verdict']} (p {control['p_value']:.4f})"
     assert comparison["runs"][0]["baseline_accuracy"]["k"] == 10
-    heat = {t: r for t, _, r in sections[1:]}
+    heat = {s.title: s.rows for s in sections[1:]}
     first = heat["Heatmap relevant of run 1: constructed: flip rate by relative depth"]
     grid = comparison["runs"][0]["heatmaps"]["relevant"]
     assert first == [[f"{d:.2f} (L{layer})", *[f"{c['k']}/{c['n']}" for c in row]]
                      for d, layer, row in zip(grid["depths"], grid["layers"], grid["flip"])]
     assert first[0][0] == "0.25 (L1)" and first[1][2] == "10/10"
-    assert json.loads(render_side_by_side(comparison, "json")) == json.loads(json.dumps(comparison, default=str))
+    # json: the data as it is, every key kept, plus the sections as rendered
+    side = json.loads(render_side_by_side(comparison, "json"))
+    assert side.pop("sections") == [s.as_dict() for s in sections]
+    assert side == json.loads(json.dumps(comparison, default=str))
     assert render_side_by_side(comparison, "markdown").startswith("# engram-eval report: runs side by side\n\n## Runs side by side")
-    assert render_json(summary) == json.dumps(summary, indent=2, default=str)
+    page = json.loads(render_json(summary))
+    assert page.pop("sections") == json.loads(json.dumps([s.as_dict() for s in summary_sections(summary)]))
+    assert page == json.loads(json.dumps(summary, default=str))
 
 
 def test_the_drill_down_renderings_show_each_cell_of_the_question():
@@ -235,8 +241,9 @@ def test_the_drill_down_renderings_show_each_cell_of_the_question():
     texts = pl.DataFrame([{"question_id": "q02", "role": "relevant", "engram": "relevant-q02", "layer": 2, "strength": 5.0, "chunks": 16,
                            "context": True, "first_answer": "correct", "verdict": "correct", "text": "a\nb"}])
     drill = question_drilldown(both, "q02", texts)
-    assert json.loads(render_drilldown(drill, "json")) == json.loads(json.dumps(drill, default=str))
-    assert render_drilldown(drill, "json") == json.dumps(drill, indent=2, default=str)
+    page = json.loads(render_drilldown(drill, "json"))
+    assert [s["key"] for s in page.pop("sections")] == ["condition:True", "condition:False", "texts"]
+    assert page == json.loads(json.dumps(drill, default=str))
     markdown = render_drilldown(drill, "markdown")
     assert markdown.startswith("# engram-eval report: question q02\n")
     sections = markdown_sections(markdown)
@@ -399,7 +406,7 @@ def test_drill_down_rows_show_each_cells_probabilities_boosts_and_k():
     from decisive import every_section_frame
 
     from engram_eval.drilldown import question_drilldown
-    from engram_eval.rendering import fmt_prob, fmt_ratio
+    from engram_eval.formatting import fmt_prob, fmt_ratio
 
     drill = question_drilldown(every_section_frame(), "q02")
     sections = markdown_sections(render_drilldown(drill, "markdown"))

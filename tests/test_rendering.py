@@ -4,7 +4,8 @@ import json
 import pytest
 
 from engram_eval.html_report import render_html
-from engram_eval.rendering import fmt_best, fmt_flips, fmt_share, render_json, render_markdown
+from engram_eval.formatting import fmt_best, fmt_flips, fmt_share
+from engram_eval.rendering import render_json, render_markdown
 from engram_eval.report import summarize
 
 
@@ -80,12 +81,13 @@ def test_the_attention_section_averages_per_engram_kind(tiny, tiny_bank, tmp_pat
 
 
 def test_a_questions_generated_texts_name_their_context_condition():
-    from engram_eval.rendering import drilldown_sections
+    from engram_eval.sections import drilldown_sections
 
     texts = [{"role": "baseline", "engram": None, "layer": None, "strength": None, "chunks": None, "context": True,
               "first_answer": "none", "verdict": "neither", "text": "a"},
              {"role": "relevant", "engram": "pheo", "layer": 8, "strength": 2.0, "chunks": 16, "context": False,
               "first_answer": "correct", "verdict": "correct", "text": "b\nc"}]
-    (title, _, rows), = drilldown_sections({"question_id": "q1", "conditions": [], "texts": texts})
+    (section,) = drilldown_sections({"question_id": "q1", "conditions": [], "texts": texts})
+    rows = section.rows
     assert [row[0] for row in rows] == ["baseline with context", "pheo L8 x2, without context"]
     assert rows[1][3] == "b c"
