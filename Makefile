@@ -29,7 +29,7 @@ test: $(VENV)/.installed
 	$(BIN)/engram-eval check reports/ci --baseline tests/baselines/ci.json
 
 docs: $(VENV)/.installed
-	$(BIN)/python -m engram_eval.docs > docs/cli.md
+	$(BIN)/python -m engram_eval.cli.docs > docs/cli.md
 
 bench: $(VENV)/.installed
 	$(BIN)/engram-eval bench

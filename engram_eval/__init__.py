@@ -1,17 +1,17 @@
 """engram-eval: measure what engram activation steering really does, at scale."""
 
 from ._version import __version__
-from .bank import Bank, Question, Source, load_bank
-from .engram import Engram, extract_engram
-from .errors import EngramEvalError, EngramEvalWarning
-from .generation import run_generate
-from .geometry import compare_engrams
-from .model import LoadedModel, load_model
-from .pooling import chunk_mean
-from .report import load_run, summarize
-from .spec import Execution, Extraction, Grid, Method, Observer, SweepSpec
-from .store import EngramStore, StoredEngram
-from .sweep import run_sweep
+from .backend.model import LoadedModel, load_model
+from .bank.banks import Bank, Question, Source, load_bank
+from .core.errors import EngramEvalError, EngramEvalWarning
+from .core.spec import Execution, Extraction, Grid, Method, Observer, SweepSpec
+from .engram.extraction import Engram, extract_engram
+from .engram.geometry import compare_engrams
+from .engram.pooling import chunk_mean
+from .engram.store import EngramStore, StoredEngram
+from .report.summary import load_run, summarize
+from .run.generation import run_generate
+from .run.sweep import run_sweep
 
 __all__ = [
     "Bank", "Engram", "EngramEvalError", "EngramEvalWarning", "EngramStore", "LoadedModel", "Question", "Source",

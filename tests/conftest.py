@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engram_eval.model import LoadedModel, load_model
+from engram_eval.backend.model import LoadedModel, load_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -114,8 +114,8 @@ def flat_sweep(lm: LoadedModel, bank, store, out: Path, *, batch_size: int | Non
                strict: bool = False, progress: bool = True, **keywords):
     """run_sweep from the command line's flat keywords: the spec's (SweepSpec.build), the execution's (batch_size, ray)
     and the observer's (progress, log, warn, before_question)."""
-    from engram_eval.spec import Execution, Observer, SweepSpec
-    from engram_eval.sweep import run_sweep
+    from engram_eval.core.spec import Execution, Observer, SweepSpec
+    from engram_eval.run.sweep import run_sweep
 
     observed = {name: keywords.pop(name) for name in ("log", "warn", "before_question") if name in keywords}
     return run_sweep(lm, bank, store, out, SweepSpec.build(**keywords), execution=Execution(batch_size, ray), force=force,
@@ -124,8 +124,8 @@ def flat_sweep(lm: LoadedModel, bank, store, out: Path, *, batch_size: int | Non
 
 def sweep(lm: LoadedModel, bank_path: Path, out: Path, **kwargs):
     """A small sweep of a bank on the tiny model, store beside the run directory."""
-    from engram_eval.bank import load_bank
-    from engram_eval.store import EngramStore
+    from engram_eval.bank.banks import load_bank
+    from engram_eval.engram.store import EngramStore
 
     options = {**SWEEP_GRID, "progress": False, **kwargs}
     return flat_sweep(lm, load_bank(bank_path), EngramStore(out.parent / "store"), out, **options)

@@ -17,7 +17,7 @@ import math
 import numpy as np
 import polars as pl
 
-from engram_eval.results import RESULT_SCHEMA
+from engram_eval.run.results import RESULT_SCHEMA
 
 QUESTIONS = [f"q{i:02d}" for i in range(1, 21)]
 LAYERS = (1, 2)

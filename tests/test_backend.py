@@ -1,4 +1,4 @@
-"""The backend seam: extraction, injection, scoring and generation reach the model only through engram_eval.backend.
+"""The backend seam: extraction, injection, scoring and generation reach the model only through engram_eval.backend.interface.
 A second backend that forwards each call to the Hugging Face one while the model object itself is poisoned gives the
 same numbers; the decoder-block table finds another architecture's blocks, where a hook lands exactly."""
 
@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from conftest import sweep
-from engram_eval.backend import DECODER_BLOCKS, Backend, HFCausalLM, find_decoder_blocks
-from engram_eval.errors import EngramEvalError
+from engram_eval.backend.hf import DECODER_BLOCKS, HFCausalLM, find_decoder_blocks
+from engram_eval.backend.interface import Backend
+from engram_eval.core.errors import EngramEvalError
 
 
 class Poisoned:
@@ -45,8 +46,8 @@ class Forwarding(Backend):
 
 
 def test_every_stage_runs_through_another_backend_with_the_same_numbers(tiny, tiny_bank, tmp_path):
-    from engram_eval.engram import extract_engram
-    from engram_eval.generation import run_generate
+    from engram_eval.engram.extraction import extract_engram
+    from engram_eval.run.generation import run_generate
 
     backend = Forwarding(tiny.backend)
     other = dataclasses.replace(tiny, model=Poisoned(), backend=backend)
@@ -65,8 +66,8 @@ def test_every_stage_runs_through_another_backend_with_the_same_numbers(tiny, ti
 
 
 def test_the_block_table_finds_another_architectures_blocks_and_a_hook_lands_there(tiny, tmp_path):
-    from engram_eval.injection import Steering
-    from engram_eval.model import random_init_model
+    from engram_eval.steer.injection import Steering
+    from engram_eval.backend.model import random_init_model
 
     config = tmp_path / "gpt2.config.json"
     config.write_text(json.dumps({"model_type": "gpt2", "n_embd": 32, "n_layer": 3, "n_head": 4,
@@ -99,7 +100,7 @@ def test_a_model_without_known_blocks_is_one_line_naming_the_table():
     with pytest.raises(EngramEvalError) as error:
         find_decoder_blocks(torch.nn.Linear(2, 2))
     assert str(error.value) == ("Linear: no decoder blocks at any of model.layers, transformer.h, gpt_neox.layers, "
-                                "model.decoder.layers (add its path to engram_eval.backend.DECODER_BLOCKS)")
+                                "model.decoder.layers (add its path to engram_eval.backend.hf.DECODER_BLOCKS)")
 
 
 def test_the_hugging_face_backend_is_the_models_own_calls(tiny):
@@ -133,4 +134,4 @@ def test_only_the_backend_reaches_transformers_internals():
     root = Path(__file__).resolve().parents[1] / "engram_eval"
     reaching = {str(path.relative_to(root)) for path in root.rglob("*.py") for name in internals
                 if name.replace(".", " . ").strip() in code(path) or name in code(path)}
-    assert "backend.py" in reaching and reaching <= {"backend.py", "model.py"}, reaching  # model.py loads and fingerprints
+    assert "backend/hf.py" in reaching and reaching <= {"backend/hf.py", "backend/model.py"}, reaching  # model.py loads, fingerprints

@@ -4,8 +4,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engram_eval.bank import load_bank
-from engram_eval.errors import EngramEvalError
+from engram_eval.bank.banks import load_bank
+from engram_eval.core.errors import EngramEvalError
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -6,7 +6,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from engram_eval.bank import load_bank
+from engram_eval.bank.banks import load_bank
 from engram_eval.cli import cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -170,15 +170,15 @@ def test_bank_validate_and_stats(tiny_model_dir, tmp_path):
     assert "variant '  alpha' starts with the whitespace token" in checked.stderr
     assert run("bank", "validate", bank, "--model", tiny_model_dir, "--strict").exit_code == 2
     stats = run("bank", "stats", bank, "--model", tiny_model_dir).stdout
-    from engram_eval.model import load_tokenizer
+    from engram_eval.backend.model import load_tokenizer
     lengths = sorted(len(load_tokenizer(str(tiny_model_dir)).tokenizer(p)["input_ids"]) for p in ("The drug is", "Before glucose you must give"))
     assert f"{lengths[0]} / {(lengths[0] + lengths[1]) / 2:g} / {lengths[1]}" in stats  # an even count: the mean of the middle two and "anti 2, irrelevant 2, random 2" in stats
 
 
 @pytest.mark.real_model
 def test_an_imported_bank_has_distinct_letters_on_the_real_tokenizer_and_sweeps(real, tmp_path):
-    from engram_eval.prompts import prepare_question, variant_token_warnings
-    from engram_eval.store import EngramStore
+    from engram_eval.steer.prompts import prepare_question, variant_token_warnings
+    from engram_eval.engram.store import EngramStore
     from conftest import flat_sweep
 
     bank_path = REPO / "questions/science_mc.yaml"

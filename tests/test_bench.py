@@ -2,8 +2,8 @@ import math
 
 import pytest
 
-from engram_eval.bank import load_bank
-from engram_eval.bench import MatmulProbe, cell_flops, question_flops, run_bench, seed_loop
+from engram_eval.bank.banks import load_bank
+from engram_eval.bench.benchmark import MatmulProbe, cell_flops, question_flops, run_bench, seed_loop
 
 
 def llama_non_embedding_parameters(config) -> int:
@@ -92,12 +92,12 @@ def test_question_flops_count_a_null_prefix_once_per_strength_except_with_actadd
 
 
 def test_alternated_sweeps_run_each_variant_twice_in_the_order_a_b_b_a(tiny, tiny_bank, tmp_path, monkeypatch):
-    import engram_eval.bench as bench_module
+    import engram_eval.bench.benchmark as bench_module
     from dataclasses import replace
 
-    from engram_eval.bench import alternated_sweeps
-    from engram_eval.spec import Execution, SweepSpec
-    from engram_eval.store import EngramStore
+    from engram_eval.bench.benchmark import alternated_sweeps
+    from engram_eval.core.spec import Execution, SweepSpec
+    from engram_eval.engram.store import EngramStore
 
     order = []  # recorded as each sweep returns, not read off file times
     real = bench_module.run_sweep

@@ -5,11 +5,11 @@ import polars as pl
 import pytest
 from click.testing import CliRunner
 
-import engram_eval.injection as injection_module
-from engram_eval.bank import load_bank
-from engram_eval.check import compare, summarize_run
+import engram_eval.steer.injection as injection_module
+from engram_eval.bank.banks import load_bank
+from engram_eval.report.check import compare, summarize_run
 from engram_eval.cli import cli
-from engram_eval.store import EngramStore
+from engram_eval.engram.store import EngramStore
 from conftest import flat_sweep
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,7 +86,7 @@ def test_a_run_with_other_settings_is_refused_naming_each_setting(tiny, tiny_run
 
 
 def test_a_setting_the_baseline_predates_must_keep_its_default(tiny_run, tmp_path):
-    from engram_eval.check import differing_settings
+    from engram_eval.report.check import differing_settings
 
     current = {"settings": {"scoring": "first-token", "max_tokens": 2048}}
     assert differing_settings(current, {"settings": {"scoring": "first-token"}}) == []

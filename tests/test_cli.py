@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from engram_eval.cli import cli
-from engram_eval.docs import _commands, cli_reference
+from engram_eval.cli.docs import _commands, cli_reference
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,8 +34,8 @@ def test_every_command_and_option_is_documented():
 
 
 def test_cli_choices_match_the_library():
-    from engram_eval.registry import INJECTIONS, POOLINGS, SCORINGS
-    from engram_eval.spec import CONTEXTS, SCALINGS
+    from engram_eval.core.registry import INJECTIONS, POOLINGS, SCORINGS
+    from engram_eval.core.spec import CONTEXTS, SCALINGS
     options = {p.name: p for p in cli.commands["sweep"].params}
     assert tuple(options["scoring"].type.choices) == SCORINGS.names() and tuple(options["injection"].type.choices) == INJECTIONS.names()
     assert tuple(options["scaling"].type.choices) == SCALINGS and tuple(options["pooling"].type.choices) == POOLINGS.names()

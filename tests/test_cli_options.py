@@ -19,9 +19,9 @@ from click.testing import CliRunner
 from conftest import REPO, TINY_SOURCES, assert_same_results, sweep, write_tiny_bank
 
 from engram_eval.cli import cli
-from engram_eval.docs import _commands
-from engram_eval.engram import Extraction
-from engram_eval.errors import EngramEvalError
+from engram_eval.cli.docs import _commands
+from engram_eval.engram.extraction import Extraction
+from engram_eval.core.errors import EngramEvalError
 
 GRID = ["--layers", "1,2", "--strengths", "1,4", "--chunks", "4"]
 LIBRARY_GRID = dict(layers=[1, 2], strengths=[1.0, 4.0], chunks=4)
@@ -263,7 +263,7 @@ def test_sweep_option_equals_the_library_with_the_same_setting(args, setting, ti
 
 
 def test_sweep_dtype_equals_the_library_on_a_model_loaded_in_that_dtype(tiny_model_dir, bank_dir, default_sweep, tmp_path):
-    from engram_eval.model import load_model
+    from engram_eval.backend.model import load_model
 
     ok(run("sweep", bank_dir / "tiny.yaml", "--model", tiny_model_dir, "--dtype", "bfloat16", *GRID, "--out", tmp_path / "cli",
            "--store", tmp_path / "store", "-q"))
@@ -278,7 +278,7 @@ def test_sweep_dtype_equals_the_library_on_a_model_loaded_in_that_dtype(tiny_mod
 def test_sweep_out_store_and_batch_size(tiny_model_dir, bank_dir, default_sweep, tmp_path, monkeypatch):
     """--batch-size changes how cells are grouped, not a number; --out and --store say where things go; without
     --out the run lands in reports/BANK-MODEL."""
-    import engram_eval.sweep as sweep_module
+    import engram_eval.run.sweep as sweep_module
 
     sizes = []
     real_score = sweep_module.score_question
@@ -321,8 +321,8 @@ def test_sweep_strict_turns_the_banks_warnings_into_errors(tiny_model_dir, tmp_p
 def test_quiet_silences_the_progress_bar_and_the_engram_log(tiny_model_dir, bank_dir, tmp_path, monkeypatch):
     """Under CliRunner stderr is no terminal, so tqdm draws no bar either way: what --quiet hands the library is
     checked (the sweep's observer, generate's progress=False), and the engram log it silences is read."""
-    import engram_eval.generation as generation
-    import engram_eval.sweep as sweep_module
+    import engram_eval.run.generation as generation
+    import engram_eval.run.sweep as sweep_module
 
     progress = []
     for module, name in ((sweep_module, "run_sweep"), (generation, "run_generate")):
@@ -345,7 +345,7 @@ def test_quiet_silences_the_progress_bar_and_the_engram_log(tiny_model_dir, bank
 def test_model_options_reach_the_loader_of_every_command(command, tiny_model_dir, bank_dir, tmp_path, monkeypatch):
     """--model, --device, --dtype and --trust-remote-code arrive at load_model as given; then --device cuda:0 on this
     CPU machine is refused there, in one line (the value is used, not replaced by a default)."""
-    import engram_eval.model as model_module
+    import engram_eval.backend.model as model_module
 
     calls = []
 
@@ -389,7 +389,7 @@ class HalvedForCausalLM(LlamaForCausalLM):
 def test_trust_remote_code_loads_a_models_own_code_only_when_asked(tiny_model_dir, bank_dir, default_sweep, tmp_path):
     import shutil
 
-    from engram_eval.model import load_model
+    from engram_eval.backend.model import load_model
 
     custom = tmp_path / "halved"
     shutil.copytree(tiny_model_dir, custom)
@@ -461,7 +461,7 @@ def test_generate_cells_decodes_exactly_the_selected_rows(tiny_model_dir, flippi
 
 
 def test_generate_max_new_tokens_and_batch_size_equal_the_library(tiny, tiny_model_dir, tmp_path, monkeypatch):
-    import engram_eval.generation as generation
+    import engram_eval.run.generation as generation
 
     bank = write_tiny_bank(tmp_path)
     a = sweep(tiny, bank, tmp_path / "a", layers=[1], strengths=[5.0]).out
@@ -491,8 +491,8 @@ def test_generate_force_replaces_generations_of_other_settings(tiny, tiny_model_
 
 
 def test_report_formats_and_output(flipping_run, tmp_path):
-    from engram_eval.rendering import render_json, render_markdown
-    from engram_eval.report import load_generations, load_run, summarize
+    from engram_eval.report.rendering import render_json, render_markdown
+    from engram_eval.report.summary import load_generations, load_run, summarize
 
     frame, run_json = load_run(flipping_run)
     summary = summarize(frame, run_json, generations=load_generations(flipping_run))
@@ -560,8 +560,8 @@ def test_report_split_chooses_on_the_seeds_half(flipping_run):
 
 
 def test_check_tolerances_and_update(flipping_run, tmp_path):
-    from engram_eval.check import summarize_run
-    from engram_eval.report import load_run
+    from engram_eval.report.check import summarize_run
+    from engram_eval.report.summary import load_run
 
     baseline = tmp_path / "baseline.json"
     assert ok(run("check", flipping_run, "--baseline", baseline, "--update")).stdout.startswith(f"baseline {baseline} updated")
@@ -586,7 +586,7 @@ def test_check_tolerances_and_update(flipping_run, tmp_path):
 
 
 def test_bench_options_reach_the_benchmark(tiny_model_dir, bank_dir, tmp_path, monkeypatch):
-    import engram_eval.bench as bench_module
+    import engram_eval.bench.benchmark as bench_module
 
     calls = []
     real = bench_module.run_bench
@@ -632,8 +632,8 @@ EXTRACTION_EFFECTS = [  # build and compare: each extraction option against the 
 
 @pytest.mark.parametrize("args,extraction", EXTRACTION_EFFECTS, ids=[" ".join(a) or "seed" for a, _ in EXTRACTION_EFFECTS])
 def test_build_options_store_the_librarys_engrams(args, extraction, tiny, tiny_model_dir, bank_dir, tmp_path):
-    from engram_eval.engram import extract_engram
-    from engram_eval.store import EngramStore
+    from engram_eval.engram.extraction import extract_engram
+    from engram_eval.engram.store import EngramStore
 
     ok(run("build", "--bank", bank_dir / "tiny.yaml", "--model", tiny_model_dir, "--chunks", "2,4", "--layers", "1,3", *args,
            "--store", tmp_path / "store"))
@@ -667,9 +667,9 @@ def test_build_force_rebuilds(tiny_model_dir, tmp_path):
 
 @pytest.mark.parametrize("args,extraction", EXTRACTION_EFFECTS, ids=[" ".join(a) or "seed" for a, _ in EXTRACTION_EFFECTS])
 def test_compare_options_equal_the_library(args, extraction, tiny, tiny_model_dir, shallow_model_dir, bank_dir, tmp_path):
-    from engram_eval.geometry import compare_engrams
-    from engram_eval.model import load_model
-    from engram_eval.store import EngramStore
+    from engram_eval.engram.geometry import compare_engrams
+    from engram_eval.backend.model import load_model
+    from engram_eval.engram.store import EngramStore
 
     names = ["topic", "anti", "stars"]
     out = tmp_path / "geometry.parquet"
@@ -716,7 +716,7 @@ def test_allow_outside_paths_admits_a_source_outside_the_banks_folder(tiny_model
         refused = run(*args)
         assert refused.exit_code == 2 and "outside" in refused.stderr and "--allow-outside-paths" in refused.stderr, name
         ok(run(*args, "--allow-outside-paths"))
-    from engram_eval.bank import load_bank
+    from engram_eval.bank.banks import load_bank
 
     assert load_bank(bank, allow_outside_paths=True).sources["topic"].text == TINY_SOURCES["topic"]
 
@@ -727,7 +727,7 @@ def test_allow_outside_paths_admits_a_source_outside_the_banks_folder(tiny_model
 def test_bank_import_naming_template_controls_answer_base_and_force(tmp_path, monkeypatch):
     from test_bank_import import RECORDS, write
 
-    from engram_eval.bank import load_bank
+    from engram_eval.bank.banks import load_bank
 
     data = write(tmp_path, ".jsonl", [{**r, "gold": r["gold"] + 1} for r in RECORDS])
     out = tmp_path / "made" / "mine.yaml"
@@ -752,7 +752,7 @@ def test_bank_import_naming_template_controls_answer_base_and_force(tmp_path, mo
 
 
 def test_bank_stats_and_validate_options(tiny_model_dir, tmp_path):
-    from engram_eval.model import load_tokenizer
+    from engram_eval.backend.model import load_tokenizer
 
     bank = write_tiny_bank(tmp_path, {"q1": ("The drug is", ["  alpha"], [" beta"]), "q2": ("Before glucose you must give", [" thiamine"], [" insulin"]),
                                       "q3": ("The antidote for this poisoning is", [" dantrolene"], [" ice"]),
@@ -783,7 +783,7 @@ def test_store_commands_act_on_the_store_given(tiny_model_dir, tmp_path):
     (tmp_path / "two/.tmp-999999999-x.safetensors").write_bytes(b"partial")
     (path_one,) = (tmp_path / "one").glob("*.safetensors")
     (path_two,) = (tmp_path / "two").glob("a.*.safetensors")
-    from engram_eval.store import EngramStore
+    from engram_eval.engram.store import EngramStore
 
     key_one, key_two = EngramStore.key_of(path_one), EngramStore.key_of(path_two)
     listed = ok(run("store", "ls", "--store", tmp_path / "one")).stdout
@@ -797,7 +797,7 @@ def test_store_commands_act_on_the_store_given(tiny_model_dir, tmp_path):
 
 
 def test_store_gc_runs_and_dry_run(tiny, tmp_path):
-    from engram_eval.store import EngramStore
+    from engram_eval.engram.store import EngramStore
 
     store = EngramStore(tmp_path / "store")
     kept, _ = store.ensure(tiny, "kept", "alpha beta gamma delta", layers=[1], chunks=2)

@@ -11,11 +11,11 @@ import pytest
 from click.testing import CliRunner
 from decisive import decisive_frame, decisive_run
 
-from engram_eval.check import compare, summarize_run
+from engram_eval.report.check import compare, summarize_run
 from engram_eval.cli import cli
-from engram_eval.rendering import render_json, render_markdown
-from engram_eval.report import summarize
-from engram_eval.rundir import RESULTS_FORMAT
+from engram_eval.report.rendering import render_json, render_markdown
+from engram_eval.report.summary import summarize
+from engram_eval.run.rundir import RESULTS_FORMAT
 
 
 SUBSET = [f"q{i:02d}" for i in (*range(1, 7), *range(11, 17))]  # 6 wrong, 6 right: exact sign-flip tests, quick to summarize
@@ -107,7 +107,7 @@ def test_check_compares_infinite_and_nan_log_ratios_both_ways(old, new, moved):
 
 
 def test_compare_names_each_drift_exactly():
-    from engram_eval.check import Drift
+    from engram_eval.report.check import Drift
 
     def summary(cells, questions=None, totals=None):
         return {"questions": questions or {}, "cells": cells, "totals": totals or {}}
@@ -138,7 +138,7 @@ def test_compare_names_each_drift_exactly():
 
 
 def test_differing_settings_name_each_setting_and_shorten_long_values():
-    from engram_eval.check import differing_settings
+    from engram_eval.report.check import differing_settings
 
     long_value = list(range(30))
     assert differing_settings({"settings": {"layers": long_value, "bank": "a"}}, {"settings": {"layers": [1], "bank": "a"}}) == [
@@ -191,7 +191,7 @@ def test_split_on_a_one_question_run_is_one_line(tmp_path):
 
 
 def test_compare_names_question_drifts_and_every_cell_either_side_lacks():
-    from engram_eval.check import Drift
+    from engram_eval.report.check import Drift
 
     base = {"questions": {"q": {"baseline_log_ratio": 0.5}, "r": {"baseline_log_ratio": 1.0}},
             "cells": {"a": {"log_ratio": 1.0}}, "totals": {}}
@@ -204,7 +204,7 @@ def test_compare_names_question_drifts_and_every_cell_either_side_lacks():
 
 
 def test_differing_settings_fill_in_defaults_and_absences_on_either_side():
-    from engram_eval.check import differing_settings
+    from engram_eval.report.check import differing_settings
 
     assert differing_settings({"settings": {"bank": "x"}}, {"settings": {"pooling": "last"}}) == [
         'bank (baseline "(absent)", run "x")', 'pooling (baseline "last", run "mean")']
@@ -217,7 +217,7 @@ def test_differing_settings_fill_in_defaults_and_absences_on_either_side():
 
 def test_the_baseline_file_is_written_where_asked_and_diffs_line_by_line(tmp_path):
     """One key per line, keys sorted: a baseline's change reads as a small diff in review."""
-    from engram_eval.check import read_baseline, write_baseline
+    from engram_eval.report.check import read_baseline, write_baseline
 
     summary = {"totals": {"cells": 2, "flips": 1}, "cells": {"b|x|L1|s1.0": {"log_ratio": 0.5}, "a|x|L1|s1.0": {"log_ratio": 1.5}}}
     path = tmp_path / "new" / "folder" / "baseline.json"
@@ -232,8 +232,8 @@ def test_the_baseline_file_is_written_where_asked_and_diffs_line_by_line(tmp_pat
 def test_load_run_reads_an_unfinished_runs_parts_and_refuses_other_formats(tmp_path):
     import polars as pl
 
-    from engram_eval.errors import EngramEvalError
-    from engram_eval.report import load_run
+    from engram_eval.core.errors import EngramEvalError
+    from engram_eval.report.summary import load_run
 
     out = tmp_path / "partial"
     (out / "parts").mkdir(parents=True)

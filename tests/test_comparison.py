@@ -1,4 +1,4 @@
-from engram_eval.report import load_run, summarize
+from engram_eval.report.summary import load_run, summarize
 
 
 def test_runs_of_models_of_different_depth_line_up_by_relative_depth(tiny_model_dir, shallow_model_dir, tiny_bank, tmp_path):

@@ -1,6 +1,6 @@
 import random
 
-from engram_eval.controls import WORDS, random_words
+from engram_eval.bank.controls import WORDS, random_words
 
 
 def test_random_words_are_drawn_from_the_word_list_reproducibly_from_the_seed():

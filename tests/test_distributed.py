@@ -12,12 +12,12 @@ import polars as pl
 import pytest
 import torch
 
-import engram_eval.store as store_module
-from engram_eval.bank import load_bank
-from engram_eval.distributed import TEST_KILL_ONCE, RayOptions
-from engram_eval.errors import EngramEvalError
-from engram_eval.generation import run_generate
-from engram_eval.store import EngramStore
+import engram_eval.engram.store as store_module
+from engram_eval.bank.banks import load_bank
+from engram_eval.run.distributed import TEST_KILL_ONCE, RayOptions
+from engram_eval.core.errors import EngramEvalError
+from engram_eval.run.generation import run_generate
+from engram_eval.engram.store import EngramStore
 from conftest import flat_sweep
 
 ray = pytest.importorskip("ray")
@@ -138,8 +138,8 @@ def test_bad_ray_input_is_one_line(cluster, args, message, tiny_model_dir, tiny_
 
 
 def test_a_model_without_a_name_to_load_is_refused_before_ray_starts(tiny, tmp_path):
-    from engram_eval.distributed import RayExecutor
-    from engram_eval.model import random_init_model
+    from engram_eval.run.distributed import RayExecutor
+    from engram_eval.backend.model import random_init_model
 
     config = tmp_path / "small.config.json"
     config.write_text(json.dumps({"model_type": "qwen2", "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4,
@@ -151,7 +151,7 @@ def test_a_model_without_a_name_to_load_is_refused_before_ray_starts(tiny, tmp_p
 
 
 def test_ray_not_installed_says_how_to_install_it(monkeypatch):
-    from engram_eval.distributed import import_ray
+    from engram_eval.run.distributed import import_ray
 
     monkeypatch.setitem(sys.modules, "ray", None)  # what an environment without the extra looks like to `import ray`
     with pytest.raises(EngramEvalError) as error:
@@ -160,7 +160,7 @@ def test_ray_not_installed_says_how_to_install_it(monkeypatch):
 
 
 def test_bench_measures_rays_throughput_against_this_process_in_one_run(cluster, tiny, tiny_bank):
-    from engram_eval.bench import bench_ray
+    from engram_eval.bench.benchmark import bench_ray
 
     import tempfile
 
@@ -207,7 +207,7 @@ def test_generate_gpus_per_worker_reaches_the_cluster_check(cluster, tiny_model_
 
 
 def test_bench_ray_options_reach_the_ray_benchmark(cluster, tiny_model_dir, tiny_bank, monkeypatch):
-    import engram_eval.bench as bench_module
+    import engram_eval.bench.benchmark as bench_module
 
     seen = []
     monkeypatch.setattr(bench_module, "run_bench", lambda *a, **k: seen.append(k["ray"]) or (_ for _ in ()).throw(EngramEvalError("stop")))

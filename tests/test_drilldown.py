@@ -4,8 +4,8 @@ import pytest
 from click.testing import CliRunner
 
 from engram_eval.cli import cli
-from engram_eval.drilldown import question_drilldown
-from engram_eval.errors import EngramEvalError
+from engram_eval.report.drilldown import question_drilldown
+from engram_eval.core.errors import EngramEvalError
 
 
 def test_boosts_and_sink_scores_recompute_from_the_rows(run):

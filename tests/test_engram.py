@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from engram_eval.cli.parsing import parse_layers
-from engram_eval.engram import extract_engram
-from engram_eval.errors import EngramEvalError
+from engram_eval.engram.extraction import extract_engram
+from engram_eval.core.errors import EngramEvalError
 from reference import reference_chunks, reference_engram
 
 

@@ -3,8 +3,8 @@ import polars as pl
 import pytest
 from scipy.stats import binomtest, bootstrap, false_discovery_control
 
-from engram_eval.evidence import cell_tests, effect_sizes, held_out_best_cell
-from engram_eval.report import summarize
+from engram_eval.report.evidence import cell_tests, effect_sizes, held_out_best_cell
+from engram_eval.report.summary import summarize
 
 
 def test_every_per_cell_p_and_q_value_equals_scipy_on_the_parquet(run):

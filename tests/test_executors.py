@@ -7,7 +7,7 @@ import copy
 import polars as pl
 
 from conftest import sweep
-from engram_eval.executors import LocalExecutor, Task
+from engram_eval.run.executors import LocalExecutor, Task
 
 
 class ShuffledExecutor:
@@ -46,9 +46,9 @@ def test_the_local_executor_runs_tasks_in_order_and_passes_progress_through():
 
 
 def test_sweep_and_generate_give_the_same_rows_on_another_executor(tiny, tiny_bank, tmp_path, monkeypatch):
-    import engram_eval.generation as generation
-    import engram_eval.sweep as sweep_module
-    from engram_eval.generation import run_generate
+    import engram_eval.run.generation as generation
+    import engram_eval.run.sweep as sweep_module
+    from engram_eval.run.generation import run_generate
 
     local = sweep(tiny, tiny_bank, tmp_path / "local")
     local_text = pl.read_parquet(run_generate(tiny, local.out, max_new_tokens=4, batch_size=2, progress=False).generations_path)

@@ -1,11 +1,11 @@
 import pytest
 
-from engram_eval.report import summarize
+from engram_eval.report.summary import summarize
 
 
 def test_the_generation_section_recounts_from_the_generations(tiny, tiny_bank, tmp_path):
-    from engram_eval.generation import run_generate
-    from engram_eval.report import load_generations, load_run
+    from engram_eval.run.generation import run_generate
+    from engram_eval.report.summary import load_generations, load_run
     from conftest import sweep
 
     result = sweep(tiny, tiny_bank, tmp_path / "run", layers=[1, 3], strengths=[1.0, 20.0])
@@ -25,8 +25,8 @@ def test_the_generation_section_recounts_from_the_generations(tiny, tiny_bank, t
 
 
 def test_rag_priming_compares_the_four_conditions_on_the_same_questions(tiny, tmp_path):
-    from engram_eval.report import load_run
-    from engram_eval.statistics import mcnemar_exact
+    from engram_eval.report.summary import load_run
+    from engram_eval.report.statistics import mcnemar_exact
     from conftest import sweep, write_tiny_bank
 
     bank_path = write_tiny_bank(tmp_path)
@@ -57,9 +57,9 @@ def test_rag_priming_compares_the_four_conditions_on_the_same_questions(tiny, tm
 
 
 def test_the_chunk_count_section_recounts_the_seed_table(tiny, tiny_bank, tmp_path):
-    from engram_eval.bank import load_bank
-    from engram_eval.rendering import render_markdown
-    from engram_eval.report import load_run
+    from engram_eval.bank.banks import load_bank
+    from engram_eval.report.rendering import render_markdown
+    from engram_eval.report.summary import load_run
     import numpy as np
     from scipy.stats import bootstrap
     from conftest import sweep

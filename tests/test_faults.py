@@ -13,10 +13,10 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-import engram_eval.store as store_module
-from engram_eval.bank import load_bank
-from engram_eval.errors import EngramEvalError
-from engram_eval.store import EngramStore
+import engram_eval.engram.store as store_module
+from engram_eval.bank.banks import load_bank
+from engram_eval.core.errors import EngramEvalError
+from engram_eval.engram.store import EngramStore
 from conftest import flat_sweep
 
 REPO = Path(__file__).resolve().parents[1]

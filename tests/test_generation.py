@@ -3,10 +3,10 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-import engram_eval.generation as generation_module
-from engram_eval.bank import load_bank
-from engram_eval.errors import EngramEvalError
-from engram_eval.generation import run_generate, select_cells
+import engram_eval.run.generation as generation_module
+from engram_eval.bank.banks import load_bank
+from engram_eval.core.errors import EngramEvalError
+from engram_eval.run.generation import run_generate, select_cells
 from conftest import sweep, write_tiny_bank
 from reference import reference_engram, reference_generation
 
@@ -53,8 +53,8 @@ def test_batched_generation_equals_transformers_generate_token_for_token(tiny, t
     ("The alphabet starts with a.", (False, False, "none", "neither")),
 ])
 def test_answers_match_on_word_boundaries_case_insensitively(text, expected):
-    from engram_eval.answers import AnswerMatcher
-    from engram_eval.bank import Question
+    from engram_eval.bank.answers import AnswerMatcher
+    from engram_eval.bank.banks import Question
 
     question = Question("q", "p", (" needle", " decompression"), (" chest", " tube", " CT", " alpha"), "e", (), None, (), False)
     judged = AnswerMatcher.for_question(question).judge(text)
@@ -64,8 +64,8 @@ def test_answers_match_on_word_boundaries_case_insensitively(text, expected):
 def test_b1_matches_before_a_full_stop_and_answer_patterns_override_the_variants():
     from dataclasses import replace
 
-    from engram_eval.answers import AnswerMatcher
-    from engram_eval.bank import Question
+    from engram_eval.bank.answers import AnswerMatcher
+    from engram_eval.bank.banks import Question
 
     question = Question("q", "p", (" B1", " thiamine"), (" glucose",), "e", (), None, (), False)
     assert AnswerMatcher.for_question(question).judge("Give vitamin B1.")["verdict"] == "correct"
@@ -142,7 +142,7 @@ def test_bad_generation_input_is_one_clear_error(tiny, tiny_bank, tmp_path, case
 
 
 def test_a_context_question_is_scored_and_generated_after_its_passage(tiny, tmp_path):
-    from engram_eval.prompts import prepare_question
+    from engram_eval.steer.prompts import prepare_question
 
     bank_path = write_tiny_bank(tmp_path)
     text = bank_path.read_text().replace('  engram: topic\n', '  engram: topic\n  context: "Alpha blockers come first."\n', 1)
@@ -163,7 +163,7 @@ def test_a_context_question_is_scored_and_generated_after_its_passage(tiny, tmp_
 
 @pytest.mark.real_model
 def test_real_model_generation_equals_transformers_generate(real, tmp_path):
-    from engram_eval.store import EngramStore
+    from engram_eval.engram.store import EngramStore
     from conftest import flat_sweep
 
     bank_path = REPO / "questions/ci.yaml"

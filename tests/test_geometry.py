@@ -7,12 +7,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from engram_eval.bank import load_bank
+from engram_eval.bank.banks import load_bank
 from engram_eval.cli import cli
-from engram_eval.engram import Extraction
-from engram_eval.errors import EngramEvalError
-from engram_eval.geometry import bank_pairs, compare_engrams, pair_geometry, shared_prefix_tokens
-from engram_eval.store import EngramStore
+from engram_eval.engram.extraction import Extraction
+from engram_eval.core.errors import EngramEvalError
+from engram_eval.engram.geometry import bank_pairs, compare_engrams, pair_geometry, shared_prefix_tokens
+from engram_eval.engram.store import EngramStore
 from reference import reference_engram
 
 REPO = Path(__file__).resolve().parents[1]

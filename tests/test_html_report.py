@@ -6,9 +6,9 @@ import tempfile
 
 import pytest
 
-from engram_eval.drilldown import question_drilldown
-from engram_eval.html_report import render_html
-from engram_eval.report import summarize
+from engram_eval.report.drilldown import question_drilldown
+from engram_eval.report.html_report import render_html
+from engram_eval.report.summary import summarize
 
 
 @pytest.fixture(scope="module")

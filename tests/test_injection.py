@@ -4,10 +4,10 @@ import polars as pl
 import pytest
 import torch
 
-import engram_eval.scoring as scoring_module
-from engram_eval.bank import load_bank
-from engram_eval.errors import EngramEvalError
-from engram_eval.injection import scale_engram
+import engram_eval.steer.scoring as scoring_module
+from engram_eval.bank.banks import load_bank
+from engram_eval.core.errors import EngramEvalError
+from engram_eval.steer.injection import scale_engram
 from conftest import sweep, write_tiny_bank
 from reference import reference_cell, reference_engram
 
@@ -109,7 +109,7 @@ def test_bad_injection_settings_are_refused_before_any_model_work(tiny, tiny_ban
 @pytest.mark.real_model
 @pytest.mark.parametrize("mode,scaling", [("add", "global"), ("actadd", "global"), ("prefix", "per-chunk")])
 def test_real_model_modes_match_the_straightforward_implementation_on_a_sample(real, tmp_path, mode, scaling):
-    from engram_eval.store import EngramStore
+    from engram_eval.engram.store import EngramStore
     from conftest import flat_sweep
 
     bank_path = REPO / "questions/ci.yaml"
@@ -122,7 +122,7 @@ def test_real_model_modes_match_the_straightforward_implementation_on_a_sample(r
 
 def test_the_mode_table_is_the_cli_choices_the_help_and_the_reference_tests():
     from engram_eval.cli import cli
-    from engram_eval.injection import INJECTIONS
+    from engram_eval.steer.injection import INJECTIONS
 
     names = INJECTIONS.names()
     assert set(names) == {mode for mode, _ in MODES} | {"prefix"}  # a new mode needs its reference test
@@ -139,7 +139,7 @@ def test_the_mode_table_is_the_cli_choices_the_help_and_the_reference_tests():
 def test_each_modes_attributes_say_what_it_does(tiny, name):
     """prefix_positions: the inputs grow by k; hooks_blocks: hooks on the blocks while active; an add-like mode
     changes the first k positions only; site_depends_on_layer: the same vectors at another layer steer differently."""
-    from engram_eval.injection import INJECTIONS, Steering
+    from engram_eval.steer.injection import INJECTIONS, Steering
 
     mode = INJECTIONS[name]
     k, body = 3, torch.randn(1, 6, tiny.hidden_size)

@@ -4,8 +4,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from engram_eval.errors import EngramEvalError
-from engram_eval.model import EMBEDDED_MODELS, cache_dir, embedded_gguf_path, load_model, model_fingerprint
+from engram_eval.core.errors import EngramEvalError
+from engram_eval.backend.model import EMBEDDED_MODELS, cache_dir, embedded_gguf_path, load_model, model_fingerprint
 
 
 def test_local_directory_loads_in_eval_mode_with_float32_on_cpu(tiny, tiny_model_dir):
@@ -88,7 +88,7 @@ def test_embedded_model_is_smollm2_and_cached(real):
 def test_random_init_model_is_reproducible_from_config_and_seed(tiny, tmp_path):
     import json
 
-    from engram_eval.model import random_init_model
+    from engram_eval.backend.model import random_init_model
 
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"model_type": "qwen2", "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4,
@@ -104,7 +104,7 @@ def test_random_init_model_is_reproducible_from_config_and_seed(tiny, tmp_path):
 
 
 def test_model_descriptions_say_what_was_loaded(tiny, tiny_model_dir):
-    from engram_eval.model import gguf_description
+    from engram_eval.backend.model import gguf_description
 
     assert gguf_description(Path("x/SmolLM2-135M-Instruct.Q4_1.gguf")) == "SmolLM2-135M-Instruct, Q4_1 GGUF dequantized to float32"
     assert gguf_description(Path("plain.gguf")) == "plain, GGUF dequantized to float32"

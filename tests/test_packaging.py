@@ -5,6 +5,7 @@ hides a package left out of the wheel; this does not."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -20,8 +21,17 @@ from conftest import REPO, sweep
 def installed(tmp_path_factory) -> tuple[Path, Path]:
     """(the fresh environment's engram-eval script, the wheel)."""
     root = tmp_path_factory.mktemp("wheel")
+    # From the files git would commit (tracked, and untracked but not ignored): a build/ folder a local build left
+    # behind holds modules that no longer exist, and setuptools would pack them.
+    source = root / "source"
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=REPO, check=True,
+                            capture_output=True, text=True).stdout.split("\0")
+    for name in filter(None, listed):
+        if (REPO / name).is_file():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, source / name)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet", "-w", root / "dist",
-                    REPO], check=True, cwd=root, capture_output=True)
+                    source], check=True, cwd=root, capture_output=True)
     (wheel,) = (root / "dist").glob("engram_eval-*.whl")
     env = root / "env"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", env], check=True)

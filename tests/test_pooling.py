@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from engram_eval.pooling import chunk_mean
+from engram_eval.engram.pooling import chunk_mean
 from reference import reference_chunks
 
 
@@ -35,7 +35,7 @@ LONG = ("Alpha blockers first, then beta blockers. The tumor releases adrenaline
 @pytest.mark.parametrize("pooling", ["mean", "last", "pca"])
 @pytest.mark.parametrize("skip", [0, 1, 3])
 def test_each_pooling_equals_the_reference_on_the_states_left_after_skipping(tiny, pooling, skip):
-    from engram_eval.engram import Extraction, extract_engram
+    from engram_eval.engram.extraction import Extraction, extract_engram
     from reference import reference_layer_states, reference_pool
 
     engram = extract_engram(tiny, LONG, layers=[0, 2, 4], chunks=4, extraction=Extraction(pooling=pooling, skip_tokens=skip))
@@ -52,7 +52,7 @@ def test_each_pooling_equals_the_reference_on_the_states_left_after_skipping(tin
 
 @pytest.mark.parametrize("pooling", ["mean", "last", "pca"])
 def test_windows_equal_a_manual_concatenation_of_independent_windows(tiny, pooling):
-    from engram_eval.engram import Extraction, extract_engram
+    from engram_eval.engram.extraction import Extraction, extract_engram
     from reference import reference_pool, reference_window_states
 
     ids = tiny.tokenizer(LONG)["input_ids"]
@@ -65,7 +65,7 @@ def test_windows_equal_a_manual_concatenation_of_independent_windows(tiny, pooli
 
 
 def test_a_source_in_one_window_is_not_windowed_and_mean_stays_the_seeds(tiny):
-    from engram_eval.engram import Extraction, extract_engram
+    from engram_eval.engram.extraction import Extraction, extract_engram
 
     seed = extract_engram(tiny, LONG, layers=[2], chunks=4)
     one_window = extract_engram(tiny, LONG, layers=[2], chunks=4, extraction=Extraction(window=10_000))
@@ -73,7 +73,7 @@ def test_a_source_in_one_window_is_not_windowed_and_mean_stays_the_seeds(tiny):
 
 
 def test_one_forward_pass_serves_every_k(tiny, tmp_path):
-    from engram_eval.store import EngramStore
+    from engram_eval.engram.store import EngramStore
 
     calls = []
     handle = tiny.model.register_forward_hook(lambda m, i, o: calls.append(1))
@@ -95,9 +95,9 @@ def test_one_forward_pass_serves_every_k(tiny, tmp_path):
     (dict(pooling="median"), "--pooling: unknown 'median' (one of: mean, last, pca)"),
 ])
 def test_sources_a_pooling_cannot_use_are_refused_naming_them(tiny, tmp_path, extraction, message):
-    from engram_eval.engram import Extraction
-    from engram_eval.errors import EngramEvalError
-    from engram_eval.store import EngramStore
+    from engram_eval.engram.extraction import Extraction
+    from engram_eval.core.errors import EngramEvalError
+    from engram_eval.engram.store import EngramStore
 
     text = "alpha beta gamma"
     n = len(tiny.tokenizer(text)["input_ids"])

@@ -1,8 +1,8 @@
 import pytest
 
-from engram_eval.bank import load_bank
-from engram_eval.errors import EngramEvalError
-from engram_eval.prompts import prepare_question
+from engram_eval.bank.banks import load_bank
+from engram_eval.core.errors import EngramEvalError
+from engram_eval.steer.prompts import prepare_question
 
 
 def test_shared_first_token_is_a_bank_error(tiny, tmp_path):
@@ -47,7 +47,7 @@ def test_chat_question_for_a_tokenizer_without_a_chat_template_names_bank_and_qu
 
 def test_a_variant_whose_first_token_is_whitespace_is_warned_of(tiny, tmp_path):
     from conftest import write_tiny_bank
-    from engram_eval.prompts import variant_token_warnings
+    from engram_eval.steer.prompts import variant_token_warnings
 
     path = write_tiny_bank(tmp_path, {"q1": ("The drug is", ["  alpha"], [" beta"])})
     prepared = prepare_question(tiny, load_bank(path).questions[0], "first-token", path)
@@ -65,7 +65,7 @@ def test_a_variant_whose_first_token_is_whitespace_is_warned_of(tiny, tmp_path):
 def test_bundled_banks_have_distinct_first_tokens_on_the_real_tokenizer(real, bank_name):
     from pathlib import Path
 
-    from engram_eval.prompts import variant_token_warnings
+    from engram_eval.steer.prompts import variant_token_warnings
 
     path = Path(__file__).resolve().parents[1] / f"questions/{bank_name}.yaml"
     bank = load_bank(path)

@@ -9,18 +9,18 @@ import click
 import pytest
 
 from engram_eval.cli import cli
-from engram_eval.errors import EngramEvalError
-from engram_eval.registry import INJECTIONS, NULL_PREFIXES, POOLINGS, SCORINGS, Registry
+from engram_eval.core.errors import EngramEvalError
+from engram_eval.core.registry import INJECTIONS, NULL_PREFIXES, POOLINGS, SCORINGS, Registry
 
 REPO = Path(__file__).resolve().parents[1]
 
 # table -> (the module that implements its entries, the options (command, parameter) that offer them; the first one's
 # --help describes each entry)
 TABLES = {
-    "injection": (INJECTIONS, "engram_eval/injection.py", [("sweep", "injection"), ("bench", "injection")]),
-    "pooling": (POOLINGS, "engram_eval/pooling.py", [("sweep", "pooling"), ("build", "pooling"), ("compare", "pooling")]),
-    "scoring": (SCORINGS, "engram_eval/scoring.py", [("sweep", "scoring")]),
-    "null prefix": (NULL_PREFIXES, "engram_eval/nulls.py", []),
+    "injection": (INJECTIONS, "engram_eval/steer/injection.py", [("sweep", "injection"), ("bench", "injection")]),
+    "pooling": (POOLINGS, "engram_eval/engram/pooling.py", [("sweep", "pooling"), ("build", "pooling"), ("compare", "pooling")]),
+    "scoring": (SCORINGS, "engram_eval/steer/scoring.py", [("sweep", "scoring")]),
+    "null prefix": (NULL_PREFIXES, "engram_eval/engram/nulls.py", []),
 }
 
 
@@ -78,11 +78,11 @@ def test_a_modes_name_is_spelled_in_at_most_two_modules(kind):
     names = set(table.names())
     spelling = {str(path.relative_to(REPO)) for path in (REPO / "engram_eval").rglob("*.py")
                 if any(isinstance(node, ast.Constant) and node.value in names for node in ast.walk(ast.parse(path.read_text())))}
-    assert module in spelling and spelling <= {module, "engram_eval/spec.py"}, spelling
+    assert module in spelling and spelling <= {module, "engram_eval/core/spec.py"}, spelling
 
 
 def test_the_spec_validates_names_against_the_tables():
-    from engram_eval.spec import Extraction, Method
+    from engram_eval.core.spec import Extraction, Method
 
     for name in SCORINGS.names():
         assert Method(scoring=name).check().scoring == name

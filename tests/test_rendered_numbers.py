@@ -12,9 +12,9 @@ from conftest import module_unless_mapping
 from decisive import decisive_frame, decisive_run
 from rich.console import Console
 
-from engram_eval.html_report import render_html
-from engram_eval.rendering import render_drilldown, render_markdown, render_table
-from engram_eval.report import summarize
+from engram_eval.report.html_report import render_html
+from engram_eval.report.rendering import render_drilldown, render_markdown, render_table
+from engram_eval.report.summary import summarize
 
 RATE = re.compile(r"^(\d+)/(\d+) \((\d+)%, 95% CI (\d+)-(\d+)%\)$")
 
@@ -191,9 +191,9 @@ def test_the_side_by_side_rows_equal_the_comparison(summary):
 
     import polars as pl
 
-    from engram_eval.comparison import summarize_runs
-    from engram_eval.rendering import render_json, render_side_by_side
-    from engram_eval.sections import side_by_side_sections, summary_sections
+    from engram_eval.report.comparison import summarize_runs
+    from engram_eval.report.rendering import render_json, render_side_by_side
+    from engram_eval.report.sections import side_by_side_sections, summary_sections
 
     frame = decisive_frame()
     shallow = frame.filter(pl.col("layer").is_null() | (pl.col("layer") == 1))
@@ -233,8 +233,8 @@ def test_the_drill_down_renderings_show_each_cell_of_the_question():
 
     import polars as pl
 
-    from engram_eval.drilldown import question_drilldown
-    from engram_eval.rendering import render_drilldown
+    from engram_eval.report.drilldown import question_drilldown
+    from engram_eval.report.rendering import render_drilldown
 
     frame = decisive_frame().filter(pl.col("question_id") == "q02")
     both = pl.concat([frame.with_columns(context=pl.lit(True)), frame.with_columns(context=pl.lit(False))])
@@ -389,7 +389,7 @@ def test_the_run_questions_and_headline_rows_say_the_summarys_values(every_secti
 
 
 def test_html_tables_are_exactly_the_cells_escaped():
-    from engram_eval.rendering import html_table
+    from engram_eval.report.rendering import html_table
 
     assert html_table(["a", "b<"], [["1", "<2>"], ["&", ""]]) == (
         "<table><tr><th>a</th><th>b&lt;</th></tr><tr><td>1</td><td>&lt;2&gt;</td></tr><tr><td>&amp;</td><td></td></tr></table>")
@@ -405,8 +405,8 @@ def test_drill_down_rows_show_each_cells_probabilities_boosts_and_k():
     import polars as pl
     from decisive import every_section_frame
 
-    from engram_eval.drilldown import question_drilldown
-    from engram_eval.formatting import fmt_prob, fmt_ratio
+    from engram_eval.report.drilldown import question_drilldown
+    from engram_eval.report.formatting import fmt_prob, fmt_ratio
 
     drill = question_drilldown(every_section_frame(), "q02")
     sections = markdown_sections(render_drilldown(drill, "markdown"))

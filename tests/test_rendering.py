@@ -3,10 +3,10 @@ import json
 
 import pytest
 
-from engram_eval.html_report import render_html
-from engram_eval.formatting import fmt_best, fmt_flips, fmt_share
-from engram_eval.rendering import render_json, render_markdown
-from engram_eval.report import summarize
+from engram_eval.report.html_report import render_html
+from engram_eval.report.formatting import fmt_best, fmt_flips, fmt_share
+from engram_eval.report.rendering import render_json, render_markdown
+from engram_eval.report.summary import summarize
 
 
 def test_markdown_json_and_html_carry_the_same_numbers(run):
@@ -45,7 +45,7 @@ def test_words_in_table_cells_wrap_whole_at_a_narrow_width(run):
 
     from rich.console import Console
 
-    from engram_eval.rendering import render_table
+    from engram_eval.report.rendering import render_table
 
     frame, meta = run
     summary = summarize(frame, meta)
@@ -81,7 +81,7 @@ def test_the_attention_section_averages_per_engram_kind(tiny, tiny_bank, tmp_pat
 
 
 def test_a_questions_generated_texts_name_their_context_condition():
-    from engram_eval.sections import drilldown_sections
+    from engram_eval.report.sections import drilldown_sections
 
     texts = [{"role": "baseline", "engram": None, "layer": None, "strength": None, "chunks": None, "context": True,
               "first_answer": "none", "verdict": "neither", "text": "a"},

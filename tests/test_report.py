@@ -1,7 +1,7 @@
 import pytest
 
-from engram_eval.report import decision_advice, summarize
-from engram_eval.statistics import sign_flip_test, wilson_interval
+from engram_eval.report.summary import decision_advice, summarize
+from engram_eval.report.statistics import sign_flip_test, wilson_interval
 
 
 @pytest.mark.parametrize("baseline,related,walk,advice,strength,measured", [

@@ -13,11 +13,11 @@ from conftest import module_unless_mapping
 from decisive import every_section_frame, every_section_generations, every_section_run
 from rich.color import Color
 
-from engram_eval.comparison import summarize_runs
-from engram_eval.drilldown import question_drilldown
-from engram_eval.html_report import render_html
-from engram_eval.rendering import _heat_cell, render_drilldown, render_markdown, render_side_by_side
-from engram_eval.report import summarize
+from engram_eval.report.comparison import summarize_runs
+from engram_eval.report.drilldown import question_drilldown
+from engram_eval.report.html_report import render_html
+from engram_eval.report.rendering import _heat_cell, render_drilldown, render_markdown, render_side_by_side
+from engram_eval.report.summary import summarize
 
 DOCS = Path(__file__).parent.parent / "docs" / "report.md"
 CODE = re.compile(r"`([^`]*)`")

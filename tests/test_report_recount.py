@@ -14,7 +14,7 @@ from conftest import module_unless_mapping, sweep, write_tiny_bank
 from decisive import QUESTIONS, WRONG, decisive_frame, decisive_run
 from scipy.stats import binomtest, false_discovery_control, permutation_test
 
-from engram_eval.report import summarize
+from engram_eval.report.summary import summarize
 
 
 @pytest.fixture(scope=module_unless_mapping)
@@ -244,7 +244,7 @@ def test_effect_sizes_and_the_held_out_split(frame, summary):
 
 
 def test_the_generation_summary_recounted():
-    from engram_eval.experiments import generation_summary
+    from engram_eval.report.experiments import generation_summary
 
     rows = []
     for i in range(12):
@@ -268,8 +268,8 @@ def test_the_generation_summary_recounted():
 
 
 def test_chunk_count_rag_and_side_by_side_recounted(tiny, tmp_path):
-    from engram_eval.comparison import summarize_runs
-    from engram_eval.report import load_run
+    from engram_eval.report.comparison import summarize_runs
+    from engram_eval.report.summary import load_run
 
     bank = write_tiny_bank(tmp_path)
     bank.write_text(bank.read_text().replace("  engram: topic\n", '  engram: topic\n  context: "Alpha blockers come first."\n'))

@@ -3,7 +3,7 @@ import math
 import polars as pl
 import pytest
 
-from engram_eval.results import CASES, COLLAPSE_THRESHOLD, RESULT_SCHEMA, case_expr
+from engram_eval.run.results import CASES, COLLAPSE_THRESHOLD, RESULT_SCHEMA, case_expr
 from conftest import sweep
 
 

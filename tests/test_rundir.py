@@ -3,12 +3,12 @@ import json
 import polars as pl
 import pytest
 
-import engram_eval.sweep as sweep_module
-from engram_eval.errors import EngramEvalError
-from engram_eval.rundir import RESULTS_FORMAT
+import engram_eval.run.sweep as sweep_module
+from engram_eval.core.errors import EngramEvalError
+from engram_eval.run.rundir import RESULTS_FORMAT
 from conftest import sweep
-from engram_eval.report import load_run, summarize
-from engram_eval.rendering import render_markdown
+from engram_eval.report.summary import load_run, summarize
+from engram_eval.report.rendering import render_markdown
 
 
 def test_resume_after_interruption_equals_an_uninterrupted_run(tiny, tiny_bank, tmp_path, monkeypatch):
@@ -115,7 +115,7 @@ def test_parts_of_another_results_format_are_not_resumed(tiny, tiny_bank, tmp_pa
 
 
 def test_report_and_generate_refuse_a_run_of_another_results_format(tiny, tiny_bank, tmp_path):
-    from engram_eval.generation import run_generate
+    from engram_eval.run.generation import run_generate
 
     out = tmp_path / "run"
     sweep(tiny, tiny_bank, out)

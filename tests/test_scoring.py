@@ -4,8 +4,8 @@ import polars as pl
 import pytest
 import torch
 
-import engram_eval.scoring as scoring_module
-from engram_eval.bank import load_bank
+import engram_eval.steer.scoring as scoring_module
+from engram_eval.bank.banks import load_bank
 from conftest import assert_same_results, sweep, write_tiny_bank
 from reference import reference_engram
 

@@ -8,10 +8,10 @@ from pathlib import Path
 from decisive import every_section_frame, every_section_generations, every_section_run
 from rich.console import Console
 
-import engram_eval.html_report as html_report
-import engram_eval.rendering as rendering
-from engram_eval.report import summarize
-from engram_eval.sections import CountHeatmap, EffectHeatmap, summary_sections
+import engram_eval.report.html_report as html_report
+import engram_eval.report.rendering as rendering
+from engram_eval.report.summary import summarize
+from engram_eval.report.sections import CountHeatmap, EffectHeatmap, summary_sections
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -53,6 +53,6 @@ def coloured_cells(summary: dict) -> int:
 
 def test_no_renderer_reads_a_title():
     for module in ("rendering.py", "html_report.py"):
-        tree = ast.parse((REPO / "engram_eval" / module).read_text())
+        tree = ast.parse((REPO / "engram_eval" / "report" / module).read_text())
         calls = [node for node in ast.walk(tree) if isinstance(node, ast.Attribute) and node.attr in ("startswith", "removeprefix")]
         assert not calls, module

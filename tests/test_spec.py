@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from engram_eval.errors import EngramEvalError
-from engram_eval.settings import SweepSettings
-from engram_eval.spec import Execution, Extraction, Grid, Method, RayOptions, SweepSpec
+from engram_eval.core.errors import EngramEvalError
+from engram_eval.run.settings import SweepSettings
+from engram_eval.core.spec import Execution, Extraction, Grid, Method, RayOptions, SweepSpec
 
 REPO = Path(__file__).resolve().parents[1]
 IDENTITY = dict(model="m", model_fingerprint="f" * 64, bank="b", bank_sha256="s" * 64, questions=["q1", "q2"])
@@ -18,7 +18,7 @@ IDENTITY = dict(model="m", model_fingerprint="f" * 64, bank="b", bank_sha256="s"
 
 def test_the_spec_module_imports_no_torch_nor_anything_above_the_core():
     for module in ("spec", "registry"):
-        tree = ast.parse((REPO / f"engram_eval/{module}.py").read_text())
+        tree = ast.parse((REPO / f"engram_eval/core/{module}.py").read_text())
         imported = {(node.level, node.module) for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
         imported |= {(0, alias.name) for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
         local = {name for level, name in imported if level}

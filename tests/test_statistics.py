@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from engram_eval.statistics import sign_flip_test, smallest_p_value, verdict, wilson_interval
+from engram_eval.report.statistics import sign_flip_test, smallest_p_value, verdict, wilson_interval
 
 
 def test_wilson_interval_matches_the_textbook_formula():
@@ -48,7 +48,7 @@ def test_a_control_test_that_cannot_reach_significance_says_so(n, p, expected):
 
 
 def test_exact_mcnemar_on_a_hand_worked_example():
-    from engram_eval.statistics import mcnemar_exact
+    from engram_eval.report.statistics import mcnemar_exact
 
     # 8 discordant pairs one way, 2 the other: two-sided binomial, 2 * P(X <= 2 | n = 10, 1/2) = 2 * (1 + 10 + 45) / 1024
     assert mcnemar_exact(8, 2) == pytest.approx(112 / 1024)
@@ -60,7 +60,7 @@ def test_exact_mcnemar_on_a_hand_worked_example():
 def test_seeded_resampling_does_not_depend_on_the_order_of_the_values():
     import random
 
-    from engram_eval.statistics import bootstrap_mean_ci
+    from engram_eval.report.statistics import bootstrap_mean_ci
 
     rng = random.Random(1)
     values = [rng.gauss(0.3, 1) for _ in range(24)]  # above the exact sign-flip limit: sampled signs

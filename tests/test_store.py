@@ -4,8 +4,8 @@ import torch
 from safetensors import safe_open
 
 from engram_eval import __version__
-from engram_eval.errors import EngramEvalError
-from engram_eval.store import EngramStore, engram_key, text_sha256
+from engram_eval.core.errors import EngramEvalError
+from engram_eval.engram.store import EngramStore, engram_key, text_sha256
 from reference import reference_engram
 
 TEXT = "Alpha blockers first, then beta blockers. The tumor releases adrenaline."
@@ -123,7 +123,7 @@ def test_force_rebuild_keeps_the_union_of_layers(tiny, tmp_path):
 
 
 def test_a_source_shorter_than_k_records_its_padded_chunks(tiny, tmp_path):
-    from engram_eval.store import engram_warnings
+    from engram_eval.engram.store import engram_warnings
 
     short = "alpha beta"
     n = len(tiny.tokenizer(short)["input_ids"])
@@ -138,7 +138,7 @@ def test_a_source_shorter_than_k_records_its_padded_chunks(tiny, tmp_path):
 def test_gc_keeps_what_runs_reference_and_removes_the_rest(tiny, tmp_path):
     import json
 
-    from engram_eval.store import run_engram_keys
+    from engram_eval.engram.store import run_engram_keys
 
     store = EngramStore(tmp_path / "store")
     kept, _ = store.ensure(tiny, "topic", TEXT, layers=[1], chunks=4)
@@ -154,7 +154,7 @@ def test_gc_keeps_what_runs_reference_and_removes_the_rest(tiny, tmp_path):
 def test_the_seed_extraction_keeps_its_key_and_every_variant_gets_its_own(tiny, tmp_path):
     import hashlib
 
-    from engram_eval.engram import Extraction
+    from engram_eval.engram.extraction import Extraction
 
     store = EngramStore(tmp_path)
     n = len(tiny.tokenizer(TEXT)["input_ids"])

@@ -4,9 +4,9 @@ import polars as pl
 import pytest
 import torch
 
-from engram_eval.bank import load_bank
-from engram_eval.errors import EngramEvalError
-from engram_eval.store import EngramStore
+from engram_eval.bank.banks import load_bank
+from engram_eval.core.errors import EngramEvalError
+from engram_eval.engram.store import EngramStore
 from conftest import flat_sweep
 from conftest import sweep
 from reference import reference_cell, reference_distribution, reference_engram
@@ -50,7 +50,7 @@ def test_before_question_runs_once_per_question_outside_the_sweep_timings(tiny, 
     include is read off the recorded values whatever the machine's load."""
     import types
 
-    import engram_eval.sweep as sweep_module
+    import engram_eval.run.sweep as sweep_module
 
     now = [0.0]
 

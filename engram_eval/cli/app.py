@@ -9,9 +9,9 @@ import click
 from rich.console import Console
 
 from .._version import __version__
-from ..errors import EngramEvalError
-from ..registry import POOLINGS
-from ..spec import SEED_EXTRACTION, Extraction, RayOptions
+from ..core.errors import EngramEvalError
+from ..core.registry import POOLINGS
+from ..core.spec import SEED_EXTRACTION, Extraction, RayOptions
 
 stderr = Console(stderr=True)
 
@@ -74,7 +74,7 @@ def model_options(command: Callable) -> Callable:
     @click.option("--trust-remote-code", is_flag=True, help="Allow model code from the model's repository to run (off by default).")
     @functools.wraps(command)
     def wrapper(model_spec: str, device: str, dtype: str, trust_remote_code: bool, **kwargs):
-        from ..model import load_model
+        from ..backend.model import load_model
 
         def load():
             with stderr.status(f"loading model {model_spec} ..."):
@@ -92,7 +92,7 @@ chunks_option = click.option("--chunks", "chunks_text", default="16", show_defau
 
 
 def extraction_options(command: Callable) -> Callable:
-    """--pooling, --skip-tokens, --window and --max-tokens -> one `extraction` argument (engram_eval.spec.Extraction)."""
+    """--pooling, --skip-tokens, --window and --max-tokens -> one `extraction` argument (engram_eval.core.spec.Extraction)."""
 
     @click.option("--pooling", type=click.Choice(POOLINGS.names()), default=SEED_EXTRACTION.pooling, show_default=True,
                   help=f"How a source's hidden states become k vectors. {POOLINGS.help()}")
@@ -155,7 +155,7 @@ def ray_options(command: Callable) -> Callable:
                 if value != default:
                     raise EngramEvalError(f"{option}: only with --ray")
             return command(ray=None, **kwargs)
-        from ..distributed import plan_workers
+        from ..run.distributed import plan_workers
 
         options = RayOptions(ray_address, workers, gpus_per_worker, threads_per_worker)
         plan_workers(options)  # before any model work: a missing extra, a wrong address, too few CPUs are one line

@@ -9,9 +9,9 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from ..bank_import import import_controls
-from ..errors import EngramEvalError
-from ..spec import SEED_METHOD
+from ..bank.importer import import_controls
+from ..core.errors import EngramEvalError
+from ..core.spec import SEED_METHOD
 from .app import Group, cli, outside_option, stdout, warning_printer
 
 
@@ -53,7 +53,7 @@ def bank_import(file: Path | None, hf_spec: str | None, format_: str, map_text: 
     """Turn a dataset (.jsonl, .json, .csv, .parquet, or --hf) into a bank: every record a question with its relevant
     source and the chosen controls, checked like every bank (an answer out of range, a duplicate id or a missing
     column is one line naming the record; nothing is written then)."""
-    from ..bank_import import ImportSpec, build_bank, parse_map, read_table, write_bank
+    from ..bank.importer import ImportSpec, build_bank, parse_map, read_table, write_bank
 
     if (file is None) == (hf_spec is None):
         raise EngramEvalError("bank import: give FILE or --hf NAME, not both")
@@ -78,8 +78,8 @@ def bank_import(file: Path | None, hf_spec: str | None, format_: str, map_text: 
 @outside_option
 def bank_validate(bank_path: Path, model_spec: str | None, strict: bool, allow_outside_paths: bool) -> None:
     """Check a bank: schema, files, duplicate ids, spacing mistakes; with --model, the first-token checks sweep makes."""
-    from ..bank import load_bank
-    from ..prompts import context_conditions, prepare_question, variant_token_warnings
+    from ..bank.banks import load_bank
+    from ..steer.prompts import context_conditions, prepare_question, variant_token_warnings
 
     loaded = load_bank(bank_path, allow_outside_paths)
     warnings = loaded.lint()
@@ -106,10 +106,10 @@ def bank_validate(bank_path: Path, model_spec: str | None, strict: bool, allow_o
 @outside_option
 def bank_stats(bank_path: Path, model_spec: str, allow_outside_paths: bool) -> None:
     """Count what a bank holds: questions, sources, controls per kind, prompt lengths in tokens."""
-    from ..bank import load_bank
-    from ..registry import NULL_PREFIXES
-    from ..nulls import NULL_KIND
-    from ..prompts import prompt_token_ids
+    from ..bank.banks import load_bank
+    from ..core.registry import NULL_PREFIXES
+    from ..engram.nulls import NULL_KIND
+    from ..steer.prompts import prompt_token_ids
 
     loaded = load_bank(bank_path, allow_outside_paths)
     lm = _tokenizer_model(model_spec)
@@ -128,6 +128,6 @@ def bank_stats(bank_path: Path, model_spec: str, allow_outside_paths: bool) -> N
 
 def _tokenizer_model(spec: str):
     """Just what the checks need: the model's tokenizer (no weights are loaded)."""
-    from ..model import load_tokenizer
+    from ..backend.model import load_tokenizer
 
     return load_tokenizer(spec)

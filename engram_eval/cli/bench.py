@@ -7,9 +7,9 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from ..errors import EngramEvalError
-from ..registry import INJECTIONS
-from ..spec import SEED_METHOD, RayOptions
+from ..core.errors import EngramEvalError
+from ..core.registry import INJECTIONS
+from ..core.spec import SEED_METHOD, RayOptions
 from .app import batch_size_option, cli, model_options, stderr, stdout
 
 
@@ -43,8 +43,8 @@ def bench(load_lm, bank_path: Path, layers_text: str, strengths_text: str, loop_
 
     The loop and a matmul probe run before each question of the sweep (outside its timings), so that all three see
     the same contention on a shared machine; the fraction of the run's best matmul throughput is printed too."""
-    from ..bank import load_bank
-    from ..bench import run_bench
+    from ..bank.banks import load_bank
+    from ..bench.benchmark import run_bench
     from .parsing import parse_layers
     from .parsing import parse_strengths
 
@@ -54,13 +54,13 @@ def bench(load_lm, bank_path: Path, layers_text: str, strengths_text: str, loop_
     bank = load_bank(bank_path)
     ray = None
     if ray_address is not None:
-        from ..distributed import plan_workers
+        from ..run.distributed import plan_workers
 
         ray = RayOptions(ray_address, workers, 0.0, threads_per_worker)
         plan_workers(ray)
     lm = load_lm()
     if random_config is not None:
-        from ..model import random_init_model
+        from ..backend.model import random_init_model
 
         with stderr.status(f"building a random-init model from {random_config} ..."):
             lm = random_init_model(random_config, lm.tokenizer, device=lm.device, dtype=lm.dtype)

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from ..errors import EngramEvalError
+from ..core.errors import EngramEvalError
 from .app import (
     chunks_option,
     cli,
@@ -38,10 +38,10 @@ def build(sources: tuple[Path, ...], bank: Path | None, load_lm, chunks_text: st
     each (per window), saved as safetensors files in the store (one file per k)."""
     from tqdm import tqdm
 
-    from ..bank import load_bank
+    from ..bank.banks import load_bank
+    from ..core.files import read_text
+    from ..engram.store import EngramStore, engram_warnings
     from .parsing import parse_layers
-    from ..files import read_text
-    from ..store import EngramStore, engram_warnings
     from .parsing import parse_chunks
 
     chunks = parse_chunks(chunks_text)

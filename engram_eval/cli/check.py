@@ -8,8 +8,8 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from ..check import DEFAULT_ATOL, DEFAULT_RTOL
-from ..errors import EngramEvalError
+from ..core.errors import EngramEvalError
+from ..report.check import DEFAULT_ATOL, DEFAULT_RTOL
 from .app import cli, stdout
 
 
@@ -25,8 +25,8 @@ def check(run_dir: Path, baseline_path: Path, rtol: float, atol: float, update: 
     log ratios, flips and breaks, totals) within tolerance; exit 1 with a table of what moved (on stdout)
     otherwise. A run whose settings (bank, model, grid, scoring, injection, ...) differ from the baseline's is
     refused before any value is compared."""
-    from ..check import compare, differing_settings, read_baseline, summarize_run, write_baseline
-    from ..report import load_run
+    from ..report.check import compare, differing_settings, read_baseline, summarize_run, write_baseline
+    from ..report.summary import load_run
 
     frame, run = load_run(run_dir)
     if run.get("partial"):

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from ..errors import EngramEvalError
+from ..core.errors import EngramEvalError
 from .app import chunks_option, cli, extraction_options, outside_option, stderr, stdout, store_option
 
 
@@ -42,12 +42,12 @@ def compare(sources: tuple[str, ...], bank_path: Path | None, model_specs: tuple
     states are identical under causal attention)."""
     import polars as pl
 
-    from ..bank import load_bank
+    from ..backend.model import load_model
+    from ..bank.banks import load_bank
+    from ..core.files import atomic_write_parquet, read_text
+    from ..engram.geometry import bank_pairs, compare_engrams
+    from ..engram.store import EngramStore
     from .parsing import parse_layers
-    from ..files import atomic_write_parquet, read_text
-    from ..geometry import bank_pairs, compare_engrams
-    from ..model import load_model
-    from ..store import EngramStore
     from .parsing import parse_chunks
 
     chunks = parse_chunks(chunks_text)

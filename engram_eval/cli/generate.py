@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from ..errors import EngramEvalError
+from ..core.errors import EngramEvalError
 from .app import batch_size_option, cli, model_options, ray_options, stdout
 
 
@@ -30,7 +30,7 @@ def generate(run_dir: Path, load_lm, selection: str, max_new_tokens: int, batch_
     in the prefill, seen through the KV cache; actadd at every position), and judge each text: does it say the correct
     answer, the incorrect one, which first (word boundaries, case-insensitive)? Writes RUN/generations.parquet;
     `engram-eval report RUN` then compares the probability verdict with the text. Resumable like sweep."""
-    from ..generation import run_generate
+    from ..run.generation import run_generate
 
     if max_new_tokens < 1:
         raise EngramEvalError(f"--max-new-tokens: must be at least 1 (got {max_new_tokens})")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 from typing import Callable
 
-from ..errors import EngramEvalError
-from ..spec import check_chunk_list, check_strengths, valid_layers
+from ..core.errors import EngramEvalError
+from ..core.spec import check_chunk_list, check_strengths, valid_layers
 
 
 def parse_numbers(text: str, cast: Callable[[str], float], option: str, expected: str) -> list:

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 from rich.console import Console
 
-from ..errors import EngramEvalError
+from ..core.errors import EngramEvalError
 from .app import cli, stdout
 
 
@@ -36,12 +36,12 @@ def report(run_dirs: tuple[Path, ...], output_format: str, engram_role: str, out
     under a "partial" banner. Several RUNs are put side by side: per run the model, layers as relative depth,
     baseline accuracy, flip and fragile-correct rates, control verdicts, heatmaps by depth and the chunk-count table
     (runs of different banks are refused unless --allow-different-banks)."""
-    from ..comparison import summarize_runs
-    from ..drilldown import question_drilldown
-    from ..files import atomic_write_text
-    from ..html_report import render_html
-    from ..rendering import render_drilldown, render_json, render_markdown, render_side_by_side, render_table
-    from ..report import load_generations, load_run, summarize
+    from ..core.files import atomic_write_text
+    from ..report.comparison import summarize_runs
+    from ..report.drilldown import question_drilldown
+    from ..report.html_report import render_html
+    from ..report.rendering import render_drilldown, render_json, render_markdown, render_side_by_side, render_table
+    from ..report.summary import load_generations, load_run, summarize
 
     run_dir = run_dirs[0]
     if output_format == "html":

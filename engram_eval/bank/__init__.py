@@ -1,0 +1,1 @@
+"""Question banks: the YAML format, dataset import, generic control texts, answer matching."""

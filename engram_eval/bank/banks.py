@@ -1,0 +1,294 @@
+"""Question banks: YAML -> validated, immutable Bank (sources, trap questions, negative controls)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..core.errors import EngramEvalError
+from ..core.files import read_text
+from ..core.registry import NULL_PREFIXES
+
+SOURCE_KINDS = ("relevant", "irrelevant", "random", "anti", "other")
+# Controls without any source text (engram_eval.steer.injection builds their vectors): valid wherever a control name is.
+_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+@dataclass(frozen=True)
+class Source:
+    name: str
+    text: str
+    kind: str = "relevant"
+
+
+@dataclass(frozen=True)
+class Question:
+    id: str
+    prompt: str
+    correct: tuple[str, ...]
+    incorrect: tuple[str, ...]
+    engram: str
+    controls: tuple[str, ...]
+    related_wrong: bool | None
+    tags: tuple[str, ...]
+    chat: bool
+    context: str | None = None  # a retrieved passage: scored prompts are context + "\n\n" + prompt (docs/bank.md)
+    answer_patterns: dict[str, tuple[str, ...]] | None = None  # regexes that find each side in generated text
+
+
+@dataclass(frozen=True)
+class Bank:
+    name: str
+    description: str
+    path: Path
+    sources: dict[str, Source]
+    questions: tuple[Question, ...]
+
+    @property
+    def sha256(self) -> str:
+        """Hash of the bank's content (texts included), independent of file layout. Fields a question leaves unset
+        (None or empty) are left out, so a field added to the format later does not change the hash of older banks."""
+        content = {
+            "name": self.name,
+            "sources": {n: [s.kind, s.text] for n, s in sorted(self.sources.items())},
+            "questions": [{k: v for k, v in q.__dict__.items() if v is not None and v != ()} for q in self.questions],
+        }
+        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+    def lint(self) -> list[str]:
+        """Mistakes that load fine but make the numbers silently meaningless, one line each (file and question named)."""
+        warnings = []
+        if not any(q.controls for q in self.questions):
+            warnings.append(f"{self.path}: no question has a control engram, so no number can tell a relevant engram "
+                            "from any engram at all (add `defaults: controls: [...]`)")
+        for q in self.questions:
+            if q.chat:  # the chat template decides what precedes the answer
+                continue
+            where = f"{self.path}: question '{q.id}'"
+            spaced = [v for v in q.correct + q.incorrect if v[:1].isspace()]
+            glued = [v for v in q.correct + q.incorrect if not v[:1].isspace()]
+            if q.prompt[-1:].isspace() and spaced:
+                warnings.append(f"{where}: the prompt ends in whitespace and variant {spaced[0]!r} starts with a space, "
+                                "so the scored text has both; drop one")
+            elif q.prompt[-1:].isalnum() and glued:
+                warnings.append(f"{where}: variant {glued[0]!r} has no leading space after a prompt that ends in a word, "
+                                "so it is scored glued to that word")
+        return warnings
+
+    def select(self, ids: list[str]) -> Bank:
+        known = {q.id for q in self.questions}
+        for qid in ids:
+            if qid not in known:
+                raise EngramEvalError(f"--questions: no question '{qid}' in {self.path} (known: {', '.join(sorted(known))})")
+        chosen = tuple(q for q in self.questions if q.id in set(ids))
+        return Bank(self.name, self.description, self.path, self.sources, chosen)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate mapping keys (PyYAML silently keeps the last one)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key '{key}' (lines {seen[key]} and {line})", key_node.start_mark
+                )
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _read_yaml(path: Path) -> Any:
+    text = read_text(path, "bank file")
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no arbitrary objects
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = exc.problem or exc.context or "invalid YAML"
+        raise EngramEvalError(f"{where}: YAML error: {problem}") from None
+    except yaml.YAMLError as exc:
+        raise EngramEvalError(f"{path}: YAML error: {' '.join(str(exc).split())}") from None
+
+
+class _Fields:
+    """Typed access to one mapping of the bank, with errors that name the file, the place and the field."""
+
+    def __init__(self, path: Path, where: str, data: Any, allowed: set[str]):
+        self.path, self.where = path, where
+        if not isinstance(data, dict):
+            self.fail(None, f"must be a mapping, got {_type_name(data)}")
+        unknown = sorted(str(k) for k in data if k not in allowed)
+        if unknown:
+            self.fail(unknown[0], f"unknown field (allowed: {', '.join(sorted(allowed))})")
+        self.data = data
+
+    def fail(self, field: str | None, message: str) -> None:
+        place = f"{self.path}: {self.where}" + (f": field {field!r}" if field else "")
+        raise EngramEvalError(f"{place}: {message}")
+
+    def get(self, field: str, kind: type | tuple[type, ...], default: Any = ..., required: bool = False) -> Any:
+        if field not in self.data or self.data[field] is None:
+            if required or default is ...:
+                self.fail(field, "missing required field")
+            return default
+        value = self.data[field]
+        if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+            names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+            self.fail(field, f"must be {names}, got {_type_name(value)}")
+        return value
+
+    def text(self, field: str, default: Any = ...) -> str:
+        value = self.get(field, str, default)
+        if value is not default and not value.strip():
+            self.fail(field, "must not be empty")
+        return value
+
+    def strings(self, field: str, default: Any = ..., non_empty: bool = True) -> tuple[str, ...]:
+        value = self.get(field, list, default)
+        if value is default:
+            return tuple(value) if isinstance(value, (list, tuple)) else value
+        for item in value:
+            if not isinstance(item, str):
+                self.fail(field, f"every item must be a string, got {_type_name(item)} {item!r}")
+        if non_empty and not value:
+            self.fail(field, "must list at least one item")
+        return tuple(value)
+
+
+def _type_name(value: Any) -> str:
+    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean", type(None): "nothing"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def _read_bank_file(fields: _Fields, field: str, relative: str, allow_outside_paths: bool) -> str:
+    """A text file named by the bank, relative to its folder and confined to it unless allowed; non-empty UTF-8."""
+    bank_dir = fields.path.parent.resolve()
+    file = (bank_dir / relative).resolve()
+    if not allow_outside_paths and not file.is_relative_to(bank_dir):
+        fields.fail(field, f"{relative} lies outside the bank's folder {bank_dir} (pass --allow-outside-paths to allow it)")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        fields.fail(field, f"{file} not found")
+    except UnicodeDecodeError:
+        fields.fail(field, f"{file} is not UTF-8 text")
+    except OSError as exc:
+        fields.fail(field, f"cannot read {file} ({exc.strerror})")
+    if not text.strip():
+        fields.fail(field, f"{file} is empty")
+    return text
+
+
+def _answer_patterns(fields: _Fields) -> dict[str, tuple[str, ...]] | None:
+    raw = fields.get("answer_patterns", dict, None)
+    if raw is None:
+        return None
+    patterns = _Fields(fields.path, f"{fields.where}: answer_patterns", raw, {"correct", "incorrect"})
+    compiled = {side: patterns.strings(side, (), non_empty=False) for side in ("correct", "incorrect")}
+    for side, regexes in compiled.items():
+        for regex in regexes:
+            try:
+                re.compile(regex)
+            except re.error as exc:
+                patterns.fail(side, f"invalid regular expression {regex!r} ({exc})")
+    return compiled
+
+
+def _load_source(path: Path, name: str, data: Any, allow_outside_paths: bool) -> Source:
+    fields = _Fields(path, f"source {name!r}", data, {"file", "text", "kind"})
+    if not _NAME.fullmatch(name):
+        fields.fail(None, "name may use only letters, digits, '_', '.', '-'")
+    kind = fields.get("kind", str, "relevant")
+    if kind not in SOURCE_KINDS:
+        fields.fail("kind", f"unknown kind {kind!r} (one of: {', '.join(SOURCE_KINDS)})")
+    has_file, has_text = "file" in fields.data, "text" in fields.data
+    if has_file == has_text:
+        fields.fail(None, "give exactly one of 'file' or 'text'")
+    if has_text:
+        return Source(name, fields.text("text"), kind)
+    return Source(name, _read_bank_file(fields, "file", fields.text("file"), allow_outside_paths), kind)
+
+
+def _context(fields: _Fields, allow_outside_paths: bool) -> str | None:
+    if "context" in fields.data and "context_file" in fields.data:
+        fields.fail(None, "give at most one of 'context' or 'context_file'")
+    if "context_file" in fields.data:
+        return _read_bank_file(fields, "context_file", fields.text("context_file"), allow_outside_paths).strip()
+    return fields.text("context", None)
+
+
+def load_bank(path: str | Path, allow_outside_paths: bool = False) -> Bank:
+    """Read and validate a bank; every error names the file, the question or source, and the field."""
+    path = Path(path)
+    top = _Fields(path, "top level", _read_yaml(path), {"name", "description", "chat", "sources", "defaults", "questions"})
+    chat_default = top.get("chat", bool, False)
+    raw_sources = top.get("sources", dict, required=True)
+    sources = {str(name): _load_source(path, str(name), data, allow_outside_paths) for name, data in raw_sources.items()}
+    defaults = _Fields(path, "defaults", top.get("defaults", dict, {}), {"controls"})
+    default_controls = defaults.strings("controls", (), non_empty=False)
+    raw_questions = top.get("questions", list, required=True)
+    if not raw_questions:
+        top.fail("questions", "must list at least one question")
+    questions: list[Question] = []
+    first_seen: dict[str, int] = {}
+    allowed = {"id", "prompt", "correct", "incorrect", "engram", "controls", "related_wrong", "tags", "chat", "context",
+               "context_file", "answer_patterns"}
+    for number, data in enumerate(raw_questions, start=1):
+        qid = data.get("id") if isinstance(data, dict) else None
+        fields = _Fields(path, f"question {qid!r}" if isinstance(qid, str) else f"question #{number}", data, allowed)
+        qid = fields.text("id")
+        if not _NAME.fullmatch(qid):
+            fields.fail("id", "may use only letters, digits, '_', '.', '-'")
+        if qid in first_seen:
+            fields.fail("id", f"duplicate id (questions #{first_seen[qid]} and #{number})")
+        first_seen[qid] = number
+        engram = fields.text("engram")
+        controls = fields.strings("controls", default_controls, non_empty=False)
+        if engram.startswith("~"):
+            fields.fail("engram", f"{engram!r} is a null prefix: it can be a control, not the question's relevant engram")
+        for name in controls:
+            if name.startswith("~") and name not in NULL_PREFIXES:
+                fields.fail("controls", f"unknown null prefix {name!r} (one of: {', '.join(NULL_PREFIXES)})")
+        for field, names in (("engram", (engram,)), ("controls", [c for c in controls if not c.startswith("~")])):
+            for name in names:
+                if name not in sources:
+                    fields.fail(field, f"unknown source {name!r} (known: {', '.join(sorted(sources))})")
+        if engram in controls:
+            fields.fail("controls", f"'{engram}' is the question's own engram")
+        correct, incorrect = fields.strings("correct"), fields.strings("incorrect")
+        for field, variants in (("correct", correct), ("incorrect", incorrect)):
+            for variant in variants:
+                if not variant.strip():
+                    fields.fail(field, f"variant {variant!r} is only whitespace")
+        questions.append(
+            Question(
+                id=qid,
+                prompt=fields.text("prompt"),
+                correct=correct,
+                incorrect=incorrect,
+                engram=engram,
+                controls=tuple(controls),
+                related_wrong=fields.get("related_wrong", bool, None),
+                tags=fields.strings("tags", (), non_empty=False),
+                chat=fields.get("chat", bool, chat_default),
+                context=_context(fields, allow_outside_paths),
+                answer_patterns=_answer_patterns(fields),
+            )
+        )
+    return Bank(
+        name=top.text("name", path.stem),
+        description=top.get("description", str, ""),
+        path=path,
+        sources=sources,
+        questions=tuple(questions),
+    )

@@ -1,0 +1,1 @@
+"""engram-eval bench: speed and memory ratios measured in one run."""

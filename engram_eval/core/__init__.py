@@ -1,0 +1,1 @@
+"""The lowest layer: one-line errors, atomic file writes, the registries and the spec."""

@@ -1,0 +1,53 @@
+"""Registries: one table per kind of extension point, mapping the name a user types to the implementation registered
+under it where it is implemented (`@INJECTIONS.register` on the class). A table feeds its option's click choices,
+its validation (engram_eval.core.spec) and its documentation, so a new mode is one class and its test.
+
+The tables live here, below everything that uses them; the implementations fill them when the package is imported
+(engram_eval/__init__.py imports every implementing module)."""
+
+from __future__ import annotations
+
+from typing import Any, Generic, Iterator, TypeVar
+
+from .errors import EngramEvalError
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    def __init__(self, option: str, instances: bool = True):
+        self.option = option  # the command-line option (or bank field) that names an entry, for errors
+        self.instances = instances  # register one instance of each class (else the class itself: a factory)
+        self._entries: dict[str, Any] = {}
+
+    def register(self, cls: type) -> type:
+        """A class decorator: the class's `name` -> one instance of it (or the class)."""
+        if cls.name in self._entries:
+            raise ValueError(f"{self.option}: '{cls.name}' is registered twice")
+        self._entries[cls.name] = cls() if self.instances else cls
+        return cls
+
+    def names(self) -> tuple[str, ...]:
+        return tuple(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __getitem__(self, name: str) -> T:
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise EngramEvalError(f"{self.option}: unknown '{name}' (one of: {', '.join(self._entries)})") from None
+
+    def help(self) -> str:
+        """The option's --help: each name with its entry's one-sentence summary."""
+        return " ".join(f"{name}: {entry.summary}" for name, entry in self._entries.items())
+
+
+INJECTIONS: Registry[Any] = Registry("--injection")  # engram_eval.steer.injection.Injection subclasses
+POOLINGS: Registry[Any] = Registry("--pooling", instances=False)  # engram_eval.engram.pooling.Pooler subclasses
+SCORINGS: Registry[Any] = Registry("--scoring")  # engram_eval.steer.scoring.Scoring subclasses
+NULL_PREFIXES: Registry[Any] = Registry("null prefix")  # engram_eval.engram.nulls.NullPrefix subclasses

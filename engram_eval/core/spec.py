@@ -1,0 +1,215 @@
+"""What a sweep computes and how it executes, as frozen values (no torch here).
+
+`SweepSpec` is the method and the grid: how engrams are extracted (`Extraction`), the layer x strength x k grid
+(`Grid`) and how a cell steers and is scored (`Method`), plus which questions. `Execution` is how it runs (batch size,
+Ray), which never changes a number. The CLI's options build them; `check()` is every validation, run once before the
+model loads (layer bounds once the model's depth is known). Names are checked against the registries
+(engram_eval.core.registry), so a registered mode is valid everywhere at once.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field, replace
+from typing import Callable
+
+from .errors import EngramEvalError, EngramEvalWarning
+from .registry import INJECTIONS, POOLINGS, SCORINGS
+
+DEFAULT_CHUNKS = 16
+DEFAULT_MAX_TOKENS = 2048
+DEFAULT_LAYERS = (8, 12, 16, 20, 24)
+DEFAULT_STRENGTHS = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0)
+SCALINGS = ("global", "per-chunk")
+CONTEXTS = ("with", "without", "both")
+
+
+def valid_layers(num_layers: int) -> str:
+    return f"valid layers are 0..{num_layers} (0 = embedding output, {num_layers} = last)"
+
+
+def check_layers(layers: list[int] | tuple[int, ...], num_layers: int, option: str = "--layers") -> list[int]:
+    """Layer indices against the model's depth, with the command line's message."""
+    if not layers:
+        raise EngramEvalError(f"{option}: no layers given; {valid_layers(num_layers)}")
+    for layer in layers:
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer <= num_layers:
+            raise EngramEvalError(f"{option}: layer {layer} is out of range; {valid_layers(num_layers)}")
+    return list(layers)
+
+
+def check_chunks(chunks: int) -> int:
+    if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
+        raise EngramEvalError(f"--chunks: must be at least 1 (got {chunks})")
+    return chunks
+
+
+def check_chunk_list(chunks: int | list[int] | tuple[int, ...]) -> list[int]:
+    """One k, or the chunk-count grid: each at least 1, none repeated."""
+    values = [chunks] if isinstance(chunks, int) else list(chunks)
+    if not values:
+        raise EngramEvalError("--chunks: no chunk count given")
+    for k in values:
+        check_chunks(k)
+        if values.count(k) > 1:
+            raise EngramEvalError(f"--chunks: {k} is repeated")
+    return values
+
+
+def check_strengths(strengths: list[float] | tuple[float, ...]) -> list[float]:
+    if not strengths:
+        raise EngramEvalError("--strengths: no strengths given")
+    for strength in strengths:
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength) or strength <= 0:
+            raise EngramEvalError(f"--strengths: {strength} is not allowed; strengths must be finite and > 0")
+    return list(strengths)
+
+
+@dataclass(frozen=True)
+class Extraction:
+    """How a source's hidden states become an engram, besides k: the defaults are the seed's method."""
+
+    pooling: str = "mean"
+    skip_tokens: int = 0
+    window: int | None = None
+    max_tokens: int = DEFAULT_MAX_TOKENS
+
+    @property
+    def is_seed(self) -> bool:
+        return (self.pooling, self.skip_tokens, self.window) == (SEED_POOLING, 0, None)
+
+    def check(self, chunks: list[int]) -> Extraction:
+        POOLINGS[self.pooling]
+        if self.skip_tokens < 0:
+            raise EngramEvalError(f"--skip-tokens: must be at least 0 (got {self.skip_tokens})")
+        if self.window is not None and self.window < max(chunks):
+            raise EngramEvalError(f"--window: {self.window} tokens is smaller than k = {max(chunks)}")
+        return self
+
+
+SEED_POOLING = Extraction.pooling
+SEED_EXTRACTION = Extraction()
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The layers to inject from, the strength multipliers and the chunk counts k (one, or the chunk-count grid)."""
+
+    layers: tuple[int, ...] = DEFAULT_LAYERS
+    strengths: tuple[float, ...] = DEFAULT_STRENGTHS
+    chunks: tuple[int, ...] = (DEFAULT_CHUNKS,)
+
+    def check(self, num_layers: int | None = None) -> Grid:
+        """Strengths and chunk counts; layer indices too once the model's depth is known."""
+        check_strengths(self.strengths)
+        check_chunk_list(self.chunks)
+        if num_layers is not None:
+            check_layers(self.layers, num_layers)
+        return self
+
+
+@dataclass(frozen=True)
+class Method:
+    """How a cell's engram enters the model and how the answers are scored: the defaults are the seed's."""
+
+    injection: str = "prefix"
+    scaling: str = "global"
+    scoring: str = "first-token"
+    context: str = "with"
+    record_attention: bool = False  # eager attention: its float rounding differs slightly from the default kernel
+
+    def check(self) -> Method:
+        mode = INJECTIONS[self.injection]
+        if self.scaling not in SCALINGS:
+            raise EngramEvalError(f"--scaling: unknown '{self.scaling}' (one of: {', '.join(SCALINGS)})")
+        if self.scaling not in mode.scalings:
+            raise EngramEvalError(mode.scaling_refusal)
+        SCORINGS[self.scoring]
+        if self.context not in CONTEXTS:
+            raise EngramEvalError(f"--context: unknown '{self.context}' (one of: {', '.join(CONTEXTS)})")
+        return self
+
+
+SEED_METHOD = Method()
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """Everything a sweep computes: with a model and a bank, it determines every number of the run."""
+
+    grid: Grid = Grid()
+    method: Method = SEED_METHOD
+    extraction: Extraction = SEED_EXTRACTION
+    questions: tuple[str, ...] | None = None  # only these question ids (None: the whole bank)
+
+    @classmethod
+    def build(cls, *, layers: list[int] | tuple[int, ...] = DEFAULT_LAYERS,
+              strengths: list[float] | tuple[float, ...] = DEFAULT_STRENGTHS,
+              chunks: int | list[int] | tuple[int, ...] = DEFAULT_CHUNKS, questions: list[str] | None = None,
+              extraction: Extraction = SEED_EXTRACTION, **method: object) -> SweepSpec:
+        """The flat form (the keywords of the command line's options): sweep's layers, strengths, chunks, questions,
+        extraction and the Method's fields."""
+        chunk_tuple = (chunks,) if isinstance(chunks, int) else tuple(chunks)
+        return cls(Grid(tuple(layers), tuple(strengths), chunk_tuple), Method(**method), extraction,  # type: ignore[arg-type]
+                   None if questions is None else tuple(questions))
+
+    def check(self, num_layers: int | None = None) -> SweepSpec:
+        self.grid.check(num_layers)
+        self.method.check()
+        self.extraction.check(list(self.grid.chunks))
+        return self
+
+    def with_layers(self, layers: list[int]) -> SweepSpec:
+        return replace(self, grid=replace(self.grid, layers=tuple(layers)))
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    address: str = "auto"  # auto: a running cluster, else a local one; or a cluster's address
+    workers: int | None = None  # None: as many as the cluster's CPUs (or GPUs) allow
+    gpus_per_worker: float = 0.0
+    threads_per_worker: int = 1
+
+    def check(self) -> RayOptions:
+        if self.workers is not None and self.workers < 1:
+            raise EngramEvalError(f"--workers: must be at least 1 (got {self.workers})")
+        if self.gpus_per_worker < 0:
+            raise EngramEvalError(f"--gpus-per-worker: must be at least 0 (got {self.gpus_per_worker:g})")
+        if self.threads_per_worker < 1:
+            raise EngramEvalError(f"--threads-per-worker: must be at least 1 (got {self.threads_per_worker})")
+        return self
+
+
+@dataclass(frozen=True)
+class Execution:
+    """How a run executes; no setting here changes a number (none is part of the run's identity)."""
+
+    batch_size: int | None = None  # cells per forward pass; None: the largest that fits
+    ray: RayOptions | None = None  # None: this process alone
+
+    def check(self) -> Execution:
+        if self.batch_size is not None and (isinstance(self.batch_size, bool) or self.batch_size < 1):
+            raise EngramEvalError(f"--batch-size: '{self.batch_size}' is not 'auto' or a whole number >= 1")
+        if self.ray is not None:
+            self.ray.check()
+        return self
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, EngramEvalWarning, stacklevel=4)
+
+
+@dataclass(frozen=True)
+class Observer:
+    """What a run tells its caller while it runs. warn receives what a researcher must read before trusting the
+    numbers (by default Python's warnings machinery, one line each); before_question runs before each question is
+    computed, outside the sweep's timings (the benchmark measures the machine there)."""
+
+    progress: bool = True
+    log: Callable[[str], None] = field(default=lambda message: None)
+    warn: Callable[[str], None] = field(default=_warn)
+    before_question: Callable[[object], None] = field(default=lambda question: None)
+
+
+QUIET = Observer(progress=False, warn=lambda message: None)

@@ -1,0 +1,1 @@
+"""Engrams: extraction, pooling, null prefixes, the store, geometry."""

@@ -1,0 +1,139 @@
+"""Extraction: source text -> hidden states of every requested layer (one forward pass) -> k chunk means."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..backend.model import LoadedModel
+from ..core.errors import EngramEvalError
+from ..core.registry import POOLINGS
+from ..core.spec import DEFAULT_CHUNKS, DEFAULT_MAX_TOKENS, SEED_EXTRACTION, Extraction, check_chunks, check_layers
+from .pooling import check_pooled_length
+
+DOMINANCE_THRESHOLD = 0.5  # one chunk holding more than this share of the summed row norms dominates the engram
+
+
+@dataclass
+class Engram:
+    """Raw (unscaled) pooled vectors of one source text, per layer: layer index -> float32 tensor [chunks, hidden]."""
+
+    layers: dict[int, torch.Tensor]
+    n_tokens: int
+    truncated: bool
+    chunks: int
+    extraction: Extraction = SEED_EXTRACTION
+    windows: int = 1
+
+
+def chunk_shares(vectors: torch.Tensor) -> torch.Tensor:
+    """Each chunk's row norm as a share of the engram's summed row norms, at one layer -> [chunks]."""
+    norms = vectors.float().norm(dim=1)
+    return norms / norms.sum()
+
+
+def dominated_layers(engram: Engram, threshold: float = DOMINANCE_THRESHOLD) -> dict[int, tuple[int, float]]:
+    """Layers at which one chunk holds more than `threshold` of the summed row norms -> {layer: (chunk, share)}.
+
+    On most LLMs the first token's hidden state is orders of magnitude larger than the rest (a massive activation),
+    so the chunk that holds it dominates the seed's one-scalar scaling and every engram looks alike."""
+    dominated = {}
+    for layer, vectors in engram.layers.items():
+        shares = chunk_shares(vectors)
+        if shares.max().item() > threshold:
+            dominated[layer] = (int(shares.argmax()), shares.max().item())
+    return dominated
+
+
+def dominance_warning(name: str, engram: Engram) -> str | None:
+    """One line naming the layers where a single chunk dominates the engram, or None."""
+    dominated = dominated_layers(engram)
+    if not dominated:
+        return None
+    layer, (chunk, share) = max(dominated.items(), key=lambda item: item[1][1])
+    chunks = sorted({c for c, _ in dominated.values()})
+    return (f"source '{name}': one chunk holds more than half of the engram's summed row norms at layers "
+            f"{format_layers(sorted(dominated))} (chunk {', '.join(map(str, chunks))}; {100 * share:.0f}% at layer {layer}): "
+            "a massive activation dominates this engram, so relevant and control engrams look alike there")
+
+
+def format_layers(layers: list[int]) -> str:
+    """[0, 1, 2, 3, 8, 10, 11] -> '0-3, 8, 10-11'."""
+    runs: list[list[int]] = []
+    for layer in layers:
+        if runs and layer == runs[-1][-1] + 1:
+            runs[-1].append(layer)
+        else:
+            runs.append([layer])
+    return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
+
+
+def tokenize_source(lm: LoadedModel, text: str, max_tokens: int | None = DEFAULT_MAX_TOKENS) -> tuple[list[int], bool]:
+    """Token ids with the tokenizer's default special tokens, cut at max_tokens (None: never) -> (ids, truncated)."""
+    ids = lm.tokenizer(text)["input_ids"]
+    if not ids:
+        raise EngramEvalError("source text produced no tokens")
+    if max_tokens is None:
+        return ids, False
+    return ids[:max_tokens], len(ids) > max_tokens
+
+
+def source_ids(lm: LoadedModel, text: str, extraction: Extraction) -> tuple[list[int], bool]:
+    """The ids an extraction runs: with --window the whole source (in windows), else cut at --max-tokens."""
+    return tokenize_source(lm, text, None if extraction.window else extraction.max_tokens)
+
+
+@torch.inference_mode()
+def extract_engrams(
+    lm: LoadedModel,
+    ids: list[int],
+    truncated: bool,
+    layers: list[int],
+    chunks: list[int],
+    extraction: Extraction = SEED_EXTRACTION,
+    source: str = "source",
+) -> dict[int, Engram]:
+    """Every requested layer and every k from one forward pass per window (the backend's hidden states), pooled in
+    float32. With a window, the source runs as consecutive independent windows whose states are pooled in order."""
+    for k in chunks:
+        check_chunks(k)
+    check_layers(layers, lm.num_layers)
+    extraction.check(chunks)
+    n = len(ids)
+    pooled = n - extraction.skip_tokens
+    for k in chunks:
+        check_pooled_length(source, pooled, k, extraction.pooling, extraction.skip_tokens)
+    size = extraction.window or n
+    windowed = size < n
+    poolers = {k: POOLINGS[extraction.pooling](pooled, k, windowed) for k in chunks}
+    for start in range(0, n, size):
+        window = torch.tensor([ids[start : start + size]], device=lm.device)
+        hidden_states = lm.backend.hidden_states(window)
+        keep = max(0, extraction.skip_tokens - start)  # --skip-tokens: positions run, but are left out of the pooling
+        if keep >= window.shape[1]:
+            continue
+        states = torch.stack([hidden_states[layer][0, keep:] for layer in layers]).float().cpu()
+        for pooler in poolers.values():
+            pooler.add(states)
+    windows = -(-n // size)
+    return {
+        k: Engram(layers={layer: vectors[i] for i, layer in enumerate(layers)}, n_tokens=n, truncated=truncated,
+                  chunks=k, extraction=extraction, windows=windows)
+        for k, vectors in ((k, pooler.result()) for k, pooler in poolers.items())
+    }
+
+
+def extract_engram(
+    lm: LoadedModel,
+    text: str,
+    layers: list[int],
+    chunks: int = DEFAULT_CHUNKS,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    extraction: Extraction | None = None,
+) -> Engram:
+    """One source text -> its engram at these layers (the seed's method unless `extraction` says otherwise)."""
+    extraction = extraction or Extraction(max_tokens=max_tokens)
+    check_chunks(chunks)
+    ids, truncated = source_ids(lm, text, extraction)
+    return extract_engrams(lm, ids, truncated, layers, [chunks], extraction)[chunks]

@@ -1,0 +1,314 @@
+"""The engram store: one content-addressed safetensors file per (model fingerprint, source text, chunks, tokens)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from .._version import __version__
+from ..backend.model import LoadedModel
+from ..bank.banks import Bank
+from ..core.errors import EngramEvalError
+from ..core.registry import NULL_PREFIXES
+from ..core.spec import DEFAULT_MAX_TOKENS, SEED_EXTRACTION, SEED_POOLING, Extraction
+from .extraction import Engram, dominance_warning, extract_engrams, source_ids
+
+FORMAT_VERSION = "1"
+
+
+def text_sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].contiguous()
+        digest.update(f"{name}:{tuple(tensor.shape)}".encode())
+        digest.update(memoryview(tensor.view(torch.uint8).numpy()))
+    return digest.hexdigest()
+
+
+def engram_key(model_fingerprint: str, source_sha256: str, chunks: int, n_tokens: int,
+               extraction: Extraction = SEED_EXTRACTION) -> str:
+    """Same inputs -> same key -> same file. The seed's extraction keeps the key it always had."""
+    identity = f"{model_fingerprint}|{source_sha256}|{chunks}|{n_tokens}"
+    if not extraction.is_seed:
+        identity += f"|{extraction.pooling}|{extraction.skip_tokens}|{extraction.window}"
+    return hashlib.sha256(identity.encode()).hexdigest()[:16]
+
+
+def safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name) or "source"
+
+
+@dataclass
+class StoredEngram:
+    path: Path
+    engram: Engram
+    metadata: dict[str, str]
+
+    @property
+    def key(self) -> str:
+        return self.metadata["key"]
+
+    def restricted(self, layers: list[int]) -> StoredEngram:
+        """The same engram with only these layers (what a sweep uses of a file that holds more)."""
+        engram = replace(self.engram, layers={layer: self.engram.layers[layer] for layer in layers})
+        return StoredEngram(self.path, engram, self.metadata)
+
+
+class EngramStore:
+    def __init__(self, root: str | Path = "store"):
+        self.root = Path(root)
+
+    @classmethod
+    def existing(cls, root: str | Path) -> EngramStore:
+        """A store to inspect or tidy: its folder must exist (building creates it; reading a typo should not)."""
+        if not Path(root).is_dir():
+            raise EngramEvalError(f"store {root}: no such folder (build engrams with `engram-eval build`, or pass --store)")
+        return cls(root)
+
+    @staticmethod
+    def key_of(path: Path) -> str:
+        """The content key in a store file's name ({source}.{key}.safetensors), readable even when the file is not."""
+        return path.name.removesuffix(".safetensors").rsplit(".", 1)[-1]
+
+    def _corrupt(self, path: Path, why: str) -> EngramEvalError:
+        return EngramEvalError(
+            f"store file {path} is {why}; remove it with `engram-eval store rm {self.key_of(path)} --store {self.root}` "
+            "(the next build or sweep rebuilds it)"
+        )
+
+    def path_for(self, source_name: str, key: str) -> Path:
+        return self.root / f"{safe_name(source_name)}.{key}.safetensors"
+
+    def paths(self) -> list[Path]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p for p in self.root.glob("*.safetensors") if not p.name.startswith("."))
+
+    def stale_temporaries(self) -> list[Path]:
+        """Temporary files left by writers that were killed (their pid is in the name and no longer runs)."""
+        stale = []
+        for tmp in sorted(self.root.glob(".tmp-*")):
+            pid = tmp.name.split("-")[1]
+            if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+                stale.append(tmp)
+        return stale
+
+    def remove_stale_temporaries(self) -> None:
+        for tmp in self.stale_temporaries():
+            tmp.unlink(missing_ok=True)
+
+    def save(self, engram: Engram, metadata: dict[str, str], path: Path) -> dict[str, str]:
+        """Atomic: write a temporary file in the store, then rename it over the target -> metadata written."""
+        tensors = {f"layer.{layer}": vectors.contiguous() for layer, vectors in engram.layers.items()}
+        metadata = {**metadata, "tensors_sha256": tensors_sha256(tensors)}
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self.remove_stale_temporaries()
+            fd, tmp = tempfile.mkstemp(prefix=f".tmp-{os.getpid()}-", suffix=".safetensors", dir=self.root)
+            os.close(fd)
+        except OSError as exc:
+            raise EngramEvalError(f"store {self.root}: cannot write ({exc.strerror})") from None
+        try:
+            save_file(tensors, tmp, metadata=metadata)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise EngramEvalError(f"store {path}: write failed ({exc.strerror}); earlier files are intact") from None
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return metadata
+
+    def read_metadata(self, path: Path) -> dict[str, str]:
+        try:
+            with safe_open(path, framework="pt") as f:
+                metadata = f.metadata() or {}
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise self._corrupt(path, f"corrupt or truncated ({exc})") from None
+        if "tensors_sha256" not in metadata:
+            raise self._corrupt(path, "not an engram-eval engram (no checksum)")
+        return metadata
+
+    def load(self, path: Path) -> StoredEngram:
+        """Read and verify one engram file (checksum of every tensor)."""
+        metadata = self.read_metadata(path)
+        try:
+            tensors = load_file(path)
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise self._corrupt(path, f"corrupt or truncated ({exc})") from None
+        if tensors_sha256(tensors) != metadata["tensors_sha256"]:
+            raise self._corrupt(path, "corrupt (checksum mismatch)")
+        layers = {int(name.split(".", 1)[1]): tensor for name, tensor in tensors.items()}
+        window = metadata.get("window", "none")
+        extraction = Extraction(pooling=metadata.get("pooling", SEED_POOLING), skip_tokens=int(metadata.get("skip_tokens", 0)),
+                                window=None if window == "none" else int(window),
+                                max_tokens=int(metadata.get("max_tokens", DEFAULT_MAX_TOKENS)))
+        engram = Engram(
+            layers=dict(sorted(layers.items())),
+            n_tokens=int(metadata["n_tokens"]),
+            truncated=metadata["truncated"] == "true",
+            chunks=int(metadata["chunks"]),
+            extraction=extraction,
+            windows=int(metadata.get("windows", 1)),
+        )
+        return StoredEngram(path=path, engram=engram, metadata=metadata)
+
+    def ensure(
+        self,
+        lm: LoadedModel,
+        source_name: str,
+        text: str,
+        layers: list[int],
+        chunks: int,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
+        force: bool = False,
+        extraction: Extraction | None = None,
+    ) -> tuple[StoredEngram, str]:
+        """Get one engram from the store, building it (or the layers it lacks) when needed -> (engram, status),
+        status being 'cached', 'built' or 'rebuilt'."""
+        extraction = extraction or Extraction(max_tokens=max_tokens)
+        return self.ensure_all(lm, source_name, text, layers, [chunks], extraction, force)[chunks]
+
+    def ensure_all(
+        self,
+        lm: LoadedModel,
+        source_name: str,
+        text: str,
+        layers: list[int],
+        chunks: list[int],
+        extraction: Extraction = SEED_EXTRACTION,
+        force: bool = False,
+    ) -> dict[int, tuple[StoredEngram, str]]:
+        """One engram per k; every k that must be built (or extended) comes from the same forward pass."""
+        source_sha = text_sha256(text)
+        ids, truncated = source_ids(lm, text, extraction)
+        found: dict[int, tuple[StoredEngram, str]] = {}
+        missing: list[tuple[int, str, Path]] = []
+        wanted = set(layers)
+        for k in chunks:
+            key = engram_key(lm.fingerprint, source_sha, k, len(ids), extraction)
+            path = self.path_for(source_name, key)
+            if path.exists() and not force:
+                stored = self.load(path)
+                if stored.metadata["model_fingerprint"] != lm.fingerprint:
+                    raise EngramEvalError(
+                        f"store file {path} was built with model {stored.metadata['model']} "
+                        f"({stored.metadata['model_fingerprint'][:12]}), not {lm.name} ({lm.short_fingerprint})"
+                    )
+                if set(layers) <= set(stored.engram.layers):
+                    found[k] = (stored, "cached")
+                    continue
+                wanted |= set(stored.engram.layers)
+            elif path.exists():  # --force rebuilds what the file holds, and never shrinks it
+                try:
+                    wanted |= {int(layer) for layer in self.read_metadata(path)["layers"].split(",")}
+                except EngramEvalError:
+                    pass  # unreadable: rebuild just the requested layers over it
+            missing.append((k, key, path))
+        if missing:
+            built = extract_engrams(lm, ids, truncated, sorted(wanted), [k for k, _, _ in missing], extraction, source_name)
+            for k, key, path in missing:
+                status = "rebuilt" if path.exists() else "built"
+                engram = built[k]
+                metadata = {
+                    "format_version": FORMAT_VERSION,
+                    "key": key,
+                    "model": lm.name,
+                    "model_fingerprint": lm.fingerprint,
+                    "hidden_size": str(lm.hidden_size),
+                    "source_name": source_name,
+                    "source_sha256": source_sha,
+                    "n_tokens": str(engram.n_tokens),
+                    "max_tokens": str(extraction.max_tokens),
+                    "truncated": "true" if engram.truncated else "false",
+                    "chunks": str(k),
+                    "padded_chunks": str(max(0, k - engram.n_tokens)),
+                    "pooling": extraction.pooling,
+                    "skip_tokens": str(extraction.skip_tokens),
+                    "window": "none" if extraction.window is None else str(extraction.window),
+                    "windows": str(engram.windows),
+                    "layers": ",".join(str(layer) for layer in sorted(wanted)),
+                    "engram_eval_version": __version__,
+                    "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                }
+                found[k] = (StoredEngram(path=path, engram=engram, metadata=self.save(engram, metadata, path)), status)
+        return {k: found[k] for k in chunks}
+
+    def find(self, name: str) -> list[Path]:
+        """Store files whose source name, file name or key (or a key prefix of 6+ characters) matches `name`."""
+        matches = []
+        for path in self.paths():
+            source, key = path.name.removesuffix(".safetensors").rsplit(".", 1)
+            if safe_name(name) == source or name in (key, path.name) or (len(name) >= 6 and key.startswith(name)):
+                matches.append(path)
+        return matches
+
+    def unreferenced(self, referenced_keys: set[str]) -> list[Path]:
+        """Engram files whose key no run references."""
+        return [path for path in self.paths() if self.key_of(path) not in referenced_keys]
+
+
+def engram_warnings(name: str, stored: StoredEngram) -> list[str]:
+    """What a researcher must know about an engram before trusting it: truncation, padding, a dominant chunk."""
+    engram, metadata = stored.engram, stored.metadata
+    warnings = []
+    if engram.truncated:
+        warnings.append(f"source '{name}' truncated to {engram.n_tokens} tokens (--max-tokens)")
+    if int(metadata.get("padded_chunks", 0)):
+        warnings.append(f"source '{name}' has {engram.n_tokens} tokens, fewer than k = {engram.chunks}: "
+                        f"{metadata['padded_chunks']} of its chunks repeat the last token's state")
+    if dominance := dominance_warning(name, engram):
+        warnings.append(dominance)
+    return warnings
+
+
+def run_engram_keys(run_roots: list[Path]) -> set[str]:
+    """Every engram key recorded by a run.json below these folders (the engrams those runs used)."""
+    keys: set[str] = set()
+    for root in run_roots:
+        for run_json in Path(root).rglob("run.json"):
+            try:
+                keys.update(json.loads(run_json.read_text()).get("engram_keys", {}).values())
+            except (OSError, ValueError, AttributeError):
+                raise EngramEvalError(f"{run_json}: unreadable run.json; cannot tell which engrams it uses") from None
+    return keys
+
+
+def engram_label(name: str, k: int, chunks: list[int]) -> str:
+    """How run.json names an engram: its source, and its k when the run has several."""
+    return name if len(chunks) == 1 else f"{name}@k{k}"
+
+
+def bank_engrams(lm: LoadedModel, bank: Bank, store: EngramStore, layers: list[int], chunks: list[int], extraction: Extraction,
+                 warn: Callable[[str], None] = lambda message: None,
+                 log: Callable[[str], None] = lambda message: None) -> dict[tuple[str, int], StoredEngram]:
+    """Every source engram the bank's questions use, by (source, k), from the store (built where it lacks them; one
+    forward pass per source serves every k)."""
+    needed = list(dict.fromkeys(name for q in bank.questions for name in (q.engram, *q.controls) if name not in NULL_PREFIXES))
+    engrams: dict[tuple[str, int], StoredEngram] = {}
+    for name in needed:
+        for k, (stored, status) in store.ensure_all(lm, name, bank.sources[name].text, layers, chunks, extraction).items():
+            if stored.engram.layers[layers[0]].shape[-1] != lm.hidden_size:
+                raise EngramEvalError(f"store file {stored.path}: hidden size differs from {lm.name}'s {lm.hidden_size}")
+            if status != "cached":
+                for warning in engram_warnings(name, stored.restricted(layers)):
+                    warn(warning)
+            log(f"engram {engram_label(name, k, chunks)}: {status} ({stored.path})")
+            engrams[(name, k)] = stored
+    return engrams

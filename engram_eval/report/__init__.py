@@ -1,0 +1,1 @@
+"""Reading a run: statistics, evidence, experiments, the summary, its sections and renderers, the gate."""

@@ -1,0 +1,119 @@
+"""Check: a run's results against a committed baseline summary -> what moved, and by how much."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+
+from ..core.errors import EngramEvalError
+from ..core.files import atomic_write_text
+
+# Measured on the CI bank (docs/check.md): the same float32 CPU sweep run twice, and at batch sizes 1, 7 and
+# auto, gave bit-identical log ratios; the defaults leave headroom for other CPUs' matmul kernels.
+DEFAULT_ATOL = 1e-4
+DEFAULT_RTOL = 1e-4
+
+
+def summarize_run(frame: pl.DataFrame, run: dict) -> dict:
+    """The baseline file's content: the run's settings; per question its baseline log ratio; per cell log ratio,
+    flipped, broken; totals."""
+    from .summary import per_condition
+
+    frame = per_condition(frame)  # no order needed: the file is keyed by cell and written with sorted keys
+    base = frame.filter(pl.col("role") == "baseline")
+    cells = frame.filter(pl.col("role") != "baseline")
+    k_axis = cells["chunks"].n_unique() > 1  # a chunk-count grid: k is part of a cell's name (seed runs keep theirs)
+    cells = cells.with_columns(
+        key=pl.format("{}|{}|L{}|s{}", "question_id", "engram", "layer", "strength")
+        + (pl.format("|k{}", "chunks") if k_axis else pl.lit(""))
+    )
+    return {
+        "settings": run.get("settings", {}),
+        "model_fingerprint": frame["model_fingerprint"][0],
+        "questions": {r["question_id"]: {"baseline_log_ratio": r["log_ratio"]} for r in base.iter_rows(named=True)},
+        "cells": {r["key"]: {"log_ratio": r["log_ratio"], "flipped": r["flipped"], "broken": r["broken"]}
+                  for r in cells.select("key", "log_ratio", "flipped", "broken").iter_rows(named=True)},
+        "totals": {"questions": base.height, "cells": cells.height,
+                   "flips": int(cells["flipped"].sum()), "breaks": int(cells["broken"].sum())},
+    }
+
+
+@dataclass(frozen=True)
+class Drift:
+    what: str
+    baseline: object
+    current: object
+    difference: float | None = None
+
+
+def _close(a: float, b: float, rtol: float, atol: float) -> bool:
+    if math.isinf(a) or math.isinf(b) or math.isnan(a) or math.isnan(b):
+        return a == b or (math.isnan(a) and math.isnan(b))
+    return abs(a - b) <= atol + rtol * abs(b)
+
+
+def differing_settings(current: dict, baseline: dict) -> list[str]:
+    """Settings in which a run differs from the baseline's run, each as 'name (baseline X, run Y)'. A setting the
+    baseline predates must have its default value (the seed method) in the run."""
+    from dataclasses import MISSING, fields
+
+    from ..run.settings import SweepSettings
+
+    defaults = {f.name: f.default for f in fields(SweepSettings) if f.default is not MISSING}
+    before, now = baseline.get("settings"), current.get("settings", {})
+    if not before:
+        return ["none recorded in the baseline (written by an older engram-eval; regenerate it with --update from a run you trust)"]
+    differing = []
+    for name in sorted(set(before) | set(now)):
+        old = before.get(name, defaults.get(name, "(absent)"))
+        new = now.get(name, defaults.get(name, "(absent)"))
+        if old != new:
+            differing.append(f"{name} (baseline {_short(old)}, run {_short(new)})")
+    return differing
+
+
+def _short(value: object) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def compare(current: dict, baseline: dict, rtol: float = DEFAULT_RTOL, atol: float = DEFAULT_ATOL) -> list[Drift]:
+    drifts: list[Drift] = []
+    for section, numeric in (("questions", ("baseline_log_ratio",)), ("cells", ("log_ratio",))):
+        old, new = baseline.get(section, {}), current.get(section, {})
+        for key in sorted(set(old) | set(new)):
+            if key not in new:
+                drifts.append(Drift(f"{section[:-1]} {key}", "present", "missing"))
+                continue
+            if key not in old:
+                drifts.append(Drift(f"{section[:-1]} {key}", "missing", "present"))
+                continue
+            for field, value in old[key].items():
+                now = new[key].get(field)
+                if field in numeric:
+                    if now is None or not _close(now, value, rtol, atol):
+                        drifts.append(Drift(f"{key} {field}", value, now, None if now is None else now - value))
+                elif now != value:
+                    drifts.append(Drift(f"{key} {field}", value, now))
+    for field, value in baseline.get("totals", {}).items():
+        if current["totals"].get(field) != value:
+            drifts.append(Drift(f"totals {field}", value, current["totals"].get(field)))
+    return drifts
+
+
+def read_baseline(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise EngramEvalError(f"--baseline {path}: not found (create it with --update)") from None
+    except (OSError, ValueError) as exc:
+        raise EngramEvalError(f"--baseline {path}: not a readable baseline summary ({exc})") from None
+
+
+def write_baseline(path: Path, summary: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(summary, indent=1, sort_keys=True) + "\n")

@@ -1,0 +1,130 @@
+"""The seeds' other experiments, summarized from a run: probability vs generated text, RAG priming, the chunk-count
+table, and where the model looks (attention)."""
+
+from __future__ import annotations
+
+import polars as pl
+
+from ..engram.pooling import chunk_bounds
+from ..run.results import engram_kind
+from .statistics import bootstrap_mean_ci, mcnemar_exact, rate
+
+CELL_KEYS = ("layer", "strength", "chunks")  # a cell of a question: what pairs a control with the relevant engram
+
+
+def cell_label(row: dict) -> str:
+    context = "" if row.get("context") is None else " with context" if row["context"] else " without context"
+    if row["role"] == "baseline":
+        return "baseline" + context
+    return f"{row['engram']} L{row['layer']} x{row['strength']:g}" + (f",{context}" if context else "")
+
+
+def generation_summary(generations: pl.DataFrame, examples: int = 4) -> dict:
+    """Probability verdict (ratio > 1) against the text's verdict; for flipped cells and baseline rows, how often the
+    text says the correct answer first (the seed's "generation flips")."""
+    probability = (pl.when(pl.col("ratio") > 1).then(pl.lit("correct")).when(pl.col("ratio") < 1).then(pl.lit("incorrect"))
+                   .otherwise(pl.lit("tie")))
+    table = generations.with_columns(probability=probability)
+    confusion = {p: {v: 0 for v in ("correct", "incorrect", "both", "neither")} for p in ("correct", "incorrect", "tie")}
+    for row in table.group_by("probability", "verdict").len().iter_rows(named=True):
+        confusion[row["probability"]][row["verdict"]] = row["len"]
+    flipped = table.filter(pl.col("flipped").fill_null(False))
+    baseline = table.filter(pl.col("role") == "baseline")
+    shown = pl.concat([flipped.head(examples // 2), baseline.head(examples - min(examples // 2, flipped.height))])
+    return {
+        "cells": generations.height,
+        "confusion": confusion,
+        "flipped_says_correct_first": rate(int((flipped["first_answer"] == "correct").sum()), flipped.height),
+        "baseline_says_correct_first": rate(int((baseline["first_answer"] == "correct").sum()), baseline.height),
+        "baseline_probability_correct": rate(int((baseline["probability"] == "correct").sum()), baseline.height),
+        "examples": [{"question_id": r["question_id"], "cell": cell_label(r), "verdict": r["verdict"], "text": r["text"][:120]}
+                     for r in shown.iter_rows(named=True)],
+        "texts": [{"question_id": r["question_id"], "cell": cell_label(r), "ratio": r["ratio"], "verdict": r["verdict"],
+                   "first_answer": r["first_answer"], "text": r["text"]} for r in table.iter_rows(named=True)],
+    }
+
+
+def rag_summary(frame: pl.DataFrame) -> dict | None:
+    """With and without the retrieved context, with and without the engram: accuracy (share of questions correct) of
+    the four conditions at the best cell for engram + context (chosen after looking) and at strength 1.0, and an exact
+    McNemar test of engram + context against context alone over the same questions."""
+    both = frame.filter(pl.col("context").is_not_null()).group_by("question_id").agg(n=pl.col("context").n_unique())
+    questions = both.filter(pl.col("n") == 2)["question_id"].to_list()
+    if not questions:
+        return None
+    rows = frame.filter(pl.col("question_id").is_in(questions))
+    baseline = {(r["question_id"], r["context"]): r["correct_before"] for r in rows.filter(pl.col("role") == "baseline").iter_rows(named=True)}
+    relevant = rows.filter(pl.col("role") == "relevant")
+    accuracy = (relevant.filter(pl.col("context")).group_by("layer", "strength").agg(correct=pl.col("correct_after").sum())
+                .sort(["correct", "layer", "strength"], descending=[True, False, False]))
+    chosen = {"best cell (chosen after looking)": accuracy.row(0, named=True)}
+    at_one = accuracy.filter(pl.col("strength") == 1.0)
+    if at_one.height:
+        chosen["strength 1.0 (its best layer)"] = at_one.row(0, named=True)
+    conditions = []
+    for label, cell in chosen.items():
+        at = {(r["question_id"], r["context"]): r["correct_after"] for r in relevant.filter(
+            (pl.col("layer") == cell["layer"]) & (pl.col("strength") == cell["strength"])).iter_rows(named=True)}
+        engram_context_only = sum(at[(q, True)] and not baseline[(q, True)] for q in questions)
+        context_only = sum(baseline[(q, True)] and not at[(q, True)] for q in questions)
+        conditions.append({
+            "cell": label, "layer": cell["layer"], "strength": cell["strength"],
+            "no engram": rate(sum(baseline[(q, False)] for q in questions), len(questions)),
+            "engram only": rate(sum(at[(q, False)] for q in questions), len(questions)),
+            "context only": rate(sum(baseline[(q, True)] for q in questions), len(questions)),
+            "engram + context": rate(sum(at[(q, True)] for q in questions), len(questions)),
+            "engram_context_only": engram_context_only, "context_only": context_only,
+            "p_value": mcnemar_exact(engram_context_only, context_only),
+        })
+    return {"questions": len(questions), "conditions": conditions}
+
+
+def attention_summary(frame: pl.DataFrame) -> list[dict] | None:
+    """With --record-attention: per engram kind (the baseline included, for comparison), the mean share of the last
+    prompt position's attention on the k engram positions (or the first k prompt positions) and on position 0."""
+    recorded = frame.filter(pl.col("attn_prefix_share").is_not_null())
+    if recorded.is_empty():
+        return None
+    kinds = recorded.with_columns(engram_kind())
+    grouped = kinds.group_by("kind").agg(rows=pl.len(), attn_prefix_share=pl.col("attn_prefix_share").mean(),
+                                         attn_first_share=pl.col("attn_first_share").mean())
+    order = {"baseline": 0, "relevant": 1}
+    return sorted(grouped.iter_rows(named=True), key=lambda r: (order.get(r["kind"], 2), r["kind"]))
+
+
+def tokens_per_chunk(n_tokens: int, chunks: int) -> tuple[int, int]:
+    """(smallest, largest) tokens in one chunk under the seed rule: chunks of n // k, the remainder in the last; with
+    n < k, one token each (the rest repeat the last token)."""
+    sizes = [end - start for start, end in chunk_bounds(n_tokens, chunks)]
+    return min(sizes), max(sizes)
+
+
+def chunk_count_summary(frame: pl.DataFrame, run: dict, chunks: list[int]) -> list[dict]:
+    """The seed's chunk-count table, per k: tokens per chunk actually used, the relevant engram's mean log-improvement
+    (bootstrap interval over questions), the difference signal relevant vs anti, and "directional steering": the share
+    of cells where the relevant engram's ratio beats the anti engram's (YES above half, inverted below)."""
+    settings = run.get("settings", {})
+    pooled = [n - settings.get("skip_tokens", 0) for n in run.get("engram_tokens", {}).values()]
+    signals = run.get("anti_difference_signal", [])
+    relevant = frame.filter(pl.col("role") == "relevant")
+    anti = frame.filter(pl.col("control_kind") == "anti").join(
+        relevant.select("question_id", *CELL_KEYS, rel_ratio="ratio"), on=["question_id", *CELL_KEYS])
+    rows = []
+    for k in chunks:
+        per_question = relevant.filter(pl.col("chunks") == k).group_by("question_id").agg(pl.col("log_improvement").mean())
+        values = per_question["log_improvement"].to_list()
+        sizes = [tokens_per_chunk(n, k) for n in pooled] if settings.get("pooling", "mean") == "mean" else []
+        at_k = anti.filter(pl.col("chunks") == k)
+        beats = int((at_k["rel_ratio"] > at_k["ratio"]).sum())
+        signal = [s["difference_signal"] for s in signals if s["chunks"] == k]
+        share = beats / at_k.height if at_k.height else None
+        rows.append({
+            "chunks": k,
+            "tokens_per_chunk": [min(a for a, _ in sizes), max(b for _, b in sizes)] if sizes else None,
+            "mean_log_improvement": sum(values) / len(values) if values else None,
+            "mean_log_improvement_ci95": bootstrap_mean_ci(values),
+            "anti_difference_signal": sum(signal) / len(signal) if signal else None,
+            "directional": {"k": beats, "n": at_k.height, "share": share,
+                            "verdict": None if share is None else "YES" if share > 0.5 else "inverted" if share < 0.5 else "tied"},
+        })
+    return rows

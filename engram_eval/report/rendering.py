@@ -1,0 +1,103 @@
+"""Rendering: a report's sections (engram_eval.report.sections) -> a rich table, markdown, json or a self-contained html page."""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+
+from .formatting import partial_banner
+from .sections import CountHeatmap, Section, drilldown_sections, side_by_side_sections, summary_sections
+
+
+def render_table(summary: dict, console) -> None:
+    if banner := partial_banner(summary):
+        console.print(f"[bold yellow]{banner}[/]")
+    print_sections(summary_sections(summary), console)
+
+
+def print_sections(sections: list[Section], console) -> None:
+    """Rich tables; a section with a count heatmap gets coloured cells. No column gets a min_width: rich keeps words
+    whole where the console has room and folds them where it has not, whereas a min_width made it crop the last
+    columns off tables that were too wide."""
+    from rich.table import Table
+
+    for section in sections:
+        table = Table(title=section.title, title_justify="left", show_header=True)
+        for column in section.columns:
+            table.add_column(column, justify="right" if section.right_aligned else "left", overflow="fold")
+        figure = section.figure
+        for i, row in enumerate(section.rows):
+            if isinstance(figure, CountHeatmap):
+                grid = figure.heatmap[figure.measure]
+                table.add_row(row[0], *[_heat_cell(text, cell, figure.measure) for text, cell in zip(row[1:], grid[i])])
+            else:
+                table.add_row(*row)
+        console.print(table)
+
+
+def _heat_cell(text: str, cell: dict, measure: str) -> str:
+    if cell["rate"] is None:
+        return text
+    colours = ("grey23", "dark_green", "green4", "green3") if measure == "flip" else ("grey23", "dark_red", "red3", "red1")
+    colour = colours[min(3, math.ceil(cell["rate"] * 3))]
+    return f"[white on {colour}] {text} [/]"
+
+
+def render_markdown(summary: dict) -> str:
+    banner = partial_banner(summary)
+    return markdown_page(f"engram-eval report: {summary['header']['bank']} on {summary['header']['model']}",
+                         summary_sections(summary, short=True), [f"> **{banner}**"] if banner else [])
+
+
+def markdown_page(heading: str, sections: list[Section], preface: list[str] = ()) -> str:
+    lines = [f"# {heading}", ""] + ([*preface, ""] if preface else [])
+    for title, columns, rows in ((s.title, s.columns, s.rows) for s in sections):
+        lines += [f"## {title}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def render_json(summary: dict) -> str:
+    return json_page(summary, summary_sections(summary))
+
+
+def json_page(data: dict, sections: list[Section]) -> str:
+    """The data as it is (every number, unrounded), plus the sections as rendered: key, title, columns, rows."""
+    return json.dumps({**data, "sections": [section.as_dict() for section in sections]}, indent=2, default=str)
+
+
+PAGE_STYLE = ("body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;margin:1em 0}"
+              "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px;vertical-align:top}th{background:#eee}"
+              "details{margin:.4em 0}summary{cursor:pointer;font-weight:bold}.questions{font-size:13px;color:#333;min-height:1.2em}")
+
+
+def html_table(columns: list[str], rows: list[list[str]]) -> str:
+    return ("<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in columns) + "</tr>"
+            + "".join("<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>" for row in rows) + "</table>")
+
+
+def html_page(title: str, body: str, head: str = "") -> str:
+    """A self-contained page: the title as heading, the body, and anything the head needs (a script)."""
+    return ("<!doctype html><html><head><meta charset='utf-8'>"
+            f"<title>{html.escape(title)}</title><style>{PAGE_STYLE}</style>{head}</head><body>\n"
+            f"<h1>{html.escape(title)}</h1>\n{body}\n</body></html>")
+
+
+def render_side_by_side(comparison: dict, output_format: str, console=None) -> str | None:
+    return _render_sections(comparison, side_by_side_sections(comparison), "engram-eval report: runs side by side", output_format, console)
+
+
+def render_drilldown(drill: dict, output_format: str, console=None) -> str | None:
+    return _render_sections(drill, drilldown_sections(drill), f"engram-eval report: question {drill['question_id']}", output_format, console)
+
+
+def _render_sections(data: dict, sections: list, heading: str, output_format: str, console=None) -> str | None:
+    if output_format == "json":
+        return json_page(data, sections)
+    if output_format == "table":
+        return print_sections(sections, console)
+    if output_format == "html":
+        return html_page(heading, "\n".join(f"<h2>{html.escape(s.title)}</h2>" + html_table(s.columns, s.rows) for s in sections))
+    return markdown_page(heading, sections)

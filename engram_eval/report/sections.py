@@ -1,0 +1,257 @@
+"""The report's sections: each table as a typed value (key, title, columns, rows, an optional figure), built from a
+run's summary, a comparison of runs or one question's drill-down. The renderers (engram_eval.report.rendering, the HTML page)
+iterate them; none reads a title to know what a section is. docs/report.md lists them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .experiments import cell_label
+from .formatting import (
+    fmt_best,
+    fmt_cell,
+    fmt_cell_name,
+    fmt_effect,
+    fmt_flips,
+    fmt_float,
+    fmt_measured,
+    fmt_p,
+    fmt_prob,
+    fmt_probs,
+    fmt_rate,
+    fmt_ratio,
+    fmt_share,
+    partial_banner,
+)
+
+
+@dataclass(frozen=True)
+class CountHeatmap:
+    """A layer x strength grid of flip (or break) counts: the summary's heatmap and which measure."""
+
+    heatmap: dict
+    measure: str  # flip | break
+
+
+@dataclass(frozen=True)
+class EffectHeatmap:
+    """A layer x strength grid of mean log-improvements: the summary's effects for one k and which map."""
+
+    effects: dict
+    label: str
+
+
+@dataclass(frozen=True)
+class Section:
+    key: str  # stable within one report: what a renderer or a test looks a section up by
+    title: str
+    columns: list[str]
+    rows: list[list[str]]
+    figure: CountHeatmap | EffectHeatmap | None = None
+    right_aligned: bool = False  # a grid of counts: the terminal aligns its cells right
+
+    def as_dict(self) -> dict:
+        return {"key": self.key, "title": self.title, "columns": self.columns, "rows": self.rows}
+
+
+def summary_sections(summary: dict, short: bool = False) -> list[Section]:
+    """Every table of a run's report, in report order; the renderers iterate these. short (markdown, for CI step
+    summaries) leaves out the effect-size tables."""
+    h = summary["header"]
+    show_k = isinstance(h["chunks"], list)
+    sections = [Section("run",
+        "Run", ["field", "value"],
+        [["model", f"{h['model']} ({h['model_fingerprint']})"], ["bank", h["bank"]],
+         ["grid", f"layers {', '.join(map(str, h['layers']))} x strengths {', '.join(f'{s:g}' for s in h['strengths'])}, k = {', '.join(map(str, h['chunks'])) if show_k else h['chunks']}"],
+         ["scoring", f"{h['scoring']}, {h['injection']} injection"],
+         ["cells", f"{h['cells']} rows, {h['questions']} questions (run {h['run_id']}, {partial_banner(summary) or h['status']})"],
+         ["duration", "-" if h["duration_seconds"] is None else f"{h['duration_seconds']:.1f} s"]],
+    )]
+    if h["largest_chunk_share"]:
+        sections.append(Section("chunk-share",
+            "Largest chunk's share of each engram's summed row norms, per layer (above 50%, one chunk dominates)",
+            ["engram", *[f"L{layer}" for layer in h["layers"]]],
+            [[name, *[fmt_share(shares.get(str(layer))) for layer in h["layers"]]] for name, shares in sorted(h["largest_chunk_share"].items())],
+        ))
+    sections.append(Section("questions",
+        "Questions (probabilities: p(correct) / p(incorrect))",
+        ["question", "baseline ratio", "baseline p", "correct?", "related wrong", "best cell of the relevant engram",
+         "flips (clean / p(correct) fell / mass collapsed)", "breaks"],
+        [[q["question_id"], fmt_ratio(q["baseline_ratio"]), fmt_probs(q["baseline_p_correct"], q["baseline_p_incorrect"]),
+          "yes" if q["correct_before"] else "no", {True: "yes", False: "no", None: "-"}[q["related_wrong"]],
+          fmt_best(q["best"], show_k), fmt_flips(q), str(q["breaks"])]
+         for q in summary["questions"]],
+    ))
+    sections.append(Section("calibration",
+        "Calibration cases, and the practical guide's decision rule (in its order) with what the grid measured at its advice",
+        ["question", "cases (relevant cells)", "advice", "measured at the advice"],
+        [[q["question_id"], ", ".join(f"{c} {n}" for c, n in q["cases"].items()), q["decision"]["advice"], fmt_measured(q["decision"])]
+         for q in summary["questions"]],
+    ))
+    for name, heatmap in summary["heatmaps"].items():
+        for measure, label in (("flip", "flip rate (flips / baseline-wrong questions)"), ("break", "fragile-correct rate (breaks / baseline-correct questions)")):
+            sections.append(Section(f"heatmap:{name}:{measure}",
+                f"Heatmap {name}: {label}", ["layer \\ strength", *[f"{s:g}" for s in heatmap["strengths"]]],
+                [[f"L{layer}", *[fmt_cell(c) for c in row]] for layer, row in zip(heatmap["layers"], heatmap[measure])],
+                CountHeatmap(heatmap, measure), right_aligned=True,
+            ))
+    hl = summary["headline"]
+    best = hl["best_cell"]
+    sections.append(Section("headline",
+        "Headline", ["measure", "value"],
+        [["baseline-wrong questions that flip somewhere in the grid", fmt_rate(hl["question_flip_rate"])],
+         ["... with a clean flip (p(correct) rose, mass kept)", fmt_rate(hl["question_clean_flip_rate"])],
+         ["baseline-correct questions that break somewhere in the grid", fmt_rate(hl["question_fragile_correct_rate"])],
+         *([] if best is None else [
+             [f"flip rate at the best cell ({fmt_cell_name(best, show_k)}; chosen after looking at these questions, see --split)",
+              fmt_rate(best["flip_rate"])],
+             [f"fragile-correct rate at that cell ({fmt_cell_name(best, show_k)})", fmt_rate(best["break_rate"])]])],
+    ))
+    if (split := summary.get("split")) is not None:
+        sections.append(Section("held-out",
+            f"Held-out best cell (--split {split['seed']}): chosen on {len(split['chosen_on'])} questions, measured on the other "
+            f"{len(split['measured_on'])}", ["measure", "where chosen", "held out"],
+            [["cell", fmt_cell_name(split["cell"], show_k), ""],
+             ["flip rate", fmt_rate(split["flip_rate_where_chosen"]), fmt_rate(split["flip_rate_held_out"])],
+             ["fragile-correct rate", fmt_rate(split["break_rate_where_chosen"]), fmt_rate(split["break_rate_held_out"])],
+             ["questions", ", ".join(split["chosen_on"]), ", ".join(split["measured_on"])]],
+        ))
+    tests = summary.get("tests") or []
+    surviving = [t for t in tests if t["survives"]]
+    keys = [k for k in ("layer", "strength", "chunks", "context") if tests and k in tests[0]]
+    sections.append(Section("exact-tests",
+        f"Per-cell exact tests (McNemar, relevant vs control on the same questions): {len(surviving)} of {len(tests)} survive "
+        "Benjamini-Hochberg at q < 0.05 over the whole grid",
+        [*keys, "control", "outcome", "relevant only / control only", "p", "q"],
+        [[*(str(t[k]) for k in keys), t["control"], t["outcome"], f"{t['relevant_only']} / {t['control_only']}",
+          fmt_p(t["p_value"]), fmt_p(t["q_value"])] for t in surviving] or [["none", *[""] * (len(keys) + 4)]],
+    ))
+    if not short:
+        for name, effects in (summary.get("effects") or {}).items():
+            for label, grid in effects["maps"].items():
+                suffix = "" if effects["chunks"] is None else f", k={effects['chunks']}"
+                sections.append(Section(f"effect:{name}:{label}",
+                    f"Effect size {label}{suffix}: mean log-improvement (95% bootstrap CI over questions)",
+                    ["layer \\ strength", *[f"{s:g}" for s in effects["strengths"]]],
+                    [[f"L{layer}", *[fmt_effect(cell) for cell in row]] for layer, row in zip(effects["layers"], grid)],
+                    EffectHeatmap(effects, label),
+                ))
+    sections.append(Section("controls",
+        "Negative controls (same cells; paired sign-flip test across questions)",
+        ["control", "questions", "cells", "mean log impr. relevant", "mean log impr. control", "difference", "p", "verdict",
+         "flips rel/ctrl", "breaks rel/ctrl", "controls-adjusted flip rate"],
+        [[c["kind"], str(c["questions"]), str(c["cells"]), fmt_float(c["mean_log_improvement_relevant"]),
+          fmt_float(c["mean_log_improvement_control"]), fmt_float(c["mean_difference"]), fmt_p(c["p_value"]), c["verdict"],
+          f"{c['flips_relevant']}/{c['flips_control']}", f"{c['breaks_relevant']}/{c['breaks_control']}",
+          "-" if c["adjusted_flip_rate"] is None else f"{c['adjusted_flips']}/{c['baseline_wrong_cells']} ({100 * c['adjusted_flip_rate']:.1f}%)"]
+         for c in summary["controls"]],
+    ))
+    sections.append(Section("semantic-sink",
+        "Semantic sink (relevant engram): is the wrong answer related to the topic?",
+        ["related wrong", "questions", "flip rate (cells)", "break rate (cells)"],
+        [[{True: "yes", False: "no", None: "unlabelled"}[s["related_wrong"]], str(s["questions"]), fmt_rate(s["flip"]), fmt_rate(s["break"])]
+         for s in summary["semantic_sink"]],
+    ))
+    if summary.get("chunk_count"):
+        sections.append(Section("chunk-count",
+            "Chunk count (the seed's table): per k", ["k", "tokens per chunk (min-max)", "mean log-improvement, relevant (95% bootstrap CI)",
+                                                      "difference signal relevant vs anti (%)", "directional steering: relevant beats anti"],
+            [[str(c["chunks"]), "-" if c["tokens_per_chunk"] is None else f"{c['tokens_per_chunk'][0]}-{c['tokens_per_chunk'][1]}",
+              fmt_float(c["mean_log_improvement"]) + ("" if c["mean_log_improvement_ci95"] is None else
+                                                       f" ({c['mean_log_improvement_ci95'][0]:.3f} to {c['mean_log_improvement_ci95'][1]:.3f})"),
+              "-" if c["anti_difference_signal"] is None else f"{c['anti_difference_signal']:.3f}",
+              "-" if not c["directional"]["n"] else
+              f"{c['directional']['verdict']}: {c['directional']['k']}/{c['directional']['n']} cells ({100 * c['directional']['share']:.0f}%)"]
+             for c in summary["chunk_count"]],
+        ))
+    if summary.get("attention"):
+        sections.append(Section("attention",
+            "Where the model looks: the last prompt position's attention (mean over heads, layers and cells)",
+            ["engram kind", "rows", "share on the k engram positions (first k positions for baseline, add, actadd)", "share on position 0"],
+            [[a["kind"], str(a["rows"]), f"{a['attn_prefix_share']:.3f}", f"{a['attn_first_share']:.3f}"] for a in summary["attention"]],
+        ))
+    if (g := summary.get("generation")) is not None:
+        verdicts = ("correct", "incorrect", "both", "neither")
+        sections.append(Section("generation-confusion",
+            f"Probability vs generated text ({g['cells']} generated cells): probability verdict (ratio) against what the text says",
+            ["probability says \\ text says", *verdicts],
+            [[p, *[str(g["confusion"][p][v]) for v in verdicts]] for p in ("correct", "incorrect", "tie") if any(g["confusion"][p].values())],
+        ))
+        sections.append(Section("generation-flips",
+            "Generation flips: does the text say the correct answer first?", ["rows", "text says the correct answer first"],
+            [["flipped cells (ratio crossed 1)", fmt_rate(g["flipped_says_correct_first"])],
+             ["baseline rows", fmt_rate(g["baseline_says_correct_first"])],
+             ["baseline rows the probability calls correct", fmt_rate(g["baseline_probability_correct"])]],
+        ))
+        sections.append(Section("generation-examples",
+            "Generated text, examples (first 120 characters)", ["question", "cell", "text verdict", "text"],
+            [[e["question_id"], e["cell"], e["verdict"], e["text"].replace("\n", " ")] for e in g["examples"]],
+        ))
+    if (rag := summary.get("rag")) is not None:
+        conditions = ("no engram", "engram only", "context only", "engram + context")
+        sections.append(Section("rag",
+            f"RAG priming: share of the {rag['questions']} questions with a context that are correct (ratio > 1)",
+            ["cell", *conditions, "engram + context vs context only (exact McNemar)"],
+            [[f"{c['cell']}: L{c['layer']}, {c['strength']:g}", *[fmt_rate(c[name]) for name in conditions],
+              f"{c['engram_context_only']} vs {c['context_only']} discordant, p = {fmt_p(c['p_value'])}"] for c in rag["conditions"]],
+        ))
+    return sections
+
+
+
+
+def side_by_side_sections(comparison: dict) -> list[Section]:
+    """Several runs side by side: one column per run; heatmap rows by relative depth."""
+    runs = comparison["runs"]
+    names = [f"{i + 1}: {r['model']}" for i, r in enumerate(runs)]
+    kinds = sorted({kind for r in runs for kind in r["controls"]})
+    rows = [["run", *[r["run"] for r in runs]], ["bank", *[r["bank"] for r in runs]],
+            ["layers (relative depth)", *[", ".join(f"L{l} ({d:.2f})" for l, d in zip(r["layers"], r["depths"])) for r in runs]],
+            ["baseline accuracy", *[fmt_rate(r["baseline_accuracy"]) for r in runs]],
+            ["baseline-wrong questions that flip", *[fmt_rate(r["question_flip_rate"]) for r in runs]],
+            ["baseline-correct questions that break", *[fmt_rate(r["question_fragile_correct_rate"]) for r in runs]]]
+    rows += [[f"relevant vs {kind}", *["-" if kind not in r["controls"] else
+                                       f"{r['controls'][kind]['verdict']} (p {fmt_p(r['controls'][kind]['p_value'])})" for r in runs]]
+             for kind in kinds]
+    sections = [Section("runs", "Runs side by side", ["measure", *names], rows)]
+    for name, run in zip(names, runs):
+        for heat, heatmap in run["heatmaps"].items():
+            sections.append(Section(f"heatmap:{name}:{heat}",
+                f"Heatmap {heat} of run {name}: flip rate by relative depth", ["depth (layer) \\ strength", *[f"{s:g}" for s in heatmap["strengths"]]],
+                [[f"{d:.2f} (L{layer})", *[fmt_cell(c) for c in row]] for d, layer, row in zip(heatmap["depths"], heatmap["layers"], heatmap["flip"])],
+                right_aligned=True,
+            ))
+        if run["chunk_count"]:
+            sections.append(Section(f"chunk-count:{name}",
+                f"Chunk count of run {name}", ["k", "mean log-improvement", "difference signal vs anti (%)", "directional steering"],
+                [[str(c["chunks"]), fmt_float(c["mean_log_improvement"]),
+                  "-" if c["anti_difference_signal"] is None else f"{c['anti_difference_signal']:.3f}",
+                  "-" if not c["directional"]["n"] else f"{c['directional']['verdict']} ({c['directional']['k']}/{c['directional']['n']})"]
+                 for c in run["chunk_count"]],
+            ))
+    return sections
+
+
+def drilldown_sections(drill: dict) -> list[Section]:
+    """One question cell by cell: each side's probability and its boost against the baseline, the sink score, the
+    top variants and the top token; then the generated texts."""
+    sections = []
+    for condition in drill["conditions"]:
+        base = condition["baseline"]
+        where = "" if condition["context"] is None else " with its context" if condition["context"] else " without its context"
+        title = (f"{drill['question_id']}{where}: baseline p(correct) {fmt_prob(base['p_correct'])} ({base['top_correct_variant']!r}), "
+                 f"p(incorrect) {fmt_prob(base['p_incorrect'])} ({base['top_incorrect_variant']!r}), ratio {fmt_ratio(base['ratio'])}; "
+                 "sink score = log boost(incorrect) - log boost(correct)")
+        show_k = len({c["chunks"] for c in condition["cells"]}) > 1
+        rows = [[c["engram"], f"L{c['layer']}" + (f" k={c['chunks']}" if show_k else ""), f"{c['strength']:g}",
+                 f"{fmt_prob(c['p_correct'])} (x{fmt_ratio(c['boost_correct'])})", f"{fmt_prob(c['p_incorrect'])} (x{fmt_ratio(c['boost_incorrect'])})",
+                 fmt_ratio(c["ratio"]), fmt_float(c["sink_score"], 2), f"{c['top_correct_variant']!r} / {c['top_incorrect_variant']!r}",
+                 f"{c['top_token']!r} {fmt_prob(c['p_top'])}"] for c in condition["cells"]]
+        sections.append(Section(f"condition:{condition['context']}", title,
+                                ["engram", "layer", "strength", "p(correct) (boost)", "p(incorrect) (boost)", "ratio", "sink",
+                                 "top variants", "top token"], rows))
+    if drill["texts"]:
+        sections.append(Section("texts", f"{drill['question_id']}: generated texts", ["cell", "first answer", "verdict", "text"],
+                         [[cell_label(t),
+                           t["first_answer"], t["verdict"], t["text"].replace("\n", " ")] for t in drill["texts"]]))
+    return sections

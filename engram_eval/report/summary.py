@@ -1,0 +1,309 @@
+"""Report: results.parquet -> one summary of every number the report shows (polars aggregations)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+
+from ..core.errors import EngramEvalError
+from ..run.rundir import check_results_format, read_run_json
+from .evidence import cell_tests, effect_sizes, held_out_best_cell
+from .experiments import CELL_KEYS, attention_summary, chunk_count_summary, generation_summary, rag_summary
+from .statistics import rate, sign_flip_test, verdict
+
+DECISION_STRENGTHS = (1.0, 5.0, 10.0, 15.0, 20.0)
+
+
+def load_run(run_dir: str | Path) -> tuple[pl.DataFrame, dict]:
+    """A run's rows and run.json. An unfinished run (no results.parquet yet) gives the questions finished so far,
+    from its part files, with run["partial"] = {"questions_done", "questions"}."""
+    run_dir = Path(run_dir)
+    run = read_run_json(run_dir) or {}
+    if run:
+        check_results_format(run_dir, run)
+    results = run_dir / "results.parquet"
+    parts = sorted((run_dir / "parts").glob("*.parquet")) if not results.is_file() else []
+    if not results.is_file() and not parts:
+        raise EngramEvalError(f"{run_dir}: no results.parquet (run `engram-eval sweep` with --out {run_dir} first)")
+    try:
+        frame = pl.read_parquet(results if not parts else parts)
+    except (OSError, ValueError, pl.exceptions.PolarsError) as exc:
+        raise EngramEvalError(f"{results if not parts else run_dir / 'parts'}: cannot read ({exc})") from None
+    if parts:
+        run = {**run, "partial": {"questions_done": len(parts), "questions": len(run.get("settings", {}).get("questions", [])) or None}}
+    return frame, run
+
+
+def per_condition(frame: pl.DataFrame) -> pl.DataFrame:
+    """A question run with and without its retrieved context is two units of analysis, labelled as such:
+    `capital_france +context`, `capital_france -context` (questions without a context keep their id)."""
+    suffix = pl.when(pl.col("context")).then(pl.lit(" +context")).otherwise(pl.lit(" -context"))
+    return frame.with_columns(question_id=pl.when(pl.col("context").is_null()).then(pl.col("question_id"))
+                              .otherwise(pl.col("question_id") + suffix))
+
+
+def load_generations(run_dir: str | Path) -> pl.DataFrame | None:
+    """RUN/generations.parquet when `engram-eval generate` has run, else None."""
+    path = Path(run_dir) / "generations.parquet"
+    if not path.is_file():
+        return None
+    try:
+        return pl.read_parquet(path)
+    except (OSError, pl.exceptions.PolarsError) as exc:
+        raise EngramEvalError(f"{path}: cannot read ({exc})") from None
+
+
+def decision_advice(baseline_ratio: float, related_wrong: bool | None, walk: list[tuple[float, float]], layer: int | None) -> dict:
+    """The practical guide's decision tree, in its order: baseline ratio > 10, don't use an engram; the wrong answer is
+    topic-related, don't use one; baseline > 1, strength 1.0; otherwise search 1 -> 5 -> 10 -> 15 -> 20, stopping at a
+    flip or when the ratio falls below 0.8 x the best so far. `walk` is (strength, ratio) at the question's best layer.
+    -> the advice, the strength it settles on (None: no engram), and what the grid measured there (its ratio)."""
+    at = dict(walk)
+    if baseline_ratio > 10:
+        return _advice("confident and correct: don't use an engram", None, baseline_ratio)
+    if related_wrong:
+        return _advice("the wrong answer is topic-related: don't use an engram (it boosts the wrong answer too)", None, baseline_ratio)
+    if baseline_ratio > 1:
+        return _advice(f"correct, not confident: strength 1.0 (layer {layer})", 1.0, at.get(1.0))
+    if baseline_ratio == 1:
+        return _advice("tie at baseline: first-token scoring cannot decide", None, baseline_ratio)
+    searched = [(s, r) for s, r in walk if s in DECISION_STRENGTHS]
+    if not searched:
+        return _advice("wrong: search strengths 1-20 (none of them in this grid)", None, None)
+    best = 0.0
+    for strength, ratio in searched:
+        if ratio > 1:
+            return _advice(f"wrong: flips at layer {layer}, strength {strength:g}", strength, ratio)
+        if ratio < 0.8 * best:
+            return _advice(f"wrong: stop at strength {strength:g} (ratio falling), no flip at layer {layer}", strength, ratio)
+        best = max(best, ratio)
+    strength, ratio = searched[-1]
+    return _advice(f"wrong: no flip up to strength {strength:g} at layer {layer}", strength, ratio)
+
+
+def _advice(text: str, strength: float | None, measured: float | None) -> dict:
+    return {"advice": text, "strength": strength, "measured_ratio": measured,
+            "measured_correct": None if measured is None else measured > 1}
+
+
+def _flip_kinds() -> dict[str, pl.Expr]:
+    """A flip is clean when p_correct rose and the answers kept their probability mass; the others only moved the
+    ratio because p_incorrect fell faster, or because both answers' probability drained away (collapse)."""
+    flipped = pl.col("flipped")
+    return {
+        "flips": flipped.sum(),
+        "clean_flips": (flipped & pl.col("p_correct_rose") & ~pl.col("collapsed")).sum(),
+        "flips_p_correct_fell": (flipped & ~pl.col("p_correct_rose")).sum(),
+        "flips_collapsed": (flipped & pl.col("collapsed")).sum(),
+    }
+
+
+def _questions(frame: pl.DataFrame) -> list[dict]:
+    relevant = frame.filter(pl.col("role") == "relevant")
+    best = (
+        relevant.sort(["question_id", "ratio", "chunks", "layer", "strength"], descending=[False, True, False, False, False])
+        .group_by("question_id", maintain_order=True)
+        .first()
+        .select("question_id", best_layer="layer", best_strength="strength", best_chunks="chunks", best_ratio="ratio",
+                best_p_correct="p_correct", best_p_incorrect="p_incorrect", best_mass_ratio="mass_ratio")
+    )
+    counts = relevant.group_by("question_id").agg(
+        **_flip_kinds(), breaks=pl.col("broken").sum(), cases=pl.col("case").value_counts(sort=True)
+    )
+    base = frame.filter(pl.col("role") == "baseline").select(
+        "question_id", "baseline_ratio", "correct_before", "related_wrong", "p_correct", "p_incorrect"
+    )
+    table = base.join(best, on="question_id", how="left").join(counts, on="question_id", how="left")
+    walks = (
+        relevant.join(best, on="question_id")
+        .filter((pl.col("layer") == pl.col("best_layer")) & (pl.col("chunks") == pl.col("best_chunks")))
+        .sort("strength")
+        .group_by("question_id")
+        .agg(walk=pl.struct("strength", "ratio"))
+    )
+    table = table.join(walks, on="question_id", how="left")
+    rows = []
+    for row in table.iter_rows(named=True):
+        walk = [(w["strength"], w["ratio"]) for w in row["walk"] or []]
+        improves = row["best_ratio"] is not None and row["best_ratio"] > row["baseline_ratio"]
+        rows.append(
+            {
+                "question_id": row["question_id"],
+                "baseline_ratio": row["baseline_ratio"],
+                "baseline_p_correct": row["p_correct"],
+                "baseline_p_incorrect": row["p_incorrect"],
+                "correct_before": row["correct_before"],
+                "related_wrong": row["related_wrong"],
+                "best": {"layer": row["best_layer"], "strength": row["best_strength"], "chunks": row["best_chunks"], "ratio": row["best_ratio"],
+                         "p_correct": row["best_p_correct"], "p_incorrect": row["best_p_incorrect"],
+                         "mass_ratio": row["best_mass_ratio"], "improves_on_baseline": improves},
+                **{kind: row[kind] or 0 for kind in _flip_kinds()},
+                "breaks": row["breaks"] or 0,
+                "cases": {c["case"]: c["count"] for c in row["cases"] or []},
+                "decision": decision_advice(row["baseline_ratio"], row["related_wrong"], walk, row["best_layer"]),
+            }
+        )
+    return rows
+
+
+def _heatmap(cells: pl.DataFrame, layers: list[int], strengths: list[float], chunks: int | None = None) -> dict:
+    """Per (layer, strength), at one k when the run has several: flips over baseline-wrong questions, breaks over
+    baseline-correct questions."""
+    if chunks is not None:
+        cells = cells.filter(pl.col("chunks") == chunks)
+    grouped = cells.group_by("layer", "strength").agg(
+        flips=pl.col("flipped").sum(),
+        wrong=(~pl.col("correct_before")).sum(),
+        breaks=pl.col("broken").sum(),
+        correct=pl.col("correct_before").sum(),
+        flipping=pl.col("question_id").filter(pl.col("flipped")).unique().sort(),
+        breaking=pl.col("question_id").filter(pl.col("broken")).unique().sort(),
+    )
+    lookup = {(r["layer"], r["strength"]): r for r in grouped.iter_rows(named=True)}
+    grid = [[lookup[(layer, strength)] for strength in strengths] for layer in layers]  # every question has every cell
+    return {
+        "layers": layers,
+        "strengths": strengths,
+        "chunks": chunks,
+        "flip": [[{**rate(c["flips"], c["wrong"]), "questions": c["flipping"]} for c in row] for row in grid],
+        "break": [[{**rate(c["breaks"], c["correct"]), "questions": c["breaking"]} for c in row] for row in grid],
+    }
+
+
+def _headline(relevant: pl.DataFrame, heatmaps: list[dict]) -> dict:
+    per_question = relevant.group_by("question_id").agg(
+        wrong=~pl.col("correct_before").first(), correct=pl.col("correct_before").first(),
+        flips=pl.col("flipped").any(), breaks=pl.col("broken").any(),
+        clean_flips=(pl.col("flipped") & pl.col("p_correct_rose") & ~pl.col("collapsed")).any(),
+    )
+    wrong = per_question.filter(pl.col("wrong"))
+    correct = per_question.filter(pl.col("correct"))
+    cells = [
+        (flip["rate"] or 0.0, -(brk["rate"] or 0.0), -(heatmap["chunks"] or 0), layer, strength, heatmap["chunks"], flip, brk)
+        for heatmap in heatmaps
+        for layer, flip_row, break_row in zip(heatmap["layers"], heatmap["flip"], heatmap["break"])
+        for strength, flip, brk in zip(heatmap["strengths"], flip_row, break_row)
+    ]
+    best = max(cells, key=lambda c: (c[0], c[1], c[2], -c[3], -c[4])) if cells else None
+    return {
+        "question_flip_rate": rate(int(wrong["flips"].sum()), wrong.height),
+        "question_clean_flip_rate": rate(int(wrong["clean_flips"].sum()), wrong.height),
+        "question_fragile_correct_rate": rate(int(correct["breaks"].sum()), correct.height),
+        "best_cell": None if best is None else {"layer": best[3], "strength": best[4], "chunks": best[5],
+                                                "flip_rate": best[6], "break_rate": best[7]},
+    }
+
+
+def _controls(frame: pl.DataFrame) -> list[dict]:
+    relevant = frame.filter(pl.col("role") == "relevant").select(
+        "question_id", *CELL_KEYS, rel_log=pl.col("log_improvement"), rel_flip="flipped", rel_break="broken",
+        rel_ratio="ratio", wrong=~pl.col("correct_before")
+    )
+    controls = frame.filter(pl.col("role") == "control")
+    rows = []
+    for kind in sorted(controls["control_kind"].unique().drop_nulls().to_list()):
+        paired = controls.filter(pl.col("control_kind") == kind).join(relevant, on=["question_id", *CELL_KEYS])
+        per_question = (
+            paired.group_by("question_id", maintain_order=True)
+            .agg(difference=(pl.col("rel_log") - pl.col("log_improvement")).mean())
+            .sort("question_id")
+        )
+        differences = per_question["difference"].to_list()
+        mean_difference = sum(differences) / len(differences) if differences else None
+        p_value = sign_flip_test(differences)
+        wrong_cells = paired.filter(pl.col("wrong"))
+        adjusted = (wrong_cells["rel_flip"].cast(pl.Int64) - wrong_cells["flipped"].cast(pl.Int64)).sum()
+        rows.append(
+            {
+                "kind": kind,
+                "questions": len(differences),
+                "cells": paired.height,
+                "mean_log_improvement_relevant": paired["rel_log"].mean(),
+                "mean_log_improvement_control": paired["log_improvement"].mean(),
+                "flips_relevant": int(paired["rel_flip"].sum()),
+                "flips_control": int(paired["flipped"].sum()),
+                "breaks_relevant": int(paired["rel_break"].sum()),
+                "breaks_control": int(paired["broken"].sum()),
+                "mean_difference": mean_difference,
+                "p_value": p_value,
+                "verdict": verdict(mean_difference, p_value, len(differences)),
+                "adjusted_flip_rate": adjusted / wrong_cells.height if wrong_cells.height else None,
+                "adjusted_flips": int(adjusted),
+                "baseline_wrong_cells": wrong_cells.height,
+            }
+        )
+    return rows
+
+
+def _semantic_sink(relevant: pl.DataFrame) -> list[dict]:
+    grouped = relevant.group_by("related_wrong").agg(
+        questions=pl.col("question_id").n_unique(),
+        flips=pl.col("flipped").sum(), wrong=(~pl.col("correct_before")).sum(),
+        breaks=pl.col("broken").sum(), correct=pl.col("correct_before").sum(),
+    ).sort("related_wrong", nulls_last=True)
+    return [
+        {
+            "related_wrong": row["related_wrong"],
+            "questions": row["questions"],
+            "flip": rate(row["flips"], row["wrong"]),
+            "break": rate(row["breaks"], row["correct"]),
+        }
+        for row in grouped.iter_rows(named=True)
+    ]
+
+
+def summarize(frame: pl.DataFrame, run: dict, engram_role: str = "relevant", generations: pl.DataFrame | None = None,
+              split: int | None = None) -> dict:
+    """Every number the report shows, computed once; all formats render this. split: pick the best cell on a random
+    half of the questions (this seed) and report its rates on the other half."""
+    if frame.is_empty():
+        raise EngramEvalError("results.parquet holds no rows")
+    rag = rag_summary(frame)
+    frame = per_condition(frame)
+    settings = run.get("settings", {})
+    cells = frame.filter(pl.col("role") != "baseline")
+    layers = sorted(cells["layer"].unique().drop_nulls().to_list())
+    strengths = sorted(cells["strength"].unique().drop_nulls().to_list())
+    chunks = sorted(cells["chunks"].unique().drop_nulls().to_list())
+    grid = [(None, "")] if len(chunks) == 1 else [(k, f" k={k}") for k in chunks]  # heatmaps per k in a chunk-count grid
+    relevant = frame.filter(pl.col("role") == "relevant")
+    relevant_maps = {f"relevant{suffix}": _heatmap(relevant, layers, strengths, k) for k, suffix in grid}
+    heatmaps = dict(relevant_maps) if engram_role != "control" else {}
+    if engram_role in ("control", "all"):
+        controls = frame.filter(pl.col("role") == "control")
+        for kind in sorted(controls["control_kind"].unique().drop_nulls().to_list()):
+            for k, suffix in grid:
+                heatmaps[f"{kind}{suffix}"] = _heatmap(controls.filter(pl.col("control_kind") == kind), layers, strengths, k)
+    return {
+        "header": {
+            "run_id": frame["run_id"][0],
+            "model": run.get("model_description") or frame["model"][0],
+            "model_fingerprint": frame["model_fingerprint"][0][:12],
+            "bank": frame["bank"][0],
+            "layers": layers,
+            "strengths": strengths,
+            "chunks": chunks[0] if len(chunks) == 1 else chunks,
+            "scoring": frame["scoring"][0],
+            "injection": frame["injection"][0],
+            "cells": frame.height,
+            "questions": frame["question_id"].n_unique(),
+            "duration_seconds": run.get("timings", {}).get("total_seconds"),
+            "status": run.get("status", "unknown"),
+            "partial": run.get("partial"),
+            "settings_max_tokens": settings.get("max_tokens"),
+            "largest_chunk_share": run.get("largest_chunk_share", {}),
+        },
+        "questions": _questions(frame),
+        "heatmaps": heatmaps,
+        "headline": _headline(relevant, list(relevant_maps.values())),
+        "chunk_count": chunk_count_summary(frame, run, chunks) if len(chunks) > 1 else None,
+        "tests": cell_tests(frame),
+        "effects": {f"k={k}" if k is not None else "all": effect_sizes(frame, layers, strengths, k) for k, _ in grid},
+        "split": None if split is None else held_out_best_cell(frame, split),
+        "attention": attention_summary(frame),
+        "controls": _controls(frame),
+        "semantic_sink": _semantic_sink(relevant),
+        "generation": None if generations is None else generation_summary(generations),
+        "rag": rag,
+    }

@@ -1,0 +1,1 @@
+"""Running a sweep or generation: the run's identity, results, run directory, executors."""

@@ -1,0 +1,339 @@
+"""Generation: greedy text from a finished sweep's cells -> RUN/generations.parquet (batched, resumable).
+
+The cell's injection enters exactly as in the sweep: prefix and add in the prefill only (later tokens attend to the
+prefix through the KV cache; nothing is re-injected), actadd at every prompt and generated position. The selected
+cells of one question and context condition share their prefill length, so they decode as one batch with no
+padding, each row stopping at EOS."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import polars as pl
+import torch
+
+from ..backend.model import LoadedModel
+from ..bank.answers import AnswerMatcher
+from ..bank.banks import Bank, load_bank
+from ..core.errors import EngramEvalError
+from ..core.files import atomic_write_text
+from ..core.spec import RayOptions
+from ..engram.store import EngramStore, bank_engrams
+from ..steer.grid import Cell, raw_vectors
+from ..steer.injection import CellVectors, Steering
+from ..steer.prompts import prepare_question, prompt_token_ids
+from ..steer.scoring import auto_batch_size
+from .executors import Task, open_executor
+from .results import CELL_SETTING_COLUMNS, engram_kind
+from .rundir import check_results_format, merge_parts, one_line, part_paths, read_run_json, write_part
+from .settings import SweepSettings
+
+SELECTIONS = ("default", "all", "baseline", "flips")
+GENERATION_BATCH_CPU = 64  # rows decoded together on a CPU; decoding reads every weight once per step whatever the batch
+DEFAULT_MAX_NEW_TOKENS = 48
+KEY_COLUMNS = ("question_id", "role", "engram", "control_kind", "layer", "strength", "chunks", "pooling", "skip_tokens",
+               "window", "scaling", "injection", "context")
+
+GENERATION_SCHEMA = pl.Schema(
+    {
+        "run_id": pl.String,
+        "question_id": pl.String,
+        "role": pl.String,
+        "engram": pl.String,
+        "control_kind": pl.String,
+        **CELL_SETTING_COLUMNS,
+        "ratio": pl.Float64,
+        "flipped": pl.Boolean,
+        "broken": pl.Boolean,
+        "text": pl.String,
+        "token_ids": pl.List(pl.Int64),
+        "n_tokens": pl.Int32,
+        "stop": pl.String,
+        "says_correct": pl.Boolean,
+        "says_incorrect": pl.Boolean,
+        "first_answer": pl.String,
+        "verdict": pl.String,
+    }
+)
+
+
+@dataclass
+class Generated:
+    token_ids: list[int]
+    stop: str  # eos | length
+
+
+@dataclass
+class Row:
+    """One text to generate: a prompt, and the cell's one-row steering (None: the baseline, nothing injected)."""
+
+    prompt_ids: tuple[int, ...]
+    steering: Steering | None = None
+
+    def to(self, device: torch.device) -> Row:
+        if self.steering is None:
+            return self
+        return Row(self.prompt_ids, Steering(self.steering.mode, self.steering.vectors.to(device), self.steering.layers))
+
+
+@torch.inference_mode()
+def generate_rows(lm: LoadedModel, rows: list[Row], max_new_tokens: int) -> list[Generated]:
+    """Greedy decoding of rows in one batch with the KV cache. Rows of one length run exactly as they would alone; rows
+    of several lengths are left-padded, masked, and given their own positions. The EOS token ends a row and is not part
+    of its tokens; rows that ended keep decoding (their output unused) until all have."""
+    backend = lm.backend
+    embed = backend.embed
+    inputs = []
+    for row in rows:
+        body = embed(torch.tensor(row.prompt_ids, device=lm.device)).unsqueeze(0)
+        inputs.append((body if row.steering is None else row.steering.inputs(body))[0])
+    longest = max(len(x) for x in inputs)
+    padded = torch.stack([torch.cat([x.new_zeros(longest - len(x), x.shape[-1]), x]) for x in inputs])
+    mask = positions = None
+    if any(len(x) != longest for x in inputs):
+        mask = torch.stack([torch.arange(longest, device=lm.device) >= longest - len(x) for x in inputs]).long()
+        positions = (mask.cumsum(dim=-1) - 1).clamp_min(0)
+    hooks = _block_hooks(rows)
+    stops = backend.eos_token_ids()
+    tokens: list[list[int]] = [[] for _ in rows]
+    ended = [False] * len(rows)
+    with hooks.active(backend) if hooks is not None else nullcontext():
+        logits, cache = backend.prefill(padded, mask, positions)
+        for step in range(max_new_tokens):
+            next_ids = logits.argmax(dim=-1)
+            for i, token in enumerate(next_ids.tolist()):
+                if not ended[i]:
+                    if token in stops:
+                        ended[i] = True
+                    else:
+                        tokens[i].append(token)
+            if all(ended) or step == max_new_tokens - 1:
+                break
+            embeds = embed(next_ids).unsqueeze(1)
+            if mask is not None:
+                mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
+                positions = positions[:, -1:] + 1
+            logits, cache = backend.decode(embeds if hooks is None else hooks.next_inputs(embeds), mask, positions, cache)
+    return [Generated(row_tokens, "eos" if row_ended else "length") for row_tokens, row_ended in zip(tokens, ended)]
+
+
+def _block_hooks(rows: list[Row]) -> Steering | None:
+    """One steering for a batch's block hooks (a mode that hooks blocks, actadd): each row's vector at its layer; a
+    baseline row adds exact zeros."""
+    steered = [row.steering for row in rows if row.steering is not None]
+    if not steered or not steered[0].injection.hooks_blocks:
+        return None
+    template = steered[0].vectors
+    vectors = [row.steering.vectors[0] if row.steering is not None else template.new_zeros(template.shape[1:]) for row in rows]
+    layers = [row.steering.layers[0] if row.steering is not None else 0 for row in rows]
+    return Steering(steered[0].mode, torch.stack(vectors), layers)
+
+
+def select_cells(frame: pl.DataFrame, selection: str) -> pl.DataFrame:
+    """The rows to generate from. default: per question and context condition, the baseline, every cell of the relevant
+    engram that flipped or broke, and the best and worst cell (by ratio) of the relevant engram and of each control kind.
+    all: every row. baseline: the baseline rows. flips: the baseline and every flipped or broken cell of any engram."""
+    if selection not in SELECTIONS:
+        raise EngramEvalError(f"--cells: unknown '{selection}' (one of: {', '.join(SELECTIONS)})")
+    frame = frame.with_row_index("row")
+    baseline = pl.col("role") == "baseline"
+    moved = pl.col("flipped") | pl.col("broken")
+    if selection == "all":
+        return frame
+    if selection == "baseline":
+        return frame.filter(baseline)
+    if selection == "flips":
+        return frame.filter(baseline | moved)
+    condition = ["question_id", "context", "kind"]
+    cells = frame.filter(~baseline).with_columns(engram_kind())
+    ranked = cells.with_columns(
+        best=pl.col("row") == pl.col("row").sort_by("ratio", descending=True).first().over(condition),
+        worst=pl.col("row") == pl.col("row").sort_by("ratio").first().over(condition),
+    )
+    keep = ranked.filter(pl.col("best") | pl.col("worst") | ((pl.col("role") == "relevant") & moved))["row"]
+    return frame.filter(baseline | pl.col("row").is_in(keep.implode()))
+
+
+@dataclass
+class GenerateResult:
+    out: Path
+    generations_path: Path
+    info: dict
+
+
+def run_generate(
+    lm: LoadedModel,
+    run_dir: str | Path,
+    *,
+    cells: str = "default",
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    batch_size: int | None = None,
+    force: bool = False,
+    progress: bool = True,
+    ray: RayOptions | None = None,
+) -> GenerateResult:
+    """Generate from a finished sweep's selected cells; each question lands atomically in RUN/generation-parts, so a
+    rerun resumes. A run holding generations with other settings is refused unless force. ray: batches of whole
+    questions go to a Ray cluster's workers."""
+    from tqdm import tqdm
+
+    out = Path(run_dir)
+    if max_new_tokens < 1:
+        raise EngramEvalError(f"--max-new-tokens: must be at least 1 (got {max_new_tokens})")
+    run = read_run_json(out)
+    results = out / "results.parquet"
+    if run is None or not results.is_file():
+        raise EngramEvalError(f"{out}: no results.parquet (finish the sweep with `engram-eval sweep ... --out {out}` first)")
+    check_results_format(out, run)
+    settings, bank, raw = reopen_run(lm, out, run)
+    selected = select_cells(pl.read_parquet(results), cells)
+    info = {"settings": {"cells": cells, "max_new_tokens": max_new_tokens, "run_id": run["run_id"]}, "status": "running"}
+    _prepare_generation_dir(out, info, force)
+    parts = part_paths(out / "generation-parts", settings.questions)
+    waiting = [(question, part, selected.filter(pl.col("question_id") == question.id)) for question, part in zip(bank.questions, parts)]
+    waiting = [(question, part, rows) for question, part, rows in waiting if rows.height and not part.exists()]
+    longest = max(settings.chunk_list) + max(len(prompt_token_ids(lm, q, bank.path, context=True)) for q in bank.questions)
+    size = batch_size or min(GENERATION_BATCH_CPU if lm.device.type == "cpu" or ray else selected.height,
+                             auto_batch_size(lm, longest + max_new_tokens, selected.height, cpu_token_budget=False))
+    groups = []  # whole questions, as many as fill a batch: each lands in its part once its batch is done
+    while waiting:
+        group, count = [], 0
+        while waiting and (not group or count + waiting[0][2].height <= size):
+            group.append(waiting.pop(0))
+            count += group[-1][2].height
+        groups.append(group)
+    bar = tqdm(total=selected.height, initial=selected.height - sum(rows.height for group in groups for _, _, rows in group),
+               unit="cell", desc="generate", disable=not progress or None, dynamic_ncols=True)
+    executor = open_executor(lm, ray)
+    if executor.description is not None:
+        info["distributed"] = executor.description
+    started, generated_tokens = time.perf_counter(), 0
+
+    def tasks() -> Iterator[Task]:
+        for group in groups:
+            prepared = [(question, part, *question_rows(lm, question, bank.path, rows, raw, settings)) for question, part, rows in group]
+            todo = [row for *_, rows in prepared for row in rows]
+            prepared_groups[group[0][0].id] = prepared
+            yield Task(group[0][0].id, generate_on_worker, (todo, max_new_tokens, size), len(todo))
+
+    def finish(task: Task, generated: list[Generated]) -> None:
+        nonlocal generated_tokens
+        for question, part, rows, todo in prepared_groups.pop(task.name):
+            mine, generated = generated[: len(todo)], generated[len(todo):]
+            generated_tokens += sum(len(g.token_ids) for g in mine)
+            frame = _generation_frame(lm, question, rows, mine).with_columns(run_id=pl.lit(run["run_id"]))
+            write_part(part, frame.select(list(GENERATION_SCHEMA)))
+        bar.set_postfix(tokens_per_s=f"{generated_tokens / (time.perf_counter() - started):.0f}")
+
+    prepared_groups: dict[str, list] = {}  # a task's questions, their rows and what they generate, until it finishes
+    try:
+        with bar:
+            executor.map(tasks(), finish, bar.update)
+    except KeyboardInterrupt:
+        _write_info(out, {**info, "status": "interrupted"})
+        raise
+    except Exception as exc:
+        _write_info(out, {**info, "status": "failed", "reason": one_line(exc)})
+        raise
+    finally:
+        executor.close()
+    seconds = time.perf_counter() - started
+    generations = merge_parts(out / "generations.parquet", [part for part in parts if part.exists()], GENERATION_SCHEMA)
+    info.update(status="complete", generations=selected.height,
+                timings={"seconds": round(seconds, 3), "tokens": generated_tokens,
+                         "tokens_per_second": round(generated_tokens / seconds, 2) if seconds > 0 else None})
+    _write_info(out, info)
+    return GenerateResult(out=out, generations_path=generations, info=info)
+
+
+def reopen_run(lm: LoadedModel, out: Path, run: dict) -> tuple[SweepSettings, Bank, dict]:
+    """A finished sweep's settings, its bank (unchanged since) and its engrams' raw vectors, for this model."""
+    settings = SweepSettings(**run["settings"])
+    if lm.fingerprint != settings.model_fingerprint:
+        raise EngramEvalError(f"{out} was swept with model {settings.model} ({settings.model_fingerprint[:12]}), "
+                              f"not {lm.name} ({lm.short_fingerprint}): pass the run's --model")
+    bank = load_bank(run["bank_path"], allow_outside_paths=True).select(settings.questions)
+    if bank.sha256 != settings.bank_sha256:
+        raise EngramEvalError(f"{run['bank_path']}: the bank changed since {out} was swept; sweep again before generating")
+    engrams = bank_engrams(lm, bank, EngramStore(run["store"]), settings.layers, settings.chunk_list, settings.extraction)
+    return settings, bank, raw_vectors(lm, bank, engrams, settings.layers, settings.chunk_list)
+
+
+def question_rows(lm: LoadedModel, question, bank_path: Path, rows: pl.DataFrame, raw: dict,
+                   settings: SweepSettings) -> tuple[pl.DataFrame, list[Row]]:
+    """One question's selected results rows (baseline first in each context condition) and what to generate for each."""
+    ordered, todo = [], []
+    for (context,), group in rows.group_by(["context"], maintain_order=True):
+        prepared = prepare_question(lm, question, settings.scoring, bank_path, context)
+        baseline = group.filter(pl.col("role") == "baseline")
+        cell_rows = group.filter(pl.col("role") != "baseline")
+        cells = [Cell(r["engram"], None, r["role"], r["control_kind"], r["layer"], r["strength"], r["chunks"], r["context"])
+                 for r in cell_rows.iter_rows(named=True)]
+        todo += [Row(prepared.prompt_ids)] * baseline.height
+        if cells:
+            vectors = CellVectors(lm, raw, settings.injection, settings.scaling, prepared.prompt_ids, cells)
+            todo += [Row(prepared.prompt_ids, vectors.steering([cell])) for cell in cells]
+        ordered += [baseline, cell_rows]
+    return pl.concat(ordered), todo
+
+
+def _generation_frame(lm: LoadedModel, question, rows: pl.DataFrame, generated: list[Generated]) -> pl.DataFrame:
+    matcher = AnswerMatcher.for_question(question)
+    texts = [lm.tokenizer.decode(g.token_ids, skip_special_tokens=True) for g in generated]
+    judged = [matcher.judge(text) for text in texts]
+    return rows.select(*KEY_COLUMNS, "ratio", "flipped", "broken").with_columns(
+        text=pl.Series(texts, dtype=pl.String),
+        token_ids=pl.Series([g.token_ids for g in generated], dtype=pl.List(pl.Int64)),
+        n_tokens=pl.Series([len(g.token_ids) for g in generated], dtype=pl.Int32),
+        stop=pl.Series([g.stop for g in generated], dtype=pl.String),
+        **{key: pl.Series([j[key] for j in judged]) for key in ("says_correct", "says_incorrect", "first_answer", "verdict")},
+    )
+
+
+def generate_in_batches(lm: LoadedModel, todo: list[Row], max_new_tokens: int, batch_size: int,
+                        on_rows: Callable[[int], None] = lambda n: None) -> list[Generated]:
+    """Rows in batches of similar prefill length (less padding), results back in the rows' order."""
+    lengths = [len(row.prompt_ids) + (row.steering.prefix_length if row.steering is not None else 0) for row in todo]
+    order = sorted(range(len(todo)), key=lambda i: lengths[i])
+    results: dict[int, Generated] = {}
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        for i, generated in zip(batch, generate_rows(lm, [todo[i] for i in batch], max_new_tokens)):
+            results[i] = generated
+        on_rows(len(batch))
+    return [results[i] for i in range(len(todo))]
+
+
+def generate_on_worker(lm: LoadedModel, todo: list[Row], max_new_tokens: int, batch_size: int, *,
+                       progress: Callable[[int], None]) -> list[Generated]:
+    """A batch of whole questions' generations as an executor's task; on a worker, whose device may differ from the
+    driver's."""
+    return generate_in_batches(lm, [row.to(lm.device) for row in todo], max_new_tokens, batch_size, progress)
+
+
+def _prepare_generation_dir(out: Path, info: dict, force: bool) -> None:
+    path = out / "generation.json"
+    if path.exists():
+        try:
+            previous = json.loads(path.read_text()).get("settings")
+        except (OSError, ValueError):
+            previous = None
+        if previous != info["settings"]:
+            if not force:
+                changed = sorted(k for k in info["settings"] if (previous or {}).get(k) != info["settings"][k])
+                raise EngramEvalError(f"{out} holds generations with other settings ({', '.join(changed)}); "
+                                      "use --force to replace them")
+            shutil.rmtree(out / "generation-parts", ignore_errors=True)
+            (out / "generations.parquet").unlink(missing_ok=True)
+    (out / "generation-parts").mkdir(exist_ok=True)
+    _write_info(out, info)
+
+
+def _write_info(out: Path, info: dict) -> None:
+    atomic_write_text(out / "generation.json", json.dumps(info, indent=2, sort_keys=True) + "\n")

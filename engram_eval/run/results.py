@@ -1,0 +1,175 @@
+"""Results: the results.parquet schema, the calibration cases, and one question's rows as a frame."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import polars as pl
+
+from ..bank.banks import Bank
+
+if TYPE_CHECKING:
+    from ..steer.grid import Cell
+    from ..steer.prompts import PreparedQuestion
+    from .settings import SweepSettings
+
+CASES = (
+    "HIGH_CONFIDENCE_CORRECT",
+    "CORRECT_WEAKENED",
+    "FRAGILE_CORRECT",
+    "HIGH_CONFIDENCE_INCORRECT",
+    "RECOVERED_KNOWLEDGE",
+    "TIE",
+    "UNSCORABLE",
+)
+
+# A cell whose p_correct + p_incorrect fell below this share of the question's baseline mass has "collapsed": the
+# engram moved the probability to other tokens, so its ratio compares two vanishing numbers (docs/results.md).
+COLLAPSE_THRESHOLD = 0.1
+
+# A cell's settings: the columns results.parquet and generations.parquet share, in this order.
+CELL_SETTING_COLUMNS = {
+    "layer": pl.Int32,
+    "strength": pl.Float64,
+    "chunks": pl.Int32,
+    "pooling": pl.String,
+    "skip_tokens": pl.Int32,
+    "window": pl.Int32,
+    "scaling": pl.String,
+    "injection": pl.String,
+    "context": pl.Boolean,
+}
+
+RESULT_SCHEMA = pl.Schema(
+    {
+        "run_id": pl.String,
+        "model": pl.String,
+        "model_fingerprint": pl.String,
+        "bank": pl.String,
+        "question_id": pl.String,
+        "tags": pl.List(pl.String),
+        "related_wrong": pl.Boolean,
+        "engram": pl.String,
+        "engram_key": pl.String,
+        "role": pl.String,
+        "control_kind": pl.String,
+        **CELL_SETTING_COLUMNS,
+        "scoring": pl.String,
+        "p_correct": pl.Float64,
+        "p_incorrect": pl.Float64,
+        "mass": pl.Float64,
+        "mass_ratio": pl.Float64,
+        "collapsed": pl.Boolean,
+        "p_correct_rose": pl.Boolean,
+        "top_token": pl.String,
+        "p_top": pl.Float64,
+        "attn_prefix_share": pl.Float64,
+        "attn_first_share": pl.Float64,
+        "log_ratio": pl.Float64,
+        "ratio": pl.Float64,
+        "baseline_ratio": pl.Float64,
+        "improvement": pl.Float64,
+        "log_improvement": pl.Float64,
+        "correct_before": pl.Boolean,
+        "correct_after": pl.Boolean,
+        "flipped": pl.Boolean,
+        "broken": pl.Boolean,
+        "case": pl.String,
+        "top_correct_variant": pl.String,
+        "top_incorrect_variant": pl.String,
+    }
+)
+
+
+def case_expr() -> pl.Expr:
+    """METHOD.md's calibration cases from (baseline_ratio, ratio); ties and unscorable cells are their own cases."""
+    b, r = pl.col("baseline_ratio"), pl.col("ratio")
+    unscorable = ~(b.is_finite() & r.is_finite() & (b > 0) & (r > 0))
+    return (
+        pl.when(pl.col("role") == "baseline").then(None)
+        .when(unscorable).then(pl.lit("UNSCORABLE"))
+        .when((b == 1) | (r == 1)).then(pl.lit("TIE"))
+        .when((b > 1) & (r > b)).then(pl.lit("HIGH_CONFIDENCE_CORRECT"))
+        .when((b > 1) & (r >= 1)).then(pl.lit("CORRECT_WEAKENED"))
+        .when(b > 1).then(pl.lit("FRAGILE_CORRECT"))
+        .when(r < 1).then(pl.lit("HIGH_CONFIDENCE_INCORRECT"))
+        .otherwise(pl.lit("RECOVERED_KNOWLEDGE"))
+    )
+
+
+def engram_kind() -> pl.Expr:
+    """A row's kind of engram as one column: a control's kind (anti, irrelevant, random, null), else its role
+    (relevant, baseline)."""
+    return pl.coalesce(pl.col("control_kind"), pl.col("role")).alias("kind")
+
+
+def question_frame(settings: SweepSettings, bank: Bank, prepared: PreparedQuestion, cells: list[Cell], scores: dict[str, list]) -> pl.DataFrame:
+    question = prepared.question
+    n = len(cells) + 1
+    raw = pl.DataFrame(
+        {
+            "run_id": [settings.run_id] * n,
+            "model": [settings.model] * n,
+            "model_fingerprint": [settings.model_fingerprint] * n,
+            "bank": [bank.name] * n,
+            "question_id": [question.id] * n,
+            "tags": [list(question.tags)] * n,
+            "related_wrong": [question.related_wrong] * n,
+            "engram": [None] + [c.engram for c in cells],
+            "engram_key": [None] + [c.engram_key for c in cells],
+            "role": ["baseline"] + [c.role for c in cells],
+            "control_kind": [None] + [c.control_kind for c in cells],
+            "layer": [None] + [c.layer for c in cells],
+            "strength": [None] + [c.strength for c in cells],
+            "chunks": [settings.chunks if isinstance(settings.chunks, int) else None] + [c.chunks for c in cells],
+            "pooling": [settings.pooling] * n,
+            "skip_tokens": [settings.skip_tokens] * n,
+            "window": [settings.window] * n,
+            "scaling": [settings.scaling] * n,
+            "injection": [settings.injection] * n,
+            "context": [prepared.context] * n,
+            "scoring": [settings.scoring] * n,
+            "logp_correct": scores["logp_correct"],
+            "logp_incorrect": scores["logp_incorrect"],
+            "top_correct_variant": scores["top_correct"],
+            "top_incorrect_variant": scores["top_incorrect"],
+            "top_token": scores["top_token"],
+            "logp_top": scores["logp_top"],
+            "attn_prefix_share": scores["attn_prefix_share"],
+            "attn_first_share": scores["attn_first_share"],
+        },
+        schema_overrides={k: RESULT_SCHEMA[k] for k in ("tags", "related_wrong", "engram", "engram_key", "control_kind", "layer", "strength",
+                                                      "chunks", "skip_tokens", "window", "context", "attn_prefix_share",
+                                                      "attn_first_share")},
+    )
+    log_ratio = pl.col("logp_correct") - pl.col("logp_incorrect")
+    unscorable = pl.col("case") == "UNSCORABLE"
+    frame = (
+        raw.with_columns(
+            p_correct=pl.col("logp_correct").exp(),
+            p_incorrect=pl.col("logp_incorrect").exp(),
+            p_top=pl.col("logp_top").exp(),
+            log_ratio=log_ratio,
+            ratio=log_ratio.exp(),
+        )
+        .with_columns(mass=pl.col("p_correct") + pl.col("p_incorrect"))
+        .with_columns(
+            baseline_ratio=pl.col("ratio").first(),
+            baseline_log_ratio=pl.col("log_ratio").first(),
+            mass_ratio=pl.col("mass") / pl.col("mass").first(),
+            p_correct_rose=pl.when(pl.col("role") != "baseline").then(pl.col("p_correct") > pl.col("p_correct").first()),
+        )
+        .with_columns(collapsed=pl.col("mass_ratio") < COLLAPSE_THRESHOLD)
+        .with_columns(
+            improvement=(pl.col("log_ratio") - pl.col("baseline_log_ratio")).exp(),
+            log_improvement=pl.col("log_ratio") - pl.col("baseline_log_ratio"),
+            correct_before=pl.col("baseline_ratio") > 1,
+            correct_after=pl.col("ratio") > 1,
+            case=case_expr(),
+        )
+        .with_columns(
+            flipped=(pl.col("baseline_ratio") < 1) & (pl.col("ratio") > 1) & unscorable.not_().fill_null(True),
+            broken=(pl.col("baseline_ratio") > 1) & (pl.col("ratio") < 1) & unscorable.not_().fill_null(True),
+        )
+    )
+    return frame.select([pl.col(name).cast(dtype) for name, dtype in RESULT_SCHEMA.items()])

@@ -1,0 +1,67 @@
+"""A run's identity: every setting that determines its numbers, and the run id hashed from them."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+
+from ..core.spec import DEFAULT_MAX_TOKENS, SEED_EXTRACTION, SEED_METHOD, Extraction, Grid, Method, SweepSpec
+
+
+@dataclass
+class SweepSettings:
+    """Everything that determines the numbers of a run (batch size does not): the spec, the model and the bank.
+
+    Its fields are run.json's `settings` as they have always been written, so the run id hashed from them does not move;
+    the defaults read a run written before a field existed."""
+
+    model: str
+    model_fingerprint: str
+    bank: str
+    bank_sha256: str
+    layers: list[int]
+    strengths: list[float]
+    chunks: int | list[int]  # one k (an int, as the seed's runs record it) or the chunk-count grid
+    scoring: str
+    injection: str
+    questions: list[str]
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    pooling: str = SEED_EXTRACTION.pooling
+    skip_tokens: int = SEED_EXTRACTION.skip_tokens
+    window: int | None = SEED_EXTRACTION.window
+    scaling: str = SEED_METHOD.scaling
+    context: str = SEED_METHOD.context
+    record_attention: bool = SEED_METHOD.record_attention
+
+    @classmethod
+    def of(cls, spec: SweepSpec, *, model: str, model_fingerprint: str, bank: str, bank_sha256: str,
+           questions: list[str]) -> SweepSettings:
+        grid, method, extraction = spec.grid, spec.method, spec.extraction
+        return cls(
+            model=model, model_fingerprint=model_fingerprint, bank=bank, bank_sha256=bank_sha256,
+            layers=list(grid.layers), strengths=list(grid.strengths),
+            chunks=grid.chunks[0] if len(grid.chunks) == 1 else list(grid.chunks),
+            scoring=method.scoring, injection=method.injection, questions=list(questions),
+            max_tokens=extraction.max_tokens, pooling=extraction.pooling, skip_tokens=extraction.skip_tokens,
+            window=extraction.window, scaling=method.scaling, context=method.context,
+            record_attention=method.record_attention,
+        )
+
+    @property
+    def spec(self) -> SweepSpec:
+        return SweepSpec(Grid(tuple(self.layers), tuple(self.strengths), tuple(self.chunk_list)),
+                         Method(self.injection, self.scaling, self.scoring, self.context, self.record_attention),
+                         self.extraction, tuple(self.questions))
+
+    @property
+    def chunk_list(self) -> list[int]:
+        return [self.chunks] if isinstance(self.chunks, int) else list(self.chunks)
+
+    @property
+    def extraction(self) -> Extraction:
+        return Extraction(pooling=self.pooling, skip_tokens=self.skip_tokens, window=self.window, max_tokens=self.max_tokens)
+
+    @property
+    def run_id(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]

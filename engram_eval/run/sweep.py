@@ -1,0 +1,231 @@
+"""Sweep: question bank x engrams x layers x strengths -> scored cells -> results.parquet (batched, resumable).
+
+Orchestration only: prompts, injection, scoring, results and the run directory each live in their own module.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import polars as pl
+import torch
+
+from ..backend.model import LoadedModel
+from ..bank.banks import Bank
+from ..core.errors import EngramEvalError
+from ..core.registry import INJECTIONS, NULL_PREFIXES
+from ..core.spec import Execution, Observer, SweepSpec
+from ..engram.extraction import chunk_shares
+from ..engram.geometry import pair_geometry
+from ..engram.store import EngramStore, StoredEngram, bank_engrams, engram_label
+from ..steer.grid import Cell, question_cells, raw_vectors
+from ..steer.prompts import PreparedQuestion, context_conditions, prepare_question, variant_token_warnings
+from ..steer.scoring import auto_batch_size, score_cells
+from .executors import Executor, Task, open_executor
+from .results import question_frame
+from .rundir import (
+    mark_stopped,
+    merge_parts,
+    one_line,
+    package_versions,
+    part_paths,
+    prepare_out,
+    write_part,
+    write_run_json,
+)
+from .settings import SweepSettings
+
+@dataclass
+class SweepResult:
+    out: Path
+    results_path: Path
+    run: dict = field(default_factory=dict)
+
+
+def run_sweep(
+    lm: LoadedModel,
+    bank: Bank,
+    store: EngramStore,
+    out: str | Path,
+    spec: SweepSpec,
+    *,
+    execution: Execution = Execution(),
+    force: bool = False,
+    strict: bool = False,
+    observer: Observer = Observer(),
+) -> SweepResult:
+    """Run the spec's grid over the bank; each finished question lands atomically in out/parts, so a rerun resumes where
+    it stopped.
+
+    The spec (engram_eval.core.spec) says what is computed: the extraction, the layer x strength x k grid, the method
+    (injection, scaling, scoring; context: questions with a retrieved context run `with` it, `without` it, or `both`,
+    each condition with its own baseline row; record_attention adds, per row, the share of the last prompt position's
+    attention on the k engram positions and on position 0) and which questions. execution says how (batch size; Ray
+    shards the questions over a cluster's workers, results identical). strict makes the bank's mistakes errors, raised
+    before any model work. observer receives the progress, the log and the warnings a researcher must read before
+    trusting the numbers (bank mistakes, truncated or dominated engrams). An interrupted or failed run says so in
+    run.json.
+    """
+    spec.check(lm.num_layers)
+    execution.check()
+    method, chunk_list = spec.method, list(spec.grid.chunks)
+    warn = observer.warn
+    if spec.questions is not None:
+        bank = bank.select(list(spec.questions))
+    out = Path(out)
+    started = time.perf_counter()
+    prepared = [[prepare_question(lm, q, method.scoring, bank.path, condition) for condition in context_conditions(q, method.context)]
+                for q in bank.questions]  # before any model work
+    injection = method.injection
+    if INJECTIONS[injection].needs_k_prompt_tokens:
+        for p in (p for conditions in prepared for p in conditions):
+            if len(p.prompt_ids) < max(chunk_list):
+                raise EngramEvalError(f"{bank.path}: question '{p.question.id}': --injection {injection} needs a prompt of at least "
+                                      f"k = {max(chunk_list)} tokens; this one has {len(p.prompt_ids)}")
+    bank_warnings = bank.lint() + [w for conditions in prepared for w in variant_token_warnings(lm, conditions[0], bank.path)]
+    if method.context == "both" and not any(q.context for q in bank.questions):
+        bank_warnings.append(f"{bank.path}: --context both, but no question has a context: every question runs once")
+    if strict and bank_warnings:
+        raise EngramEvalError(f"{bank_warnings[0]} (--strict)")
+    for warning in bank_warnings:
+        warn(warning)
+    executor = open_executor(lm, execution.ray)  # Ray: the workers started, their models loaded and checked
+    settings = SweepSettings.of(spec, model=lm.name, model_fingerprint=lm.fingerprint, bank=bank.name,
+                                bank_sha256=bank.sha256, questions=[q.id for q in bank.questions])
+    try:
+        run = prepare_out(out, settings, force)
+    except BaseException:
+        executor.close()
+        raise
+    run.update(bank_path=str(bank.path), store=str(store.root), model_description=lm.description, versions=package_versions(),
+               device=str(lm.device), dtype=str(lm.dtype).removeprefix("torch."), batch_size=execution.batch_size or "auto")
+    write_run_json(out, run)
+    try:
+        with lm.backend.eager_attention() if method.record_attention else nullcontext():  # the kernel that gives its weights
+            _run_grid(lm, bank, store, out, settings, run, prepared, execution, executor, observer)
+    except KeyboardInterrupt:
+        mark_stopped(out, run, "interrupted")
+        raise
+    except Exception as exc:
+        mark_stopped(out, run, "failed", one_line(exc))
+        raise
+    finally:
+        executor.close()
+    run["timings"]["total_seconds"] = round(time.perf_counter() - started, 3)
+    write_run_json(out, run)
+    return SweepResult(out=out, results_path=out / "results.parquet", run=run)
+
+
+def anti_difference_signals(bank: Bank, engrams: dict[tuple[str, int], StoredEngram], layers: list[int],
+                            chunks: list[int]) -> list[dict]:
+    """The seeds' difference signal between each question's relevant engram and its anti-content controls, per k and
+    layer (the chunk-count section of the report reads these)."""
+    signals = []
+    for q in bank.questions:
+        for anti in (c for c in q.controls if c not in NULL_PREFIXES and bank.sources[c].kind == "anti"):
+            for k in chunks:
+                for layer in layers:
+                    a, b = engrams[(q.engram, k)].engram.layers[layer], engrams[(anti, k)].engram.layers[layer]
+                    signals.append({"question_id": q.id, "anti": anti, "chunks": k, "layer": layer,
+                                    "difference_signal": pair_geometry(a, b)["difference_signal"]})
+    return signals
+
+
+def score_question(lm: LoadedModel, settings: SweepSettings, bank: Bank, conditions: list[PreparedQuestion], grid: list[list[Cell]],
+                   raw: dict[tuple[str, int, int], torch.Tensor], batch_size: int | None, fits: int | None = None,
+                   on_batch: Callable[[int], None] = lambda n: None) -> tuple[pl.DataFrame, int | None]:
+    """One question's rows, every context condition: its baseline then its cells -> (frame, the batch size known to fit
+    after an out-of-memory back-off, for the next question)."""
+    chunks = settings.chunk_list
+    frames = []
+    for prepared, cells in zip(conditions, grid):
+        prefix = max(chunks) if INJECTIONS[settings.injection].prefix_positions else 0
+        requested = batch_size or auto_batch_size(lm, prefix + len(prepared.prompt_ids), len(cells))
+        scores, size = score_cells(lm, prepared, cells, raw, settings.scoring, settings.injection, settings.scaling,
+                                   min(requested, fits or requested), on_batch=on_batch,
+                                   record_attention=settings.record_attention, baseline_chunks=chunks[0])
+        if size < requested:
+            fits = size
+        frames.append(question_frame(settings, bank, prepared, cells, scores))
+    return pl.concat(frames), fits
+
+
+def question_rows(lm: LoadedModel, settings: SweepSettings, bank: Bank, conditions: list[PreparedQuestion],
+                  grid: list[list[Cell]], raw: dict[tuple[str, int, int], torch.Tensor], batch_size: int | None,
+                  fits: int | None, *, progress: Callable[[int], None]) -> tuple[object, int | None]:
+    """A question's task for an executor: score_question's rows as an Arrow table (what travels back from a worker)."""
+    frame, fits = score_question(lm, settings, bank, conditions, grid, raw, batch_size, fits, progress)
+    return frame.to_arrow(), fits
+
+
+def _run_grid(lm: LoadedModel, bank: Bank, store: EngramStore, out: Path, settings: SweepSettings, run: dict,
+              prepared: list[list[PreparedQuestion]], execution: Execution, executor: Executor, observer: Observer) -> None:
+    """Build what the store lacks, score every question not yet in out/parts on the executor, merge; fills run in
+    place."""
+    from tqdm import tqdm
+
+    layers, chunks = settings.layers, settings.chunk_list
+    build_started = time.perf_counter()
+    engrams = bank_engrams(lm, bank, store, layers, chunks, settings.extraction, observer.warn, observer.log)
+    build_seconds = time.perf_counter() - build_started
+    labels = {(name, k): engram_label(name, k, chunks) for name, k in engrams}
+    run.update(
+        engram_keys={labels[key]: stored.key for key, stored in engrams.items()},
+        engram_files={labels[key]: str(stored.path) for key, stored in engrams.items()},
+        largest_chunk_share={labels[key]: {str(layer): round(chunk_shares(stored.engram.layers[layer]).max().item(), 4)
+                                           for layer in layers} for key, stored in engrams.items()},
+        num_layers=lm.num_layers,
+        engram_tokens={name: stored.engram.n_tokens for (name, _), stored in engrams.items()},
+        anti_difference_signal=anti_difference_signals(bank, engrams, layers, chunks),
+    )
+    write_run_json(out, run)
+
+    keys = {key: stored.key for key, stored in engrams.items()}
+    grid = [[question_cells(p.question, bank, keys, layers, settings.strengths, chunks, p.context) for p in conditions]
+            for conditions in prepared]
+    raw = raw_vectors(lm, bank, engrams, layers, chunks)
+    rows = [sum(len(cells) + 1 for cells in question) for question in grid]
+    parts = part_paths(out / "parts", [conditions[0].question.id for conditions in prepared])
+    done = sum(n for n, part in zip(rows, parts) if part.exists())
+    if executor.description is not None:
+        run.update(distributed=executor.description)
+    fits: int | None = None  # the largest batch size known to fit, after an out-of-memory back-off
+    paused = 0.0
+
+    def tasks(shared_raw: object) -> Iterator[Task]:
+        nonlocal paused
+        todo = [i for i, part in enumerate(parts) if not part.exists()]
+        for i in sorted(todo, key=lambda i: -rows[i]) if executor.parallel else todo:
+            pause_started = time.perf_counter()
+            observer.before_question(prepared[i][0].question)
+            paused += time.perf_counter() - pause_started
+            yield Task(prepared[i][0].question.id, question_rows,
+                       (settings, bank, prepared[i], grid[i], shared_raw, execution.batch_size, fits), rows[i])
+
+    def finished(task: Task, result: tuple) -> None:
+        nonlocal fits
+        table, fits = result
+        write_part(parts[index[task.name]], pl.from_arrow(table))
+
+    index = {conditions[0].question.id: i for i, conditions in enumerate(prepared)}
+    sweep_started = time.perf_counter()
+    bar = tqdm(total=sum(rows), initial=done, unit="cell", desc="sweep", disable=not observer.progress or None, dynamic_ncols=True)
+    with bar:
+        executor.map(tasks(executor.share(raw)), finished, bar.update)
+    sweep_seconds = time.perf_counter() - sweep_started - paused
+
+    merge_parts(out / "results.parquet", parts)
+    total = sum(rows)
+    run.update(
+        status="complete",
+        cells={"total": total, "resumed": done, "computed": total - done, "questions": len(prepared)},
+        timings={
+            "build_seconds": round(build_seconds, 3),
+            "sweep_seconds": round(sweep_seconds, 3),
+            "cells_per_second": round((total - done) / sweep_seconds, 3) if sweep_seconds > 0 else None,
+        },
+    )

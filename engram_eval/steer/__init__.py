@@ -1,0 +1,1 @@
+"""Steering a prompt: prompts, the grid of cells, injection modes, scoring."""

@@ -1,0 +1,61 @@
+"""The grid: which cells a question has (engram x layer x strength, for each context condition) and the raw vectors
+each cell's engram brings. `sweep` scores these cells; `generate` decodes from them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..backend.model import LoadedModel
+from ..bank.banks import Bank, Question
+from ..core.registry import NULL_PREFIXES
+from ..engram.nulls import NULL_KIND, null_prefix
+from ..engram.store import StoredEngram
+
+
+@dataclass(frozen=True)
+class Cell:
+    engram: str  # a bank source's name, or a null prefix's ~name
+    engram_key: str | None  # the store key (None for a null prefix)
+    role: str  # relevant or control
+    control_kind: str | None
+    layer: int
+    strength: float
+    chunks: int
+    context: bool | None = None  # with the question's retrieved context, without it, or the question has none
+
+    @property
+    def is_null(self) -> bool:
+        return self.control_kind == NULL_KIND
+
+
+def question_engrams(question: Question) -> list[tuple[str, str]]:
+    """(engram name, role) in grid order: the relevant engram, then the controls."""
+    return [(question.engram, "relevant"), *[(name, "control") for name in question.controls]]
+
+
+def question_cells(question: Question, bank: Bank, keys: dict[tuple[str, int], str], layers: list[int],
+                   strengths: list[float], chunks: list[int], context: bool | None = None) -> list[Cell]:
+    """Grid order: k, then engram (relevant first), layer, strength. keys: store key by (source name, k)."""
+    cells = []
+    for k in chunks:
+        for name, role in question_engrams(question):
+            null = name in NULL_PREFIXES
+            kind = NULL_KIND if null else bank.sources[name].kind if role == "control" else None
+            for layer in layers:
+                for strength in strengths:
+                    cells.append(Cell(name, None if null else keys[(name, k)], role, kind, layer, strength, k, context))
+    return cells
+
+
+def raw_vectors(lm: LoadedModel, bank: Bank, engrams: dict[tuple[str, int], StoredEngram], layers: list[int],
+                chunks: list[int]) -> dict[tuple[str, int, int], torch.Tensor]:
+    """Every engram's unscaled vectors by (name, layer, k); a null prefix is the same at every layer."""
+    raw = {(name, layer, k): stored.engram.layers[layer] for (name, k), stored in engrams.items() for layer in layers}
+    nulls = {name for q in bank.questions for name in q.controls if name in NULL_PREFIXES}
+    for name in sorted(nulls):
+        for k in chunks:
+            vectors = null_prefix(name, lm, k)
+            raw.update({(name, layer, k): vectors for layer in layers})
+    return raw

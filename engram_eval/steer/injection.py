@@ -1,0 +1,219 @@
+"""Injection: raw engram vectors -> what a cell does to the model.
+
+Modes (`--injection`), each a class registered in INJECTIONS: `prefix` (the seed's: k scaled vectors before the
+prompt), `add` (added to the first k prompt embeddings) and `actadd` (activation addition: strength x s x u added to
+the residual stream after block L-1 at every position). Scalings (`--scaling`, prefix and add): `global` (the seed's
+one scalar) and `per-chunk`."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar, Iterator
+
+import torch
+
+from ..backend.interface import Backend
+from ..backend.model import LoadedModel
+from ..core.registry import INJECTIONS
+from ..core.spec import SCALINGS
+
+if TYPE_CHECKING:
+    from .grid import Cell
+
+
+def mean_row_norm(x: torch.Tensor) -> torch.Tensor:
+    return x.float().norm(dim=1).mean()
+
+
+def scale_engram(vectors: torch.Tensor, embedding_norm: float, strength: float, scaling: str = "global") -> torch.Tensor:
+    """global (seed): one scalar so the engram's mean row norm equals the embeddings', times strength.
+    per-chunk: every vector to the embeddings' mean row norm times strength, so no chunk dominates."""
+    vectors = vectors.float()
+    if scaling == "per-chunk":
+        return vectors / vectors.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny) * embedding_norm * strength
+    return vectors * (embedding_norm / mean_row_norm(vectors)) * strength
+
+
+def direction(vectors: torch.Tensor) -> torch.Tensor:
+    """actadd's u: the unit vector of the mean of the engram's k raw vectors."""
+    mean = vectors.float().mean(dim=0)
+    return mean / mean.norm().clamp_min(torch.finfo(torch.float32).tiny)
+
+
+@torch.inference_mode()
+def residual_norms(lm: LoadedModel, prompt_ids: tuple[int, ...], layers: list[int]) -> dict[int, float]:
+    """actadd's s per layer: the mean row norm of block L-1's unsteered output over the prompt's positions
+    (layer 0: of the prompt's input embeddings), from one forward pass over the prompt."""
+    embeds = lm.backend.embed(torch.tensor([prompt_ids], device=lm.device))
+    captured: dict[int, torch.Tensor] = {0: embeds[0]}
+    blocks = lm.backend.blocks()
+    handles = [blocks[layer - 1].register_forward_hook(_capture(captured, layer)) for layer in set(layers) if layer > 0]
+    try:
+        lm.backend.last_hidden(embeds)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {layer: captured[layer].float().norm(dim=-1).mean().item() for layer in layers}
+
+
+def _capture(captured: dict[int, torch.Tensor], layer: int):
+    def hook(module, args, output):
+        captured[layer] = (output[0] if isinstance(output, tuple) else output)[0]
+    return hook
+
+
+class Injection:
+    """An injection mode: how a cell's engram enters the model. The class attributes are what the sweep, generation
+    and the benchmark need to know of a mode; the methods do the work."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]  # its --injection help
+    prefix_positions: ClassVar[bool] = False  # the engram's k vectors are extra positions before the prompt
+    needs_k_prompt_tokens: ClassVar[bool] = False  # the prompt must have at least k tokens
+    site_depends_on_layer: ClassVar[bool] = False  # a null prefix (the same vectors at every layer) differs per layer
+    hooks_blocks: ClassVar[bool] = False  # adds to decoder blocks' outputs while the model runs
+    scalings: ClassVar[tuple[str, ...]] = SCALINGS
+    scaling_refusal: ClassVar[str] = ""  # the error for a --scaling it does not take
+
+    def residual_norms(self, lm: LoadedModel, prompt_ids: tuple[int, ...], layers: list[int]) -> dict[int, float]:
+        """What the mode measures of the prompt before it scales (nothing, unless it overrides this)."""
+        return {}
+
+    def unit(self, lm: LoadedModel, vectors: torch.Tensor, scaling: str) -> torch.Tensor:
+        """The injected vectors at strength 1, from an engram's raw vectors."""
+        return scale_engram(vectors, lm.embedding_norm, 1.0, scaling)
+
+    def scaled(self, unit: torch.Tensor, strength: float, norm: float | None) -> torch.Tensor:
+        return unit * strength
+
+    def inputs(self, steering: Steering, vectors: torch.Tensor, body: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def next_inputs(self, steering: Steering, embeds: torch.Tensor) -> torch.Tensor:
+        """The embeddings of tokens generated after the prefill (the prefill's injection is in the KV cache)."""
+        return embeds
+
+
+@INJECTIONS.register
+class Prefix(Injection):
+    name = "prefix"
+    summary = "prepend the k scaled vectors to the prompt's embeddings (seed mode)."
+    prefix_positions = True
+
+    def inputs(self, steering: Steering, vectors: torch.Tensor, body: torch.Tensor) -> torch.Tensor:
+        return torch.cat([vectors, body], dim=1)
+
+
+@INJECTIONS.register
+class Add(Injection):
+    name = "add"
+    summary = "add them to the embeddings of the first k prompt tokens."
+    needs_k_prompt_tokens = True
+
+    def inputs(self, steering: Steering, vectors: torch.Tensor, body: torch.Tensor) -> torch.Tensor:
+        steered = body.clone()
+        steered[:, : vectors.shape[1]] += vectors
+        return steered
+
+
+@INJECTIONS.register
+class ActAdd(Injection):
+    name = "actadd"
+    summary = ("activation addition, strength x s x u added to the output of block L-1 at every position (u: unit mean "
+               "of the engram's raw vectors at L; s: the mean row norm of that output over the prompt).")
+    site_depends_on_layer = True
+    hooks_blocks = True
+    scalings = ("global",)
+    scaling_refusal = "--scaling: applies to prefix and add injection; actadd scales its direction by the residual stream's own norm"
+
+    def residual_norms(self, lm: LoadedModel, prompt_ids: tuple[int, ...], layers: list[int]) -> dict[int, float]:
+        return residual_norms(lm, prompt_ids, layers)
+
+    def unit(self, lm: LoadedModel, vectors: torch.Tensor, scaling: str) -> torch.Tensor:
+        return direction(vectors)
+
+    def scaled(self, unit: torch.Tensor, strength: float, norm: float | None) -> torch.Tensor:
+        return unit * (strength * norm)
+
+    def inputs(self, steering: Steering, vectors: torch.Tensor, body: torch.Tensor) -> torch.Tensor:
+        return body + steering.rows_at(0, vectors).unsqueeze(1)  # layer 0: the input embeddings
+
+    def next_inputs(self, steering: Steering, embeds: torch.Tensor) -> torch.Tensor:
+        """Layer 0 adds to every position, generated tokens included (deeper layers get it from the hooks)."""
+        return self.inputs(steering, steering.vectors.to(embeds.device, embeds.dtype), embeds)
+
+
+@dataclass
+class Steering:
+    """What a batch of cells does to the model, one row each. prefix and add: vectors [batch, k, hidden], already
+    scaled; actadd: vectors [batch, hidden] (strength x s x u) and the layer of each row."""
+
+    mode: str
+    vectors: torch.Tensor
+    layers: list[int] | None = None
+
+    @property
+    def injection(self) -> Injection:
+        return INJECTIONS[self.mode]
+
+    @property
+    def prefix_length(self) -> int:
+        return self.vectors.shape[1] if self.injection.prefix_positions else 0
+
+    def inputs(self, body: torch.Tensor) -> torch.Tensor:
+        """The input embeddings [batch, positions, hidden] with the engram in them."""
+        return self.injection.inputs(self, self.vectors.to(body.device, body.dtype), body)
+
+    def next_inputs(self, embeds: torch.Tensor) -> torch.Tensor:
+        return self.injection.next_inputs(self, embeds)
+
+    def rows_at(self, layer: int, vectors: torch.Tensor) -> torch.Tensor:
+        """The rows' vectors where the row's layer is `layer`, zero elsewhere."""
+        mask = torch.tensor([row_layer == layer for row_layer in self.layers], device=vectors.device, dtype=vectors.dtype)
+        return vectors * mask.unsqueeze(-1)
+
+    @contextmanager
+    def active(self, backend: Backend) -> Iterator[None]:
+        """A mode that hooks blocks (actadd): while block L-1 runs, add each row's vector to its output at every
+        position."""
+        handles = []
+        if self.injection.hooks_blocks:
+            blocks = backend.blocks()
+            for layer in sorted(set(self.layers) - {0}):
+                handles.append(blocks[layer - 1].register_forward_hook(self._adder(layer)))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _adder(self, layer: int):
+        def hook(module, args, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            steered = hidden + self.rows_at(layer, self.vectors.to(hidden.device, hidden.dtype)).unsqueeze(1)
+            return (steered, *output[1:]) if isinstance(output, tuple) else steered
+        return hook
+
+
+class CellVectors:
+    """Turns cells into the Steering of a batch, for one prompt: each cell's vectors at strength 1 (the mode's unit:
+    the scaled engram, or actadd's direction u) times its strength (and what the mode measured of the prompt, actadd's
+    s). Work shared by cells is done once."""
+
+    def __init__(self, lm: LoadedModel, raw: dict[tuple[str, int, int], torch.Tensor], injection: str, scaling: str,
+                 prompt_ids: tuple[int, ...], cells: list[Cell]):
+        self.injection = injection
+        self.mode = INJECTIONS[injection]
+        self.norms = self.mode.residual_norms(lm, prompt_ids, sorted({c.layer for c in cells}))
+        self.unit: dict[tuple[str, int, int], torch.Tensor] = {}
+        for cell in cells:
+            key = (cell.engram, cell.layer, cell.chunks)
+            if key not in self.unit:
+                self.unit[key] = self.mode.unit(lm, raw[key], scaling).to(lm.device)
+
+    def vector(self, cell: Cell) -> torch.Tensor:
+        return self.mode.scaled(self.unit[(cell.engram, cell.layer, cell.chunks)], cell.strength, self.norms.get(cell.layer))
+
+    def steering(self, cells: list[Cell]) -> Steering:
+        return Steering(self.injection, torch.stack([self.vector(cell) for cell in cells]), [cell.layer for cell in cells])

@@ -1,0 +1,85 @@
+"""Prompts: a bank question -> the token ids the model scores (chat template applied) and its variants' ids."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..backend.model import LoadedModel
+from ..bank.banks import Question
+from ..core.errors import EngramEvalError
+from ..core.registry import SCORINGS
+
+
+@dataclass(frozen=True)
+class PreparedQuestion:
+    question: Question
+    prompt_ids: tuple[int, ...]
+    correct_ids: tuple[tuple[int, ...], ...]
+    incorrect_ids: tuple[tuple[int, ...], ...]
+    context: bool | None = None  # the prompt carries the question's retrieved context (None: it has none)
+
+
+def prompt_text(question: Question, context: bool = False) -> str:
+    """The question as scored: with its retrieved context, the context, a blank line, then the prompt."""
+    return f"{question.context}\n\n{question.prompt}" if context and question.context else question.prompt
+
+
+def prompt_token_ids(lm: LoadedModel, question: Question, bank_path: Path | str = "bank", context: bool = False) -> list[int]:
+    """Default special tokens; with chat, the tokenizer's chat template (generation prompt added) first."""
+    text = prompt_text(question, context)
+    if question.chat:
+        if not getattr(lm.tokenizer, "chat_template", None):
+            raise EngramEvalError(
+                f"{bank_path}: question '{question.id}': chat: true, but {lm.name}'s tokenizer has no chat template"
+            )
+        messages = [{"role": "user", "content": text}]
+        text = lm.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return lm.tokenizer(text)["input_ids"]
+
+
+def context_conditions(question: Question, mode: str) -> list[bool | None]:
+    """The conditions a question runs in for --context with|without|both (None: the question has no context)."""
+    if question.context is None:
+        return [None]
+    return {"with": [True], "without": [False], "both": [False, True]}[mode]
+
+
+def prepare_question(lm: LoadedModel, question: Question, scoring: str, bank_path: Path | str = "bank",
+                     context: bool | None = None) -> PreparedQuestion:
+    """Tokenize prompt (with or without its context) and variants; refuse variants that cannot be scored apart."""
+    tokenizer = lm.tokenizer
+
+    def encode(variants: tuple[str, ...]) -> tuple[tuple[int, ...], ...]:
+        encoded = []
+        for variant in variants:
+            ids = tuple(tokenizer.encode(variant, add_special_tokens=False))
+            if not ids:
+                raise EngramEvalError(f"{bank_path}: question '{question.id}': variant {variant!r} has no tokens")
+            encoded.append(ids)
+        return tuple(encoded)
+
+    correct, incorrect = encode(question.correct), encode(question.incorrect)
+    for c_text, c_ids in zip(question.correct, correct):
+        for i_text, i_ids in zip(question.incorrect, incorrect):
+            first_token_only = SCORINGS[scoring].first_token_only
+            same = c_ids[0] == i_ids[0] if first_token_only else c_ids == i_ids
+            if same:
+                token = tokenizer.convert_ids_to_tokens(c_ids[0])
+                what = "first token" if first_token_only else "tokens"
+                raise EngramEvalError(
+                    f"{bank_path}: question '{question.id}': correct {c_text!r} and incorrect {i_text!r} share their "
+                    f"{what} ({token!r}, id {c_ids[0]}), so {scoring} scoring cannot tell them apart"
+                )
+    return PreparedQuestion(question, tuple(prompt_token_ids(lm, question, bank_path, bool(context))), correct, incorrect, context)
+
+
+def variant_token_warnings(lm: LoadedModel, prepared: PreparedQuestion, bank_path: Path | str = "bank") -> list[str]:
+    """A variant whose first token is only whitespace: first-token scoring would score that space, not the answer."""
+    warnings = []
+    for variant, ids in zip(prepared.question.correct + prepared.question.incorrect, prepared.correct_ids + prepared.incorrect_ids):
+        first = lm.tokenizer.decode([ids[0]])
+        if not first.strip():
+            warnings.append(f"{bank_path}: question '{prepared.question.id}': variant {variant!r} starts with the "
+                            f"whitespace token {first!r} (id {ids[0]}), so first-token scoring scores that, not the answer")
+    return warnings

@@ -1,0 +1,269 @@
+"""Scoring: log-probabilities of the answer variants after [engram; prompt], batched, with out-of-memory back-off."""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, ClassVar, Iterator
+
+import torch
+
+from ..backend.model import LoadedModel
+from ..core.registry import INJECTIONS, SCORINGS
+from .injection import CellVectors, Steering
+from .prompts import PreparedQuestion
+
+if TYPE_CHECKING:
+    from .grid import Cell
+
+CPU_TOKENS_PER_BATCH = 1024  # measured: larger CPU batches fall out of cache and get slower (docs/performance.md)
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in str(exc) or "out of memory" in str(exc)
+
+
+class Scoring:
+    """A scoring (`--scoring`): how a variant's tokens become its log-probability, and a side's variants one number."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]  # its --scoring help
+    first_token_only: ClassVar[bool] = False  # scores each variant's first token alone (one forward pass)
+
+    def variant(self, token_logps: torch.Tensor) -> torch.Tensor:
+        """A variant's per-token log-probabilities [batch, tokens] -> its log-probability [batch]."""
+        return token_logps.sum(dim=-1)
+
+    def side(self, logprobs: torch.Tensor) -> torch.Tensor:
+        """A side's variants [batch, variants] -> the side's log-probability [batch]: the best variant's, by default."""
+        return logprobs.max(dim=1).values
+
+
+@SCORINGS.register
+class FirstToken(Scoring):
+    name = "first-token"
+    summary = "seed mode, max over variants of their first token's probability."
+    first_token_only = True
+
+
+@SCORINGS.register
+class Sequence(Scoring):
+    name = "sequence"
+    summary = "summed log-probability of each variant's tokens, logsumexp per side."
+
+    def side(self, logprobs: torch.Tensor) -> torch.Tensor:
+        return torch.logsumexp(logprobs, dim=1)
+
+
+@SCORINGS.register
+class SequenceMax(Scoring):
+    name = "sequence-max"
+    summary = "the same, max per side."
+
+
+@SCORINGS.register
+class SequenceMean(Scoring):
+    name = "sequence-mean"
+    summary = "mean per-token log-probability (long answers are not penalised), max per side."
+
+    def variant(self, token_logps: torch.Tensor) -> torch.Tensor:
+        return token_logps.mean(dim=-1)
+
+
+@dataclass
+class Scores:
+    """One batch's scores: per variant log-probabilities [batch, n_variants], and the most likely next token after
+    the prompt (the full distribution's top-1) with its log-probability [batch]."""
+
+    variants: torch.Tensor
+    top_id: torch.Tensor
+    top_logp: torch.Tensor
+    attention: torch.Tensor | None = None  # [batch, positions]: the last prompt position's attention, mean of heads and layers
+
+
+@torch.inference_mode()
+def variant_logprobs(
+    lm: LoadedModel,
+    steering: Steering | None,
+    prompt_ids: tuple[int, ...],
+    variants: tuple[tuple[int, ...], ...],
+    scoring: str,
+    record_attention: bool = False,
+) -> Scores:
+    """Log-probability of each variant after the prompt with a batch of cells' steering in it, in float32.
+
+    first-token: one forward pass, logits only at the last position; log-probabilities as the variants' logits minus
+    the logsumexp over the vocabulary (no full log-softmax is written).
+    sequence*: one pass per variant over [prefix; prompt; variant[:-1]], summing its tokens' log-probs
+    (sequence-mean: their mean, so long answers are not penalised for their length).
+    steering=None is the baseline (no engram). record_attention (eager attention only) also returns the last prompt
+    position's attention over every position, averaged over heads and layers, from the first pass.
+    """
+    attention: list[torch.Tensor] = []
+    backend = lm.backend
+    embed = backend.embed
+    prompt = embed(torch.tensor(prompt_ids, device=lm.device))
+    batch = 1 if steering is None else steering.vectors.shape[0]
+
+    def forward(tail_ids: tuple[int, ...], keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> float32 logits [batch, keep, vocab] and their logsumexp [batch, keep, 1]."""
+        parts = [prompt] if not tail_ids else [prompt, embed(torch.tensor(tail_ids, device=lm.device))]
+        body = torch.cat(parts).unsqueeze(0).expand(batch, -1, -1)
+        record = record_attention and not attention
+        with attention_recorded(lm, attention, -keep) if record else nullcontext():
+            if steering is None:
+                hidden = backend.last_hidden(body)
+            else:
+                with steering.active(backend):
+                    hidden = backend.last_hidden(steering.inputs(body))
+        # The LM head on a contiguous [batch * keep, hidden] slice: transformers' logits_to_keep slice is strided
+        # and turns the head into a slow batched matmul over an expanded weight.
+        last = hidden[:, -keep:, :].reshape(-1, hidden.shape[-1]).contiguous()
+        logits = backend.logits(last).view(batch, keep, -1)
+        return logits, torch.logsumexp(logits, dim=-1, keepdim=True)
+
+    def top(logits: torch.Tensor, normalizer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        best, index = logits.max(dim=-1)
+        return index, best - normalizer.squeeze(-1)
+
+    def mean_attention() -> torch.Tensor | None:
+        return torch.stack(attention).mean(dim=(0, 2)) if attention else None  # [layers, batch, heads, kv] -> [batch, kv]
+
+    mode = SCORINGS[scoring]
+    if mode.first_token_only:
+        logits, normalizer = forward((), 1)
+        return Scores(logits[:, -1, [variant[0] for variant in variants]] - normalizer[:, -1], *top(logits[:, -1], normalizer[:, -1]),
+                      mean_attention())
+    columns, after_prompt = [], None
+    for variant in variants:
+        logits, normalizer = forward(variant[:-1], len(variant))
+        if after_prompt is None:  # position 0 of the kept logits is the prompt's last position
+            after_prompt = top(logits[:, 0], normalizer[:, 0])
+        targets = torch.tensor(variant, device=lm.device).expand(batch, -1).unsqueeze(-1)
+        token_logps = (logits.gather(-1, targets) - normalizer).squeeze(-1)
+        columns.append(mode.variant(token_logps))
+    return Scores(torch.stack(columns, dim=1), *after_prompt, mean_attention())
+
+
+@contextmanager
+def attention_recorded(lm: LoadedModel, into: list[torch.Tensor], query: int) -> Iterator[None]:
+    """While the model runs, keep each layer's attention weights of one query position, [batch, heads, kv] (eager
+    attention returns its weights; the others do not compute them)."""
+    def hook(module, args, output):
+        into.append(output[1][:, :, query, :].float())
+
+    handles = [attention.register_forward_hook(hook) for attention in lm.backend.attention_modules()]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def combine_side(logprobs: torch.Tensor, scoring: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per side: the scoring's side log-prob (max over variants, seed) and the index of the top variant."""
+    return SCORINGS[scoring].side(logprobs), logprobs.argmax(dim=1)
+
+
+def auto_batch_size(lm: LoadedModel, seq_len: int, n_cells: int, cpu_token_budget: bool = True) -> int:
+    """Largest batch whose activations fit in half the free memory (a rough upper bound per sequence); on CPU
+    also at most CPU_TOKENS_PER_BATCH tokens when cpu_token_budget (prefill-sized work; decoding one token per row
+    is bound by reading the weights, so it wants every row it can get)."""
+    per_sequence = lm.backend.bytes_per_sequence(seq_len)
+    free = lm.backend.free_memory()
+    if lm.device.type != "cuda" and cpu_token_budget:
+        n_cells = min(n_cells, max(1, CPU_TOKENS_PER_BATCH // seq_len))
+    return max(1, min(n_cells, int(free * 0.5 // per_sequence)))
+
+
+def score_cells(
+    lm: LoadedModel,
+    prepared: PreparedQuestion,
+    cells: list[Cell],
+    raw: dict[tuple[str, int, int], torch.Tensor],
+    scoring: str,
+    injection: str,
+    scaling: str,
+    batch_size: int,
+    on_batch: Callable[[int], None] = lambda n: None,
+    record_attention: bool = False,
+    baseline_chunks: int = 16,
+) -> tuple[dict[str, list], int]:
+    """Baseline row first, then one row per cell -> (raw score columns, the batch size that fit).
+
+    raw holds each cell's unscaled vectors by (engram, layer, k). Cells that inject the same thing (a null prefix at
+    another layer, for prefix and add) are computed once. Batches hold cells of one prefix length. On out-of-memory
+    the batch size halves and the batch is retried; callers pass the size back in for the next question so it does
+    not start over from the size that failed.
+    """
+    prompt_ids = prepared.prompt_ids
+    columns: dict[str, list] = {
+        "logp_correct": [], "logp_incorrect": [], "top_correct": [], "top_incorrect": [], "top_token": [], "logp_top": [],
+        "attn_prefix_share": [], "attn_first_share": [],
+    }
+    variants = prepared.correct_ids + prepared.incorrect_ids
+    n_correct = len(prepared.correct_ids)
+
+    def score(steering: Steering | None, chunks: list[int]) -> None:
+        scores = variant_logprobs(lm, steering, prompt_ids, variants, scoring, record_attention)  # both sides from one pass
+        if scores.attention is None:
+            columns["attn_prefix_share"].extend([None] * len(chunks))
+            columns["attn_first_share"].extend([None] * len(chunks))
+        else:  # the k engram positions (prefix) or the first k prompt positions (add, actadd, baseline), and position 0
+            columns["attn_prefix_share"].extend(scores.attention[i, :k].sum().item() for i, k in enumerate(chunks))
+            columns["attn_first_share"].extend(scores.attention[:, 0].tolist())
+        for side, part, names in (
+            ("correct", scores.variants[:, :n_correct], prepared.question.correct),
+            ("incorrect", scores.variants[:, n_correct:], prepared.question.incorrect),
+        ):
+            logp, top = combine_side(part, scoring)
+            columns[f"logp_{side}"].extend(logp.double().cpu().tolist())
+            columns[f"top_{side}"].extend(names[i] for i in top.cpu().tolist())
+        columns["top_token"].extend(lm.tokenizer.decode([token]) for token in scores.top_id.cpu().tolist())
+        columns["logp_top"].extend(scores.top_logp.double().cpu().tolist())
+
+    score(None, [baseline_chunks])
+    on_batch(1)
+    vectors = CellVectors(lm, raw, injection, scaling, prompt_ids, cells)
+
+    def injects(cell: Cell) -> tuple:
+        """What a cell puts into the model: a null prefix is the same at every layer, unless the mode's injection site
+        is the layer (actadd)."""
+        layer = None if cell.is_null and not INJECTIONS[injection].site_depends_on_layer else cell.layer
+        return cell.engram, layer, cell.strength, cell.chunks
+
+    first_of: dict[tuple, int] = {}  # what a cell injects -> the unique cell that computes it
+    unique: list[Cell] = []
+    for cell in cells:
+        if injects(cell) not in first_of:
+            first_of[injects(cell)] = len(unique)
+            unique.append(cell)
+    order = sorted(range(len(unique)), key=lambda i: unique[i].chunks)  # one prefix length per batch
+    size, start = batch_size, 0
+    computed = len(columns["logp_correct"])
+    while start < len(order):
+        group = [i for i in order[start:] if unique[i].chunks == unique[order[start]].chunks]
+        # Even batches: 120 cells at size 13 run as 10 x 12, not 9 x 13 + a slow 3-cell remainder.
+        batch = group[: math.ceil(len(group) / math.ceil(len(group) / size))]
+        steering = vectors.steering([unique[i] for i in batch])
+        try:
+            score(steering, [unique[i].chunks for i in batch])
+        except (torch.OutOfMemoryError, RuntimeError) as exc:
+            if not _is_oom(exc) or size == 1:
+                raise
+            size = max(1, size // 2)  # back off and retry this batch
+            if lm.device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
+        start += len(batch)
+        on_batch(len(batch))
+    # Rows came out in batch order, one per unique cell: put them back in cell order, repeating shared ones.
+    position = {i: computed + n for n, i in enumerate(order)}
+    rows = [position[first_of[injects(cell)]] for cell in cells]
+    for name, values in columns.items():
+        columns[name] = values[:computed] + [values[row] for row in rows]
+    skipped = len(cells) - len(unique)
+    if skipped:
+        on_batch(skipped)
+    return columns, size
