@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 
 from engram_eval import load_run, summarize
-from engram_eval.report.rendering import fmt_float, fmt_p
+from engram_eval.report.formatting import fmt_float, fmt_p
 
 
 def controls_by_kind(run_dir: str) -> tuple[dict, dict[str, dict]]:
