@@ -297,6 +297,25 @@ def test_sweep_out_store_and_batch_size(tiny_model_dir, bank_dir, default_sweep,
     assert_same_results(pl.read_parquet(tmp_path / "elsewhere/results.parquet"), default_sweep)
 
 
+def test_sweep_threads_reach_torch_while_it_sweeps_and_change_no_number(tiny_model_dir, bank_dir, default_sweep, tmp_path,
+                                                                        monkeypatch):
+    import torch
+
+    import engram_eval.run.sweep as sweep_module
+
+    seen, before = [], torch.get_num_threads()
+    real_score = sweep_module.score_question
+    monkeypatch.setattr(sweep_module, "score_question", lambda *a, **k: seen.append(torch.get_num_threads()) or real_score(*a, **k))
+    wanted = 1 if before != 1 else 2
+    ok(run("sweep", bank_dir / "tiny.yaml", "--model", tiny_model_dir, *GRID, "--threads", str(wanted), "--out", tmp_path / "run",
+           "--store", tmp_path / "store", "-q"))
+    assert seen == [wanted] * 3 and torch.get_num_threads() == before  # set while it sweeps, restored after
+    assert json.loads((tmp_path / "run/run.json").read_text())["threads"] == wanted
+    assert_same_results(pl.read_parquet(tmp_path / "run/results.parquet"), default_sweep, atol=FLOAT32_LOG_ATOL)
+    refused = run("sweep", bank_dir / "tiny.yaml", "--model", tiny_model_dir, *GRID, "--threads", "0")
+    assert refused.exit_code == 2 and "--threads" in refused.stderr and len(refused.stderr.splitlines()) == 1
+
+
 def test_sweep_force_replaces_a_run_of_other_settings(tiny_model_dir, bank_dir, tmp_path):
     common = ["sweep", bank_dir / "tiny.yaml", "--model", tiny_model_dir, "--layers", "1", "--chunks", "4", "--out", tmp_path / "run",
               "--store", tmp_path / "store", "-q"]

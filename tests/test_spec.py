@@ -78,6 +78,7 @@ def test_layers_are_checked_once_the_depth_is_known():
 
 @pytest.mark.parametrize("execution,message", [
     (Execution(batch_size=0), "--batch-size: '0' is not 'auto' or a whole number >= 1"),
+    (Execution(threads=0), "--threads: must be at least 1 (got 0)"),
     (Execution(ray=RayOptions(workers=0)), "--workers: must be at least 1 (got 0)"),
     (Execution(ray=RayOptions(threads_per_worker=0)), "--threads-per-worker: must be at least 1 (got 0)"),
 ])

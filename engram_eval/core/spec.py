@@ -2,7 +2,7 @@
 
 `SweepSpec` is the method and the grid: how engrams are extracted (`Extraction`), the layer x strength x k grid
 (`Grid`) and how a cell steers and is scored (`Method`), plus which questions. `Execution` is how it runs (batch size,
-Ray), which never changes a number. The CLI's options build them; `check()` is every validation, run once before the
+threads, Ray), which never changes a number. The CLI's options build them; `check()` is every validation, run once before the
 model loads (layer bounds once the model's depth is known). Names are checked against the registries
 (engram_eval.core.registry), so a registered mode is valid everywhere at once.
 """
@@ -187,10 +187,13 @@ class Execution:
 
     batch_size: int | None = None  # cells per forward pass; None: the largest that fits
     ray: RayOptions | None = None  # None: this process alone
+    threads: int | None = None  # CPU threads of this process's torch while it runs; None: as torch has them
 
     def check(self) -> Execution:
         if self.batch_size is not None and (isinstance(self.batch_size, bool) or self.batch_size < 1):
             raise EngramEvalError(f"--batch-size: '{self.batch_size}' is not 'auto' or a whole number >= 1")
+        if self.threads is not None and (isinstance(self.threads, bool) or self.threads < 1):
+            raise EngramEvalError(f"--threads: must be at least 1 (got {self.threads})")
         if self.ray is not None:
             self.ray.check()
         return self

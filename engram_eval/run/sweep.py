@@ -64,9 +64,9 @@ def run_sweep(
     The spec (engram_eval.core.spec) says what is computed: the extraction, the layer x strength x k grid, the method
     (injection, scaling, scoring; context: questions with a retrieved context run `with` it, `without` it, or `both`,
     each condition with its own baseline row; record_attention adds, per row, the share of the last prompt position's
-    attention on the k engram positions and on position 0) and which questions. execution says how (batch size; Ray
-    shards the questions over a cluster's workers, results identical). strict makes the bank's mistakes errors, raised
-    before any model work. observer receives the progress, the log and the warnings a researcher must read before
+    attention on the k engram positions and on position 0) and which questions. execution says how (batch size; torch's
+    CPU threads; Ray shards the questions over a cluster's workers, results identical). strict makes the bank's
+    mistakes errors, raised before any model work. observer receives the progress, the log and the warnings a researcher must read before
     trusting the numbers (bank mistakes, truncated or dominated engrams). An interrupted or failed run says so in
     run.json.
     """
@@ -101,10 +101,13 @@ def run_sweep(
     except BaseException:
         executor.close()
         raise
+    threads = torch.get_num_threads()
     run.update(bank_path=str(bank.path), store=str(store.root), model_description=lm.description, versions=package_versions(),
-               device=str(lm.device), dtype=str(lm.dtype).removeprefix("torch."), batch_size=execution.batch_size or "auto")
+               device=str(lm.device), dtype=str(lm.dtype).removeprefix("torch."), batch_size=execution.batch_size or "auto",
+               threads=execution.threads or threads)
     write_run_json(out, run)
     try:
+        torch.set_num_threads(execution.threads or threads)
         with lm.backend.eager_attention() if method.record_attention else nullcontext():  # the kernel that gives its weights
             _run_grid(lm, bank, store, out, settings, run, prepared, execution, executor, observer)
     except KeyboardInterrupt:
@@ -115,6 +118,7 @@ def run_sweep(
         raise
     finally:
         executor.close()
+        torch.set_num_threads(threads)
     run["timings"]["total_seconds"] = round(time.perf_counter() - started, 3)
     write_run_json(out, run)
     return SweepResult(out=out, results_path=out / "results.parquet", run=run)
