@@ -49,6 +49,7 @@ OPTION_TESTS = {
     "sweep --out": "test_sweep_out_store_and_batch_size",
     "sweep --store": "test_sweep_out_store_and_batch_size",
     "sweep --batch-size": "test_sweep_out_store_and_batch_size",
+    "sweep --threads": "test_sweep_threads_reach_torch_while_it_sweeps_and_change_no_number",
     "sweep --force": "test_sweep_force_replaces_a_run_of_other_settings",
     "sweep --allow-outside-paths": "test_allow_outside_paths_admits_a_source_outside_the_banks_folder",
     "sweep --strict": "test_sweep_strict_turns_the_banks_warnings_into_errors",

@@ -3,6 +3,7 @@ import polars as pl
 import pytest
 from scipy.stats import binomtest, bootstrap, false_discovery_control
 
+from engram_eval.core.errors import EngramEvalError
 from engram_eval.report.evidence import cell_tests, effect_sizes, held_out_best_cell
 from engram_eval.report.summary import summarize
 
@@ -83,6 +84,14 @@ def test_the_held_out_split_on_a_hand_worked_example():
     assert (split["flip_rate_where_chosen"]["k"], split["flip_rate_where_chosen"]["n"]) == (flips_at[best], 2)
     held_flips = sum(q in ("q1", "q2") for q in held) if best == 1 else sum(q == "q3" for q in held)
     assert (split["flip_rate_held_out"]["k"], split["flip_rate_held_out"]["n"]) == (held_flips, 2)
+
+
+def test_two_questions_are_enough_to_split_and_one_is_not():
+    frame = hand_made_results().filter(pl.col("question_id").is_in(["q1", "q3"]))
+    split = held_out_best_cell(frame, 0)
+    assert sorted(split["chosen_on"] + split["measured_on"]) == ["q1", "q3"] and len(split["chosen_on"]) == 1
+    with pytest.raises(EngramEvalError, match=r"^--split: needs at least 2 questions .* \(the run has 1\)$"):
+        held_out_best_cell(frame.filter(pl.col("question_id") == "q1"), 0)
 
 
 def test_summaries_carry_the_tests_effects_and_split(run):

@@ -47,6 +47,14 @@ def test_a_control_test_that_cannot_reach_significance_says_so(n, p, expected):
         assert smallest_p_value(n) == sign_flip_test([1.0] * n) < 0.05
 
 
+def test_the_verdicts_boundaries_as_the_rule_is_written():
+    """p < 0.05 (not <=) is significant; either number missing is no data; with no question no p-value can fall below 1."""
+    assert verdict(0.4, 0.05, 20) == "indistinguishable from controls"
+    assert verdict(0.4, 0.049, 20) == "relevant beats controls" and verdict(-0.4, 0.049, 20) == "controls beat relevant"
+    assert verdict(0.4, None, 20) == verdict(None, 0.01, 20) == "no data"
+    assert smallest_p_value(0) == 1.0 and smallest_p_value(1) == 1.0 and smallest_p_value(3) == 0.25
+
+
 def test_exact_mcnemar_on_a_hand_worked_example():
     from engram_eval.report.statistics import mcnemar_exact
 
