@@ -94,6 +94,17 @@ def test_two_questions_are_enough_to_split_and_one_is_not():
         held_out_best_cell(frame.filter(pl.col("question_id") == "q1"), 0)
 
 
+def test_a_single_baseline_correct_question_on_the_chosen_half_still_ranks_by_breaks():
+    """q_right breaks at L1 only; nothing flips. When q_right alone is the chosen half, L2 (no break) is the pick."""
+    rows = [{"question_id": q, "role": "relevant", "layer": layer, "strength": 1.0, "chunks": 16, "context": None,
+             "flipped": False, "broken": q == "q_right" and layer == 1, "correct_before": q == "q_right"}
+            for q in ("q_right", "q_wrong") for layer in (1, 2)]
+    seed = next(s for s in range(50) if np.random.default_rng(s).permutation(2)[0] == 0)  # q_right chosen
+    split = held_out_best_cell(pl.DataFrame(rows), seed)
+    assert split["chosen_on"] == ["q_right"] and split["cell"]["layer"] == 2
+    assert (split["break_rate_where_chosen"]["k"], split["break_rate_where_chosen"]["n"]) == (0, 1)
+
+
 def test_summaries_carry_the_tests_effects_and_split(run):
     frame, meta = run
     summary = summarize(frame, meta, split=3)

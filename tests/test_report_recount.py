@@ -333,3 +333,38 @@ def test_heatmaps_per_k_in_a_chunk_grid():
                     assert flip["questions"] == sorted(set(here.filter(pl.col("flipped"))["question_id"]))
                     assert brk["questions"] == sorted(set(here.filter(pl.col("broken"))["question_id"]))
     assert summary["heatmaps"]["relevant k=8"]["flip"] != summary["heatmaps"]["relevant k=16"]["flip"]
+
+
+def test_effect_sizes_at_each_k_of_a_chunk_grid_recounted():
+    """Each k's maps from that k's rows alone, per unit (a question in one context condition) then over units, with
+    scipy's seeded bootstrap."""
+    from decisive import every_section_frame, every_section_run
+    from scipy.stats import bootstrap
+
+    frame = every_section_frame()
+    summary = summarize(frame, every_section_run())
+    ks = sorted(frame["chunks"].drop_nulls().unique().to_list())
+    assert len(ks) > 1 and sorted(summary["effects"]) == sorted(f"k={k}" for k in ks)
+    for k in ks:
+        effects = summary["effects"][f"k={k}"]
+        assert effects["chunks"] == k
+        at_k = frame.filter(pl.col("chunks") == k)
+        for i, layer in enumerate(effects["layers"]):
+            for j, strength in enumerate(effects["strengths"]):
+                cell = at_k.filter((pl.col("layer") == layer) & (pl.col("strength") == strength))
+                relevant = cell.filter(pl.col("role") == "relevant").group_by("question_id", "context").agg(pl.col("log_improvement").mean())
+                per_question = {(r["question_id"], r["context"]): r["log_improvement"] for r in relevant.iter_rows(named=True)}
+                got = effects["maps"]["relevant"][i][j]
+                values = np.sort(list(per_question.values()))
+                assert got["n"] == len(values) and got["mean"] == pytest.approx(values.mean())
+                if len(set(values)) > 1:
+                    ci = bootstrap((values,), np.mean, n_resamples=9999, method="percentile", rng=np.random.default_rng(0))
+                    assert got["ci95"] == pytest.approx((ci.confidence_interval.low, ci.confidence_interval.high))
+                for kind in ("anti", "irrelevant", "random"):
+                    controls = cell.filter(pl.col("control_kind") == kind).group_by("question_id", "context").agg(
+                        pl.col("log_improvement").mean())
+                    differences = [per_question[(r["question_id"], r["context"])] - r["log_improvement"]
+                                   for r in controls.iter_rows(named=True)]
+                    if differences:
+                        mine = effects["maps"][f"relevant - {kind}"][i][j]
+                        assert mine["n"] == len(differences) and mine["mean"] == pytest.approx(np.mean(differences))
