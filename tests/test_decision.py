@@ -52,3 +52,26 @@ def test_the_best_cell_is_the_highest_flip_rate_then_fewest_breaks_then_lowest_k
     assert (best["chunks"], best["layer"], best["strength"]) == (k, layer, strength)
     assert (best["flip_rate"]["k"], best["break_rate"]["k"]) == (flips, breaks)
     assert _headline(relevant, [])["best_cell"] is None
+
+
+def test_a_tie_between_a_lower_layer_and_a_lower_strength_goes_to_the_lower_layer():
+    import polars as pl
+
+    flips = [[0, 3], [3, 0]]  # L1 x5 and L2 x1 tie at the top
+    maps = [heatmap(None, flips, [[0, 0], [0, 0]])]
+    relevant = pl.DataFrame({"question_id": ["q"], "correct_before": [False], "flipped": [False], "broken": [False],
+                             "p_correct_rose": [False], "collapsed": [False]})
+    best = _headline(relevant, maps)["best_cell"]
+    assert (best["layer"], best["strength"]) == (1, 5.0)
+
+
+def test_a_questions_best_cell_on_equal_ratios_is_the_lowest_k_layer_and_strength():
+    import polars as pl
+    from decisive import decisive_frame, decisive_run
+
+    from engram_eval.report.summary import summarize
+
+    frame = decisive_frame().with_columns(
+        ratio=pl.when((pl.col("question_id") == "q01") & (pl.col("role") == "relevant")).then(2.0).otherwise(pl.col("ratio")))
+    q01 = next(q for q in summarize(frame, decisive_run())["questions"] if q["question_id"] == "q01")
+    assert (q01["best"]["layer"], q01["best"]["strength"], q01["best"]["ratio"]) == (1, 1.0, 2.0)

@@ -198,7 +198,7 @@ def _headline(relevant: pl.DataFrame, heatmaps: list[dict]) -> dict:
 def _controls(frame: pl.DataFrame) -> list[dict]:
     relevant = frame.filter(pl.col("role") == "relevant").select(
         "question_id", *CELL_KEYS, rel_log=pl.col("log_improvement"), rel_flip="flipped", rel_break="broken",
-        rel_ratio="ratio", wrong=~pl.col("correct_before")
+        wrong=~pl.col("correct_before")
     )
     controls = frame.filter(pl.col("role") == "control")
     rows = []
