@@ -248,9 +248,10 @@ _ReadableDumper.add_representer(str, _text_representer)
 def write_bank(data: dict, sources: dict[str, str], out: Path, name: str, description: str, spec: ImportSpec, force: bool) -> Path:
     """Write the bank YAML and a folder of source files next to it, then load it back as any bank is checked. On any
     failure nothing is left behind."""
+    known = import_controls()
     for control in spec.controls:
-        if control not in import_controls():
-            raise EngramEvalError(f"--controls: unknown '{control}' (one of: {', '.join(import_controls())})")
+        if control not in known:
+            raise EngramEvalError(f"--controls: unknown '{control}' (one of: {', '.join(known)})")
     folder = out.parent / f"{out.stem}-sources"
     if (out.exists() or folder.exists()) and not force:
         raise EngramEvalError(f"--out: {out if out.exists() else folder} exists; use --force to replace it")
