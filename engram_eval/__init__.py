@@ -1,21 +1,34 @@
-"""engram-eval: measure what engram activation steering really does, at scale."""
+"""engram-eval: measure what engram activation steering really does, at scale.
+
+The names below are imported on first use (PEP 562), so `engram-eval --help` and `report` never load torch."""
+
+from importlib import import_module
 
 from ._version import __version__
-from .backend.model import LoadedModel, load_model
-from .bank.banks import Bank, Question, Source, load_bank
-from .core.errors import EngramEvalError, EngramEvalWarning
-from .core.spec import Execution, Extraction, Grid, Method, Observer, SweepSpec
-from .engram.extraction import Engram, extract_engram
-from .engram.geometry import compare_engrams
-from .engram.pooling import chunk_mean
-from .engram.store import EngramStore, StoredEngram
-from .report.summary import load_run, summarize
-from .run.generation import run_generate
-from .run.sweep import run_sweep
 
-__all__ = [
-    "Bank", "Engram", "EngramEvalError", "EngramEvalWarning", "EngramStore", "LoadedModel", "Question", "Source",
-    "StoredEngram", "Extraction", "chunk_mean", "compare_engrams", "extract_engram", "load_bank", "load_model", "load_run",
-    "run_generate", "run_sweep", "summarize", "Execution", "Grid", "Method", "Observer", "SweepSpec",
-    "__version__",
-]
+_NAMES = {
+    "LoadedModel": ".backend.model", "load_model": ".backend.model",
+    "Bank": ".bank.banks", "Question": ".bank.banks", "Source": ".bank.banks", "load_bank": ".bank.banks",
+    "EngramEvalError": ".core.errors", "EngramEvalWarning": ".core.errors",
+    "Execution": ".core.spec", "Extraction": ".core.spec", "Grid": ".core.spec", "Method": ".core.spec",
+    "Observer": ".core.spec", "SweepSpec": ".core.spec",
+    "Engram": ".engram.extraction", "extract_engram": ".engram.extraction",
+    "compare_engrams": ".engram.geometry", "chunk_mean": ".engram.pooling",
+    "EngramStore": ".engram.store", "StoredEngram": ".engram.store",
+    "load_run": ".report.summary", "summarize": ".report.summary",
+    "run_generate": ".run.generation", "run_sweep": ".run.sweep",
+}
+
+__all__ = [*_NAMES, "__version__"]
+
+
+def __getattr__(name: str):
+    if name not in _NAMES:
+        raise AttributeError(f"module 'engram_eval' has no attribute {name!r}")
+    value = getattr(import_module(_NAMES[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -76,7 +76,7 @@ def decisive_frame(seed: int = 7) -> pl.DataFrame:
                 "role": "baseline" if is_base else "relevant" if kind == "relevant" else "control",
                 "control_kind": None if kind in ("baseline", "relevant") else kind,
                 "layer": layer, "strength": strength, "chunks": 16, "pooling": "mean", "skip_tokens": 0, "window": None,
-                "scaling": "global", "injection": "prefix", "context": None, "scoring": "first-token",
+                "scaling": "global", "injection": "prefix", "context": None, "scoring": "first-token", "repeated": False,
                 "p_correct": p_correct, "p_incorrect": p_incorrect, "mass": mass, "mass_ratio": mass / base_mass,
                 "collapsed": mass / base_mass < 0.1, "p_correct_rose": None if is_base else p_correct > base_p_correct,
                 "top_token": " x", "p_top": 0.5, "attn_prefix_share": None, "attn_first_share": None,
@@ -116,7 +116,7 @@ def every_section_generations() -> pl.DataFrame:
     rows = []
     for i, qid in enumerate(QUESTIONS[:8]):
         for role in ("baseline", "relevant"):
-            rows.append({"question_id": qid, "role": role, "engram": None if role == "baseline" else f"relevant-{qid}",
+            rows.append({"question_id": qid, "role": role, "control_kind": None, "engram": None if role == "baseline" else f"relevant-{qid}",
                          "layer": None if role == "baseline" else 2, "strength": None if role == "baseline" else 5.0, "chunks": 16,
                          "context": True, "ratio": [0.5, 2.0, 1.0][i % 3], "flipped": None if role == "baseline" else i % 2 == 0,
                          "verdict": ["correct", "incorrect", "both", "neither"][i % 4], "first_answer": ["correct", "incorrect", "none"][i % 3],

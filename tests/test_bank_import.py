@@ -190,4 +190,4 @@ def test_an_imported_bank_has_distinct_letters_on_the_real_tokenizer_and_sweeps(
     result = flat_sweep(real, bank, EngramStore(tmp_path / "s"), tmp_path / "run", layers=[16], strengths=[1.0],
                        questions=["sci-01", "sci-05"], progress=False, warn=lambda m: None)
     frame = pl.read_parquet(result.results_path)
-    assert frame.height == 2 * (1 + 5) and set(frame["control_kind"].drop_nulls()) == {"irrelevant", "random", "null"}
+    assert frame.height == 2 * (1 + 5) and set(frame["control_kind"].drop_nulls()) == {"irrelevant", "random", "null-prefix"}

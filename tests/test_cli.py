@@ -222,9 +222,10 @@ def test_store_gc_dry_run_then_removal(tiny_model_dir, tmp_path):
     (tmp_path / "runs").mkdir()
     (tmp_path / "runs/run.json").write_text(json.dumps({"engram_keys": {"topic": used.name.split(".")[1]}}))
     dry = run("store", "gc", "--store", store, "--runs", tmp_path / "runs", "--dry-run")
-    assert dry.stdout == f"would remove {unused}\n1 file(s) to remove; 1 engram(s) kept\n" and unused.exists()
-    done = run("store", "gc", "--store", store, "--runs", tmp_path / "runs")
-    assert done.stdout == f"removed {unused}\n1 file(s) removed; 1 engram(s) kept\n"
+    assert dry.stdout == f"would remove {unused}\nkeeping {used}\n0 temporary file(s) and 1 engram(s) to remove; 1 engram(s) kept\n"
+    assert unused.exists()
+    done = run("store", "gc", "--store", store, "--runs", tmp_path / "runs", "--yes")
+    assert done.stdout == f"removing {unused}\nkeeping {used}\n0 temporary file(s) and 1 engram(s) removed; 1 engram(s) kept\n"
     assert list(store.glob("*.safetensors")) == [used]
 
 

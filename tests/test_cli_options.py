@@ -153,6 +153,7 @@ OPTION_TESTS = {
     "store gc --store": "test_store_commands_act_on_the_store_given",
     "store gc --runs": "test_store_gc_runs_and_dry_run",
     "store gc --dry-run": "test_store_gc_runs_and_dry_run",
+    "store gc --yes": "test_store_gc_runs_and_dry_run",
     "store ls --store": "test_store_commands_act_on_the_store_given",
     "store rm --store": "test_store_commands_act_on_the_store_given",
     "store show --store": "test_store_commands_act_on_the_store_given",
@@ -812,21 +813,36 @@ def test_store_commands_act_on_the_store_given(tiny_model_dir, tmp_path):
     ok(run("store", "gc", "--store", tmp_path / "two", "--runs", tmp_path, "--dry-run"))
     ok(run("store", "rm", "a", "--store", tmp_path / "one"))
     assert not path_one.exists() and path_two.exists()
-    ok(run("store", "gc", "--store", tmp_path / "two", "--runs", tmp_path / "one"))
+    ok(run("store", "gc", "--store", tmp_path / "two", "--runs", tmp_path / "one", "--yes"))
     assert not (tmp_path / "two/.tmp-999999999-x.safetensors").exists()
 
 
 def test_store_gc_runs_and_dry_run(tiny, tmp_path):
+    """Without --runs gc removes temporaries only (a run written elsewhere must not lose its engrams); with --runs it
+    lists what it removes and keeps, and asks before removing engrams unless --yes."""
     from engram_eval.engram.store import EngramStore
 
     store = EngramStore(tmp_path / "store")
     kept, _ = store.ensure(tiny, "kept", "alpha beta gamma delta", layers=[1], chunks=2)
     dropped, _ = store.ensure(tiny, "dropped", "beta gamma delta alpha", layers=[1], chunks=2)
+    stale = tmp_path / "store/.tmp-999999999-x.safetensors"
+    stale.write_bytes(b"partial")
     (tmp_path / "runs/a").mkdir(parents=True)
     (tmp_path / "runs/a/run.json").write_text(json.dumps({"engram_keys": {"kept": kept.key}}))
     (tmp_path / "empty").mkdir()
+    listing = sorted([kept.path, dropped.path])
+    alone = ok(run("store", "gc", "--store", tmp_path / "store")).stdout
+    assert alone == (f"removing {stale}\n" + "".join(f"keeping {p}\n" for p in listing)
+                     + "1 temporary file(s) and 0 engram(s) removed; 2 engram(s) kept (engrams are removed only with --runs)\n")
+    assert not stale.exists() and kept.path.exists() and dropped.path.exists()
     dry = ok(run("store", "gc", "--store", tmp_path / "store", "--runs", tmp_path / "runs", "--dry-run")).stdout
-    assert dry == f"would remove {dropped.path}\n1 file(s) to remove; 1 engram(s) kept\n" and dropped.path.exists()
-    removed = ok(run("store", "gc", "--store", tmp_path / "store", "--runs", tmp_path / "runs", "--runs", tmp_path / "empty")).stdout
-    assert removed == f"removed {dropped.path}\n1 file(s) removed; 1 engram(s) kept\n"
-    assert kept.path.exists() and not dropped.path.exists()
+    assert dry == (f"would remove {dropped.path}\nkeeping {kept.path}\n"
+                   "0 temporary file(s) and 1 engram(s) to remove; 1 engram(s) kept\n") and dropped.path.exists()
+    refused = run("store", "gc", "--store", tmp_path / "store", "--runs", tmp_path / "runs", input="n\n")
+    assert refused.exit_code == 1 and "Aborted" in refused.output and dropped.path.exists()
+    confirmed = ok(run("store", "gc", "--store", tmp_path / "store", "--runs", tmp_path / "runs", input="y\n"))
+    assert "remove 1 engram(s) that no run under" in confirmed.stderr and not dropped.path.exists()
+    again, _ = store.ensure(tiny, "dropped", "beta gamma delta alpha", layers=[1], chunks=2)
+    removed = ok(run("store", "gc", "--store", tmp_path / "store", "--runs", tmp_path / "runs", "--runs", tmp_path / "empty", "--yes")).stdout
+    assert removed == f"removing {again.path}\nkeeping {kept.path}\n0 temporary file(s) and 1 engram(s) removed; 1 engram(s) kept\n"
+    assert kept.path.exists() and not again.path.exists()

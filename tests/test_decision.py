@@ -75,3 +75,21 @@ def test_a_questions_best_cell_on_equal_ratios_is_the_lowest_k_layer_and_strengt
         ratio=pl.when((pl.col("question_id") == "q01") & (pl.col("role") == "relevant")).then(2.0).otherwise(pl.col("ratio")))
     q01 = next(q for q in summarize(frame, decisive_run())["questions"] if q["question_id"] == "q01")
     assert (q01["best"]["layer"], q01["best"]["strength"], q01["best"]["ratio"]) == (1, 1.0, 2.0)
+
+
+@pytest.mark.parametrize("baseline,walk,contradicted", [
+    (3.0, [(1.0, 0.206)], True),  # the case: "strength 1.0" advised, the grid measured it wrong
+    (3.0, [(1.0, 2.0)], True),  # still right, but weaker than the baseline
+    (3.0, [(1.0, 3.5)], False),
+    (0.5, [(1.0, 0.6), (5.0, 0.39)], True),  # the walk stops at a ratio below the baseline's
+    (0.5, [(1.0, 0.6), (5.0, 1.2)], False),
+    (0.5, [(1.0, 0.55), (5.0, 0.5)], False),  # no worse than the baseline
+    (20.0, [(1.0, 0.1)], False),  # "don't use an engram": no setting to contradict
+])
+def test_advice_the_grid_contradicts_is_marked(baseline, walk, contradicted):
+    from engram_eval.report.formatting import fmt_measured
+
+    decision = decision_advice(baseline, None, walk, 8)
+    expected = decision["strength"] is not None and dict(walk)[decision["strength"]] < baseline
+    assert decision["contradicted"] is contradicted is expected
+    assert ("the grid measured this as harmful" in fmt_measured(decision)) is contradicted

@@ -18,9 +18,14 @@ def test_the_generation_section_recounts_from_the_generations(tiny, tiny_bank, t
     for p, verdicts in g["confusion"].items():
         for v, n in verdicts.items():
             assert n == sum(r["probability"] == p and r["verdict"] == v for r in rows)
-    flipped = [r for r in rows if r["flipped"]]
-    assert (g["flipped_says_correct_first"]["k"], g["flipped_says_correct_first"]["n"]) == (
-        sum(r["first_answer"] == "correct" for r in flipped), len(flipped))
+    for entry in g["by_kind"]:
+        mine = [r for r in rows if (r["control_kind"] or r["role"]) == entry["kind"]]
+        flipped = [r for r in mine if r["flipped"]]
+        assert entry["rows"] == len(mine) > 0
+        if entry["kind"] != "baseline":
+            assert (entry["flipped_says_correct_first"]["k"], entry["flipped_says_correct_first"]["n"]) == (
+                sum(r["first_answer"] == "correct" for r in flipped), len(flipped))
+    assert sum(entry["rows"] for entry in g["by_kind"]) == len(rows)
     assert g["cells"] == len(rows) == len(g["texts"])
 
 

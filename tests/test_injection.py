@@ -52,13 +52,15 @@ def test_null_prefixes_are_the_documented_vectors_scaled_like_any_engram(tiny, t
     bank = write_tiny_bank(tmp_path, extra="").read_text().replace("controls: [stars, noise, anti]", "controls: [stars, ~gaussian, ~mean-token]")
     (tmp_path / "nulls.yaml").write_text(bank)
     frame = pl.read_parquet(sweep(tiny, tmp_path / "nulls.yaml", tmp_path / "run", layers=[1, 3]).results_path)
-    nulls = frame.filter(pl.col("control_kind") == "null")
+    nulls = frame.filter(pl.col("control_kind") == "null-prefix")
     assert sorted(set(nulls["engram"])) == ["~gaussian", "~mean-token"] and nulls["engram_key"].null_count() == nulls.height
     assert_rows_match_reference(tiny, tmp_path / "nulls.yaml", nulls, 4, rel=1e-5, mode="prefix")
-    by_layer = [nulls.filter(pl.col("layer") == layer).drop("layer") for layer in (1, 3)]
+    by_layer = [nulls.filter(pl.col("layer") == layer).drop("layer", "repeated") for layer in (1, 3)]
     assert by_layer[0].equals(by_layer[1])  # a null prefix is the same at every layer: one computation, repeated rows
+    assert nulls.filter(pl.col("layer") == 1)["repeated"].not_().all() and nulls.filter(pl.col("layer") == 3)["repeated"].all()
+    assert not frame.filter(pl.col("control_kind") != "null-prefix")["repeated"].any()
     again = pl.read_parquet(sweep(tiny, tmp_path / "nulls.yaml", tmp_path / "again", layers=[1, 3]).results_path)
-    assert again.filter(pl.col("control_kind") == "null").equals(nulls)
+    assert again.filter(pl.col("control_kind") == "null-prefix").equals(nulls)
 
 
 def test_null_prefixes_are_computed_once_per_strength_for_prefix_and_per_layer_for_actadd(tiny, tmp_path, monkeypatch):

@@ -58,7 +58,7 @@ def test_an_unknown_name_is_one_line_naming_the_option_and_the_known_names(kind)
 
 
 def test_a_name_cannot_be_registered_twice():
-    table: Registry = Registry("--thing")
+    table: Registry = Registry("--thing", "engram_eval.core.registry")
 
     class One:
         name, summary = "one", "the first."
@@ -67,7 +67,7 @@ def test_a_name_cannot_be_registered_twice():
     with pytest.raises(ValueError, match="'one' is registered twice"):
         table.register(One)
     assert table.names() == ("one",) and isinstance(table["one"], One) and "one" in table and list(table) == ["one"]
-    assert Registry("--factory", instances=False).register(One) is One
+    assert Registry("--factory", "engram_eval.core.registry", instances=False).register(One) is One
 
 
 @pytest.mark.parametrize("kind", ["injection", "scoring", "null prefix"])

@@ -108,7 +108,7 @@ def test_the_three_renderings_show_the_same_cells(summary):
     for title, rows in markdown.items():
         assert table[title] == rows, title
     shared = set(markdown) & set(page)  # the HTML page draws the heatmaps as figures
-    assert {"Headline", "Negative controls (same cells; paired sign-flip test across questions)"} <= shared
+    assert {f"Headline: {summary['headline']['conclusion']}", "Negative controls (same cells; paired sign-flip test across questions)"} <= shared
     for title in shared:
         assert page[title] == markdown[title], title
     effect_titles = [t for t in page if t.startswith("Effect size")]
@@ -117,8 +117,15 @@ def test_the_three_renderings_show_the_same_cells(summary):
 
 def test_rendered_numbers_equal_the_json(summary):
     sections = table_sections(summary)
-    headline = dict(map(tuple, sections["Headline"]))
     hl = summary["headline"]
+    by_kind = {row[0]: row for row in sections[f"Headline: {hl['conclusion']}"]}
+    assert list(by_kind) == [k["kind"] for k in hl["by_kind"]]
+    for entry in hl["by_kind"]:
+        row = by_kind[entry["kind"]]
+        check_rate(row[1], entry["question_flip_rate"])
+        check_rate(row[2], entry["question_fragile_correct_rate"])
+        assert row[3] == ("-" if entry["verdict"] is None else f"{entry['verdict']} (p {entry['p_value']:.4f})")
+    headline = dict(map(tuple, sections["The relevant engram across the grid, and its best cell"]))
     check_rate(headline["baseline-wrong questions that flip somewhere in the grid"], hl["question_flip_rate"])
     check_rate(headline["... with a clean flip (p(correct) rose, mass kept)"], hl["question_clean_flip_rate"])
     check_rate(headline["baseline-correct questions that break somewhere in the grid"], hl["question_fragile_correct_rate"])
@@ -129,12 +136,14 @@ def test_rendered_numbers_equal_the_json(summary):
     controls = {row[0]: row for row in sections["Negative controls (same cells; paired sign-flip test across questions)"]}
     for c in summary["controls"]:
         row = controls[c["kind"]]
-        assert (int(row[1]), int(row[2])) == (c["questions"], c["cells"])
+        assert (int(row[1]), row[2]) == (c["questions"], f"{c['cells_relevant']}/{c['cells_control']}")
         assert [float(v) for v in row[3:6]] == pytest.approx([c["mean_log_improvement_relevant"], c["mean_log_improvement_control"],
                                                              c["mean_difference"]], abs=5e-4)
         assert float(row[6]) == pytest.approx(c["p_value"], abs=5e-5) and row[7] == c["verdict"]
         assert row[8] == f"{c['flips_relevant']}/{c['flips_control']}" and row[9] == f"{c['breaks_relevant']}/{c['breaks_control']}"
-        assert row[10].startswith(f"{c['adjusted_flips']}/{c['baseline_wrong_cells']} ")
+        adjusted = c["adjusted_flip_difference"]
+        interval = "" if adjusted["ci95"] is None else f", 95% CI {adjusted['ci95'][0]:+.2f} to {adjusted['ci95'][1]:+.2f}"
+        assert row[10] == f"{adjusted['difference']:+.2f} ({adjusted['questions']} questions{interval})"
 
     questions = {row[0]: row for row in next(rows for t, rows in sections.items() if t.startswith("Questions"))}
     for q in summary["questions"]:
@@ -363,7 +372,8 @@ def test_the_run_questions_and_headline_rows_say_the_summarys_values(every_secti
     h = every_section["header"]
     run = dict(map(tuple, sections["Run"]))
     assert run["grid"] == "layers 1, 2 x strengths 1, 5, k = 8, 16"
-    assert run["cells"] == f"{h['cells']} rows, {h['questions']} questions (run {h['run_id']}, complete)"
+    assert (h["questions"], h["conditions"]) == (20, 40)  # each question with and without its context: counted once
+    assert run["cells"] == f"{h['cells']} rows, 20 questions in 40 conditions (with and without context) (run {h['run_id']}, complete)"
     assert run["duration"] == "1.0 s" and run["scoring"] == "first-token, prefix injection"
     questions = {row[0]: row for row in sections["Questions (probabilities: p(correct) / p(incorrect))"]}
     for q in every_section["questions"]:

@@ -71,9 +71,12 @@ def test_controls_are_compared_on_the_same_cells(run):
         assert control["mean_difference"] == pytest.approx(sum(differences) / len(differences))
         assert control["p_value"] == pytest.approx(sign_flip_test(differences))
         assert control["mean_log_improvement_control"] == pytest.approx(sum(r["log_improvement"] for r in mine) / len(mine))
-        wrong = [r for r in mine if not r["correct_before"]]
-        adjusted = sum(rel[(r["question_id"], r["layer"], r["strength"])]["flipped"] - r["flipped"] for r in wrong)
-        assert control["adjusted_flips"] == adjusted
+        shares = {}
+        for r in mine:
+            if not r["correct_before"]:
+                shares.setdefault(r["question_id"], []).append(rel[(r["question_id"], r["layer"], r["strength"])]["flipped"] - r["flipped"])
+        adjusted = [sum(v) / len(v) for v in shares.values()]
+        assert control["adjusted_flip_difference"]["difference"] == pytest.approx(sum(adjusted) / len(adjusted))
         assert control["breaks_relevant"] == sum(rel[(r["question_id"], r["layer"], r["strength"])]["broken"] for r in mine)
         assert control["breaks_control"] == sum(r["broken"] for r in mine)
         assert control["verdict"] == "too few questions to tell (n = 3)"  # 3 questions: the exact test's smallest p is 0.25

@@ -70,9 +70,12 @@ def check_questions(frame: pl.DataFrame, summary: dict) -> None:
         assert (q["baseline_ratio"], q["baseline_p_correct"], q["correct_before"]) == (base["ratio"], base["p_correct"], base["correct_before"])
         flipped = mine.filter(pl.col("flipped"))
         assert q["flips"] == flipped.height and q["breaks"] == mine["broken"].sum()
-        assert q["clean_flips"] == flipped.filter(pl.col("p_correct_rose") & ~pl.col("collapsed")).height
-        assert q["flips_p_correct_fell"] == flipped.filter(~pl.col("p_correct_rose")).height
-        assert q["flips_collapsed"] == flipped.filter(pl.col("collapsed")).height
+        # a partition: collapsed, else p(correct) fell, else clean
+        collapsed = [r for r in flipped.iter_rows(named=True) if r["collapsed"]]
+        fell = [r for r in flipped.iter_rows(named=True) if not r["collapsed"] and not r["p_correct_rose"]]
+        clean = [r for r in flipped.iter_rows(named=True) if not r["collapsed"] and r["p_correct_rose"]]
+        assert (q["flips_collapsed"], q["flips_p_correct_fell"], q["clean_flips"]) == (len(collapsed), len(fell), len(clean))
+        assert q["flips_collapsed"] + q["flips_p_correct_fell"] + q["clean_flips"] == q["flips"]
         assert q["cases"] == dict(Counter(mine["case"].to_list()))
         top = max(mine.iter_rows(named=True), key=lambda r: (r["ratio"], -r["chunks"], -r["layer"], -r["strength"]))
         best = q["best"]
@@ -147,25 +150,100 @@ def test_headline_rates_and_best_cell(frame, summary):
     assert summary["header"]["cells"] == frame.height and summary["header"]["questions"] == 20
 
 
-def test_controls_table_both_sides_and_the_adjusted_rate(frame, summary):
+def bootstrap_ci(values: list[float]) -> list[float]:
+    from scipy.stats import bootstrap
+
+    result = bootstrap((np.sort(values),), np.mean, n_resamples=9999, method="percentile", rng=np.random.default_rng(0))
+    return [result.confidence_interval.low, result.confidence_interval.high]
+
+
+def check_controls(frame: pl.DataFrame, summary: dict) -> dict:
+    """Each control's row recounted: flips and breaks over each computed cell once (a row marked `repeated` repeats
+    another's), the adjusted flip rate as a per-question difference of flip shares with its bootstrap interval."""
     keys = ["question_id", "layer", "strength", "chunks"]
-    rel = frame.filter(pl.col("role") == "relevant").select(*keys, rel_flip="flipped", rel_break="broken", rel_log="log_improvement")
+    relevant = frame.filter(pl.col("role") == "relevant")
     verdicts = {}
     for c in summary["controls"]:
-        paired = frame.filter(pl.col("control_kind") == c["kind"]).join(rel, on=keys)
-        assert (c["cells"], c["questions"]) == (paired.height, 20)
-        assert (c["flips_relevant"], c["flips_control"]) == (paired["rel_flip"].sum(), paired["flipped"].sum())
-        assert (c["breaks_relevant"], c["breaks_control"]) == (paired["rel_break"].sum(), paired["broken"].sum())
-        assert c["mean_log_improvement_relevant"] == pytest.approx(paired["rel_log"].mean())
-        assert c["mean_log_improvement_control"] == pytest.approx(paired["log_improvement"].mean())
-        wrong = paired.filter(~pl.col("correct_before"))
-        adjusted = int(wrong["rel_flip"].sum()) - int(wrong["flipped"].sum())
-        assert (c["adjusted_flips"], c["baseline_wrong_cells"]) == (adjusted, wrong.height)
-        assert c["adjusted_flip_rate"] == pytest.approx(adjusted / wrong.height)
+        control = frame.filter(pl.col("control_kind") == c["kind"])
+        shared = control.select(keys).unique()
+        rel = relevant.join(shared, on=keys, how="semi")
+        ctl = control.filter(~pl.col("repeated")).join(relevant.select(keys), on=keys, how="semi")
+        assert (c["cells_relevant"], c["cells_control"], c["questions"]) == (rel.height, ctl.height, rel["question_id"].n_unique())
+        assert (c["flips_relevant"], c["flips_control"]) == (rel["flipped"].sum(), ctl["flipped"].sum())
+        assert (c["breaks_relevant"], c["breaks_control"]) == (rel["broken"].sum(), ctl["broken"].sum())
+        assert c["mean_log_improvement_relevant"] == pytest.approx(rel["log_improvement"].mean())
+        assert c["mean_log_improvement_control"] == pytest.approx(ctl["log_improvement"].mean())
+        differences = []
+        for qid in sorted(set(rel.filter(~pl.col("correct_before"))["question_id"])):
+            mine, theirs = rel.filter(pl.col("question_id") == qid), ctl.filter(pl.col("question_id") == qid)
+            differences.append(mine["flipped"].sum() / mine.height - theirs["flipped"].sum() / theirs.height)
+        adjusted = c["adjusted_flip_difference"]
+        assert adjusted["questions"] == len(differences) and adjusted["difference"] == pytest.approx(np.mean(differences))
+        if len(set(differences)) > 1:
+            assert adjusted["ci95"] == pytest.approx(bootstrap_ci(differences))
+        else:
+            assert adjusted["ci95"] is None
         d = per_question_difference(frame, c["kind"])["d"].to_list()
         assert c["mean_difference"] == pytest.approx(np.mean(d))
         verdicts[c["kind"]] = c["verdict"]
+    return verdicts
+
+
+def test_controls_table_both_sides_and_the_adjusted_rate(frame, summary):
+    verdicts = check_controls(frame, summary)
     assert verdicts == {"anti": "relevant beats controls", "random": "controls beat relevant", "irrelevant": verdicts["irrelevant"]}
+
+
+def with_null_prefixes(frame: pl.DataFrame) -> pl.DataFrame:
+    """Two null prefixes (one kind) as the sweep writes them under prefix injection: computed at the first layer,
+    repeated at the second (`repeated`), the same numbers in both rows."""
+    base = frame.filter(pl.col("control_kind") == "random")
+    nulls = []
+    for name, shift in (("~gaussian", 0.0), ("~mean-token", -0.3)):
+        first = base.filter(pl.col("layer") == 1).with_columns(
+            engram=pl.lit(name), engram_key=pl.lit(None, pl.String), control_kind=pl.lit("null-prefix"),
+            log_improvement=pl.col("log_improvement") + shift)
+        nulls += [first, first.with_columns(layer=pl.lit(2, pl.Int32), repeated=pl.lit(True))]
+    return pl.concat([frame, *nulls])
+
+
+def test_null_prefix_cells_are_counted_once():
+    frame = with_null_prefixes(decisive_frame())
+    summary = summarize(frame, decisive_run())
+    check_controls(frame, summary)
+    null = next(c for c in summary["controls"] if c["kind"] == "null-prefix")
+    computed = frame.filter((pl.col("control_kind") == "null-prefix") & ~pl.col("repeated"))
+    # 20 questions x 2 strengths x 2 null prefixes computed; the relevant engram's 80 cells each counted once
+    assert (null["cells_control"], null["cells_relevant"]) == (80, 80) == (computed.height, 80)
+    assert null["flips_control"] == computed["flipped"].sum() == 40
+
+
+def test_the_headline_per_engram_kind(frame, summary):
+    """Per kind, recounted from the rows: questions that flip somewhere over the baseline-wrong questions that have the
+    kind, questions that break somewhere over the baseline-correct ones, and the controls' verdicts beside them."""
+    frame = with_null_prefixes(frame)
+    summary = summarize(frame, decisive_run())
+    by_kind = summary["headline"]["by_kind"]
+    assert [k["kind"] for k in by_kind] == ["relevant", "anti", "irrelevant", "null-prefix", "random"]
+    tested = {c["kind"]: c for c in summary["controls"]}
+    for entry in by_kind:
+        rows = frame.filter(pl.col("role") == "relevant") if entry["kind"] == "relevant" else frame.filter(pl.col("control_kind") == entry["kind"])
+        wrong = {q for q in rows["question_id"].unique() if q in WRONG}
+        right = set(rows["question_id"].unique()) - wrong
+        flipping = set(rows.filter(pl.col("flipped"))["question_id"])
+        breaking = set(rows.filter(pl.col("broken"))["question_id"])
+        assert_rate(entry["question_flip_rate"], len(flipping & wrong), len(wrong))
+        assert_rate(entry["question_fragile_correct_rate"], len(breaking & right), len(right))
+        expected = tested.get(entry["kind"], {"verdict": None, "p_value": None})
+        assert (entry["verdict"], entry["p_value"]) == (expected["verdict"], expected["p_value"])
+    assert by_kind[0]["question_flip_rate"]["k"] == 10 and by_kind[0]["question_fragile_correct_rate"]["k"] == 1
+    verdicts = {c["kind"]: c["verdict"] for c in summary["controls"]}
+    indistinguishable = sorted(k for k, v in verdicts.items() if v.startswith("indistinguishable"))
+    conclusion = summary["headline"]["conclusion"]
+    assert conclusion.startswith("the relevant engram beats 1 of 4 control kinds (anti)")
+    assert "is beaten by " in conclusion and "random" in conclusion.split("is beaten by ")[1]
+    if indistinguishable:
+        assert f"is indistinguishable from {len(indistinguishable)} of 4 control kinds ({', '.join(indistinguishable)})" in conclusion
 
 
 def test_the_sampled_sign_flip_path_agrees_with_the_exact_enumeration(frame, summary):
@@ -247,9 +325,10 @@ def test_the_generation_summary_recounted():
     from engram_eval.report.experiments import generation_summary
 
     rows = []
-    for i in range(12):
-        role = "baseline" if i < 5 else "relevant"
-        rows.append({"question_id": f"q{i}", "role": role, "engram": None if role == "baseline" else "e", "layer": None if role == "baseline" else 1,
+    for i in range(18):
+        role = "baseline" if i < 5 else "relevant" if i < 12 else "control"
+        rows.append({"question_id": f"q{i}", "role": role, "control_kind": "random" if role == "control" else None,
+                     "engram": None if role == "baseline" else "e", "layer": None if role == "baseline" else 1,
                      "strength": None if role == "baseline" else 2.0, "context": None, "ratio": [0.5, 2.0, 1.0][i % 3],
                      "flipped": None if role == "baseline" else i % 2 == 0, "verdict": ["correct", "incorrect", "both", "neither"][i % 4],
                      "first_answer": ["correct", "incorrect", None][i % 3], "text": f"text {i}"})
@@ -259,12 +338,18 @@ def test_the_generation_summary_recounted():
     for p in ("correct", "incorrect", "tie"):
         for v in ("correct", "incorrect", "both", "neither"):
             assert g["confusion"][p][v] == sum(pp == p and r["verdict"] == v for pp, r in zip(probability, rows))
-    flipped = [r for r in rows if r["flipped"]]
-    baseline = [r for r in rows if r["role"] == "baseline"]
-    assert_rate(g["flipped_says_correct_first"], sum(r["first_answer"] == "correct" for r in flipped), len(flipped))
-    assert_rate(g["baseline_says_correct_first"], sum(r["first_answer"] == "correct" for r in baseline), len(baseline))
-    assert_rate(g["baseline_probability_correct"], sum(r["ratio"] > 1 for r in baseline), len(baseline))
-    assert g["cells"] == 12
+    assert [k["kind"] for k in g["by_kind"]] == ["baseline", "relevant", "random"]  # never pooled across kinds
+    for entry in g["by_kind"]:
+        mine = [r for r in rows if (r["control_kind"] or r["role"]) == entry["kind"]]
+        flipped = [r for r in mine if r["flipped"]]
+        assert entry["rows"] == len(mine) == {"baseline": 5, "relevant": 7, "random": 6}[entry["kind"]]
+        assert_rate(entry["says_correct_first"], sum(r["first_answer"] == "correct" for r in mine), len(mine))
+        assert_rate(entry["probability_correct"], sum(r["ratio"] > 1 for r in mine), len(mine))
+        if entry["kind"] == "baseline":
+            assert entry["flipped_says_correct_first"] is None
+        else:
+            assert_rate(entry["flipped_says_correct_first"], sum(r["first_answer"] == "correct" for r in flipped), len(flipped))
+    assert g["cells"] == 18
 
 
 def test_chunk_count_rag_and_side_by_side_recounted(tiny, tmp_path):

@@ -12,9 +12,8 @@ import string
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import polars as pl
 import yaml
 
 from ..core.errors import EngramEvalError
@@ -22,6 +21,9 @@ from ..core.files import atomic_write_text
 from ..core.registry import NULL_PREFIXES
 from .banks import load_bank
 from .controls import IRRELEVANT_TEXT, random_words
+
+if TYPE_CHECKING:
+    import polars as pl
 
 FORMATS = ("mc", "completion")
 FIELDS = {
@@ -75,6 +77,8 @@ def read_table(path: Path | None, hf: str | None) -> tuple[pl.DataFrame, str]:
     """-> (the rows, how records are named in errors: 'line' for JSONL, 'row' otherwise)."""
     if hf is not None:
         return _read_hf(hf), "row"
+    import polars as pl  # here, not at the top: `engram-eval --help` does not load polars
+
     readers = {".jsonl": pl.read_ndjson, ".json": pl.read_json, ".csv": pl.read_csv, ".parquet": pl.read_parquet}
     if path.suffix not in readers:
         raise EngramEvalError(f"{path}: unknown file type '{path.suffix}' (use .jsonl, .json, .csv or .parquet, or --hf)")
@@ -110,6 +114,8 @@ def _read_hf(spec: str) -> pl.DataFrame:
         raise
     except Exception as exc:
         raise EngramEvalError(f"--hf: cannot load '{spec}' ({' '.join(str(exc).split())[:200]})") from None
+    import polars as pl
+
     frame = pl.from_arrow(data.data.table)
     if frame.is_empty():
         raise EngramEvalError(f"--hf: '{spec}' has no records")

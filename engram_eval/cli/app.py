@@ -10,7 +10,7 @@ from rich.console import Console
 
 from .._version import __version__
 from ..core.errors import EngramEvalError
-from ..core.registry import POOLINGS
+from ..core.registry import POOLINGS, Registry
 from ..core.spec import SEED_EXTRACTION, Extraction, RayOptions
 
 stderr = Console(stderr=True)
@@ -65,6 +65,40 @@ class Group(click.Group):
             raise CliError(str(exc)) from None
 
 
+class RegistryChoice(click.Choice):
+    """A registry's names as a click choice, read when click first needs them (parsing or --help), so defining the
+    command does not import the modules that implement them (torch)."""
+
+    def __init__(self, registry: Registry):
+        self.registry = registry
+        self.case_sensitive = True
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        return self.registry.names()
+
+
+class RegistryOption(click.Option):
+    """An option naming a registry entry: its choices and its --help (the text given, then each entry's summary)
+    come from the registry when they are read."""
+
+    def __init__(self, *args, registry: Registry, **kwargs):
+        self.registry = registry
+        super().__init__(*args, type=RegistryChoice(registry), **kwargs)
+
+    @property
+    def help(self) -> str:
+        return " ".join(part for part in (self._help_text, self.registry.help()) if part)
+
+    @help.setter
+    def help(self, text: str | None) -> None:
+        self._help_text = text or ""
+
+
+def registry_option(name: str, registry: Registry, default: str, help: str = "") -> Callable:
+    return click.option(name, cls=RegistryOption, registry=registry, default=default, show_default=True, help=help)
+
+
 def model_options(command: Callable) -> Callable:
     @click.option("--model", "model_spec", default="smollm2-135m", show_default=True,
                   help="Embedded alias (smollm2-135m), local Hugging Face directory, .gguf file or hub id.")
@@ -94,8 +128,7 @@ chunks_option = click.option("--chunks", "chunks_text", default="16", show_defau
 def extraction_options(command: Callable) -> Callable:
     """--pooling, --skip-tokens, --window and --max-tokens -> one `extraction` argument (engram_eval.core.spec.Extraction)."""
 
-    @click.option("--pooling", type=click.Choice(POOLINGS.names()), default=SEED_EXTRACTION.pooling, show_default=True,
-                  help=f"How a source's hidden states become k vectors. {POOLINGS.help()}")
+    @registry_option("--pooling", POOLINGS, SEED_EXTRACTION.pooling, help="How a source's hidden states become k vectors.")
     @click.option("--skip-tokens", default=0, show_default=True, type=click.IntRange(min=0),
                   help="Leave the source's first N positions out of the pooling (the source still runs whole); 1 removes the "
                        "first token's massive activation.")

@@ -9,7 +9,6 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from ..bank.importer import import_controls
 from ..core.errors import EngramEvalError
 from ..core.spec import SEED_METHOD
 from .app import Group, cli, outside_option, stdout, warning_printer
@@ -38,9 +37,10 @@ def bank() -> None:
 @click.option("--name", help="The bank's name [default: --out's stem].")
 @click.option("--template", default="{question}\n{choices}\nAnswer:", show_default=True,
               help="mc prompt: {question} and {choices} (the options lettered 'A) ...', one per line).")
-@click.option("--controls", "controls_text", default=",".join(import_controls()), show_default=True,
-              help="Controls for every question: the null prefixes, a bundled irrelevant text (stellar classification), and "
-                   "a random-words text drawn with --seed.")
+@click.option("--controls", "controls_text",
+              help="Controls for every question, comma-separated, from: the null prefixes (~gaussian, ...), irrelevant (a "
+                   "bundled text on stellar classification) and random (a random-words text drawn with --seed) "
+                   "[default: all of them].")
 @click.option("--limit", type=click.IntRange(min=1), help="A reproducible random subset of this many records (--seed), in file order.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of --limit's subset and of the random-words control.")
 @click.option("--source-per-topic", is_flag=True, help="Questions with the same topic share one source (their texts, joined).")
@@ -48,17 +48,17 @@ def bank() -> None:
               help="A numeric answer counts the choices from 0 or from 1.")
 @click.option("--force", is_flag=True, help="Replace an existing bank and its sources folder.")
 def bank_import(file: Path | None, hf_spec: str | None, format_: str, map_text: str, out: Path | None, name: str | None,
-                template: str, controls_text: str, limit: int | None, seed: int, source_per_topic: bool, answer_base: str,
+                template: str, controls_text: str | None, limit: int | None, seed: int, source_per_topic: bool, answer_base: str,
                 force: bool) -> None:
     """Turn a dataset (.jsonl, .json, .csv, .parquet, or --hf) into a bank: every record a question with its relevant
     source and the chosen controls, checked like every bank (an answer out of range, a duplicate id or a missing
     column is one line naming the record; nothing is written then)."""
-    from ..bank.importer import ImportSpec, build_bank, parse_map, read_table, write_bank
+    from ..bank.importer import ImportSpec, build_bank, import_controls, parse_map, read_table, write_bank
 
     if (file is None) == (hf_spec is None):
         raise EngramEvalError("bank import: give FILE or --hf NAME, not both")
     spec = ImportSpec(format=format_, mapping=parse_map(map_text, format_), template=template,
-                      controls=tuple(c.strip() for c in controls_text.split(",") if c.strip()), limit=limit, seed=seed,
+                      controls=import_controls() if controls_text is None else tuple(c.strip() for c in controls_text.split(",") if c.strip()), limit=limit, seed=seed,
                       source_per_topic=source_per_topic, answer_base=int(answer_base))
     stem = file.stem if file is not None else Path(hf_spec.split(":")[0]).name.replace("/", "_")
     out = out or Path(f"{stem}.yaml")
@@ -79,11 +79,12 @@ def bank_import(file: Path | None, hf_spec: str | None, format_: str, map_text: 
 def bank_validate(bank_path: Path, model_spec: str | None, strict: bool, allow_outside_paths: bool) -> None:
     """Check a bank: schema, files, duplicate ids, spacing mistakes; with --model, the first-token checks sweep makes."""
     from ..bank.banks import load_bank
-    from ..steer.prompts import context_conditions, prepare_question, variant_token_warnings
 
     loaded = load_bank(bank_path, allow_outside_paths)
     warnings = loaded.lint()
     if model_spec is not None:
+        from ..steer.prompts import context_conditions, prepare_question, variant_token_warnings
+
         lm = _tokenizer_model(model_spec)
         for question in loaded.questions:
             for condition in context_conditions(question, "both"):

@@ -10,7 +10,7 @@ from rich.table import Table
 from ..core.errors import EngramEvalError
 from ..core.registry import INJECTIONS
 from ..core.spec import SEED_METHOD, RayOptions
-from .app import batch_size_option, cli, model_options, stderr, stdout
+from .app import batch_size_option, cli, model_options, registry_option, stderr, stdout
 
 
 @cli.command()
@@ -22,8 +22,7 @@ from .app import batch_size_option, cli, model_options, stderr, stdout
 @click.option("--loop-cells", default=120, show_default=True, type=click.IntRange(min=1),
               help="Cells timed with the seed's per-cell loop (its rate is compared with the sweep's).")
 @batch_size_option("Sweep batch size, or auto.")
-@click.option("--injection", type=click.Choice(INJECTIONS.names()), default=SEED_METHOD.injection, show_default=True,
-              help="Injection mode of the sweep and of the per-cell loop it is compared with.")
+@registry_option("--injection", INJECTIONS, SEED_METHOD.injection, help="Injection mode of the sweep and of the per-cell loop it is compared with.")
 @click.option("--generation-cells", default=12, show_default=True, type=click.IntRange(min=0),
               help="Cells of the sweep's default generation selection also decoded with one model.generate call each "
                    "(the batched generator's reference); 0 skips the generation benchmark.")

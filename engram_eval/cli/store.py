@@ -118,22 +118,35 @@ def store_rm(names: tuple[str, ...], store_dir: str) -> None:
 
 @store.command("gc")
 @store_option
-@click.option("--runs", "run_roots", multiple=True, default=["reports"], show_default=True,
-              type=click.Path(file_okay=False, path_type=Path),
-              help="Folders searched (recursively) for run.json files; their engrams are kept. Repeat for several.")
+@click.option("--runs", "run_roots", multiple=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Also remove every engram that no run under these folders (searched recursively for run.json) "
+                   "references. Without it, gc removes temporary files only. Repeat for several folders.")
 @click.option("--dry-run", is_flag=True, help="List what would be removed, remove nothing.")
-def store_gc(store_dir: str, run_roots: tuple[Path, ...], dry_run: bool) -> None:
-    """Remove temporary files left by killed writers, and every engram that no run under --runs references."""
+@click.option("--yes", is_flag=True, help="Remove engrams without asking for confirmation.")
+def store_gc(store_dir: str, run_roots: tuple[Path, ...], dry_run: bool, yes: bool) -> None:
+    """Remove temporary files left by killed writers; with --runs, also the engrams no run under those folders uses.
+
+    A run written with --out elsewhere is unknown to gc: name every folder that holds runs. The engrams to remove and
+    the ones kept are listed, and removing engrams asks for confirmation unless --yes."""
     from ..engram.store import EngramStore, run_engram_keys
 
     engram_store = EngramStore.existing(store_dir)
     for root in run_roots:
         if not root.is_dir():
             raise EngramEvalError(f"--runs: {root} is not a folder")
-    doomed = engram_store.stale_temporaries() + engram_store.unreferenced(run_engram_keys(list(run_roots)))
-    for path in doomed:
-        if not dry_run:
+    temporaries = engram_store.stale_temporaries()
+    engrams = engram_store.unreferenced(run_engram_keys(list(run_roots))) if run_roots else []
+    kept = [path for path in engram_store.paths() if path not in engrams]
+    verb = "would remove" if dry_run else "removing"
+    for path in temporaries + engrams:
+        click.echo(f"{verb} {path}")
+    for path in kept:
+        click.echo(f"keeping {path}")
+    if engrams and not dry_run and not yes:
+        click.confirm(f"remove {len(engrams)} engram(s) that no run under {', '.join(map(str, run_roots))} uses?", abort=True, err=True)
+    if not dry_run:
+        for path in temporaries + engrams:
             path.unlink(missing_ok=True)
-        click.echo(f"{'would remove' if dry_run else 'removed'} {path}")
-    kept = len(engram_store.paths()) if not dry_run else len(engram_store.paths()) - sum(p.suffix == ".safetensors" for p in doomed)
-    click.echo(f"{len(doomed)} file(s) {'to remove' if dry_run else 'removed'}; {kept} engram(s) kept")
+    scope = "" if run_roots else " (engrams are removed only with --runs)"
+    click.echo(f"{len(temporaries)} temporary file(s) and {len(engrams)} engram(s) {'to remove' if dry_run else 'removed'}; "
+               f"{len(kept)} engram(s) kept{scope}")

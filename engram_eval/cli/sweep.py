@@ -23,6 +23,7 @@ from .app import (
     model_options,
     outside_option,
     ray_options,
+    registry_option,
     stderr,
     stdout,
     store_option,
@@ -41,10 +42,8 @@ def spec_options(command: Callable) -> Callable:
     @click.option("--strengths", "strengths_text", default="0.5,1,2,5,10,20", show_default=True,
                   help="Strength multipliers on the seed scaling (finite, > 0).")
     @chunks_option
-    @click.option("--scoring", type=click.Choice(SCORINGS.names()), default=SEED_METHOD.scoring, show_default=True,
-                  help=SCORINGS.help())
-    @click.option("--injection", type=click.Choice(INJECTIONS.names()), default=SEED_METHOD.injection, show_default=True,
-                  help=INJECTIONS.help())
+    @registry_option("--scoring", SCORINGS, SEED_METHOD.scoring)
+    @registry_option("--injection", INJECTIONS, SEED_METHOD.injection)
     @click.option("--scaling", type=click.Choice(SCALINGS), default=SEED_METHOD.scaling, show_default=True,
                   help="global: one scalar so the engram's mean row norm is the embeddings' (seed). per-chunk: every vector "
                        "to the embeddings' mean row norm, so no chunk dominates. prefix and add only.")

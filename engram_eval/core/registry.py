@@ -2,11 +2,12 @@
 under it where it is implemented (`@INJECTIONS.register` on the class). A table feeds its option's click choices,
 its validation (engram_eval.core.spec) and its documentation, so a new mode is one class and its test.
 
-The tables live here, below everything that uses them; the implementations fill them when the package is imported
-(engram_eval/__init__.py imports every implementing module)."""
+The tables live here, below everything that uses them; each names the module that implements its entries and imports
+it on first use (so reading a table loads that module, and nothing loads it before a table is read)."""
 
 from __future__ import annotations
 
+from importlib import import_module
 from typing import Any, Generic, Iterator, TypeVar
 
 from .errors import EngramEvalError
@@ -15,16 +16,22 @@ T = TypeVar("T")
 
 
 class Registry(Generic[T]):
-    def __init__(self, option: str, instances: bool = True):
+    def __init__(self, option: str, module: str, instances: bool = True):
         self.option = option  # the command-line option (or bank field) that names an entry, for errors
+        self.module = module  # where the entries are implemented (and registered)
         self.instances = instances  # register one instance of each class (else the class itself: a factory)
-        self._entries: dict[str, Any] = {}
+        self._registered: dict[str, Any] = {}
+
+    @property
+    def _entries(self) -> dict[str, Any]:
+        import_module(self.module)  # registers its entries the first time; a dictionary lookup after that
+        return self._registered
 
     def register(self, cls: type) -> type:
         """A class decorator: the class's `name` -> one instance of it (or the class)."""
-        if cls.name in self._entries:
+        if cls.name in self._registered:
             raise ValueError(f"{self.option}: '{cls.name}' is registered twice")
-        self._entries[cls.name] = cls() if self.instances else cls
+        self._registered[cls.name] = cls() if self.instances else cls
         return cls
 
     def names(self) -> tuple[str, ...]:
@@ -47,7 +54,7 @@ class Registry(Generic[T]):
         return " ".join(f"{name}: {entry.summary}" for name, entry in self._entries.items())
 
 
-INJECTIONS: Registry[Any] = Registry("--injection")  # engram_eval.steer.injection.Injection subclasses
-POOLINGS: Registry[Any] = Registry("--pooling", instances=False)  # engram_eval.engram.pooling.Pooler subclasses
-SCORINGS: Registry[Any] = Registry("--scoring")  # engram_eval.steer.scoring.Scoring subclasses
-NULL_PREFIXES: Registry[Any] = Registry("null prefix")  # engram_eval.engram.nulls.NullPrefix subclasses
+INJECTIONS: Registry[Any] = Registry("--injection", "engram_eval.steer.injection")  # Injection subclasses
+POOLINGS: Registry[Any] = Registry("--pooling", "engram_eval.engram.pooling", instances=False)  # Pooler subclasses
+SCORINGS: Registry[Any] = Registry("--scoring", "engram_eval.steer.scoring")  # Scoring subclasses
+NULL_PREFIXES: Registry[Any] = Registry("null prefix", "engram_eval.engram.nulls")  # NullPrefix subclasses

@@ -20,7 +20,7 @@ from ..core.errors import EngramEvalError
 from ..core.registry import NULL_PREFIXES
 from .extraction import Extraction, source_ids
 from .nulls import null_prefix
-from .pooling import chunk_bounds
+from ..core.chunks import chunk_bounds
 from .store import EngramStore
 
 GEOMETRY_COLUMNS = ("cosine", "angle_deg", "difference_signal", "chunk_cosine_min", "chunk_cosine_median", "norm_ratio",

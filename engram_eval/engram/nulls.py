@@ -3,14 +3,16 @@ Each is a class registered in NULL_PREFIXES under the name a bank's `controls` u
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
-import torch
-
-from ..backend.model import LoadedModel
 from ..core.registry import NULL_PREFIXES
 
-NULL_KIND = "null"  # control_kind of the null prefixes
+if TYPE_CHECKING:  # torch is imported where a vector is made: a bank's validation reads the names alone
+    import torch
+
+    from ..backend.model import LoadedModel
+
+NULL_KIND = "null-prefix"  # control_kind of the null prefixes
 
 
 class NullPrefix:
@@ -28,6 +30,8 @@ class Gaussian(NullPrefix):
     summary = "k standard-normal vectors (seed 0)."
 
     def vectors(self, lm: LoadedModel, chunks: int) -> torch.Tensor:
+        import torch
+
         return torch.randn(chunks, lm.hidden_size, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
 
 

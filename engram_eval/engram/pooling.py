@@ -10,6 +10,7 @@ import torch
 
 from typing import ClassVar
 
+from ..core.chunks import chunk_bounds
 from ..core.errors import EngramEvalError
 from ..core.registry import POOLINGS
 
@@ -21,16 +22,6 @@ def chunk_mean(hidden: torch.Tensor, chunks: int) -> torch.Tensor:
     that would start at or past n is the last token's state (so n < chunks still yields `chunks` vectors).
     """
     return torch.stack([hidden[..., start:end, :].mean(dim=-2) for start, end in chunk_bounds(hidden.shape[-2], chunks)], dim=-2)
-
-
-def chunk_bounds(n: int, chunks: int) -> list[tuple[int, int]]:
-    """chunk_mean's [start, end) per chunk; a padded chunk (start >= n) is (n - 1, n)."""
-    size = max(1, n // chunks)
-    bounds = []
-    for i in range(chunks):
-        start = i * size
-        bounds.append((n - 1, n) if start >= n else (start, n if i == chunks - 1 else start + size))
-    return bounds
 
 
 def pca_vectors(states: torch.Tensor, chunks: int) -> torch.Tensor:

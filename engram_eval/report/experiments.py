@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import polars as pl
 
-from ..engram.pooling import chunk_bounds
+from ..core.chunks import chunk_bounds
 from ..run.results import engram_kind
-from .statistics import bootstrap_mean_ci, mcnemar_exact, rate
+from .statistics import ALPHA, bootstrap_mean_ci, mcnemar_exact, rate, smallest_p_value
 
 CELL_KEYS = ("layer", "strength", "chunks")  # a cell of a question: what pairs a control with the relevant engram
 
@@ -20,27 +20,40 @@ def cell_label(row: dict) -> str:
 
 
 def generation_summary(generations: pl.DataFrame, examples: int = 4) -> dict:
-    """Probability verdict (ratio > 1) against the text's verdict; for flipped cells and baseline rows, how often the
-    text says the correct answer first (the seed's "generation flips")."""
+    """Probability verdict (ratio > 1) against the text's verdict; per engram kind (the baseline, the relevant engram,
+    each control kind), how often the text says the correct answer first, over all its rows and over its flipped
+    cells (the seed's "generation flips"), and how often the probability calls it correct."""
     probability = (pl.when(pl.col("ratio") > 1).then(pl.lit("correct")).when(pl.col("ratio") < 1).then(pl.lit("incorrect"))
                    .otherwise(pl.lit("tie")))
-    table = generations.with_columns(probability=probability)
+    table = generations.with_columns(probability=probability).with_columns(engram_kind())
     confusion = {p: {v: 0 for v in ("correct", "incorrect", "both", "neither")} for p in ("correct", "incorrect", "tie")}
     for row in table.group_by("probability", "verdict").len().iter_rows(named=True):
         confusion[row["probability"]][row["verdict"]] = row["len"]
     flipped = table.filter(pl.col("flipped").fill_null(False))
     baseline = table.filter(pl.col("role") == "baseline")
     shown = pl.concat([flipped.head(examples // 2), baseline.head(examples - min(examples // 2, flipped.height))])
+    order = {"baseline": 0, "relevant": 1}
+    kinds = sorted(table["kind"].unique().to_list(), key=lambda kind: (order.get(kind, 2), kind))
     return {
         "cells": generations.height,
         "confusion": confusion,
-        "flipped_says_correct_first": rate(int((flipped["first_answer"] == "correct").sum()), flipped.height),
-        "baseline_says_correct_first": rate(int((baseline["first_answer"] == "correct").sum()), baseline.height),
-        "baseline_probability_correct": rate(int((baseline["probability"] == "correct").sum()), baseline.height),
+        "by_kind": [_generation_kind(table.filter(pl.col("kind") == kind), kind) for kind in kinds],
         "examples": [{"question_id": r["question_id"], "cell": cell_label(r), "verdict": r["verdict"], "text": r["text"][:120]}
                      for r in shown.iter_rows(named=True)],
         "texts": [{"question_id": r["question_id"], "cell": cell_label(r), "ratio": r["ratio"], "verdict": r["verdict"],
                    "first_answer": r["first_answer"], "text": r["text"]} for r in table.iter_rows(named=True)],
+    }
+
+
+def _generation_kind(rows: pl.DataFrame, kind: str) -> dict:
+    flipped = rows.filter(pl.col("flipped").fill_null(False))
+    says_correct = pl.col("first_answer") == "correct"
+    return {
+        "kind": kind,
+        "rows": rows.height,
+        "says_correct_first": rate(int(rows.select(says_correct.sum()).item()), rows.height),
+        "flipped_says_correct_first": None if kind == "baseline" else rate(int(flipped.select(says_correct.sum()).item()), flipped.height),
+        "probability_correct": rate(int((rows["probability"] == "correct").sum()), rows.height),
     }
 
 
@@ -102,7 +115,8 @@ def tokens_per_chunk(n_tokens: int, chunks: int) -> tuple[int, int]:
 def chunk_count_summary(frame: pl.DataFrame, run: dict, chunks: list[int]) -> list[dict]:
     """The seed's chunk-count table, per k: tokens per chunk actually used, the relevant engram's mean log-improvement
     (bootstrap interval over questions), the difference signal relevant vs anti, and "directional steering": the share
-    of cells where the relevant engram's ratio beats the anti engram's (YES above half, inverted below)."""
+    of cells where the relevant engram's ratio beats the anti engram's (YES above half, inverted below; with too few
+    questions for any paired test to decide, as the controls table says, it says so instead)."""
     settings = run.get("settings", {})
     pooled = [n - settings.get("skip_tokens", 0) for n in run.get("engram_tokens", {}).values()]
     signals = run.get("anti_difference_signal", [])
@@ -118,13 +132,16 @@ def chunk_count_summary(frame: pl.DataFrame, run: dict, chunks: list[int]) -> li
         beats = int((at_k["rel_ratio"] > at_k["ratio"]).sum())
         signal = [s["difference_signal"] for s in signals if s["chunks"] == k]
         share = beats / at_k.height if at_k.height else None
+        questions = at_k["question_id"].n_unique()
+        too_few = smallest_p_value(questions) >= ALPHA  # the controls table's rule: no test could decide on so few
         rows.append({
             "chunks": k,
             "tokens_per_chunk": [min(a for a, _ in sizes), max(b for _, b in sizes)] if sizes else None,
             "mean_log_improvement": sum(values) / len(values) if values else None,
             "mean_log_improvement_ci95": bootstrap_mean_ci(values),
             "anti_difference_signal": sum(signal) / len(signal) if signal else None,
-            "directional": {"k": beats, "n": at_k.height, "share": share,
-                            "verdict": None if share is None else "YES" if share > 0.5 else "inverted" if share < 0.5 else "tied"},
+            "directional": {"k": beats, "n": at_k.height, "share": share, "questions": questions,
+                            "verdict": None if share is None else f"too few questions to tell (n = {questions})" if too_few
+                            else "YES" if share > 0.5 else "inverted" if share < 0.5 else "tied"},
         })
     return rows

@@ -55,7 +55,16 @@ def fmt_measured(decision: dict) -> str:
     if ratio is None:
         return "-"
     where = "baseline" if decision["strength"] is None else f"strength {decision['strength']:g}"
-    return f"{where}: ratio {fmt_ratio(ratio)} ({'correct' if decision['measured_correct'] else 'wrong'})"
+    measured = f"{where}: ratio {fmt_ratio(ratio)} ({'correct' if decision['measured_correct'] else 'wrong'})"
+    return measured + ("; the grid measured this as harmful" if decision["contradicted"] else "")
+
+
+def fmt_difference(d: dict) -> str:
+    """A signed difference of two shares with its interval (not a fraction of anything)."""
+    if d["difference"] is None:
+        return "-"
+    interval = "" if d["ci95"] is None else f", 95% CI {d['ci95'][0]:+.2f} to {d['ci95'][1]:+.2f}"
+    return f"{d['difference']:+.2f} ({d['questions']} questions{interval})"
 
 
 def fmt_rate(r: dict) -> str:

@@ -11,6 +11,7 @@ from .formatting import (
     fmt_best,
     fmt_cell,
     fmt_cell_name,
+    fmt_difference,
     fmt_effect,
     fmt_flips,
     fmt_float,
@@ -59,12 +60,14 @@ def summary_sections(summary: dict, short: bool = False) -> list[Section]:
     summaries) leaves out the effect-size tables."""
     h = summary["header"]
     show_k = isinstance(h["chunks"], list)
-    sections = [Section("run",
+    sections = [_headline_section(summary["headline"]), Section("run",
         "Run", ["field", "value"],
         [["model", f"{h['model']} ({h['model_fingerprint']})"], ["bank", h["bank"]],
          ["grid", f"layers {', '.join(map(str, h['layers']))} x strengths {', '.join(f'{s:g}' for s in h['strengths'])}, k = {', '.join(map(str, h['chunks'])) if show_k else h['chunks']}"],
          ["scoring", f"{h['scoring']}, {h['injection']} injection"],
-         ["cells", f"{h['cells']} rows, {h['questions']} questions (run {h['run_id']}, {partial_banner(summary) or h['status']})"],
+         ["cells", f"{h['cells']} rows, {h['questions']} questions"
+          + (f" in {h['conditions']} conditions (with and without context)" if h["conditions"] != h["questions"] else "")
+          + f" (run {h['run_id']}, {partial_banner(summary) or h['status']})"],
          ["duration", "-" if h["duration_seconds"] is None else f"{h['duration_seconds']:.1f} s"]],
     )]
     if h["largest_chunk_share"]:
@@ -95,18 +98,7 @@ def summary_sections(summary: dict, short: bool = False) -> list[Section]:
                 [[f"L{layer}", *[fmt_cell(c) for c in row]] for layer, row in zip(heatmap["layers"], heatmap[measure])],
                 CountHeatmap(heatmap, measure), right_aligned=True,
             ))
-    hl = summary["headline"]
-    best = hl["best_cell"]
-    sections.append(Section("headline",
-        "Headline", ["measure", "value"],
-        [["baseline-wrong questions that flip somewhere in the grid", fmt_rate(hl["question_flip_rate"])],
-         ["... with a clean flip (p(correct) rose, mass kept)", fmt_rate(hl["question_clean_flip_rate"])],
-         ["baseline-correct questions that break somewhere in the grid", fmt_rate(hl["question_fragile_correct_rate"])],
-         *([] if best is None else [
-             [f"flip rate at the best cell ({fmt_cell_name(best, show_k)}; chosen after looking at these questions, see --split)",
-              fmt_rate(best["flip_rate"])],
-             [f"fragile-correct rate at that cell ({fmt_cell_name(best, show_k)})", fmt_rate(best["break_rate"])]])],
-    ))
+    sections.append(_best_cell_section(summary["headline"], show_k))
     if (split := summary.get("split")) is not None:
         sections.append(Section("held-out",
             f"Held-out best cell (--split {split['seed']}): chosen on {len(split['chosen_on'])} questions, measured on the other "
@@ -138,12 +130,12 @@ def summary_sections(summary: dict, short: bool = False) -> list[Section]:
                 ))
     sections.append(Section("controls",
         "Negative controls (same cells; paired sign-flip test across questions)",
-        ["control", "questions", "cells", "mean log impr. relevant", "mean log impr. control", "difference", "p", "verdict",
-         "flips rel/ctrl", "breaks rel/ctrl", "controls-adjusted flip rate"],
-        [[c["kind"], str(c["questions"]), str(c["cells"]), fmt_float(c["mean_log_improvement_relevant"]),
+        ["control", "questions", "cells rel/ctrl", "mean log impr. relevant", "mean log impr. control", "difference", "p",
+         "verdict", "flips rel/ctrl", "breaks rel/ctrl", "controls-adjusted flip rate (relevant - control flip share)"],
+        [[c["kind"], str(c["questions"]), f"{c['cells_relevant']}/{c['cells_control']}", fmt_float(c["mean_log_improvement_relevant"]),
           fmt_float(c["mean_log_improvement_control"]), fmt_float(c["mean_difference"]), fmt_p(c["p_value"]), c["verdict"],
           f"{c['flips_relevant']}/{c['flips_control']}", f"{c['breaks_relevant']}/{c['breaks_control']}",
-          "-" if c["adjusted_flip_rate"] is None else f"{c['adjusted_flips']}/{c['baseline_wrong_cells']} ({100 * c['adjusted_flip_rate']:.1f}%)"]
+          fmt_difference(c["adjusted_flip_difference"])]
          for c in summary["controls"]],
     ))
     sections.append(Section("semantic-sink",
@@ -178,10 +170,11 @@ def summary_sections(summary: dict, short: bool = False) -> list[Section]:
             [[p, *[str(g["confusion"][p][v]) for v in verdicts]] for p in ("correct", "incorrect", "tie") if any(g["confusion"][p].values())],
         ))
         sections.append(Section("generation-flips",
-            "Generation flips: does the text say the correct answer first?", ["rows", "text says the correct answer first"],
-            [["flipped cells (ratio crossed 1)", fmt_rate(g["flipped_says_correct_first"])],
-             ["baseline rows", fmt_rate(g["baseline_says_correct_first"])],
-             ["baseline rows the probability calls correct", fmt_rate(g["baseline_probability_correct"])]],
+            "Generation flips: does the text say the correct answer first? (per engram kind)",
+            ["engram kind", "generated rows", "flipped cells (ratio crossed 1) whose text says the correct answer first",
+             "rows whose text says the correct answer first", "rows the probability calls correct"],
+            [[k["kind"], str(k["rows"]), "-" if k["flipped_says_correct_first"] is None else fmt_rate(k["flipped_says_correct_first"]),
+              fmt_rate(k["says_correct_first"]), fmt_rate(k["probability_correct"])] for k in g["by_kind"]],
         ))
         sections.append(Section("generation-examples",
             "Generated text, examples (first 120 characters)", ["question", "cell", "text verdict", "text"],
@@ -198,6 +191,32 @@ def summary_sections(summary: dict, short: bool = False) -> list[Section]:
     return sections
 
 
+
+
+def _headline_section(headline: dict) -> Section:
+    """The research question first: each engram kind's flips and breaks, and each control's verdict against the
+    relevant engram, under the one-line conclusion."""
+    return Section("headline",
+        f"Headline: {headline['conclusion']}",
+        ["engram kind", "baseline-wrong questions that flip somewhere", "baseline-correct questions that break somewhere",
+         "paired test against the relevant engram"],
+        [[k["kind"], fmt_rate(k["question_flip_rate"]), fmt_rate(k["question_fragile_correct_rate"]),
+          "-" if k["verdict"] is None else f"{k['verdict']} (p {fmt_p(k['p_value'])})"] for k in headline["by_kind"]],
+    )
+
+
+def _best_cell_section(hl: dict, show_k: bool) -> Section:
+    best = hl["best_cell"]
+    return Section("best-cell",
+        "The relevant engram across the grid, and its best cell", ["measure", "value"],
+        [["baseline-wrong questions that flip somewhere in the grid", fmt_rate(hl["question_flip_rate"])],
+         ["... with a clean flip (p(correct) rose, mass kept)", fmt_rate(hl["question_clean_flip_rate"])],
+         ["baseline-correct questions that break somewhere in the grid", fmt_rate(hl["question_fragile_correct_rate"])],
+         *([] if best is None else [
+             [f"flip rate at the best cell ({fmt_cell_name(best, show_k)}; chosen after looking at these questions, see --split)",
+              fmt_rate(best["flip_rate"])],
+             [f"fragile-correct rate at that cell ({fmt_cell_name(best, show_k)})", fmt_rate(best["break_rate"])]])],
+    )
 
 
 def side_by_side_sections(comparison: dict) -> list[Section]:

@@ -7,10 +7,11 @@ from pathlib import Path
 import polars as pl
 
 from ..core.errors import EngramEvalError
+from ..run.results import computed_cells
 from ..run.rundir import check_results_format, read_run_json
 from .evidence import cell_tests, effect_sizes, held_out_best_cell
 from .experiments import CELL_KEYS, attention_summary, chunk_count_summary, generation_summary, rag_summary
-from .statistics import rate, sign_flip_test, verdict
+from .statistics import bootstrap_mean_ci, rate, sign_flip_test, verdict
 
 DECISION_STRENGTHS = (1.0, 5.0, 10.0, 15.0, 20.0)
 
@@ -58,7 +59,17 @@ def decision_advice(baseline_ratio: float, related_wrong: bool | None, walk: lis
     """The practical guide's decision tree, in its order: baseline ratio > 10, don't use an engram; the wrong answer is
     topic-related, don't use one; baseline > 1, strength 1.0; otherwise search 1 -> 5 -> 10 -> 15 -> 20, stopping at a
     flip or when the ratio falls below 0.8 x the best so far. `walk` is (strength, ratio) at the question's best layer.
-    -> the advice, the strength it settles on (None: no engram), and what the grid measured there (its ratio)."""
+    -> the advice, the strength it settles on (None: no engram), what the grid measured there (its ratio), and whether
+    that measurement contradicts the advice."""
+    advice = _decision(baseline_ratio, related_wrong, walk, layer)
+    measured = advice["measured_ratio"]
+    # The grid measured the advised setting as worse than the baseline: weaker or wrong where it was right, or a
+    # ratio that fell where it was wrong.
+    advice["contradicted"] = advice["strength"] is not None and measured is not None and measured < baseline_ratio
+    return advice
+
+
+def _decision(baseline_ratio: float, related_wrong: bool | None, walk: list[tuple[float, float]], layer: int | None) -> dict:
     at = dict(walk)
     if baseline_ratio > 10:
         return _advice("confident and correct: don't use an engram", None, baseline_ratio)
@@ -88,14 +99,14 @@ def _advice(text: str, strength: float | None, measured: float | None) -> dict:
 
 
 def _flip_kinds() -> dict[str, pl.Expr]:
-    """A flip is clean when p_correct rose and the answers kept their probability mass; the others only moved the
-    ratio because p_incorrect fell faster, or because both answers' probability drained away (collapse)."""
-    flipped = pl.col("flipped")
+    """Flips, partitioned: collapsed when both answers' probability drained away, else p(correct) fell when the ratio
+    only moved because p_incorrect fell faster, else clean (p_correct rose and the answers kept their mass)."""
+    flipped, collapsed, rose = pl.col("flipped"), pl.col("collapsed"), pl.col("p_correct_rose")
     return {
         "flips": flipped.sum(),
-        "clean_flips": (flipped & pl.col("p_correct_rose") & ~pl.col("collapsed")).sum(),
-        "flips_p_correct_fell": (flipped & ~pl.col("p_correct_rose")).sum(),
-        "flips_collapsed": (flipped & pl.col("collapsed")).sum(),
+        "clean_flips": (flipped & ~collapsed & rose).sum(),
+        "flips_p_correct_fell": (flipped & ~collapsed & ~rose).sum(),
+        "flips_collapsed": (flipped & collapsed).sum(),
     }
 
 
@@ -195,15 +206,21 @@ def _headline(relevant: pl.DataFrame, heatmaps: list[dict]) -> dict:
     }
 
 
+def _control_kinds(frame: pl.DataFrame) -> list[str]:
+    return sorted(frame.filter(pl.col("role") == "control")["control_kind"].unique().drop_nulls().to_list())
+
+
 def _controls(frame: pl.DataFrame) -> list[dict]:
-    relevant = frame.filter(pl.col("role") == "relevant").select(
-        "question_id", *CELL_KEYS, rel_log=pl.col("log_improvement"), rel_flip="flipped", rel_break="broken",
-        wrong=~pl.col("correct_before")
-    )
-    controls = frame.filter(pl.col("role") == "control")
+    """Per control kind, on the cells it shares with the relevant engram: the paired sign-flip test of the per-question
+    mean log-improvement difference, flips and breaks of each side (each computed cell once), and the controls-adjusted
+    flip rate: over baseline-wrong questions, the mean of (share of the relevant cells that flip - share of the
+    control's cells that flip), with a bootstrap interval over questions."""
+    relevant = frame.filter(pl.col("role") == "relevant")
+    keys = ["question_id", *CELL_KEYS]
     rows = []
-    for kind in sorted(controls["control_kind"].unique().drop_nulls().to_list()):
-        paired = controls.filter(pl.col("control_kind") == kind).join(relevant, on=["question_id", *CELL_KEYS])
+    for kind in _control_kinds(frame):
+        control = frame.filter((pl.col("role") == "control") & (pl.col("control_kind") == kind))
+        paired = control.join(relevant.select(*keys, rel_log="log_improvement"), on=keys)
         per_question = (
             paired.group_by("question_id", maintain_order=True)
             .agg(difference=(pl.col("rel_log") - pl.col("log_improvement")).mean())
@@ -212,28 +229,81 @@ def _controls(frame: pl.DataFrame) -> list[dict]:
         differences = per_question["difference"].to_list()
         mean_difference = sum(differences) / len(differences) if differences else None
         p_value = sign_flip_test(differences)
-        wrong_cells = paired.filter(pl.col("wrong"))
-        adjusted = (wrong_cells["rel_flip"].cast(pl.Int64) - wrong_cells["flipped"].cast(pl.Int64)).sum()
+        relevant_cells = relevant.join(control.select(keys).unique(), on=keys, how="semi")
+        control_cells = control.filter(computed_cells()).join(relevant.select(keys), on=keys, how="semi")
         rows.append(
             {
                 "kind": kind,
                 "questions": len(differences),
-                "cells": paired.height,
-                "mean_log_improvement_relevant": paired["rel_log"].mean(),
-                "mean_log_improvement_control": paired["log_improvement"].mean(),
-                "flips_relevant": int(paired["rel_flip"].sum()),
-                "flips_control": int(paired["flipped"].sum()),
-                "breaks_relevant": int(paired["rel_break"].sum()),
-                "breaks_control": int(paired["broken"].sum()),
+                "cells_relevant": relevant_cells.height,
+                "cells_control": control_cells.height,
+                "mean_log_improvement_relevant": relevant_cells["log_improvement"].mean(),
+                "mean_log_improvement_control": control_cells["log_improvement"].mean(),
+                "flips_relevant": int(relevant_cells["flipped"].sum()),
+                "flips_control": int(control_cells["flipped"].sum()),
+                "breaks_relevant": int(relevant_cells["broken"].sum()),
+                "breaks_control": int(control_cells["broken"].sum()),
                 "mean_difference": mean_difference,
                 "p_value": p_value,
                 "verdict": verdict(mean_difference, p_value, len(differences)),
-                "adjusted_flip_rate": adjusted / wrong_cells.height if wrong_cells.height else None,
-                "adjusted_flips": int(adjusted),
-                "baseline_wrong_cells": wrong_cells.height,
+                "adjusted_flip_difference": _adjusted_flip_difference(relevant_cells, control_cells),
             }
         )
     return rows
+
+
+def _adjusted_flip_difference(relevant: pl.DataFrame, control: pl.DataFrame) -> dict:
+    """Over the baseline-wrong questions both sides have: mean of (relevant flip share - control flip share)."""
+    shares = [
+        side.filter(~pl.col("correct_before")).group_by("question_id").agg(**{name: pl.col("flipped").mean()})
+        for side, name in ((relevant, "relevant"), (control, "control"))
+    ]
+    per_question = shares[0].join(shares[1], on="question_id").sort("question_id")
+    differences = (per_question["relevant"] - per_question["control"]).to_list()
+    return {"difference": sum(differences) / len(differences) if differences else None,
+            "ci95": bootstrap_mean_ci(differences), "questions": len(differences)}
+
+
+def _by_kind(frame: pl.DataFrame, controls: list[dict]) -> list[dict]:
+    """The headline per engram kind: the questions that flip somewhere (over the baseline-wrong questions that have
+    that kind), those that break somewhere (over the baseline-correct ones), and a control's verdict against the
+    relevant engram."""
+    tested = {c["kind"]: c for c in controls}
+    entries = []
+    for kind in ["relevant", *_control_kinds(frame)]:
+        rows = frame.filter((pl.col("role") == "relevant") if kind == "relevant" else (pl.col("control_kind") == kind))
+        per_question = rows.group_by("question_id").agg(
+            correct=pl.col("correct_before").first(), flips=pl.col("flipped").any(), breaks=pl.col("broken").any())
+        wrong, correct = per_question.filter(~pl.col("correct")), per_question.filter(pl.col("correct"))
+        entries.append({
+            "kind": kind,
+            "question_flip_rate": rate(int(wrong["flips"].sum()), wrong.height),
+            "question_fragile_correct_rate": rate(int(correct["breaks"].sum()), correct.height),
+            "verdict": tested[kind]["verdict"] if kind in tested else None,
+            "p_value": tested[kind]["p_value"] if kind in tested else None,
+        })
+    return entries
+
+
+VERDICT_PHRASES = (  # (how a verdict starts, how the conclusion says it)
+    ("relevant beats controls", "beats {k} of {n} control kinds ({names})"),
+    ("indistinguishable", "is indistinguishable from {k} of {n} control kinds ({names})"),
+    ("controls beat relevant", "is beaten by {k} of {n} control kinds ({names})"),
+    ("too few questions", "has too few questions to be told apart from {k} of {n} control kinds ({names})"),
+    ("no data", "has no paired cells with {k} of {n} control kinds ({names})"),
+)
+
+
+def conclusion(controls: list[dict]) -> str:
+    """One line: what the paired tests say of the relevant engram against each control kind."""
+    if not controls:
+        return "no controls in this run: nothing says whether the relevant engram's effect is its content"
+    parts = []
+    for start, phrase in VERDICT_PHRASES:
+        names = [c["kind"] for c in controls if c["verdict"].startswith(start)]
+        if names:
+            parts.append(phrase.format(k=len(names), n=len(controls), names=", ".join(names)))
+    return "the relevant engram " + "; ".join(parts)
 
 
 def _semantic_sink(relevant: pl.DataFrame) -> list[dict]:
@@ -260,7 +330,9 @@ def summarize(frame: pl.DataFrame, run: dict, engram_role: str = "relevant", gen
     if frame.is_empty():
         raise EngramEvalError("results.parquet holds no rows")
     rag = rag_summary(frame)
+    question_count = frame["question_id"].n_unique()
     frame = per_condition(frame)
+    tested = _controls(frame)
     settings = run.get("settings", {})
     cells = frame.filter(pl.col("role") != "baseline")
     layers = sorted(cells["layer"].unique().drop_nulls().to_list())
@@ -287,7 +359,8 @@ def summarize(frame: pl.DataFrame, run: dict, engram_role: str = "relevant", gen
             "scoring": frame["scoring"][0],
             "injection": frame["injection"][0],
             "cells": frame.height,
-            "questions": frame["question_id"].n_unique(),
+            "questions": question_count,
+            "conditions": frame["question_id"].n_unique(),  # a question with and without its context is two
             "duration_seconds": run.get("timings", {}).get("total_seconds"),
             "status": run.get("status", "unknown"),
             "partial": run.get("partial"),
@@ -296,13 +369,14 @@ def summarize(frame: pl.DataFrame, run: dict, engram_role: str = "relevant", gen
         },
         "questions": _questions(frame),
         "heatmaps": heatmaps,
-        "headline": _headline(relevant, list(relevant_maps.values())),
+        "headline": {**_headline(relevant, list(relevant_maps.values())), "by_kind": _by_kind(frame, tested),
+                     "conclusion": conclusion(tested)},
         "chunk_count": chunk_count_summary(frame, run, chunks) if len(chunks) > 1 else None,
         "tests": cell_tests(frame),
         "effects": {f"k={k}" if k is not None else "all": effect_sizes(frame, layers, strengths, k) for k, _ in grid},
         "split": None if split is None else held_out_best_cell(frame, split),
         "attention": attention_summary(frame),
-        "controls": _controls(frame),
+        "controls": tested,
         "semantic_sink": _semantic_sink(relevant),
         "generation": None if generations is None else generation_summary(generations),
         "rag": rag,

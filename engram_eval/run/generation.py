@@ -30,7 +30,7 @@ from ..steer.injection import CellVectors, Steering
 from ..steer.prompts import prepare_question, prompt_token_ids
 from ..steer.scoring import auto_batch_size
 from .executors import Task, open_executor
-from .results import CELL_SETTING_COLUMNS, engram_kind
+from .results import CELL_SETTING_COLUMNS, computed_cells, engram_kind
 from .rundir import check_results_format, merge_parts, one_line, part_paths, read_run_json, write_part
 from .settings import SweepSettings
 
@@ -138,10 +138,11 @@ def _block_hooks(rows: list[Row]) -> Steering | None:
 def select_cells(frame: pl.DataFrame, selection: str) -> pl.DataFrame:
     """The rows to generate from. default: per question and context condition, the baseline, every cell of the relevant
     engram that flipped or broke, and the best and worst cell (by ratio) of the relevant engram and of each control kind.
-    all: every row. baseline: the baseline rows. flips: the baseline and every flipped or broken cell of any engram."""
+    all: every row. baseline: the baseline rows. flips: the baseline and every flipped or broken cell of any engram.
+    A row that repeats another cell's computation (a null prefix at another layer) is not generated again."""
     if selection not in SELECTIONS:
         raise EngramEvalError(f"--cells: unknown '{selection}' (one of: {', '.join(SELECTIONS)})")
-    frame = frame.with_row_index("row")
+    frame = frame.with_row_index("row").filter(computed_cells())
     baseline = pl.col("role") == "baseline"
     moved = pl.col("flipped") | pl.col("broken")
     if selection == "all":

@@ -54,6 +54,7 @@ RESULT_SCHEMA = pl.Schema(
         "role": pl.String,
         "control_kind": pl.String,
         **CELL_SETTING_COLUMNS,
+        "repeated": pl.Boolean,
         "scoring": pl.String,
         "p_correct": pl.Float64,
         "p_incorrect": pl.Float64,
@@ -81,6 +82,11 @@ RESULT_SCHEMA = pl.Schema(
 )
 
 
+def computed_cells() -> pl.Expr:
+    """Rows that are not a repeat of another cell's computation (count and show each computed cell once)."""
+    return ~pl.col("repeated")
+
+
 def case_expr() -> pl.Expr:
     """METHOD.md's calibration cases from (baseline_ratio, ratio); ties and unscorable cells are their own cases."""
     b, r = pl.col("baseline_ratio"), pl.col("ratio")
@@ -98,7 +104,7 @@ def case_expr() -> pl.Expr:
 
 
 def engram_kind() -> pl.Expr:
-    """A row's kind of engram as one column: a control's kind (anti, irrelevant, random, null), else its role
+    """A row's kind of engram as one column: a control's kind (anti, irrelevant, random, null-prefix), else its role
     (relevant, baseline)."""
     return pl.coalesce(pl.col("control_kind"), pl.col("role")).alias("kind")
 
@@ -129,6 +135,7 @@ def question_frame(settings: SweepSettings, bank: Bank, prepared: PreparedQuesti
             "injection": [settings.injection] * n,
             "context": [prepared.context] * n,
             "scoring": [settings.scoring] * n,
+            "repeated": scores["repeated"],
             "logp_correct": scores["logp_correct"],
             "logp_incorrect": scores["logp_incorrect"],
             "top_correct_variant": scores["top_correct"],

@@ -190,7 +190,8 @@ def score_cells(
     record_attention: bool = False,
     baseline_chunks: int = 16,
 ) -> tuple[dict[str, list], int]:
-    """Baseline row first, then one row per cell -> (raw score columns, the batch size that fit).
+    """Baseline row first, then one row per cell -> (raw score columns, the batch size that fit; `repeated` marks a
+    row that repeats an earlier cell's, computed once).
 
     raw holds each cell's unscaled vectors by (engram, layer, k). Cells that inject the same thing (a null prefix at
     another layer, for prefix and add) are computed once. Batches hold cells of one prefix length. On out-of-memory
@@ -263,6 +264,11 @@ def score_cells(
     rows = [position[first_of[injects(cell)]] for cell in cells]
     for name, values in columns.items():
         columns[name] = values[:computed] + [values[row] for row in rows]
+    seen: set[tuple] = set()
+    columns["repeated"] = [False] * computed
+    for cell in cells:
+        columns["repeated"].append(injects(cell) in seen)
+        seen.add(injects(cell))
     skipped = len(cells) - len(unique)
     if skipped:
         on_batch(skipped)

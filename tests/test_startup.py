@@ -1,0 +1,62 @@
+"""Commands that read files only never load torch or transformers: checked in a fresh interpreter's sys.modules."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from decisive import decisive_frame, decisive_run
+
+REPO = Path(__file__).resolve().parents[1]
+
+PROBE = """
+import sys
+from engram_eval.cli import main
+sys.argv = ["engram-eval", *{args!r}]
+try:
+    main()
+except SystemExit as exc:
+    code = exc.code
+else:
+    code = 0
+print("LOADED", sorted(m for m in ("torch", "transformers", "safetensors") if m in sys.modules), "EXIT", code)
+"""
+
+
+def loaded(*args: str, cwd: Path = REPO) -> tuple[list[str], object, str]:
+    result = subprocess.run([sys.executable, "-c", PROBE.format(args=[str(a) for a in args])], capture_output=True, text=True,
+                            cwd=cwd, timeout=120)
+    last = result.stdout.strip().splitlines()[-1]
+    modules, code = last.removeprefix("LOADED ").split(" EXIT ")
+    return eval(modules), code, result.stdout + result.stderr  # a list of names printed by the probe above
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    from engram_eval.run.rundir import RESULTS_FORMAT
+
+    out = tmp_path_factory.mktemp("run")
+    decisive_frame().write_parquet(out / "results.parquet")
+    (out / "run.json").write_text(json.dumps({**decisive_run(), "results_format": RESULTS_FORMAT, "run_id": "decisive0001"}))
+    return out
+
+
+@pytest.mark.parametrize("args", [("--help",), ("report", "--help"), ("store", "gc", "--help"), ("check", "--help")])
+def test_help_never_imports_torch(args):
+    modules, code, output = loaded(*args)
+    assert modules == [] and code in ("0", "None"), output
+
+
+def test_report_check_and_bank_validate_read_files_only(run_dir, tmp_path):
+    for output_format in ("table", "json", "markdown", "html"):
+        modules, code, output = loaded("report", run_dir, "--format", output_format, "--output", tmp_path / f"r.{output_format}")
+        assert modules == [] and code in ("0", "None"), output
+    modules, code, output = loaded("report", run_dir, "--question", "q01")
+    assert modules == [] and code in ("0", "None"), output
+    modules, code, output = loaded("check", run_dir, "--baseline", tmp_path / "baseline.json", "--update")
+    assert modules == [] and code in ("0", "None"), output
+    modules, code, output = loaded("bank", "validate", "questions/medical_traps.yaml")
+    assert modules == [] and code in ("0", "None"), output
