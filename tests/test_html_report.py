@@ -65,3 +65,33 @@ def test_the_report_loads_offline_without_console_errors_and_shows_the_numbers(b
     expected = ", ".join(heatmap["flip"][i][j]["questions"]) or "no questions"
     assert listed == f"L{heatmap['layers'][i]}, strength {heatmap['strengths'][j]:g}: {expected}"
     assert [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"] == []
+
+
+def test_the_page_opens_on_the_per_kind_headline_with_one_readable_colour_scale(browser, run, tmp_path):
+    """The first heading is the headline per engram kind with its conclusion; every effect-size map shares one colour
+    scale symmetric around 0 (the largest |mean| on the page, recomputed here); in-cell labels are at least 11 px;
+    a cell whose interval spans 0 says so."""
+    from decisive import every_section_frame, every_section_generations, every_section_run
+
+    frame, meta = run
+    summary = summarize(frame, meta, engram_role="all")
+    page = tmp_path / "report.html"
+    page.write_text(render_html(summary))
+    browser.get(page.as_uri())
+    first = browser.find_elements("tag name", "h2")[0].text
+    assert first == f"Headline: {summary['headline']['conclusion']}"
+    bound = max(abs(c["mean"]) for e in summary["effects"].values() for grid in e["maps"].values() for row in grid for c in row
+                if c["mean"] is not None)
+    scales = browser.execute_script(
+        "return Array.from(document.querySelectorAll('.js-plotly-plot')).filter(p => p.data[0].colorscale && p.data[0].zmid === 0)"
+        ".map(p => [p.data[0].zmin, p.data[0].zmax]);")
+    assert scales and all(low == pytest.approx(-bound) and high == pytest.approx(bound) for low, high in scales)
+    sizes = browser.execute_script(
+        "return Array.from(document.querySelectorAll('.js-plotly-plot .heatmaplayer text, .js-plotly-plot g.textpoint text,"
+        " .js-plotly-plot .texttemplate text')).map(t => parseFloat(getComputedStyle(t).fontSize));")
+    assert sizes and min(sizes) >= 11
+    spans = sum(c["ci95"] is not None and c["ci95"][0] <= 0 <= c["ci95"][1]
+                for e in summary["effects"].values() for grid in e["maps"].values() for row in grid for c in row)
+    assert page.read_text().count("CI spans 0") == spans
+    texts = render_html(summarize(every_section_frame(), every_section_run(), generations=every_section_generations()))
+    assert "<details id='generated-texts'><summary>" in texts  # the long texts table starts collapsed

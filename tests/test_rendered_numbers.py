@@ -292,7 +292,7 @@ def terminal_tables(text: str) -> list[tuple[list[str], list[str]]]:
     """(title lines, body lines) of each rich table."""
     tables, title, body = [], [], None
     for line in text.splitlines():
-        if line.startswith("┏"):
+        if line.startswith(("┏", "┌")):  # a table, or a table too wide for the console stacked one row per block
             body = [line]
         elif body is not None:
             body.append(line)
@@ -333,6 +333,9 @@ def test_the_terminal_tables_put_titles_left_headers_on_and_heatmap_counts_right
     assert len(tables) == len(markdown) + sum(t.startswith("Effect size") for t in html_sections(render_html(every_section)))
     for title, body in tables:
         assert title and not title[0].startswith(" ")  # titles start at the left edge, above the table
+        if body[0].startswith("┌"):  # stacked: each column's header beside its value
+            assert all(len(line.split("│")) == 4 for line in body if line.startswith("│"))
+            continue
         header = body[1]
         assert header.startswith("┃") and header.strip("┃ ")  # the header row is shown
         heat = title[0].startswith("Heatmap")
@@ -386,7 +389,7 @@ def test_the_run_questions_and_headline_rows_say_the_summarys_values(every_secti
     for q in every_section["questions"]:
         assert calibration[q["question_id"]][1] == ", ".join(f"{c} {n}" for c, n in q["cases"].items())
     best = every_section["headline"]["best_cell"]
-    headline = [row[0] for row in sections["Headline"]]
+    headline = [row[0] for row in sections["The relevant engram across the grid, and its best cell"]]
     assert f"flip rate at the best cell (L{best['layer']}, {best['strength']:g}, k={best['chunks']}; chosen after looking" in headline[3]
     assert headline[4] == f"fragile-correct rate at that cell (L{best['layer']}, {best['strength']:g}, k={best['chunks']})"
     split = every_section["split"]

@@ -91,3 +91,34 @@ def test_a_questions_generated_texts_name_their_context_condition():
     rows = section.rows
     assert [row[0] for row in rows] == ["baseline with context", "pheo L8 x2, without context"]
     assert rows[1][3] == "b c"
+
+
+@pytest.mark.parametrize("width", [80, 120, 160])
+def test_the_terminal_report_fits_any_width_without_cutting_a_column(width):
+    """Every line within the width, every word of every title, column header and cell whole somewhere in the text
+    (a table too wide for its columns is stacked, not cropped to 'controls-adju' or 'bre'), and the headline per
+    engram kind, with its conclusion, within the first 30 lines at 120 columns and wider."""
+    import io
+    import re
+
+    from decisive import every_section_frame, every_section_generations, every_section_run
+    from rich.console import Console
+
+    from engram_eval.report.rendering import render_table
+    from engram_eval.report.sections import summary_sections
+
+    summary = summarize(every_section_frame(), every_section_run(), generations=every_section_generations(), split=1)
+    buffer = io.StringIO()
+    render_table(summary, Console(file=buffer, width=width, color_system=None))
+    lines = buffer.getvalue().splitlines()
+    assert max(len(line) for line in lines) <= width
+    words = set(re.split(r"[\s│┃┏┓┗┛┡┩└┘┌┐━─╇╋┳┻┼├┤]+", buffer.getvalue()))
+    for section in summary_sections(summary):
+        for text in [section.title, *section.columns, *(cell for row in section.rows for cell in row)]:
+            missing = [w for w in text.split() if w not in words]
+            assert not missing, (section.key, text, missing)
+    if width >= 120:
+        first_screen = " ".join(line.strip(" │┃") for line in lines[:30])
+        assert summary["headline"]["conclusion"].split()[-1] in first_screen
+        for entry in summary["headline"]["by_kind"]:
+            assert any(line.startswith(f"│ {entry['kind']} ") for line in lines[:30])

@@ -27,13 +27,14 @@ def render_html(summary: dict, drills: list[dict] = ()) -> str:
     if banner := partial_banner(summary):
         body.append(f"<p><strong>{html.escape(banner)}</strong></p>")
     figures = 0
+    bound = _effect_bound(summary)
     for section in summary_sections(summary):
         body.append(f"<h2>{html.escape(section.title)}</h2>")
         if isinstance(section.figure, CountHeatmap):
             body.append(_count_heatmap(section.figure.heatmap, section.figure.measure, f"heatmap-{figures}"))
             figures += 1
         elif isinstance(section.figure, EffectHeatmap):
-            body.append(_effect_heatmap(section.figure.effects, section.figure.label, f"heatmap-{figures}"))
+            body.append(_effect_heatmap(section.figure.effects, section.figure.label, f"heatmap-{figures}", bound))
             figures += 1
         body.append(html_table(section.columns, section.rows))
     if drills:
@@ -42,9 +43,10 @@ def render_html(summary: dict, drills: list[dict] = ()) -> str:
             body.append(_drilldown(drill))
     if summary.get("generation"):
         texts = summary["generation"]["texts"]
-        body.append("<h2>Generated texts</h2>" + html_table(
-            ["question", "cell", "ratio", "first answer", "verdict", "text"],
-            [[t["question_id"], t["cell"], f"{t['ratio']:.3g}", t["first_answer"], t["verdict"], t["text"]] for t in texts]))
+        body.append(f"<h2>Generated texts</h2><details id='generated-texts'><summary>{len(texts)} texts (click to show)</summary>"
+                    + html_table(["question", "cell", "ratio", "first answer", "verdict", "text"],
+                                 [[t["question_id"], t["cell"], f"{t['ratio']:.3g}", t["first_answer"], t["verdict"], t["text"]]
+                                  for t in texts]) + "</details>")
     return html_page(title, "\n".join(body), head=f"<script type='text/javascript'>{get_plotlyjs()}</script>")
 
 
@@ -57,7 +59,7 @@ def _count_heatmap(heatmap: dict, measure: str, div_id: str) -> str:
     figure = go.Figure(go.Heatmap(
         z=[[c["rate"] for c in row] for row in grid], x=[f"{s:g}" for s in heatmap["strengths"]],
         y=[f"L{layer}" for layer in heatmap["layers"]], zmin=0, zmax=1, colorscale="Greens" if measure == "flip" else "Reds",
-        text=[[fmt_cell(c) for c in row] for row in grid], texttemplate="%{text}", customdata=customdata,
+        text=[[fmt_cell(c) for c in row] for row in grid], texttemplate="%{text}", textfont=CELL_FONT, customdata=customdata,
         hovertemplate="%{y}, strength %{x}<br>%{text} = %{customdata[0]} (95% CI %{customdata[1]})<br>"
                       "questions: %{customdata[2]}<extra></extra>",
         colorbar={"title": f"{measure} rate"},
@@ -65,13 +67,29 @@ def _count_heatmap(heatmap: dict, measure: str, div_id: str) -> str:
     return _figure(figure, div_id)
 
 
-def _effect_heatmap(effects: dict, label: str, div_id: str) -> str:
-    """A mean log-improvement heatmap, diverging around 0, hover with the bootstrap interval."""
+CELL_FONT = {"size": 12}  # in-cell labels readable at a glance (plotly's default is smaller)
+
+
+def _effect_bound(summary: dict) -> float:
+    """One colour scale for every effect-size map of the page: symmetric around 0, to the largest |mean| anywhere."""
+    means = [abs(cell["mean"]) for effects in (summary.get("effects") or {}).values() for grid in effects["maps"].values()
+             for row in grid for cell in row if cell["mean"] is not None]
+    return max(means, default=0.0) or 1.0
+
+
+def spans_zero(cell: dict) -> bool:
+    return cell["ci95"] is not None and cell["ci95"][0] <= 0 <= cell["ci95"][1]
+
+
+def _effect_heatmap(effects: dict, label: str, div_id: str, bound: float) -> str:
+    """A mean log-improvement heatmap on the page's shared colour scale (diverging, symmetric around 0); a cell whose
+    bootstrap interval spans 0 says so in the cell; hover with the interval."""
     grid = effects["maps"][label]
     figure = go.Figure(go.Heatmap(
         z=[[c["mean"] for c in row] for row in grid], x=[f"{s:g}" for s in effects["strengths"]],
-        y=[f"L{layer}" for layer in effects["layers"]], zmid=0, colorscale="RdBu",
-        text=[[fmt_effect(c) for c in row] for row in grid], texttemplate="%{text}",
+        y=[f"L{layer}" for layer in effects["layers"]], zmin=-bound, zmax=bound, zmid=0, colorscale="RdBu",
+        text=[[fmt_effect(c) + ("<br>CI spans 0" if spans_zero(c) else "") for c in row] for row in grid],
+        texttemplate="%{text}", textfont=CELL_FONT,
         customdata=[[c["n"] for c in row] for row in grid],
         hovertemplate="%{y}, strength %{x}<br>%{text}<br>questions: %{customdata}<extra></extra>",
         colorbar={"title": "log-improvement"},

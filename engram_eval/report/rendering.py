@@ -17,15 +17,19 @@ def render_table(summary: dict, console) -> None:
 
 
 def print_sections(sections: list[Section], console) -> None:
-    """Rich tables; a section with a count heatmap gets coloured cells. No column gets a min_width: rich keeps words
-    whole where the console has room and folds them where it has not, whereas a min_width made it crop the last
-    columns off tables that were too wide."""
+    """Rich tables; a section with a count heatmap gets coloured cells. Each column is at least as wide as its longest
+    word, so rich wraps at spaces and never breaks a word; a table whose columns cannot all be that wide at this width
+    is stacked instead: one block per row, each column's header beside its value, so no column is cropped to a stub."""
     from rich.table import Table
 
     for section in sections:
+        widths = column_widths(section, console.width)
+        if widths is None:
+            console.print(_stacked(section))
+            continue
         table = Table(title=section.title, title_justify="left", show_header=True)
-        for column in section.columns:
-            table.add_column(column, justify="right" if section.right_aligned else "left", overflow="fold")
+        for column, width in zip(section.columns, widths):
+            table.add_column(column, justify="right" if section.right_aligned else "left", overflow="fold", width=width)
         figure = section.figure
         for i, row in enumerate(section.rows):
             if isinstance(figure, CountHeatmap):
@@ -34,6 +38,37 @@ def print_sections(sections: list[Section], console) -> None:
             else:
                 table.add_row(*row)
         console.print(table)
+
+
+def column_widths(section: Section, width: int) -> list[int] | None:
+    """Each column's width in a table `width` characters wide: its longest text when everything fits, else at least
+    its longest word, with the room left shared in proportion to what each column would still like; None when not
+    even the longest words fit (the table is stacked). Rich's own layout crops the last columns of a wide table."""
+    extra = 2 if isinstance(section.figure, CountHeatmap) else 0  # a heatmap cell carries a space either side
+    texts = [[column, *(row[i] for row in section.rows)] for i, column in enumerate(section.columns)]
+    natural = [max(len(t) + (extra if j else 0) for j, t in enumerate(col)) for col in texts]
+    least = [max([len(w) + (extra if j else 0) for j, t in enumerate(col) for w in t.split()] + [1]) for col in texts]
+    room = width - 3 * len(texts) - 1  # borders and padding: 3 per column, 1 at the end
+    if sum(natural) <= room:
+        return natural
+    if sum(least) > room:
+        return None
+    wanted = [n - m for n, m in zip(natural, least)]
+    spare = room - sum(least)
+    widths = [m + spare * w // sum(wanted) for m, w in zip(least, wanted)]
+    return widths
+
+
+def _stacked(section: Section):
+    from rich.table import Table
+
+    table = Table(title=section.title, title_justify="left", show_header=False)
+    table.add_column("column", style="bold", overflow="fold", min_width=max(len(w) for c in section.columns for w in c.split()))
+    table.add_column("value", overflow="fold")
+    for row in section.rows:
+        for i, (column, value) in enumerate(zip(section.columns, row)):
+            table.add_row(column, value, end_section=i == len(row) - 1)
+    return table
 
 
 def _heat_cell(text: str, cell: dict, measure: str) -> str:
