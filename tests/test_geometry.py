@@ -31,7 +31,8 @@ def straightforward_geometry(a: torch.Tensor, b: torch.Tensor, reference: torch.
     return {"cosine": value, "angle_deg": math.degrees(math.acos(value)), "difference_signal": 100 * (1 - value),
             "chunk_cosine_min": rows[0], "chunk_cosine_median": rows[middle] if len(rows) % 2 else (rows[middle - 1] + rows[middle]) / 2,
             "norm_ratio": math.sqrt(sum(float(v) ** 2 for v in a.flatten())) / math.sqrt(sum(float(v) ** 2 for v in b.flatten())),
-            "centered_cosine": cos(a - reference, b - reference), "cosine_without_first_chunk": cos(a[1:], b[1:])}
+            "centered_cosine": cos(a - reference, b - reference), "cosine_without_first_chunk": cos(a[1:], b[1:]),
+            "centered_cosine_without_first_chunk": cos((a - reference)[1:], (b - reference)[1:])}
 
 
 def test_pair_geometry_equals_a_straightforward_computation():
@@ -66,8 +67,18 @@ def test_compare_on_a_bank_pairs_each_relevant_engram_with_its_controls(tiny, ti
             assert row[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
         ids = {name: tiny.tokenizer(texts[name])["input_ids"] for name in (row["a"], row["b"])}
         assert row["shared_prefix_tokens"] == shared_prefix_tokens(ids[row["a"]], ids[row["b"]])
+        n_a, n_b = len(ids[row["a"]]), len(ids[row["b"]])
+        assert (row["tokens_a"], row["tokens_b"]) == (n_a, n_b)
+        assert row["token_counts_differ"] == (abs(n_a - n_b) / max(n_a, n_b) > 0.2)
     anti = frame.filter(pl.col("b") == "anti").row(0, named=True)  # "Alpha blockers first" vs "Beta blockers first": 0 shared
     assert anti["shared_prefix_covers_a_chunk"] is False
+
+
+def test_token_counts_that_differ_by_more_than_a_fifth_are_flagged():
+    from engram_eval.engram.geometry import token_counts_differ
+
+    assert (token_counts_differ(100, 80), token_counts_differ(100, 79), token_counts_differ(79, 100)) == (False, True, True)
+    assert token_counts_differ(None, 10) is None
 
 
 def test_named_sources_with_a_null_prefix_and_bad_names(tiny, tiny_bank, tmp_path):

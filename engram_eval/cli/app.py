@@ -99,6 +99,20 @@ def registry_option(name: str, registry: Registry, default: str, help: str = "")
     return click.option(name, cls=RegistryOption, registry=registry, default=default, show_default=True, help=help)
 
 
+threads_option = click.option(
+    "--threads", type=click.IntRange(min=1),
+    help="CPU threads torch uses in this process [default: torch's own, from OMP_NUM_THREADS or the cores]; a sweep "
+         "records the number in run.json. State it with every timing: on a loaded machine one thread can beat two "
+         "(docs/performance.md).")
+
+
+def set_threads(threads: int | None) -> None:
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def model_options(command: Callable) -> Callable:
     @click.option("--model", "model_spec", default="smollm2-135m", show_default=True,
                   help="Embedded alias (smollm2-135m), local Hugging Face directory, .gguf file or hub id.")
@@ -106,11 +120,13 @@ def model_options(command: Callable) -> Callable:
     @click.option("--dtype", default="auto", show_default=True,
                   help="auto (bfloat16 on cuda, float32 on cpu), float32, bfloat16 or float16.")
     @click.option("--trust-remote-code", is_flag=True, help="Allow model code from the model's repository to run (off by default).")
+    @threads_option
     @functools.wraps(command)
-    def wrapper(model_spec: str, device: str, dtype: str, trust_remote_code: bool, **kwargs):
+    def wrapper(model_spec: str, device: str, dtype: str, trust_remote_code: bool, threads: int | None, **kwargs):
         from ..backend.model import load_model
 
         def load():
+            set_threads(threads)
             with stderr.status(f"loading model {model_spec} ..."):
                 return load_model(model_spec, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
 

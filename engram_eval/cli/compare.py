@@ -8,7 +8,7 @@ import click
 from rich.table import Table
 
 from ..core.errors import EngramEvalError
-from .app import chunks_option, cli, extraction_options, outside_option, stderr, stdout, store_option
+from .app import chunks_option, cli, extraction_options, outside_option, set_threads, stderr, stdout, store_option, threads_option
 
 
 @cli.command()
@@ -32,14 +32,16 @@ from .app import chunks_option, cli, extraction_options, outside_option, stderr,
 @store_option
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Also write every row to this Parquet file.")
 @outside_option
+@threads_option
 def compare(sources: tuple[str, ...], bank_path: Path | None, model_specs: tuple[str, ...], device: str, dtype: str,
             trust_remote_code: bool, layers_text: str, depths_text: str | None, chunks_text: str, extraction, store_dir: str,
-            out: Path | None, allow_outside_paths: bool) -> None:
+            out: Path | None, allow_outside_paths: bool, threads: int | None) -> None:
     """Compare engrams pair by pair: cosine of the flattened k x hidden engrams (the seeds' number), its angle, the
-    difference signal 100 x (1 - cosine), chunk-by-chunk cosines, the norm ratio, the cosine centred on the reference
-    set's mean engram (all sources of the bank, or all given files) and without chunk 0 (the first token's massive
-    activation), and how many leading tokens the two sources share (flagged when that covers a whole chunk: those
-    states are identical under causal attention)."""
+    difference signal 100 x (1 - cosine), chunk-by-chunk cosines, the norm ratio, the cosine without chunk 0 (the first
+    token's massive activation), the cosine centred on the reference set's mean engram (all sources of the bank, or all
+    given files) with and without chunk 0, both sources' token counts (flagged when they differ by more than 20%:
+    the chunks then average spans of other sizes, which centring does not undo), and how many leading tokens the two
+    sources share (flagged when that covers a whole chunk: those states are identical under causal attention)."""
     import polars as pl
 
     from ..backend.model import load_model
@@ -67,6 +69,7 @@ def compare(sources: tuple[str, ...], bank_path: Path | None, model_specs: tuple
     if out is not None and not out.parent.is_dir():
         raise EngramEvalError(f"--out: folder {out.parent} does not exist")
     frames = []
+    set_threads(threads)
     for spec in model_specs:
         with stderr.status(f"loading model {spec} ..."):
             lm = load_model(spec, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
@@ -90,11 +93,17 @@ def parse_depths(text: str) -> list[float]:
     return depths
 
 
+def _tokens(row: dict) -> str:
+    counts = " / ".join("-" if n is None else str(n) for n in (row["tokens_a"], row["tokens_b"]))
+    return counts + (" [bold red](differ > 20%)[/]" if row["token_counts_differ"] else "")
+
+
 def _print(frame, several_models: bool) -> None:
     table = Table(title="engram geometry (difference signal = 100 x (1 - cosine), in %)")
     columns = (["model"] if several_models else []) + ["a", "b", "layer", "k", "cosine", "angle", "difference signal",
                                                         "chunk cos min / median", "norm ratio", "centred cos",
-                                                        "cos without chunk 0", "shared prefix tokens"]
+                                                        "cos without chunk 0", "centred cos without chunk 0", "tokens a / b",
+                                                        "shared prefix tokens"]
     for column in columns:
         table.add_column(column, justify="left" if column in ("model", "a", "b") else "right")
     for r in frame.iter_rows(named=True):
@@ -103,6 +112,8 @@ def _print(frame, several_models: bool) -> None:
         cells = [r["a"], r["b"], str(r["layer"]), str(r["chunks"]), f"{r['cosine']:.5f}", f"{r['angle_deg']:.2f}°",
                  f"{r['difference_signal']:.4f}", f"{r['chunk_cosine_min']:.3f} / {r['chunk_cosine_median']:.3f}",
                  f"{r['norm_ratio']:.3f}", "-" if r["centered_cosine"] is None else f"{r['centered_cosine']:.3f}",
-                 "-" if r["cosine_without_first_chunk"] is None else f"{r['cosine_without_first_chunk']:.5f}", shared]
+                 "-" if r["cosine_without_first_chunk"] is None else f"{r['cosine_without_first_chunk']:.5f}",
+                 "-" if r["centered_cosine_without_first_chunk"] is None else f"{r['centered_cosine_without_first_chunk']:.3f}",
+                 _tokens(r), shared]
         table.add_row(*([r["model"]] if several_models else []), *cells)
     stdout().print(table)

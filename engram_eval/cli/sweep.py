@@ -75,9 +75,6 @@ def spec_options(command: Callable) -> Callable:
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Run directory [default: reports/BANK-MODEL].")
 @store_option
 @batch_size_option("Cells per forward pass, or auto: the largest that fits free memory (backs off on out-of-memory).")
-@click.option("--threads", type=click.IntRange(min=1),
-              help="CPU threads torch uses in this process while it sweeps [default: torch's own], recorded in run.json "
-                   "(benchmarks state it: on a loaded machine one thread can beat two).")
 @click.option("--force", is_flag=True, help="Replace a run in --out that has different settings.")
 @outside_option
 @click.option("--strict", is_flag=True,
@@ -86,7 +83,7 @@ def spec_options(command: Callable) -> Callable:
 @ray_options
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or engram log (warnings are still shown).")
 def sweep(bank_path: Path, load_lm, spec: SweepSpec, layers_text: str, out: Path | None, store_dir: str,
-          batch_size: int | None, threads: int | None, force: bool, allow_outside_paths: bool, strict: bool, ray,
+          batch_size: int | None, force: bool, allow_outside_paths: bool, strict: bool, ray,
           quiet: bool) -> None:
     """Score a question bank over the layer x strength grid for each question's relevant engram and its negative
     controls, plus one baseline per question, into RUN/results.parquet and RUN/run.json. An interrupted sweep
@@ -108,7 +105,7 @@ def sweep(bank_path: Path, load_lm, spec: SweepSpec, layers_text: str, out: Path
     out = out or Path("reports") / f"{bank.name}-{lm.name}"
     observer = Observer(progress=not quiet, log=(lambda m: None) if quiet else stderr.print, warn=warn)
     try:
-        result = run_sweep(lm, bank, EngramStore(store_dir), out, spec, execution=Execution(batch_size, ray, threads),
+        result = run_sweep(lm, bank, EngramStore(store_dir), out, spec, execution=Execution(batch_size, ray),
                            force=force, strict=strict, observer=observer)
     except KeyboardInterrupt:
         stopped = json.loads((out / "run.json").read_text())

@@ -4,7 +4,9 @@ The seeds read 99.95% cosine between engrams of opposite texts as "engrams encod
 inflate that number: texts that share their first tokens have identical states there (causal attention), and every
 residual-stream state carries a component common to all texts (the first token's massive activation above all). So
 beside the raw cosine this module gives the cosine without chunk 0, a centred cosine (a reference set's mean engram
-subtracted first), chunk-by-chunk cosines, and the number of leading tokens the two sources share."""
+subtracted first) with and without chunk 0, chunk-by-chunk cosines, the number of leading tokens the two sources
+share and their token counts. Centring does not remove the confounds: chunk 0 and the sources' lengths (the chunk
+sizes) still drive it, so a pair whose token counts differ by more than 20% is flagged."""
 
 from __future__ import annotations
 
@@ -16,15 +18,16 @@ import torch
 
 from ..backend.model import LoadedModel
 from ..bank.banks import Bank
+from ..core.chunks import chunk_bounds
 from ..core.errors import EngramEvalError
 from ..core.registry import NULL_PREFIXES
 from .extraction import Extraction, source_ids
 from .nulls import null_prefix
-from ..core.chunks import chunk_bounds
 from .store import EngramStore
 
 GEOMETRY_COLUMNS = ("cosine", "angle_deg", "difference_signal", "chunk_cosine_min", "chunk_cosine_median", "norm_ratio",
-                    "centered_cosine", "cosine_without_first_chunk")
+                    "centered_cosine", "cosine_without_first_chunk", "centered_cosine_without_first_chunk")
+TOKEN_COUNT_TOLERANCE = 0.2  # sources whose token counts differ by more (of the longer) get engrams of other chunk sizes
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -50,7 +53,16 @@ def pair_geometry(a: torch.Tensor, b: torch.Tensor, reference_mean: torch.Tensor
         "norm_ratio": (a.double().norm() / b.double().norm()).item(),
         "centered_cosine": None if reference_mean is None else cosine(a - reference_mean, b - reference_mean),
         "cosine_without_first_chunk": cosine(a[1:], b[1:]) if a.shape[0] > 1 else None,
+        "centered_cosine_without_first_chunk": None if reference_mean is None or a.shape[0] < 2 else
+        cosine((a - reference_mean)[1:], (b - reference_mean)[1:]),
     }
+
+
+def token_counts_differ(a: int | None, b: int | None) -> bool | None:
+    """The two sources' token counts differ by more than TOKEN_COUNT_TOLERANCE of the longer (None for a null prefix)."""
+    if a is None or b is None:
+        return None
+    return abs(a - b) > TOKEN_COUNT_TOLERANCE * max(a, b)
 
 
 def shared_prefix_tokens(a: list[int], b: list[int]) -> int:
@@ -109,9 +121,13 @@ def compare_engrams(lm: LoadedModel, texts: dict[str, str], pairs: list[tuple[st
                 first = None if shared is None else extraction.skip_tokens + min(
                     first_chunk_size(len(ids[name]) - extraction.skip_tokens, k) for name in (a, b))
                 centred = None if shared is None else reference  # a null prefix is no residual-stream state: nothing to centre
+                tokens = [None if name in NULL_PREFIXES else len(ids[name]) for name in (a, b)]
                 rows.append({"model": lm.name, "a": a, "b": b, "layer": layer, "chunks": k, "pooling": extraction.pooling,
                              "skip_tokens": extraction.skip_tokens, **pair_geometry(vectors(a), vectors(b), centred, (a, b)),
+                             "tokens_a": tokens[0], "tokens_b": tokens[1], "token_counts_differ": token_counts_differ(*tokens),
                              "shared_prefix_tokens": shared,
                              "shared_prefix_covers_a_chunk": None if shared is None else shared >= first})
     return pl.DataFrame(rows, schema_overrides={"centered_cosine": pl.Float64, "cosine_without_first_chunk": pl.Float64,
+                                                "centered_cosine_without_first_chunk": pl.Float64, "tokens_a": pl.Int64,
+                                                "tokens_b": pl.Int64, "token_counts_differ": pl.Boolean,
                                                 "shared_prefix_tokens": pl.Int64, "shared_prefix_covers_a_chunk": pl.Boolean})
