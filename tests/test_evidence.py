@@ -97,9 +97,15 @@ def test_two_questions_are_enough_to_split_and_one_is_not():
 def test_a_single_baseline_correct_question_on_the_chosen_half_still_ranks_by_breaks():
     """q_right breaks at L1 only; nothing flips. When q_right alone is the chosen half, L2 (no break) is the pick."""
     rows = [{"question_id": q, "role": "relevant", "layer": layer, "strength": 1.0, "chunks": 16, "context": None,
-             "flipped": False, "broken": q == "q_right" and layer == 1, "correct_before": q == "q_right"}
-            for q in ("q_right", "q_wrong") for layer in (1, 2)]
-    seed = next(s for s in range(50) if np.random.default_rng(s).permutation(2)[0] == 0)  # q_right chosen
+             "flipped": False, "broken": q == "q_right" and layer == 1, "correct_before": True}
+            for q in ("q_right", "q_steady") for layer in (1, 2)]
+
+    def chooses_q_right(seed: int) -> bool:
+        rng = np.random.default_rng(seed)
+        rng.permutation(0)  # the (empty) baseline-wrong stratum first
+        return rng.permutation(2)[0] == 0
+
+    seed = next(s for s in range(50) if chooses_q_right(s))
     split = held_out_best_cell(pl.DataFrame(rows), seed)
     assert split["chosen_on"] == ["q_right"] and split["cell"]["layer"] == 2
     assert (split["break_rate_where_chosen"]["k"], split["break_rate_where_chosen"]["n"]) == (0, 1)
@@ -151,8 +157,11 @@ def test_the_held_out_pick_and_its_ties_against_the_rule_written_out(seed):
              "broken": role == "relevant" and correct[q] and bool(rng.random() < 0.4)}
             for q in questions for role in ("relevant", "control") for layer in (1, 2) for strength in (1.0, 5.0) for k in (8, 16)]
     split = held_out_best_cell(pl.DataFrame(rows), seed)
-    order = [sorted(questions)[i] for i in np.random.default_rng(seed).permutation(6)]
-    assert (split["chosen_on"], split["measured_on"]) == (sorted(order[:3]), sorted(order[3:]))
+    split_rng, chosen = np.random.default_rng(seed), []
+    for stratum in ([q for q in questions if not correct[q]], [q for q in questions if correct[q]]):
+        order = [stratum[i] for i in split_rng.permutation(len(stratum))]
+        chosen += order[: (len(stratum) // 2) if correct[stratum[0]] else (len(stratum) + 1) // 2] if stratum else []
+    assert (split["chosen_on"], split["measured_on"]) == (sorted(chosen), sorted(set(questions) - set(chosen)))
 
     def counts(ids, cell):
         mine = [r for r in rows if r["role"] == "relevant" and r["question_id"] in ids and (r["layer"], r["strength"], r["chunks"]) == cell]
@@ -169,3 +178,19 @@ def test_the_held_out_pick_and_its_ties_against_the_rule_written_out(seed):
                             ("measured_on", "flip_rate_held_out", "break_rate_held_out")):
         flips, wrong, breaks, right = counts(split[half], best)
         assert (split[flip]["k"], split[flip]["n"], split[brk]["k"], split[brk]["n"]) == (flips, wrong, breaks, right)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_the_split_is_stratified_by_baseline_correctness(seed):
+    """Five baseline-wrong and four baseline-correct questions: whatever the seed, the half that chooses gets three
+    wrong and two correct ones, the other half two and two (recomputed from each stratum's own permutation)."""
+    wrong, right = [f"w{i}" for i in range(5)], [f"r{i}" for i in range(4)]
+    rows = [{"question_id": q, "role": "relevant", "layer": layer, "strength": 1.0, "chunks": 16, "context": None,
+             "flipped": q in wrong and layer == 1, "broken": False, "correct_before": q in right}
+            for q in wrong + right for layer in (1, 2)]
+    split = held_out_best_cell(pl.DataFrame(rows), seed)
+    rng = np.random.default_rng(seed)
+    expected = sorted([wrong[i] for i in rng.permutation(5)[:3]] + [right[i] for i in rng.permutation(4)[:2]])
+    assert split["chosen_on"] == expected
+    assert sum(q in wrong for q in split["chosen_on"]) == 3 and sum(q in wrong for q in split["measured_on"]) == 2
+    assert sum(q in right for q in split["chosen_on"]) == 2 and sum(q in right for q in split["measured_on"]) == 2

@@ -305,8 +305,10 @@ def test_effect_sizes_and_the_held_out_split(frame, summary):
             assert cell["n"] == values.len() and cell["mean"] == pytest.approx(values.mean())
             assert cell["ci95"] is None or cell["ci95"][0] <= cell["mean"] <= cell["ci95"][1]
     split = summary["split"]
-    order = [sorted(QUESTIONS)[i] for i in np.random.default_rng(1).permutation(20)]
-    assert (split["chosen_on"], split["measured_on"]) == (sorted(order[:10]), sorted(order[10:]))
+    rng, chosen = np.random.default_rng(1), []  # stratified: 5 of the 10 baseline-wrong questions, 5 of the 10 right
+    for stratum in (sorted(WRONG), sorted(set(QUESTIONS) - WRONG)):
+        chosen += [stratum[i] for i in rng.permutation(10)[:5]]
+    assert (split["chosen_on"], split["measured_on"]) == (sorted(chosen), sorted(set(QUESTIONS) - set(chosen)))
 
     def rates(ids):
         return relevant.filter(pl.col("question_id").is_in(ids)).group_by("layer", "strength").agg(

@@ -25,7 +25,8 @@ from .app import cli, stdout
 @click.option("--question", "question_id", help="Drill down to one question: per cell, each answer's probability and its boost "
                                                 "against the baseline, the sink score, the top variants and tokens, the texts.")
 @click.option("--split", "split_seed", type=int,
-              help="Pick the best cell on a random half of the questions (this seed) and report its rates on the other half.")
+              help="Pick the best cell on a random half of the questions (this seed; each half gets half the baseline-wrong "
+                   "and half the baseline-correct questions) and report its rates on the other half.")
 def report(run_dirs: tuple[Path, ...], output_format: str, engram_role: str, output_path: Path | None,
            allow_different_banks: bool, question_id: str | None, split_seed: int | None) -> None:
     """Summarize a sweep: per-question baselines, best cells, calibration cases and decision-rule advice;

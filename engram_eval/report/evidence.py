@@ -83,13 +83,23 @@ def _mean_ci(values: list[float], seed: int) -> dict:
 
 def held_out_best_cell(frame: pl.DataFrame, seed: int) -> dict:
     """AxBench's practice: pick the best cell (highest flip rate, then lowest break rate, then lowest k, layer, strength)
-    on a random half of the questions, and report its rates on the other half."""
+    on a random half of the questions, and report its rates on the other half. The halves are stratified by baseline
+    correctness (each half gets half the baseline-wrong and half the baseline-correct questions; an odd wrong one
+    goes to the half that chooses, an odd correct one to the other), so no seed chooses from one wrong question."""
     questions = sorted(frame["question_id"].unique().to_list())
     if len(questions) < 2:
         raise EngramEvalError(f"--split: needs at least 2 questions to choose on one half and measure on the other "
                               f"(the run has {len(questions)})")
-    shuffled = [questions[i] for i in np.random.default_rng(seed).permutation(len(questions))]
-    chosen, held_out = sorted(shuffled[: len(questions) // 2]), sorted(shuffled[len(questions) // 2:])
+    baseline = frame.group_by("question_id").agg(pl.col("correct_before").first()).sort("question_id")
+    rng = np.random.default_rng(seed)
+    chosen, held_out = [], []
+    for correct in (False, True):
+        stratum = baseline.filter(pl.col("correct_before") == correct)["question_id"].to_list()
+        shuffled = [stratum[i] for i in rng.permutation(len(stratum))]
+        half = len(stratum) // 2 if correct else (len(stratum) + 1) // 2
+        chosen += shuffled[:half]
+        held_out += shuffled[half:]
+    chosen, held_out = sorted(chosen), sorted(held_out)
     relevant = frame.filter(pl.col("role") == "relevant")
 
     def rates(ids: list[str]) -> pl.DataFrame:
