@@ -214,6 +214,7 @@ def test_the_side_by_side_rows_equal_the_comparison(summary):
     table = {row[0]: row[1:] for row in rows}
     assert table["run"] == ["a", "b"] and table["bank"] == ["decisive", "decisive"]
     assert table["layers (relative depth)"] == ["L1 (0.25), L2 (0.50)", "L1 (0.50)"]
+    assert table["settings that differ"] == ["none", "none"]
     for i, run in enumerate(comparison["runs"]):
         check_rate(table["baseline accuracy"][i], run["baseline_accuracy"])
         check_rate(table["baseline-wrong questions that flip"][i], run["question_flip_rate"])
@@ -235,6 +236,23 @@ def test_the_side_by_side_rows_equal_the_comparison(summary):
     page = json.loads(render_json(summary))
     assert page.pop("sections") == json.loads(json.dumps([s.as_dict() for s in summary_sections(summary)]))
     assert page == json.loads(json.dumps(summary, default=str))
+
+
+def test_runs_that_differ_in_a_setting_are_labelled_with_it():
+    """Two runs of one model that differ only in --injection (and a setting both share): the column labels and the
+    `settings that differ` row name the injection, nothing else."""
+    from engram_eval.report.comparison import summarize_runs
+    from engram_eval.report.sections import side_by_side_sections
+
+    frame = decisive_frame()
+    settings = {"model": "constructed", "pooling": "mean", "layers": [1, 2]}
+    runs = [(name, frame, {**decisive_run(), "num_layers": 4, "settings": {**settings, "injection": injection}})
+            for name, injection in (("a", "prefix"), ("b", "actadd"))]
+    comparison = summarize_runs(runs)
+    assert comparison["differing_settings"] == ["injection"]
+    section = side_by_side_sections(comparison)[0]
+    assert section.columns == ["measure", "1: constructed (injection prefix)", "2: constructed (injection actadd)"]
+    assert {row[0]: row[1:] for row in section.rows}["settings that differ"] == ["injection prefix", "injection actadd"]
 
 
 def test_the_drill_down_renderings_show_each_cell_of_the_question():

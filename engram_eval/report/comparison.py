@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import polars as pl
 
 from ..core.errors import EngramEvalError
@@ -18,6 +20,7 @@ def summarize_runs(runs: list[tuple[str, pl.DataFrame, dict]], allow_different_b
         described = ", ".join(f"{path} ({run.get('settings', {}).get('bank', '?')} {str(run.get('settings', {}).get('bank_sha256'))[:8]})"
                               for path, _, run in runs)
         raise EngramEvalError(f"report: the runs use different banks ({described}); pass --allow-different-banks to put them side by side")
+    differing = _differing_settings([run.get("settings", {}) for _, _, run in runs])
     columns = []
     for path, frame, run in runs:
         if "num_layers" not in run:
@@ -39,5 +42,21 @@ def summarize_runs(runs: list[tuple[str, pl.DataFrame, dict]], allow_different_b
             "heatmaps": {name: {**heatmap, "depths": [round(depth[layer], 3) for layer in heatmap["layers"]]}
                          for name, heatmap in summary["heatmaps"].items()},
             "chunk_count": summary["chunk_count"],
+            "differs": {name: _short(run.get("settings", {}).get(name)) for name in differing},
         })
-    return {"runs": columns}
+    return {"runs": columns, "differing_settings": differing}
+
+
+UNCOMPARED = ("model_fingerprint", "bank_sha256")  # identities: the model and bank names say the same, readably
+
+
+def _differing_settings(settings: list[dict]) -> list[str]:
+    """The settings (run.json's `settings`) whose values are not the same in every run, in name order."""
+    names = sorted(set().union(*settings) - set(UNCOMPARED))
+    return [name for name in names if len({json.dumps(s.get(name), sort_keys=True, default=str) for s in settings}) > 1]
+
+
+def _short(value: object) -> str:
+    if isinstance(value, list):
+        return ",".join(map(str, value)) if len(value) <= 8 else f"{len(value)} values"
+    return str(value)

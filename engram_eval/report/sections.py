@@ -222,9 +222,11 @@ def _best_cell_section(hl: dict, show_k: bool) -> Section:
 def side_by_side_sections(comparison: dict) -> list[Section]:
     """Several runs side by side: one column per run; heatmap rows by relative depth."""
     runs = comparison["runs"]
-    names = [f"{i + 1}: {r['model']}" for i, r in enumerate(runs)]
+    names = [f"{i + 1}: {r['model']}" + (f" ({', '.join(f'{k} {v}' for k, v in r['differs'].items())})" if r["differs"] else "")
+             for i, r in enumerate(runs)]
     kinds = sorted({kind for r in runs for kind in r["controls"]})
     rows = [["run", *[r["run"] for r in runs]], ["bank", *[r["bank"] for r in runs]],
+            ["settings that differ", *[", ".join(f"{k} {v}" for k, v in r["differs"].items()) or "none" for r in runs]],
             ["layers (relative depth)", *[", ".join(f"L{l} ({d:.2f})" for l, d in zip(r["layers"], r["depths"])) for r in runs]],
             ["baseline accuracy", *[fmt_rate(r["baseline_accuracy"]) for r in runs]],
             ["baseline-wrong questions that flip", *[fmt_rate(r["question_flip_rate"]) for r in runs]],
