@@ -240,9 +240,18 @@ def test_build_warns_once_when_the_first_tokens_chunk_dominates_at_layer_16(real
     share = (norms.max() / norms.sum()).item()
     assert share > 0.5 and norms.argmax().item() == 0
     (warning,) = result.stderr.splitlines()
-    assert warning == ("warning: source 'pheo': one chunk holds more than half of the engram's summed row norms at layers 16 "
+    assert warning == ("warning: one chunk holds more than half of the engram's summed row norms in source 'pheo' at layers 16 "
                        f"(chunk 0; {100 * share:.0f}% at layer 16): a massive activation dominates this engram, so relevant "
                        "and control engrams look alike there")
+    anti = REPO / "questions/sources/anti_pheo.txt"
+    both = run("build", source, anti, "--layers", "16", "--store", tmp_path / "both")
+    anti_norms = reference_engram(real.model, real.tokenizer, anti.read_text(), 16).norm(dim=1)
+    anti_share = (anti_norms.max() / anti_norms.sum()).item()
+    assert anti_share > 0.5
+    (merged,) = both.stderr.splitlines()  # one warning for every dominated source, not one per source
+    assert merged == ("warning: one chunk holds more than half of the engram's summed row norms in 2 sources: 'pheo' at layers 16 "
+                      f"(chunk 0; {100 * share:.0f}% at layer 16); 'anti_pheo' at layers 16 (chunk 0; {100 * anti_share:.0f}% at "
+                      "layer 16): a massive activation dominates these engrams, so relevant and control engrams look alike there")
 
 
 def test_report_output_writes_each_format_to_the_path_given(tiny_model_dir, tiny_bank, tmp_path):

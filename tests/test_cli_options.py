@@ -60,6 +60,7 @@ OPTION_TESTS = {
     "sweep --quiet": "test_quiet_silences_the_progress_bar_and_the_engram_log",
     # generate
     "generate --model": "test_model_options_reach_the_loader_of_every_command",
+    "generate --threads": "test_threads_hold_while_every_model_command_runs_and_are_restored",
     "generate --device": "test_model_options_reach_the_loader_of_every_command",
     "generate --dtype": "test_model_options_reach_the_loader_of_every_command",
     "generate --trust-remote-code": "test_model_options_reach_the_loader_of_every_command",
@@ -86,6 +87,7 @@ OPTION_TESTS = {
     "check --update": "test_check_tolerances_and_update",
     # bench
     "bench --model": "test_model_options_reach_the_loader_of_every_command",
+    "bench --threads": "test_threads_hold_while_every_model_command_runs_and_are_restored",
     "bench --device": "test_model_options_reach_the_loader_of_every_command",
     "bench --dtype": "test_model_options_reach_the_loader_of_every_command",
     "bench --trust-remote-code": "test_model_options_reach_the_loader_of_every_command",
@@ -103,6 +105,7 @@ OPTION_TESTS = {
     # build
     "build --bank": "test_build_options_store_the_librarys_engrams",
     "build --model": "test_model_options_reach_the_loader_of_every_command",
+    "build --threads": "test_threads_hold_while_every_model_command_runs_and_are_restored",
     "build --device": "test_model_options_reach_the_loader_of_every_command",
     "build --dtype": "test_model_options_reach_the_loader_of_every_command",
     "build --trust-remote-code": "test_model_options_reach_the_loader_of_every_command",
@@ -118,6 +121,7 @@ OPTION_TESTS = {
     # compare
     "compare --bank": "test_compare_options_equal_the_library",
     "compare --model": "test_compare_options_equal_the_library",
+    "compare --threads": "test_threads_hold_while_every_model_command_runs_and_are_restored",
     "compare --device": "test_model_options_reach_the_loader_of_every_command",
     "compare --dtype": "test_model_options_reach_the_loader_of_every_command",
     "compare --trust-remote-code": "test_model_options_reach_the_loader_of_every_command",
@@ -148,6 +152,7 @@ OPTION_TESTS = {
     "bank stats --allow-outside-paths": "test_allow_outside_paths_admits_a_source_outside_the_banks_folder",
     "bank validate --model": "test_bank_stats_and_validate_options",
     "bank validate --strict": "test_bank_stats_and_validate_options",
+    "bank validate --baseline": "test_bank_validate_baseline_equals_the_sweeps_baseline_rows",
     "bank validate --allow-outside-paths": "test_allow_outside_paths_admits_a_source_outside_the_banks_folder",
     # store
     "store gc --store": "test_store_commands_act_on_the_store_given",
@@ -389,6 +394,35 @@ def test_model_options_reach_the_loader_of_every_command(command, tiny_model_dir
     assert calls == [(str(tiny_model_dir), {"device": "cpu", "dtype": "float16", "trust_remote_code": True})]
     no_cuda = run(command, *target, "--model", tiny_model_dir, "--device", "cuda:0")
     assert no_cuda.exit_code == 2 and no_cuda.stderr == "error: --device: 'cuda:0' asked for, but no CUDA device is available\n"
+
+
+@pytest.mark.parametrize("command", ["sweep", "generate", "bench", "build", "compare"])
+def test_threads_hold_while_every_model_command_runs_and_are_restored(command, tiny_model_dir, bank_dir, tmp_path, monkeypatch):
+    """--threads N: torch runs with N threads from the model's loading on (the spy sees them), and as before after."""
+    import torch
+
+    import engram_eval.backend.model as model_module
+
+    seen, before = [], torch.get_num_threads()
+    wanted = 1 if before != 1 else 2
+
+    def spy(spec, **kwargs):
+        seen.append(torch.get_num_threads())
+        raise model_module.EngramEvalError("stopped by the test")
+
+    monkeypatch.chdir(tmp_path)
+    Path("a.txt").write_text("alpha beta gamma delta")
+    Path("b.txt").write_text("beta gamma delta alpha")
+    Path("run").mkdir()
+    Path("run/results.parquet").write_bytes(b"")
+    target = {"sweep": [bank_dir / "tiny.yaml"], "generate": ["run"], "bench": ["--bank", bank_dir / "tiny.yaml"], "build": ["a.txt"],
+              "compare": ["a.txt", "b.txt"]}[command]
+    with monkeypatch.context() as patched:
+        patched.setattr(model_module, "load_model", spy)
+        stopped = run(command, *target, "--model", tiny_model_dir, "--threads", str(wanted))
+    assert stopped.stderr == "error: stopped by the test\n" and seen == [wanted] and torch.get_num_threads() == before
+    refused = run(command, *target, "--threads", "0")
+    assert refused.exit_code == 2 and "--threads" in refused.stderr and len(refused.stderr.splitlines()) == 1
 
 
 CUSTOM_CONFIG = "from transformers import LlamaConfig\n\n\nclass HalvedConfig(LlamaConfig):\n    model_type = 'halved-llama'\n"
@@ -791,6 +825,31 @@ def test_bank_stats_and_validate_options(tiny_model_dir, tmp_path):
     median = (lengths[1] + lengths[2]) / 2
     stats = ok(run("bank", "stats", bank, "--model", tiny_model_dir)).stdout
     assert f"{lengths[0]} / {median:g} / {lengths[3]}" in stats
+
+
+def test_bank_validate_baseline_equals_the_sweeps_baseline_rows(tiny, tiny_model_dir, tmp_path):
+    """--baseline prints what the sweep's baseline rows hold, per question, and names the off-distribution ones in one
+    warning; without --model it is refused."""
+    from conftest import sweep
+
+    from engram_eval.run.results import OFF_DISTRIBUTION_MASS
+
+    bank = write_tiny_bank(tmp_path)
+    base = pl.read_parquet(sweep(tiny, bank, tmp_path / "run", layers=[1], strengths=[1.0]).results_path).filter(pl.col("role") == "baseline")
+    shown = ok(run("bank", "validate", bank, "--model", tiny_model_dir, "--baseline"))
+    rows = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:-1]] for line in shown.stdout.splitlines()
+            if line.startswith("│")}
+    for row in base.iter_rows(named=True):
+        got = rows[row["question_id"]]
+        assert got[:4] == [f"{row['p_correct']:.3g}", f"{row['p_incorrect']:.3g}", f"{row['mass']:.3g}", f"{row['ratio']:.3g}"]
+        assert got[4] == f"{row['top_token']!r} ({row['p_top']:.2f})"
+    off = base.filter(pl.col("mass") < OFF_DISTRIBUTION_MASS)["question_id"].to_list()
+    assert off  # a random-init model's answers hold almost none of the probability
+    (warning,) = [line for line in shown.stderr.splitlines() if "off-distribution" in line]
+    assert warning.startswith(f"warning: {bank}: {len(off)} of {base.height} question(s) have their answers off-distribution")
+    assert all(f"'{q}' (mass" in warning for q in off[:3])
+    refused = run("bank", "validate", bank, "--baseline")
+    assert refused.exit_code == 2 and refused.stderr == "error: --baseline: give --model too (the baseline is the model's)\n"
 
 
 # ---------------------------------------------------------------- store

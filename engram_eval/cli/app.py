@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import click
 from rich.console import Console
@@ -106,11 +107,20 @@ threads_option = click.option(
          "(docs/performance.md).")
 
 
-def set_threads(threads: int | None) -> None:
-    if threads is not None:
-        import torch
+@contextmanager
+def threads_set(threads: int | None) -> Iterator[None]:
+    """torch's CPU threads at `threads` while the command runs, as they were afterwards (None: left alone)."""
+    if threads is None:
+        yield
+        return
+    import torch
 
-        torch.set_num_threads(threads)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def model_options(command: Callable) -> Callable:
@@ -126,11 +136,11 @@ def model_options(command: Callable) -> Callable:
         from ..backend.model import load_model
 
         def load():
-            set_threads(threads)
             with stderr.status(f"loading model {model_spec} ..."):
                 return load_model(model_spec, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
 
-        return command(load_lm=load, **kwargs)
+        with threads_set(threads):
+            return command(load_lm=load, **kwargs)
 
     return wrapper
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from statistics import median
 from pathlib import Path
@@ -11,7 +12,7 @@ from rich.table import Table
 
 from ..core.errors import EngramEvalError
 from ..core.spec import SEED_METHOD
-from .app import Group, cli, outside_option, stdout, warning_printer
+from .app import Group, cli, outside_option, stderr, stdout, warning_printer
 
 
 @cli.group(cls=Group)
@@ -74,22 +75,33 @@ def bank_import(file: Path | None, hf_spec: str | None, format_: str, map_text: 
 @click.argument("bank_path", metavar="BANK", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--model", "model_spec", help="Also check each question's answers on this model's tokenizer (distinct first "
                                             "tokens, no whitespace first token).")
+@click.option("--baseline", is_flag=True,
+              help="With --model: load the model and show every question's baseline (p(correct), p(incorrect), their "
+                   "mass, the top token), without a sweep, and warn where the answers are off-distribution.")
 @click.option("--strict", is_flag=True, help="Treat warnings as errors.")
 @outside_option
-def bank_validate(bank_path: Path, model_spec: str | None, strict: bool, allow_outside_paths: bool) -> None:
-    """Check a bank: schema, files, duplicate ids, spacing mistakes; with --model, the first-token checks sweep makes."""
+def bank_validate(bank_path: Path, model_spec: str | None, baseline: bool, strict: bool, allow_outside_paths: bool) -> None:
+    """Check a bank: schema, files, duplicate ids, spacing mistakes; with --model, the first-token checks sweep makes
+    (and the multi-token answers first-token scoring cuts short); with --baseline, each question's baseline, for
+    designing a bank."""
     from ..bank.banks import load_bank
 
     loaded = load_bank(bank_path, allow_outside_paths)
     warnings = loaded.lint()
+    if baseline and model_spec is None:
+        raise EngramEvalError("--baseline: give --model too (the baseline is the model's)")
     if model_spec is not None:
-        from ..steer.prompts import context_conditions, prepare_question, variant_token_warnings
+        from ..steer.prompts import context_conditions, multi_token_warning, prepare_question, variant_token_warnings
 
-        lm = _tokenizer_model(model_spec)
-        for question in loaded.questions:
-            for condition in context_conditions(question, "both"):
-                prepared = prepare_question(lm, question, SEED_METHOD.scoring, bank_path, condition)
-                warnings += variant_token_warnings(lm, prepared, bank_path)
+        lm = _baseline_model(model_spec) if baseline else _tokenizer_model(model_spec)
+        prepared = [prepare_question(lm, question, SEED_METHOD.scoring, bank_path, condition)
+                    for question in loaded.questions for condition in context_conditions(question, "both")]
+        for one in prepared:
+            warnings += variant_token_warnings(lm, one, bank_path)
+        if advice := multi_token_warning(lm, prepared, SEED_METHOD.scoring, bank_path):
+            warnings.append(advice)
+        if baseline:
+            warnings += _print_baselines(lm, prepared, bank_path)
     warnings = list(dict.fromkeys(warnings))
     if strict and warnings:
         raise EngramEvalError(f"{warnings[0]} (--strict)")
@@ -125,6 +137,37 @@ def bank_stats(bank_path: Path, model_spec: str, allow_outside_paths: bool) -> N
     table.add_row("controls per kind (question x control)", ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())) or "none")
     table.add_row(f"prompt tokens ({model_spec}): min / median / max", f"{lengths[0]} / {median(lengths):g} / {lengths[-1]}")
     stdout().print(table)
+
+
+def _baseline_model(spec: str):
+    from ..backend.model import load_model
+
+    with stderr.status(f"loading model {spec} ..."):
+        return load_model(spec)
+
+
+def _print_baselines(lm, prepared: list, bank_path: Path) -> list[str]:
+    """Each question's baseline under the seed's first-token scoring, as the sweep's baseline row has it -> the
+    off-distribution warnings."""
+    from ..run.results import OFF_DISTRIBUTION_MASS, off_distribution_warning
+    from ..steer.prompts import end_tokens
+    from ..steer.scoring import score_cells
+
+    ends, off = end_tokens(lm), {}
+    table = Table(title=f"baselines on {lm.name} ({SEED_METHOD.scoring} scoring)")
+    for column in ("question", "p(correct)", "p(incorrect)", "mass", "ratio", "top token (p)"):
+        table.add_column(column, justify="left" if column in ("question", "top token (p)") else "right")
+    for one in prepared:
+        scores, _ = score_cells(lm, one, [], {}, SEED_METHOD.scoring, SEED_METHOD.injection, SEED_METHOD.scaling, 1)
+        p_correct, p_incorrect = (math.exp(scores[f"logp_{side}"][0]) for side in ("correct", "incorrect"))
+        top, p_top = scores["top_token"][0], math.exp(scores["logp_top"][0])
+        label = one.question.id + ("" if one.context is None else " +context" if one.context else " -context")
+        table.add_row(label, f"{p_correct:.3g}", f"{p_incorrect:.3g}", f"{p_correct + p_incorrect:.3g}",
+                      f"{p_correct / p_incorrect:.3g}" if p_incorrect else "inf", f"{top!r} ({p_top:.2f})")
+        if p_correct + p_incorrect < OFF_DISTRIBUTION_MASS or top in ends:
+            off[label] = f"mass {p_correct + p_incorrect:.3f}, top token {top!r} at p {p_top:.2f}"
+    stdout().print(table)
+    return [off_distribution_warning(bank_path, off, len(prepared))] if off else []
 
 
 def _tokenizer_model(spec: str):

@@ -40,6 +40,7 @@ def build(sources: tuple[Path, ...], bank: Path | None, load_lm, chunks_text: st
 
     from ..bank.banks import load_bank
     from ..core.files import read_text
+    from ..engram.extraction import dominance, dominance_warning
     from ..engram.store import EngramStore, engram_warnings
     from .parsing import parse_layers
     from .parsing import parse_chunks
@@ -63,10 +64,15 @@ def build(sources: tuple[Path, ...], bank: Path | None, load_lm, chunks_text: st
     table = Table(title=f"engrams ({lm.name}, {lm.short_fingerprint})")
     for column in ("source", "status", "tokens", "layers", "chunks", "file"):
         table.add_column(column)
+    dominated = []
     for name, text in tqdm(named, desc="build", unit="source", disable=None):
         for k, (stored, status) in store.ensure_all(lm, name, text, layers, chunks, extraction, force=force).items():
             for warning in engram_warnings(name, stored):
                 warn(warning)
+            if (where := dominance(name if len(chunks) == 1 else f"{name} k={k}", stored.engram)) is not None:
+                dominated.append(where)
             table.add_row(name, status, str(stored.engram.n_tokens) + (" (truncated)" if stored.engram.truncated else ""),
                           metadata_layers(stored.metadata["layers"]), str(k), str(stored.path))
+    if (merged := dominance_warning(dominated)) is not None:
+        warn(merged)
     stdout().print(table)

@@ -8,7 +8,7 @@ import click
 from rich.table import Table
 
 from ..core.errors import EngramEvalError
-from .app import chunks_option, cli, extraction_options, outside_option, set_threads, stderr, stdout, store_option, threads_option
+from .app import chunks_option, cli, extraction_options, outside_option, stderr, stdout, store_option, threads_option, threads_set
 
 
 @cli.command()
@@ -69,13 +69,13 @@ def compare(sources: tuple[str, ...], bank_path: Path | None, model_specs: tuple
     if out is not None and not out.parent.is_dir():
         raise EngramEvalError(f"--out: folder {out.parent} does not exist")
     frames = []
-    set_threads(threads)
-    for spec in model_specs:
-        with stderr.status(f"loading model {spec} ..."):
-            lm = load_model(spec, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
-        layers = sorted({round(d * lm.num_layers) for d in depths}) if depths else parse_layers(layers_text, lm.num_layers)
-        frames.append(compare_engrams(lm, texts, pairs, layers, chunks, extraction, EngramStore(store_dir))
-                      .with_columns(depth=pl.col("layer") / lm.num_layers))
+    with threads_set(threads):
+        for spec in model_specs:
+            with stderr.status(f"loading model {spec} ..."):
+                lm = load_model(spec, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+            layers = sorted({round(d * lm.num_layers) for d in depths}) if depths else parse_layers(layers_text, lm.num_layers)
+            frames.append(compare_engrams(lm, texts, pairs, layers, chunks, extraction, EngramStore(store_dir))
+                          .with_columns(depth=pl.col("layer") / lm.num_layers))
     frame = pl.concat(frames)
     _print(frame, several_models=len(model_specs) > 1)
     if out is not None:

@@ -46,16 +46,26 @@ def dominated_layers(engram: Engram, threshold: float = DOMINANCE_THRESHOLD) -> 
     return dominated
 
 
-def dominance_warning(name: str, engram: Engram) -> str | None:
-    """One line naming the layers where a single chunk dominates the engram, or None."""
+def dominance(name: str, engram: Engram) -> str | None:
+    """Where a single chunk dominates the engram, for the merged warning: "'pheo' at layers 16 (chunk 0; 93% at layer
+    16)", or None."""
     dominated = dominated_layers(engram)
     if not dominated:
         return None
     layer, (chunk, share) = max(dominated.items(), key=lambda item: item[1][1])
     chunks = sorted({c for c, _ in dominated.values()})
-    return (f"source '{name}': one chunk holds more than half of the engram's summed row norms at layers "
-            f"{format_layers(sorted(dominated))} (chunk {', '.join(map(str, chunks))}; {100 * share:.0f}% at layer {layer}): "
-            "a massive activation dominates this engram, so relevant and control engrams look alike there")
+    return (f"'{name}' at layers {format_layers(sorted(dominated))} (chunk {', '.join(map(str, chunks))}; "
+            f"{100 * share:.0f}% at layer {layer})")
+
+
+def dominance_warning(dominated: list[str]) -> str | None:
+    """One warning for every source whose engram one chunk dominates (a build of 14 such sources says it once)."""
+    if not dominated:
+        return None
+    which = f"source {dominated[0]}" if len(dominated) == 1 else f"{len(dominated)} sources: {'; '.join(dominated)}"
+    return (f"one chunk holds more than half of the engram's summed row norms in {which}: a massive activation "
+            f"dominates {'this engram' if len(dominated) == 1 else 'these engrams'}, so relevant and control engrams look "
+            "alike there")
 
 
 def format_layers(layers: list[int]) -> str:

@@ -22,7 +22,7 @@ from ..bank.banks import Bank
 from ..core.errors import EngramEvalError
 from ..core.registry import NULL_PREFIXES
 from ..core.spec import DEFAULT_MAX_TOKENS, SEED_EXTRACTION, SEED_POOLING, Extraction
-from .extraction import Engram, dominance_warning, extract_engrams, source_ids
+from .extraction import Engram, dominance, dominance_warning, extract_engrams, source_ids
 
 FORMAT_VERSION = "1"
 
@@ -265,7 +265,8 @@ class EngramStore:
 
 
 def engram_warnings(name: str, stored: StoredEngram) -> list[str]:
-    """What a researcher must know about an engram before trusting it: truncation, padding, a dominant chunk."""
+    """What a researcher must know about an engram before trusting it: truncation and padding (a dominant chunk is
+    collected with `dominance` and said once for all sources, with `dominance_warning`)."""
     engram, metadata = stored.engram, stored.metadata
     warnings = []
     if engram.truncated:
@@ -273,8 +274,6 @@ def engram_warnings(name: str, stored: StoredEngram) -> list[str]:
     if int(metadata.get("padded_chunks", 0)):
         warnings.append(f"source '{name}' has {engram.n_tokens} tokens, fewer than k = {engram.chunks}: "
                         f"{metadata['padded_chunks']} of its chunks repeat the last token's state")
-    if dominance := dominance_warning(name, engram):
-        warnings.append(dominance)
     return warnings
 
 
@@ -302,6 +301,7 @@ def bank_engrams(lm: LoadedModel, bank: Bank, store: EngramStore, layers: list[i
     forward pass per source serves every k)."""
     needed = list(dict.fromkeys(name for q in bank.questions for name in (q.engram, *q.controls) if name not in NULL_PREFIXES))
     engrams: dict[tuple[str, int], StoredEngram] = {}
+    dominated: list[str] = []
     for name in needed:
         for k, (stored, status) in store.ensure_all(lm, name, bank.sources[name].text, layers, chunks, extraction).items():
             if stored.engram.layers[layers[0]].shape[-1] != lm.hidden_size:
@@ -309,6 +309,10 @@ def bank_engrams(lm: LoadedModel, bank: Bank, store: EngramStore, layers: list[i
             if status != "cached":
                 for warning in engram_warnings(name, stored.restricted(layers)):
                     warn(warning)
+                if (where := dominance(engram_label(name, k, chunks), stored.restricted(layers).engram)) is not None:
+                    dominated.append(where)
             log(f"engram {engram_label(name, k, chunks)}: {status} ({stored.path})")
             engrams[(name, k)] = stored
+    if (merged := dominance_warning(dominated)) is not None:
+        warn(merged)
     return engrams

@@ -80,7 +80,8 @@ def summary_sections(summary: dict, short: bool = False) -> list[Section]:
         "Questions (probabilities: p(correct) / p(incorrect))",
         ["question", "baseline ratio", "baseline p", "correct?", "related wrong", "best cell of the relevant engram",
          "flips (clean / p(correct) fell / mass collapsed)", "breaks"],
-        [[q["question_id"], fmt_ratio(q["baseline_ratio"]), fmt_probs(q["baseline_p_correct"], q["baseline_p_incorrect"]),
+        [[q["question_id"], fmt_ratio(q["baseline_ratio"]), fmt_probs(q["baseline_p_correct"], q["baseline_p_incorrect"])
+          + (" (answers off-distribution)" if q["off_distribution"] else ""),
           "yes" if q["correct_before"] else "no", {True: "yes", False: "no", None: "-"}[q["related_wrong"]],
           fmt_best(q["best"], show_k), fmt_flips(q), str(q["breaks"])]
          for q in summary["questions"]],

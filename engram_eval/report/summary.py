@@ -110,7 +110,7 @@ def _flip_kinds() -> dict[str, pl.Expr]:
     }
 
 
-def _questions(frame: pl.DataFrame) -> list[dict]:
+def _questions(frame: pl.DataFrame, off: dict[str, str]) -> list[dict]:
     relevant = frame.filter(pl.col("role") == "relevant")
     best = (
         relevant.sort(["question_id", "ratio", "chunks", "layer", "strength"], descending=[False, True, False, False, False])
@@ -141,6 +141,7 @@ def _questions(frame: pl.DataFrame) -> list[dict]:
         rows.append(
             {
                 "question_id": row["question_id"],
+                "off_distribution": off.get(row["question_id"]),
                 "baseline_ratio": row["baseline_ratio"],
                 "baseline_p_correct": row["p_correct"],
                 "baseline_p_incorrect": row["p_incorrect"],
@@ -366,8 +367,9 @@ def summarize(frame: pl.DataFrame, run: dict, engram_role: str = "relevant", gen
             "partial": run.get("partial"),
             "settings_max_tokens": settings.get("max_tokens"),
             "largest_chunk_share": run.get("largest_chunk_share", {}),
+            "off_distribution": run.get("off_distribution", {}),
         },
-        "questions": _questions(frame),
+        "questions": _questions(frame, run.get("off_distribution", {})),
         "heatmaps": heatmaps,
         "headline": {**_headline(relevant, list(relevant_maps.values())), "by_kind": _by_kind(frame, tested),
                      "conclusion": conclusion(tested)},

@@ -194,7 +194,8 @@ def run_generate(
     check_results_format(out, run)
     settings, bank, raw = reopen_run(lm, out, run)
     selected = select_cells(pl.read_parquet(results), cells)
-    info = {"settings": {"cells": cells, "max_new_tokens": max_new_tokens, "run_id": run["run_id"]}, "status": "running"}
+    info = {"settings": {"cells": cells, "max_new_tokens": max_new_tokens, "run_id": run["run_id"]}, "status": "running",
+            "threads": torch.get_num_threads()}
     _prepare_generation_dir(out, info, force)
     parts = part_paths(out / "generation-parts", settings.questions)
     waiting = [(question, part, selected.filter(pl.col("question_id") == question.id)) for question, part in zip(bank.questions, parts)]

@@ -87,6 +87,34 @@ def computed_cells() -> pl.Expr:
     return ~pl.col("repeated")
 
 
+OFF_DISTRIBUTION_MASS = 0.1  # the answers' variants together hold less of the baseline's next-token probability
+
+
+def off_distribution(frame: pl.DataFrame, end_tokens: set[str]) -> dict[str, str]:
+    """Baseline rows whose answers the model is not about to say -> why, by question (`id +context` / `id -context`
+    per condition): all answer variants together under OFF_DISTRIBUTION_MASS of the probability, or an end-of-turn
+    or end-of-text token on top (an imported bank whose prompt ends where the chat template expects the turn to)."""
+    found = {}
+    for row in frame.filter(pl.col("role") == "baseline").sort("question_id").iter_rows(named=True):
+        label = row["question_id"] + ("" if row["context"] is None else " +context" if row["context"] else " -context")
+        reasons = []
+        if row["mass"] < OFF_DISTRIBUTION_MASS:
+            reasons.append(f"its answers hold {100 * row['mass']:.1f}% of the probability")
+        if row["top_token"] in end_tokens:
+            reasons.append(f"the top token is {row['top_token']!r} (end of turn or text) at p {row['p_top']:.2f}")
+        if reasons:
+            found[label] = " and ".join(reasons)
+    return found
+
+
+def off_distribution_warning(bank_path: object, off: dict[str, str], questions: int, shown: int = 3) -> str:
+    """One line for every off-distribution question: how many, the first few and why."""
+    named = "; ".join(f"'{q}' ({why})" for q, why in list(off.items())[:shown])
+    more = f" and {len(off) - shown} more" if len(off) > shown else ""
+    return (f"{bank_path}: {len(off)} of {questions} question(s) have their answers off-distribution at baseline: {named}{more} "
+            f"(the report marks them; a prompt the model does not answer in words measures noise)")
+
+
 def case_expr() -> pl.Expr:
     """METHOD.md's calibration cases from (baseline_ratio, ratio); ties and unscorable cells are their own cases."""
     b, r = pl.col("baseline_ratio"), pl.col("ratio")

@@ -23,10 +23,10 @@ from ..engram.extraction import chunk_shares
 from ..engram.geometry import pair_geometry
 from ..engram.store import EngramStore, StoredEngram, bank_engrams, engram_label
 from ..steer.grid import Cell, question_cells, raw_vectors
-from ..steer.prompts import PreparedQuestion, context_conditions, prepare_question, variant_token_warnings
+from ..steer.prompts import PreparedQuestion, context_conditions, end_tokens, multi_token_warning, prepare_question, variant_token_warnings
 from ..steer.scoring import auto_batch_size, score_cells
 from .executors import Executor, Task, open_executor
-from .results import question_frame
+from .results import off_distribution, off_distribution_warning, question_frame
 from .rundir import (
     mark_stopped,
     merge_parts,
@@ -93,6 +93,8 @@ def run_sweep(
         raise EngramEvalError(f"{bank_warnings[0]} (--strict)")
     for warning in bank_warnings:
         warn(warning)
+    if advice := multi_token_warning(lm, [p for conditions in prepared for p in conditions], method.scoring, bank.path):
+        warn(advice)  # advice on the scoring, not a mistake in the bank: --strict lets it pass
     executor = open_executor(lm, execution.ray)  # Ray: the workers started, their models loaded and checked
     settings = SweepSettings.of(spec, model=lm.name, model_fingerprint=lm.fingerprint, bank=bank.name,
                                 bank_sha256=bank.sha256, questions=[q.id for q in bank.questions])
@@ -120,8 +122,16 @@ def run_sweep(
         executor.close()
         torch.set_num_threads(threads)
     run["timings"]["total_seconds"] = round(time.perf_counter() - started, 3)
+    run["off_distribution"] = off_distribution(pl.read_parquet(out / "results.parquet"), end_tokens(lm))
+    if off := run["off_distribution"]:
+        observer.warn(off_distribution_warning(bank.path, off, frame_questions(out)))
     write_run_json(out, run)
     return SweepResult(out=out, results_path=out / "results.parquet", run=run)
+
+
+def frame_questions(out: Path) -> int:
+    """Questions (per context condition) of a finished run: its baseline rows."""
+    return pl.scan_parquet(out / "results.parquet").filter(pl.col("role") == "baseline").select(pl.len()).collect().item()
 
 
 def anti_difference_signals(bank: Bank, engrams: dict[tuple[str, int], StoredEngram], layers: list[int],

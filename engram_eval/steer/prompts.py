@@ -83,3 +83,29 @@ def variant_token_warnings(lm: LoadedModel, prepared: PreparedQuestion, bank_pat
             warnings.append(f"{bank_path}: question '{prepared.question.id}': variant {variant!r} starts with the "
                             f"whitespace token {first!r} (id {ids[0]}), so first-token scoring scores that, not the answer")
     return warnings
+
+
+def multi_token_warning(lm: LoadedModel, prepared: list[PreparedQuestion], scoring: str, bank_path: Path | str = "bank",
+                        shown: int = 3) -> str | None:
+    """Under first-token scoring, the answer variants that are several tokens are scored by their first token alone
+    (" endothermic" as " end"): one warning for the bank naming the first few and their scored token, suggesting
+    --scoring sequence. None under a sequence scoring or when every variant is one token."""
+    if not SCORINGS[scoring].first_token_only:
+        return None
+    split = {}
+    for p in prepared:
+        for variant, ids in zip(p.question.correct + p.question.incorrect, p.correct_ids + p.incorrect_ids):
+            if len(ids) > 1:
+                split.setdefault(variant, (p.question.id, lm.tokenizer.decode([ids[0]]), len(ids)))
+    if not split:
+        return None
+    named = "; ".join(f"{variant!r} ({question}: {n} tokens) as {first!r}" for variant, (question, first, n) in list(split.items())[:shown])
+    more = f" and {len(split) - shown} more" if len(split) > shown else ""
+    return (f"{bank_path}: {len(split)} answer variant(s) are several tokens, and first-token scoring scores only the "
+            f"first: {named}{more}; `--scoring sequence` scores whole answers")
+
+
+def end_tokens(lm: LoadedModel) -> set[str]:
+    """The tokenizer's special tokens as decoded text (end of turn, end of text, ...): a prompt whose most likely next
+    token is one of them is not asking for an answer."""
+    return set(lm.tokenizer.all_special_tokens)
