@@ -73,3 +73,29 @@ def test_bundled_banks_have_distinct_first_tokens_on_the_real_tokenizer(real, ba
         for context in (False, True) if question.context else (None,):
             prepared = prepare_question(real, question, "first-token", path, context)  # raises on a shared first token
             assert variant_token_warnings(real, prepared, path) == []
+
+
+@pytest.mark.real_model
+def test_multi_token_answers_under_first_token_scoring_are_named_once(real, tmp_path):
+    """' endothermic' is several tokens: first-token scoring scores its first alone; one warning names it and its
+    scored token and suggests --scoring sequence; a sequence scoring or one-token answers say nothing."""
+    from engram_eval.bank.banks import load_bank
+    from engram_eval.steer.prompts import multi_token_warning, prepare_question
+
+    (tmp_path / "s.txt").write_text("Heat flows in.")
+    (tmp_path / "b.yaml").write_text(
+        "name: chem\nsources:\n  s: {file: s.txt}\nquestions:\n"
+        "  - {id: q1, prompt: 'Melting ice is', correct: [' endothermic'], incorrect: [' exothermic'], engram: s}\n"
+        "  - {id: q2, prompt: 'The sky is', correct: [' blue'], incorrect: [' red'], engram: s}\n")
+    bank = load_bank(tmp_path / "b.yaml")
+    prepared = [prepare_question(real, q, "first-token", bank.path) for q in bank.questions]
+    split = [(v, ids) for p in prepared for v, ids in zip(p.question.correct + p.question.incorrect, p.correct_ids + p.incorrect_ids)
+             if len(ids) > 1]
+    assert [v for v, _ in split] == [" endothermic", " exothermic"]  # the tokenizer splits both, keeps ' blue', ' red' whole
+    warning = multi_token_warning(real, prepared, "first-token", bank.path)
+    first = real.tokenizer.decode([split[0][1][0]])
+    assert warning.startswith(f"{bank.path}: 2 answer variant(s) are several tokens, and first-token scoring scores only the first: "
+                              f"' endothermic' (q1: {len(split[0][1])} tokens) as {first!r}")
+    assert warning.endswith("`--scoring sequence` scores whole answers")
+    assert multi_token_warning(real, [prepare_question(real, q, "sequence", bank.path) for q in bank.questions], "sequence", bank.path) is None
+    assert multi_token_warning(real, prepared[1:], "first-token", bank.path) is None

@@ -122,3 +122,28 @@ def test_the_terminal_report_fits_any_width_without_cutting_a_column(width):
         assert summary["headline"]["conclusion"].split()[-1] in first_screen
         for entry in summary["headline"]["by_kind"]:
             assert any(line.startswith(f"│ {entry['kind']} ") for line in lines[:30])
+
+
+def test_off_distribution_questions_are_found_from_the_baseline_rows_and_marked():
+    """A baseline whose answers hold under 10% of the probability, or whose top token ends the turn, is named (per
+    condition), recorded by the sweep in run.json, and marked in the questions table."""
+    import polars as pl
+    from decisive import decisive_frame, decisive_run
+
+    from engram_eval.run.results import off_distribution
+
+    frame = decisive_frame().with_columns(
+        mass=pl.when(pl.col("question_id") == "q03").then(0.05).otherwise(pl.col("mass")),
+        top_token=pl.when(pl.col("question_id") == "q07").then(pl.lit("<|im_end|>")).otherwise(pl.col("top_token")))
+    base = frame.filter(pl.col("role") == "baseline")
+    expected = {r["question_id"] for r in base.iter_rows(named=True) if r["mass"] < 0.1 or r["top_token"] == "<|im_end|>"}
+    off = off_distribution(frame, {"<|im_end|>", "<|endoftext|>"})
+    assert set(off) == expected == {"q03", "q07"}
+    assert off["q03"] == "its answers hold 5.0% of the probability"
+    assert off["q07"] == "the top token is '<|im_end|>' (end of turn or text) at p 0.50"
+    summary = summarize(frame, {**decisive_run(), "off_distribution": off})
+    table = render_markdown(summary).split("## Questions")[1].split("\n## ")[0]
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines() if line.startswith("| q")}
+    for q in summary["questions"]:
+        assert q["off_distribution"] == off.get(q["question_id"])
+        assert ("(answers off-distribution)" in rows[q["question_id"]]) == (q["question_id"] in off)
