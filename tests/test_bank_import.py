@@ -191,3 +191,30 @@ def test_an_imported_bank_has_distinct_letters_on_the_real_tokenizer_and_sweeps(
                        questions=["sci-01", "sci-05"], progress=False, warn=lambda m: None)
     frame = pl.read_parquet(result.results_path)
     assert frame.height == 2 * (1 + 5) and set(frame["control_kind"].drop_nulls()) == {"irrelevant", "random", "null-prefix"}
+
+
+@pytest.mark.real_model
+def test_chat_import_letters_the_reply_starts_with_and_the_template_applied(real, tmp_path):
+    """--chat: the bank says `chat: true`, the letters have no leading space (the reply after the chat template's
+    generation prompt starts with "A"), and the scored prompt is the tokenizer's own chat template of the question;
+    --no-chat (the default) keeps the hand-written bank."""
+    from engram_eval.steer.prompts import prepare_question
+
+    path = write(tmp_path, ".jsonl", RECORDS)
+    mapping = "id=qid,question=q,choices=options,answer=gold,source=why"
+    assert run("bank", "import", path, "--map", mapping, "--out", tmp_path / "chat.yaml", "--chat").exit_code == 0
+    assert run("bank", "import", path, "--map", mapping, "--out", tmp_path / "plain.yaml", "--no-chat").exit_code == 0
+    chat, plain = (yaml.safe_load((tmp_path / f"{n}.yaml").read_text()) for n in ("chat", "plain"))
+    assert chat["chat"] is True and "chat" not in plain
+    assert plain["questions"] == [expected_question(r, r["gold"]) for r in RECORDS]
+    for record, question in zip(RECORDS, chat["questions"]):
+        written = expected_question(record, record["gold"])
+        assert (question["prompt"], question["correct"]) == (written["prompt"], [written["correct"][0].strip()])
+        assert question["incorrect"] == [v.strip() for v in written["incorrect"]]
+    bank = load_bank(tmp_path / "chat.yaml")
+    for question in bank.questions:
+        prepared = prepare_question(real, question, "first-token", bank.path)
+        template = real.tokenizer.apply_chat_template([{"role": "user", "content": question.prompt}], tokenize=False,
+                                                      add_generation_prompt=True)
+        assert list(prepared.prompt_ids) == real.tokenizer(template)["input_ids"]
+        assert all(len(ids) == 1 for ids in prepared.correct_ids + prepared.incorrect_ids)  # each letter one token

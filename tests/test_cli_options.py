@@ -148,6 +148,7 @@ OPTION_TESTS = {
     "bank import --source-per-topic": "test_bank_import.py::test_completion_format_optional_fields_and_sources_per_topic",
     "bank import --answer-base": "test_bank_import_naming_template_controls_answer_base_and_force",
     "bank import --force": "test_bank_import_naming_template_controls_answer_base_and_force",
+    "bank import --chat": "test_bank_import.py::test_chat_import_letters_the_reply_starts_with_and_the_template_applied",
     "bank stats --model": "test_bank_stats_and_validate_options",
     "bank stats --allow-outside-paths": "test_allow_outside_paths_admits_a_source_outside_the_banks_folder",
     "bank validate --model": "test_bank_stats_and_validate_options",

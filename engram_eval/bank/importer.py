@@ -49,6 +49,7 @@ class ImportSpec:
     seed: int = 0
     source_per_topic: bool = False
     answer_base: int = 0  # an answer given as a number counts choices from this
+    chat: bool = False  # the bank's prompts go through the model's chat template; letters then start the reply bare
 
 
 def parse_map(text: str, format: str) -> dict[str, list[str]]:
@@ -225,7 +226,9 @@ def _mc(get, spec: ImportSpec, at: str) -> dict:
         prompt = spec.template.format(question=_text(get("question"), at, "question"), choices=listed)
     except (KeyError, IndexError, ValueError) as exc:
         raise EngramEvalError(f"--template: {exc!r} (use {{question}} and {{choices}})") from None
-    return {"prompt": prompt, "correct": [f" {letters[index]}"], "incorrect": [f" {letter}" for letter in letters if letter != letters[index]]}
+    space = "" if spec.chat else " "  # after the chat template's generation prompt the reply starts a line: "A", not " A"
+    return {"prompt": prompt, "correct": [f"{space}{letters[index]}"],
+            "incorrect": [f"{space}{letter}" for letter in letters if letter != letters[index]]}
 
 
 def _completion(get, at: str) -> dict:
@@ -274,6 +277,7 @@ def write_bank(data: dict, sources: dict[str, str], out: Path, name: str, descri
         bank = {
             "name": name,
             "description": description,
+            **({"chat": True} if spec.chat else {}),
             "sources": {source: {"file": f"{folder.name}/{source}.txt", **({"kind": kinds[source]} if source in kinds else {})}
                         for source in texts},
             "defaults": {"controls": [c for c in spec.controls if c in NULL_PREFIXES or c in texts]},

@@ -47,10 +47,14 @@ def bank() -> None:
 @click.option("--source-per-topic", is_flag=True, help="Questions with the same topic share one source (their texts, joined).")
 @click.option("--answer-base", type=click.Choice(["0", "1"]), default="0", show_default=True,
               help="A numeric answer counts the choices from 0 or from 1.")
+@click.option("--chat/--no-chat", default=False, show_default=True,
+              help="Put every prompt through the model's chat template (the bank's `chat: true`), with the mc letters "
+                   "as the reply starts them ('A', no leading space); an instruct model asked without it often puts its "
+                   "probability on the end-of-turn token instead of a letter.")
 @click.option("--force", is_flag=True, help="Replace an existing bank and its sources folder.")
 def bank_import(file: Path | None, hf_spec: str | None, format_: str, map_text: str, out: Path | None, name: str | None,
                 template: str, controls_text: str | None, limit: int | None, seed: int, source_per_topic: bool, answer_base: str,
-                force: bool) -> None:
+                chat: bool, force: bool) -> None:
     """Turn a dataset (.jsonl, .json, .csv, .parquet, or --hf) into a bank: every record a question with its relevant
     source and the chosen controls, checked like every bank (an answer out of range, a duplicate id or a missing
     column is one line naming the record; nothing is written then)."""
@@ -58,9 +62,9 @@ def bank_import(file: Path | None, hf_spec: str | None, format_: str, map_text: 
 
     if (file is None) == (hf_spec is None):
         raise EngramEvalError("bank import: give FILE or --hf NAME, not both")
-    spec = ImportSpec(format=format_, mapping=parse_map(map_text, format_), template=template,
-                      controls=import_controls() if controls_text is None else tuple(c.strip() for c in controls_text.split(",") if c.strip()), limit=limit, seed=seed,
-                      source_per_topic=source_per_topic, answer_base=int(answer_base))
+    controls = import_controls() if controls_text is None else tuple(c.strip() for c in controls_text.split(",") if c.strip())
+    spec = ImportSpec(format=format_, mapping=parse_map(map_text, format_), template=template, controls=controls, limit=limit,
+                      seed=seed, source_per_topic=source_per_topic, answer_base=int(answer_base), chat=chat)
     stem = file.stem if file is not None else Path(hf_spec.split(":")[0]).name.replace("/", "_")
     out = out or Path(f"{stem}.yaml")
     frame, record = read_table(file, hf_spec)
