@@ -6,6 +6,9 @@ import itertools
 import math
 import os
 import resource
+import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -147,6 +150,7 @@ def run_bench(lm: LoadedModel, bank: Bank, layers: list[int], strengths: list[fl
         matmul_rates.append(probe.rate(probe_seconds))
         generation = bench_generation(lm, result.out, generation_cells, max_new_tokens) if generation_cells else {}
         attention = bench_attention(lm, bank, store, Path(tmp), layers, strengths, chunks, injection)
+        startup = bench_startup(result.out)
         distributed = bench_ray(lm, bank, store, Path(tmp), layers, strengths, chunks, injection, ray) if ray else {}
     # Question i ran between the end of pause i and the start of pause i + 1 (the last one until the sweep returned),
     # next to the matmul probes just before and just after it.
@@ -173,6 +177,7 @@ def run_bench(lm: LoadedModel, bank: Bank, layers: list[int], strengths: list[fl
         "sweep_rss_quarter_mib": rss.at(0.25), "sweep_rss_end_mib": rss.at(1.0),
         **generation,
         **attention,
+        **startup,
         **distributed,
     }
 
@@ -207,6 +212,24 @@ def bench_ray(lm: LoadedModel, bank: Bank, store: EngramStore, folder: Path, lay
     return {"ray_workers": runs["ray"][0].run["distributed"]["workers"], "ray_threads_per_worker": ray.threads_per_worker,
             "process_threads": torch.get_num_threads(), "process_cells_per_second": rate["process"],
             "ray_cells_per_second": rate["ray"], "ray_throughput_ratio": rate["ray"] / rate["process"]}
+
+
+def bench_startup(run_dir: Path, trials: int = 5) -> dict:
+    """Wall time of a fresh interpreter: doing nothing (`python -c pass`), `engram-eval --help`, and `engram-eval report`
+    of the bench's own run (neither loads torch) -> medians over trials, and each as a ratio to doing nothing."""
+    def seconds(*args: str) -> float:
+        times = []
+        for _ in range(trials):
+            started = time.perf_counter()
+            subprocess.run([sys.executable, *args], check=True, capture_output=True)
+            times.append(time.perf_counter() - started)
+        return statistics.median(times)
+
+    python = seconds("-c", "pass")
+    help_ = seconds("-m", "engram_eval.cli", "--help")
+    report = seconds("-m", "engram_eval.cli", "report", str(run_dir), "--format", "json", "--output", str(run_dir / "bench-report.json"))
+    return {"startup_python_seconds": python, "startup_help_seconds": help_, "startup_report_seconds": report,
+            "startup_help_ratio": help_ / python, "startup_report_ratio": report / python}
 
 
 def bench_attention(lm: LoadedModel, bank: Bank, store: EngramStore, folder: Path, layers: list[int], strengths: list[float],

@@ -84,6 +84,9 @@ def bench(load_lm, bank_path: Path, layers_text: str, strengths_text: str, loop_
     if r["sweep_rss_end_mib"] is not None:
         table.add_row("sweep RSS: first quarter / whole sweep", f"{r['sweep_rss_quarter_mib']:.0f} / {r['sweep_rss_end_mib']:.0f} MiB")
     table.add_row("sweep with --record-attention (eager attention) / without", f"{r['attention_cost']:.2f}x the time")
+    table.add_row("start-up: --help / report of the bench's run / python -c pass",
+                  f"{r['startup_help_seconds']:.2f} s ({r['startup_help_ratio']:.1f}x) / {r['startup_report_seconds']:.2f} s "
+                  f"({r['startup_report_ratio']:.1f}x) / {r['startup_python_seconds']:.3f} s (targets: under 1 s and 3 s)")
     if "ray_throughput_ratio" in r:
         table.add_row(f"Ray: {r['ray_workers']} workers x {r['ray_threads_per_worker']} thread(s)", f"{r['ray_cells_per_second']:.2f} cells/s")
         table.add_row(f"this process: {r['process_threads']} threads, same cells", f"{r['process_cells_per_second']:.2f} cells/s")
