@@ -368,6 +368,16 @@ def test_quiet_silences_the_progress_bar_and_the_engram_log(tiny_model_dir, bank
 # ---------------------------------------------------------------- model options
 
 
+def model_command_arguments(command: str, bank_dir: Path) -> list:
+    """What each command that loads the model needs before it loads it, written in the current folder."""
+    Path("a.txt").write_text("alpha beta gamma delta")
+    Path("b.txt").write_text("beta gamma delta alpha")
+    Path("run").mkdir()
+    Path("run/results.parquet").write_bytes(b"")
+    return {"sweep": [bank_dir / "tiny.yaml"], "generate": ["run"], "bench": ["--bank", bank_dir / "tiny.yaml"], "build": ["a.txt"],
+            "compare": ["a.txt", "b.txt"]}[command]
+
+
 @pytest.mark.parametrize("command", ["sweep", "generate", "bench", "build", "compare"])
 def test_model_options_reach_the_loader_of_every_command(command, tiny_model_dir, bank_dir, tmp_path, monkeypatch):
     """--model, --device, --dtype and --trust-remote-code arrive at load_model as given; then --device cuda:0 on this
@@ -381,12 +391,7 @@ def test_model_options_reach_the_loader_of_every_command(command, tiny_model_dir
         raise model_module.EngramEvalError("stopped by the test")
 
     monkeypatch.chdir(tmp_path)
-    Path("a.txt").write_text("alpha beta gamma delta")
-    Path("b.txt").write_text("beta gamma delta alpha")
-    Path("run").mkdir()
-    Path("run/results.parquet").write_bytes(b"")
-    target = {"sweep": [bank_dir / "tiny.yaml"], "generate": ["run"], "bench": ["--bank", bank_dir / "tiny.yaml"], "build": ["a.txt"],
-              "compare": ["a.txt", "b.txt"]}[command]
+    target = model_command_arguments(command, bank_dir)
     options = ["--model", tiny_model_dir, "--device", "cpu", "--dtype", "float16", "--trust-remote-code"]
     with monkeypatch.context() as patched:
         patched.setattr(model_module, "load_model", spy)
@@ -412,12 +417,7 @@ def test_threads_hold_while_every_model_command_runs_and_are_restored(command, t
         raise model_module.EngramEvalError("stopped by the test")
 
     monkeypatch.chdir(tmp_path)
-    Path("a.txt").write_text("alpha beta gamma delta")
-    Path("b.txt").write_text("beta gamma delta alpha")
-    Path("run").mkdir()
-    Path("run/results.parquet").write_bytes(b"")
-    target = {"sweep": [bank_dir / "tiny.yaml"], "generate": ["run"], "bench": ["--bank", bank_dir / "tiny.yaml"], "build": ["a.txt"],
-              "compare": ["a.txt", "b.txt"]}[command]
+    target = model_command_arguments(command, bank_dir)
     with monkeypatch.context() as patched:
         patched.setattr(model_module, "load_model", spy)
         stopped = run(command, *target, "--model", tiny_model_dir, "--threads", str(wanted))
