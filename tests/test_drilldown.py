@@ -36,3 +36,22 @@ def test_report_question_from_the_command_line(tiny_model_dir, tiny_bank, tmp_pa
     assert markdown.startswith("# engram-eval report: question q1") and "sink score" in markdown and "| topic | L1 | 4 |" in markdown
     result = CliRunner().invoke(cli, ["report", str(out), str(out), "--question", "q1"])
     assert result.exit_code == 2 and result.stderr == "error: --question: give one RUN\n"
+
+
+def test_a_null_prefix_computed_once_is_shown_once_for_every_layer():
+    """The decisive run with two null prefixes repeated across its two layers (as the sweep writes them under prefix
+    injection): the drill-down shows each computed cell once, the null prefix's marked `every layer`."""
+    import polars as pl
+    from decisive import decisive_frame
+    from test_report_recount import with_null_prefixes
+
+    from engram_eval.report.rendering import render_drilldown
+
+    frame = with_null_prefixes(decisive_frame())
+    (condition,) = question_drilldown(frame, "q01")["conditions"]
+    mine = frame.filter((pl.col("question_id") == "q01") & (pl.col("role") != "baseline"))
+    assert len(condition["cells"]) == mine.filter(~pl.col("repeated")).height == mine.height - 4  # 2 nulls x 2 strengths once
+    nulls = [c for c in condition["cells"] if c["control_kind"] == "null-prefix"]
+    assert len(nulls) == 4 and all(c["every_layer"] and c["layer"] == 1 for c in nulls)
+    assert not any(c["every_layer"] for c in condition["cells"] if c["control_kind"] != "null-prefix")
+    assert render_drilldown(question_drilldown(frame, "q01"), "markdown").count("| ~gaussian | every layer |") == 2

@@ -15,7 +15,8 @@ from ..core.errors import EngramEvalError
 
 def question_drilldown(frame: pl.DataFrame, question_id: str, generations: pl.DataFrame | None = None) -> dict:
     """frame: a run's rows (not relabelled per context condition). -> per context condition, the baseline and every
-    cell of every engram (relevant first), and the generated texts of the question when there are any."""
+    computed cell of every engram (relevant first; a null prefix computed once for every layer is one cell with
+    `every_layer`), and the generated texts of the question when there are any."""
     known = sorted(frame["question_id"].unique().to_list())
     if question_id not in known:
         raise EngramEvalError(f"--question: no question '{question_id}' in this run (known: {', '.join(known)})")
@@ -23,8 +24,13 @@ def question_drilldown(frame: pl.DataFrame, question_id: str, generations: pl.Da
     conditions = []
     for (context,), condition in rows.group_by(["context"], maintain_order=True):
         base = condition.filter(pl.col("role") == "baseline").row(0, named=True)
-        cells = condition.filter(pl.col("role") != "baseline").with_columns(
-            order=pl.when(pl.col("role") == "relevant").then(0).otherwise(1)).sort("order", "engram", "chunks", "layer", "strength")
+        steered = condition.filter(pl.col("role") != "baseline")
+        repeated = steered.filter(pl.col("repeated")).select("engram", "strength", "chunks").unique()
+        cells = (steered.filter(~pl.col("repeated"))  # each computed cell once: a null prefix the same at every layer
+                 .join(repeated.with_columns(every_layer=pl.lit(True)), on=["engram", "strength", "chunks"], how="left")
+                 .with_columns(every_layer=pl.col("every_layer").fill_null(False),
+                               order=pl.when(pl.col("role") == "relevant").then(0).otherwise(1))
+                 .sort("order", "engram", "chunks", "layer", "strength"))
         conditions.append({
             "context": context,
             "baseline": {key: base[key] for key in ("p_correct", "p_incorrect", "ratio", "top_correct_variant",
@@ -43,7 +49,8 @@ def _cell(row: dict, base: dict) -> dict:
     sink = None if boost_correct is None or boost_incorrect is None else math.log(boost_incorrect) - math.log(boost_correct)
     return {
         **{key: row[key] for key in ("engram", "role", "control_kind", "layer", "strength", "chunks", "p_correct", "p_incorrect",
-                                     "ratio", "top_correct_variant", "top_incorrect_variant", "top_token", "p_top", "case")},
+                                     "ratio", "top_correct_variant", "top_incorrect_variant", "top_token", "p_top", "case",
+                                     "every_layer")},
         "boost_correct": boost_correct, "boost_incorrect": boost_incorrect, "sink_score": sink,
     }
 

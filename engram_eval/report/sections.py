@@ -265,7 +265,8 @@ def drilldown_sections(drill: dict) -> list[Section]:
                  f"p(incorrect) {fmt_prob(base['p_incorrect'])} ({base['top_incorrect_variant']!r}), ratio {fmt_ratio(base['ratio'])}; "
                  "sink score = log boost(incorrect) - log boost(correct)")
         show_k = len({c["chunks"] for c in condition["cells"]}) > 1
-        rows = [[c["engram"], f"L{c['layer']}" + (f" k={c['chunks']}" if show_k else ""), f"{c['strength']:g}",
+        rows = [[c["engram"], ("every layer" if c["every_layer"] else f"L{c['layer']}") + (f" k={c['chunks']}" if show_k else ""),
+                 f"{c['strength']:g}",
                  f"{fmt_prob(c['p_correct'])} (x{fmt_ratio(c['boost_correct'])})", f"{fmt_prob(c['p_incorrect'])} (x{fmt_ratio(c['boost_incorrect'])})",
                  fmt_ratio(c["ratio"]), fmt_float(c["sink_score"], 2), f"{c['top_correct_variant']!r} / {c['top_incorrect_variant']!r}",
                  f"{c['top_token']!r} {fmt_prob(c['p_top'])}"] for c in condition["cells"]]
