@@ -166,8 +166,10 @@ def test_bank_validate_and_stats(tiny_model_dir, tmp_path):
 
     bank = write_tiny_bank(tmp_path, {"q1": ("The drug is", ["  alpha"], [" beta"]), "q2": ("Before glucose you must give", [" thiamine"], [" insulin"])})
     checked = run("bank", "validate", bank, "--model", tiny_model_dir)
-    assert checked.exit_code == 0 and checked.stdout.startswith(f"{bank}: 2 questions, 4 sources and its first tokens on {tiny_model_dir}: valid, 1 warning(s)")
-    assert "variant '  alpha' starts with the whitespace token" in checked.stderr
+    assert checked.exit_code == 0 and checked.stdout.startswith(f"{bank}: 2 questions, 4 sources and its first tokens on {tiny_model_dir}: valid, 2 warning(s)")
+    whitespace, multi_token = checked.stderr.splitlines()
+    assert "variant '  alpha' starts with the whitespace token" in whitespace
+    assert "answer variant(s) are several tokens" in multi_token and multi_token.endswith("`--scoring sequence` scores whole answers")
     assert run("bank", "validate", bank, "--model", tiny_model_dir, "--strict").exit_code == 2
     stats = run("bank", "stats", bank, "--model", tiny_model_dir).stdout
     from engram_eval.backend.model import load_tokenizer
