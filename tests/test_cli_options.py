@@ -853,7 +853,7 @@ def test_bank_validate_baseline_equals_the_sweeps_baseline_rows(tiny, tiny_model
     assert off  # a random-init model's answers hold almost none of the probability
     (warning,) = [line for line in shown.stderr.splitlines() if "off-distribution" in line]
     assert warning.startswith(f"warning: {bank}: {len(off)} of {base.height} question(s) have their answers off-distribution")
-    assert all(f"'{q}' (mass" in warning for q in off[:3])
+    assert all(f"'{q}' (its answers hold" in warning for q in off[:3])
     refused = run("bank", "validate", bank, "--baseline")
     assert refused.exit_code == 2 and refused.stderr == "error: --baseline: give --model too (the baseline is the model's)\n"
 

@@ -153,7 +153,7 @@ def _baseline_model(spec: str):
 def _print_baselines(lm, prepared: list, bank_path: Path) -> list[str]:
     """Each question's baseline under the seed's first-token scoring, as the sweep's baseline row has it -> the
     off-distribution warnings."""
-    from ..run.results import OFF_DISTRIBUTION_MASS, off_distribution_warning
+    from ..run.results import off_distribution_reason, off_distribution_warning
     from ..steer.prompts import end_tokens
     from ..steer.scoring import score_cells
 
@@ -168,8 +168,8 @@ def _print_baselines(lm, prepared: list, bank_path: Path) -> list[str]:
         label = one.question.id + ("" if one.context is None else " +context" if one.context else " -context")
         table.add_row(label, f"{p_correct:.3g}", f"{p_incorrect:.3g}", f"{p_correct + p_incorrect:.3g}",
                       f"{p_correct / p_incorrect:.3g}" if p_incorrect else "inf", f"{top!r} ({p_top:.2f})")
-        if p_correct + p_incorrect < OFF_DISTRIBUTION_MASS or top in ends:
-            off[label] = f"mass {p_correct + p_incorrect:.3f}, top token {top!r} at p {p_top:.2f}"
+        if why := off_distribution_reason(p_correct + p_incorrect, top, p_top, ends):
+            off[label] = why
     stdout().print(table)
     return [off_distribution_warning(bank_path, off, len(prepared))] if off else []
 

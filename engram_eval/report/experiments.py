@@ -7,9 +7,14 @@ import polars as pl
 
 from ..core.chunks import chunk_bounds
 from ..run.results import engram_kind
-from .statistics import ALPHA, bootstrap_mean_ci, mcnemar_exact, rate, smallest_p_value
+from .statistics import bootstrap_mean_ci, mcnemar_exact, rate, too_few_questions
 
 CELL_KEYS = ("layer", "strength", "chunks")  # a cell of a question: what pairs a control with the relevant engram
+
+
+def kind_order(kind: str) -> tuple[int, str]:
+    """Engram kinds in report order: the baseline, the relevant engram, then the control kinds by name."""
+    return {"baseline": 0, "relevant": 1}.get(kind, 2), kind
 
 
 def cell_label(row: dict) -> str:
@@ -32,8 +37,7 @@ def generation_summary(generations: pl.DataFrame, examples: int = 4) -> dict:
     flipped = table.filter(pl.col("flipped").fill_null(False))
     baseline = table.filter(pl.col("role") == "baseline")
     shown = pl.concat([flipped.head(examples // 2), baseline.head(examples - min(examples // 2, flipped.height))])
-    order = {"baseline": 0, "relevant": 1}
-    kinds = sorted(table["kind"].unique().to_list(), key=lambda kind: (order.get(kind, 2), kind))
+    kinds = sorted(table["kind"].unique().to_list(), key=kind_order)
     return {
         "cells": generations.height,
         "confusion": confusion,
@@ -101,8 +105,7 @@ def attention_summary(frame: pl.DataFrame) -> list[dict] | None:
     kinds = recorded.with_columns(engram_kind())
     grouped = kinds.group_by("kind").agg(rows=pl.len(), attn_prefix_share=pl.col("attn_prefix_share").mean(),
                                          attn_first_share=pl.col("attn_first_share").mean())
-    order = {"baseline": 0, "relevant": 1}
-    return sorted(grouped.iter_rows(named=True), key=lambda r: (order.get(r["kind"], 2), r["kind"]))
+    return sorted(grouped.iter_rows(named=True), key=lambda r: kind_order(r["kind"]))
 
 
 def tokens_per_chunk(n_tokens: int, chunks: int) -> tuple[int, int]:
@@ -133,7 +136,7 @@ def chunk_count_summary(frame: pl.DataFrame, run: dict, chunks: list[int]) -> li
         signal = [s["difference_signal"] for s in signals if s["chunks"] == k]
         share = beats / at_k.height if at_k.height else None
         questions = at_k["question_id"].n_unique()
-        too_few = smallest_p_value(questions) >= ALPHA  # the controls table's rule: no test could decide on so few
+        too_few = too_few_questions(questions)  # the controls table's rule
         rows.append({
             "chunks": k,
             "tokens_per_chunk": [min(a for a, _ in sizes), max(b for _, b in sizes)] if sizes else None,

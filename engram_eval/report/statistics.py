@@ -53,10 +53,15 @@ def benjamini_hochberg(p_values: list[float]) -> list[float]:
     return [] if not p_values else [float(q) for q in false_discovery_control(p_values, method="bh")]
 
 
+def too_few_questions(n: int) -> bool:
+    """No exact sign-flip test on n paired questions can reach p < ALPHA."""
+    return smallest_p_value(n) >= ALPHA
+
+
 def verdict(mean_difference: float | None, p_value: float | None, n: int) -> str:
     if p_value is None or mean_difference is None:
         return "no data"
-    if smallest_p_value(n) >= ALPHA:
+    if too_few_questions(n):
         return f"too few questions to tell (n = {n})"
     if p_value < ALPHA:
         return "relevant beats controls" if mean_difference > 0 else "controls beat relevant"

@@ -183,14 +183,22 @@ def _heatmap(cells: pl.DataFrame, layers: list[int], strengths: list[float], chu
     }
 
 
-def _headline(relevant: pl.DataFrame, heatmaps: list[dict]) -> dict:
-    per_question = relevant.group_by("question_id").agg(
-        wrong=~pl.col("correct_before").first(), correct=pl.col("correct_before").first(),
-        flips=pl.col("flipped").any(), breaks=pl.col("broken").any(),
+def _question_rates(rows: pl.DataFrame) -> dict:
+    """Of one engram kind's rows: the baseline-wrong questions that flip somewhere (and those with a clean flip), and
+    the baseline-correct ones that break somewhere."""
+    per_question = rows.group_by("question_id").agg(
+        correct=pl.col("correct_before").first(), flips=pl.col("flipped").any(), breaks=pl.col("broken").any(),
         clean_flips=(pl.col("flipped") & pl.col("p_correct_rose") & ~pl.col("collapsed")).any(),
     )
-    wrong = per_question.filter(pl.col("wrong"))
-    correct = per_question.filter(pl.col("correct"))
+    wrong, correct = per_question.filter(~pl.col("correct")), per_question.filter(pl.col("correct"))
+    return {
+        "question_flip_rate": rate(int(wrong["flips"].sum()), wrong.height),
+        "question_clean_flip_rate": rate(int(wrong["clean_flips"].sum()), wrong.height),
+        "question_fragile_correct_rate": rate(int(correct["breaks"].sum()), correct.height),
+    }
+
+
+def _headline(relevant: pl.DataFrame, heatmaps: list[dict]) -> dict:
     cells = [
         (flip["rate"] or 0.0, -(brk["rate"] or 0.0), -(heatmap["chunks"] or 0), layer, strength, heatmap["chunks"], flip, brk)
         for heatmap in heatmaps
@@ -199,9 +207,7 @@ def _headline(relevant: pl.DataFrame, heatmaps: list[dict]) -> dict:
     ]
     best = max(cells, key=lambda c: (c[0], c[1], c[2], -c[3], -c[4])) if cells else None
     return {
-        "question_flip_rate": rate(int(wrong["flips"].sum()), wrong.height),
-        "question_clean_flip_rate": rate(int(wrong["clean_flips"].sum()), wrong.height),
-        "question_fragile_correct_rate": rate(int(correct["breaks"].sum()), correct.height),
+        **_question_rates(relevant),
         "best_cell": None if best is None else {"layer": best[3], "strength": best[4], "chunks": best[5],
                                                 "flip_rate": best[6], "break_rate": best[7]},
     }
@@ -272,14 +278,11 @@ def _by_kind(frame: pl.DataFrame, controls: list[dict]) -> list[dict]:
     tested = {c["kind"]: c for c in controls}
     entries = []
     for kind in ["relevant", *_control_kinds(frame)]:
-        rows = frame.filter((pl.col("role") == "relevant") if kind == "relevant" else (pl.col("control_kind") == kind))
-        per_question = rows.group_by("question_id").agg(
-            correct=pl.col("correct_before").first(), flips=pl.col("flipped").any(), breaks=pl.col("broken").any())
-        wrong, correct = per_question.filter(~pl.col("correct")), per_question.filter(pl.col("correct"))
+        rates = _question_rates(frame.filter((pl.col("role") == "relevant") if kind == "relevant" else (pl.col("control_kind") == kind)))
         entries.append({
             "kind": kind,
-            "question_flip_rate": rate(int(wrong["flips"].sum()), wrong.height),
-            "question_fragile_correct_rate": rate(int(correct["breaks"].sum()), correct.height),
+            "question_flip_rate": rates["question_flip_rate"],
+            "question_fragile_correct_rate": rates["question_fragile_correct_rate"],
             "verdict": tested[kind]["verdict"] if kind in tested else None,
             "p_value": tested[kind]["p_value"] if kind in tested else None,
         })

@@ -97,14 +97,19 @@ def off_distribution(frame: pl.DataFrame, end_tokens: set[str]) -> dict[str, str
     found = {}
     for row in frame.filter(pl.col("role") == "baseline").sort("question_id").iter_rows(named=True):
         label = row["question_id"] + ("" if row["context"] is None else " +context" if row["context"] else " -context")
-        reasons = []
-        if row["mass"] < OFF_DISTRIBUTION_MASS:
-            reasons.append(f"its answers hold {100 * row['mass']:.1f}% of the probability")
-        if row["top_token"] in end_tokens:
-            reasons.append(f"the top token is {row['top_token']!r} (end of turn or text) at p {row['p_top']:.2f}")
-        if reasons:
-            found[label] = " and ".join(reasons)
+        if why := off_distribution_reason(row["mass"], row["top_token"], row["p_top"], end_tokens):
+            found[label] = why
     return found
+
+
+def off_distribution_reason(mass: float, top_token: str, p_top: float, end_tokens: set[str]) -> str | None:
+    """Why one baseline's answers are off-distribution, or None (the rule `off_distribution` applies per row)."""
+    reasons = []
+    if mass < OFF_DISTRIBUTION_MASS:
+        reasons.append(f"its answers hold {100 * mass:.1f}% of the probability")
+    if top_token in end_tokens:
+        reasons.append(f"the top token is {top_token!r} (end of turn or text) at p {p_top:.2f}")
+    return " and ".join(reasons) or None
 
 
 def off_distribution_warning(bank_path: object, off: dict[str, str], questions: int, shown: int = 3) -> str:
