@@ -60,3 +60,23 @@ def test_report_check_and_bank_validate_read_files_only(run_dir, tmp_path):
     assert modules == [] and code in ("0", "None"), output
     modules, code, output = loaded("bank", "validate", "questions/medical_traps.yaml")
     assert modules == [] and code in ("0", "None"), output
+
+
+def test_store_ls_show_and_gc_read_the_store_without_torch(tiny_model_dir, tmp_path):
+    from engram_eval.cli import cli
+    from click.testing import CliRunner
+
+    source = tmp_path / "topic.txt"
+    source.write_text("Alpha blockers first, then beta blockers.")
+    built = CliRunner().invoke(cli, ["build", str(source), "--model", str(tiny_model_dir), "--chunks", "4", "--layers", "1-2",
+                                     "--store", str(tmp_path / "store")])
+    assert built.exit_code == 0, built.output
+    for args in (("store", "ls"), ("store", "show", "topic"), ("store", "gc", "--dry-run")):
+        modules, code, output = loaded(*args, "--store", tmp_path / "store")
+        assert "torch" not in modules and "transformers" not in modules and code in ("0", "None"), output
+    _, _, shown = loaded("store", "show", "topic", "--store", tmp_path / "store")
+    import torch
+    from safetensors.torch import load_file
+
+    for tensor in load_file(next((tmp_path / "store").glob("*.safetensors"))).values():
+        assert f"{tensor.norm(dim=1).mean().item():.4f}" in shown

@@ -5,7 +5,8 @@ from safetensors import safe_open
 
 from engram_eval import __version__
 from engram_eval.core.errors import EngramEvalError
-from engram_eval.engram.store import EngramStore, engram_key, text_sha256
+from engram_eval.engram.files import engram_key, text_sha256
+from engram_eval.engram.store import EngramStore
 from reference import reference_engram
 
 TEXT = "Alpha blockers first, then beta blockers. The tumor releases adrenaline."
@@ -138,7 +139,7 @@ def test_a_source_shorter_than_k_records_its_padded_chunks(tiny, tmp_path):
 def test_gc_keeps_what_runs_reference_and_removes_the_rest(tiny, tmp_path):
     import json
 
-    from engram_eval.engram.store import run_engram_keys
+    from engram_eval.engram.files import run_engram_keys
 
     store = EngramStore(tmp_path / "store")
     kept, _ = store.ensure(tiny, "topic", TEXT, layers=[1], chunks=4)

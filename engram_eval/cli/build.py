@@ -40,7 +40,7 @@ def build(sources: tuple[Path, ...], bank: Path | None, load_lm, chunks_text: st
 
     from ..bank.banks import load_bank
     from ..core.files import read_text
-    from ..engram.extraction import dominance, dominance_warning
+    from ..engram.dominance import dominance, dominance_warning
     from ..engram.store import EngramStore, engram_warnings
     from .parsing import parse_layers
     from .parsing import parse_chunks
@@ -69,7 +69,7 @@ def build(sources: tuple[Path, ...], bank: Path | None, load_lm, chunks_text: st
         for k, (stored, status) in store.ensure_all(lm, name, text, layers, chunks, extraction, force=force).items():
             for warning in engram_warnings(name, stored):
                 warn(warning)
-            if (where := dominance(name if len(chunks) == 1 else f"{name} k={k}", stored.engram)) is not None:
+            if (where := dominance(name if len(chunks) == 1 else f"{name} k={k}", stored.engram.layers)) is not None:
                 dominated.append(where)
             table.add_row(name, status, str(stored.engram.n_tokens) + (" (truncated)" if stored.engram.truncated else ""),
                           metadata_layers(stored.metadata["layers"]), str(k), str(stored.path))

@@ -8,7 +8,7 @@ import click
 from rich.table import Table
 
 from ..core.errors import EngramEvalError
-from ..core.spec import SEED_POOLING
+from ..core.spec import SEED_POOLING, format_layers
 from .app import Group, cli, stdout, store_option
 
 SPARKS = "▁▂▃▄▅▆▇█"
@@ -21,8 +21,6 @@ def sparkline(values: list[float]) -> str:
 
 
 def metadata_layers(text: str) -> str:
-    from ..engram.extraction import format_layers
-
     return format_layers([int(v) for v in text.split(",")])
 
 
@@ -35,9 +33,9 @@ def store() -> None:
 @store_option
 def store_ls(store_dir: str) -> None:
     """List the engrams in the store; a file that cannot be read is listed as corrupt."""
-    from ..engram.store import EngramStore
+    from ..engram.files import StoreFiles
 
-    engram_store = EngramStore.existing(store_dir)
+    engram_store = StoreFiles.existing(store_dir)
     table = Table(title=f"engram store {store_dir}")
     for column in ("name", "key", "model", "layers", "chunks", "pooling", "tokens", "size", "path"):
         table.add_column(column)
@@ -47,7 +45,7 @@ def store_ls(store_dir: str) -> None:
             meta = engram_store.read_metadata(path)
         except EngramEvalError:
             name = path.name.removesuffix(".safetensors").rsplit(".", 1)[0]
-            table.add_row(name, EngramStore.key_of(path), "[red]corrupt[/]", "-", "-", "-", "-", size, str(path))
+            table.add_row(name, StoreFiles.key_of(path), "[red]corrupt[/]", "-", "-", "-", "-", size, str(path))
             continue
         table.add_row(meta["source_name"], meta["key"], f"{meta['model']} ({meta['model_fingerprint'][:12]})",
                       metadata_layers(meta["layers"]), meta["chunks"], meta.get("pooling", SEED_POOLING), meta["n_tokens"], size, str(path))
@@ -61,10 +59,10 @@ def store_show(name: str, store_dir: str) -> None:
     """Show one engram's metadata and, per layer, its mean vector norm, its chunks' norms as a sparkline and the
     largest chunk's share of the summed norms (NAME: source name, file name or key). When several engrams carry
     NAME, they are listed and you give the key."""
-    from ..engram.extraction import DOMINANCE_THRESHOLD, chunk_shares
-    from ..engram.store import EngramStore
+    from ..engram.dominance import DOMINANCE_THRESHOLD, chunk_norms, chunk_shares
+    from ..engram.files import StoreFiles
 
-    engram_store = EngramStore.existing(store_dir)
+    engram_store = StoreFiles.existing(store_dir)
     paths = engram_store.find(name)
     if not paths:
         raise EngramEvalError(f"store {store_dir}: no engram named '{name}' (see `engram-eval store ls`)")
@@ -77,21 +75,21 @@ def store_show(name: str, store_dir: str) -> None:
             table.add_row(meta["key"], meta["chunks"], meta.get("pooling", SEED_POOLING), metadata_layers(meta["layers"]), meta["n_tokens"], str(path))
         stdout().print(table)
         raise EngramEvalError(f"store {store_dir}: {len(paths)} engrams are named '{name}'; give one of their keys")
-    stored = engram_store.load(paths[0])
+    layers, metadata = engram_store.read_layers(paths[0])
     meta = Table(title=str(paths[0]), show_header=False)
-    for key in sorted(stored.metadata):
-        meta.add_row(key, stored.metadata[key])
+    for key in sorted(metadata):
+        meta.add_row(key, metadata[key])
     stdout().print(meta)
-    norms = Table(title=f"norms per layer: chunks 0..{stored.engram.chunks - 1} left to right; "
+    norms = Table(title=f"norms per layer: chunks 0..{len(next(iter(layers.values()))) - 1} left to right; "
                         f"a largest share above {DOMINANCE_THRESHOLD:.0%} dominates the engram")
     for column in ("layer", "mean norm", "chunk norms", "largest chunk: share"):
         norms.add_column(column, justify="left" if column == "chunk norms" else "right")
-    for layer, vectors in stored.engram.layers.items():
-        chunk_norms = vectors.norm(dim=1)
+    for layer, vectors in layers.items():
+        row_norms = chunk_norms(vectors)
         shares = chunk_shares(vectors)
-        share = shares.max().item()
+        share = float(shares.max())
         largest = f"{int(shares.argmax())}: {100 * share:.0f}%"
-        norms.add_row(str(layer), f"{chunk_norms.mean().item():.4f}", sparkline(chunk_norms.tolist()),
+        norms.add_row(str(layer), f"{row_norms.mean():.4f}", sparkline(row_norms.tolist()),
                       f"[bold red]{largest}[/]" if share > DOMINANCE_THRESHOLD else largest)
     stdout().print(norms)
 
@@ -102,9 +100,9 @@ def store_show(name: str, store_dir: str) -> None:
 def store_rm(names: tuple[str, ...], store_dir: str) -> None:
     """Remove engrams by key (or key prefix of 6+ characters), file name, or source name (every engram of that
     source). Corrupt files can be removed by the key in their file name."""
-    from ..engram.store import EngramStore
+    from ..engram.files import StoreFiles
 
-    engram_store = EngramStore.existing(store_dir)
+    engram_store = StoreFiles.existing(store_dir)
     targets: list[Path] = []
     for name in names:
         found = engram_store.find(name)
@@ -128,9 +126,9 @@ def store_gc(store_dir: str, run_roots: tuple[Path, ...], dry_run: bool, yes: bo
 
     A run written with --out elsewhere is unknown to gc: name every folder that holds runs. The engrams to remove and
     the ones kept are listed, and removing engrams asks for confirmation unless --yes."""
-    from ..engram.store import EngramStore, run_engram_keys
+    from ..engram.files import StoreFiles, run_engram_keys
 
-    engram_store = EngramStore.existing(store_dir)
+    engram_store = StoreFiles.existing(store_dir)
     for root in run_roots:
         if not root.is_dir():
             raise EngramEvalError(f"--runs: {root} is not a folder")

@@ -39,6 +39,17 @@ def check_layers(layers: list[int] | tuple[int, ...], num_layers: int, option: s
     return list(layers)
 
 
+def format_layers(layers: list[int]) -> str:
+    """[0, 1, 2, 3, 8, 10, 11] -> '0-3, 8, 10-11'."""
+    runs: list[list[int]] = []
+    for layer in layers:
+        if runs and layer == runs[-1][-1] + 1:
+            runs[-1].append(layer)
+        else:
+            runs.append([layer])
+    return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
+
+
 def check_chunks(chunks: int) -> int:
     if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
         raise EngramEvalError(f"--chunks: must be at least 1 (got {chunks})")

@@ -12,9 +12,6 @@ from ..core.registry import POOLINGS
 from ..core.spec import DEFAULT_CHUNKS, DEFAULT_MAX_TOKENS, SEED_EXTRACTION, Extraction, check_chunks, check_layers
 from .pooling import check_pooled_length
 
-DOMINANCE_THRESHOLD = 0.5  # one chunk holding more than this share of the summed row norms dominates the engram
-
-
 @dataclass
 class Engram:
     """Raw (unscaled) pooled vectors of one source text, per layer: layer index -> float32 tensor [chunks, hidden]."""
@@ -25,58 +22,6 @@ class Engram:
     chunks: int
     extraction: Extraction = SEED_EXTRACTION
     windows: int = 1
-
-
-def chunk_shares(vectors: torch.Tensor) -> torch.Tensor:
-    """Each chunk's row norm as a share of the engram's summed row norms, at one layer -> [chunks]."""
-    norms = vectors.float().norm(dim=1)
-    return norms / norms.sum()
-
-
-def dominated_layers(engram: Engram, threshold: float = DOMINANCE_THRESHOLD) -> dict[int, tuple[int, float]]:
-    """Layers at which one chunk holds more than `threshold` of the summed row norms -> {layer: (chunk, share)}.
-
-    On most LLMs the first token's hidden state is orders of magnitude larger than the rest (a massive activation),
-    so the chunk that holds it dominates the seed's one-scalar scaling and every engram looks alike."""
-    dominated = {}
-    for layer, vectors in engram.layers.items():
-        shares = chunk_shares(vectors)
-        if shares.max().item() > threshold:
-            dominated[layer] = (int(shares.argmax()), shares.max().item())
-    return dominated
-
-
-def dominance(name: str, engram: Engram) -> str | None:
-    """Where a single chunk dominates the engram, for the merged warning: "'pheo' at layers 16 (chunk 0; 93% at layer
-    16)", or None."""
-    dominated = dominated_layers(engram)
-    if not dominated:
-        return None
-    layer, (chunk, share) = max(dominated.items(), key=lambda item: item[1][1])
-    chunks = sorted({c for c, _ in dominated.values()})
-    return (f"'{name}' at layers {format_layers(sorted(dominated))} (chunk {', '.join(map(str, chunks))}; "
-            f"{100 * share:.0f}% at layer {layer})")
-
-
-def dominance_warning(dominated: list[str]) -> str | None:
-    """One warning for every source whose engram one chunk dominates (a build of 14 such sources says it once)."""
-    if not dominated:
-        return None
-    which = f"source {dominated[0]}" if len(dominated) == 1 else f"{len(dominated)} sources: {'; '.join(dominated)}"
-    return (f"one chunk holds more than half of the engram's summed row norms in {which}: a massive activation "
-            f"dominates {'this engram' if len(dominated) == 1 else 'these engrams'}, so relevant and control engrams look "
-            "alike there")
-
-
-def format_layers(layers: list[int]) -> str:
-    """[0, 1, 2, 3, 8, 10, 11] -> '0-3, 8, 10-11'."""
-    runs: list[list[int]] = []
-    for layer in layers:
-        if runs and layer == runs[-1][-1] + 1:
-            runs[-1].append(layer)
-        else:
-            runs.append([layer])
-    return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
 
 
 def tokenize_source(lm: LoadedModel, text: str, max_tokens: int | None = DEFAULT_MAX_TOKENS) -> tuple[list[int], bool]:

@@ -1,11 +1,9 @@
-"""The engram store: one content-addressed safetensors file per (model fingerprint, source text, chunks, tokens)."""
+"""The engram store: one content-addressed safetensors file per (model fingerprint, source text, chunks, tokens),
+built from a model where it lacks one (the files themselves are `files.StoreFiles`)."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import re
 import tempfile
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
@@ -13,8 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from .._version import __version__
 from ..backend.model import LoadedModel
@@ -22,35 +19,9 @@ from ..bank.banks import Bank
 from ..core.errors import EngramEvalError
 from ..core.registry import NULL_PREFIXES
 from ..core.spec import DEFAULT_MAX_TOKENS, SEED_EXTRACTION, SEED_POOLING, Extraction
-from .extraction import Engram, dominance, dominance_warning, extract_engrams, source_ids
-
-FORMAT_VERSION = "1"
-
-
-def text_sha256(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
-    digest = hashlib.sha256()
-    for name in sorted(tensors):
-        tensor = tensors[name].contiguous()
-        digest.update(f"{name}:{tuple(tensor.shape)}".encode())
-        digest.update(memoryview(tensor.view(torch.uint8).numpy()))
-    return digest.hexdigest()
-
-
-def engram_key(model_fingerprint: str, source_sha256: str, chunks: int, n_tokens: int,
-               extraction: Extraction = SEED_EXTRACTION) -> str:
-    """Same inputs -> same key -> same file. The seed's extraction keeps the key it always had."""
-    identity = f"{model_fingerprint}|{source_sha256}|{chunks}|{n_tokens}"
-    if not extraction.is_seed:
-        identity += f"|{extraction.pooling}|{extraction.skip_tokens}|{extraction.window}"
-    return hashlib.sha256(identity.encode()).hexdigest()[:16]
-
-
-def safe_name(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", name) or "source"
+from .dominance import dominance, dominance_warning
+from .extraction import Engram, extract_engrams, source_ids
+from .files import FORMAT_VERSION, StoreFiles, arrays_sha256, engram_key, text_sha256
 
 
 @dataclass
@@ -69,53 +40,13 @@ class StoredEngram:
         return StoredEngram(self.path, engram, self.metadata)
 
 
-class EngramStore:
-    def __init__(self, root: str | Path = "store"):
-        self.root = Path(root)
-
-    @classmethod
-    def existing(cls, root: str | Path) -> EngramStore:
-        """A store to inspect or tidy: its folder must exist (building creates it; reading a typo should not)."""
-        if not Path(root).is_dir():
-            raise EngramEvalError(f"store {root}: no such folder (build engrams with `engram-eval build`, or pass --store)")
-        return cls(root)
-
-    @staticmethod
-    def key_of(path: Path) -> str:
-        """The content key in a store file's name ({source}.{key}.safetensors), readable even when the file is not."""
-        return path.name.removesuffix(".safetensors").rsplit(".", 1)[-1]
-
-    def _corrupt(self, path: Path, why: str) -> EngramEvalError:
-        return EngramEvalError(
-            f"store file {path} is {why}; remove it with `engram-eval store rm {self.key_of(path)} --store {self.root}` "
-            "(the next build or sweep rebuilds it)"
-        )
-
-    def path_for(self, source_name: str, key: str) -> Path:
-        return self.root / f"{safe_name(source_name)}.{key}.safetensors"
-
-    def paths(self) -> list[Path]:
-        if not self.root.is_dir():
-            return []
-        return sorted(p for p in self.root.glob("*.safetensors") if not p.name.startswith("."))
-
-    def stale_temporaries(self) -> list[Path]:
-        """Temporary files left by writers that were killed (their pid is in the name and no longer runs)."""
-        stale = []
-        for tmp in sorted(self.root.glob(".tmp-*")):
-            pid = tmp.name.split("-")[1]
-            if pid.isdigit() and not Path(f"/proc/{pid}").exists():
-                stale.append(tmp)
-        return stale
-
-    def remove_stale_temporaries(self) -> None:
-        for tmp in self.stale_temporaries():
-            tmp.unlink(missing_ok=True)
+class EngramStore(StoreFiles):
+    """The store's files, built from a model and loaded as torch tensors for a sweep."""
 
     def save(self, engram: Engram, metadata: dict[str, str], path: Path) -> dict[str, str]:
         """Atomic: write a temporary file in the store, then rename it over the target -> metadata written."""
         tensors = {f"layer.{layer}": vectors.contiguous() for layer, vectors in engram.layers.items()}
-        metadata = {**metadata, "tensors_sha256": tensors_sha256(tensors)}
+        metadata = {**metadata, "tensors_sha256": arrays_sha256({name: t.numpy() for name, t in tensors.items()})}
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             self.remove_stale_temporaries()
@@ -135,32 +66,15 @@ class EngramStore:
                 os.unlink(tmp)
         return metadata
 
-    def read_metadata(self, path: Path) -> dict[str, str]:
-        try:
-            with safe_open(path, framework="pt") as f:
-                metadata = f.metadata() or {}
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise self._corrupt(path, f"corrupt or truncated ({exc})") from None
-        if "tensors_sha256" not in metadata:
-            raise self._corrupt(path, "not an engram-eval engram (no checksum)")
-        return metadata
-
     def load(self, path: Path) -> StoredEngram:
         """Read and verify one engram file (checksum of every tensor)."""
-        metadata = self.read_metadata(path)
-        try:
-            tensors = load_file(path)
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise self._corrupt(path, f"corrupt or truncated ({exc})") from None
-        if tensors_sha256(tensors) != metadata["tensors_sha256"]:
-            raise self._corrupt(path, "corrupt (checksum mismatch)")
-        layers = {int(name.split(".", 1)[1]): tensor for name, tensor in tensors.items()}
+        arrays, metadata = self.read_layers(path)
         window = metadata.get("window", "none")
         extraction = Extraction(pooling=metadata.get("pooling", SEED_POOLING), skip_tokens=int(metadata.get("skip_tokens", 0)),
                                 window=None if window == "none" else int(window),
                                 max_tokens=int(metadata.get("max_tokens", DEFAULT_MAX_TOKENS)))
         engram = Engram(
-            layers=dict(sorted(layers.items())),
+            layers={layer: torch.from_numpy(array) for layer, array in arrays.items()},
             n_tokens=int(metadata["n_tokens"]),
             truncated=metadata["truncated"] == "true",
             chunks=int(metadata["chunks"]),
@@ -250,19 +164,6 @@ class EngramStore:
                 found[k] = (StoredEngram(path=path, engram=engram, metadata=self.save(engram, metadata, path)), status)
         return {k: found[k] for k in chunks}
 
-    def find(self, name: str) -> list[Path]:
-        """Store files whose source name, file name or key (or a key prefix of 6+ characters) matches `name`."""
-        matches = []
-        for path in self.paths():
-            source, key = path.name.removesuffix(".safetensors").rsplit(".", 1)
-            if safe_name(name) == source or name in (key, path.name) or (len(name) >= 6 and key.startswith(name)):
-                matches.append(path)
-        return matches
-
-    def unreferenced(self, referenced_keys: set[str]) -> list[Path]:
-        """Engram files whose key no run references."""
-        return [path for path in self.paths() if self.key_of(path) not in referenced_keys]
-
 
 def engram_warnings(name: str, stored: StoredEngram) -> list[str]:
     """What a researcher must know about an engram before trusting it: truncation and padding (a dominant chunk is
@@ -275,18 +176,6 @@ def engram_warnings(name: str, stored: StoredEngram) -> list[str]:
         warnings.append(f"source '{name}' has {engram.n_tokens} tokens, fewer than k = {engram.chunks}: "
                         f"{metadata['padded_chunks']} of its chunks repeat the last token's state")
     return warnings
-
-
-def run_engram_keys(run_roots: list[Path]) -> set[str]:
-    """Every engram key recorded by a run.json below these folders (the engrams those runs used)."""
-    keys: set[str] = set()
-    for root in run_roots:
-        for run_json in Path(root).rglob("run.json"):
-            try:
-                keys.update(json.loads(run_json.read_text()).get("engram_keys", {}).values())
-            except (OSError, ValueError, AttributeError):
-                raise EngramEvalError(f"{run_json}: unreadable run.json; cannot tell which engrams it uses") from None
-    return keys
 
 
 def engram_label(name: str, k: int, chunks: list[int]) -> str:
@@ -309,7 +198,7 @@ def bank_engrams(lm: LoadedModel, bank: Bank, store: EngramStore, layers: list[i
             if status != "cached":
                 for warning in engram_warnings(name, stored.restricted(layers)):
                     warn(warning)
-                if (where := dominance(engram_label(name, k, chunks), stored.restricted(layers).engram)) is not None:
+                if (where := dominance(engram_label(name, k, chunks), stored.restricted(layers).engram.layers)) is not None:
                     dominated.append(where)
             log(f"engram {engram_label(name, k, chunks)}: {status} ({stored.path})")
             engrams[(name, k)] = stored

@@ -19,7 +19,7 @@ from ..bank.banks import Bank
 from ..core.errors import EngramEvalError
 from ..core.registry import INJECTIONS, NULL_PREFIXES
 from ..core.spec import Execution, Observer, SweepSpec
-from ..engram.extraction import chunk_shares
+from ..engram.dominance import chunk_shares
 from ..engram.geometry import pair_geometry
 from ..engram.store import EngramStore, StoredEngram, bank_engrams, engram_label
 from ..steer.grid import Cell, question_cells, raw_vectors
@@ -190,7 +190,7 @@ def _run_grid(lm: LoadedModel, bank: Bank, store: EngramStore, out: Path, settin
     run.update(
         engram_keys={labels[key]: stored.key for key, stored in engrams.items()},
         engram_files={labels[key]: str(stored.path) for key, stored in engrams.items()},
-        largest_chunk_share={labels[key]: {str(layer): round(chunk_shares(stored.engram.layers[layer]).max().item(), 4)
+        largest_chunk_share={labels[key]: {str(layer): round(float(chunk_shares(stored.engram.layers[layer]).max()), 4)
                                            for layer in layers} for key, stored in engrams.items()},
         num_layers=lm.num_layers,
         engram_tokens={name: stored.engram.n_tokens for (name, _), stored in engrams.items()},
