@@ -115,32 +115,46 @@ def test_two_concurrent_builds_never_corrupt_the_store(tiny_model_dir, tiny_bank
         store.load(path)
 
 
-@pytest.mark.parametrize("code,text", [(errno.ENOSPC, "No space left on device"), (errno.EACCES, "Permission denied")])
-def test_failed_store_write_is_clear_and_keeps_earlier_files(tiny, tmp_path, monkeypatch, code, text):
+def safetensors_disk_full() -> Exception:
+    from safetensors import SafetensorError
+
+    return SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: \"No space left on device\" })")
+
+
+@pytest.mark.parametrize("error,expected", [
+    (lambda: OSError(errno.ENOSPC, "No space left on device"), "no space left on {folder}"),
+    (safetensors_disk_full, "no space left on {folder}"),
+    (lambda: OSError(errno.EACCES, "Permission denied"), "cannot write {path} (Permission denied)"),
+])
+def test_failed_store_write_is_clear_and_keeps_earlier_files(tiny, tmp_path, monkeypatch, error, expected):
     store = EngramStore(tmp_path)
     first, _ = store.ensure(tiny, "topic", "alpha first", layers=[1], chunks=4)
     before = first.path.read_bytes()
 
     def failing_save(tensors, filename, metadata=None):
         Path(filename).write_bytes(b"partial")
-        raise OSError(code, text)
+        raise error()
 
     monkeypatch.setattr(store_module, "save_file", failing_save)
-    with pytest.raises(EngramEvalError) as error:
+    with pytest.raises(EngramEvalError) as raised:
         store.ensure(tiny, "topic", "alpha first", layers=[1], chunks=4, force=True)
-    assert str(error.value) == f"store {first.path}: write failed ({text}); earlier files are intact"
+    assert str(raised.value) == f"store: {expected.format(folder=tmp_path, path=first.path)}; earlier files are intact"
     assert first.path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == [first.path.name]
 
 
-def test_failed_results_write_is_clear_and_resumable(tiny, tiny_bank, tmp_path, monkeypatch):
+@pytest.mark.parametrize("error", [lambda: OSError(errno.ENOSPC, "No space left on device"),
+                                   lambda: pl.exceptions.ComputeError("failed to write: No space left on device (os error 28)")])
+def test_failed_results_write_is_clear_and_resumable(tiny, tiny_bank, tmp_path, monkeypatch, error):
     def no_space(self, path, *args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device")
+        Path(path).write_bytes(b"PAR1 half")
+        raise error()
 
     monkeypatch.setattr(pl.DataFrame, "write_parquet", no_space)
-    with pytest.raises(EngramEvalError) as error:
+    with pytest.raises(EngramEvalError) as raised:
         flat_sweep(tiny, load_bank(tiny_bank), EngramStore(tmp_path / "s"), tmp_path / "run", layers=[1], strengths=[1.0], chunks=4, progress=False)
-    part = tmp_path / "run/parts/00000-q1.parquet"
-    assert str(error.value) == f"{part}: write failed (No space left on device); finished questions are kept, rerun to resume"
+    assert str(raised.value) == f"no space left on {tmp_path / 'run/parts'}; finished questions are kept, rerun to resume"
+    assert json.loads((tmp_path / "run/run.json").read_text())["status"] == "failed"
+    assert [p.name for p in (tmp_path / "run/parts").iterdir()] == []  # no temporary left behind
     monkeypatch.undo()
     result = flat_sweep(tiny, load_bank(tiny_bank), EngramStore(tmp_path / "s"), tmp_path / "run", layers=[1], strengths=[1.0], chunks=4, progress=False)
     assert pl.read_parquet(result.results_path).height == 3 * 5

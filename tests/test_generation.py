@@ -110,6 +110,22 @@ def test_generation_resumes_after_an_interruption_and_equals_an_uninterrupted_ru
     assert resumed.drop("run_id").equals(whole.drop("run_id"))
 
 
+def test_a_resume_with_nothing_left_keeps_the_timings_and_files_follow_the_umask(tiny, tiny_bank, tmp_path):
+    import json
+    import os
+    import stat
+
+    result = sweep(tiny, tiny_bank, tmp_path / "run", layers=[1], strengths=[1.0])
+    first = run_generate(tiny, result.out, max_new_tokens=4, progress=False).info["timings"]
+    again = run_generate(tiny, result.out, max_new_tokens=4, progress=False).info["timings"]
+    assert first["tokens"] > 0 and again == first == json.loads((result.out / "generation.json").read_text())["timings"]
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in [result.out / "generations.parquet", result.out / "results.parquet", result.out / "run.json",
+                 *(result.out / "parts").iterdir(), *Path(result.run["store"]).glob("*.safetensors")]:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask, path
+
+
 def test_other_generation_settings_are_refused_unless_forced(tiny, tiny_bank, tmp_path):
     result = sweep(tiny, tiny_bank, tmp_path / "run", layers=[1], strengths=[1.0])
     run_generate(tiny, result.out, max_new_tokens=4, progress=False)

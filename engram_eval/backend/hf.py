@@ -3,6 +3,8 @@ LMs. Where an architecture keeps its decoder blocks is a table, `DECODER_BLOCKS`
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 from contextlib import contextmanager
 from typing import Any, Iterator, Sequence
@@ -91,13 +93,21 @@ class HFCausalLM(Backend):
                 positions: torch.Tensor | None) -> tuple[torch.Tensor, Any]:
         output = self.model(inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=positions, use_cache=True,
                             logits_to_keep=1)
-        return output.logits[:, -1].float(), output.past_key_values
+        return output.logits[:, -1].float(), self._cache_of(output)
 
     def decode(self, inputs_embeds: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor | None,
                cache: Any) -> tuple[torch.Tensor, Any]:
         output = self.model(inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=positions,
-                            past_key_values=cache, use_cache=True, logits_to_keep=1)
-        return output.logits[:, -1].float(), output.past_key_values
+                            use_cache=True, logits_to_keep=1, **{self._cache_argument: cache})
+        return output.logits[:, -1].float(), self._cache_of(output)
+
+    @functools.cached_property
+    def _cache_argument(self) -> str:
+        """transformers >= 5.24 names the KV cache `cache` (`past_key_values` warns, then goes); earlier ones do not."""
+        return "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+
+    def _cache_of(self, output: Any) -> Any:
+        return getattr(output, self._cache_argument)
 
     def eos_token_ids(self) -> set[int]:
         configured = getattr(self.model.generation_config, "eos_token_id", None)

@@ -7,6 +7,11 @@ from .app import cli
 
 
 def main() -> None:
+    import signal
+
+    from ..core.errors import raise_terminated
+
+    signal.signal(signal.SIGTERM, raise_terminated)  # stop as on Ctrl-C: work kept, run.json says so, exit 143
     cli(prog_name="engram-eval")
 
 

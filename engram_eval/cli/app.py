@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import functools
+import sys
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from pathlib import Path
+from typing import Callable, Iterator, NoReturn
 
 import click
 from rich.console import Console
 
 from .._version import __version__
-from ..core.errors import EngramEvalError
+from ..core.errors import EngramEvalError, Terminated
 from ..core.registry import POOLINGS, Registry
 from ..core.spec import SEED_EXTRACTION, Extraction, RayOptions
 
@@ -64,6 +66,15 @@ class Group(click.Group):
             return super().invoke(ctx)
         except EngramEvalError as exc:
             raise CliError(str(exc)) from None
+        except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM outside a run (loading the model, building): one line
+            stopped(exc, "")
+
+
+def stopped(interrupt: KeyboardInterrupt, what: str) -> NoReturn:
+    """Exit as a stopped command should: one line on stderr, 130 after Ctrl-C, 143 after SIGTERM."""
+    terminated = isinstance(interrupt, Terminated)
+    click.echo(f"{'terminated' if terminated else 'interrupted'}{what or ''}", err=True)
+    sys.exit(143 if terminated else 130)
 
 
 class RegistryChoice(click.Choice):
@@ -193,6 +204,24 @@ def cli() -> None:
     """Measure engram activation steering honestly: build engrams, sweep a question bank over a layer x
     strength grid with negative controls, report flips, fragile-correct answers and calibration cases,
     and gate regressions in CI."""
+
+
+wait_option = click.option(
+    "--wait", is_flag=True,
+    help="When another sweep or generate is writing the run directory (its lock names the process), wait for it to "
+         "finish instead of failing.")
+
+
+def check_writable(folder: Path, option: str) -> None:
+    """Fail before the model loads when the results could not be written (a read-only or missing-permission folder, or
+    the nearest existing folder above one still to be created); creates nothing."""
+    import os
+
+    existing = folder.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise EngramEvalError(f"{option} {folder}: not writable ({existing} is {'read-only' if existing.is_dir() else 'not a folder'})")
 
 
 def ray_options(command: Callable) -> Callable:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
 from rich.table import Table
 
 from ..core.errors import EngramEvalError
-from .app import batch_size_option, cli, model_options, ray_options, stdout
+from .app import batch_size_option, check_writable, cli, model_options, ray_options, stdout, stopped, wait_option, warning_printer
 
 
 @cli.command()
@@ -24,8 +23,10 @@ from .app import batch_size_option, cli, model_options, ray_options, stdout
 @batch_size_option("Cells decoded together, or auto: as many as fit (cells of one question share their prefill length).")
 @click.option("--force", is_flag=True, help="Replace generations made with other settings.")
 @ray_options
+@wait_option
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def generate(run_dir: Path, load_lm, selection: str, max_new_tokens: int, batch_size: int | None, force: bool, ray, quiet: bool) -> None:
+def generate(run_dir: Path, load_lm, selection: str, max_new_tokens: int, batch_size: int | None, force: bool, ray, wait: bool,
+             quiet: bool) -> None:
     """Decode greedily from a finished sweep's cells, with each cell's engram injected as in the sweep (prefix and add
     in the prefill, seen through the KV cache; actadd at every position), and judge each text: does it say the correct
     answer, the incorrect one, which first (word boundaries, case-insensitive)? Writes RUN/generations.parquet;
@@ -36,15 +37,14 @@ def generate(run_dir: Path, load_lm, selection: str, max_new_tokens: int, batch_
         raise EngramEvalError(f"--max-new-tokens: must be at least 1 (got {max_new_tokens})")
     if not (run_dir / "results.parquet").is_file():
         raise EngramEvalError(f"{run_dir}: no results.parquet (finish the sweep with `engram-eval sweep ... --out {run_dir}` first)")
+    check_writable(run_dir, "RUN")
     lm = load_lm()
     try:
         result = run_generate(lm, run_dir, cells=selection, max_new_tokens=max_new_tokens,
                               batch_size=batch_size, force=force, progress=not quiet,
-                              ray=ray)
-    except KeyboardInterrupt:
-        click.echo(f"interrupted: finished questions are kept in {run_dir / 'generation-parts'}; rerun the same command to resume",
-                   err=True)
-        sys.exit(130)
+                              ray=ray, wait=wait, warn=warning_printer())
+    except KeyboardInterrupt as exc:
+        stopped(exc, f": finished questions are kept in {run_dir / 'generation-parts'}; rerun the same command to resume")
     timings = result.info["timings"]
     table = Table(title=f"generate {run_dir}", show_header=False)
     table.add_row("cells", f"{result.info['generations']} ({selection}), at most {max_new_tokens} tokens each")

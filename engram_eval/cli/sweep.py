@@ -17,6 +17,7 @@ from ..core.registry import INJECTIONS, SCORINGS
 from ..core.spec import CONTEXTS, SCALINGS, SEED_METHOD, Execution, Extraction, Grid, Method, Observer, SweepSpec
 from .app import (
     batch_size_option,
+    check_writable,
     chunks_option,
     cli,
     extraction_options,
@@ -26,7 +27,9 @@ from .app import (
     registry_option,
     stderr,
     stdout,
+    stopped,
     store_option,
+    wait_option,
     warning_printer,
 )
 from .parsing import parse_chunks, parse_layers, parse_strengths
@@ -81,13 +84,15 @@ def spec_options(command: Callable) -> Callable:
               help="Treat the bank's warnings (a double or missing space before the answers, an answer whose first token "
                    "is whitespace, a bank without controls) as errors.")
 @ray_options
+@wait_option
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or engram log (warnings are still shown).")
 def sweep(bank_path: Path, load_lm, spec: SweepSpec, layers_text: str, out: Path | None, store_dir: str,
-          batch_size: int | None, force: bool, allow_outside_paths: bool, strict: bool, ray,
+          batch_size: int | None, force: bool, allow_outside_paths: bool, strict: bool, ray, wait: bool,
           quiet: bool) -> None:
     """Score a question bank over the layer x strength grid for each question's relevant engram and its negative
     controls, plus one baseline per question, into RUN/results.parquet and RUN/run.json. An interrupted sweep
-    (Ctrl-C: exit status 130) rerun with the same command resumes from the questions already done."""
+    (Ctrl-C: exit status 130; SIGTERM: 143) rerun with the same command resumes from the questions already done. One
+    sweep or generate writes a run directory at a time."""
     from ..bank.banks import load_bank
     from ..engram.store import EngramStore
     from ..run.sweep import run_sweep
@@ -100,19 +105,21 @@ def sweep(bank_path: Path, load_lm, spec: SweepSpec, layers_text: str, out: Path
         if strict:
             raise EngramEvalError(f"{warning} (--strict)")
         warn(warning)
+    check_writable(out or Path("reports"), "--out")
     lm = load_lm()
     spec = spec.with_layers(parse_layers(layers_text, lm.num_layers))
     out = out or Path("reports") / f"{bank.name}-{lm.name}"
     observer = Observer(progress=not quiet, log=(lambda m: None) if quiet else stderr.print, warn=warn)
     try:
         result = run_sweep(lm, bank, EngramStore(store_dir), out, spec, execution=Execution(batch_size, ray),
-                           force=force, strict=strict, observer=observer)
-    except KeyboardInterrupt:
-        stopped = json.loads((out / "run.json").read_text())
-        click.echo(f"interrupted: {stopped['questions_done']} of {len(stopped['settings']['questions'])} questions are "
-                   f"finished and kept in {out}; resume with the same command: {shlex.join(['engram-eval', *sys.argv[1:]])}",
-                   err=True)
-        sys.exit(130)
+                           force=force, strict=strict, wait=wait, observer=observer)
+    except KeyboardInterrupt as exc:
+        try:
+            run = json.loads((out / "run.json").read_text())
+            done = f"{run['questions_done']} of {len(run['settings']['questions'])} questions are finished and kept in {out}"
+        except (OSError, ValueError, KeyError, TypeError):
+            done = f"finished questions are kept in {out}"
+        stopped(exc, f": {done}; resume with the same command: {shlex.join(['engram-eval', *sys.argv[1:]])}")
     _sweep_summary(result)
 
 

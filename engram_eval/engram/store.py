@@ -4,7 +4,6 @@ built from a model where it lacks one (the files themselves are `files.StoreFile
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -17,6 +16,7 @@ from .._version import __version__
 from ..backend.model import LoadedModel
 from ..bank.banks import Bank
 from ..core.errors import EngramEvalError
+from ..core.files import atomic_replace
 from ..core.registry import NULL_PREFIXES
 from ..core.spec import DEFAULT_MAX_TOKENS, SEED_EXTRACTION, SEED_POOLING, Extraction
 from .dominance import dominance, dominance_warning
@@ -49,21 +49,19 @@ class EngramStore(StoreFiles):
         metadata = {**metadata, "tensors_sha256": arrays_sha256({name: t.numpy() for name, t in tensors.items()})}
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            self.remove_stale_temporaries()
-            fd, tmp = tempfile.mkstemp(prefix=f".tmp-{os.getpid()}-", suffix=".safetensors", dir=self.root)
-            os.close(fd)
         except OSError as exc:
             raise EngramEvalError(f"store {self.root}: cannot write ({exc.strerror})") from None
-        try:
+        self.remove_stale_temporaries()
+
+        def write(tmp: Path) -> None:
             save_file(tensors, tmp, metadata=metadata)
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except OSError as exc:
-            raise EngramEvalError(f"store {path}: write failed ({exc.strerror}); earlier files are intact") from None
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+
+        try:
+            atomic_replace(path, write)
+        except EngramEvalError as exc:
+            raise EngramEvalError(f"store: {exc}; earlier files are intact") from None
         return metadata
 
     def load(self, path: Path) -> StoredEngram:

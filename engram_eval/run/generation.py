@@ -31,7 +31,7 @@ from ..steer.prompts import prepare_question, prompt_token_ids
 from ..steer.scoring import auto_batch_size
 from .executors import Task, open_executor
 from .results import CELL_SETTING_COLUMNS, computed_cells, engram_kind
-from .rundir import check_results_format, merge_parts, one_line, part_paths, read_run_json, write_part
+from .rundir import check_results_format, merge_parts, one_line, part_paths, read_run_json, run_lock, stop_status, write_part
 from .settings import SweepSettings
 
 SELECTIONS = ("default", "all", "baseline", "flips")
@@ -178,79 +178,88 @@ def run_generate(
     force: bool = False,
     progress: bool = True,
     ray: RayOptions | None = None,
+    wait: bool = False,
+    warn: Callable[[str], None] = lambda message: None,
 ) -> GenerateResult:
     """Generate from a finished sweep's selected cells; each question lands atomically in RUN/generation-parts, so a
     rerun resumes. A run holding generations with other settings is refused unless force. ray: batches of whole
-    questions go to a Ray cluster's workers."""
+    questions go to a Ray cluster's workers. One writer at a time (the run directory's lock): `wait` waits for another
+    sweep or generate to finish instead of failing; warn receives the lock's messages."""
     from tqdm import tqdm
 
     out = Path(run_dir)
     if max_new_tokens < 1:
         raise EngramEvalError(f"--max-new-tokens: must be at least 1 (got {max_new_tokens})")
-    run = read_run_json(out)
-    results = out / "results.parquet"
-    if run is None or not results.is_file():
+    if not (out / "results.parquet").is_file():
         raise EngramEvalError(f"{out}: no results.parquet (finish the sweep with `engram-eval sweep ... --out {out}` first)")
-    check_results_format(out, run)
-    settings, bank, raw = reopen_run(lm, out, run)
-    selected = select_cells(pl.read_parquet(results), cells)
-    info = {"settings": {"cells": cells, "max_new_tokens": max_new_tokens, "run_id": run["run_id"]}, "status": "running",
-            "threads": torch.get_num_threads()}
-    _prepare_generation_dir(out, info, force)
-    parts = part_paths(out / "generation-parts", settings.questions)
-    waiting = [(question, part, selected.filter(pl.col("question_id") == question.id)) for question, part in zip(bank.questions, parts)]
-    waiting = [(question, part, rows) for question, part, rows in waiting if rows.height and not part.exists()]
-    longest = max(settings.chunk_list) + max(len(prompt_token_ids(lm, q, bank.path, context=True)) for q in bank.questions)
-    size = batch_size or min(GENERATION_BATCH_CPU if lm.device.type == "cpu" or ray else selected.height,
-                             auto_batch_size(lm, longest + max_new_tokens, selected.height, cpu_token_budget=False))
-    groups = []  # whole questions, as many as fill a batch: each lands in its part once its batch is done
-    while waiting:
-        group, count = [], 0
-        while waiting and (not group or count + waiting[0][2].height <= size):
-            group.append(waiting.pop(0))
-            count += group[-1][2].height
-        groups.append(group)
-    bar = tqdm(total=selected.height, initial=selected.height - sum(rows.height for group in groups for _, _, rows in group),
-               unit="cell", desc="generate", disable=not progress or None, dynamic_ncols=True)
-    executor = open_executor(lm, ray)
-    if executor.description is not None:
-        info["distributed"] = executor.description
-    started, generated_tokens = time.perf_counter(), 0
+    with run_lock(out, wait, warn):
+        run = read_run_json(out)
+        results = out / "results.parquet"
+        if run is None or not results.is_file():
+            raise EngramEvalError(f"{out}: no results.parquet (finish the sweep with `engram-eval sweep ... --out {out}` first)")
+        check_results_format(out, run)
+        settings, bank, raw = reopen_run(lm, out, run)
+        selected = select_cells(pl.read_parquet(results), cells)
+        info = {"settings": {"cells": cells, "max_new_tokens": max_new_tokens, "run_id": run["run_id"]}, "status": "running",
+                "threads": torch.get_num_threads()}
+        previous_info = _previous_info(out)
+        _prepare_generation_dir(out, info, force)
+        parts = part_paths(out / "generation-parts", settings.questions)
+        waiting = [(question, part, selected.filter(pl.col("question_id") == question.id)) for question, part in zip(bank.questions, parts)]
+        waiting = [(question, part, rows) for question, part, rows in waiting if rows.height and not part.exists()]
+        longest = max(settings.chunk_list) + max(len(prompt_token_ids(lm, q, bank.path, context=True)) for q in bank.questions)
+        size = batch_size or min(GENERATION_BATCH_CPU if lm.device.type == "cpu" or ray else selected.height,
+                                 auto_batch_size(lm, longest + max_new_tokens, selected.height, cpu_token_budget=False))
+        groups = []  # whole questions, as many as fill a batch: each lands in its part once its batch is done
+        while waiting:
+            group, count = [], 0
+            while waiting and (not group or count + waiting[0][2].height <= size):
+                group.append(waiting.pop(0))
+                count += group[-1][2].height
+            groups.append(group)
+        bar = tqdm(total=selected.height, initial=selected.height - sum(rows.height for group in groups for _, _, rows in group),
+                   unit="cell", desc="generate", disable=not progress or None, dynamic_ncols=True)
+        executor = open_executor(lm, ray)
+        if executor.description is not None:
+            info["distributed"] = executor.description
+        started, generated_tokens = time.perf_counter(), 0
 
-    def tasks() -> Iterator[Task]:
-        for group in groups:
-            prepared = [(question, part, *question_rows(lm, question, bank.path, rows, raw, settings)) for question, part, rows in group]
-            todo = [row for *_, rows in prepared for row in rows]
-            prepared_groups[group[0][0].id] = prepared
-            yield Task(group[0][0].id, generate_on_worker, (todo, max_new_tokens, size), len(todo))
+        def tasks() -> Iterator[Task]:
+            for group in groups:
+                prepared = [(question, part, *question_rows(lm, question, bank.path, rows, raw, settings)) for question, part, rows in group]
+                todo = [row for *_, rows in prepared for row in rows]
+                prepared_groups[group[0][0].id] = prepared
+                yield Task(group[0][0].id, generate_on_worker, (todo, max_new_tokens, size), len(todo))
 
-    def finish(task: Task, generated: list[Generated]) -> None:
-        nonlocal generated_tokens
-        for question, part, rows, todo in prepared_groups.pop(task.name):
-            mine, generated = generated[: len(todo)], generated[len(todo):]
-            generated_tokens += sum(len(g.token_ids) for g in mine)
-            frame = _generation_frame(lm, question, rows, mine).with_columns(run_id=pl.lit(run["run_id"]))
-            write_part(part, frame.select(list(GENERATION_SCHEMA)))
-        bar.set_postfix(tokens_per_s=f"{generated_tokens / (time.perf_counter() - started):.0f}")
+        def finish(task: Task, generated: list[Generated]) -> None:
+            nonlocal generated_tokens
+            for question, part, rows, todo in prepared_groups.pop(task.name):
+                mine, generated = generated[: len(todo)], generated[len(todo):]
+                generated_tokens += sum(len(g.token_ids) for g in mine)
+                frame = _generation_frame(lm, question, rows, mine).with_columns(run_id=pl.lit(run["run_id"]))
+                write_part(part, frame.select(list(GENERATION_SCHEMA)))
+            bar.set_postfix(tokens_per_s=f"{generated_tokens / (time.perf_counter() - started):.0f}")
 
-    prepared_groups: dict[str, list] = {}  # a task's questions, their rows and what they generate, until it finishes
-    try:
-        with bar:
-            executor.map(tasks(), finish, bar.update)
-    except KeyboardInterrupt:
-        _write_info(out, {**info, "status": "interrupted"})
-        raise
-    except Exception as exc:
-        _write_info(out, {**info, "status": "failed", "reason": one_line(exc)})
-        raise
-    finally:
-        executor.close()
-    seconds = time.perf_counter() - started
-    generations = merge_parts(out / "generations.parquet", [part for part in parts if part.exists()], GENERATION_SCHEMA)
-    info.update(status="complete", generations=selected.height,
-                timings={"seconds": round(seconds, 3), "tokens": generated_tokens,
-                         "tokens_per_second": round(generated_tokens / seconds, 2) if seconds > 0 else None})
-    _write_info(out, info)
+        prepared_groups: dict[str, list] = {}  # a task's questions, their rows and what they generate, until it finishes
+        try:
+            with bar:
+                executor.map(tasks(), finish, bar.update)
+        except KeyboardInterrupt as exc:
+            _write_info(out, {**info, "status": stop_status(exc)})
+            raise
+        except Exception as exc:
+            _write_info(out, {**info, "status": "failed", "reason": one_line(exc)})
+            raise
+        finally:
+            executor.close()
+        seconds = time.perf_counter() - started
+        generations = merge_parts(out / "generations.parquet", [part for part in parts if part.exists()], GENERATION_SCHEMA)
+        info.update(status="complete", generations=selected.height,
+                    timings={"seconds": round(seconds, 3), "tokens": generated_tokens,
+                             "tokens_per_second": round(generated_tokens / seconds, 2) if seconds > 0 else None})
+        if not generated_tokens and previous_info.get("status") == "complete":
+            info["timings"] = previous_info["timings"]  # a resume with nothing left keeps the timings of the work
+        _write_info(out, info)
     return GenerateResult(out=out, generations_path=generations, info=info)
 
 
@@ -335,6 +344,14 @@ def _prepare_generation_dir(out: Path, info: dict, force: bool) -> None:
             (out / "generations.parquet").unlink(missing_ok=True)
     (out / "generation-parts").mkdir(exist_ok=True)
     _write_info(out, info)
+
+
+def _previous_info(out: Path) -> dict:
+    try:
+        info = json.loads((out / "generation.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) and isinstance(info.get("timings"), dict) else {}
 
 
 def _write_info(out: Path, info: dict) -> None:

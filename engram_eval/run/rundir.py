@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
 import shutil
 from dataclasses import asdict
 from importlib.metadata import version
 from pathlib import Path
+from typing import Callable
 
 import polars as pl
 
 from .._version import __version__
-from ..core.errors import EngramEvalError
-from ..core.files import atomic_write_parquet, atomic_write_text
+from ..core.errors import EngramEvalError, Terminated
+from ..core.files import atomic_replace, atomic_write_parquet, atomic_write_text
+from ..core.locks import FileLock
 from .results import RESULT_SCHEMA
 from .settings import SweepSettings
 
@@ -92,11 +93,31 @@ def one_line(exc: BaseException) -> str:
 
 
 def mark_stopped(out: Path, run: dict, status: str, reason: str | None = None) -> None:
-    """Record in run.json that the run stopped before the end, and how far it got (finished parts are kept)."""
+    """Record in run.json that the run stopped before the end, and how far it got (finished parts are kept). Best
+    effort: when even run.json cannot be written (a full disk), the error that stopped the run is the one to report."""
     run.update(status=status, questions_done=len(list((out / "parts").glob("*.parquet"))))
     if reason is not None:
         run["reason"] = reason
-    write_run_json(out, run)
+    try:
+        write_run_json(out, run)
+    except EngramEvalError:
+        pass
+
+
+def stop_status(interrupt: KeyboardInterrupt) -> str:
+    return "terminated" if isinstance(interrupt, Terminated) else "interrupted"
+
+
+LOCK_NAME = ".lock"
+
+
+def run_lock(out: Path, wait: bool, on_message: Callable[[str], None]) -> FileLock:
+    """The one-writer lock of a run directory (sweep and generate hold it; gc reads it)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise EngramEvalError(f"--out {out}: cannot create the run directory ({exc.strerror})") from None
+    return FileLock(out / LOCK_NAME, f"run directory {out}", wait=wait, hint=", or pass --wait", on_message=on_message)
 
 
 def part_paths(folder: Path, question_ids: list[str]) -> list[Path]:
@@ -107,15 +128,11 @@ def part_paths(folder: Path, question_ids: list[str]) -> list[Path]:
 def write_part(part: Path, frame: pl.DataFrame) -> None:
     try:
         atomic_write_parquet(part, frame)
-    except OSError as exc:
-        raise EngramEvalError(
-            f"{part}: write failed ({exc.strerror or exc}); finished questions are kept, rerun to resume"
-        ) from None
+    except EngramEvalError as exc:
+        raise EngramEvalError(f"{exc}; finished questions are kept, rerun to resume") from None
 
 
 def merge_parts(target: Path, parts: list[Path], schema: pl.Schema = RESULT_SCHEMA) -> Path:
     """Stream the parts, in bank order, into one Parquet file (atomically)."""
-    tmp = target.with_name(f".{target.name}.tmp")
-    pl.scan_parquet(parts, schema=schema).sink_parquet(tmp, maintain_order=True)
-    os.replace(tmp, target)
+    atomic_replace(target, lambda tmp: pl.scan_parquet(parts, schema=schema).sink_parquet(tmp, maintain_order=True))
     return target

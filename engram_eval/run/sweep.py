@@ -34,6 +34,8 @@ from .rundir import (
     package_versions,
     part_paths,
     prepare_out,
+    run_lock,
+    stop_status,
     write_part,
     write_run_json,
 )
@@ -56,6 +58,7 @@ def run_sweep(
     execution: Execution = Execution(),
     force: bool = False,
     strict: bool = False,
+    wait: bool = False,
     observer: Observer = Observer(),
 ) -> SweepResult:
     """Run the spec's grid over the bank; each finished question lands atomically in out/parts, so a rerun resumes where
@@ -66,7 +69,8 @@ def run_sweep(
     each condition with its own baseline row; record_attention adds, per row, the share of the last prompt position's
     attention on the k engram positions and on position 0) and which questions. execution says how (batch size; torch's
     CPU threads; Ray shards the questions over a cluster's workers, results identical). strict makes the bank's
-    mistakes errors, raised before any model work. observer receives the progress, the log and the warnings a researcher must read before
+    mistakes errors, raised before any model work. One writer at a time: a second sweep or generate on the same
+    directory fails naming the holder, or with `wait` waits for it. observer receives the progress, the log and the warnings a researcher must read before
     trusting the numbers (bank mistakes, truncated or dominated engrams). An interrupted or failed run says so in
     run.json.
     """
@@ -95,37 +99,38 @@ def run_sweep(
         warn(warning)
     if advice := multi_token_warning(lm, [p for conditions in prepared for p in conditions], method.scoring, bank.path):
         warn(advice)  # advice on the scoring, not a mistake in the bank: --strict lets it pass
-    executor = open_executor(lm, execution.ray)  # Ray: the workers started, their models loaded and checked
     settings = SweepSettings.of(spec, model=lm.name, model_fingerprint=lm.fingerprint, bank=bank.name,
                                 bank_sha256=bank.sha256, questions=[q.id for q in bank.questions])
-    try:
-        run = prepare_out(out, settings, force)
-    except BaseException:
-        executor.close()
-        raise
-    threads = torch.get_num_threads()
-    run.update(bank_path=str(bank.path), store=str(store.root), model_description=lm.description, versions=package_versions(),
-               device=str(lm.device), dtype=str(lm.dtype).removeprefix("torch."), batch_size=execution.batch_size or "auto",
-               threads=execution.threads or threads)
-    write_run_json(out, run)
-    try:
-        torch.set_num_threads(execution.threads or threads)
-        with lm.backend.eager_attention() if method.record_attention else nullcontext():  # the kernel that gives its weights
-            _run_grid(lm, bank, store, out, settings, run, prepared, execution, executor, observer)
-    except KeyboardInterrupt:
-        mark_stopped(out, run, "interrupted")
-        raise
-    except Exception as exc:
-        mark_stopped(out, run, "failed", one_line(exc))
-        raise
-    finally:
-        executor.close()
-        torch.set_num_threads(threads)
-    run["timings"]["total_seconds"] = round(time.perf_counter() - started, 3)
-    run["off_distribution"] = off_distribution(pl.read_parquet(out / "results.parquet"), end_tokens(lm))
-    if off := run["off_distribution"]:
-        observer.warn(off_distribution_warning(bank.path, off, frame_questions(out)))
-    write_run_json(out, run)
+    with run_lock(out, wait, observer.warn):
+        executor = open_executor(lm, execution.ray)  # Ray: the workers started, their models loaded and checked
+        try:
+            run = prepare_out(out, settings, force)
+        except BaseException:
+            executor.close()
+            raise
+        threads = torch.get_num_threads()
+        run.update(bank_path=str(bank.path.resolve()), store=str(store.root.resolve()), model_description=lm.description,
+                   versions=package_versions(), device=str(lm.device), dtype=str(lm.dtype).removeprefix("torch."),
+                   batch_size=execution.batch_size or "auto", threads=execution.threads or threads)
+        write_run_json(out, run)
+        try:
+            torch.set_num_threads(execution.threads or threads)
+            with lm.backend.eager_attention() if method.record_attention else nullcontext():  # the kernel that gives its weights
+                _run_grid(lm, bank, store, out, settings, run, prepared, execution, executor, observer)
+        except KeyboardInterrupt as exc:
+            mark_stopped(out, run, stop_status(exc))
+            raise
+        except Exception as exc:
+            mark_stopped(out, run, "failed", one_line(exc))
+            raise
+        finally:
+            executor.close()
+            torch.set_num_threads(threads)
+        run["timings"]["total_seconds"] = round(time.perf_counter() - started, 3)
+        run["off_distribution"] = off_distribution(pl.read_parquet(out / "results.parquet"), end_tokens(lm))
+        if off := run["off_distribution"]:
+            observer.warn(off_distribution_warning(bank.path, off, frame_questions(out)))
+        write_run_json(out, run)
     return SweepResult(out=out, results_path=out / "results.parquet", run=run)
 
 

@@ -1,0 +1,156 @@
+"""Concurrency and signals: one writer per run directory, unique temporaries, SIGTERM treated like Ctrl-C."""
+
+import json
+import multiprocessing
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from engram_eval.core.errors import EngramEvalError
+from engram_eval.core.files import atomic_write_text
+from engram_eval.core.locks import FileLock, is_held
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(REPO)}
+GRID = ["--layers", "0-4", "--strengths", "0.5,1,2,3,4,5,6,8,10,12", "--chunks", "4", "--batch-size", "1", "--quiet"]
+
+HOLD = """
+import sys, time
+from pathlib import Path
+from engram_eval.core.locks import FileLock
+with FileLock(Path(sys.argv[1]), "test"):
+    print("held", flush=True)
+    time.sleep(float(sys.argv[2]))
+"""
+
+
+def hold_lock(path: Path, seconds: float) -> subprocess.Popen:
+    """Another process holding the lock at `path` for `seconds` (returns once it holds it)."""
+    process = subprocess.Popen([sys.executable, "-c", HOLD, str(path), str(seconds)], stdout=subprocess.PIPE, text=True, env=ENV)
+    assert process.stdout.readline().strip() == "held"
+    return process
+
+
+def cli(*args, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "engram_eval.cli", *map(str, args)], cwd=cwd, capture_output=True, text=True,
+                          env=ENV, timeout=300)
+
+
+def test_a_held_lock_names_its_holder_and_wait_waits(tmp_path):
+    path = tmp_path / ".lock"
+    holder = hold_lock(path, 1.5)
+    assert is_held(path)
+    with pytest.raises(EngramEvalError) as raised:
+        FileLock(path, "run directory X", hint=", or pass --wait").acquire()
+    message = str(raised.value)
+    assert message.startswith(f"run directory X is being written by pid {holder.pid} on host {socket.gethostname()} since ")
+    assert message.endswith(f"(lock {path}); wait for it to finish, or pass --wait")
+    said = []
+    started = time.monotonic()
+    with FileLock(path, "run directory X", wait=True, on_message=said.append):
+        assert holder.poll() is not None  # acquired only once the holder had finished
+        assert json.loads(path.read_text())["pid"] == os.getpid()
+    assert time.monotonic() - started > 0.5 and len(said) == 1
+    assert said[0].startswith(f"waiting for pid {holder.pid} on host {socket.gethostname()} since ")
+    assert said[0].endswith(", which is writing run directory X")
+    assert not path.exists() and not is_held(path)  # released: the lock file is gone
+
+
+def test_the_lock_of_a_killed_holder_is_taken_over_with_a_message(tmp_path):
+    path = tmp_path / ".lock"
+    holder = hold_lock(path, 60)
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    assert path.exists() and not is_held(path)  # left behind, held by nobody
+    said = []
+    with FileLock(path, "run directory X", on_message=said.append):
+        pass
+    assert len(said) == 1 and said[0].startswith(f"took over the lock on run directory X left by pid {holder.pid} on host ")
+    assert said[0].endswith("which no longer runs")
+
+
+def write_many(path: str, tag: str, times: int, queue) -> None:
+    errors = 0
+    for i in range(times):
+        try:
+            atomic_write_text(Path(path), f"{tag} {i} " + "x" * 4000 + " end\n")
+        except Exception:
+            errors += 1
+    queue.put(errors)
+
+
+def test_two_processes_writing_one_path_never_collide_and_a_reader_never_sees_a_torn_file(tmp_path):
+    target = tmp_path / "run.json"
+    atomic_write_text(target, "start " + "x" * 4000 + " end\n")
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    writers = [context.Process(target=write_many, args=(str(target), tag, 400, queue)) for tag in "ab"]
+    for writer in writers:
+        writer.start()
+    torn = reads = 0
+    while any(w.is_alive() for w in writers):
+        text = target.read_text()
+        reads += 1
+        torn += not text.endswith(" end\n")
+    for writer in writers:
+        writer.join()
+    assert [queue.get(), queue.get()] == [0, 0] and torn == 0 and reads > 0
+    assert [p.name for p in tmp_path.iterdir()] == ["run.json"]  # no temporary left behind
+
+
+def test_a_second_sweep_into_a_running_run_directory_fails_naming_the_holder(tiny_model_dir, tiny_bank, tmp_path):
+    def sweep_args(strengths: str) -> list:
+        return ["sweep", tiny_bank, "--model", tiny_model_dir, "--layers", "0-4", "--strengths", strengths, "--chunks", "4",
+                "--batch-size", "1", "--quiet", "--store", tmp_path / "store", "--out", tmp_path / "run"]
+
+    long_strengths = ",".join(str(0.25 * i) for i in range(1, 121))  # long enough for the second to start meanwhile
+    first = subprocess.Popen([sys.executable, "-m", "engram_eval.cli", *map(str, sweep_args(long_strengths))], cwd=tmp_path,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "run/.lock").exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    second = cli(*sweep_args("1,5,20"), "--force", cwd=tmp_path)
+    assert first.poll() is None, "the first sweep ended before the second started: lengthen its grid"
+    assert first.wait() == 0, first.stderr.read()
+    assert second.returncode == 2 and second.stderr.count("\n") == 1, second.stderr
+    assert second.stderr.startswith(f"error: run directory {tmp_path / 'run'} is being written by pid {first.pid} on host ")
+    run = json.loads((tmp_path / "run/run.json").read_text())
+    frame = pl.read_parquet(tmp_path / "run/results.parquet")
+    assert run["status"] == "complete" and sorted(frame["strength"].drop_nulls().unique()) == run["settings"]["strengths"]
+    waited = cli(*sweep_args("1,5,20"), "--force", "--wait", cwd=tmp_path)
+    assert waited.returncode == 0, waited.stderr
+    assert sorted(pl.read_parquet(tmp_path / "run/results.parquet")["strength"].drop_nulls().unique()) == [1.0, 5.0, 20.0]
+
+
+@pytest.mark.parametrize("command", ["sweep", "build"])
+def test_sigterm_stops_like_ctrl_c(tiny_model_dir, tiny_bank, tmp_path, command):
+    if command == "sweep":
+        args = ["sweep", tiny_bank, "--model", tiny_model_dir, *GRID, "--store", tmp_path / "store", "--out", tmp_path / "run"]
+        ready = lambda: len(list((tmp_path / "run/parts").glob("*.parquet"))) >= 1  # noqa: E731
+    else:
+        args = ["build", "--bank", tiny_bank, "--model", tiny_model_dir, "--chunks", "4", "--layers", "0-4", "--store", tmp_path / "store"]
+        ready = lambda: (tmp_path / "store").exists()  # noqa: E731
+    process = subprocess.Popen([sys.executable, "-m", "engram_eval.cli", *map(str, args)], cwd=tmp_path,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
+    deadline = time.monotonic() + 120
+    while not ready() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    process.send_signal(signal.SIGTERM)
+    code, stderr = process.wait(), process.stderr.read()
+    if code == 0:
+        pytest.skip("the command finished before the signal arrived")
+    assert code == 143 and "Traceback" not in stderr and stderr.strip().splitlines()[-1].startswith("terminated"), stderr
+    assert not list((tmp_path / "store").glob(".tmp-*"))
+    if command == "sweep":
+        run = json.loads((tmp_path / "run/run.json").read_text())
+        assert run["status"] == "terminated" and "resume with the same command" in stderr
+        assert not (tmp_path / "run/.lock").exists()
+        assert cli(*args, cwd=tmp_path).returncode == 0
+        assert json.loads((tmp_path / "run/run.json").read_text())["status"] == "complete"
