@@ -45,6 +45,36 @@ def safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", name) or "source"
 
 
+REQUIRED_METADATA = ("key", "model", "model_fingerprint", "source_name", "n_tokens", "chunks", "truncated", "layers")
+
+
+def metadata_problem(metadata: dict[str, str]) -> str | None:
+    """What is wrong with a store file's metadata (a field missing or not of its kind), or None."""
+    for field in REQUIRED_METADATA:
+        if field not in metadata:
+            return f"its metadata lacks '{field}'"
+    for field in ("n_tokens", "chunks", "max_tokens", "skip_tokens", "windows", "padded_chunks", "hidden_size"):
+        if field in metadata and not (metadata[field].isdigit() and (int(metadata[field]) > 0 or field in ("skip_tokens", "padded_chunks"))):
+            return f"its metadata's '{field}' is {metadata[field]!r}, not a count"
+    if metadata["truncated"] not in ("true", "false"):
+        return f"its metadata's 'truncated' is {metadata['truncated']!r}, not true or false"
+    if not all(layer.isdigit() for layer in metadata["layers"].split(",")):
+        return f"its metadata's 'layers' is {metadata['layers']!r}, not a list of layers"
+    return None
+
+
+def unusable_layer(layers: dict[int, np.ndarray], chunks: int | None = None) -> str | None:
+    """Why these vectors cannot be an engram (a non-finite value, an all-zero chunk, another chunk count), or None."""
+    for layer, vectors in layers.items():
+        if vectors.ndim != 2 or (chunks is not None and vectors.shape[0] != chunks):
+            return f"layer {layer} has {vectors.shape[0] if vectors.ndim else 0} rows, not its {chunks} chunks"
+        if not np.isfinite(vectors).all():
+            return f"layer {layer} holds a non-finite value (NaN or inf)"
+        if not np.linalg.norm(vectors.astype(np.float64), axis=1).all():
+            return f"layer {layer} has an all-zero chunk (norm 0)"
+    return None
+
+
 class StoreFiles:
     """The store's folder: one `{source}.{key}.safetensors` file per engram, plus writers' temporaries."""
 
@@ -98,6 +128,8 @@ class StoreFiles:
             raise self.corrupt(path, f"corrupt or truncated ({exc})") from None
         if "tensors_sha256" not in metadata:
             raise self.corrupt(path, "not an engram-eval engram (no checksum)")
+        if (problem := metadata_problem(metadata)) is not None:
+            raise self.corrupt(path, f"unusable: {problem}")
         return metadata
 
     def read_layers(self, path: Path) -> tuple[dict[int, np.ndarray], dict[str, str]]:
@@ -109,8 +141,12 @@ class StoreFiles:
             raise self.corrupt(path, f"corrupt or truncated ({exc})") from None
         if arrays_sha256(arrays) != metadata["tensors_sha256"]:
             raise self.corrupt(path, "corrupt (checksum mismatch)")
-        layers = {int(name.split(".", 1)[1]): array for name, array in arrays.items()}
-        return dict(sorted(layers.items())), metadata
+        layers = dict(sorted((int(name.split(".", 1)[1]), array) for name, array in arrays.items()))
+        if sorted(layers) != sorted(int(layer) for layer in metadata["layers"].split(",")):
+            raise self.corrupt(path, f"unusable: its metadata lists layers {metadata['layers']}, its tensors {sorted(layers)}")
+        if (why := unusable_layer(layers, int(metadata["chunks"]))) is not None:
+            raise self.corrupt(path, f"unusable: {why}")
+        return layers, metadata
 
     def find(self, name: str) -> list[Path]:
         """Store files whose source name, file name or key (or a key prefix of 6+ characters) matches `name`."""

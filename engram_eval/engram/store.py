@@ -21,7 +21,7 @@ from ..core.registry import NULL_PREFIXES
 from ..core.spec import DEFAULT_MAX_TOKENS, SEED_EXTRACTION, SEED_POOLING, Extraction
 from .dominance import dominance, dominance_warning
 from .extraction import Engram, extract_engrams, source_ids
-from .files import FORMAT_VERSION, StoreFiles, arrays_sha256, engram_key, text_sha256
+from .files import FORMAT_VERSION, StoreFiles, arrays_sha256, engram_key, text_sha256, unusable_layer
 
 
 @dataclass
@@ -138,6 +138,8 @@ class EngramStore(StoreFiles):
             for k, key, path in missing:
                 status = "rebuilt" if path.exists() else "built"
                 engram = built[k]
+                if (why := unusable_layer({layer: v.numpy() for layer, v in engram.layers.items()})) is not None:
+                    raise EngramEvalError(f"source '{source_name}': its engram cannot be used ({why}); nothing written to {path}")
                 metadata = {
                     "format_version": FORMAT_VERSION,
                     "key": key,

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import polars as pl
 
 from ..bank.banks import Bank
+from ..core.errors import EngramEvalError
 
 if TYPE_CHECKING:
     from ..steer.grid import Cell
@@ -118,6 +119,21 @@ def off_distribution_warning(bank_path: object, off: dict[str, str], questions: 
     more = f" and {len(off) - shown} more" if len(off) > shown else ""
     return (f"{bank_path}: {len(off)} of {questions} question(s) have their answers off-distribution at baseline: {named}{more} "
             f"(the report marks them; a prompt the model does not answer in words measures noise)")
+
+
+PROBABILITY_COLUMNS = ("p_correct", "p_incorrect", "mass", "p_top")
+
+
+def check_finite(frame: pl.DataFrame, question_id: str) -> None:
+    """A question whose scores hold a NaN or infinite probability failed: it is never a case (UNSCORABLE is for
+    answers the scoring cannot tell apart, not for an overflowing model)."""
+    bad = frame.filter(pl.any_horizontal([~pl.col(c).is_finite() for c in PROBABILITY_COLUMNS if c in frame.columns]))
+    if bad.height:
+        row = bad.row(0, named=True)
+        where = ("the baseline" if row["role"] == "baseline" else
+                 f"engram {row['engram']} layer {row['layer']} strength {row['strength']:g} k {row['chunks']}")
+        raise EngramEvalError(f"question '{question_id}': {bad.height} row(s) have non-finite probabilities, the first at "
+                              f"{where} (the steered activations overflow the model's dtype; lower --strengths)")
 
 
 def case_expr() -> pl.Expr:

@@ -24,9 +24,10 @@ from ..engram.geometry import pair_geometry
 from ..engram.store import EngramStore, StoredEngram, bank_engrams, engram_label
 from ..steer.grid import Cell, question_cells, raw_vectors
 from ..steer.prompts import PreparedQuestion, context_conditions, end_tokens, multi_token_warning, prepare_question, variant_token_warnings
+from ..steer.injection import check_strengths_fit
 from ..steer.scoring import auto_batch_size, score_cells
 from .executors import Executor, Task, open_executor
-from .results import off_distribution, off_distribution_warning, question_frame
+from .results import check_finite, off_distribution, off_distribution_warning, question_frame
 from .rundir import (
     mark_stopped,
     merge_parts,
@@ -75,6 +76,7 @@ def run_sweep(
     run.json.
     """
     spec.check(lm.num_layers)
+    check_strengths_fit(list(spec.grid.strengths), lm.embedding_norm, lm.dtype)
     execution.check()
     method, chunk_list = spec.method, list(spec.grid.chunks)
     warn = observer.warn
@@ -169,7 +171,9 @@ def score_question(lm: LoadedModel, settings: SweepSettings, bank: Bank, conditi
                                    record_attention=settings.record_attention, baseline_chunks=chunks[0])
         if size < requested:
             fits = size
-        frames.append(question_frame(settings, bank, prepared, cells, scores))
+        frame = question_frame(settings, bank, prepared, cells, scores)
+        check_finite(frame, prepared.question.id)
+        frames.append(frame)
     return pl.concat(frames), fits
 
 

@@ -15,6 +15,7 @@ import torch
 
 from ..backend.interface import Backend
 from ..backend.model import LoadedModel
+from ..core.errors import EngramEvalError
 from ..core.registry import INJECTIONS
 from ..core.spec import SCALINGS
 
@@ -33,6 +34,16 @@ def scale_engram(vectors: torch.Tensor, embedding_norm: float, strength: float, 
     if scaling == "per-chunk":
         return vectors / vectors.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny) * embedding_norm * strength
     return vectors * (embedding_norm / mean_row_norm(vectors)) * strength
+
+
+def check_strengths_fit(strengths: list[float], embedding_norm: float, dtype: torch.dtype) -> None:
+    """Every strength's scale (strength x the embedding norm) must be finite in float32, where vectors are scaled, and
+    in the dtype the model computes in: 1e39 is a float64 number but overflows float32, and would make every cell NaN."""
+    for strength in strengths:
+        for compute in dict.fromkeys((torch.float32, dtype)):
+            if not torch.isfinite(torch.tensor(strength * embedding_norm, dtype=torch.float64).to(compute)):
+                raise EngramEvalError(f"--strengths: strength {strength:g} times the embedding norm ({embedding_norm:.4g}) "
+                                      f"overflows {str(compute).removeprefix('torch.')} (largest {torch.finfo(compute).max:.4g})")
 
 
 def direction(vectors: torch.Tensor) -> torch.Tensor:
