@@ -101,3 +101,41 @@ def test_the_committed_baseline_records_the_ci_runs_settings():
     assert (settings["layers"], settings["strengths"], settings["scoring"], settings["injection"], settings["chunks"]) == (
         CI_GRID["layers"], CI_GRID["strengths"], "first-token", "prefix", 16)
     assert settings["bank_sha256"] == load_bank(REPO / "questions/ci.yaml").sha256
+
+
+def _malformed(data: dict) -> list[tuple[object, str]]:
+    cell = sorted(data["cells"])[0]
+    question = sorted(data["questions"])[0]
+    string_ratio = json.loads(json.dumps(data))
+    string_ratio["cells"][cell]["log_ratio"] = "0.5"
+    int_cell = json.loads(json.dumps(data))
+    int_cell["cells"][cell] = 3
+    empty_cell = json.loads(json.dumps(data))
+    empty_cell["cells"][cell] = {}
+    no_totals = {k: v for k, v in data.items() if k != "totals"}
+    partial = json.loads(json.dumps(data))
+    partial["cells"] = dict(sorted(partial["cells"].items())[: len(partial["cells"]) // 2])
+    bad_question = json.loads(json.dumps(data))
+    bad_question["questions"][question] = {"baseline_log_ratio": None}
+    return [
+        ([1, 2, 3], "a JSON list, not an object"),
+        ({}, "no 'settings' object"),
+        (string_ratio, f"cell '{cell}' has no numeric log_ratio"),
+        (int_cell, f"cell '{cell}' has no numeric log_ratio"),
+        (empty_cell, f"cell '{cell}' has no numeric log_ratio"),
+        (no_totals, "no 'totals' object"),
+        (partial, f"totals say {len(data['cells'])} cells, the file holds {len(data['cells']) // 2}: a partial baseline"),
+        (bad_question, f"question '{question}' has no numeric baseline_log_ratio"),
+        ({**data, "questions": {}}, "no questions"),
+    ]
+
+
+def test_a_malformed_empty_or_partial_baseline_is_one_line(tiny_run, tmp_path):
+    baseline = tmp_path / "baseline.json"
+    assert invoke("check", tiny_run, "--baseline", baseline, "--update").exit_code == 0
+    for content, problem in _malformed(json.loads(baseline.read_text())):
+        bad = tmp_path / "bad.json"
+        bad.write_text(json.dumps(content))
+        result = invoke("check", tiny_run, "--baseline", bad)
+        assert result.exit_code == 2 and result.stderr == (
+            f"error: --baseline {bad}: not a baseline summary ({problem}); write one with --update from a run you trust\n"), problem

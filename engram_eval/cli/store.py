@@ -124,9 +124,13 @@ def store_rm(names: tuple[str, ...], store_dir: str) -> None:
 def store_gc(store_dir: str, run_roots: tuple[Path, ...], dry_run: bool, yes: bool) -> None:
     """Remove temporary files left by killed writers; with --runs, also the engrams no run under those folders uses.
 
-    A run written with --out elsewhere is unknown to gc: name every folder that holds runs. The engrams to remove and
+    A run written with --out elsewhere is unknown to gc: name every folder that holds runs. A run that a sweep is
+    writing now keeps the engrams it has recorded and every engram built since it started. The engrams to remove and
     the ones kept are listed, and removing engrams asks for confirmation unless --yes."""
-    from ..engram.files import StoreFiles, run_engram_keys
+    from datetime import datetime
+
+    from ..core.locks import holder_text
+    from ..engram.files import StoreFiles, run_engram_keys, runs_in_progress
 
     engram_store = StoreFiles.existing(store_dir)
     for root in run_roots:
@@ -134,6 +138,13 @@ def store_gc(store_dir: str, run_roots: tuple[Path, ...], dry_run: bool, yes: bo
             raise EngramEvalError(f"--runs: {root} is not a folder")
     temporaries = engram_store.stale_temporaries()
     engrams = engram_store.unreferenced(run_engram_keys(list(run_roots))) if run_roots else []
+    for run_dir, holder in runs_in_progress(list(run_roots)):
+        try:
+            since = datetime.fromisoformat(holder["since"]).timestamp()
+        except (KeyError, TypeError, ValueError):
+            since = 0.0  # a holder that says nothing readable: keep every engram
+        click.echo(f"run {run_dir} is being written by {holder_text(holder)}: engrams built since it started are kept")
+        engrams = [path for path in engrams if path.stat().st_mtime < since]
     kept = [path for path in engram_store.paths() if path not in engrams]
     verb = "would remove" if dry_run else "removing"
     for path in temporaries + engrams:

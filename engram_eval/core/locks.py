@@ -92,7 +92,7 @@ class FileLock:
         if previous := read_holder(self.path):
             self.on_message(f"took over the lock on {self.what} left by {holder_text(previous)}, which no longer runs")
         record = {"pid": os.getpid(), "host": socket.gethostname(),
-                  "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+                  "since": datetime.now(timezone.utc).isoformat(timespec="milliseconds")}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(record).encode(), 0)
         self.fd = fd

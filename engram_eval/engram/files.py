@@ -108,13 +108,16 @@ class StoreFiles:
         return sorted(p for p in self.root.glob("*.safetensors") if not p.name.startswith("."))
 
     def stale_temporaries(self) -> list[Path]:
-        """Temporary files left by writers that were killed (their pid is in the name and no longer runs)."""
+        """Temporary files left by writers that were killed (their pid is in the name and no longer runs), and lock
+        files no live builder holds."""
+        from ..core.locks import is_held
+
         stale = []
         for tmp in sorted(self.root.glob(".tmp-*")):
             pid = tmp.name.split("-")[1]
             if pid.isdigit() and not Path(f"/proc/{pid}").exists():
                 stale.append(tmp)
-        return stale
+        return stale + [lock for lock in sorted(self.root.glob(".lock-*")) if not is_held(lock)]
 
     def remove_stale_temporaries(self) -> None:
         for tmp in self.stale_temporaries():
@@ -160,6 +163,18 @@ class StoreFiles:
     def unreferenced(self, referenced_keys: set[str]) -> list[Path]:
         """Engram files whose key no run references."""
         return [path for path in self.paths() if self.key_of(path) not in referenced_keys]
+
+
+def runs_in_progress(run_roots: list[Path]) -> list[tuple[Path, dict]]:
+    """Run directories below these folders that a live sweep or generate is writing now -> (folder, lock holder)."""
+    from ..core.locks import is_held, read_holder
+
+    running = []
+    for root in run_roots:
+        for lock in sorted(Path(root).rglob(".lock")):
+            if (lock.parent / "run.json").exists() and is_held(lock):
+                running.append((lock.parent, read_holder(lock)))
+    return running
 
 
 def run_engram_keys(run_roots: list[Path]) -> set[str]:

@@ -4,6 +4,7 @@ built from a model where it lacks one (the files themselves are `files.StoreFile
 from __future__ import annotations
 
 import os
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -17,6 +18,7 @@ from ..backend.model import LoadedModel
 from ..bank.banks import Bank
 from ..core.errors import EngramEvalError
 from ..core.files import atomic_replace
+from ..core.locks import FileLock
 from ..core.registry import NULL_PREFIXES
 from ..core.spec import DEFAULT_MAX_TOKENS, SEED_EXTRACTION, SEED_POOLING, Extraction
 from .dominance import dominance, dominance_warning
@@ -107,32 +109,63 @@ class EngramStore(StoreFiles):
         extraction: Extraction = SEED_EXTRACTION,
         force: bool = False,
     ) -> dict[int, tuple[StoredEngram, str]]:
-        """One engram per k; every k that must be built (or extended) comes from the same forward pass."""
+        """One engram per k; every k that must be built (or extended) comes from the same forward pass. Builders of
+        one key take turns (a lock file per key): each re-reads the file under the lock and keeps the layers another
+        builder wrote meanwhile."""
         source_sha = text_sha256(text)
         ids, truncated = source_ids(lm, text, extraction)
+        keys = {k: engram_key(lm.fingerprint, source_sha, k, len(ids), extraction) for k in chunks}
         found: dict[int, tuple[StoredEngram, str]] = {}
+        for k in chunks:
+            if (cached := self._cached(lm, self.path_for(source_name, keys[k]), layers, force)[0]) is not None:
+                found[k] = (cached, "cached")
+        pending = [k for k in chunks if k not in found]
+        if not pending:
+            return found
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise EngramEvalError(f"store {self.root}: cannot write ({exc.strerror})") from None
+        with ExitStack() as locks:
+            for k in sorted(pending, key=keys.__getitem__):
+                locks.enter_context(FileLock(self.root / f".lock-{keys[k]}", f"store key {keys[k]}", wait=True))
+            self._build_pending(lm, source_name, ids, truncated, source_sha, layers, pending, keys, extraction, force, found)
+        return {k: found[k] for k in chunks}
+
+    def _cached(self, lm: LoadedModel, path: Path, layers: list[int], force: bool) -> tuple[StoredEngram | None, set[int]]:
+        """The file at `path` when it holds every layer asked for (and force is off) -> (engram, None), else (None, the
+        layers it holds, which a rebuild keeps: a build never shrinks a file)."""
+        if not path.exists():
+            return None, set()
+        if force:
+            try:
+                return None, {int(layer) for layer in self.read_metadata(path)["layers"].split(",")}
+            except EngramEvalError:
+                return None, set()  # unreadable: rebuild just the requested layers over it
+        stored = self.load(path)
+        if stored.metadata["model_fingerprint"] != lm.fingerprint:
+            raise EngramEvalError(
+                f"store file {path} was built with model {stored.metadata['model']} "
+                f"({stored.metadata['model_fingerprint'][:12]}), not {lm.name} ({lm.short_fingerprint})"
+            )
+        if set(layers) <= set(stored.engram.layers):
+            return stored, set()
+        return None, set(stored.engram.layers)
+
+    def _build_pending(self, lm: LoadedModel, source_name: str, ids: list[int], truncated: bool, source_sha: str,
+                       layers: list[int], pending: list[int], keys: dict[int, str], extraction: Extraction, force: bool,
+                       found: dict[int, tuple[StoredEngram, str]]) -> None:
+        """Under the keys' locks: what another builder finished meanwhile counts, the rest is built in one pass."""
         missing: list[tuple[int, str, Path]] = []
         wanted = set(layers)
-        for k in chunks:
-            key = engram_key(lm.fingerprint, source_sha, k, len(ids), extraction)
-            path = self.path_for(source_name, key)
-            if path.exists() and not force:
-                stored = self.load(path)
-                if stored.metadata["model_fingerprint"] != lm.fingerprint:
-                    raise EngramEvalError(
-                        f"store file {path} was built with model {stored.metadata['model']} "
-                        f"({stored.metadata['model_fingerprint'][:12]}), not {lm.name} ({lm.short_fingerprint})"
-                    )
-                if set(layers) <= set(stored.engram.layers):
-                    found[k] = (stored, "cached")
-                    continue
-                wanted |= set(stored.engram.layers)
-            elif path.exists():  # --force rebuilds what the file holds, and never shrinks it
-                try:
-                    wanted |= {int(layer) for layer in self.read_metadata(path)["layers"].split(",")}
-                except EngramEvalError:
-                    pass  # unreadable: rebuild just the requested layers over it
-            missing.append((k, key, path))
+        for k in pending:
+            path = self.path_for(source_name, keys[k])
+            cached, held = self._cached(lm, path, layers, force)
+            if cached is not None:
+                found[k] = (cached, "cached")
+                continue
+            wanted |= held
+            missing.append((k, keys[k], path))
         if missing:
             built = extract_engrams(lm, ids, truncated, sorted(wanted), [k for k, _, _ in missing], extraction, source_name)
             for k, key, path in missing:
@@ -162,7 +195,6 @@ class EngramStore(StoreFiles):
                     "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 }
                 found[k] = (StoredEngram(path=path, engram=engram, metadata=self.save(engram, metadata, path)), status)
-        return {k: found[k] for k in chunks}
 
 
 def engram_warnings(name: str, stored: StoredEngram) -> list[str]:
@@ -185,9 +217,11 @@ def engram_label(name: str, k: int, chunks: list[int]) -> str:
 
 def bank_engrams(lm: LoadedModel, bank: Bank, store: EngramStore, layers: list[int], chunks: list[int], extraction: Extraction,
                  warn: Callable[[str], None] = lambda message: None,
-                 log: Callable[[str], None] = lambda message: None) -> dict[tuple[str, int], StoredEngram]:
+                 log: Callable[[str], None] = lambda message: None,
+                 on_ready: Callable[[str, int, StoredEngram], None] = lambda name, k, stored: None,
+                 ) -> dict[tuple[str, int], StoredEngram]:
     """Every source engram the bank's questions use, by (source, k), from the store (built where it lacks them; one
-    forward pass per source serves every k)."""
+    forward pass per source serves every k). on_ready hears of each as soon as it is in the store."""
     needed = list(dict.fromkeys(name for q in bank.questions for name in (q.engram, *q.controls) if name not in NULL_PREFIXES))
     engrams: dict[tuple[str, int], StoredEngram] = {}
     dominated: list[str] = []
@@ -202,6 +236,7 @@ def bank_engrams(lm: LoadedModel, bank: Bank, store: EngramStore, layers: list[i
                     dominated.append(where)
             log(f"engram {engram_label(name, k, chunks)}: {status} ({stored.path})")
             engrams[(name, k)] = stored
+            on_ready(name, k, stored)
     if (merged := dominance_warning(dominated)) is not None:
         warn(merged)
     return engrams

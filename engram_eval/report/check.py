@@ -111,11 +111,46 @@ def compare(current: dict, baseline: dict, rtol: float = DEFAULT_RTOL, atol: flo
 
 def read_baseline(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        baseline = json.loads(path.read_text())
     except FileNotFoundError:
         raise EngramEvalError(f"--baseline {path}: not found (create it with --update)") from None
-    except (OSError, ValueError) as exc:
-        raise EngramEvalError(f"--baseline {path}: not a readable baseline summary ({exc})") from None
+    except (OSError, ValueError, RecursionError) as exc:
+        raise EngramEvalError(f"--baseline {path}: not a readable baseline summary ({' '.join(str(exc).split())})") from None
+    if (problem := baseline_problem(baseline)) is not None:
+        raise EngramEvalError(f"--baseline {path}: not a baseline summary ({problem}); write one with --update from a run you trust")
+    return baseline
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def baseline_problem(baseline: object) -> str | None:
+    """What makes a file not a whole baseline summary (the shape summarize_run writes), or None. An empty or partial
+    baseline would pass every run, so it is an error too."""
+    if not isinstance(baseline, dict):
+        return f"a JSON {type(baseline).__name__}, not an object"
+    for section in ("settings", "questions", "cells", "totals"):
+        if not isinstance(baseline.get(section), dict):
+            return f"no '{section}' object"
+    if not baseline["questions"]:
+        return "no questions"
+    for key, entry in baseline["questions"].items():
+        if not isinstance(entry, dict) or not _is_number(entry.get("baseline_log_ratio")):
+            return f"question '{key}' has no numeric baseline_log_ratio"
+    for key, entry in baseline["cells"].items():
+        if not isinstance(entry, dict) or "log_ratio" not in entry or not (_is_number(entry["log_ratio"]) or entry["log_ratio"] is None):
+            return f"cell '{key}' has no numeric log_ratio"
+        if any(not isinstance(entry.get(flag), bool) for flag in ("flipped", "broken")):
+            return f"cell '{key}' lacks its flipped and broken flags"
+    totals = baseline["totals"]
+    for field in ("questions", "cells", "flips", "breaks"):
+        if not _is_number(totals.get(field)):
+            return f"totals lack '{field}'"
+    for field, count in (("questions", len(baseline["questions"])), ("cells", len(baseline["cells"]))):
+        if totals[field] != count:
+            return f"totals say {totals[field]} {field}, the file holds {count}: a partial baseline"
+    return None
 
 
 def write_baseline(path: Path, summary: dict) -> None:

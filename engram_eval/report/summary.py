@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import polars as pl
 
 from ..core.errors import EngramEvalError
 from ..run.results import computed_cells
-from ..run.rundir import check_results_format, read_run_json
+from ..run.rundir import PART_CHECKSUMS, check_results_format, read_run_json, verify_file, verify_results
 from .evidence import cell_tests, effect_sizes, held_out_best_cell
 from .experiments import CELL_KEYS, attention_summary, chunk_count_summary, generation_summary, rag_summary
 from .statistics import bootstrap_mean_ci, rate, sign_flip_test, verdict
@@ -27,6 +28,12 @@ def load_run(run_dir: str | Path) -> tuple[pl.DataFrame, dict]:
     parts = sorted((run_dir / "parts").glob("*.parquet")) if not results.is_file() else []
     if not results.is_file() and not parts:
         raise EngramEvalError(f"{run_dir}: no results.parquet (run `engram-eval sweep` with --out {run_dir} first)")
+    if parts:
+        for part in parts:
+            verify_file(part, run.get(PART_CHECKSUMS, {}).get(part.name), run_dir / "run.json",
+                        "rerun the sweep's command to compute it again")
+    else:
+        verify_results(run_dir, run)
     try:
         frame = pl.read_parquet(results if not parts else parts)
     except (OSError, ValueError, pl.exceptions.PolarsError) as exc:
@@ -49,6 +56,12 @@ def load_generations(run_dir: str | Path) -> pl.DataFrame | None:
     path = Path(run_dir) / "generations.parquet"
     if not path.is_file():
         return None
+    try:
+        info = json.loads((Path(run_dir) / "generation.json").read_text())
+    except (OSError, ValueError):
+        info = {}
+    verify_file(path, info.get("generations_sha256") if isinstance(info, dict) else None, Path(run_dir) / "generation.json",
+                "rerun `engram-eval generate` with the same options to merge it again")
     try:
         return pl.read_parquet(path)
     except (OSError, pl.exceptions.PolarsError) as exc:

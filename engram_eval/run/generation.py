@@ -22,7 +22,7 @@ from ..backend.model import LoadedModel
 from ..bank.answers import AnswerMatcher
 from ..bank.banks import Bank, load_bank
 from ..core.errors import EngramEvalError
-from ..core.files import atomic_write_text
+from ..core.files import atomic_write_text, file_sha256
 from ..core.spec import RayOptions
 from ..engram.store import EngramStore, bank_engrams
 from ..steer.grid import Cell, raw_vectors
@@ -31,7 +31,19 @@ from ..steer.prompts import prepare_question, prompt_token_ids
 from ..steer.scoring import auto_batch_size
 from .executors import Task, open_executor
 from .results import CELL_SETTING_COLUMNS, computed_cells, engram_kind
-from .rundir import check_results_format, merge_parts, one_line, part_paths, read_run_json, run_lock, stop_status, write_part
+from .rundir import (
+    PART_CHECKSUMS,
+    check_results_format,
+    merge_parts,
+    one_line,
+    part_paths,
+    read_run_json,
+    run_lock,
+    stop_status,
+    trusted_parts,
+    verify_results,
+    write_part,
+)
 from .settings import SweepSettings
 
 SELECTIONS = ("default", "all", "baseline", "flips")
@@ -198,6 +210,7 @@ def run_generate(
         if run is None or not results.is_file():
             raise EngramEvalError(f"{out}: no results.parquet (finish the sweep with `engram-eval sweep ... --out {out}` first)")
         check_results_format(out, run)
+        verify_results(out, run)
         settings, bank, raw = reopen_run(lm, out, run)
         selected = select_cells(pl.read_parquet(results), cells)
         info = {"settings": {"cells": cells, "max_new_tokens": max_new_tokens, "run_id": run["run_id"]}, "status": "running",
@@ -205,8 +218,10 @@ def run_generate(
         previous_info = _previous_info(out)
         _prepare_generation_dir(out, info, force)
         parts = part_paths(out / "generation-parts", settings.questions)
+        info[PART_CHECKSUMS] = _previous_checksums(previous_info, info["settings"], parts)
+        trusted = trusted_parts(parts, info[PART_CHECKSUMS], warn)
         waiting = [(question, part, selected.filter(pl.col("question_id") == question.id)) for question, part in zip(bank.questions, parts)]
-        waiting = [(question, part, rows) for question, part, rows in waiting if rows.height and not part.exists()]
+        waiting = [(question, part, rows) for question, part, rows in waiting if rows.height and part not in trusted]
         longest = max(settings.chunk_list) + max(len(prompt_token_ids(lm, q, bank.path, context=True)) for q in bank.questions)
         size = batch_size or min(GENERATION_BATCH_CPU if lm.device.type == "cpu" or ray else selected.height,
                                  auto_batch_size(lm, longest + max_new_tokens, selected.height, cpu_token_budget=False))
@@ -237,7 +252,8 @@ def run_generate(
                 mine, generated = generated[: len(todo)], generated[len(todo):]
                 generated_tokens += sum(len(g.token_ids) for g in mine)
                 frame = _generation_frame(lm, question, rows, mine).with_columns(run_id=pl.lit(run["run_id"]))
-                write_part(part, frame.select(list(GENERATION_SCHEMA)))
+                info[PART_CHECKSUMS][part.name] = write_part(part, frame.select(list(GENERATION_SCHEMA)))
+            _write_info(out, info)
             bar.set_postfix(tokens_per_s=f"{generated_tokens / (time.perf_counter() - started):.0f}")
 
         prepared_groups: dict[str, list] = {}  # a task's questions, their rows and what they generate, until it finishes
@@ -253,11 +269,13 @@ def run_generate(
         finally:
             executor.close()
         seconds = time.perf_counter() - started
-        generations = merge_parts(out / "generations.parquet", [part for part in parts if part.exists()], GENERATION_SCHEMA)
+        generations = out / "generations.parquet"
+        info["generations_sha256"] = merge_parts(generations, [part for part in parts if part.exists()], info[PART_CHECKSUMS],
+                                                 out / "generation.json", GENERATION_SCHEMA)
         info.update(status="complete", generations=selected.height,
                     timings={"seconds": round(seconds, 3), "tokens": generated_tokens,
                              "tokens_per_second": round(generated_tokens / seconds, 2) if seconds > 0 else None})
-        if not generated_tokens and previous_info.get("status") == "complete":
+        if not generated_tokens and previous_info.get("status") == "complete" and isinstance(previous_info.get("timings"), dict):
             info["timings"] = previous_info["timings"]  # a resume with nothing left keeps the timings of the work
         _write_info(out, info)
     return GenerateResult(out=out, generations_path=generations, info=info)
@@ -351,7 +369,17 @@ def _previous_info(out: Path) -> dict:
         info = json.loads((out / "generation.json").read_text())
     except (OSError, ValueError):
         return {}
-    return info if isinstance(info, dict) and isinstance(info.get("timings"), dict) else {}
+    return info if isinstance(info, dict) else {}
+
+
+def _previous_checksums(previous: dict, settings: dict, parts: list[Path]) -> dict[str, str]:
+    """The generation parts' checksums a resume carries over (an older generation.json without them: its parts as
+    they are)."""
+    if previous.get("settings") != settings:
+        return {}
+    if isinstance(previous.get(PART_CHECKSUMS), dict):
+        return dict(previous[PART_CHECKSUMS])
+    return {part.name: file_sha256(part) for part in parts if part.exists()}
 
 
 def _write_info(out: Path, info: dict) -> None:

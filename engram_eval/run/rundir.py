@@ -15,7 +15,7 @@ import polars as pl
 
 from .._version import __version__
 from ..core.errors import EngramEvalError, Terminated
-from ..core.files import atomic_replace, atomic_write_parquet, atomic_write_text
+from ..core.files import atomic_replace, atomic_write_parquet, atomic_write_text, file_sha256
 from ..core.locks import FileLock
 from .results import RESULT_SCHEMA
 from .settings import SweepSettings
@@ -58,15 +58,21 @@ def check_results_format(out: Path, run: dict) -> None:
                               f"{run.get('results_format', 'unrecorded')}, now {RESULTS_FORMAT}); rerun its sweep with --force")
 
 
-def prepare_out(out: Path, settings: SweepSettings, force: bool) -> dict:
+def prepare_out(out: Path, settings: SweepSettings, force: bool,
+                warn: Callable[[str], None] = lambda message: None) -> dict:
     """Create or reopen a run directory; refuse one that holds a run with other settings unless forced, and then
-    remove everything derived from the old run."""
+    remove everything derived from the old run. The parts' checksums carry over to a resumed run. An unreadable
+    run.json with force keeps the parts whose rows carry these settings' run id (a hash of the settings)."""
+    fresh = {"settings": asdict(settings), "run_id": settings.run_id, "status": "running", "results_format": RESULTS_FORMAT,
+             PART_CHECKSUMS: {}}
     try:
         previous_run = read_run_json(out) or {}
     except EngramEvalError:
         if not force:
-            raise EngramEvalError(f"{out / 'run.json'}: unreadable run.json; use --force to replace the run in {out}") from None
-        previous_run = {}
+            raise EngramEvalError(f"{out / 'run.json'}: unreadable run.json; rerun with --force to rewrite it: the parts "
+                                  f"computed with the same settings are kept, the rest recomputed") from None
+        fresh[PART_CHECKSUMS] = keep_parts_of(out, settings.run_id, warn)
+        return fresh
     previous = previous_run.get("settings")
     older_format = previous is not None and previous_run.get("results_format") != RESULTS_FORMAT
     if (out / "run.json").exists() and (previous != asdict(settings) or older_format):
@@ -80,11 +86,76 @@ def prepare_out(out: Path, settings: SweepSettings, force: bool) -> dict:
                 f"--out {out} holds a run with different settings ({', '.join(changed)}); "
                 "use another --out, or --force to replace it"
             )
-        for name in DERIVED:
-            target = out / name
-            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+        remove_derived(out)
+    elif isinstance(previous_run.get(PART_CHECKSUMS), dict):
+        fresh[PART_CHECKSUMS] = dict(previous_run[PART_CHECKSUMS])
+    elif previous_run:  # written before parts had checksums: the parts there are trusted as they were then
+        fresh[PART_CHECKSUMS] = {part.name: file_sha256(part) for part in sorted((out / "parts").glob("*.parquet"))}
     (out / "parts").mkdir(parents=True, exist_ok=True)
-    return {"settings": asdict(settings), "run_id": settings.run_id, "status": "running", "results_format": RESULTS_FORMAT}
+    return fresh
+
+
+def remove_derived(out: Path, keep: tuple[str, ...] = ()) -> None:
+    for name in DERIVED:
+        target = out / name
+        if name not in keep:
+            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+
+
+def keep_parts_of(out: Path, run_id: str, warn: Callable[[str], None]) -> dict[str, str]:
+    """After run.json was lost: the parts whose every row has this run id are kept (and their checksums recorded);
+    every other part, and everything merged from them, is removed -> the kept parts' checksums."""
+    remove_derived(out, keep=("parts",))
+    kept: dict[str, str] = {}
+    for part in sorted((out / "parts").glob("*.parquet")) if (out / "parts").is_dir() else []:
+        try:
+            ids = pl.read_parquet(part, columns=["run_id"])["run_id"]
+            same = ids.len() > 0 and (ids == run_id).all()
+        except (OSError, pl.exceptions.PolarsError):
+            same = False
+        if same:
+            kept[part.name] = file_sha256(part)
+        else:
+            part.unlink()
+    warn(f"{out / 'run.json'} was unreadable: rewritten; kept {len(kept)} part(s) computed with these settings (run id "
+         f"{run_id}), the rest are recomputed")
+    (out / "parts").mkdir(parents=True, exist_ok=True)
+    return kept
+
+
+PART_CHECKSUMS = "part_sha256"  # run.json (and generation.json): each part file's sha256, by file name
+
+
+def verify_file(path: Path, expected: str | None, record: Path, hint: str) -> None:
+    """A file against the sha256 its run recorded; none recorded (a run older than checksums): nothing to compare."""
+    if expected is not None and file_sha256(path) != expected:
+        raise EngramEvalError(f"{path}: checksum mismatch with {record} (the file changed after it was written); {hint}")
+
+
+def verify_results(out: Path, run: dict) -> Path:
+    """RUN/results.parquet, checked against the checksum run.json recorded when the sweep merged it."""
+    results = out / "results.parquet"
+    verify_file(results, run.get("results_sha256"), out / "run.json", "rerun the sweep's command to merge it again from its parts")
+    return results
+
+
+def trusted_parts(parts: list[Path], checksums: dict[str, str], warn: Callable[[str], None]) -> set[Path]:
+    """The parts a resume may keep: present and matching their recorded checksum. A part that does not match (a
+    flipped byte, a truncated file) or was never recorded (the writer stopped in between) is removed, to be computed
+    again; a mismatch is said."""
+    trusted = set()
+    for part in parts:
+        if not part.exists():
+            continue
+        expected = checksums.get(part.name)
+        if expected is not None and file_sha256(part) == expected:
+            trusted.add(part)
+            continue
+        if expected is not None:
+            warn(f"{part}: checksum mismatch (corrupt); computing it again")
+        checksums.pop(part.name, None)
+        part.unlink()
+    return trusted
 
 
 def one_line(exc: BaseException) -> str:
@@ -125,14 +196,20 @@ def part_paths(folder: Path, question_ids: list[str]) -> list[Path]:
     return [folder / f"{i:05d}-{qid}.parquet" for i, qid in enumerate(question_ids)]
 
 
-def write_part(part: Path, frame: pl.DataFrame) -> None:
+def write_part(part: Path, frame: pl.DataFrame) -> str:
+    """One question's rows, atomically -> the file's sha256 (for run.json)."""
     try:
         atomic_write_parquet(part, frame)
     except EngramEvalError as exc:
         raise EngramEvalError(f"{exc}; finished questions are kept, rerun to resume") from None
+    return file_sha256(part)
 
 
-def merge_parts(target: Path, parts: list[Path], schema: pl.Schema = RESULT_SCHEMA) -> Path:
-    """Stream the parts, in bank order, into one Parquet file (atomically)."""
+def merge_parts(target: Path, parts: list[Path], checksums: dict[str, str], record: Path,
+                schema: pl.Schema = RESULT_SCHEMA) -> str:
+    """Verify each part against its recorded checksum, stream the parts in bank order into one Parquet file
+    (atomically) -> its sha256."""
+    for part in parts:
+        verify_file(part, checksums.get(part.name), record, "rerun the same command to compute it again")
     atomic_replace(target, lambda tmp: pl.scan_parquet(parts, schema=schema).sink_parquet(tmp, maintain_order=True))
-    return target
+    return file_sha256(target)

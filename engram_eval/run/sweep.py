@@ -29,6 +29,7 @@ from ..steer.scoring import auto_batch_size, score_cells
 from .executors import Executor, Task, open_executor
 from .results import check_finite, off_distribution, off_distribution_warning, question_frame
 from .rundir import (
+    PART_CHECKSUMS,
     mark_stopped,
     merge_parts,
     one_line,
@@ -37,6 +38,7 @@ from .rundir import (
     prepare_out,
     run_lock,
     stop_status,
+    trusted_parts,
     write_part,
     write_run_json,
 )
@@ -106,7 +108,7 @@ def run_sweep(
     with run_lock(out, wait, observer.warn):
         executor = open_executor(lm, execution.ray)  # Ray: the workers started, their models loaded and checked
         try:
-            run = prepare_out(out, settings, force)
+            run = prepare_out(out, settings, force, warn)
         except BaseException:
             executor.close()
             raise
@@ -193,11 +195,16 @@ def _run_grid(lm: LoadedModel, bank: Bank, store: EngramStore, out: Path, settin
 
     layers, chunks = settings.layers, settings.chunk_list
     build_started = time.perf_counter()
-    engrams = bank_engrams(lm, bank, store, layers, chunks, settings.extraction, observer.warn, observer.log)
+    run["engram_keys"] = {}
+
+    def record_engram(name: str, k: int, stored: StoredEngram) -> None:  # at once, so a concurrent `store gc` keeps it
+        run["engram_keys"][engram_label(name, k, chunks)] = stored.key
+        write_run_json(out, run)
+
+    engrams = bank_engrams(lm, bank, store, layers, chunks, settings.extraction, observer.warn, observer.log, record_engram)
     build_seconds = time.perf_counter() - build_started
     labels = {(name, k): engram_label(name, k, chunks) for name, k in engrams}
     run.update(
-        engram_keys={labels[key]: stored.key for key, stored in engrams.items()},
         engram_files={labels[key]: str(stored.path) for key, stored in engrams.items()},
         largest_chunk_share={labels[key]: {str(layer): round(float(chunk_shares(stored.engram.layers[layer]).max()), 4)
                                            for layer in layers} for key, stored in engrams.items()},
@@ -213,7 +220,8 @@ def _run_grid(lm: LoadedModel, bank: Bank, store: EngramStore, out: Path, settin
     raw = raw_vectors(lm, bank, engrams, layers, chunks)
     rows = [sum(len(cells) + 1 for cells in question) for question in grid]
     parts = part_paths(out / "parts", [conditions[0].question.id for conditions in prepared])
-    done = sum(n for n, part in zip(rows, parts) if part.exists())
+    trusted = trusted_parts(parts, run[PART_CHECKSUMS], observer.warn)
+    done = sum(n for n, part in zip(rows, parts) if part in trusted)
     if executor.description is not None:
         run.update(distributed=executor.description)
     fits: int | None = None  # the largest batch size known to fit, after an out-of-memory back-off
@@ -221,7 +229,7 @@ def _run_grid(lm: LoadedModel, bank: Bank, store: EngramStore, out: Path, settin
 
     def tasks(shared_raw: object) -> Iterator[Task]:
         nonlocal paused
-        todo = [i for i, part in enumerate(parts) if not part.exists()]
+        todo = [i for i, part in enumerate(parts) if part not in trusted]
         for i in sorted(todo, key=lambda i: -rows[i]) if executor.parallel else todo:
             pause_started = time.perf_counter()
             observer.before_question(prepared[i][0].question)
@@ -232,7 +240,9 @@ def _run_grid(lm: LoadedModel, bank: Bank, store: EngramStore, out: Path, settin
     def finished(task: Task, result: tuple) -> None:
         nonlocal fits
         table, fits = result
-        write_part(parts[index[task.name]], pl.from_arrow(table))
+        part = parts[index[task.name]]
+        run[PART_CHECKSUMS][part.name] = write_part(part, pl.from_arrow(table))
+        write_run_json(out, run)
 
     index = {conditions[0].question.id: i for i, conditions in enumerate(prepared)}
     sweep_started = time.perf_counter()
@@ -241,7 +251,7 @@ def _run_grid(lm: LoadedModel, bank: Bank, store: EngramStore, out: Path, settin
         executor.map(tasks(executor.share(raw)), finished, bar.update)
     sweep_seconds = time.perf_counter() - sweep_started - paused
 
-    merge_parts(out / "results.parquet", parts)
+    run["results_sha256"] = merge_parts(out / "results.parquet", parts, run[PART_CHECKSUMS], out / "run.json")
     total = sum(rows)
     run.update(
         status="complete",
