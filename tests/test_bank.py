@@ -81,10 +81,26 @@ def test_yaml_syntax_error_names_line_and_column(tmp_path):
     (('engram: pheo', 'engram: pheox'), "question 'q1': field 'engram': unknown source 'pheox' (known: pheo, stars)"),
     (('controls: [stars]', 'controls: [stars, moon]'), "question 'q1': field 'controls': unknown source 'moon' (known: pheo, stars)"),
     (('{text: "alpha first"}', '{}'), "source 'pheo': give exactly one of 'file' or 'text'"),
+    (('name: t', 'name: ../../escaped'), "top level: field 'name': may use only letters, digits, '_', '.', '-', and may not start with '.' (it names the default --out folder)"),
+    (('name: t', 'name: /tmp/absolute'), "top level: field 'name': may use only letters, digits, '_', '.', '-', and may not start with '.' (it names the default --out folder)"),
+    (('  pheo: {text', '  "..": {text: "x"}\n  pheo: {text'), "source '..': name may use only letters, digits, '_', '.', '-', and may not start with '.'"),
+    (('  pheo: {text', '  ".": {text: "x"}\n  pheo: {text'), "source '.': name may use only letters, digits, '_', '.', '-', and may not start with '.'"),
+    (('  pheo: {text', '  .hidden: {text: "x"}\n  pheo: {text'), "source '.hidden': name may use only letters, digits, '_', '.', '-', and may not start with '.'"),
 ])
 def test_schema_errors_name_file_question_and_field(tmp_path, change, message):
     path = write(tmp_path, GOOD.replace(*change))
     assert error_of(path) == f"{path}: {message}"
+
+
+def test_a_bank_without_a_name_takes_its_file_name_made_safe(tmp_path):
+    path = write(tmp_path, GOOD.replace("name: t\n", ""), name="my bank (v2).yaml")
+    assert load_bank(path).name == "my_bank__v2_"
+
+
+def test_deeply_nested_yaml_is_one_line(tmp_path):
+    path = write(tmp_path, "[" * 100_000 + "\n")
+    assert error_of(path) == (f"{path}: YAML error: nested too deeply to read (lists or mappings inside each other thousands "
+                              "of levels down)")
 
 
 def test_duplicate_question_ids_name_both_places(tmp_path):

@@ -114,6 +114,7 @@ def test_limit_and_seed_pick_a_reproducible_subset_in_file_order(tmp_path):
 @pytest.mark.parametrize("change,message", [
     ({"map": "id=qid,question=q,choices=opts,answer=gold,source=why"}, "{path}: --map choices=opts: no column 'opts' (columns: qid, q, options, gold, why, subject, passage)"),
     ({"record": {"gold": 5}}, "{path}: line 2: answer index 5 is out of range for 3 choices (counting from 0)"),
+    ({"record": {"gold": 1.7}}, "{path}: line 2: answer index 1.7 is not a whole number"),
     ({"record": {"gold": "D"}}, "{path}: line 2: answer letter D has no such choice (choices A-C)"),
     ({"record": {"gold": "Pluto"}}, "{path}: line 2: answer 'Pluto' is neither an index, a letter nor one of the choices"),
     ({"record": {"qid": "a1"}}, "{path}: duplicate id 'a1' (records 1 and 2 of the import)"),

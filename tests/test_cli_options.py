@@ -51,6 +51,7 @@ OPTION_TESTS = {
     "sweep --batch-size": "test_sweep_out_store_and_batch_size",
     "sweep --threads": "test_sweep_threads_reach_torch_while_it_sweeps_and_change_no_number",
     "sweep --force": "test_sweep_force_replaces_a_run_of_other_settings",
+    "sweep --wait": "test_concurrency.py::test_a_second_sweep_into_a_running_run_directory_fails_naming_the_holder",
     "sweep --allow-outside-paths": "test_allow_outside_paths_admits_a_source_outside_the_banks_folder",
     "sweep --strict": "test_sweep_strict_turns_the_banks_warnings_into_errors",
     "sweep --ray": "test_distributed.py::test_sweep_and_generate_on_ray_from_the_command_line",
@@ -68,6 +69,7 @@ OPTION_TESTS = {
     "generate --max-new-tokens": "test_generate_max_new_tokens_and_batch_size_equal_the_library",
     "generate --batch-size": "test_generate_max_new_tokens_and_batch_size_equal_the_library",
     "generate --force": "test_generate_force_replaces_generations_of_other_settings",
+    "generate --wait": "test_concurrency.py::test_generate_waits_for_the_writer_that_holds_its_run_directory",
     "generate --ray": "test_distributed.py::test_sweep_and_generate_on_ray_from_the_command_line",
     "generate --workers": "test_distributed.py::test_sweep_and_generate_on_ray_from_the_command_line",
     "generate --gpus-per-worker": "test_distributed.py::test_generate_gpus_per_worker_reaches_the_cluster_check",
@@ -458,7 +460,9 @@ def test_trust_remote_code_loads_a_models_own_code_only_when_asked(tiny_model_di
     (custom / "modeling_halved.py").write_text(CUSTOM_MODEL)
     args = ["sweep", bank_dir / "tiny.yaml", "--model", custom, *GRID, "--store", tmp_path / "store", "-q"]
     refused = run(*args, "--out", tmp_path / "refused")
-    assert refused.exit_code == 2 and "trust_remote_code" in refused.stderr and not (tmp_path / "refused").exists()
+    assert refused.exit_code == 2 and not (tmp_path / "refused").exists()
+    assert refused.stderr == (f"error: --model: '{custom}' ships its own code, which runs when it loads; engram-eval runs none "
+                              "unless you pass --trust-remote-code (read that code first)\n")
     ok(run(*args, "--out", tmp_path / "cli", "--trust-remote-code"))
     got = pl.read_parquet(tmp_path / "cli/results.parquet")
     lm = load_model(str(custom), device="cpu", trust_remote_code=True)

@@ -219,14 +219,17 @@ def test_the_baseline_file_is_written_where_asked_and_diffs_line_by_line(tmp_pat
     """One key per line, keys sorted: a baseline's change reads as a small diff in review."""
     from engram_eval.report.check import read_baseline, write_baseline
 
-    summary = {"totals": {"cells": 2, "flips": 1}, "cells": {"b|x|L1|s1.0": {"log_ratio": 0.5}, "a|x|L1|s1.0": {"log_ratio": 1.5}}}
+    summary = {"settings": {}, "questions": {"a": {"baseline_log_ratio": 0.25}},
+               "totals": {"questions": 1, "cells": 2, "flips": 1, "breaks": 0},
+               "cells": {"b|x|L1|s1.0": {"log_ratio": 0.5, "flipped": True, "broken": False},
+                         "a|x|L1|s1.0": {"log_ratio": 1.5, "flipped": False, "broken": False}}}
     path = tmp_path / "new" / "folder" / "baseline.json"
     write_baseline(path, summary)
     text = path.read_text()
     assert read_baseline(path) == summary and text.endswith("}\n")
     lines = text.splitlines()
-    assert lines[:4] == ['{', ' "cells": {', '  "a|x|L1|s1.0": {', '   "log_ratio": 1.5']
-    assert lines.index('  "b|x|L1|s1.0": {') > lines.index('  "a|x|L1|s1.0": {') and lines[-3:] == ['  "flips": 1', ' }', '}']
+    assert lines[:4] == ['{', ' "cells": {', '  "a|x|L1|s1.0": {', '   "broken": false,']
+    assert lines.index('  "b|x|L1|s1.0": {') > lines.index('  "a|x|L1|s1.0": {') and lines[-3:] == ['  "questions": 1', ' }', '}']
 
 
 def test_load_run_reads_an_unfinished_runs_parts_and_refuses_other_formats(tmp_path):

@@ -129,8 +129,9 @@ def test_a_second_sweep_into_a_running_run_directory_fails_naming_the_holder(tin
     assert sorted(pl.read_parquet(tmp_path / "run/results.parquet")["strength"].drop_nulls().unique()) == [1.0, 5.0, 20.0]
 
 
-@pytest.mark.parametrize("command", ["sweep", "build"])
-def test_sigterm_stops_like_ctrl_c(tiny_model_dir, tiny_bank, tmp_path, command):
+@pytest.mark.parametrize("command,signum", [("sweep", signal.SIGTERM), ("build", signal.SIGTERM), ("sweep", signal.SIGINT),
+                                            ("build", signal.SIGINT)])
+def test_sigterm_stops_like_ctrl_c(tiny_model_dir, tiny_bank, tmp_path, command, signum):
     if command == "sweep":
         args = ["sweep", tiny_bank, "--model", tiny_model_dir, *GRID, "--store", tmp_path / "store", "--out", tmp_path / "run"]
         ready = lambda: len(list((tmp_path / "run/parts").glob("*.parquet"))) >= 1  # noqa: E731
@@ -142,15 +143,31 @@ def test_sigterm_stops_like_ctrl_c(tiny_model_dir, tiny_bank, tmp_path, command)
     deadline = time.monotonic() + 120
     while not ready() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(signum)
     code, stderr = process.wait(), process.stderr.read()
     if code == 0:
         pytest.skip("the command finished before the signal arrived")
-    assert code == 143 and "Traceback" not in stderr and stderr.strip().splitlines()[-1].startswith("terminated"), stderr
+    word, status = ("terminated", 143) if signum == signal.SIGTERM else ("interrupted", 130)
+    assert code == status and "Traceback" not in stderr and stderr.strip().splitlines()[-1].startswith(word), stderr
     assert not list((tmp_path / "store").glob(".tmp-*"))
     if command == "sweep":
         run = json.loads((tmp_path / "run/run.json").read_text())
-        assert run["status"] == "terminated" and "resume with the same command" in stderr
+        assert run["status"] == word and "resume with the same command" in stderr
         assert not (tmp_path / "run/.lock").exists()
         assert cli(*args, cwd=tmp_path).returncode == 0
         assert json.loads((tmp_path / "run/run.json").read_text())["status"] == "complete"
+
+
+def test_generate_waits_for_the_writer_that_holds_its_run_directory(tiny_model_dir, tiny_bank, tmp_path):
+    out = tmp_path / "run"
+    assert cli("sweep", tiny_bank, "--model", tiny_model_dir, "--layers", "1", "--strengths", "1", "--chunks", "4",
+               "--store", tmp_path / "store", "--out", out, "-q", cwd=tmp_path).returncode == 0
+    holder = hold_lock(out / ".lock", 12)
+    refused = cli("generate", out, "--model", tiny_model_dir, "--max-new-tokens", "2", "-q", cwd=tmp_path)
+    assert refused.returncode == 2 and refused.stderr.startswith(
+        f"error: run directory {out} is being written by pid {holder.pid} on host "), refused.stderr
+    assert not (out / "generation.json").exists()
+    waited = cli("generate", out, "--model", tiny_model_dir, "--max-new-tokens", "2", "-q", "--wait", cwd=tmp_path)
+    assert holder.poll() is not None and waited.returncode == 0, waited.stderr
+    assert f"warning: waiting for pid {holder.pid} on host " in waited.stderr
+    assert json.loads((out / "generation.json").read_text())["status"] == "complete"

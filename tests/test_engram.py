@@ -72,3 +72,37 @@ def test_the_library_refuses_bad_layers_with_the_command_lines_message(tiny, lay
     with pytest.raises(EngramEvalError) as error:
         extract_engram(tiny, "alpha", layers=layers, chunks=4)
     assert str(error.value) == message
+
+
+def _words(seed: int, n: int) -> str:
+    import random
+
+    rng = random.Random(seed)
+    vocabulary = ["alpha", "beta-blocker", "Zürich", "  ", "\n\n", "1234567", "qwertyuiopasdfgh", "—", "日本語", ",", "the"]
+    return "".join(rng.choice(vocabulary) + rng.choice([" ", "", "\n"]) for _ in range(n))
+
+
+@pytest.mark.parametrize("model", ["tiny", "real"])
+def test_a_long_source_is_tokenized_only_as_far_as_the_cut_and_gives_the_same_ids(model, request):
+    from dataclasses import replace
+
+    from engram_eval.engram.extraction import tokenize_source
+
+    lm = request.getfixturevalue(model)
+    seen: list[int] = []
+    tokenizer = lm.tokenizer
+
+    class Recording:
+        def __call__(self, text, *args, **kwargs):
+            seen.append(len(text))
+            return tokenizer(text, *args, **kwargs)
+
+    recording = replace(lm, tokenizer=Recording())
+    for seed, (n_words, max_tokens) in enumerate([(40_000, 64), (40_000, 2048), (300, 2048), (5_000, 700)]):
+        text = _words(seed, n_words)
+        seen.clear()
+        ids, truncated = tokenize_source(recording, text, max_tokens)
+        whole = tokenizer(text)["input_ids"]
+        assert (ids, truncated) == (whole[:max_tokens], len(whole) > max_tokens), (seed, n_words, max_tokens)
+        if max_tokens == 64:
+            assert max(seen) < len(text) / 50, (seed, max(seen), len(text))  # a few pages of a long text, never all of it

@@ -196,3 +196,27 @@ def test_context_both_on_a_bank_without_any_context_is_a_warning(tiny, tiny_bank
     result = sweep(tiny, tiny_bank, tmp_path / "run", layers=[1], strengths=[1.0], context="both", warn=warnings.append)
     assert f"{tiny_bank}: --context both, but no question has a context: every question runs once" in warnings
     assert pl.read_parquet(result.results_path)["context"].null_count() == 3 * 5
+
+
+def test_generate_from_another_folder_finds_the_runs_bank_and_store(tiny_model_dir, tiny_bank, tmp_path, monkeypatch):
+    import json
+
+    from click.testing import CliRunner
+
+    from engram_eval.cli import cli
+
+    def run(*args):
+        return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+    monkeypatch.chdir(tiny_bank.parent)
+    assert run("sweep", tiny_bank.name, "--model", tiny_model_dir, "--layers", "1", "--strengths", "1", "--chunks", "4",
+               "--store", "store", "--out", "run", "-q").exit_code == 0
+    recorded = json.loads((tiny_bank.parent / "run/run.json").read_text())
+    assert recorded["bank_path"] == str(tiny_bank.resolve()) and recorded["store"] == str((tiny_bank.parent / "store").resolve())
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    store_files = sorted((tiny_bank.parent / "store").iterdir())
+    result = run("generate", tiny_bank.parent / "run", "--model", tiny_model_dir, "--max-new-tokens", "3", "-q")
+    assert result.exit_code == 0, result.output
+    assert list(elsewhere.iterdir()) == [] and sorted((tiny_bank.parent / "store").iterdir()) == store_files

@@ -155,3 +155,49 @@ def test_the_cached_dequantized_copy_gives_the_logits_of_transformers_own_gguf_l
         expected = direct(ids).logits
         got = real.model(ids).logits
     assert torch.allclose(got, expected, rtol=0, atol=1e-5), (got - expected).abs().max()
+
+
+def _bad_models(folder, tiny_model_dir):
+    import json
+    import pickle
+    import shutil
+
+    (folder / "random.gguf").write_bytes(bytes(range(256)) * 20)
+    (folder / "junk.gguf").write_bytes(b"GGUF\x03\x00\x00\x00" + b"\x02\x00\x00\x00\x00\x00\x00\x00" * 2 + b"\x05\x00\x00\x00\x00\x00\x00\x00\xff\xfe\x81\x80\x90")
+    pickled = folder / "pickled"
+    shutil.copytree(tiny_model_dir, pickled)
+    for weights in pickled.glob("*.safetensors"):
+        weights.unlink()
+    ran = folder / "payload-ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(ran), "w"))
+
+    (pickled / "pytorch_model.bin").write_bytes(pickle.dumps(Payload()))
+    hello = folder / "hello"
+    shutil.copytree(tiny_model_dir, hello)
+    (hello / "config.json").write_text(json.dumps({"hello": 1}))
+    return ran, [
+        (folder / "random.gguf", f"--model: {folder / 'random.gguf'} is not a GGUF file (it does not start with the GGUF magic bytes)"),
+        (folder / "junk.gguf", f"--model: {folder / 'junk.gguf'} is not a readable GGUF model ("),
+        (pickled, f"--model: {pickled} holds its weights only as pickle files (pytorch_model.bin); engram-eval never unpickles "
+                  "(a pickle can run code): convert them to safetensors"),
+        (hello, f"--model: could not load '{hello}': Unrecognized model in {hello}."),
+    ]
+
+
+def test_damaged_pickled_or_unknown_models_are_one_line(tiny_model_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from engram_eval.cli import cli
+
+    source = tmp_path / "source.txt"
+    source.write_text("alpha first")
+    ran, cases = _bad_models(tmp_path, tiny_model_dir)
+    for model, message in cases:
+        result = CliRunner().invoke(cli, ["build", str(source), "--model", str(model), "--store", str(tmp_path / "store")],
+                                    catch_exceptions=False)
+        assert result.exit_code == 2 and result.stderr.count("\n") == 1 and "Traceback" not in result.output, result.output
+        assert result.stderr.startswith(f"error: {message}"), (result.stderr, message)
+    assert not ran.exists() and not (tmp_path / "store").exists()

@@ -99,3 +99,39 @@ def test_multi_token_answers_under_first_token_scoring_are_named_once(real, tmp_
     assert warning.endswith("`--scoring sequence` scores whole answers")
     assert multi_token_warning(real, [prepare_question(real, q, "sequence", bank.path) for q in bank.questions], "sequence", bank.path) is None
     assert multi_token_warning(real, prepared[1:], "first-token", bank.path) is None
+
+
+def test_a_prompt_longer_than_the_models_positions_is_named_by_validate_sweep_and_generate(tiny, tiny_model_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from conftest import TINY_QUESTIONS, write_tiny_bank
+    from engram_eval.cli import cli
+
+    def run(*args):
+        return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+    limit = tiny.model.config.max_position_embeddings
+    long_prompt = ("alpha beta " * limit).strip()
+    n = len(tiny.tokenizer(long_prompt)["input_ids"])
+    assert n > limit
+    bank = write_tiny_bank(tmp_path, {**TINY_QUESTIONS, "long": (long_prompt, [" alpha"], [" beta"])})
+    validated = run("bank", "validate", bank, "--model", tiny_model_dir)
+    assert validated.exit_code == 2 and validated.stderr == (
+        f"error: {bank}: question 'long': its prompt is {n} tokens; with its answer that is {n + 1} positions, more than the "
+        f"model's {limit}\n")
+    swept = run("sweep", bank, "--model", tiny_model_dir, "--layers", "1", "--strengths", "1", "--chunks", "4",
+                "--store", tmp_path / "store", "--out", tmp_path / "run", "-q")
+    assert swept.exit_code == 2 and swept.stderr == (
+        f"error: {bank}: question 'long': its prompt is {n} tokens; with its answer and the engram's 4 prefix positions that "
+        f"is {n + 5} positions, more than the model's {limit}\n")
+    assert not (tmp_path / "run/run.json").exists()
+    (tmp_path / "short").mkdir()
+    short = write_tiny_bank(tmp_path / "short")
+    assert run("sweep", short, "--model", tiny_model_dir, "--layers", "1", "--strengths", "1", "--chunks", "4",
+               "--store", tmp_path / "store", "--out", tmp_path / "ok", "-q").exit_code == 0
+    prompt = max(len(tiny.tokenizer(p)["input_ids"]) for p, _, _ in TINY_QUESTIONS.values())
+    qid = max(TINY_QUESTIONS, key=lambda q: len(tiny.tokenizer(TINY_QUESTIONS[q][0])["input_ids"]))
+    generated = run("generate", tmp_path / "ok", "--model", tiny_model_dir, "--max-new-tokens", limit, "-q")
+    assert generated.exit_code == 2 and generated.stderr == (
+        f"error: {short}: question '{qid}': its prompt is {prompt} tokens; with the engram's 4 positions and --max-new-tokens "
+        f"{limit} that is {prompt + 4 + limit} positions, more than the model's {limit}\n")

@@ -98,8 +98,10 @@ def test_an_unreadable_run_json_is_named_as_run_json(tiny, tiny_bank, tmp_path):
     assert str(error.value).startswith(f"{out / 'run.json'}: unreadable run.json (")
     with pytest.raises(EngramEvalError) as error:
         sweep(tiny, tiny_bank, out)
-    assert str(error.value) == f"{out / 'run.json'}: unreadable run.json; use --force to replace the run in {out}"
-    assert sweep(tiny, tiny_bank, out, force=True).run["status"] == "complete"
+    assert str(error.value) == (f"{out / 'run.json'}: unreadable run.json; rerun with --force to rewrite it: the parts "
+                                "computed with the same settings are kept, the rest recomputed")
+    forced = sweep(tiny, tiny_bank, out, force=True).run
+    assert forced["status"] == "complete" and forced["cells"]["computed"] == 0
 
 
 def test_parts_of_another_results_format_are_not_resumed(tiny, tiny_bank, tmp_path):

@@ -86,6 +86,11 @@ class LoadedModel:
     def short_fingerprint(self) -> str:
         return self.fingerprint[:12]
 
+    @property
+    def max_positions(self) -> int | None:
+        """The longest input the model was built for (its config's max_position_embeddings), None when it says none."""
+        return getattr(self.model.config, "max_position_embeddings", None)
+
 
 def cache_dir() -> Path:
     """Where dequantized GGUF models are cached: $ENGRAM_EVAL_CACHE, else $XDG_CACHE_HOME/engram-eval."""
@@ -143,8 +148,14 @@ def dequantized_gguf_dir(gguf: Path) -> Path:
     target = cache_dir() / f"{gguf.stem}-{_file_sha256(gguf)[:16]}"
     if (target / "config.json").is_file():
         return target
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    with open(gguf, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise EngramEvalError(f"--model: {gguf} is not a GGUF file (it does not start with the GGUF magic bytes)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as exc:  # a damaged file fails anywhere in the GGUF parser (struct, UnicodeDecodeError, KeyError)
+        raise EngramEvalError(f"--model: {gguf} is not a readable GGUF model ({type(exc).__name__}: {first_line(exc)})") from None
     # save_pretrained refuses a model that carries a GGUF quantization_config: copy it into a plain one.
     config = quantized.config.to_dict()
     config.pop("quantization_config", None)
@@ -188,6 +199,18 @@ def gguf_description(gguf: Path) -> str:
     return f"{model or gguf.stem}, {quantization + ' ' if model else ''}GGUF dequantized to float32"
 
 
+PICKLED_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def load_failure(spec: str, exc: BaseException, what: str = "") -> EngramEvalError:
+    """One line for a model that cannot be loaded; a refusal to run a repository's own code says how to allow it."""
+    text = " ".join(str(exc).split())
+    if "trust_remote_code" in text or "custom code" in text:
+        return EngramEvalError(f"--model: '{spec}' ships its own code, which runs when it loads; engram-eval runs none unless "
+                               "you pass --trust-remote-code (read that code first)")
+    return EngramEvalError(f"--model: could not load {what}'{spec}': {first_line(exc)}")
+
+
 def _resolve_source(spec: str) -> tuple[str, str, str]:
     """-> (name, path or hub id to pass to from_pretrained, description without the dtype)."""
     if spec in EMBEDDED_MODELS:
@@ -201,6 +224,10 @@ def _resolve_source(spec: str) -> tuple[str, str, str]:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise EngramEvalError(f"--model: {path} is a directory without config.json (not a Hugging Face model directory)")
+        pickled = sorted(p.name for p in path.iterdir() if p.suffix in PICKLED_WEIGHTS)
+        if pickled and not any(path.glob("*.safetensors")):
+            raise EngramEvalError(f"--model: {path} holds its weights only as pickle files ({', '.join(pickled)}); engram-eval "
+                                  "never unpickles (a pickle can run code): convert them to safetensors")
         return path.name, str(path), path.name
     looks_like_hub_id = spec.count("/") == 1 and not spec.startswith((".", "/", "~"))
     if not looks_like_hub_id:
@@ -217,14 +244,20 @@ class TokenizerOnly:
 
     tokenizer: PreTrainedTokenizerBase
     name: str
+    max_positions: int | None = None  # from its config, as LoadedModel.max_positions
 
 
 def load_tokenizer(spec: str = DEFAULT_MODEL, trust_remote_code: bool = False) -> TokenizerOnly:
     name, source, _ = _resolve_source(spec)
     try:
-        return TokenizerOnly(AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code), name)
-    except (OSError, ValueError) as exc:
-        raise EngramEvalError(f"--model: could not load the tokenizer of '{spec}': {first_line(exc)}") from None
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as exc:
+        raise load_failure(spec, exc, "the tokenizer of ") from None
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError):
+        config = None  # the tokenizer's checks still run; the length check needs a config
+    return TokenizerOnly(tokenizer, name, getattr(config, "max_position_embeddings", None))
 
 
 def load_model(
@@ -241,9 +274,10 @@ def load_model(
     hf_logging.disable_progress_bar()  # keep stderr for what the user must read
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise EngramEvalError(f"--model: could not load '{spec}': {first_line(exc)}") from None
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, trust_remote_code=trust_remote_code,
+                                                     use_safetensors=True)  # never a pickled checkpoint
+    except (OSError, ValueError, KeyError) as exc:
+        raise load_failure(spec, exc) from None
     finally:
         if progress_bars:
             hf_logging.enable_progress_bar()

@@ -17,7 +17,8 @@ from ..core.registry import NULL_PREFIXES
 
 SOURCE_KINDS = ("relevant", "irrelevant", "random", "anti", "other")
 # Controls without any source text (engram_eval.steer.injection builds their vectors): valid wherever a control name is.
-_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")  # ids, source and bank names: file-name safe, never hidden or '..'
+_NAME_RULE = "may use only letters, digits, '_', '.', '-', and may not start with '.'"
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,9 @@ def _read_yaml(path: Path) -> Any:
         raise EngramEvalError(f"{where}: YAML error: {problem}") from None
     except yaml.YAMLError as exc:
         raise EngramEvalError(f"{path}: YAML error: {' '.join(str(exc).split())}") from None
+    except RecursionError:
+        raise EngramEvalError(f"{path}: YAML error: nested too deeply to read (lists or mappings inside each other "
+                              "thousands of levels down)") from None
 
 
 class _Fields:
@@ -207,7 +211,7 @@ def _answer_patterns(fields: _Fields) -> dict[str, tuple[str, ...]] | None:
 def _load_source(path: Path, name: str, data: Any, allow_outside_paths: bool) -> Source:
     fields = _Fields(path, f"source {name!r}", data, {"file", "text", "kind"})
     if not _NAME.fullmatch(name):
-        fields.fail(None, "name may use only letters, digits, '_', '.', '-'")
+        fields.fail(None, f"name {_NAME_RULE}")
     kind = fields.get("kind", str, "relevant")
     if kind not in SOURCE_KINDS:
         fields.fail("kind", f"unknown kind {kind!r} (one of: {', '.join(SOURCE_KINDS)})")
@@ -231,6 +235,9 @@ def load_bank(path: str | Path, allow_outside_paths: bool = False) -> Bank:
     """Read and validate a bank; every error names the file, the question or source, and the field."""
     path = Path(path)
     top = _Fields(path, "top level", _read_yaml(path), {"name", "description", "chat", "sources", "defaults", "questions"})
+    bank_name = top.text("name", re.sub(r"[^A-Za-z0-9_.-]", "_", path.stem).lstrip(".") or "bank")
+    if not _NAME.fullmatch(bank_name):
+        top.fail("name", _NAME_RULE + " (it names the default --out folder)")
     chat_default = top.get("chat", bool, False)
     raw_sources = top.get("sources", dict, required=True)
     sources = {str(name): _load_source(path, str(name), data, allow_outside_paths) for name, data in raw_sources.items()}
@@ -248,7 +255,7 @@ def load_bank(path: str | Path, allow_outside_paths: bool = False) -> Bank:
         fields = _Fields(path, f"question {qid!r}" if isinstance(qid, str) else f"question #{number}", data, allowed)
         qid = fields.text("id")
         if not _NAME.fullmatch(qid):
-            fields.fail("id", "may use only letters, digits, '_', '.', '-'")
+            fields.fail("id", _NAME_RULE)
         if qid in first_seen:
             fields.fail("id", f"duplicate id (questions #{first_seen[qid]} and #{number})")
         first_seen[qid] = number
@@ -286,7 +293,7 @@ def load_bank(path: str | Path, allow_outside_paths: bool = False) -> Bank:
             )
         )
     return Bank(
-        name=top.text("name", path.stem),
+        name=bank_name,
         description=top.get("description", str, ""),
         path=path,
         sources=sources,

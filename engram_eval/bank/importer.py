@@ -208,6 +208,8 @@ def _mc(get, spec: ImportSpec, at: str) -> dict:
     answer = get("answer")
     if isinstance(answer, bool) or answer is None:
         raise EngramEvalError(f"{at}: answer {answer!r} is not an index, a letter or a choice")
+    if isinstance(answer, float) and not answer.is_integer():
+        raise EngramEvalError(f"{at}: answer index {answer} is not a whole number")
     if isinstance(answer, (int, float)) or str(answer).strip().isdigit():
         index = int(answer) - spec.answer_base
         if not 0 <= index < len(choices):

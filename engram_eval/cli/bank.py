@@ -95,11 +95,12 @@ def bank_validate(bank_path: Path, model_spec: str | None, baseline: bool, stric
     if baseline and model_spec is None:
         raise EngramEvalError("--baseline: give --model too (the baseline is the model's)")
     if model_spec is not None:
-        from ..steer.prompts import context_conditions, multi_token_warning, prepare_question, variant_token_warnings
+        from ..steer.prompts import check_lengths, context_conditions, multi_token_warning, prepare_question, variant_token_warnings
 
         lm = _baseline_model(model_spec) if baseline else _tokenizer_model(model_spec)
         prepared = [prepare_question(lm, question, SEED_METHOD.scoring, bank_path, condition)
                     for question in loaded.questions for condition in context_conditions(question, "both")]
+        check_lengths(prepared, lm.max_positions, bank_path)
         for one in prepared:
             warnings += variant_token_warnings(lm, one, bank_path)
         if advice := multi_token_warning(lm, prepared, SEED_METHOD.scoring, bank_path):

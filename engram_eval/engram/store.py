@@ -122,14 +122,20 @@ class EngramStore(StoreFiles):
         pending = [k for k in chunks if k not in found]
         if not pending:
             return found
+        created = not self.root.exists()
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise EngramEvalError(f"store {self.root}: cannot write ({exc.strerror})") from None
-        with ExitStack() as locks:
-            for k in sorted(pending, key=keys.__getitem__):
-                locks.enter_context(FileLock(self.root / f".lock-{keys[k]}", f"store key {keys[k]}", wait=True))
-            self._build_pending(lm, source_name, ids, truncated, source_sha, layers, pending, keys, extraction, force, found)
+        try:
+            with ExitStack() as locks:
+                for k in sorted(pending, key=keys.__getitem__):
+                    locks.enter_context(FileLock(self.root / f".lock-{keys[k]}", f"store key {keys[k]}", wait=True))
+                self._build_pending(lm, source_name, ids, truncated, source_sha, layers, pending, keys, extraction, force, found)
+        except BaseException:
+            if created and not any(self.root.iterdir()):
+                self.root.rmdir()  # a failed first build leaves no empty store behind
+            raise
         return {k: found[k] for k in chunks}
 
     def _cached(self, lm: LoadedModel, path: Path, layers: list[int], force: bool) -> tuple[StoredEngram | None, set[int]]:

@@ -213,6 +213,13 @@ def run_generate(
         verify_results(out, run)
         settings, bank, raw = reopen_run(lm, out, run)
         selected = select_cells(pl.read_parquet(results), cells)
+        lengths = {q.id: len(prompt_token_ids(lm, q, bank.path, context=True)) for q in bank.questions}
+        longest = max(settings.chunk_list) + max(lengths.values())
+        if lm.max_positions is not None and longest + max_new_tokens > lm.max_positions:
+            qid = max(lengths, key=lengths.__getitem__)
+            raise EngramEvalError(f"{bank.path}: question '{qid}': its prompt is {lengths[qid]} tokens; with the engram's "
+                                  f"{max(settings.chunk_list)} positions and --max-new-tokens {max_new_tokens} that is "
+                                  f"{longest + max_new_tokens} positions, more than the model's {lm.max_positions}")
         info = {"settings": {"cells": cells, "max_new_tokens": max_new_tokens, "run_id": run["run_id"]}, "status": "running",
                 "threads": torch.get_num_threads()}
         previous_info = _previous_info(out)
@@ -222,7 +229,6 @@ def run_generate(
         trusted = trusted_parts(parts, info[PART_CHECKSUMS], warn)
         waiting = [(question, part, selected.filter(pl.col("question_id") == question.id)) for question, part in zip(bank.questions, parts)]
         waiting = [(question, part, rows) for question, part, rows in waiting if rows.height and part not in trusted]
-        longest = max(settings.chunk_list) + max(len(prompt_token_ids(lm, q, bank.path, context=True)) for q in bank.questions)
         size = batch_size or min(GENERATION_BATCH_CPU if lm.device.type == "cpu" or ray else selected.height,
                                  auto_batch_size(lm, longest + max_new_tokens, selected.height, cpu_token_budget=False))
         groups = []  # whole questions, as many as fill a batch: each lands in its part once its batch is done

@@ -23,7 +23,7 @@ from ..engram.dominance import chunk_shares
 from ..engram.geometry import pair_geometry
 from ..engram.store import EngramStore, StoredEngram, bank_engrams, engram_label
 from ..steer.grid import Cell, question_cells, raw_vectors
-from ..steer.prompts import PreparedQuestion, context_conditions, end_tokens, multi_token_warning, prepare_question, variant_token_warnings
+from ..steer.prompts import PreparedQuestion, check_lengths, context_conditions, end_tokens, multi_token_warning, prepare_question, variant_token_warnings
 from ..steer.injection import check_strengths_fit
 from ..steer.scoring import auto_batch_size, score_cells
 from .executors import Executor, Task, open_executor
@@ -89,6 +89,9 @@ def run_sweep(
     prepared = [[prepare_question(lm, q, method.scoring, bank.path, condition) for condition in context_conditions(q, method.context)]
                 for q in bank.questions]  # before any model work
     injection = method.injection
+    prefix = max(chunk_list) if INJECTIONS[injection].prefix_positions else 0
+    check_lengths([p for conditions in prepared for p in conditions], lm.max_positions, bank.path, prefix,
+                  f" and the engram's {prefix} prefix positions" if prefix else "")
     if INJECTIONS[injection].needs_k_prompt_tokens:
         for p in (p for conditions in prepared for p in conditions):
             if len(p.prompt_ids) < max(chunk_list):

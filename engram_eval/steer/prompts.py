@@ -20,6 +20,19 @@ class PreparedQuestion:
     context: bool | None = None  # the prompt carries the question's retrieved context (None: it has none)
 
 
+def check_lengths(prepared: list[PreparedQuestion], max_positions: int | None, bank_path: Path | str,
+                  extra: int = 0, why: str = "") -> None:
+    """Refuse a question whose input would pass the model's positions: its prompt, its longest answer (scored after
+    it) and `extra` positions (the engram's prefix; tokens to generate), named."""
+    if max_positions is None:
+        return
+    for p in prepared:
+        longest = len(p.prompt_ids) + max(len(ids) for ids in (*p.correct_ids, *p.incorrect_ids)) + extra
+        if longest > max_positions:
+            raise EngramEvalError(f"{bank_path}: question '{p.question.id}': its prompt is {len(p.prompt_ids)} tokens; with its "
+                                  f"answer{why} that is {longest} positions, more than the model's {max_positions}")
+
+
 def prompt_text(question: Question, context: bool = False) -> str:
     """The question as scored: with its retrieved context, the context, a blank line, then the prompt."""
     return f"{question.context}\n\n{question.prompt}" if context and question.context else question.prompt
