@@ -43,6 +43,7 @@ class Forwarding(Backend):
 
     num_layers = property(lambda self: self.inner.num_layers)
     hidden_size = property(lambda self: self.inner.hidden_size)
+    max_positions = property(lambda self: self.inner.max_positions)
 
 
 def test_every_stage_runs_through_another_backend_with_the_same_numbers(tiny, tiny_bank, tmp_path):

@@ -13,7 +13,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from engram_eval.core.errors import EngramEvalError
+from engram_eval.core.errors import EngramEvalError, Terminated
 from engram_eval.core.files import atomic_write_text
 from engram_eval.core.locks import FileLock, is_held
 
@@ -130,11 +130,17 @@ def test_a_second_sweep_into_a_running_run_directory_fails_naming_the_holder(tin
 
 
 @pytest.mark.parametrize("command,signum", [("sweep", signal.SIGTERM), ("build", signal.SIGTERM), ("sweep", signal.SIGINT),
-                                            ("build", signal.SIGINT)])
+                                            ("build", signal.SIGINT), ("generate", signal.SIGTERM)])
 def test_sigterm_stops_like_ctrl_c(tiny_model_dir, tiny_bank, tmp_path, command, signum):
     if command == "sweep":
         args = ["sweep", tiny_bank, "--model", tiny_model_dir, *GRID, "--store", tmp_path / "store", "--out", tmp_path / "run"]
         ready = lambda: len(list((tmp_path / "run/parts").glob("*.parquet"))) >= 1  # noqa: E731
+    elif command == "generate":
+        assert cli("sweep", tiny_bank, "--model", tiny_model_dir, "--layers", "1", "--strengths", "1,2", "--chunks", "4", "-q",
+                   "--store", tmp_path / "store", "--out", tmp_path / "run", cwd=tmp_path).returncode == 0
+        args = ["generate", tmp_path / "run", "--model", tiny_model_dir, "--cells", "all", "--max-new-tokens", "300",
+                "--batch-size", "1", "-q"]
+        ready = lambda: len(list((tmp_path / "run/generation-parts").glob("*.parquet"))) >= 1  # noqa: E731
     else:
         args = ["build", "--bank", tiny_bank, "--model", tiny_model_dir, "--chunks", "4", "--layers", "0-4", "--store", tmp_path / "store"]
         ready = lambda: (tmp_path / "store").exists()  # noqa: E731
@@ -150,6 +156,10 @@ def test_sigterm_stops_like_ctrl_c(tiny_model_dir, tiny_bank, tmp_path, command,
     word, status = ("terminated", 143) if signum == signal.SIGTERM else ("interrupted", 130)
     assert code == status and "Traceback" not in stderr and stderr.strip().splitlines()[-1].startswith(word), stderr
     assert not list((tmp_path / "store").glob(".tmp-*"))
+    if command == "generate":
+        info = json.loads((tmp_path / "run/generation.json").read_text())
+        assert info["status"] == "terminated" and "rerun the same command to resume" in stderr
+        assert not (tmp_path / "run/.lock").exists()
     if command == "sweep":
         run = json.loads((tmp_path / "run/run.json").read_text())
         assert run["status"] == word and "resume with the same command" in stderr
@@ -171,3 +181,23 @@ def test_generate_waits_for_the_writer_that_holds_its_run_directory(tiny_model_d
     assert holder.poll() is not None and waited.returncode == 0, waited.stderr
     assert f"warning: waiting for pid {holder.pid} on host " in waited.stderr
     assert json.loads((out / "generation.json").read_text())["status"] == "complete"
+
+
+@pytest.mark.parametrize("interrupt,code,word", [(KeyboardInterrupt, 130, "interrupted"), (Terminated, 143, "terminated")])
+def test_ctrl_c_or_sigterm_while_the_model_loads_is_one_line(tmp_path, monkeypatch, interrupt, code, word):
+    from click.testing import CliRunner
+
+    import engram_eval.backend.model as model_module
+    from engram_eval.cli import cli as command_line
+
+    def loading(*args, **kwargs):
+        raise interrupt()
+
+    monkeypatch.setattr(model_module, "load_model", loading)
+    source = tmp_path / "s.txt"
+    source.write_text("alpha")
+    for args in (["build", str(source), "--store", str(tmp_path / "store")],
+                 ["sweep", str(REPO / "questions/medical_traps.yaml"), "--out", str(tmp_path / "run"), "-q"]):
+        result = CliRunner().invoke(command_line, args, catch_exceptions=False)
+        assert result.exit_code == code and result.stderr == f"{word}\n" and "Traceback" not in result.output, result.output
+    assert not (tmp_path / "store").exists() and not (tmp_path / "run").exists()

@@ -220,3 +220,21 @@ def test_generate_from_another_folder_finds_the_runs_bank_and_store(tiny_model_d
     result = run("generate", tiny_bank.parent / "run", "--model", tiny_model_dir, "--max-new-tokens", "3", "-q")
     assert result.exit_code == 0, result.output
     assert list(elsewhere.iterdir()) == [] and sorted((tiny_bank.parent / "store").iterdir()) == store_files
+
+
+def test_generate_quiet_prints_no_library_warnings(tiny_model_dir, tiny_bank, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo), "PYTHONWARNINGS": "default"}
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "engram_eval.cli", *map(str, args)], capture_output=True, text=True,
+                              env=env, cwd=tmp_path, timeout=300)
+
+    assert cli("sweep", tiny_bank, "--model", tiny_model_dir, "--layers", "1", "--strengths", "1", "--chunks", "4",
+               "--store", tmp_path / "store", "--out", tmp_path / "run", "-q").returncode == 0
+    result = cli("generate", tmp_path / "run", "--model", tiny_model_dir, "--max-new-tokens", "3", "-q")
+    assert result.returncode == 0 and "Warning" not in result.stderr, result.stderr

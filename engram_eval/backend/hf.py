@@ -53,6 +53,10 @@ class HFCausalLM(Backend):
     def hidden_size(self) -> int:
         return self.model.config.hidden_size
 
+    @property
+    def max_positions(self) -> int | None:
+        return getattr(self.model.config, "max_position_embeddings", None)
+
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model.get_input_embeddings()(ids)
 

@@ -26,6 +26,11 @@ class Backend(ABC):
     @abstractmethod
     def hidden_size(self) -> int: ...
 
+    @property
+    @abstractmethod
+    def max_positions(self) -> int | None:
+        """The longest input (positions) the model was built for; None when it states none."""
+
     @abstractmethod
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Token ids [...] -> input embeddings [..., hidden]."""

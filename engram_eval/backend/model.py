@@ -89,7 +89,7 @@ class LoadedModel:
     @property
     def max_positions(self) -> int | None:
         """The longest input the model was built for (its config's max_position_embeddings), None when it says none."""
-        return getattr(self.model.config, "max_position_embeddings", None)
+        return self.backend.max_positions
 
 
 def cache_dir() -> Path:
