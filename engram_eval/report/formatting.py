@@ -93,3 +93,11 @@ def partial_banner(summary: dict) -> str | None:
     of = f" of {partial['questions']}" if partial["questions"] else ""
     return (f"partial: {partial['questions_done']}{of} questions (the sweep has not finished; "
             "rerun it with the same command to complete the run)")
+
+
+def fmt_interval(interval: list[float] | None, digits: int = 3) -> str:
+    return "-" if interval is None else f"{interval[0]:.{digits}f} to {interval[1]:.{digits}f}"
+
+
+def fmt_percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"

@@ -11,7 +11,7 @@ from plotly.offline import get_plotlyjs
 
 from .formatting import fmt_cell, fmt_effect, partial_banner
 from .rendering import html_page, html_table
-from .sections import CountHeatmap, EffectHeatmap, drilldown_sections, summary_sections
+from .sections import CountHeatmap, EffectHeatmap, RocCurves, drilldown_sections, summary_sections
 
 # Plotly's own event API: a click on a heatmap cell lists that cell's questions under the plot.
 CLICK = ("var plot = document.getElementById('{plot_id}');"
@@ -36,6 +36,8 @@ def render_html(summary: dict, drills: list[dict] = ()) -> str:
         elif isinstance(section.figure, EffectHeatmap):
             body.append(_effect_heatmap(section.figure.effects, section.figure.label, f"heatmap-{figures}", bound))
             figures += 1
+        elif isinstance(section.figure, RocCurves):
+            body.append(_roc_curves(section.figure.curves, "roc-curves"))
         body.append(html_table(section.columns, section.rows))
     if drills:
         body.append("<h2>Per question: each cell's probabilities, boosts against the baseline, sink score and texts</h2>")
@@ -95,6 +97,17 @@ def _effect_heatmap(effects: dict, label: str, div_id: str, bound: float) -> str
         colorbar={"title": "log-improvement"},
     ))
     return _figure(figure, div_id, clickable=False)
+
+
+def _roc_curves(curves: dict, div_id: str) -> str:
+    """Every calibration signal's ROC curve on one plot, with the chance diagonal."""
+    figure = go.Figure([go.Scatter(x=[0, 1], y=[0, 1], mode="lines", name="chance", line={"dash": "dot", "color": "grey"})]
+                       + [go.Scatter(x=[p[0] for p in points], y=[p[1] for p in points], mode="lines+markers", name=name,
+                                     line={"shape": "hv"}) for name, points in curves.items()])
+    figure.update_layout(height=460, width=560, margin={"t": 20, "b": 50, "l": 60, "r": 20},
+                         xaxis={"title": "false positive rate (wrong baselines kept)", "range": [0, 1]},
+                         yaxis={"title": "true positive rate (correct baselines kept)", "range": [0, 1]})
+    return figure.to_html(full_html=False, include_plotlyjs=False, div_id=div_id, config={"displaylogo": False})
 
 
 def _figure(figure: go.Figure, div_id: str, clickable: bool = True) -> str:

@@ -15,8 +15,10 @@ from .formatting import (
     fmt_effect,
     fmt_flips,
     fmt_float,
+    fmt_interval,
     fmt_measured,
     fmt_p,
+    fmt_percent,
     fmt_prob,
     fmt_probs,
     fmt_rate,
@@ -43,12 +45,19 @@ class EffectHeatmap:
 
 
 @dataclass(frozen=True)
+class RocCurves:
+    """The calibration section's ROC curves, one per signal: name -> [false positive rate, true positive rate] points."""
+
+    curves: dict
+
+
+@dataclass(frozen=True)
 class Section:
     key: str  # stable within one report: what a renderer or a test looks a section up by
     title: str
     columns: list[str]
     rows: list[list[str]]
-    figure: CountHeatmap | EffectHeatmap | None = None
+    figure: CountHeatmap | EffectHeatmap | RocCurves | None = None
     right_aligned: bool = False  # a grid of counts: the terminal aligns its cells right
 
     def as_dict(self) -> dict:
@@ -139,6 +148,8 @@ def summary_sections(summary: dict, short: bool = False) -> list[Section]:
           fmt_difference(c["adjusted_flip_difference"])]
          for c in summary["controls"]],
     ))
+    if (cal := summary.get("calibration")) is not None:
+        sections.append(_confidence_section(cal))
     sections.append(Section("semantic-sink",
         "Semantic sink (relevant engram): is the wrong answer related to the topic?",
         ["related wrong", "questions", "flip rate (cells)", "break rate (cells)"],
@@ -192,6 +203,27 @@ def summary_sections(summary: dict, short: bool = False) -> list[Section]:
     return sections
 
 
+
+
+def _confidence_section(cal: dict) -> Section:
+    """Does a label-free signal predict that the baseline's answer is correct? (the seeds' Use Case 2)"""
+    title = (f"Confidence calibration: do label-free signals predict a correct baseline? ({cal['questions']} questions, "
+             f"{cal['positives']} correct at baseline; AUROC 0.5 = chance, 95% bootstrap CI over questions)")
+    sel = cal["selective"]
+    selective_rows = [
+        [f"accuracy kept, abstaining on the {sel['abstained']} fragile questions", fmt_percent(sel["accuracy_kept_fragile"]), ""],
+        [f"accuracy kept, abstaining on the {sel['abstained']} lowest-margin questions", fmt_percent(sel["accuracy_kept_margin"]), ""],
+        ["accuracy of all questions", fmt_percent(sel["accuracy_all"]), ""],
+    ]
+    if cal["too_few"]:
+        rows = [["AUROC", "too few questions to tell (fewer than 10 correct or 10 wrong baselines)", ""], *selective_rows]
+    else:
+        rows = [*[[f"AUROC {s['name']}", "-" if s["auroc"] is None else f"{s['auroc']:.3f}", fmt_interval(s["ci95"])]
+                  for s in cal["signals"]],
+                *[[f"{d['a']} - {d['b']} (AUROC difference)", f"{d['delta']:+.3f}", fmt_interval(d["ci95"])] for d in cal["differences"]],
+                *selective_rows]
+    return Section("confidence-calibration", title, ["measure", "value", "95% CI"], rows,
+                   None if cal["too_few"] else RocCurves(cal["roc"]))
 
 
 def _headline_section(headline: dict) -> Section:

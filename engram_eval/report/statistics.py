@@ -91,3 +91,38 @@ def bootstrap_mean_ci(values: list[float], seed: int = 0, confidence: float = 0.
     result = bootstrap((np.sort(np.asarray(values, dtype=float)),), np.mean, confidence_level=confidence, n_resamples=9999,
                        method="percentile", rng=np.random.default_rng(seed))
     return float(result.confidence_interval.low), float(result.confidence_interval.high)
+
+
+def auroc(signal: np.ndarray, positive: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Area under the ROC curve of `signal` for `positive` labels (higher signal = more likely positive), along axis:
+    the Mann-Whitney U of the positives over the negatives / (n1 n0), ties counting half (U from average ranks, as
+    scipy's mannwhitneyu). NaN where a class is empty."""
+    from scipy.stats import rankdata
+
+    signal, positive = np.asarray(signal, dtype=float), np.asarray(positive, dtype=bool)
+    ranks = rankdata(signal, axis=axis)
+    n1 = positive.sum(axis=axis)
+    n0 = positive.shape[axis] - n1
+    u = np.where(positive, ranks, 0.0).sum(axis=axis) - n1 * (n1 + 1) / 2
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return u / (n1 * n0)
+
+
+def paired_bootstrap_ci(statistic, arrays: tuple[np.ndarray, ...], seed: int = 0,
+                        resamples: int = 2000) -> tuple[float, float] | None:
+    """Percentile 95% interval of statistic(*arrays, axis=-1), resampling the paired rows (questions) together (scipy's
+    bootstrap, seeded); resamples where the statistic is undefined (one class only) are left out. None when it cannot
+    vary."""
+    from scipy.stats import bootstrap
+
+    if len(arrays[0]) < 2:
+        return None
+    result = bootstrap(arrays, statistic, paired=True, vectorized=True, n_resamples=resamples, method="percentile",
+                       confidence_level=0.95, rng=np.random.default_rng(seed))
+    low, high = result.confidence_interval.low, result.confidence_interval.high
+    if not (np.isfinite(low) and np.isfinite(high)):
+        distribution = result.bootstrap_distribution[np.isfinite(result.bootstrap_distribution)]
+        if distribution.size == 0:
+            return None
+        low, high = np.percentile(distribution, [2.5, 97.5])
+    return float(low), float(high)

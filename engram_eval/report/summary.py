@@ -10,6 +10,7 @@ import polars as pl
 from ..core.errors import EngramEvalError
 from ..run.results import computed_cells
 from ..run.rundir import PART_CHECKSUMS, check_results_format, read_run_json, verify_file, verify_results
+from .calibration import calibration_summary
 from .evidence import cell_tests, effect_sizes, held_out_best_cell
 from .experiments import CELL_KEYS, attention_summary, chunk_count_summary, generation_summary, rag_summary
 from .statistics import bootstrap_mean_ci, rate, sign_flip_test, verdict
@@ -396,6 +397,7 @@ def summarize(frame: pl.DataFrame, run: dict, engram_role: str = "relevant", gen
         "attention": attention_summary(frame),
         "controls": tested,
         "semantic_sink": _semantic_sink(relevant),
+        "calibration": calibration_summary(frame),
         "generation": None if generations is None else generation_summary(generations),
         "rag": rag,
     }
