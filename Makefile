@@ -37,13 +37,19 @@ bench: $(VENV)/.installed
 # docs/findings.md: the medical bank with the seed default, without the first token's massive activation, with per-chunk
 # scaling, and with activation addition; the controls tables side by side (about 10 minutes on 2 CPU cores).
 FINDINGS := reports/findings
+# The capitals bank's default grid: 192 questions x (4 sources x 3 layers x 3 strengths + 2 null prefixes x 3) in
+# about 6 minutes on the 2-core machine (docs/performance.md).
+CAPITALS_GRID = --layers 8,16,24 --strengths 1,5,10
+
 findings: $(VENV)/.installed
 	$(BIN)/engram-eval sweep questions/medical_traps.yaml --out $(FINDINGS)/seed --force --quiet
 	$(BIN)/engram-eval sweep questions/medical_traps.yaml --skip-tokens 1 --out $(FINDINGS)/skip-tokens-1 --force --quiet
 	$(BIN)/engram-eval sweep questions/medical_traps.yaml --scaling per-chunk --out $(FINDINGS)/per-chunk --force --quiet
 	$(BIN)/engram-eval sweep questions/medical_traps.yaml --injection actadd --out $(FINDINGS)/actadd --force --quiet
+	$(BIN)/engram-eval sweep questions/capitals.yaml $(CAPITALS_GRID) --out $(FINDINGS)/capitals --force --quiet
 	$(BIN)/python docs/findings.py "seed default=$(FINDINGS)/seed" "--skip-tokens 1=$(FINDINGS)/skip-tokens-1" \
-		"--scaling per-chunk=$(FINDINGS)/per-chunk" "--injection actadd=$(FINDINGS)/actadd" > docs/findings.md
+		"--scaling per-chunk=$(FINDINGS)/per-chunk" "--injection actadd=$(FINDINGS)/actadd" \
+		--large "capitals, seed default=$(FINDINGS)/capitals" > docs/findings.md
 
 # Mutation testing of the report, statistics, evidence, check, rendering and report/check command modules with mutmut
 # (configured in pyproject.toml; about 3 hours on 2 cores; not part of CI). Writes reports/mutation.json and prints

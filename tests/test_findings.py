@@ -1,0 +1,58 @@
+"""docs/findings.py: Benjamini-Hochberg q beside every p it shows (scipy's false_discovery_control recomputed here),
+n per cell, "relevant beats controls" only at q < 0.05, and the large bank's calibration table."""
+
+import importlib.util
+import json
+import re
+
+import numpy as np
+import pytest
+from scipy.stats import false_discovery_control
+
+from conftest import REPO
+from decisive import decisive_frame, decisive_run
+
+
+@pytest.fixture(scope="module")
+def findings():
+    spec = importlib.util.spec_from_file_location("findings", REPO / "docs/findings.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_run(folder, seed: int):
+    from engram_eval.run.rundir import RESULTS_FORMAT
+
+    folder.mkdir()
+    decisive_frame(seed).write_parquet(folder / "results.parquet")
+    (folder / "run.json").write_text(json.dumps({**decisive_run(), "results_format": RESULTS_FORMAT, "run_id": f"decisive{seed}"}))
+    return folder
+
+
+CELL = re.compile(r"(-?\d+\.\d+) \(n (\d+), p (\d\.\d{4}), q (\d\.\d{4})\): ([a-z ()=\d]+)")
+
+
+def test_every_p_shown_has_its_bh_q_and_the_verdict_follows_q(findings, tmp_path):
+    runs = [write_run(tmp_path / f"run{seed}", seed) for seed in (7, 3)]
+    page = findings.main([f"a={runs[0]}", f"b={runs[1]}", "--large", f"big={runs[0]}"])
+    main_table = page.split("## What the runs say")[0]
+    cells = CELL.findall(main_table)
+    assert len(cells) == 2 * 3  # two runs x three control kinds
+    p = np.array([float(c[2]) for c in cells])
+    exact = {}
+    for label, run in (("a", runs[0]), ("b", runs[1])):
+        exact[label] = {c["kind"]: c for c in findings.controls_by_kind(str(run))[1].values()}
+    ordered = [exact[label][kind] for kind in sorted(exact["a"]) for label in ("a", "b")]  # the table's row-major order
+    expected_q = false_discovery_control([c["p_value"] for c in ordered], method="bh")
+    shown_q = [float(c[3]) for c in cells]
+    assert shown_q == pytest.approx([round(q, 4) for q in expected_q], abs=1e-4)
+    assert p == pytest.approx([round(c["p_value"], 4) for c in ordered], abs=1e-4)
+    for (difference, n, _, q, verdict), control in zip(cells, ordered):
+        verdict = verdict.strip()
+        assert int(n) == control["questions"]
+        if float(q) < 0.05:
+            assert verdict == ("relevant beats controls" if float(difference) > 0 else "controls beat relevant")
+        else:
+            assert verdict != "relevant beats controls"
+    assert "## Does engram stability predict when the model is right?" in page and "| stability |" in page
