@@ -111,7 +111,7 @@ def main(arguments: list[str]) -> str:
     if large is not None:
         label, summary, controls = large[0], *controls_by_kind(large[1])
         lines += ["", f"## A bank large enough to decide: {label}", "",
-                  f"{grid_text(summary['header'])}; q is Benjamini-Hochberg over this table's p-values.", "",
+                  f"On {grid_text(summary['header'])}; q is Benjamini-Hochberg over this table's p-values.", "",
                   *controls_table([(label, summary, controls)]), "",
                   "## Does engram stability predict when the model is right? (the seeds' Use Case 2)", "",
                   *calibration_table(summary)]

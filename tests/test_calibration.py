@@ -16,7 +16,7 @@ def signals_by_hand(frame: pl.DataFrame) -> dict[str, dict]:
     base = {r["question_id"]: r["log_ratio"] for r in frame.filter(pl.col("role") == "baseline").iter_rows(named=True)}
     keeps: dict[tuple[str, str], list[bool]] = {}
     for r in frame.filter((pl.col("role") != "baseline") & ~pl.col("repeated")).iter_rows(named=True):
-        kind = "stability" if r["role"] == "relevant" else f"stability:{r['control_kind']}"
+        kind = "stability" if r["role"] == "relevant" else f"control_stability:{r['control_kind']}"
         keeps.setdefault((r["question_id"], kind), []).append(np.sign(r["log_ratio"]) == np.sign(base[r["question_id"]]))
     out = {}
     for q, b in base.items():
@@ -56,10 +56,10 @@ def test_every_signal_auroc_interval_and_difference_recounts(frame):
     assert summary["questions"] == 20 and summary["positives"] == int(y.sum()) == 10 and not summary["too_few"]
     columns = {"margin": [by_hand[q]["margin"] for q in questions],
                "stability": [by_hand[q]["stability"] for q in questions],
-               **{k: [by_hand[q][k] for q in questions] for k in sorted(by_hand[questions[0]]) if k.startswith("stability:")},
+               **{k: [by_hand[q][k] for q in questions] for k in sorted(by_hand[questions[0]]) if k.startswith("control_stability:")},
                "fragile": [0.0 if by_hand[q]["fragile"] else 1.0 for q in questions]}
-    assert [s["name"] for s in summary["signals"]] == ["margin", "stability", "stability:anti", "stability:irrelevant",
-                                                      "stability:random", "fragile"]
+    assert [s["name"] for s in summary["signals"]] == ["margin", "stability", "control_stability:anti", "control_stability:irrelevant",
+                                                      "control_stability:random", "fragile"]
     for signal in summary["signals"]:
         x = columns[signal["name"]]
         assert signal["auroc"] == pytest.approx(auc_by_scipy(x, y), abs=1e-12), signal["name"]
@@ -70,7 +70,7 @@ def test_every_signal_auroc_interval_and_difference_recounts(frame):
         assert difference["delta"] == pytest.approx(auc_by_scipy(a, y) - auc_by_scipy(b, y), abs=1e-12)
         expected = interval_by_scipy(lambda s, t, u: auc_by_scipy(s, u) - auc_by_scipy(t, u), (a, b, y))
         assert difference["ci95"] == pytest.approx(expected, abs=1e-9), difference["b"]
-    assert [d["b"] for d in summary["differences"]] == ["margin", "stability:anti", "stability:irrelevant", "stability:random"]
+    assert [d["b"] for d in summary["differences"]] == ["margin", "control_stability:anti", "control_stability:irrelevant", "control_stability:random"]
 
 
 def test_the_selective_view_recounts(frame):

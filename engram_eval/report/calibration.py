@@ -33,14 +33,14 @@ def question_signals(frame: pl.DataFrame) -> pl.DataFrame:
         correct_before=pl.col("baseline_log_ratio") > 0, margin=pl.col("baseline_log_ratio").abs())
     if "relevant" not in signals.columns:
         signals = signals.with_columns(relevant=pl.lit(None, pl.Float64))
-    signals = signals.rename({"relevant": "stability", **{k: f"stability:{k}" for k in kinds}})
+    signals = signals.rename({"relevant": "stability", **{k: f"control_stability:{k}" for k in kinds}})
     return (signals.with_columns(fragile=pl.col("stability") < 1)
-            .select("question_id", "correct_before", "margin", "stability", *[f"stability:{k}" for k in kinds], "fragile")
+            .select("question_id", "correct_before", "margin", "stability", *[f"control_stability:{k}" for k in kinds], "fragile")
             .sort("question_id"))
 
 
 def signal_names(signals: pl.DataFrame) -> list[str]:
-    return ["margin", "stability", *[c for c in signals.columns if c.startswith("stability:")], "fragile"]
+    return ["margin", "stability", *[c for c in signals.columns if c.startswith("control_stability:")], "fragile"]
 
 
 def signal_values(signals: pl.DataFrame, name: str) -> np.ndarray:
@@ -82,7 +82,7 @@ def calibration_summary(frame: pl.DataFrame, seed: int = 0) -> dict | None:
                                    "ci95": _interval(lambda s, t, axis=-1: auroc(s, t, axis=axis), (x, y)) if enough else None})
         if enough:
             summary["roc"][name] = roc_points(x, y)
-    for other in [n for n in names if n == "margin" or n.startswith("stability:")]:
+    for other in [n for n in names if n == "margin" or n.startswith("control_stability:")]:
         present = ~np.isnan(values["stability"]) & ~np.isnan(values[other])
         a, b, y = values["stability"][present], values[other][present], positive[present]
         if min(y.sum(), (~y).sum()) < MIN_PER_CLASS:
