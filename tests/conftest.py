@@ -167,3 +167,13 @@ def shallow_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
     model.save_pretrained(path)
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(path)
     return path
+
+
+def load_script(relative: str):
+    """A script beside the package (docs/findings.py, questions/sources/*.py) as a module, without running its main."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(Path(relative).stem, REPO / relative)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,7 +1,6 @@
 """docs/findings.py: Benjamini-Hochberg q beside every p it shows (scipy's false_discovery_control recomputed here),
 n per cell, "relevant beats controls" only at q < 0.05, and the large bank's calibration table."""
 
-import importlib.util
 import json
 import re
 
@@ -9,16 +8,13 @@ import numpy as np
 import pytest
 from scipy.stats import false_discovery_control
 
-from conftest import REPO
+from conftest import REPO, load_script
 from decisive import decisive_frame, decisive_run
 
 
 @pytest.fixture(scope="module")
 def findings():
-    spec = importlib.util.spec_from_file_location("findings", REPO / "docs/findings.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("docs/findings.py")
 
 
 def write_run(folder, seed: int):
