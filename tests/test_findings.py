@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy.stats import false_discovery_control
 
-from conftest import REPO, load_script
+from conftest import load_script
 from decisive import decisive_frame, decisive_run
 
 
