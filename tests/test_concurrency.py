@@ -201,3 +201,31 @@ def test_ctrl_c_or_sigterm_while_the_model_loads_is_one_line(tmp_path, monkeypat
         result = CliRunner().invoke(command_line, args, catch_exceptions=False)
         assert result.exit_code == code and result.stderr == f"{word}\n" and "Traceback" not in result.output, result.output
     assert not (tmp_path / "store").exists() and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_the_moment_a_temporary_is_created_leaves_no_temporary(tmp_path, monkeypatch, signum):
+    """The signal arrives inside mkstemp, right after the temporary exists (where the build's SIGTERM test once hit):
+    it is held until atomic_replace owns the file, then raised, and the file is removed."""
+    import tempfile
+
+    from engram_eval.core import files
+    from engram_eval.core.errors import Terminated, raise_terminated
+
+    real_mkstemp = tempfile.mkstemp
+
+    def mkstemp_then_signal(*args, **kwargs):
+        created = real_mkstemp(*args, **kwargs)
+        os.kill(os.getpid(), signum)
+        return created
+
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    monkeypatch.setattr(files.tempfile, "mkstemp", mkstemp_then_signal)
+    written = []
+    try:
+        with pytest.raises(Terminated if signum == signal.SIGTERM else KeyboardInterrupt):
+            files.atomic_write_text(tmp_path / "out.txt", "text")
+            written.append(True)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert not written and list(tmp_path.iterdir()) == []
