@@ -111,15 +111,15 @@ SWEEP_GRID = dict(layers=[1, 4], strengths=[0.5, 3.0], chunks=4)
 
 
 def flat_sweep(lm: LoadedModel, bank, store, out: Path, *, batch_size: int | None = None, ray=None, force: bool = False,
-               strict: bool = False, progress: bool = True, **keywords):
+               strict: bool = False, progress: bool = True, neutral=None, **keywords):
     """run_sweep from the command line's flat keywords: the spec's (SweepSpec.build), the execution's (batch_size, ray)
-    and the observer's (progress, log, warn, before_question)."""
+    and the observer's (progress, log, warn, before_question); neutral: the probe's passage (a NeutralPassage)."""
     from engram_eval.core.spec import Execution, Observer, SweepSpec
     from engram_eval.run.sweep import run_sweep
 
     observed = {name: keywords.pop(name) for name in ("log", "warn", "before_question") if name in keywords}
     return run_sweep(lm, bank, store, out, SweepSpec.build(**keywords), execution=Execution(batch_size, ray), force=force,
-                     strict=strict, observer=Observer(progress=progress, **observed))
+                     strict=strict, neutral=neutral, observer=Observer(progress=progress, **observed))
 
 
 def sweep(lm: LoadedModel, bank_path: Path, out: Path, **kwargs):
@@ -147,7 +147,7 @@ def assert_same_results(got, expected, rel: float = 1e-5, atol: float = 1e-6) ->
     import polars as pl
 
     assert got.columns == expected.columns and got.height == expected.height
-    floats = [name for name, dtype in expected.schema.items() if dtype == pl.Float64 and name != "strength"]
+    floats = [name for name, dtype in expected.schema.items() if dtype in (pl.Float64, pl.Float32) and name != "strength"]
     assert got.drop(floats).equals(expected.drop(floats))
     for name in floats:
         a, b = got[name].to_numpy(), expected[name].to_numpy()

@@ -47,6 +47,15 @@ def cell_log_ratio(question: int, qid: str, kind: str, layer: int, strength: flo
     return cell_log_ratio(question, qid, "relevant", layer, strength, noise) - noise[question]  # irrelevant
 
 
+DOSE_FACTOR = {"relevant": 1.0, "anti": 1.0, "irrelevant": 0.5, "random": 2.0}
+
+
+def next_token_kl(kind: str, strength: float) -> float:
+    """kl_next: 0.04 nats per unit of strength, half that for irrelevant, twice for random (they reach the report's
+    target doses at other strengths: relevant and anti 0.05 and 0.2, irrelevant 0.05 only, random 0.2 only)."""
+    return 0.04 * strength * DOSE_FACTOR[kind]
+
+
 def decisive_frame(seed: int = 7) -> pl.DataFrame:
     noise = np.random.default_rng(seed).normal(0.15, 0.6, len(QUESTIONS))
     rows = []
@@ -79,7 +88,8 @@ def decisive_frame(seed: int = 7) -> pl.DataFrame:
                 "scaling": "global", "injection": "prefix", "context": None, "scoring": "first-token", "repeated": False,
                 "p_correct": p_correct, "p_incorrect": p_incorrect, "mass": mass, "mass_ratio": mass / base_mass,
                 "collapsed": mass / base_mass < 0.1, "p_correct_rose": None if is_base else p_correct > base_p_correct,
-                "top_token": " x", "p_top": 0.5, "attn_prefix_share": None, "attn_first_share": None,
+                "top_token": " x", "p_top": 0.5, "kl_next": 0.0 if is_base else next_token_kl(kind, strength),
+                "entropy_next": 2.0, "attn_prefix_share": None, "attn_first_share": None,
                 "log_ratio": log_ratio, "ratio": ratio, "baseline_ratio": baseline_ratio,
                 "improvement": math.exp(log_ratio - base_log), "log_improvement": log_ratio - base_log,
                 "correct_before": baseline_ratio > 1, "correct_after": ratio > 1,
@@ -110,6 +120,18 @@ def every_section_run() -> dict:
     return {**decisive_run(), "largest_chunk_share": {"relevant-q01": {"1": 0.4, "2": 0.6}},
             "anti_difference_signal": [{"question_id": q, "anti": f"anti-{q}", "chunks": k, "layer": layer, "difference_signal": 0.1 * k}
                                        for q in QUESTIONS for k in (8, 16) for layer in LAYERS]}
+
+
+def every_section_side_effects(frame: pl.DataFrame) -> pl.DataFrame:
+    """A neutral probe for every distinct cell of a frame: neutral_kl 0.1 nats per unit of strength (random: 0.3),
+    perplexity ratio 1 + neutral_kl."""
+    cells = frame.filter(pl.col("role") != "baseline").select("engram", "control_kind", "layer", "strength", "chunks").unique()
+    kl = pl.col("strength") * pl.when(pl.col("control_kind") == "random").then(0.3).otherwise(0.1)
+    return cells.with_columns(neutral_kl=kl).with_columns(neutral_ppl_ratio=1 + pl.col("neutral_kl")).drop("control_kind")
+
+
+def every_section_run_with_probe() -> dict:
+    return {**every_section_run(), "side_effects": {"passage": "default", "passage_sha256": "0" * 64, "tokens": 200}}
 
 
 def every_section_generations() -> pl.DataFrame:

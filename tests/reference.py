@@ -152,3 +152,22 @@ def reference_pool(states: torch.Tensor, k: int, pooling: str) -> torch.Tensor:
     mean = states.mean(dim=0)
     _, _, vh = torch.linalg.svd(states - mean, full_matrices=False)
     return torch.stack([v if v @ mean >= 0 else -v for v in vh[:k]])
+
+
+@torch.no_grad()
+def reference_side_effects(model, tokenizer, engram: torch.Tensor | None, strength: float, passage: str,
+                           **method) -> tuple[float, float]:
+    """The neutral probe of one cell from two full forward passes over the passage (unsteered, steered): the mean
+    over its n positions of KL(p_unsteered || p_steered) by torch's kl_div, and exp(mean NLL steered - mean NLL
+    unsteered) over its n - 1 next tokens."""
+    ids = torch.tensor(tokenizer(passage)["input_ids"])
+    n = len(ids)
+
+    def logprobs(vectors):
+        with reference_steered(model, tokenizer, vectors, strength, passage, **method) as inputs:
+            return torch.log_softmax(model(inputs_embeds=inputs.unsqueeze(0)).logits[0, -n:].float(), dim=-1)
+
+    plain, steered = logprobs(None), logprobs(engram)
+    kl = torch.nn.functional.kl_div(steered, plain, log_target=True, reduction="none").sum(dim=-1).mean().item()
+    nll = [-lp[:-1].gather(-1, ids[1:, None]).mean().item() for lp in (plain, steered)]
+    return kl, float(torch.tensor(nll[1] - nll[0]).exp())

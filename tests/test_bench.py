@@ -75,6 +75,10 @@ def test_bench_ratios_are_computed_from_the_same_run(tiny, tiny_bank, injection)
     assert r["generation_speedup"] == pytest.approx(r["generation_tokens_per_second"] / r["generation_reference_tokens_per_second"])
     assert r["generation_reference_cells"] == 12 and r["generation_cells"] >= 12
     assert r["attention_cost"] > 0
+    # The neutral probe: the same run resumed with it; its distinct cells are the grid's (4 engrams x 2 layers x 2
+    # strengths), its cost the probe's seconds over the sweep's.
+    assert r["side_effect_cells"] == 4 * 2 * 2 and r["side_effects_seconds"] > 0
+    assert r["side_effects_cost"] == pytest.approx(r["side_effects_seconds"] / r["sweep_seconds"])
     # Start-up, in fresh interpreters: each ratio is its time over `python -c pass`'s, from the same run.
     assert r["startup_help_ratio"] == pytest.approx(r["startup_help_seconds"] / r["startup_python_seconds"])
     assert r["startup_report_ratio"] == pytest.approx(r["startup_report_seconds"] / r["startup_python_seconds"])

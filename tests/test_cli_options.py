@@ -59,6 +59,7 @@ OPTION_TESTS = {
     "sweep --gpus-per-worker": "test_distributed.py::test_bad_ray_input_is_one_line",
     "sweep --threads-per-worker": "test_distributed.py::test_sweep_and_generate_on_ray_from_the_command_line",
     "sweep --quiet": "test_quiet_silences_the_progress_bar_and_the_engram_log",
+    "sweep --neutral": "test_side_effects.py::test_the_cli_writes_side_effects_and_names_them_in_its_summary",
     # generate
     "generate --model": "test_model_options_reach_the_loader_of_every_command",
     "generate --threads": "test_threads_hold_while_every_model_command_runs_and_are_restored",
@@ -82,6 +83,7 @@ OPTION_TESTS = {
     "report --allow-different-banks": "test_report_allow_different_banks",
     "report --question": "test_report_question_drills_down_to_that_questions_rows",
     "report --split": "test_report_split_chooses_on_the_seeds_half",
+    "report --doses": "test_dose.py::test_doses_option_sets_the_targets_and_bad_doses_are_one_line",
     # check
     "check --baseline": "test_check_tolerances_and_update",
     "check --rtol": "test_check_tolerances_and_update",

@@ -181,14 +181,17 @@ def cli_run(*args):
 
 def test_sweep_and_generate_on_ray_from_the_command_line(cluster, tiny, tiny_model_dir, tiny_bank, tmp_path, one_thread):
     """--ray, --workers and --threads-per-worker reach the pool: run.json (and generation.json) record them, and the
-    rows equal this process's."""
-    args = ["--model", tiny_model_dir, "--layers", "1,4", "--strengths", "0.5,3", "--chunks", "4", "--store", tmp_path / "s", "-q"]
+    rows equal this process's, the neutral probe's included."""
+    args = ["--model", tiny_model_dir, "--layers", "1,4", "--strengths", "0.5,3", "--chunks", "4", "--store", tmp_path / "s",
+            "--neutral", "default", "-q"]
     sharded = cli_run("sweep", tiny_bank, *args, "--out", tmp_path / "ray", "--ray", cluster, "--workers", "2", "--threads-per-worker", "1")
     assert sharded.exit_code == 0, sharded.output
     assert cli_run("sweep", tiny_bank, *args, "--out", tmp_path / "local").exit_code == 0
     distributed = json.loads((tmp_path / "ray/run.json").read_text())["distributed"]
     assert (distributed["workers"], distributed["threads_per_worker"]) == (2, 1)
     assert sorted_rows(tmp_path / "ray/results.parquet").equals(sorted_rows(tmp_path / "local/results.parquet"))
+    effects = [pl.read_parquet(tmp_path / run / "side_effects.parquet") for run in ("ray", "local")]
+    assert effects[0].height == 4 * 2 * 2 and effects[0].equals(effects[1])
     generated = cli_run("generate", tmp_path / "ray", "--model", tiny_model_dir, "--max-new-tokens", "3", "--ray", cluster, "--workers", "1", "-q")
     assert generated.exit_code == 0, generated.output
     assert json.loads((tmp_path / "ray/generation.json").read_text())["distributed"]["workers"] == 1

@@ -105,3 +105,27 @@ def test_the_page_opens_on_the_per_kind_headline_with_one_readable_colour_scale(
     assert page.read_text().count("CI spans 0") == spans
     texts = render_html(summarize(every_section_frame(), every_section_run(), generations=every_section_generations()))
     assert "<details id='generated-texts'><summary>" in texts  # the long texts table starts collapsed
+
+
+def test_the_dose_figure_draws_one_line_per_engram_kind_through_its_strengths(browser, tmp_path):
+    """Mean log-improvement against dose: one trace per kind whose points are the summary's (median dose, mean
+    log-improvement) at each grid strength, marked with the strength; a dotted line at each target dose; log x axis."""
+    from decisive import every_section_frame, every_section_run_with_probe, every_section_side_effects
+
+    frame = every_section_frame()
+    summary = summarize(frame, every_section_run_with_probe(), side_effects=every_section_side_effects(frame))
+    page = tmp_path / "report.html"
+    page.write_text(render_html(summary))
+    open_page(browser, page)
+    drawn = browser.execute_script(
+        "var p = document.getElementById('dose-curves'); return {traces: p.data.map(t => [t.name, t.x, t.y, t.text]),"
+        " shapes: p.layout.shapes.map(s => s.x0), type: p._fullLayout.xaxis.type,"
+        " points: p.querySelectorAll('.scatterlayer .point').length};")
+    curves = summary["dose_matched"]["curves"]
+    assert [t[0] for t in drawn["traces"]] == list(curves)
+    for name, x, y, text in drawn["traces"]:
+        assert x == pytest.approx([p["dose"] for p in curves[name]]) and y == pytest.approx([p["mean_log_improvement"] for p in curves[name]])
+        assert text == [f"x{p['strength']:g}" for p in curves[name]]
+    assert drawn["shapes"] == pytest.approx(summary["dose_matched"]["targets"]) and drawn["type"] == "log"
+    assert drawn["points"] == sum(len(points) for points in curves.values())
+    assert [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"] == []

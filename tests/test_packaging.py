@@ -4,6 +4,7 @@ hides a package left out of the wheel; this does not."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -64,8 +65,14 @@ def test_the_installed_cli_runs_a_sweep_outside_the_checkout(installed, tiny, ti
     assert all(command in help_text for command in ("build", "sweep", "generate", "report", "check", "bench", "bank", "store"))
     options = ["--layers", "1,2", "--strengths", "1,4", "--chunks", "4", "--questions", "q1,q3"]
     done = subprocess.run([script, "sweep", tiny_bank, "--model", tiny_model_dir, *options, "--out", tmp_path / "run",
-                           "--store", tmp_path / "store", "--quiet"], cwd=tmp_path, capture_output=True, text=True)
+                           "--store", tmp_path / "store", "--neutral", "default", "--quiet"], cwd=tmp_path, capture_output=True,
+                          text=True)
     assert done.returncode == 0, done.stderr
+    # the bundled neutral passage is package data: the wheel's copy, the checkout's text
+    passage = REPO / "engram_eval/steer/neutral.txt"
+    effects = pl.read_parquet(tmp_path / "run/side_effects.parquet")
+    assert effects.height == 4 * 2 * 2
+    assert set(effects["passage_sha256"]) == {hashlib.sha256(passage.read_bytes()).hexdigest()}
     expected = sweep(tiny, tiny_bank, tmp_path / "library", layers=[1, 2], strengths=[1.0, 4.0], chunks=4, questions=["q1", "q3"])
     got, want = pl.read_parquet(tmp_path / "run/results.parquet"), pl.read_parquet(expected.results_path)
     assert got.equals(want)

@@ -295,9 +295,11 @@ def test_the_drill_down_renderings_show_each_cell_of_the_question():
 
 @pytest.fixture(scope=module_unless_mapping)
 def every_section() -> dict:
-    from decisive import every_section_frame, every_section_generations, every_section_run
+    from decisive import every_section_frame, every_section_generations, every_section_run_with_probe, every_section_side_effects
 
-    return summarize(every_section_frame(), every_section_run(), generations=every_section_generations(), split=1)
+    frame = every_section_frame()
+    return summarize(frame, every_section_run_with_probe(), generations=every_section_generations(), split=1,
+                     side_effects=every_section_side_effects(frame))
 
 
 def terminal(summary: dict, **console) -> str:

@@ -10,7 +10,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 from conftest import module_unless_mapping
-from decisive import every_section_frame, every_section_generations, every_section_run
+from decisive import every_section_frame, every_section_generations, every_section_run, every_section_run_with_probe, every_section_side_effects
 from rich.color import Color
 
 from engram_eval.report.comparison import summarize_runs
@@ -115,7 +115,9 @@ def match(rendered: list[tuple[str, list[str], list[str] | None]], entries: list
 
 @pytest.fixture(scope=module_unless_mapping)
 def summary() -> dict:
-    return summarize(every_section_frame(), every_section_run(), generations=every_section_generations(), split=1)
+    frame = every_section_frame()
+    return summarize(frame, every_section_run_with_probe(), generations=every_section_generations(), split=1,
+                     side_effects=every_section_side_effects(frame))
 
 
 def test_the_pattern_matcher():

@@ -107,3 +107,37 @@ def test_recorded_attention_shares_equal_output_attentions(tiny, tiny_bank, tmp_
         tiny.model.set_attn_implementation(before)
     unrecorded = pl.read_parquet(sweep(tiny, tiny_bank, tmp_path / "plain", layers=[2], strengths=[1.0], questions=["q1"]).results_path)
     assert unrecorded["attn_prefix_share"].null_count() == unrecorded.height
+
+
+@pytest.mark.parametrize("scoring,injection", [("first-token", "prefix"), ("sequence", "prefix"), ("first-token", "actadd"),
+                                               ("sequence-mean", "add")])
+def test_kl_next_and_entropy_next_equal_two_full_forward_passes(scoring, injection, tiny, tiny_bank, tmp_path):
+    from reference import reference_steered
+
+    frame = pl.read_parquet(sweep(tiny, tiny_bank, tmp_path / "run", scoring=scoring, injection=injection, layers=[2, 4],
+                                  strengths=[1.0, 6.0], questions=["q1"]).results_path)
+    bank = load_bank(tiny_bank)
+    q = bank.questions[0]
+
+    def next_logp(engram, strength, layer):
+        with reference_steered(tiny.model, tiny.tokenizer, engram, strength, q.prompt, mode=injection, layer=layer) as inputs:
+            with torch.no_grad():
+                return torch.log_softmax(tiny.model(inputs_embeds=inputs.unsqueeze(0)).logits[0, -1].float(), dim=-1)
+
+    baseline = next_logp(None, 0.0, None)
+    checked = 0
+    for row in frame.iter_rows(named=True):
+        if row["engram"] is None:
+            assert row["kl_next"] == 0.0
+            logp = baseline
+        else:
+            engram = None if row["engram"].startswith("~") else reference_engram(tiny.model, tiny.tokenizer,
+                                                                                 bank.sources[row["engram"]].text, row["layer"], k=4)
+            if engram is None:
+                continue  # null prefixes have their own tests; the sources' engrams are the independent computation here
+            logp = next_logp(engram, row["strength"], row["layer"])
+            kl = torch.nn.functional.kl_div(logp, baseline, log_target=True, reduction="sum").item()
+            assert row["kl_next"] == pytest.approx(kl, rel=1e-3, abs=1e-6)
+            checked += 1
+        assert row["entropy_next"] == pytest.approx(-(logp.exp() * logp).sum().item(), rel=1e-4)
+    assert checked >= 8 and frame.filter(pl.col("role") != "baseline")["kl_next"].max() > 0.01

@@ -5,7 +5,7 @@ import dataclasses
 import io
 from pathlib import Path
 
-from decisive import every_section_frame, every_section_generations, every_section_run
+from decisive import every_section_frame, every_section_generations, every_section_run, every_section_run_with_probe, every_section_side_effects
 from rich.console import Console
 
 import engram_eval.report.html_report as html_report
@@ -17,7 +17,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def every_section_summary() -> dict:
-    return summarize(every_section_frame(), every_section_run(), generations=every_section_generations(), split=1)
+    frame = every_section_frame()
+    return summarize(frame, every_section_run_with_probe(), generations=every_section_generations(), split=1,
+                     side_effects=every_section_side_effects(frame))
 
 
 def test_keys_are_unique_and_figures_are_the_summarys_own_grids():

@@ -38,6 +38,7 @@ from ..run.rundir import read_run_json
 from ..run.sweep import SweepResult, run_sweep
 from ..steer.injection import Steering
 from ..steer.prompts import prepare_question
+from ..steer.side_effects import DEFAULT as NEUTRAL_DEFAULT, read_passage
 
 
 class MatmulProbe:
@@ -148,6 +149,7 @@ def run_bench(lm: LoadedModel, bank: Bank, layers: list[int], strengths: list[fl
                                observer=replace(QUIET, before_question=measure_machine))
         finished = time.perf_counter()
         matmul_rates.append(probe.rate(probe_seconds))
+        side_effects = bench_side_effects(lm, bank, store, result, spec, batch_size)
         generation = bench_generation(lm, result.out, generation_cells, max_new_tokens) if generation_cells else {}
         attention = bench_attention(lm, bank, store, Path(tmp), layers, strengths, chunks, injection)
         startup = bench_startup(result.out)
@@ -175,6 +177,7 @@ def run_bench(lm: LoadedModel, bank: Bank, layers: list[int], strengths: list[fl
         "matmul_flops_best": best, "roofline_fraction_of_best": achieved / best,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "sweep_rss_quarter_mib": rss.at(0.25), "sweep_rss_end_mib": rss.at(1.0),
+        **side_effects,
         **generation,
         **attention,
         **startup,
@@ -212,6 +215,18 @@ def bench_ray(lm: LoadedModel, bank: Bank, store: EngramStore, folder: Path, lay
     return {"ray_workers": runs["ray"][0].run["distributed"]["workers"], "ray_threads_per_worker": ray.threads_per_worker,
             "process_threads": torch.get_num_threads(), "process_cells_per_second": rate["process"],
             "ray_cells_per_second": rate["ray"], "ray_throughput_ratio": rate["ray"] / rate["process"]}
+
+
+def bench_side_effects(lm: LoadedModel, bank: Bank, store: EngramStore, swept: SweepResult, spec: SweepSpec,
+                       batch_size: int | None) -> dict:
+    """What `--neutral default` adds to a sweep: the bench's finished run resumed with the probe (every question is
+    done, so only the probe runs) -> its seconds as a fraction of the sweep's."""
+    probed = run_sweep(lm, bank, store, swept.out, spec, execution=Execution(batch_size=batch_size),
+                       neutral=read_passage(NEUTRAL_DEFAULT), observer=QUIET)
+    seconds = probed.run["timings"]["side_effects_seconds"]
+    sweep_seconds = swept.run["timings"]["sweep_seconds"]
+    return {"side_effect_cells": probed.run["side_effects"]["cells"]["total"], "side_effects_seconds": seconds,
+            "sweep_seconds": sweep_seconds, "side_effects_cost": seconds / sweep_seconds}
 
 
 def bench_startup(run_dir: Path, trials: int = 5) -> dict:

@@ -83,6 +83,9 @@ def bench(load_lm, bank_path: Path, layers_text: str, strengths_text: str, loop_
     table.add_row("peak RSS", f"{r['peak_rss_mib']:.0f} MiB")
     if r["sweep_rss_end_mib"] is not None:
         table.add_row("sweep RSS: first quarter / whole sweep", f"{r['sweep_rss_quarter_mib']:.0f} / {r['sweep_rss_end_mib']:.0f} MiB")
+    table.add_row("neutral probe (--neutral default) / the sweep",
+                  f"{100 * r['side_effects_cost']:.0f}% of its time ({r['side_effect_cells']} distinct cells, "
+                  f"{r['side_effects_seconds']:.2f} s)")
     table.add_row("sweep with --record-attention (eager attention) / without", f"{r['attention_cost']:.2f}x the time")
     table.add_row("start-up: --help / report of the bench's run / python -c pass",
                   f"{r['startup_help_seconds']:.2f} s ({r['startup_help_ratio']:.1f}x) / {r['startup_report_seconds']:.2f} s "

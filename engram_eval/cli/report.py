@@ -27,8 +27,12 @@ from .app import cli, stdout
 @click.option("--split", "split_seed", type=int,
               help="Pick the best cell on a random half of the questions (this seed; each half gets half the baseline-wrong "
                    "and half the baseline-correct questions) and report its rates on the other half.")
+@click.option("--doses", "doses_text", default="0.05,0.2,0.5,1", show_default=True,
+              help="The dose-matched comparison's target doses, in nats of KL: the neutral probe's neutral_kl when the sweep "
+                   "ran with --neutral, else each question's kl_next; the relevant engram and each control are compared at "
+                   "each dose, interpolated along the strength axis.")
 def report(run_dirs: tuple[Path, ...], output_format: str, engram_role: str, output_path: Path | None,
-           allow_different_banks: bool, question_id: str | None, split_seed: int | None) -> None:
+           allow_different_banks: bool, question_id: str | None, split_seed: int | None, doses_text: str) -> None:
     """Summarize a sweep: per-question baselines, best cells, calibration cases and decision-rule advice;
     layer x strength heatmaps of flip and fragile-correct rates; headline rates with 95% Wilson intervals;
     relevant-vs-control comparison with a paired sign-flip test; the semantic-sink split; with generations
@@ -36,15 +40,18 @@ def report(run_dirs: tuple[Path, ...], output_format: str, engram_role: str, out
     (`sweep --context both`), RAG priming. A sweep that has not finished is reported on the questions done so far,
     under a "partial" banner. Several RUNs are put side by side: per run the model, layers as relative depth,
     baseline accuracy, flip and fragile-correct rates, control verdicts, heatmaps by depth and the chunk-count table
-    (runs of different banks are refused unless --allow-different-banks)."""
+    (runs of different banks are refused unless --allow-different-banks). Controls are also compared at equal
+    disturbance (dose-matched), with each kind's side effects (from `sweep --neutral`, else the next-token KL)."""
     from ..core.files import atomic_write_text
     from ..report.comparison import summarize_runs
+    from ..report.dose import load_side_effects, parse_doses
     from ..report.drilldown import question_drilldown
     from ..report.html_report import render_html
     from ..report.rendering import render_drilldown, render_json, render_markdown, render_side_by_side, render_table
     from ..report.summary import load_generations, load_run, summarize
 
     run_dir = run_dirs[0]
+    doses = parse_doses(doses_text)
     if output_format == "html":
         output_path = output_path or (run_dir / "report.html" if len(run_dirs) == 1 else Path("report.html"))
     if output_path is not None and not output_path.parent.is_dir():
@@ -60,7 +67,8 @@ def report(run_dirs: tuple[Path, ...], output_format: str, engram_role: str, out
     else:
         frame, run = load_run(run_dir)
         generations = load_generations(run_dir)
-        summary = summarize(frame, run, engram_role=engram_role, generations=generations, split=split_seed)
+        summary = summarize(frame, run, engram_role=engram_role, generations=generations, split=split_seed,
+                            side_effects=load_side_effects(run_dir, run), doses=doses)
         drills = lambda: [question_drilldown(frame, qid, generations) for qid in frame["question_id"].unique(maintain_order=True)]  # noqa: E731
         renderers = {"markdown": render_markdown, "json": render_json, "html": lambda summary: render_html(summary, drills())}
         render = lambda console=None: render_table(summary, console) if output_format == "table" else renderers[output_format](summary)  # noqa: E731

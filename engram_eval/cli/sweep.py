@@ -83,12 +83,17 @@ def spec_options(command: Callable) -> Callable:
 @click.option("--strict", is_flag=True,
               help="Treat the bank's warnings (a double or missing space before the answers, an answer whose first token "
                    "is whitespace, a bank without controls) as errors.")
+@click.option("--neutral", "neutral_text", metavar="FILE|default",
+              help="Also probe every cell's side effects on a neutral passage (a UTF-8 text file of at least 16 tokens, or "
+                   "`default`: a bundled everyday passage of about 200 tokens): the mean KL of the steered to the unsteered "
+                   "next-token distribution over its positions and the perplexity ratio, into RUN/side_effects.parquet "
+                   "(each cell once; resumable; not a setting of the run, so it can be added to a finished run).")
 @ray_options
 @wait_option
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or engram log (warnings are still shown).")
 def sweep(bank_path: Path, load_lm, spec: SweepSpec, layers_text: str, out: Path | None, store_dir: str,
-          batch_size: int | None, force: bool, allow_outside_paths: bool, strict: bool, ray, wait: bool,
-          quiet: bool) -> None:
+          batch_size: int | None, force: bool, allow_outside_paths: bool, strict: bool, neutral_text: str | None, ray,
+          wait: bool, quiet: bool) -> None:
     """Score a question bank over the layer x strength grid for each question's relevant engram and its negative
     controls, plus one baseline per question, into RUN/results.parquet and RUN/run.json. An interrupted sweep
     (Ctrl-C: exit status 130; SIGTERM: 143) rerun with the same command resumes from the questions already done. One
@@ -96,8 +101,10 @@ def sweep(bank_path: Path, load_lm, spec: SweepSpec, layers_text: str, out: Path
     from ..bank.banks import load_bank
     from ..engram.store import EngramStore
     from ..run.sweep import run_sweep
+    from ..steer.side_effects import read_passage
 
     bank = load_bank(bank_path, allow_outside_paths)
+    neutral = None if neutral_text is None else read_passage(neutral_text)
     if spec.questions is not None:
         bank = bank.select(list(spec.questions))
     warn = warning_printer()
@@ -112,7 +119,7 @@ def sweep(bank_path: Path, load_lm, spec: SweepSpec, layers_text: str, out: Path
     observer = Observer(progress=not quiet, log=(lambda m: None) if quiet else stderr.print, warn=warn)
     try:
         result = run_sweep(lm, bank, EngramStore(store_dir), out, spec, execution=Execution(batch_size, ray),
-                           force=force, strict=strict, wait=wait, observer=observer)
+                           force=force, strict=strict, wait=wait, neutral=neutral, observer=observer)
     except KeyboardInterrupt as exc:
         try:
             run = json.loads((out / "run.json").read_text())
@@ -138,5 +145,10 @@ def _sweep_summary(result) -> None:
     timings = result.run["timings"]
     table.add_row("time", f"{timings['total_seconds']:.1f} s ({timings['cells_per_second']} cells/s)")
     table.add_row("results", str(result.results_path))
+    if "side_effects_seconds" in timings:
+        effects = pl.read_parquet(result.out / "side_effects.parquet")
+        table.add_row("side effects", f"{result.out / 'side_effects.parquet'}: {effects.height} cells, neutral KL "
+                                      f"{effects['neutral_kl'].min():.3g} to {effects['neutral_kl'].max():.3g} nats "
+                                      f"({timings['side_effects_seconds']:.1f} s)")
     table.add_row("next", f"engram-eval report {result.out}")
     stdout().print(table)

@@ -86,6 +86,17 @@ def fmt_p(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
+def fmt_needed(entry: dict) -> str:
+    strength = "-" if entry["median_strength"] is None else f"{entry['median_strength']:.3g}"
+    return f"{strength} ({entry['series_reaching']}/{entry['series']})"
+
+
+def fmt_side_effect(at: dict | None) -> str:
+    if at is None or at["dose"] is None:
+        return "-"
+    return f"{at['dose']:.3g} nats" + ("" if at["ppl_ratio"] is None else f", perplexity x{at['ppl_ratio']:.3g}")
+
+
 def partial_banner(summary: dict) -> str | None:
     partial = summary["header"]["partial"]
     if not partial:

@@ -11,7 +11,7 @@ from plotly.offline import get_plotlyjs
 
 from .formatting import fmt_cell, fmt_effect, partial_banner
 from .rendering import html_page, html_table
-from .sections import CountHeatmap, EffectHeatmap, RocCurves, drilldown_sections, summary_sections
+from .sections import CountHeatmap, DoseCurves, EffectHeatmap, RocCurves, drilldown_sections, summary_sections
 
 # Plotly's own event API: a click on a heatmap cell lists that cell's questions under the plot.
 CLICK = ("var plot = document.getElementById('{plot_id}');"
@@ -38,6 +38,8 @@ def render_html(summary: dict, drills: list[dict] = ()) -> str:
             figures += 1
         elif isinstance(section.figure, RocCurves):
             body.append(_roc_curves(section.figure.curves, "roc-curves"))
+        elif isinstance(section.figure, DoseCurves):
+            body.append(_dose_curves(section.figure, "dose-curves"))
         body.append(html_table(section.columns, section.rows))
     if drills:
         body.append("<h2>Per question: each cell's probabilities, boosts against the baseline, sink score and texts</h2>")
@@ -107,6 +109,23 @@ def _roc_curves(curves: dict, div_id: str) -> str:
     figure.update_layout(height=460, width=560, margin={"t": 20, "b": 50, "l": 60, "r": 20},
                          xaxis={"title": "false positive rate (wrong baselines kept)", "range": [0, 1]},
                          yaxis={"title": "true positive rate (correct baselines kept)", "range": [0, 1]})
+    return figure.to_html(full_html=False, include_plotlyjs=False, div_id=div_id, config={"displaylogo": False})
+
+
+def _dose_curves(curves: DoseCurves, div_id: str) -> str:
+    """Mean log-improvement against dose, one line per engram kind through its grid strengths (each marked with its
+    strength; the dose there is the median over the kind's cells), the target doses as dotted lines."""
+    figure = go.Figure([go.Scatter(x=[p["dose"] for p in points], y=[p["mean_log_improvement"] for p in points],
+                                   mode="lines+markers+text", name=kind, text=[f"x{p['strength']:g}" for p in points],
+                                   textposition="top center",
+                                   hovertemplate=kind + ", strength %{text}<br>dose %{x:.3g} nats<br>mean log-improvement %{y:.3f}"
+                                                 "<extra></extra>")
+                       for kind, points in curves.curves.items()])
+    for target in curves.targets:
+        figure.add_vline(x=target, line={"dash": "dot", "color": "grey"})
+    figure.update_layout(height=460, width=720, margin={"t": 20, "b": 50, "l": 60, "r": 20},
+                         xaxis={"title": f"dose: median {curves.measure} (nats, log scale)", "type": "log"},
+                         yaxis={"title": "mean log-improvement"})
     return figure.to_html(full_html=False, include_plotlyjs=False, div_id=div_id, config={"displaylogo": False})
 
 

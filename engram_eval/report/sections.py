@@ -17,6 +17,7 @@ from .formatting import (
     fmt_float,
     fmt_interval,
     fmt_measured,
+    fmt_needed,
     fmt_p,
     fmt_percent,
     fmt_prob,
@@ -24,6 +25,7 @@ from .formatting import (
     fmt_rate,
     fmt_ratio,
     fmt_share,
+    fmt_side_effect,
     partial_banner,
 )
 
@@ -52,12 +54,22 @@ class RocCurves:
 
 
 @dataclass(frozen=True)
+class DoseCurves:
+    """The dose-matched section's figure: per engram kind, [{strength, dose, mean_log_improvement}] along the grid's
+    strengths, and the target doses."""
+
+    curves: dict
+    targets: list[float]
+    measure: str
+
+
+@dataclass(frozen=True)
 class Section:
     key: str  # stable within one report: what a renderer or a test looks a section up by
     title: str
     columns: list[str]
     rows: list[list[str]]
-    figure: CountHeatmap | EffectHeatmap | RocCurves | None = None
+    figure: CountHeatmap | EffectHeatmap | RocCurves | DoseCurves | None = None
     right_aligned: bool = False  # a grid of counts: the terminal aligns its cells right
 
     def as_dict(self) -> dict:
@@ -148,6 +160,8 @@ def summary_sections(summary: dict, short: bool = False) -> list[Section]:
           fmt_difference(c["adjusted_flip_difference"])]
          for c in summary["controls"]],
     ))
+    if (dose := summary.get("dose_matched")) is not None:
+        sections.extend(_dose_sections(dose))
     if (cal := summary.get("calibration")) is not None:
         sections.append(_confidence_section(cal))
     sections.append(Section("semantic-sink",
@@ -205,6 +219,36 @@ def summary_sections(summary: dict, short: bool = False) -> list[Section]:
 
 
 
+def _dose_sections(dose: dict) -> list[Section]:
+    """Controls at equal disturbance: the paired tests at each target dose, the strength each kind needs, and (with the
+    neutral probe) the side-effect table."""
+    measure = dose["dose"]
+    sections = [Section("dose-matched",
+        f"Dose-matched controls: relevant vs each control at equal {measure} (interpolated in log strength; "
+        f"{dose['non_monotone']} of {dose['series']} series not monotone in strength)",
+        ["dose (nats)", "control", "questions", "mean log impr. difference (relevant - control)", "p", "q (BH over the section)",
+         "verdict"],
+        [[f"{e['dose']:g}", e["control"], str(e["questions"]), fmt_float(e["mean_difference"]), fmt_p(e["p_value"]),
+          fmt_p(e["q_value"]), e["verdict"]] for e in dose["entries"]] or [["none", *[""] * 6]],
+        DoseCurves(dose["curves"], dose["targets"], measure),
+    )]
+    needed = {(n["kind"], n["dose"]): n for n in dose["strength_needed"]}
+    kinds = list(dict.fromkeys(n["kind"] for n in dose["strength_needed"]))
+    sections.append(Section("dose-strength",
+        f"Strength needed to reach each dose of {measure} (median over the series that reach it; series reaching / all)",
+        ["engram kind", *[f"{target:g} nats" for target in dose["targets"]]],
+        [[kind, *[fmt_needed(needed[(kind, target)]) for target in dose["targets"]]] for kind in kinds],
+    ))
+    if dose["side_effects"] is not None:
+        sections.append(Section("side-effects",
+            f"Side effects on the neutral passage ({dose['dose_source'].partition(': ')[2]}): median over each kind's cells",
+            ["engram kind", "layer", "strength", "cells", "neutral KL (nats)", "perplexity ratio (steered / unsteered)"],
+            [[r["kind"], f"L{r['layer']}", f"{r['strength']:g}", str(r["cells"]), fmt_float(r["neutral_kl"]),
+              fmt_float(r["neutral_ppl_ratio"])] for r in dose["side_effects"]],
+        ))
+    return sections
+
+
 def _confidence_section(cal: dict) -> Section:
     """Does a label-free signal predict that the baseline's answer is correct? (the seeds' Use Case 2)"""
     title = (f"Confidence calibration: do label-free signals predict a correct baseline? ({cal['questions']} questions, "
@@ -229,12 +273,16 @@ def _confidence_section(cal: dict) -> Section:
 def _headline_section(headline: dict) -> Section:
     """The research question first: each engram kind's flips and breaks, and each control's verdict against the
     relevant engram, under the one-line conclusion."""
+    best = headline["best_cell"]
+    at = "-" if best is None else f"L{best['layer']} x{best['strength']:g}" + ("" if best["chunks"] is None else f" k={best['chunks']}")
     return Section("headline",
         f"Headline: {headline['conclusion']}",
         ["engram kind", "baseline-wrong questions that flip somewhere", "baseline-correct questions that break somewhere",
-         "paired test against the relevant engram"],
+         "paired test against the relevant engram",
+         f"side effects at the relevant engram's best cell ({at}): median {headline['side_effect_measure']}"],
         [[k["kind"], fmt_rate(k["question_flip_rate"]), fmt_rate(k["question_fragile_correct_rate"]),
-          "-" if k["verdict"] is None else f"{k['verdict']} (p {fmt_p(k['p_value'])})"] for k in headline["by_kind"]],
+          "-" if k["verdict"] is None else f"{k['verdict']} (p {fmt_p(k['p_value'])})", fmt_side_effect(k["at_best_cell"])]
+         for k in headline["by_kind"]],
     )
 
 

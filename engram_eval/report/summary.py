@@ -11,6 +11,7 @@ from ..core.errors import EngramEvalError
 from ..run.results import computed_cells
 from ..run.rundir import PART_CHECKSUMS, check_results_format, read_run_json, verify_file, verify_results
 from .calibration import calibration_summary
+from .dose import DEFAULT_DOSES, at_best_cell, dose_matched_summary
 from .evidence import cell_tests, effect_sizes, held_out_best_cell
 from .experiments import CELL_KEYS, attention_summary, chunk_count_summary, generation_summary, rag_summary
 from .statistics import bootstrap_mean_ci, rate, sign_flip_test, verdict
@@ -285,10 +286,10 @@ def _adjusted_flip_difference(relevant: pl.DataFrame, control: pl.DataFrame) -> 
             "ci95": bootstrap_mean_ci(differences), "questions": len(differences)}
 
 
-def _by_kind(frame: pl.DataFrame, controls: list[dict]) -> list[dict]:
+def _by_kind(frame: pl.DataFrame, controls: list[dict], at_best: dict[str, dict]) -> list[dict]:
     """The headline per engram kind: the questions that flip somewhere (over the baseline-wrong questions that have
-    that kind), those that break somewhere (over the baseline-correct ones), and a control's verdict against the
-    relevant engram."""
+    that kind), those that break somewhere (over the baseline-correct ones), a control's verdict against the
+    relevant engram, and its side effects at the relevant engram's best cell."""
     tested = {c["kind"]: c for c in controls}
     entries = []
     for kind in ["relevant", *_control_kinds(frame)]:
@@ -299,6 +300,7 @@ def _by_kind(frame: pl.DataFrame, controls: list[dict]) -> list[dict]:
             "question_fragile_correct_rate": rates["question_fragile_correct_rate"],
             "verdict": tested[kind]["verdict"] if kind in tested else None,
             "p_value": tested[kind]["p_value"] if kind in tested else None,
+            "at_best_cell": at_best.get(kind),
         })
     return entries
 
@@ -342,9 +344,12 @@ def _semantic_sink(relevant: pl.DataFrame) -> list[dict]:
 
 
 def summarize(frame: pl.DataFrame, run: dict, engram_role: str = "relevant", generations: pl.DataFrame | None = None,
-              split: int | None = None) -> dict:
+              split: int | None = None, side_effects: pl.DataFrame | None = None,
+              doses: tuple[float, ...] = DEFAULT_DOSES) -> dict:
     """Every number the report shows, computed once; all formats render this. split: pick the best cell on a random
-    half of the questions (this seed) and report its rates on the other half."""
+    half of the questions (this seed) and report its rates on the other half. side_effects: the neutral probe's rows
+    (RUN/side_effects.parquet), the dose of the dose-matched comparison at these target doses (else each row's
+    kl_next)."""
     if frame.is_empty():
         raise EngramEvalError("results.parquet holds no rows")
     rag = rag_summary(frame)
@@ -365,6 +370,7 @@ def summarize(frame: pl.DataFrame, run: dict, engram_role: str = "relevant", gen
         for kind in sorted(controls["control_kind"].unique().drop_nulls().to_list()):
             for k, suffix in grid:
                 heatmaps[f"{kind}{suffix}"] = _heatmap(controls.filter(pl.col("control_kind") == kind), layers, strengths, k)
+    headline = _headline(relevant, list(relevant_maps.values()))
     return {
         "header": {
             "run_id": frame["run_id"][0],
@@ -388,14 +394,15 @@ def summarize(frame: pl.DataFrame, run: dict, engram_role: str = "relevant", gen
         },
         "questions": _questions(frame, run.get("off_distribution", {})),
         "heatmaps": heatmaps,
-        "headline": {**_headline(relevant, list(relevant_maps.values())), "by_kind": _by_kind(frame, tested),
-                     "conclusion": conclusion(tested)},
+        "headline": {**headline, "by_kind": _by_kind(frame, tested, at_best_cell(frame, side_effects, headline["best_cell"])),
+                     "conclusion": conclusion(tested), "side_effect_measure": "kl_next" if side_effects is None else "neutral_kl"},
         "chunk_count": chunk_count_summary(frame, run, chunks) if len(chunks) > 1 else None,
         "tests": cell_tests(frame),
         "effects": {f"k={k}" if k is not None else "all": effect_sizes(frame, layers, strengths, k) for k, _ in grid},
         "split": None if split is None else held_out_best_cell(frame, split),
         "attention": attention_summary(frame),
         "controls": tested,
+        "dose_matched": dose_matched_summary(frame, run, side_effects, doses),
         "semantic_sink": _semantic_sink(relevant),
         "calibration": calibration_summary(frame),
         "generation": None if generations is None else generation_summary(generations),

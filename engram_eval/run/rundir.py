@@ -33,8 +33,12 @@ def package_versions() -> dict[str, str]:
 # The part files' columns, as a short hash: resuming from parts of another format would mix schemas.
 RESULTS_FORMAT = hashlib.sha256(str(list(RESULT_SCHEMA.items())).encode()).hexdigest()[:8]
 
+# The neutral-text probe's record in run.json, its merged file and its parts (engram_eval.run.side_effects).
+SIDE_EFFECTS, SIDE_EFFECTS_FILE, SIDE_EFFECTS_PARTS = "side_effects", "side_effects.parquet", "side-effect-parts"
+
 # What a run directory holds that derives from its settings: --force on other settings removes all of it.
-DERIVED = ("parts", "results.parquet", "report.html", "generations.parquet", "generation-parts", "generation.json")
+DERIVED = ("parts", "results.parquet", "report.html", "generations.parquet", "generation-parts", "generation.json",
+           SIDE_EFFECTS_PARTS, SIDE_EFFECTS_FILE)
 
 
 def read_run_json(out: Path) -> dict | None:
@@ -89,6 +93,8 @@ def prepare_out(out: Path, settings: SweepSettings, force: bool,
         remove_derived(out)
     elif isinstance(previous_run.get(PART_CHECKSUMS), dict):
         fresh[PART_CHECKSUMS] = dict(previous_run[PART_CHECKSUMS])
+        if isinstance(previous_run.get(SIDE_EFFECTS), dict):  # kept for a rerun without --neutral, resumed by one with it
+            fresh[SIDE_EFFECTS] = previous_run[SIDE_EFFECTS]
     elif previous_run:  # written before parts had checksums: the parts there are trusted as they were then
         fresh[PART_CHECKSUMS] = {part.name: file_sha256(part) for part in sorted((out / "parts").glob("*.parquet"))}
     (out / "parts").mkdir(parents=True, exist_ok=True)

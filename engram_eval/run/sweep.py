@@ -26,6 +26,7 @@ from ..steer.grid import Cell, question_cells, raw_vectors
 from ..steer.prompts import PreparedQuestion, check_lengths, context_conditions, end_tokens, multi_token_warning, prepare_question, variant_token_warnings
 from ..steer.injection import check_strengths_fit
 from ..steer.scoring import auto_batch_size, score_cells
+from ..steer.side_effects import NeutralPassage, passage_ids
 from .executors import Executor, Task, open_executor
 from .results import check_finite, off_distribution, off_distribution_warning, question_frame
 from .rundir import (
@@ -43,6 +44,7 @@ from .rundir import (
     write_run_json,
 )
 from .settings import SweepSettings
+from .side_effects import run_probe
 
 @dataclass
 class SweepResult:
@@ -62,6 +64,7 @@ def run_sweep(
     force: bool = False,
     strict: bool = False,
     wait: bool = False,
+    neutral: NeutralPassage | None = None,
     observer: Observer = Observer(),
 ) -> SweepResult:
     """Run the spec's grid over the bank; each finished question lands atomically in out/parts, so a rerun resumes where
@@ -73,7 +76,8 @@ def run_sweep(
     attention on the k engram positions and on position 0) and which questions. execution says how (batch size; torch's
     CPU threads; Ray shards the questions over a cluster's workers, results identical). strict makes the bank's
     mistakes errors, raised before any model work. One writer at a time: a second sweep or generate on the same
-    directory fails naming the holder, or with `wait` waits for it. observer receives the progress, the log and the warnings a researcher must read before
+    directory fails naming the holder, or with `wait` waits for it. neutral adds the neutral-text probe's side effects
+    of every cell (RUN/side_effects.parquet; engram_eval.run.side_effects), resumable, outside the run's settings. observer receives the progress, the log and the warnings a researcher must read before
     trusting the numbers (bank mistakes, truncated or dominated engrams). An interrupted or failed run says so in
     run.json.
     """
@@ -97,6 +101,7 @@ def run_sweep(
             if len(p.prompt_ids) < max(chunk_list):
                 raise EngramEvalError(f"{bank.path}: question '{p.question.id}': --injection {injection} needs a prompt of at least "
                                       f"k = {max(chunk_list)} tokens; this one has {len(p.prompt_ids)}")
+    neutral_ids = None if neutral is None else passage_ids(lm, neutral, injection, chunk_list)
     bank_warnings = bank.lint() + [w for conditions in prepared for w in variant_token_warnings(lm, conditions[0], bank.path)]
     if method.context == "both" and not any(q.context for q in bank.questions):
         bank_warnings.append(f"{bank.path}: --context both, but no question has a context: every question runs once")
@@ -123,7 +128,8 @@ def run_sweep(
         try:
             torch.set_num_threads(execution.threads or threads)
             with lm.backend.eager_attention() if method.record_attention else nullcontext():  # the kernel that gives its weights
-                _run_grid(lm, bank, store, out, settings, run, prepared, execution, executor, observer)
+                _run_grid(lm, bank, store, out, settings, run, prepared, execution, executor, observer,
+                          None if neutral is None else (neutral, neutral_ids))
         except KeyboardInterrupt as exc:
             mark_stopped(out, run, stop_status(exc))
             raise
@@ -191,9 +197,10 @@ def question_rows(lm: LoadedModel, settings: SweepSettings, bank: Bank, conditio
 
 
 def _run_grid(lm: LoadedModel, bank: Bank, store: EngramStore, out: Path, settings: SweepSettings, run: dict,
-              prepared: list[list[PreparedQuestion]], execution: Execution, executor: Executor, observer: Observer) -> None:
-    """Build what the store lacks, score every question not yet in out/parts on the executor, merge; fills run in
-    place."""
+              prepared: list[list[PreparedQuestion]], execution: Execution, executor: Executor, observer: Observer,
+              neutral: tuple[NeutralPassage, tuple[int, ...]] | None) -> None:
+    """Build what the store lacks, score every question not yet in out/parts on the executor, merge, then (neutral:
+    the passage and its ids) probe each cell's side effects; fills run in place."""
     from tqdm import tqdm
 
     layers, chunks = settings.layers, settings.chunk_list
@@ -250,11 +257,14 @@ def _run_grid(lm: LoadedModel, bank: Bank, store: EngramStore, out: Path, settin
     index = {conditions[0].question.id: i for i, conditions in enumerate(prepared)}
     sweep_started = time.perf_counter()
     bar = tqdm(total=sum(rows), initial=done, unit="cell", desc="sweep", disable=not observer.progress or None, dynamic_ncols=True)
+    shared_raw = executor.share(raw)
     with bar:
-        executor.map(tasks(executor.share(raw)), finished, bar.update)
+        executor.map(tasks(shared_raw), finished, bar.update)
     sweep_seconds = time.perf_counter() - sweep_started - paused
 
     run["results_sha256"] = merge_parts(out / "results.parquet", parts, run[PART_CHECKSUMS], out / "run.json")
+    probe_seconds = None if neutral is None else run_probe(out, settings, run, grid, shared_raw, *neutral,
+                                                           execution.batch_size, executor, observer)
     total = sum(rows)
     run.update(
         status="complete",
@@ -263,5 +273,6 @@ def _run_grid(lm: LoadedModel, bank: Bank, store: EngramStore, out: Path, settin
             "build_seconds": round(build_seconds, 3),
             "sweep_seconds": round(sweep_seconds, 3),
             "cells_per_second": round((total - done) / sweep_seconds, 3) if sweep_seconds > 0 else None,
+            **({} if probe_seconds is None else {"side_effects_seconds": round(probe_seconds, 3)}),
         },
     )

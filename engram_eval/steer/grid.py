@@ -9,7 +9,7 @@ import torch
 
 from ..backend.model import LoadedModel
 from ..bank.banks import Bank, Question
-from ..core.registry import NULL_PREFIXES
+from ..core.registry import INJECTIONS, NULL_PREFIXES
 from ..engram.nulls import NULL_KIND, null_prefix
 from ..engram.store import StoredEngram
 
@@ -28,6 +28,13 @@ class Cell:
     @property
     def is_null(self) -> bool:
         return self.control_kind == NULL_KIND
+
+
+def injected(cell: Cell, injection: str) -> tuple:
+    """What a cell puts into the model, as a key: a null prefix is the same at every layer, unless the mode's
+    injection site is the layer (actadd). Cells with one key are computed once."""
+    layer = None if cell.is_null and not INJECTIONS[injection].site_depends_on_layer else cell.layer
+    return cell.engram, layer, cell.strength, cell.chunks
 
 
 def question_engrams(question: Question) -> list[tuple[str, str]]:

@@ -11,6 +11,7 @@ import torch
 
 from ..backend.model import LoadedModel
 from ..core.registry import INJECTIONS, SCORINGS
+from .grid import injected
 from .injection import CellVectors, Steering
 from .prompts import PreparedQuestion
 
@@ -73,12 +74,14 @@ class SequenceMean(Scoring):
 
 @dataclass
 class Scores:
-    """One batch's scores: per variant log-probabilities [batch, n_variants], and the most likely next token after
-    the prompt (the full distribution's top-1) with its log-probability [batch]."""
+    """One batch's scores: per variant log-probabilities [batch, n_variants], the most likely next token after the
+    prompt (the full distribution's top-1) with its log-probability [batch], and that next-token distribution's
+    log-probabilities over the whole vocabulary [batch, vocab] (float32)."""
 
     variants: torch.Tensor
     top_id: torch.Tensor
     top_logp: torch.Tensor
+    next_logp: torch.Tensor
     attention: torch.Tensor | None = None  # [batch, positions]: the last prompt position's attention, mean of heads and layers
 
 
@@ -123,9 +126,11 @@ def variant_logprobs(
         logits = backend.logits(last).view(batch, keep, -1)
         return logits, torch.logsumexp(logits, dim=-1, keepdim=True)
 
-    def top(logits: torch.Tensor, normalizer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        best, index = logits.max(dim=-1)
-        return index, best - normalizer.squeeze(-1)
+    def after_prompt(logits: torch.Tensor, normalizer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The next-token distribution after the prompt -> its top token, that token's log-prob, every log-prob."""
+        logp = logits - normalizer
+        best, index = logp.max(dim=-1)
+        return index, best, logp
 
     def mean_attention() -> torch.Tensor | None:
         return torch.stack(attention).mean(dim=(0, 2)) if attention else None  # [layers, batch, heads, kv] -> [batch, kv]
@@ -133,17 +138,31 @@ def variant_logprobs(
     mode = SCORINGS[scoring]
     if mode.first_token_only:
         logits, normalizer = forward((), 1)
-        return Scores(logits[:, -1, [variant[0] for variant in variants]] - normalizer[:, -1], *top(logits[:, -1], normalizer[:, -1]),
-                      mean_attention())
-    columns, after_prompt = [], None
+        return Scores(logits[:, -1, [variant[0] for variant in variants]] - normalizer[:, -1],
+                      *after_prompt(logits[:, -1], normalizer[:, -1]), mean_attention())
+    columns, next_token = [], None
     for variant in variants:
         logits, normalizer = forward(variant[:-1], len(variant))
-        if after_prompt is None:  # position 0 of the kept logits is the prompt's last position
-            after_prompt = top(logits[:, 0], normalizer[:, 0])
+        if next_token is None:  # position 0 of the kept logits is the prompt's last position
+            next_token = after_prompt(logits[:, 0], normalizer[:, 0])
         targets = torch.tensor(variant, device=lm.device).expand(batch, -1).unsqueeze(-1)
         token_logps = (logits.gather(-1, targets) - normalizer).squeeze(-1)
         columns.append(mode.variant(token_logps))
-    return Scores(torch.stack(columns, dim=1), *after_prompt, mean_attention())
+    return Scores(torch.stack(columns, dim=1), *next_token, mean_attention())
+
+
+def kl_divergence(reference: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """KL(p_reference || p) in nats over the last axis, from float32 log-probabilities (reference broadcasts against
+    logp: the baseline's [vocab] against a batch's [batch, vocab]). A token the reference gives no probability adds
+    nothing; rounding below 0 is clipped (KL is never negative)."""
+    p_reference = reference.exp()
+    return torch.where(p_reference > 0, p_reference * (reference - logp), 0.0).sum(dim=-1).clamp_min(0.0)
+
+
+def entropy(logp: torch.Tensor) -> torch.Tensor:
+    """The entropy in nats over the last axis, from log-probabilities."""
+    p = logp.exp()
+    return -torch.special.xlogy(p, p).sum(dim=-1)
 
 
 @contextmanager
@@ -177,6 +196,31 @@ def auto_batch_size(lm: LoadedModel, seq_len: int, n_cells: int, cpu_token_budge
     return max(1, min(n_cells, int(free * 0.5 // per_sequence)))
 
 
+def in_batches(lm: LoadedModel, cells: list[Cell], batch_size: int, work: Callable[[list[Cell]], None],
+               on_batch: Callable[[int], None] = lambda n: None) -> tuple[list[int], int]:
+    """Run work on batches of cells that share a prefix length (k), at most batch_size each, split evenly; on
+    out-of-memory the batch size halves and the batch is retried -> the cells' indices in the order work saw them, and
+    the batch size that fit."""
+    order = sorted(range(len(cells)), key=lambda i: cells[i].chunks)  # one prefix length per batch
+    size, start = batch_size, 0
+    while start < len(order):
+        group = [i for i in order[start:] if cells[i].chunks == cells[order[start]].chunks]
+        # Even batches: 120 cells at size 13 run as 10 x 12, not 9 x 13 + a slow 3-cell remainder.
+        batch = group[: math.ceil(len(group) / math.ceil(len(group) / size))]
+        try:
+            work([cells[i] for i in batch])
+        except (torch.OutOfMemoryError, RuntimeError) as exc:
+            if not _is_oom(exc) or size == 1:
+                raise
+            size = max(1, size // 2)  # back off and retry this batch
+            if lm.device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
+        start += len(batch)
+        on_batch(len(batch))
+    return order, size
+
+
 def score_cells(
     lm: LoadedModel,
     prepared: PreparedQuestion,
@@ -201,13 +245,20 @@ def score_cells(
     prompt_ids = prepared.prompt_ids
     columns: dict[str, list] = {
         "logp_correct": [], "logp_incorrect": [], "top_correct": [], "top_incorrect": [], "top_token": [], "logp_top": [],
-        "attn_prefix_share": [], "attn_first_share": [],
+        "attn_prefix_share": [], "attn_first_share": [], "kl_next": [], "entropy_next": [],
     }
     variants = prepared.correct_ids + prepared.incorrect_ids
     n_correct = len(prepared.correct_ids)
 
+    reference: list[torch.Tensor] = []  # the baseline's next-token log-probabilities: what kl_next compares with
+
     def score(steering: Steering | None, chunks: list[int]) -> None:
         scores = variant_logprobs(lm, steering, prompt_ids, variants, scoring, record_attention)  # both sides from one pass
+        if not reference:
+            reference.append(scores.next_logp[0])
+        kl = kl_divergence(reference[0], scores.next_logp)
+        columns["kl_next"].extend([0.0] if steering is None else kl.cpu().tolist())
+        columns["entropy_next"].extend(entropy(scores.next_logp).cpu().tolist())
         if scores.attention is None:
             columns["attn_prefix_share"].extend([None] * len(chunks))
             columns["attn_first_share"].extend([None] * len(chunks))
@@ -228,47 +279,25 @@ def score_cells(
     on_batch(1)
     vectors = CellVectors(lm, raw, injection, scaling, prompt_ids, cells)
 
-    def injects(cell: Cell) -> tuple:
-        """What a cell puts into the model: a null prefix is the same at every layer, unless the mode's injection site
-        is the layer (actadd)."""
-        layer = None if cell.is_null and not INJECTIONS[injection].site_depends_on_layer else cell.layer
-        return cell.engram, layer, cell.strength, cell.chunks
-
     first_of: dict[tuple, int] = {}  # what a cell injects -> the unique cell that computes it
     unique: list[Cell] = []
     for cell in cells:
-        if injects(cell) not in first_of:
-            first_of[injects(cell)] = len(unique)
+        if injected(cell, injection) not in first_of:
+            first_of[injected(cell, injection)] = len(unique)
             unique.append(cell)
-    order = sorted(range(len(unique)), key=lambda i: unique[i].chunks)  # one prefix length per batch
-    size, start = batch_size, 0
     computed = len(columns["logp_correct"])
-    while start < len(order):
-        group = [i for i in order[start:] if unique[i].chunks == unique[order[start]].chunks]
-        # Even batches: 120 cells at size 13 run as 10 x 12, not 9 x 13 + a slow 3-cell remainder.
-        batch = group[: math.ceil(len(group) / math.ceil(len(group) / size))]
-        steering = vectors.steering([unique[i] for i in batch])
-        try:
-            score(steering, [unique[i].chunks for i in batch])
-        except (torch.OutOfMemoryError, RuntimeError) as exc:
-            if not _is_oom(exc) or size == 1:
-                raise
-            size = max(1, size // 2)  # back off and retry this batch
-            if lm.device.type == "cuda":
-                torch.cuda.empty_cache()
-            continue
-        start += len(batch)
-        on_batch(len(batch))
+    order, size = in_batches(lm, unique, batch_size, lambda batch: score(vectors.steering(batch), [c.chunks for c in batch]),
+                             on_batch)
     # Rows came out in batch order, one per unique cell: put them back in cell order, repeating shared ones.
     position = {i: computed + n for n, i in enumerate(order)}
-    rows = [position[first_of[injects(cell)]] for cell in cells]
+    rows = [position[first_of[injected(cell, injection)]] for cell in cells]
     for name, values in columns.items():
         columns[name] = values[:computed] + [values[row] for row in rows]
     seen: set[tuple] = set()
     columns["repeated"] = [False] * computed
     for cell in cells:
-        columns["repeated"].append(injects(cell) in seen)
-        seen.add(injects(cell))
+        columns["repeated"].append(injected(cell, injection) in seen)
+        seen.add(injected(cell, injection))
     skipped = len(cells) - len(unique)
     if skipped:
         on_batch(skipped)

@@ -1,0 +1,113 @@
+"""The neutral-text probe (`sweep --neutral`): what a cell does to the model away from any question.
+
+A neutral passage is run teacher-forced with a cell's engram injected exactly as before a question's prompt (prefix:
+the k vectors before it; add: on its first k tokens; actadd: at every position, s measured over the passage) and
+without it. Per cell: the mean over the passage's n positions of KL(p_unsteered || p_steered) of the next-token
+distribution, and the perplexity ratio steered / unsteered over its n - 1 next tokens."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from importlib.resources import files
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+import torch
+
+from ..backend.model import LoadedModel
+from ..core.errors import EngramEvalError
+from ..core.registry import INJECTIONS
+from .injection import CellVectors, Steering
+from .scoring import auto_batch_size, in_batches, kl_divergence
+
+if TYPE_CHECKING:
+    from .grid import Cell
+
+DEFAULT = "default"  # `--neutral default`: the bundled passage
+MIN_TOKENS = 16
+
+
+@dataclass(frozen=True)
+class NeutralPassage:
+    label: str  # "default", or the file it was read from
+    text: str
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.text.encode("utf-8")).hexdigest()
+
+
+def read_passage(value: str) -> NeutralPassage:
+    """`--neutral FILE` (UTF-8 text), or `default` for the bundled everyday passage (about 200 tokens)."""
+    if value == DEFAULT:
+        return NeutralPassage(DEFAULT, files(__package__).joinpath("neutral.txt").read_text(encoding="utf-8"))
+    path = Path(value)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise EngramEvalError(f"--neutral {value}: no such file (or `default` for the bundled passage)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise EngramEvalError(f"--neutral {value}: cannot read it as UTF-8 text ({exc.__class__.__name__})") from None
+    if not text.strip():
+        raise EngramEvalError(f"--neutral {value}: the file is empty")
+    return NeutralPassage(str(path), text)
+
+
+def passage_ids(lm: LoadedModel, passage: NeutralPassage, injection: str, chunks: list[int]) -> tuple[int, ...]:
+    """The passage tokenized as a source is (the tokenizer's default special tokens, no chat template); it must have
+    MIN_TOKENS tokens, and add injection's k."""
+    ids = tuple(lm.tokenizer(passage.text)["input_ids"])
+    least = max(MIN_TOKENS, max(chunks)) if INJECTIONS[injection].needs_k_prompt_tokens else MIN_TOKENS
+    if len(ids) < least:
+        reason = f"--injection {injection} with k = {max(chunks)} needs" if least > MIN_TOKENS else "the probe needs"
+        raise EngramEvalError(f"--neutral {passage.label}: the passage has {len(ids)} tokens; {reason} at least {least}")
+    if lm.max_positions is not None and len(ids) + max(chunks) > lm.max_positions:
+        raise EngramEvalError(f"--neutral {passage.label}: the passage has {len(ids)} tokens; with the engram's "
+                              f"{max(chunks)} positions that is more than the model's {lm.max_positions}")
+    return ids
+
+
+@torch.inference_mode()
+def passage_logprobs(lm: LoadedModel, steering: Steering | None, ids: tuple[int, ...]) -> torch.Tensor:
+    """The next-token log-probabilities at each of the passage's n positions [batch, n, vocab], float32."""
+    backend = lm.backend
+    body = backend.embed(torch.tensor(ids, device=lm.device)).unsqueeze(0)
+    if steering is None:
+        hidden = backend.last_hidden(body)
+    else:
+        with steering.active(backend):
+            hidden = backend.last_hidden(steering.inputs(body.expand(steering.vectors.shape[0], -1, -1)))
+    n = len(ids)
+    last = hidden[:, -n:, :].reshape(-1, hidden.shape[-1]).contiguous()
+    return torch.log_softmax(backend.logits(last).view(hidden.shape[0], n, -1), dim=-1)
+
+
+def mean_nll(logp: torch.Tensor, ids: tuple[int, ...]) -> torch.Tensor:
+    """Mean negative log-likelihood of tokens 1..n-1 from positions 0..n-2 -> [batch]."""
+    targets = torch.tensor(ids[1:], device=logp.device).expand(logp.shape[0], -1).unsqueeze(-1)
+    return -logp[:, :-1].gather(-1, targets).squeeze(-1).mean(dim=-1)
+
+
+def side_effects(lm: LoadedModel, cells: list[Cell], raw: dict[tuple[str, int, int], torch.Tensor], injection: str,
+                 scaling: str, ids: tuple[int, ...], batch_size: int | None,
+                 on_batch: Callable[[int], None] = lambda n: None) -> dict[str, list[float]]:
+    """Each cell's neutral_kl and neutral_ppl_ratio, in cell order (the caller passes each injection once)."""
+    unsteered = passage_logprobs(lm, None, ids)  # [1, n, vocab]
+    unsteered_nll = mean_nll(unsteered, ids)
+    vectors = CellVectors(lm, raw, injection, scaling, ids, cells)
+    results: dict[int, tuple[float, float]] = {}
+    positions = {id(cell): i for i, cell in enumerate(cells)}
+    prefix = max(c.chunks for c in cells) if INJECTIONS[injection].prefix_positions else 0
+
+    def work(batch: list[Cell]) -> None:
+        logp = passage_logprobs(lm, vectors.steering(batch), ids)
+        kl = kl_divergence(unsteered, logp).mean(dim=-1)
+        ratio = torch.exp(mean_nll(logp, ids) - unsteered_nll)
+        for cell, a, b in zip(batch, kl.tolist(), ratio.tolist()):
+            results[positions[id(cell)]] = (a, b)
+
+    size = batch_size or auto_batch_size(lm, prefix + len(ids), len(cells))
+    in_batches(lm, cells, size, work, on_batch)
+    return {"neutral_kl": [results[i][0] for i in range(len(cells))],
+            "neutral_ppl_ratio": [results[i][1] for i in range(len(cells))]}
