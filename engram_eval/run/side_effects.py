@@ -16,7 +16,7 @@ import polars as pl
 
 from ..backend.model import LoadedModel
 from ..core.spec import Observer
-from ..steer.grid import Cell, injected
+from ..steer.grid import Cell, distinct_injections
 from ..steer.side_effects import NeutralPassage, side_effects
 from .executors import Executor, Task
 from .rundir import PART_CHECKSUMS, SIDE_EFFECTS, SIDE_EFFECTS_FILE, SIDE_EFFECTS_PARTS, merge_parts, trusted_parts, write_part, write_run_json
@@ -53,12 +53,8 @@ def probe_cells(grid: list[list[list[Cell]]]) -> dict[str, list[Cell]]:
 def engram_rows(lm: LoadedModel, settings: SweepSettings, cells: list[Cell], raw: dict, ids: tuple[int, ...],
                 passage_sha256: str, batch_size: int | None, *, progress: Callable[[int], None]) -> object:
     """One engram's task for an executor: its cells' side effects as an Arrow table, each injection computed once."""
-    unique: dict[tuple, Cell] = {}
-    for cell in cells:
-        unique.setdefault(injected(cell, settings.injection), cell)
-    computed = side_effects(lm, list(unique.values()), raw, settings.injection, settings.scaling, ids, batch_size, progress)
-    at = {key: i for i, key in enumerate(unique)}
-    rows = [at[injected(cell, settings.injection)] for cell in cells]
+    unique, rows = distinct_injections(cells, settings.injection)
+    computed = side_effects(lm, unique, raw, settings.injection, settings.scaling, ids, batch_size, progress)
     if len(cells) > len(unique):
         progress(len(cells) - len(unique))
     frame = pl.DataFrame({

@@ -37,6 +37,17 @@ def injected(cell: Cell, injection: str) -> tuple:
     return cell.engram, layer, cell.strength, cell.chunks
 
 
+def distinct_injections(cells: list[Cell], injection: str) -> tuple[list[Cell], list[int]]:
+    """-> (the cells that inject something different, first of each; for every cell, the index of its distinct one)."""
+    first_of: dict[tuple, int] = {}
+    distinct: list[Cell] = []
+    for cell in cells:
+        if injected(cell, injection) not in first_of:
+            first_of[injected(cell, injection)] = len(distinct)
+            distinct.append(cell)
+    return distinct, [first_of[injected(cell, injection)] for cell in cells]
+
+
 def question_engrams(question: Question) -> list[tuple[str, str]]:
     """(engram name, role) in grid order: the relevant engram, then the controls."""
     return [(question.engram, "relevant"), *[(name, "control") for name in question.controls]]

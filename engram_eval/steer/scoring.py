@@ -11,7 +11,7 @@ import torch
 
 from ..backend.model import LoadedModel
 from ..core.registry import INJECTIONS, SCORINGS
-from .grid import injected
+from .grid import distinct_injections
 from .injection import CellVectors, Steering
 from .prompts import PreparedQuestion
 
@@ -279,25 +279,20 @@ def score_cells(
     on_batch(1)
     vectors = CellVectors(lm, raw, injection, scaling, prompt_ids, cells)
 
-    first_of: dict[tuple, int] = {}  # what a cell injects -> the unique cell that computes it
-    unique: list[Cell] = []
-    for cell in cells:
-        if injected(cell, injection) not in first_of:
-            first_of[injected(cell, injection)] = len(unique)
-            unique.append(cell)
+    unique, index = distinct_injections(cells, injection)  # a null prefix at another layer: computed once
     computed = len(columns["logp_correct"])
     order, size = in_batches(lm, unique, batch_size, lambda batch: score(vectors.steering(batch), [c.chunks for c in batch]),
                              on_batch)
     # Rows came out in batch order, one per unique cell: put them back in cell order, repeating shared ones.
     position = {i: computed + n for n, i in enumerate(order)}
-    rows = [position[first_of[injected(cell, injection)]] for cell in cells]
+    rows = [position[i] for i in index]
     for name, values in columns.items():
         columns[name] = values[:computed] + [values[row] for row in rows]
-    seen: set[tuple] = set()
+    seen: set[int] = set()
     columns["repeated"] = [False] * computed
-    for cell in cells:
-        columns["repeated"].append(injected(cell, injection) in seen)
-        seen.add(injected(cell, injection))
+    for i in index:
+        columns["repeated"].append(i in seen)
+        seen.add(i)
     skipped = len(cells) - len(unique)
     if skipped:
         on_batch(skipped)

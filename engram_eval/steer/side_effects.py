@@ -96,18 +96,17 @@ def side_effects(lm: LoadedModel, cells: list[Cell], raw: dict[tuple[str, int, i
     unsteered = passage_logprobs(lm, None, ids)  # [1, n, vocab]
     unsteered_nll = mean_nll(unsteered, ids)
     vectors = CellVectors(lm, raw, injection, scaling, ids, cells)
-    results: dict[int, tuple[float, float]] = {}
-    positions = {id(cell): i for i, cell in enumerate(cells)}
     prefix = max(c.chunks for c in cells) if INJECTIONS[injection].prefix_positions else 0
+    kl: list[float] = []
+    ratio: list[float] = []
 
     def work(batch: list[Cell]) -> None:
         logp = passage_logprobs(lm, vectors.steering(batch), ids)
-        kl = kl_divergence(unsteered, logp).mean(dim=-1)
-        ratio = torch.exp(mean_nll(logp, ids) - unsteered_nll)
-        for cell, a, b in zip(batch, kl.tolist(), ratio.tolist()):
-            results[positions[id(cell)]] = (a, b)
+        divergence, nll = kl_divergence(unsteered, logp).mean(dim=-1), mean_nll(logp, ids)
+        kl.extend(divergence.tolist())  # only once the batch is whole: out-of-memory retries it from the start
+        ratio.extend(torch.exp(nll - unsteered_nll).tolist())
 
-    size = batch_size or auto_batch_size(lm, prefix + len(ids), len(cells))
-    in_batches(lm, cells, size, work, on_batch)
-    return {"neutral_kl": [results[i][0] for i in range(len(cells))],
-            "neutral_ppl_ratio": [results[i][1] for i in range(len(cells))]}
+    order, _ = in_batches(lm, cells, batch_size or auto_batch_size(lm, prefix + len(ids), len(cells)), work, on_batch)
+    position = {i: n for n, i in enumerate(order)}  # computed in batch order; back to cell order
+    return {"neutral_kl": [kl[position[i]] for i in range(len(cells))],
+            "neutral_ppl_ratio": [ratio[position[i]] for i in range(len(cells))]}
