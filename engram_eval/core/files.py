@@ -5,8 +5,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
-import signal
-import tempfile
+import secrets
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -56,18 +55,18 @@ def atomic_replace(path: Path, write: Callable[[Path], None]) -> None:
     half-written file, two writers never share a temporary, and a failed or stopped write leaves none behind (one killed
     outright leaves `.tmp-PID-*`, which the store's gc recognises). A write error (the
     operating system's or the writing library's) is one EngramEvalError naming the file."""
-    # Ctrl-C and SIGTERM are held from before the temporary exists until this function owns it (the try below), and
-    # again while it is removed: a stop in between would leave it behind. One that arrived meanwhile is raised then.
-    previous = hold_stop_signals()
     tmp: Path | None = None
     try:
-        try:
-            fd, name = tempfile.mkstemp(prefix=f".tmp-{os.getpid()}-{path.name}.", suffix=".tmp", dir=path.parent)
-            os.close(fd)
-        except OSError as exc:
-            raise EngramEvalError(write_failure(path, exc)) from None
-        tmp = Path(name)
-        release_stop_signals(previous)
+        while tmp is None:
+            # The name is known before the file exists, so a Ctrl-C or SIGTERM raised at any point after its creation
+            # finds it in `tmp` and the finally below removes it (a signal mask cannot do this: it holds one thread,
+            # and the kernel hands the signal to another).
+            candidate = path.parent / f".tmp-{os.getpid()}-{path.name}.{secrets.token_hex(4)}.tmp"
+            tmp = candidate
+            try:
+                create_exclusive(candidate)
+            except FileExistsError:
+                tmp = None
         write(tmp)
         os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
@@ -76,25 +75,13 @@ def atomic_replace(path: Path, write: Callable[[Path], None]) -> None:
             raise
         raise EngramEvalError(write_failure(path, exc)) from None
     finally:
-        hold_stop_signals()
-        try:
-            if tmp is not None:
-                tmp.unlink(missing_ok=True)
-        finally:
-            release_stop_signals(previous)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
 
 
-STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
-
-
-def hold_stop_signals() -> set | None:
-    """Block Ctrl-C and SIGTERM in this thread -> the mask to restore (None where the platform cannot)."""
-    return signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS) if hasattr(signal, "pthread_sigmask") else None
-
-
-def release_stop_signals(previous: set | None) -> None:
-    if previous is not None:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+def create_exclusive(path: Path) -> None:
+    """An empty file at `path`, which must not exist yet."""
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
 
 
 def current_umask() -> int:
