@@ -29,8 +29,9 @@ def reference_chunks(states: list[list[float]] | torch.Tensor, k: int) -> torch.
 
 
 @torch.no_grad()
-def reference_layer_states(model, tokenizer, text: str, layer: int) -> torch.Tensor:
-    """hidden_states[layer] for one layer, from its own forward pass with a hook (not output_hidden_states)."""
+def reference_layer_states(model, tokenizer, text: str, layer: int, final_norm: bool = True) -> torch.Tensor:
+    """hidden_states[layer] for one layer, from its own forward pass with a hook (not output_hidden_states); without
+    final_norm, the last layer is the last block's own output (actadd's site)."""
     ids = torch.tensor([tokenizer(text)["input_ids"]])
     captured = {}
     if layer == 0:
@@ -41,14 +42,14 @@ def reference_layer_states(model, tokenizer, text: str, layer: int) -> torch.Ten
     model(input_ids=ids)
     handle.remove()
     states = captured["h"][0].float()
-    if layer == model.config.num_hidden_layers:  # transformers applies the final norm to the last entry
+    if layer == model.config.num_hidden_layers and final_norm:  # transformers applies the final norm to the last entry
         states = model.model.norm(captured["h"])[0].float()
     return states
 
 
 @torch.no_grad()
-def reference_engram(model, tokenizer, text: str, layer: int, k: int = 16) -> torch.Tensor:
-    return reference_chunks(reference_layer_states(model, tokenizer, text, layer), k)
+def reference_engram(model, tokenizer, text: str, layer: int, k: int = 16, final_norm: bool = True) -> torch.Tensor:
+    return reference_chunks(reference_layer_states(model, tokenizer, text, layer, final_norm), k)
 
 
 def reference_scaled(engram: torch.Tensor, table: torch.Tensor, strength: float, scaling: str = "global") -> torch.Tensor:

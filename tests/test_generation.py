@@ -17,7 +17,7 @@ def reference_tokens(lm, bank_path, row, max_new_tokens, k, injection, scaling="
     bank = load_bank(bank_path)
     question = next(q for q in bank.questions if q.id == row["question_id"])
     engram = None if row["engram"] is None else reference_engram(lm.model, lm.tokenizer, bank.sources[row["engram"]].text,
-                                                                 row["layer"], k=k)
+                                                                 row["layer"], k=k, final_norm=injection != "actadd")
     prompt = f"{question.context}\n\n{question.prompt}" if row["context"] else question.prompt
     return reference_generation(lm.model, lm.tokenizer, engram, row["strength"], prompt, max_new_tokens,
                                 mode=injection, layer=row["layer"], scaling=scaling)

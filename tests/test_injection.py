@@ -14,22 +14,23 @@ from reference import reference_cell, reference_engram
 REPO = Path(__file__).resolve().parents[1]
 
 
-def raw_vectors(lm, bank, name: str, layer: int, k: int) -> torch.Tensor | None:
-    """An engram's raw rows, written out independently: a source's chunk means (from a hook), or a null prefix."""
+def raw_vectors(lm, bank, name: str, layer: int, k: int, mode: str = "prefix") -> torch.Tensor | None:
+    """An engram's raw rows, written out independently: a source's chunk means (from a hook; actadd's from the block's
+    output at every layer, the last included), or a null prefix."""
     if name is None:
         return None
     if name == "~gaussian":
         return torch.randn(k, lm.hidden_size, generator=torch.Generator().manual_seed(0))
     if name == "~mean-token":
         return lm.model.get_input_embeddings().weight.detach().float().mean(dim=0).repeat(k, 1)
-    return reference_engram(lm.model, lm.tokenizer, bank.sources[name].text, layer, k=k)
+    return reference_engram(lm.model, lm.tokenizer, bank.sources[name].text, layer, k=k, final_norm=mode != "actadd")
 
 
 def assert_rows_match_reference(lm, bank_path, frame, k, rel, **method):
     bank = load_bank(bank_path)
     for row in frame.iter_rows(named=True):
         q = next(q for q in bank.questions if q.id == row["question_id"])
-        engram = raw_vectors(lm, bank, row["engram"], row["layer"], k)
+        engram = raw_vectors(lm, bank, row["engram"], row["layer"], k, method.get("mode", "prefix"))
         p_c, p_i = reference_cell(lm.model, lm.tokenizer, engram, row["strength"], q.prompt, list(q.correct), list(q.incorrect),
                                   layer=row["layer"], **method)
         assert row["p_correct"] == pytest.approx(p_c, rel=rel), (row["engram"], row["layer"], row["strength"])
@@ -169,3 +170,41 @@ def test_each_modes_attributes_say_what_it_does(tiny, name):
             return tiny.model(inputs_embeds=steer.inputs(embeds)).logits[0, -1]
 
     assert (not torch.allclose(logits(1), logits(2))) == mode.site_depends_on_layer
+
+
+def test_actadd_takes_its_last_layer_direction_from_the_last_blocks_output_where_it_adds(tiny, tiny_bank, tmp_path):
+    """hidden_states[num_layers] is the final norm's output; actadd adds to (and measures s on) the last block's. Its
+    engrams at the last layer are that block's output (a hook on it, written here); every other layer, and every other
+    run's engrams, are as before; the run's results format says so."""
+    import json
+
+    from engram_eval.engram.store import EngramStore
+    from engram_eval.run.rundir import RESULTS_FORMAT, check_results_format
+    from reference import reference_chunks
+
+    last = tiny.num_layers
+    actadd = sweep(tiny, tiny_bank, tmp_path / "actadd", injection="actadd", layers=[2, last], strengths=[1.0], questions=["q1"])
+    prefix = sweep(tiny, tiny_bank, tmp_path / "prefix", layers=[2, last], strengths=[1.0], questions=["q1"])
+    below = sweep(tiny, tiny_bank, tmp_path / "below", injection="actadd", layers=[2], strengths=[1.0], questions=["q1"])
+    store = EngramStore(tmp_path / "store")
+    captured = {}
+    handle = tiny.model.model.layers[-1].register_forward_hook(lambda m, i, o: captured.update(h=o[0] if isinstance(o, tuple) else o))
+    with torch.no_grad():
+        tiny.model(input_ids=torch.tensor([tiny.tokenizer(load_bank(tiny_bank).sources["topic"].text)["input_ids"]]))
+    handle.remove()
+    block_output = reference_chunks(captured["h"][0].float(), 4)
+    steered = store.load(Path(actadd.run["engram_files"]["topic"]))
+    plain = store.load(Path(prefix.run["engram_files"]["topic"]))
+    assert torch.allclose(steered.engram.layers[last], block_output, atol=1e-5)
+    assert not torch.allclose(plain.engram.layers[last], block_output, atol=1e-3)  # the final norm's output, as before
+    assert torch.equal(steered.engram.layers[2], plain.engram.layers[2])
+    assert steered.metadata["last_layer"] == "block-output" and "last_layer" not in plain.metadata
+    assert below.run["engram_keys"] == prefix.run["engram_keys"] != actadd.run["engram_keys"]
+    assert actadd.run["results_format"] == RESULTS_FORMAT + "+actadd-last-block"
+    assert below.run["results_format"] == prefix.run["results_format"] == RESULTS_FORMAT
+    written_before = {**json.loads((tmp_path / "actadd" / "run.json").read_text()), "results_format": RESULTS_FORMAT}
+    with pytest.raises(EngramEvalError, match=r"results format .*, now .*\+actadd-last-block\); rerun its sweep with --force"):
+        check_results_format(tmp_path / "actadd", written_before)
+    with pytest.raises(EngramEvalError, match=r"another engram-eval version .*use --force to recompute the run"):
+        (tmp_path / "actadd" / "run.json").write_text(json.dumps(written_before))
+        sweep(tiny, tiny_bank, tmp_path / "actadd", injection="actadd", layers=[2, last], strengths=[1.0], questions=["q1"])

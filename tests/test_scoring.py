@@ -96,7 +96,8 @@ def test_recorded_attention_shares_equal_output_attentions(tiny, tiny_bank, tmp_
     tiny.model.set_attn_implementation("eager")
     try:
         for row in frame.iter_rows(named=True):
-            engram = None if row["engram"] is None else reference_engram(tiny.model, tiny.tokenizer, bank.sources[row["engram"]].text, row["layer"], k=4)
+            engram = None if row["engram"] is None else reference_engram(tiny.model, tiny.tokenizer, bank.sources[row["engram"]].text, row["layer"], k=4,
+                                                                         final_norm=injection != "actadd")
             with reference_steered(tiny.model, tiny.tokenizer, engram, row["strength"], q.prompt, mode=injection, layer=row["layer"]) as inputs:
                 with torch.no_grad():
                     attentions = tiny.model(inputs_embeds=inputs.unsqueeze(0), output_attentions=True).attentions
@@ -132,7 +133,8 @@ def test_kl_next_and_entropy_next_equal_two_full_forward_passes(scoring, injecti
             logp = baseline
         else:
             engram = None if row["engram"].startswith("~") else reference_engram(tiny.model, tiny.tokenizer,
-                                                                                 bank.sources[row["engram"]].text, row["layer"], k=4)
+                                                                                 bank.sources[row["engram"]].text, row["layer"], k=4,
+                                                                                 final_norm=injection != "actadd")
             if engram is None:
                 continue  # null prefixes have their own tests; the sources' engrams are the independent computation here
             logp = next_logp(engram, row["strength"], row["layer"])

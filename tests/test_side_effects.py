@@ -34,7 +34,8 @@ def assert_equal_reference(lm, bank_path, frame, chunks: int, injection: str, pa
         if row["engram"].startswith("~"):
             engram = null_prefix(row["engram"], lm, chunks)
         else:
-            engram = reference_engram(lm.model, lm.tokenizer, bank.sources[row["engram"]].text, row["layer"], k=chunks)
+            engram = reference_engram(lm.model, lm.tokenizer, bank.sources[row["engram"]].text, row["layer"], k=chunks,
+                                      final_norm=injection != "actadd")
         kl, ratio = reference_side_effects(lm.model, lm.tokenizer, engram, row["strength"], passage, mode=injection,
                                            layer=row["layer"])
         assert row["neutral_kl"] == pytest.approx(kl, rel=2e-3, abs=1e-5), row

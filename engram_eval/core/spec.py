@@ -85,10 +85,13 @@ class Extraction:
     skip_tokens: int = 0
     window: int | None = None
     max_tokens: int = DEFAULT_MAX_TOKENS
+    # The last layer from the last block's output, before the final norm: where actadd adds its vector and measures s
+    # (hidden_states[num_layers] is the final norm's output). Every other layer is the same either way.
+    block_output: bool = False
 
     @property
     def is_seed(self) -> bool:
-        return (self.pooling, self.skip_tokens, self.window) == (SEED_POOLING, 0, None)
+        return (self.pooling, self.skip_tokens, self.window, self.block_output) == (SEED_POOLING, 0, None, False)
 
     def check(self, chunks: list[int]) -> Extraction:
         POOLINGS[self.pooling]

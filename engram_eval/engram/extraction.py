@@ -77,7 +77,7 @@ def extract_engrams(
     poolers = {k: POOLINGS[extraction.pooling](pooled, k, windowed) for k in chunks}
     for start in range(0, n, size):
         window = torch.tensor([ids[start : start + size]], device=lm.device)
-        hidden_states = lm.backend.hidden_states(window)
+        hidden_states = forward_states(lm, window, extraction.block_output and lm.num_layers in layers)
         keep = max(0, extraction.skip_tokens - start)  # --skip-tokens: positions run, but are left out of the pooling
         if keep >= window.shape[1]:
             continue
@@ -90,6 +90,25 @@ def extract_engrams(
                   chunks=k, extraction=extraction, windows=windows)
         for k, vectors in ((k, pooler.result()) for k, pooler in poolers.items())
     }
+
+
+def forward_states(lm: LoadedModel, window: torch.Tensor, last_block_output: bool) -> list[torch.Tensor]:
+    """The hidden states of every layer 0..num_layers; with last_block_output, the last one is the last block's output
+    (before the final norm) rather than the final norm's."""
+    if not last_block_output:
+        return list(lm.backend.hidden_states(window))
+    captured: list[torch.Tensor] = []
+
+    def capture(module, args, output):
+        captured.append(output[0] if isinstance(output, tuple) else output)
+
+    handle = lm.backend.blocks()[-1].register_forward_hook(capture)
+    try:
+        states = list(lm.backend.hidden_states(window))
+    finally:
+        handle.remove()
+    states[-1] = captured[-1]
+    return states
 
 
 def extract_engram(

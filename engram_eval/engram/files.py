@@ -38,6 +38,8 @@ def engram_key(model_fingerprint: str, source_sha256: str, chunks: int, n_tokens
     identity = f"{model_fingerprint}|{source_sha256}|{chunks}|{n_tokens}"
     if not extraction.is_seed:
         identity += f"|{extraction.pooling}|{extraction.skip_tokens}|{extraction.window}"
+    if extraction.block_output:
+        identity += "|block-output"
     return hashlib.sha256(identity.encode()).hexdigest()[:16]
 
 

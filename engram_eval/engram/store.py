@@ -26,6 +26,9 @@ from .extraction import Engram, extract_engrams, source_ids
 from .files import FORMAT_VERSION, StoreFiles, arrays_sha256, engram_key, text_sha256, unusable_layer
 
 
+LAST_BLOCK_OUTPUT = "block-output"  # metadata `last_layer`: the last layer taken before the final norm (actadd's site)
+
+
 @dataclass
 class StoredEngram:
     path: Path
@@ -72,7 +75,8 @@ class EngramStore(StoreFiles):
         window = metadata.get("window", "none")
         extraction = Extraction(pooling=metadata.get("pooling", SEED_POOLING), skip_tokens=int(metadata.get("skip_tokens", 0)),
                                 window=None if window == "none" else int(window),
-                                max_tokens=int(metadata.get("max_tokens", DEFAULT_MAX_TOKENS)))
+                                max_tokens=int(metadata.get("max_tokens", DEFAULT_MAX_TOKENS)),
+                                block_output=metadata.get("last_layer") == LAST_BLOCK_OUTPUT)
         engram = Engram(
             layers={layer: torch.from_numpy(array) for layer, array in arrays.items()},
             n_tokens=int(metadata["n_tokens"]),
@@ -196,6 +200,7 @@ class EngramStore(StoreFiles):
                     "skip_tokens": str(extraction.skip_tokens),
                     "window": "none" if extraction.window is None else str(extraction.window),
                     "windows": str(engram.windows),
+                    **({"last_layer": LAST_BLOCK_OUTPUT} if extraction.block_output else {}),
                     "layers": ",".join(str(layer) for layer in sorted(wanted)),
                     "engram_eval_version": __version__,
                     "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -296,7 +296,7 @@ def reopen_run(lm: LoadedModel, out: Path, run: dict) -> tuple[SweepSettings, Ba
     bank = load_bank(run["bank_path"], allow_outside_paths=True).select(settings.questions)
     if bank.sha256 != settings.bank_sha256:
         raise EngramEvalError(f"{run['bank_path']}: the bank changed since {out} was swept; sweep again before generating")
-    engrams = bank_engrams(lm, bank, EngramStore(run["store"]), settings.layers, settings.chunk_list, settings.extraction)
+    engrams = bank_engrams(lm, bank, EngramStore(run["store"]), settings.layers, settings.chunk_list, settings.extraction_for(lm.num_layers))
     return settings, bank, raw_vectors(lm, bank, engrams, settings.layers, settings.chunk_list)
 
 

@@ -32,6 +32,16 @@ def package_versions() -> dict[str, str]:
 
 # The part files' columns, as a short hash: resuming from parts of another format would mix schemas.
 RESULTS_FORMAT = hashlib.sha256(str(list(RESULT_SCHEMA.items())).encode()).hexdigest()[:8]
+# An actadd run that steers at the last layer: its direction there moved from the final norm's output to the last
+# block's (where it adds), so such runs written before cannot be resumed or read as they are.
+LAST_BLOCK_SUFFIX = "+actadd-last-block"
+
+
+def results_format(settings: dict, num_layers: int | None) -> str:
+    """The results format a run of these settings (run.json's) on a model of this depth writes."""
+    if settings.get("injection") == "actadd" and num_layers in settings.get("layers", ()):
+        return RESULTS_FORMAT + LAST_BLOCK_SUFFIX
+    return RESULTS_FORMAT
 
 # The neutral-text probe's record in run.json, its merged file and its parts (engram_eval.run.side_effects).
 SIDE_EFFECTS, SIDE_EFFECTS_FILE, SIDE_EFFECTS_PARTS = "side_effects", "side_effects.parquet", "side-effect-parts"
@@ -57,18 +67,20 @@ def read_run_json(out: Path) -> dict | None:
 
 def check_results_format(out: Path, run: dict) -> None:
     """Refuse a run whose rows have other columns than this engram-eval writes (one clear line, not a crash)."""
-    if run.get("results_format") != RESULTS_FORMAT:
+    expected = results_format(run.get("settings") or {}, run.get("num_layers"))
+    if run.get("results_format") != expected:
         raise EngramEvalError(f"{out} was written by another engram-eval version (results format "
-                              f"{run.get('results_format', 'unrecorded')}, now {RESULTS_FORMAT}); rerun its sweep with --force")
+                              f"{run.get('results_format', 'unrecorded')}, now {expected}); rerun its sweep with --force")
 
 
-def prepare_out(out: Path, settings: SweepSettings, force: bool,
+def prepare_out(out: Path, settings: SweepSettings, force: bool, num_layers: int,
                 warn: Callable[[str], None] = lambda message: None) -> dict:
     """Create or reopen a run directory; refuse one that holds a run with other settings unless forced, and then
     remove everything derived from the old run. The parts' checksums carry over to a resumed run. An unreadable
     run.json with force keeps the parts whose rows carry these settings' run id (a hash of the settings)."""
-    fresh = {"settings": asdict(settings), "run_id": settings.run_id, "status": "running", "results_format": RESULTS_FORMAT,
-             PART_CHECKSUMS: {}}
+    current = results_format(asdict(settings), num_layers)
+    fresh = {"settings": asdict(settings), "run_id": settings.run_id, "status": "running", "results_format": current,
+             "num_layers": num_layers, PART_CHECKSUMS: {}}
     try:
         previous_run = read_run_json(out) or {}
     except EngramEvalError:
@@ -78,12 +90,12 @@ def prepare_out(out: Path, settings: SweepSettings, force: bool,
         fresh[PART_CHECKSUMS] = keep_parts_of(out, settings.run_id, warn)
         return fresh
     previous = previous_run.get("settings")
-    older_format = previous is not None and previous_run.get("results_format") != RESULTS_FORMAT
+    older_format = previous is not None and previous_run.get("results_format") != current
     if (out / "run.json").exists() and (previous != asdict(settings) or older_format):
         if not force:
             if older_format:
                 raise EngramEvalError(f"--out {out} holds parts written by another engram-eval version (results format "
-                                      f"{previous_run.get('results_format', 'unrecorded')}, now {RESULTS_FORMAT}); "
+                                      f"{previous_run.get('results_format', 'unrecorded')}, now {current}); "
                                       "use --force to recompute the run")
             changed = sorted(k for k in asdict(settings) if (previous or {}).get(k) != asdict(settings)[k])
             raise EngramEvalError(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from ..core.spec import DEFAULT_MAX_TOKENS, SEED_EXTRACTION, SEED_METHOD, Extraction, Grid, Method, SweepSpec
 
@@ -61,6 +61,15 @@ class SweepSettings:
     @property
     def extraction(self) -> Extraction:
         return Extraction(pooling=self.pooling, skip_tokens=self.skip_tokens, window=self.window, max_tokens=self.max_tokens)
+
+    def steers_last_block(self, num_layers: int) -> bool:
+        """actadd at the last layer: its direction is taken from the last block's output (where it adds), not from the
+        final norm's."""
+        return self.injection == "actadd" and num_layers in self.layers
+
+    def extraction_for(self, num_layers: int) -> Extraction:
+        """How this run's engrams are extracted from a model of this depth."""
+        return replace(self.extraction, block_output=self.steers_last_block(num_layers))
 
     @property
     def run_id(self) -> str:

@@ -116,7 +116,7 @@ def run_sweep(
     with run_lock(out, wait, observer.warn):
         executor = open_executor(lm, execution.ray)  # Ray: the workers started, their models loaded and checked
         try:
-            run = prepare_out(out, settings, force, warn)
+            run = prepare_out(out, settings, force, lm.num_layers, warn)
         except BaseException:
             executor.close()
             raise
@@ -211,7 +211,7 @@ def _run_grid(lm: LoadedModel, bank: Bank, store: EngramStore, out: Path, settin
         run["engram_keys"][engram_label(name, k, chunks)] = stored.key
         write_run_json(out, run)
 
-    engrams = bank_engrams(lm, bank, store, layers, chunks, settings.extraction, observer.warn, observer.log, record_engram)
+    engrams = bank_engrams(lm, bank, store, layers, chunks, settings.extraction_for(lm.num_layers), observer.warn, observer.log, record_engram)
     build_seconds = time.perf_counter() - build_started
     labels = {(name, k): engram_label(name, k, chunks) for name, k in engrams}
     run.update(

@@ -132,7 +132,8 @@ class Add(Injection):
 class ActAdd(Injection):
     name = "actadd"
     summary = ("activation addition, strength x s x u added to the output of block L-1 at every position (u: unit mean "
-               "of the engram's raw vectors at L; s: the mean row norm of that output over the prompt).")
+               "of the engram's raw vectors at L, from that block's output, before the final norm at the last layer; s: the mean "
+               "row norm of that output over the prompt).")
     site_depends_on_layer = True
     hooks_blocks = True
     scalings = ("global",)
