@@ -74,31 +74,55 @@ def reference_block_output(model, inputs: torch.Tensor, layer: int) -> torch.Ten
 
 @contextmanager
 def reference_steered(model, tokenizer, engram: torch.Tensor | None, strength: float, prompt: str, mode: str = "prefix",
-                      layer: int | None = None, scaling: str = "global"):
-    """The input embeddings of one cell, with a forward hook active for actadd.
+                      layer: int | None = None, scaling: str = "global", positions: str = "all", answer_ids: tuple = ()):
+    """The input embeddings of one cell (the prompt, then answer_ids if any), with a forward hook active for actadd.
 
     prefix: scaled engram rows before the prompt; add: added to the first k prompt embeddings; actadd: a forward hook
-    adds strength * s * u to block layer-1's output at every position (u: unit mean of the raw engram rows; s: mean row
-    norm of that output without steering, over the prompt).
+    adds strength * s * u to block layer-1's output (u: unit mean of the raw engram rows; s: mean row norm of that
+    output without steering, over the prompt) at the positions `positions` names. The first forward pass is the prompt
+    (and answer); every later one (generate's) is one generated token: all steers every position, prompt the prompt's
+    only, answer the answer's and the generated ones, last the last prompt position and every one after.
     """
     table = model.get_input_embeddings().weight.float()
-    inputs = table[tokenizer(prompt)["input_ids"]]
+    prompt_length = len(tokenizer(prompt)["input_ids"])
+    inputs = table[tokenizer(prompt)["input_ids"] + list(answer_ids)]
     handle = None
+    calls = []
+
+    def scope(n: int) -> torch.Tensor:
+        """[n, 1]: which positions of this forward pass are steered."""
+        first = not calls
+        calls.append(n)
+        steered = []
+        for i in range(n):
+            if not first:
+                steered.append(positions != "prompt")
+            elif positions == "all":
+                steered.append(True)
+            elif positions == "prompt":
+                steered.append(i < prompt_length)
+            elif positions == "answer":
+                steered.append(i >= prompt_length)
+            else:
+                steered.append(i >= prompt_length - 1)
+        return torch.tensor(steered, dtype=torch.float32).unsqueeze(-1)
     if engram is not None and mode == "prefix":
         inputs = torch.cat([reference_scaled(engram, table, strength, scaling), inputs])
     elif engram is not None and mode == "add":
         inputs = inputs.clone()
         inputs[: engram.shape[0]] += reference_scaled(engram, table, strength, scaling)
     elif engram is not None and mode == "actadd":
-        s = reference_block_output(model, inputs, layer).norm(dim=1).mean()
+        s = reference_block_output(model, inputs[:prompt_length], layer).norm(dim=1).mean()
         mean = engram.mean(dim=0)
         vector = strength * s * mean / mean.norm()
-        if layer == 0:
-            handle = model.get_input_embeddings().register_forward_hook(lambda m, i, o: o + vector)
-            inputs = inputs + vector
+        if layer == 0:  # the first pass takes these embeddings; generate embeds each later token itself
+            inputs = inputs + vector * scope(len(inputs))
+            handle = model.get_input_embeddings().register_forward_hook(lambda m, i, o: o + vector * scope(o.shape[-2]))
         else:
             def add(module, args, output):
-                return (output[0] + vector, *output[1:]) if isinstance(output, tuple) else output + vector
+                hidden = output[0] if isinstance(output, tuple) else output
+                steered = hidden + vector * scope(hidden.shape[-2])
+                return (steered, *output[1:]) if isinstance(output, tuple) else steered
             handle = model.model.layers[layer - 1].register_forward_hook(add)
     try:
         yield inputs

@@ -92,6 +92,8 @@ def test_a_setting_the_baseline_predates_must_keep_its_default(tiny_run, tmp_pat
     assert differing_settings(current, {"settings": {"scoring": "first-token"}}) == []
     assert differing_settings({"settings": {"scoring": "first-token", "max_tokens": 99}}, {"settings": {"scoring": "first-token"}}) == [
         "max_tokens (baseline 2048, run 99)"]
+    scoped = {"settings": {"scoring": "first-token", "positions": "last"}}  # run.json records positions once it is set
+    assert differing_settings(scoped, {"settings": {"scoring": "first-token"}}) == ['positions (baseline "all", run "last")']
     assert differing_settings(current, {"cells": {}}) == [
         "none recorded in the baseline (written by an older engram-eval; regenerate it with --update from a run you trust)"]
 

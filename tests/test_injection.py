@@ -1,3 +1,4 @@
+import math
 from pathlib import Path
 
 import polars as pl
@@ -208,3 +209,71 @@ def test_actadd_takes_its_last_layer_direction_from_the_last_blocks_output_where
     with pytest.raises(EngramEvalError, match=r"another engram-eval version .*use --force to recompute the run"):
         (tmp_path / "actadd" / "run.json").write_text(json.dumps(written_before))
         sweep(tiny, tiny_bank, tmp_path / "actadd", injection="actadd", layers=[2, last], strengths=[1.0], questions=["q1"])
+
+
+def reference_sequence_logp(lm, engram, row, prompt: str, variant_ids: tuple, positions: str) -> float:
+    """One variant's summed log-probability after the prompt, teacher-forced, in one forward pass with the scoped hook."""
+    from reference import reference_steered
+
+    with reference_steered(lm.model, lm.tokenizer, engram, row["strength"], prompt, mode="actadd", layer=row["layer"],
+                           positions=positions, answer_ids=variant_ids[:-1]) as inputs:
+        with torch.no_grad():
+            logp = torch.log_softmax(lm.model(inputs_embeds=inputs.unsqueeze(0)).logits[0].float(), dim=-1)
+    start = inputs.shape[0] - len(variant_ids)
+    return sum(logp[start + i, token].item() for i, token in enumerate(variant_ids))
+
+
+@pytest.mark.parametrize("positions", ["all", "prompt", "answer", "last"])
+def test_each_position_scope_of_actadd_equals_a_hook_written_here(tiny, tiny_bank, tmp_path, positions):
+    """Sequence scoring runs the prompt and the answer's tokens in one pass: the scope decides which of them the
+    vector reaches (layer 0 through the input embeddings, deeper layers through the block's hook)."""
+    from engram_eval.steer.prompts import prepare_question
+
+    frame = pl.read_parquet(sweep(tiny, tiny_bank, tmp_path / "run", injection="actadd", positions=positions, scoring="sequence",
+                                  layers=[0, 2, tiny.num_layers], strengths=[3.0], questions=["q1"]).results_path)
+    assert set(frame["positions"]) == {positions}
+    bank = load_bank(tiny_bank)
+    question = bank.questions[0]
+    prepared = prepare_question(tiny, question, "sequence")
+    cells = frame.filter(pl.col("role") != "baseline")
+    for row in cells.iter_rows(named=True):
+        engram = raw_vectors(tiny, bank, row["engram"], row["layer"], 4, "actadd")
+        for side, variants in (("correct", prepared.correct_ids), ("incorrect", prepared.incorrect_ids)):
+            expected = torch.logsumexp(torch.tensor([reference_sequence_logp(tiny, engram, row, question.prompt, ids, positions)
+                                                     for ids in variants]), dim=0).item()
+            assert math.log(row[f"p_{side}"]) == pytest.approx(expected, rel=1e-4, abs=1e-5), (positions, row["engram"], row["layer"])
+    if positions == "answer":  # the first answer token is predicted at the last prompt position, which it leaves alone
+        baseline = frame.filter(pl.col("role") == "baseline")
+        assert (cells["kl_next"] == 0).all() and (cells["top_token"] == baseline["top_token"][0]).all()
+
+
+@pytest.mark.parametrize("positions", ["prompt", "answer", "last"])
+def test_each_position_scope_generates_what_transformers_generate_does_with_the_hook(tiny, tiny_bank, tmp_path, positions):
+    from engram_eval.run.generation import run_generate
+    from reference import reference_generation
+
+    result = sweep(tiny, tiny_bank, tmp_path / "run", injection="actadd", positions=positions, layers=[0, 2, tiny.num_layers],
+                   strengths=[4.0], questions=["q1", "q2"])
+    frame = pl.read_parquet(run_generate(tiny, result.out, cells="all", max_new_tokens=6, progress=False).generations_path)
+    bank = load_bank(tiny_bank)
+    assert set(frame["positions"]) == {positions}
+    for row in frame.filter(pl.col("role") != "baseline").iter_rows(named=True):
+        question = next(q for q in bank.questions if q.id == row["question_id"])
+        engram = raw_vectors(tiny, bank, row["engram"], row["layer"], 4, "actadd")
+        expected = reference_generation(tiny.model, tiny.tokenizer, engram, row["strength"], question.prompt, 6, mode="actadd",
+                                        layer=row["layer"], positions=positions)
+        assert list(row["token_ids"]) == [t for t in expected if t not in tiny.backend.eos_token_ids()][: len(row["token_ids"])]
+        assert len(row["token_ids"]) == len([t for t in expected if t not in tiny.backend.eos_token_ids()]) or row["stop"] == "eos"
+
+
+@pytest.mark.parametrize("options,message", [
+    (dict(positions="prompt"), "--positions prompt: applies to actadd injection; prefix steers positions of its own (the "
+                               "prefix, or the first k prompt tokens)"),
+    (dict(injection="add", positions="last"), "--positions last: applies to actadd injection; add steers positions of its "
+                                              "own (the prefix, or the first k prompt tokens)"),
+    (dict(injection="actadd", positions="middle"), "--positions: unknown 'middle' (one of: all, prompt, answer, last)"),
+])
+def test_position_scopes_other_than_all_are_actadds_alone(tiny, tiny_bank, tmp_path, options, message):
+    with pytest.raises(EngramEvalError) as error:
+        sweep(tiny, tiny_bank, tmp_path / "run", **options)
+    assert str(error.value) == message and not (tmp_path / "run").exists()

@@ -34,8 +34,13 @@ def test_settings_derived_from_the_spec_are_the_fields_run_json_always_had():
     expected = {**identity, "layers": [4, 1], "strengths": [3.0, 0.5], "chunks": 16, "scoring": "sequence", "injection": "add",
                 "questions": ["q1", "q2"], "max_tokens": 100, "pooling": "pca", "skip_tokens": 1, "window": 64, "scaling": "per-chunk", "context": "both",
                 "record_attention": True}
-    assert asdict(settings) == expected and list(asdict(settings)) == list(expected)  # the order run.json has
+    assert settings.record() == expected and list(settings.record()) == list(expected)  # the order run.json has
     assert settings.run_id == hashlib.sha256(json.dumps(expected, sort_keys=True).encode()).hexdigest()[:12]
+    assert asdict(settings) == {**expected, "positions": "all"}  # a later field at its default is not recorded
+    scoped = SweepSettings.of(SweepSpec(spec.grid, Method("actadd", positions="last"), spec.extraction), **IDENTITY)
+    assert scoped.record()["positions"] == "last" and SweepSettings(**scoped.record()) == scoped
+    assert SweepSettings(**settings.record()) == settings and scoped.run_id != SweepSettings.of(
+        SweepSpec(spec.grid, Method("actadd"), spec.extraction), **IDENTITY).run_id
     grid = SweepSettings.of(SweepSpec(Grid(chunks=(8, 16))), **IDENTITY)
     assert grid.chunks == [8, 16] and grid.chunk_list == [8, 16]  # one k is an int, a chunk grid a list, as before
     assert settings.spec == SweepSpec(spec.grid, spec.method, spec.extraction, ("q1", "q2"))

@@ -14,7 +14,7 @@ from rich.table import Table
 
 from ..core.errors import EngramEvalError
 from ..core.registry import INJECTIONS, SCORINGS
-from ..core.spec import CONTEXTS, SCALINGS, SEED_METHOD, Execution, Extraction, Grid, Method, Observer, SweepSpec
+from ..core.spec import CONTEXTS, POSITIONS, SCALINGS, SEED_METHOD, Execution, Extraction, Grid, Method, Observer, SweepSpec
 from .app import (
     batch_size_option,
     check_writable,
@@ -54,6 +54,10 @@ def spec_options(command: Callable) -> Callable:
                   help="Questions with a retrieved context (context or context_file in the bank) are scored with it (the "
                        "prompt is the context, a blank line, then the prompt), without it, or both, each condition with its "
                        "own baseline (the `context` column).")
+    @click.option("--positions", type=click.Choice(POSITIONS), default=SEED_METHOD.positions, show_default=True,
+                  help="Where actadd adds its vector: every position; the prompt's only; the answer's only (the scored "
+                       "answer tokens, and in `generate` the generated ones); or the last prompt position and every one "
+                       "after it. actadd only (prefix and add steer positions of their own).")
     @extraction_options
     @click.option("--record-attention", is_flag=True,
                   help="Add, per cell, the share of the last prompt position's attention (mean over heads and layers) on the "
@@ -62,10 +66,11 @@ def spec_options(command: Callable) -> Callable:
     @click.option("--questions", "question_ids", help="Only these question ids, comma-separated.")
     @functools.wraps(command)
     def wrapper(layers_text: str, strengths_text: str, chunks_text: str, scoring: str, injection: str, scaling: str,
-                context: str, extraction: Extraction, record_attention: bool, question_ids: str | None, **kwargs):
+                context: str, positions: str, extraction: Extraction, record_attention: bool, question_ids: str | None,
+                **kwargs):
         questions = None if not question_ids else tuple(q.strip() for q in question_ids.split(",") if q.strip())
         spec = SweepSpec(Grid(strengths=tuple(parse_strengths(strengths_text)), chunks=tuple(parse_chunks(chunks_text))),
-                         Method(injection, scaling, scoring, context, record_attention), extraction, questions).check()
+                         Method(injection, scaling, scoring, context, record_attention, positions), extraction, questions).check()
         return command(spec=spec, layers_text=layers_text, **kwargs)
 
     return wrapper

@@ -23,6 +23,7 @@ DEFAULT_LAYERS = (8, 12, 16, 20, 24)
 DEFAULT_STRENGTHS = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0)
 SCALINGS = ("global", "per-chunk")
 CONTEXTS = ("with", "without", "both")
+POSITIONS = ("all", "prompt", "answer", "last")
 
 
 def valid_layers(num_layers: int) -> str:
@@ -132,6 +133,7 @@ class Method:
     scoring: str = "first-token"
     context: str = "with"
     record_attention: bool = False  # eager attention: its float rounding differs slightly from the default kernel
+    positions: str = "all"  # where a mode that steers every position (actadd) adds its vector: POSITIONS
 
     def check(self) -> Method:
         mode = INJECTIONS[self.injection]
@@ -142,6 +144,11 @@ class Method:
         SCORINGS[self.scoring]
         if self.context not in CONTEXTS:
             raise EngramEvalError(f"--context: unknown '{self.context}' (one of: {', '.join(CONTEXTS)})")
+        if self.positions not in POSITIONS:
+            raise EngramEvalError(f"--positions: unknown '{self.positions}' (one of: {', '.join(POSITIONS)})")
+        if self.positions != "all" and not mode.scopes_positions:
+            raise EngramEvalError(f"--positions {self.positions}: applies to actadd injection; {self.injection} steers "
+                                  "positions of its own (the prefix, or the first k prompt tokens)")
         return self
 
 

@@ -11,7 +11,7 @@ import json
 import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -50,7 +50,7 @@ SELECTIONS = ("default", "all", "baseline", "flips")
 GENERATION_BATCH_CPU = 64  # rows decoded together on a CPU; decoding reads every weight once per step whatever the batch
 DEFAULT_MAX_NEW_TOKENS = 48
 KEY_COLUMNS = ("question_id", "role", "engram", "control_kind", "layer", "strength", "chunks", "pooling", "skip_tokens",
-               "window", "scaling", "injection", "context")
+               "window", "scaling", "injection", "positions", "context")
 
 GENERATION_SCHEMA = pl.Schema(
     {
@@ -91,7 +91,7 @@ class Row:
     def to(self, device: torch.device) -> Row:
         if self.steering is None:
             return self
-        return Row(self.prompt_ids, Steering(self.steering.mode, self.steering.vectors.to(device), self.steering.layers))
+        return Row(self.prompt_ids, replace(self.steering, vectors=self.steering.vectors.to(device)))
 
 
 @torch.inference_mode()
@@ -111,12 +111,14 @@ def generate_rows(lm: LoadedModel, rows: list[Row], max_new_tokens: int) -> list
     if any(len(x) != longest for x in inputs):
         mask = torch.stack([torch.arange(longest, device=lm.device) >= longest - len(x) for x in inputs]).long()
         positions = (mask.cumsum(dim=-1) - 1).clamp_min(0)
-    hooks = _block_hooks(rows)
+    hooks = _block_hooks(rows, longest)
     stops = backend.eos_token_ids()
     tokens: list[list[int]] = [[] for _ in rows]
     ended = [False] * len(rows)
     with hooks.active(backend) if hooks is not None else nullcontext():
         logits, cache = backend.prefill(padded, mask, positions)
+        if hooks is not None:
+            hooks.prompt_end = 0  # from here on every position is a generated one
         for step in range(max_new_tokens):
             next_ids = logits.argmax(dim=-1)
             for i, token in enumerate(next_ids.tolist()):
@@ -135,16 +137,16 @@ def generate_rows(lm: LoadedModel, rows: list[Row], max_new_tokens: int) -> list
     return [Generated(row_tokens, "eos" if row_ended else "length") for row_tokens, row_ended in zip(tokens, ended)]
 
 
-def _block_hooks(rows: list[Row]) -> Steering | None:
+def _block_hooks(rows: list[Row], prompt_end: int) -> Steering | None:
     """One steering for a batch's block hooks (a mode that hooks blocks, actadd): each row's vector at its layer; a
-    baseline row adds exact zeros."""
+    baseline row adds exact zeros. The prompts, left-padded, end at prompt_end."""
     steered = [row.steering for row in rows if row.steering is not None]
     if not steered or not steered[0].injection.hooks_blocks:
         return None
     template = steered[0].vectors
     vectors = [row.steering.vectors[0] if row.steering is not None else template.new_zeros(template.shape[1:]) for row in rows]
     layers = [row.steering.layers[0] if row.steering is not None else 0 for row in rows]
-    return Steering(steered[0].mode, torch.stack(vectors), layers)
+    return Steering(steered[0].mode, torch.stack(vectors), layers, steered[0].positions, prompt_end)
 
 
 def select_cells(frame: pl.DataFrame, selection: str) -> pl.DataFrame:
@@ -312,7 +314,7 @@ def question_rows(lm: LoadedModel, question, bank_path: Path, rows: pl.DataFrame
                  for r in cell_rows.iter_rows(named=True)]
         todo += [Row(prepared.prompt_ids)] * baseline.height
         if cells:
-            vectors = CellVectors(lm, raw, settings.injection, settings.scaling, prepared.prompt_ids, cells)
+            vectors = CellVectors(lm, raw, settings.injection, settings.scaling, prepared.prompt_ids, cells, settings.positions)
             todo += [Row(prepared.prompt_ids, vectors.steering([cell])) for cell in cells]
         ordered += [baseline, cell_rows]
     return pl.concat(ordered), todo

@@ -38,6 +38,7 @@ CELL_SETTING_COLUMNS = {
     "window": pl.Int32,
     "scaling": pl.String,
     "injection": pl.String,
+    "positions": pl.String,
     "context": pl.Boolean,
 }
 
@@ -184,6 +185,7 @@ def question_frame(settings: SweepSettings, bank: Bank, prepared: PreparedQuesti
             "window": [settings.window] * n,
             "scaling": [settings.scaling] * n,
             "injection": [settings.injection] * n,
+            "positions": [settings.positions] * n,
             "context": [prepared.context] * n,
             "scoring": [settings.scoring] * n,
             "repeated": scores["repeated"],

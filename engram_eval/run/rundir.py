@@ -6,7 +6,6 @@ import hashlib
 import json
 import platform
 import shutil
-from dataclasses import asdict
 from importlib.metadata import version
 from pathlib import Path
 from typing import Callable
@@ -78,8 +77,8 @@ def prepare_out(out: Path, settings: SweepSettings, force: bool, num_layers: int
     """Create or reopen a run directory; refuse one that holds a run with other settings unless forced, and then
     remove everything derived from the old run. The parts' checksums carry over to a resumed run. An unreadable
     run.json with force keeps the parts whose rows carry these settings' run id (a hash of the settings)."""
-    current = results_format(asdict(settings), num_layers)
-    fresh = {"settings": asdict(settings), "run_id": settings.run_id, "status": "running", "results_format": current,
+    current = results_format(settings.record(), num_layers)
+    fresh = {"settings": settings.record(), "run_id": settings.run_id, "status": "running", "results_format": current,
              "num_layers": num_layers, PART_CHECKSUMS: {}}
     try:
         previous_run = read_run_json(out) or {}
@@ -91,13 +90,14 @@ def prepare_out(out: Path, settings: SweepSettings, force: bool, num_layers: int
         return fresh
     previous = previous_run.get("settings")
     older_format = previous is not None and previous_run.get("results_format") != current
-    if (out / "run.json").exists() and (previous != asdict(settings) or older_format):
+    if (out / "run.json").exists() and (previous != settings.record() or older_format):
         if not force:
             if older_format:
                 raise EngramEvalError(f"--out {out} holds parts written by another engram-eval version (results format "
                                       f"{previous_run.get('results_format', 'unrecorded')}, now {current}); "
                                       "use --force to recompute the run")
-            changed = sorted(k for k in asdict(settings) if (previous or {}).get(k) != asdict(settings)[k])
+            record = settings.record()
+            changed = sorted(k for k in record.keys() | (previous or {}).keys() if (previous or {}).get(k) != record.get(k))
             raise EngramEvalError(
                 f"--out {out} holds a run with different settings ({', '.join(changed)}); "
                 "use another --out, or --force to replace it"

@@ -33,6 +33,7 @@ class SweepSettings:
     scaling: str = SEED_METHOD.scaling
     context: str = SEED_METHOD.context
     record_attention: bool = SEED_METHOD.record_attention
+    positions: str = SEED_METHOD.positions
 
     @classmethod
     def of(cls, spec: SweepSpec, *, model: str, model_fingerprint: str, bank: str, bank_sha256: str,
@@ -45,13 +46,13 @@ class SweepSettings:
             scoring=method.scoring, injection=method.injection, questions=list(questions),
             max_tokens=extraction.max_tokens, pooling=extraction.pooling, skip_tokens=extraction.skip_tokens,
             window=extraction.window, scaling=method.scaling, context=method.context,
-            record_attention=method.record_attention,
+            record_attention=method.record_attention, positions=method.positions,
         )
 
     @property
     def spec(self) -> SweepSpec:
         return SweepSpec(Grid(tuple(self.layers), tuple(self.strengths), tuple(self.chunk_list)),
-                         Method(self.injection, self.scaling, self.scoring, self.context, self.record_attention),
+                         Method(self.injection, self.scaling, self.scoring, self.context, self.record_attention, self.positions),
                          self.extraction, tuple(self.questions))
 
     @property
@@ -71,6 +72,15 @@ class SweepSettings:
         """How this run's engrams are extracted from a model of this depth."""
         return replace(self.extraction, block_output=self.steers_last_block(num_layers))
 
+    def record(self) -> dict:
+        """run.json's `settings`: every field, except those added later while they hold their default (a run that does
+        not use them keeps the record, and the run id, it always had)."""
+        return {name: value for name, value in asdict(self).items()
+                if not (name in RECORDED_WHEN_SET and value == RECORDED_WHEN_SET[name])}
+
     @property
     def run_id(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        return hashlib.sha256(json.dumps(self.record(), sort_keys=True).encode()).hexdigest()[:12]
+
+
+RECORDED_WHEN_SET = {"positions": SEED_METHOD.positions}

@@ -179,7 +179,8 @@ def score_question(lm: LoadedModel, settings: SweepSettings, bank: Bank, conditi
         requested = batch_size or auto_batch_size(lm, prefix + len(prepared.prompt_ids), len(cells))
         scores, size = score_cells(lm, prepared, cells, raw, settings.scoring, settings.injection, settings.scaling,
                                    min(requested, fits or requested), on_batch=on_batch,
-                                   record_attention=settings.record_attention, baseline_chunks=chunks[0])
+                                   record_attention=settings.record_attention, baseline_chunks=chunks[0],
+                                   positions=settings.positions)
         if size < requested:
             fits = size
         frame = question_frame(settings, bank, prepared, cells, scores)

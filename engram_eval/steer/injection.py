@@ -2,8 +2,8 @@
 
 Modes (`--injection`), each a class registered in INJECTIONS: `prefix` (the seed's: k scaled vectors before the
 prompt), `add` (added to the first k prompt embeddings) and `actadd` (activation addition: strength x s x u added to
-the residual stream after block L-1 at every position). Scalings (`--scaling`, prefix and add): `global` (the seed's
-one scalar) and `per-chunk`."""
+the residual stream after block L-1 at the positions `--positions` scopes: every one by default). Scalings
+(`--scaling`, prefix and add): `global` (the seed's one scalar) and `per-chunk`."""
 
 from __future__ import annotations
 
@@ -84,6 +84,7 @@ class Injection:
     needs_k_prompt_tokens: ClassVar[bool] = False  # the prompt must have at least k tokens
     site_depends_on_layer: ClassVar[bool] = False  # a null prefix (the same vectors at every layer) differs per layer
     hooks_blocks: ClassVar[bool] = False  # adds to decoder blocks' outputs while the model runs
+    scopes_positions: ClassVar[bool] = False  # steers every position unless --positions scopes it (Steering.position_mask)
     scalings: ClassVar[tuple[str, ...]] = SCALINGS
     scaling_refusal: ClassVar[str] = ""  # the error for a --scaling it does not take
 
@@ -131,11 +132,12 @@ class Add(Injection):
 @INJECTIONS.register
 class ActAdd(Injection):
     name = "actadd"
-    summary = ("activation addition, strength x s x u added to the output of block L-1 at every position (u: unit mean "
-               "of the engram's raw vectors at L, from that block's output, before the final norm at the last layer; s: the mean "
-               "row norm of that output over the prompt).")
+    summary = ("activation addition, strength x s x u added to the output of block L-1 at every position (or those "
+               "--positions names; u: unit mean of the engram's raw vectors at L, from that block's output, before the "
+               "final norm at the last layer; s: the mean row norm of that output over the prompt).")
     site_depends_on_layer = True
     hooks_blocks = True
+    scopes_positions = True
     scalings = ("global",)
     scaling_refusal = "--scaling: applies to prefix and add injection; actadd scales its direction by the residual stream's own norm"
 
@@ -149,10 +151,10 @@ class ActAdd(Injection):
         return unit * (strength * norm)
 
     def inputs(self, steering: Steering, vectors: torch.Tensor, body: torch.Tensor) -> torch.Tensor:
-        return body + steering.rows_at(0, vectors).unsqueeze(1)  # layer 0: the input embeddings
+        return body + steering.added(0, vectors, body.shape[1])  # layer 0: the input embeddings
 
     def next_inputs(self, steering: Steering, embeds: torch.Tensor) -> torch.Tensor:
-        """Layer 0 adds to every position, generated tokens included (deeper layers get it from the hooks)."""
+        """Layer 0 adds to generated tokens too, as its scope says (deeper layers get it from the hooks)."""
         return self.inputs(steering, steering.vectors.to(embeds.device, embeds.dtype), embeds)
 
 
@@ -164,6 +166,8 @@ class Steering:
     mode: str
     vectors: torch.Tensor
     layers: list[int] | None = None
+    positions: str = "all"  # --positions: all, prompt, answer (and generated), last (the last prompt position and after)
+    prompt_end: int = 0  # positions before this are the prompt's in the inputs the model runs next; 0 while decoding
 
     @property
     def injection(self) -> Injection:
@@ -185,6 +189,22 @@ class Steering:
         mask = torch.tensor([row_layer == layer for row_layer in self.layers], device=vectors.device, dtype=vectors.dtype)
         return vectors * mask.unsqueeze(-1)
 
+    def position_mask(self, n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
+        """[n]: 1 where the scope steers among n positions whose first prompt_end are the prompt's (the rest: the
+        answer's, or tokens generated); None for every position."""
+        if self.positions == "all":
+            return None
+        index = torch.arange(n, device=device)
+        after = index >= self.prompt_end
+        steered = {"prompt": ~after, "answer": after, "last": after | (index == self.prompt_end - 1)}[self.positions]
+        return steered.to(dtype)
+
+    def added(self, layer: int, vectors: torch.Tensor, n: int) -> torch.Tensor:
+        """What the rows at `layer` add to n positions: [batch, n or 1, hidden]."""
+        rows = self.rows_at(layer, vectors).unsqueeze(1)
+        mask = self.position_mask(n, vectors.device, vectors.dtype)
+        return rows if mask is None else rows * mask.view(1, n, 1)
+
     @contextmanager
     def active(self, backend: Backend) -> Iterator[None]:
         """A mode that hooks blocks (actadd): while block L-1 runs, add each row's vector to its output at every
@@ -203,7 +223,7 @@ class Steering:
     def _adder(self, layer: int):
         def hook(module, args, output):
             hidden = output[0] if isinstance(output, tuple) else output
-            steered = hidden + self.rows_at(layer, self.vectors.to(hidden.device, hidden.dtype)).unsqueeze(1)
+            steered = hidden + self.added(layer, self.vectors.to(hidden.device, hidden.dtype), hidden.shape[1])
             return (steered, *output[1:]) if isinstance(output, tuple) else steered
         return hook
 
@@ -214,8 +234,8 @@ class CellVectors:
     s). Work shared by cells is done once."""
 
     def __init__(self, lm: LoadedModel, raw: dict[tuple[str, int, int], torch.Tensor], injection: str, scaling: str,
-                 prompt_ids: tuple[int, ...], cells: list[Cell]):
-        self.injection = injection
+                 prompt_ids: tuple[int, ...], cells: list[Cell], positions: str = "all"):
+        self.injection, self.positions, self.prompt_end = injection, positions, len(prompt_ids)
         self.mode = INJECTIONS[injection]
         self.norms = self.mode.residual_norms(lm, prompt_ids, sorted({c.layer for c in cells}))
         self.unit: dict[tuple[str, int, int], torch.Tensor] = {}
@@ -228,4 +248,5 @@ class CellVectors:
         return self.mode.scaled(self.unit[(cell.engram, cell.layer, cell.chunks)], cell.strength, self.norms.get(cell.layer))
 
     def steering(self, cells: list[Cell]) -> Steering:
-        return Steering(self.injection, torch.stack([self.vector(cell) for cell in cells]), [cell.layer for cell in cells])
+        return Steering(self.injection, torch.stack([self.vector(cell) for cell in cells]), [cell.layer for cell in cells],
+                        self.positions, self.prompt_end)

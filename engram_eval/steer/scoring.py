@@ -233,6 +233,7 @@ def score_cells(
     on_batch: Callable[[int], None] = lambda n: None,
     record_attention: bool = False,
     baseline_chunks: int = 16,
+    positions: str = "all",
 ) -> tuple[dict[str, list], int]:
     """Baseline row first, then one row per cell -> (raw score columns, the batch size that fit; `repeated` marks a
     row that repeats an earlier cell's, computed once).
@@ -277,7 +278,7 @@ def score_cells(
 
     score(None, [baseline_chunks])
     on_batch(1)
-    vectors = CellVectors(lm, raw, injection, scaling, prompt_ids, cells)
+    vectors = CellVectors(lm, raw, injection, scaling, prompt_ids, cells, positions)
 
     unique, index = distinct_injections(cells, injection)  # a null prefix at another layer: computed once
     computed = len(columns["logp_correct"])
