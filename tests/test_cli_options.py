@@ -249,6 +249,7 @@ SWEEP_EFFECTS = [
     (["--injection", "add", "--chunks", "2"], {"injection": "add", "chunks": 2}),
     (["--injection", "actadd"], {"injection": "actadd"}),
     (["--injection", "actadd", "--positions", "last"], {"injection": "actadd", "positions": "last"}),
+    (["--injection", "actadd", "--strengths=-2,6"], {"injection": "actadd", "strengths": [-2.0, 6.0]}),
     (["--scaling", "per-chunk"], {"scaling": "per-chunk"}),
     (["--context", "without"], {"context": "without"}),
     (["--context", "both"], {"context": "both"}),

@@ -93,7 +93,8 @@ def test_named_sources_with_a_null_prefix_and_bad_names(tiny, tiny_bank, tmp_pat
     assert gaussian.row(0, named=True)["cosine"] == pytest.approx(straightforward_geometry(topic, raw, torch.zeros(4, 32) + 1)["cosine"], rel=1e-4)
     with pytest.raises(EngramEvalError) as error:
         bank_pairs(bank, ["topic", "moon"])
-    assert str(error.value) == f"{tiny_bank}: no source named 'moon' (known: anti, noise, stars, topic, ~gaussian, ~mean-token)"
+    assert str(error.value) == (f"{tiny_bank}: no source named 'moon' (known: anti, noise, stars, topic, ~gaussian, "
+                                "~mean-token; or an expression over the sources such as 'a - b')")
     with pytest.raises(EngramEvalError, match="nothing to compare"):
         bank_pairs(bank, ["topic"])
 

@@ -99,9 +99,10 @@ def test_run_json_records_each_engrams_largest_chunk_share_per_layer(tiny, tiny_
 
 
 @pytest.mark.parametrize("options,message", [
-    (dict(strengths=[1.0, 0.0]), "--strengths: 0.0 is not allowed; strengths must be finite and > 0"),
-    (dict(strengths=[-2.0]), "--strengths: -2.0 is not allowed; strengths must be finite and > 0"),
-    (dict(strengths=[float("nan")]), "--strengths: nan is not allowed; strengths must be finite and > 0"),
+    (dict(strengths=[1.0, 0.0]), "--strengths: 0.0 is not allowed; strengths must be finite and not 0 (negative ones subtract the engram, with add and actadd injection)"),
+    (dict(strengths=[-2.0]), "--strengths: -2 is negative; a negative strength subtracts the engram, which applies to add and "
+                             "actadd injection, not prefix (its vectors are positions of their own)"),
+    (dict(strengths=[float("nan")]), "--strengths: nan is not allowed; strengths must be finite and not 0 (negative ones subtract the engram, with add and actadd injection)"),
     (dict(strengths=[]), "--strengths: no strengths given"),
     (dict(layers=[-1]), "--layers: layer -1 is out of range; valid layers are 0..4 (0 = embedding output, 4 = last)"),
     (dict(chunks=0), "--chunks: must be at least 1 (got 0)"),

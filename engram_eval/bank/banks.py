@@ -14,8 +14,10 @@ import yaml
 from ..core.errors import EngramEvalError
 from ..core.files import read_text
 from ..core.registry import NULL_PREFIXES
+from .expressions import Expression, MalformedExpression, parse_expression
 
 SOURCE_KINDS = ("relevant", "irrelevant", "random", "anti", "other")
+EXPRESSION_KIND = "expression"  # control_kind of a control that combines sources (`a - b`; engram_eval.bank.expressions)
 # Controls without any source text (engram_eval.steer.injection builds their vectors): valid wherever a control name is.
 _NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")  # ids, source and bank names: file-name safe, never hidden or '..'
 _NAME_RULE = "may use only letters, digits, '_', '.', '-', and may not start with '.'"
@@ -61,6 +63,19 @@ class Bank:
             "questions": [{k: v for k, v in q.__dict__.items() if v is not None and v != ()} for q in self.questions],
         }
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+    def kind_of(self, control: str) -> str:
+        """A control's kind: its source's, or `expression` for a combination of sources (not for null prefixes)."""
+        return self.sources[control].kind if control in self.sources else EXPRESSION_KIND
+
+    def expression(self, name: str) -> Expression:
+        """A question's engram or control (not a null prefix) as weighted sources: a source name is itself, weight 1."""
+        return Expression(((1.0, name),)) if name in self.sources else parse_expression(name)
+
+    def source_names(self, names: tuple[str, ...] | list[str]) -> list[str]:
+        """The sources these engrams and controls are made of (null prefixes have none), each once, in order."""
+        return list(dict.fromkeys(source for name in names if name not in NULL_PREFIXES
+                                  for source in self.expression(name).names))
 
     def lint(self) -> list[str]:
         """Mistakes that load fine but make the numbers silently meaningless, one line each (file and question named)."""
@@ -168,6 +183,23 @@ class _Fields:
         return tuple(value)
 
 
+def _engram_name(fields: _Fields, field: str, text: str, sources: dict[str, Source]) -> str:
+    """A source name as written, or an expression over source names in its canonical spelling; one line naming the
+    bank, the question and the field when it is neither."""
+    if text in sources:
+        return text
+    try:
+        expression = parse_expression(text)
+    except MalformedExpression as why:
+        fields.fail(field, f"{text!r} is not a source name nor an expression over them: it {why}")
+    for name in expression.names:
+        if name not in sources:
+            hint = " (put spaces around an operator: 'a - b')" if "-" in name and not name.startswith("-") else ""
+            fields.fail(field, f"unknown source {name!r}{'' if name == text else f' in {text!r}'} "
+                               f"(known: {', '.join(sorted(sources))}){hint}")
+    return str(expression)
+
+
 def _type_name(value: Any) -> str:
     return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean", type(None): "nothing"}.get(
         type(value), type(value).__name__
@@ -266,10 +298,8 @@ def load_bank(path: str | Path, allow_outside_paths: bool = False) -> Bank:
         for name in controls:
             if name.startswith("~") and name not in NULL_PREFIXES:
                 fields.fail("controls", f"unknown null prefix {name!r} (one of: {', '.join(NULL_PREFIXES)})")
-        for field, names in (("engram", (engram,)), ("controls", [c for c in controls if not c.startswith("~")])):
-            for name in names:
-                if name not in sources:
-                    fields.fail(field, f"unknown source {name!r} (known: {', '.join(sorted(sources))})")
+        engram = _engram_name(fields, "engram", engram, sources)
+        controls = [c if c.startswith("~") else _engram_name(fields, "controls", c, sources) for c in controls]
         if engram in controls:
             fields.fail("controls", f"'{engram}' is the question's own engram")
         correct, incorrect = fields.strings("correct"), fields.strings("incorrect")

@@ -98,7 +98,8 @@ def seed_loop(lm: LoadedModel, bank: Bank, question: Question, layers: list[int]
     cells = 0
     for name in (question.engram, *question.controls):
         for layer in layers:
-            engram = seed_extract(lm, bank.sources[name].text, layer, chunks) if name in bank.sources else null_prefix(name, lm, chunks)
+            engram = null_prefix(name, lm, chunks) if name in NULL_PREFIXES else sum(  # a source, or an expression over them
+                weight * seed_extract(lm, bank.sources[source].text, layer, chunks) for weight, source in bank.expression(name).terms)
             unit = mode.unit(lm, engram, "global")
             for strength in strengths:
                 steering = Steering(injection, mode.scaled(unit, strength, norms.get(layer)).unsqueeze(0).to(lm.device), [layer])
@@ -122,7 +123,7 @@ def run_bench(lm: LoadedModel, bank: Bank, layers: list[int], strengths: list[fl
     loop_per_question = math.ceil(loop_cells / len(bank.questions))
     with tempfile.TemporaryDirectory() as tmp:
         store = EngramStore(Path(tmp) / "store")
-        sources = list(dict.fromkeys(n for q in bank.questions for n in (q.engram, *q.controls) if n in bank.sources))
+        sources = bank.source_names([n for q in bank.questions for n in (q.engram, *q.controls)])
         started = time.perf_counter()
         for name in sources:
             store.ensure(lm, name, bank.sources[name].text, layers, chunks)

@@ -132,7 +132,7 @@ def bank_stats(bank_path: Path, model_spec: str, allow_outside_paths: bool) -> N
     loaded = load_bank(bank_path, allow_outside_paths)
     lm = _tokenizer_model(model_spec)
     lengths = sorted(len(prompt_token_ids(lm, q, bank_path, context=True)) for q in loaded.questions)
-    kinds = Counter(NULL_KIND if control in NULL_PREFIXES else loaded.sources[control].kind
+    kinds = Counter(NULL_KIND if control in NULL_PREFIXES else loaded.kind_of(control)
                     for question in loaded.questions for control in question.controls)
     sources = Counter(source.kind for source in loaded.sources.values())
     table = Table(title=f"bank {loaded.name} ({bank_path})", show_header=False)

@@ -43,7 +43,8 @@ def spec_options(command: Callable) -> Callable:
     @click.option("--layers", "layers_text", default="8,12,16,20,24", show_default=True,
                   help="Layers to inject from: '8,12,16', '10-20' or 'all'.")
     @click.option("--strengths", "strengths_text", default="0.5,1,2,5,10,20", show_default=True,
-                  help="Strength multipliers on the seed scaling (finite, > 0).")
+                  help="Strength multipliers on the seed scaling (finite, not 0). Negative ones subtract the engram "
+                       "(add and actadd only); pass them as --strengths=-2,2.")
     @chunks_option
     @registry_option("--scoring", SCORINGS, SEED_METHOD.scoring)
     @registry_option("--injection", INJECTIONS, SEED_METHOD.injection)

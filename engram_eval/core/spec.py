@@ -73,8 +73,9 @@ def check_strengths(strengths: list[float] | tuple[float, ...]) -> list[float]:
     if not strengths:
         raise EngramEvalError("--strengths: no strengths given")
     for strength in strengths:
-        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength) or strength <= 0:
-            raise EngramEvalError(f"--strengths: {strength} is not allowed; strengths must be finite and > 0")
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength) or strength == 0:
+            raise EngramEvalError(f"--strengths: {strength} is not allowed; strengths must be finite and not 0 (negative "
+                                  "ones subtract the engram, with add and actadd injection)")
     return list(strengths)
 
 
@@ -178,6 +179,11 @@ class SweepSpec:
     def check(self, num_layers: int | None = None) -> SweepSpec:
         self.grid.check(num_layers)
         self.method.check()
+        negative = [s for s in self.grid.strengths if s < 0]
+        if negative and not INJECTIONS[self.method.injection].signed_strengths:
+            raise EngramEvalError(f"--strengths: {negative[0]:g} is negative; a negative strength subtracts the engram, which "
+                                  f"applies to add and actadd injection, not {self.method.injection} (its vectors are "
+                                  "positions of their own)")
         self.extraction.check(list(self.grid.chunks))
         return self
 

@@ -18,6 +18,7 @@ import torch
 
 from ..backend.model import LoadedModel
 from ..bank.banks import Bank
+from ..bank.expressions import MalformedExpression, parse_expression
 from ..core.chunks import chunk_bounds
 from ..core.errors import EngramEvalError
 from ..core.registry import NULL_PREFIXES
@@ -82,15 +83,23 @@ def first_chunk_size(n_tokens: int, chunks: int) -> int:
 
 
 def bank_pairs(bank: Bank, names: list[str]) -> tuple[dict[str, str], list[tuple[str, str]]]:
-    """(source texts by name, pairs) of a bank: every pair of the named sources (null prefixes allowed), or without
-    names each question's relevant engram against each of its controls."""
+    """(source texts by name, pairs) of a bank: every pair of the named sources (null prefixes and expressions over the
+    sources, `a - b`, allowed), or without names each question's relevant engram against each of its controls."""
     known = set(bank.sources) | set(NULL_PREFIXES)
+    canonical = []
     for name in names:
         if name not in known:
-            raise EngramEvalError(f"{bank.path}: no source named '{name}' (known: {', '.join(sorted(bank.sources))}, "
-                                  f"{', '.join(NULL_PREFIXES)})")
+            try:
+                expression = parse_expression(name)
+            except MalformedExpression:
+                expression = None
+            if expression is None or not set(expression.names) <= set(bank.sources):
+                raise EngramEvalError(f"{bank.path}: no source named '{name}' (known: {', '.join(sorted(bank.sources))}, "
+                                      f"{', '.join(NULL_PREFIXES)}; or an expression over the sources such as 'a - b')")
+            name = str(expression)
+        canonical.append(name)
     if names:
-        pairs = list(itertools.combinations(dict.fromkeys(names), 2))
+        pairs = list(itertools.combinations(dict.fromkeys(canonical), 2))
     else:
         pairs = list(dict.fromkeys((q.engram, control) for q in bank.questions for control in q.controls))
     if not pairs:
@@ -101,7 +110,8 @@ def bank_pairs(bank: Bank, names: list[str]) -> tuple[dict[str, str], list[tuple
 def compare_engrams(lm: LoadedModel, texts: dict[str, str], pairs: list[tuple[str, str]], layers: list[int],
                     chunks: list[int], extraction: Extraction, store: EngramStore) -> pl.DataFrame:
     """Every pair at every layer and k -> one row of geometry. The reference set for the centred cosine is every source
-    in `texts` (all sources of the bank, or all given files); null prefixes are compared, never part of the reference."""
+    in `texts` (all sources of the bank, or all given files); null prefixes and expressions over the sources (their raw
+    vectors combined chunk by chunk) are compared, never part of the reference, and have no tokens to count or centre."""
     engrams: dict[tuple[str, int], torch.Tensor] = {}
     ids: dict[str, list[int]] = {}
     for name, text in texts.items():
@@ -114,14 +124,18 @@ def compare_engrams(lm: LoadedModel, texts: dict[str, str], pairs: list[tuple[st
             reference = torch.stack([engrams[(name, k)].engram.layers[layer] for name in texts]).mean(dim=0)
 
             def vectors(name: str) -> torch.Tensor:
-                return null_prefix(name, lm, k) if name in NULL_PREFIXES else engrams[(name, k)].engram.layers[layer]
+                if name in NULL_PREFIXES:
+                    return null_prefix(name, lm, k)
+                if name in texts:
+                    return engrams[(name, k)].engram.layers[layer]
+                return sum(weight * engrams[(source, k)].engram.layers[layer] for weight, source in parse_expression(name).terms)
 
             for a, b in pairs:
-                shared = None if a in NULL_PREFIXES or b in NULL_PREFIXES else shared_prefix_tokens(ids[a], ids[b])
+                shared = None if a not in texts or b not in texts else shared_prefix_tokens(ids[a], ids[b])
                 first = None if shared is None else extraction.skip_tokens + min(
                     first_chunk_size(len(ids[name]) - extraction.skip_tokens, k) for name in (a, b))
                 centred = None if shared is None else reference  # a null prefix is no residual-stream state: nothing to centre
-                tokens = [None if name in NULL_PREFIXES else len(ids[name]) for name in (a, b)]
+                tokens = [len(ids[name]) if name in texts else None for name in (a, b)]
                 rows.append({"model": lm.name, "a": a, "b": b, "layer": layer, "chunks": k, "pooling": extraction.pooling,
                              "skip_tokens": extraction.skip_tokens, **pair_geometry(vectors(a), vectors(b), centred, (a, b)),
                              "tokens_a": tokens[0], "tokens_b": tokens[1], "token_counts_differ": token_counts_differ(*tokens),

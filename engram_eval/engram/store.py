@@ -233,7 +233,7 @@ def bank_engrams(lm: LoadedModel, bank: Bank, store: EngramStore, layers: list[i
                  ) -> dict[tuple[str, int], StoredEngram]:
     """Every source engram the bank's questions use, by (source, k), from the store (built where it lacks them; one
     forward pass per source serves every k). on_ready hears of each as soon as it is in the store."""
-    needed = list(dict.fromkeys(name for q in bank.questions for name in (q.engram, *q.controls) if name not in NULL_PREFIXES))
+    needed = bank.source_names([name for q in bank.questions for name in (q.engram, *q.controls)])  # expressions: their sources
     engrams: dict[tuple[str, int], StoredEngram] = {}
     dominated: list[str] = []
     for name in needed:

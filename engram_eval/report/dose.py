@@ -5,7 +5,9 @@ A cell's dose is its neutral_kl (the neutral probe's mean KL on a passage, `swee
 else the question's kl_next (the KL of the next-token distribution after its prompt). Along one series (a question,
 an engram, a layer, a k), the log-improvement at a target dose is interpolated linearly in log strength between the
 two adjacent grid strengths whose doses bracket the target: no extrapolation, and a series whose dose is not monotone
-in strength is flagged (its first crossing is used). At each target dose, the relevant engram is compared with each
+in strength is flagged (its first crossing is used). Negative strengths (add, actadd: the engram subtracted) are series of
+their own in the side-effect table and are left out of the interpolation and the curves, which run along the positive
+strengths (a log strength needs one sign). At each target dose, the relevant engram is compared with each
 control kind on the questions that have both there: the paired sign-flip test, BH over the section."""
 
 from __future__ import annotations
@@ -106,7 +108,7 @@ def dose_matched_summary(frame: pl.DataFrame, run: dict, side_effects: pl.DataFr
     if frame.filter(pl.col("role") == "relevant").is_empty():
         return None
     cells = dosed_cells(frame, side_effects)
-    series = dose_series(cells, targets)
+    series = dose_series(cells.filter(pl.col("strength") > 0), targets)
     kinds = sorted(series["kind"].unique().to_list(), key=kind_order)
     relevant = series.filter((pl.col("kind") == "relevant") & pl.col("log_improvement").is_not_null())
     entries = []
@@ -159,7 +161,7 @@ def _strength_needed(series: pl.DataFrame, kinds: list[str], targets: tuple[floa
 
 def _curves(cells: pl.DataFrame, kinds: list[str]) -> dict[str, list[dict]]:
     """The figure's lines: per kind and grid strength, the median dose and the mean log-improvement."""
-    grouped = (cells.drop_nulls("dose").group_by("kind", "strength")
+    grouped = (cells.drop_nulls("dose").filter(pl.col("strength") > 0).group_by("kind", "strength")
                .agg(dose=pl.col("dose").median(), mean_log_improvement=pl.col("log_improvement").mean()).sort("strength"))
     return {kind: grouped.filter(pl.col("kind") == kind).select("strength", "dose", "mean_log_improvement").to_dicts()
             for kind in kinds}

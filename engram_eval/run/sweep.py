@@ -22,7 +22,7 @@ from ..core.spec import Execution, Observer, SweepSpec
 from ..engram.dominance import chunk_shares
 from ..engram.geometry import pair_geometry
 from ..engram.store import EngramStore, StoredEngram, bank_engrams, engram_label
-from ..steer.grid import Cell, question_cells, raw_vectors
+from ..steer.grid import Cell, engram_vectors, question_cells, raw_vectors
 from ..steer.prompts import PreparedQuestion, check_lengths, context_conditions, end_tokens, multi_token_warning, prepare_question, variant_token_warnings
 from ..steer.injection import check_strengths_fit
 from ..steer.scoring import auto_batch_size, score_cells
@@ -158,10 +158,10 @@ def anti_difference_signals(bank: Bank, engrams: dict[tuple[str, int], StoredEng
     layer (the chunk-count section of the report reads these)."""
     signals = []
     for q in bank.questions:
-        for anti in (c for c in q.controls if c not in NULL_PREFIXES and bank.sources[c].kind == "anti"):
+        for anti in (c for c in q.controls if c not in NULL_PREFIXES and bank.kind_of(c) == "anti"):
             for k in chunks:
                 for layer in layers:
-                    a, b = engrams[(q.engram, k)].engram.layers[layer], engrams[(anti, k)].engram.layers[layer]
+                    a, b = (engram_vectors(bank, name, layer, k, engrams) for name in (q.engram, anti))
                     signals.append({"question_id": q.id, "anti": anti, "chunks": k, "layer": layer,
                                     "difference_signal": pair_geometry(a, b)["difference_signal"]})
     return signals

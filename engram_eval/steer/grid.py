@@ -9,6 +9,7 @@ import torch
 
 from ..backend.model import LoadedModel
 from ..bank.banks import Bank, Question
+from ..bank.expressions import Expression
 from ..core.registry import INJECTIONS, NULL_PREFIXES
 from ..engram.nulls import NULL_KIND, null_prefix
 from ..engram.store import StoredEngram
@@ -16,8 +17,8 @@ from ..engram.store import StoredEngram
 
 @dataclass(frozen=True)
 class Cell:
-    engram: str  # a bank source's name, or a null prefix's ~name
-    engram_key: str | None  # the store key (None for a null prefix)
+    engram: str  # a bank source's name, an expression over them (`a - b`), or a null prefix's ~name
+    engram_key: str | None  # the store key (an expression: the same expression over its sources' keys; None: a null prefix)
     role: str  # relevant or control
     control_kind: str | None
     layer: int
@@ -60,17 +61,35 @@ def question_cells(question: Question, bank: Bank, keys: dict[tuple[str, int], s
     for k in chunks:
         for name, role in question_engrams(question):
             null = name in NULL_PREFIXES
-            kind = NULL_KIND if null else bank.sources[name].kind if role == "control" else None
+            kind = NULL_KIND if null else bank.kind_of(name) if role == "control" else None
+            key = None if null else engram_key(bank, name, k, keys)
             for layer in layers:
                 for strength in strengths:
-                    cells.append(Cell(name, None if null else keys[(name, k)], role, kind, layer, strength, k, context))
+                    cells.append(Cell(name, key, role, kind, layer, strength, k, context))
     return cells
+
+
+def engram_key(bank: Bank, name: str, k: int, keys: dict[tuple[str, int], str]) -> str:
+    """A source's store key; an expression's is the expression over its sources' keys (`3f2a... - 9c01...`)."""
+    expression = bank.expression(name)
+    return str(Expression(tuple((weight, keys[(source, k)]) for weight, source in expression.terms)))
+
+
+def engram_vectors(bank: Bank, name: str, layer: int, k: int, engrams: dict[tuple[str, int], StoredEngram]) -> torch.Tensor:
+    """A source's or an expression's raw vectors at a layer: the terms' weighted sum, chunk by chunk, in float32."""
+    terms = bank.expression(name).terms
+    return sum((weight * engrams[(source, k)].engram.layers[layer].float() for weight, source in terms[1:]),
+               terms[0][0] * engrams[(terms[0][1], k)].engram.layers[layer].float())
 
 
 def raw_vectors(lm: LoadedModel, bank: Bank, engrams: dict[tuple[str, int], StoredEngram], layers: list[int],
                 chunks: list[int]) -> dict[tuple[str, int, int], torch.Tensor]:
-    """Every engram's unscaled vectors by (name, layer, k); a null prefix is the same at every layer."""
+    """Every engram's unscaled vectors by (name, layer, k), expressions combined; a null prefix is the same at every
+    layer."""
     raw = {(name, layer, k): stored.engram.layers[layer] for (name, k), stored in engrams.items() for layer in layers}
+    combined = {name for q in bank.questions for name in (q.engram, *q.controls) if name not in NULL_PREFIXES and name not in bank.sources}
+    for name in sorted(combined):
+        raw.update({(name, layer, k): engram_vectors(bank, name, layer, k, engrams) for layer in layers for k in chunks})
     nulls = {name for q in bank.questions for name in q.controls if name in NULL_PREFIXES}
     for name in sorted(nulls):
         for k in chunks:

@@ -85,6 +85,7 @@ class Injection:
     site_depends_on_layer: ClassVar[bool] = False  # a null prefix (the same vectors at every layer) differs per layer
     hooks_blocks: ClassVar[bool] = False  # adds to decoder blocks' outputs while the model runs
     scopes_positions: ClassVar[bool] = False  # steers every position unless --positions scopes it (Steering.position_mask)
+    signed_strengths: ClassVar[bool] = False  # a negative strength subtracts what a positive one adds
     scalings: ClassVar[tuple[str, ...]] = SCALINGS
     scaling_refusal: ClassVar[str] = ""  # the error for a --scaling it does not take
 
@@ -122,6 +123,7 @@ class Add(Injection):
     name = "add"
     summary = "add them to the embeddings of the first k prompt tokens."
     needs_k_prompt_tokens = True
+    signed_strengths = True
 
     def inputs(self, steering: Steering, vectors: torch.Tensor, body: torch.Tensor) -> torch.Tensor:
         steered = body.clone()
@@ -138,6 +140,7 @@ class ActAdd(Injection):
     site_depends_on_layer = True
     hooks_blocks = True
     scopes_positions = True
+    signed_strengths = True
     scalings = ("global",)
     scaling_refusal = "--scaling: applies to prefix and add injection; actadd scales its direction by the residual stream's own norm"
 
