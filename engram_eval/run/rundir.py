@@ -31,16 +31,15 @@ def package_versions() -> dict[str, str]:
 
 # The part files' columns, as a short hash: resuming from parts of another format would mix schemas.
 RESULTS_FORMAT = hashlib.sha256(str(list(RESULT_SCHEMA.items())).encode()).hexdigest()[:8]
-# An actadd run that steers at the last layer: its direction there moved from the final norm's output to the last
-# block's (where it adds), so such runs written before cannot be resumed or read as they are.
+# A run that steers the last block's output (actadd at the last layer): its direction there moved from the final
+# norm's output to that block's, so such a run written before cannot be resumed as it is.
 LAST_BLOCK_SUFFIX = "+actadd-last-block"
+READABLE_FORMATS = (RESULTS_FORMAT, RESULTS_FORMAT + LAST_BLOCK_SUFFIX)
 
 
-def results_format(settings: dict, num_layers: int | None) -> str:
-    """The results format a run of these settings (run.json's) on a model of this depth writes."""
-    if settings.get("injection") == "actadd" and num_layers in settings.get("layers", ()):
-        return RESULTS_FORMAT + LAST_BLOCK_SUFFIX
-    return RESULTS_FORMAT
+def results_format(settings: SweepSettings, num_layers: int) -> str:
+    """The results format a run of these settings on a model of this depth writes."""
+    return RESULTS_FORMAT + LAST_BLOCK_SUFFIX if settings.steers_last_block(num_layers) else RESULTS_FORMAT
 
 # The neutral-text probe's record in run.json, its merged file and its parts (engram_eval.run.side_effects).
 SIDE_EFFECTS, SIDE_EFFECTS_FILE, SIDE_EFFECTS_PARTS = "side_effects", "side_effects.parquet", "side-effect-parts"
@@ -66,10 +65,9 @@ def read_run_json(out: Path) -> dict | None:
 
 def check_results_format(out: Path, run: dict) -> None:
     """Refuse a run whose rows have other columns than this engram-eval writes (one clear line, not a crash)."""
-    expected = results_format(run.get("settings") or {}, run.get("num_layers"))
-    if run.get("results_format") != expected:
+    if run.get("results_format") not in READABLE_FORMATS:
         raise EngramEvalError(f"{out} was written by another engram-eval version (results format "
-                              f"{run.get('results_format', 'unrecorded')}, now {expected}); rerun its sweep with --force")
+                              f"{run.get('results_format', 'unrecorded')}, now {RESULTS_FORMAT}); rerun its sweep with --force")
 
 
 def prepare_out(out: Path, settings: SweepSettings, force: bool, num_layers: int,
@@ -77,7 +75,7 @@ def prepare_out(out: Path, settings: SweepSettings, force: bool, num_layers: int
     """Create or reopen a run directory; refuse one that holds a run with other settings unless forced, and then
     remove everything derived from the old run. The parts' checksums carry over to a resumed run. An unreadable
     run.json with force keeps the parts whose rows carry these settings' run id (a hash of the settings)."""
-    current = results_format(settings.record(), num_layers)
+    current = results_format(settings, num_layers)
     fresh = {"settings": settings.record(), "run_id": settings.run_id, "status": "running", "results_format": current,
              "num_layers": num_layers, PART_CHECKSUMS: {}}
     try:

@@ -6,6 +6,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, replace
 
+from ..core.registry import INJECTIONS
 from ..core.spec import DEFAULT_MAX_TOKENS, SEED_EXTRACTION, SEED_METHOD, Extraction, Grid, Method, SweepSpec
 
 
@@ -66,7 +67,7 @@ class SweepSettings:
     def steers_last_block(self, num_layers: int) -> bool:
         """actadd at the last layer: its direction is taken from the last block's output (where it adds), not from the
         final norm's."""
-        return self.injection == "actadd" and num_layers in self.layers
+        return INJECTIONS[self.injection].hooks_blocks and num_layers in self.layers
 
     def extraction_for(self, num_layers: int) -> Extraction:
         """How this run's engrams are extracted from a model of this depth."""
