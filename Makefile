@@ -35,8 +35,10 @@ bench: $(VENV)/.installed
 	$(BIN)/engram-eval bench
 
 # docs/findings.md: the medical bank with the seed default, without the first token's massive activation, with per-chunk
-# scaling, and with activation addition; the controls tables side by side (about 10 minutes on 2 CPU cores).
+# scaling, with activation addition and with learned engrams (the upper bound, on a step budget: 13 sources x 5 layers
+# x LEARN_STEPS steps at about 0.8 s a step); the controls tables side by side (about 30 minutes on 2 CPU cores).
 FINDINGS := reports/findings
+LEARN_STEPS = 25
 # The capitals bank's default grid: 192 questions x (4 sources x 3 layers x 3 strengths + 2 null prefixes x 3) in
 # about 6 minutes on the 2-core machine (docs/performance.md).
 CAPITALS_GRID = --layers 8,16,24 --strengths 1,5,10
@@ -46,9 +48,11 @@ findings: $(VENV)/.installed
 	$(BIN)/engram-eval sweep questions/medical_traps.yaml --skip-tokens 1 --out $(FINDINGS)/skip-tokens-1 --force --quiet
 	$(BIN)/engram-eval sweep questions/medical_traps.yaml --scaling per-chunk --out $(FINDINGS)/per-chunk --force --quiet
 	$(BIN)/engram-eval sweep questions/medical_traps.yaml --injection actadd --out $(FINDINGS)/actadd --force --quiet
+	$(BIN)/engram-eval sweep questions/medical_traps.yaml --pooling learned --learn-steps $(LEARN_STEPS) --out $(FINDINGS)/learned --force --quiet
 	$(BIN)/engram-eval sweep questions/capitals.yaml $(CAPITALS_GRID) --out $(FINDINGS)/capitals --force --quiet
 	$(BIN)/python docs/findings.py "seed default=$(FINDINGS)/seed" "--skip-tokens 1=$(FINDINGS)/skip-tokens-1" \
 		"--scaling per-chunk=$(FINDINGS)/per-chunk" "--injection actadd=$(FINDINGS)/actadd" \
+		"--pooling learned ($(LEARN_STEPS) steps)=$(FINDINGS)/learned" \
 		--large "capitals, seed default=$(FINDINGS)/capitals" > docs/findings.md
 
 # Mutation testing of the report, statistics, evidence, check, rendering and report/check command modules with mutmut

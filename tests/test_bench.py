@@ -79,6 +79,10 @@ def test_bench_ratios_are_computed_from_the_same_run(tiny, tiny_bank, injection)
     # strengths), its cost the probe's seconds over the sweep's.
     assert r["side_effect_cells"] == 4 * 2 * 2 and r["side_effects_seconds"] > 0
     assert r["side_effects_cost"] == pytest.approx(r["side_effects_seconds"] / r["sweep_seconds"])
+    # --pooling learned: its steps (no plateau at lr 1) over one forward pass of its objective, and 200 of them.
+    assert r["learned_steps"] == 8 and r["learned_forward_seconds"] > 0
+    assert r["learned_step_over_forward"] == pytest.approx(r["learned_seconds_per_step"] / r["learned_forward_seconds"])
+    assert r["learned_default_seconds"] == pytest.approx(200 * r["learned_seconds_per_step"])
     # Start-up, in fresh interpreters: each ratio is its time over `python -c pass`'s, from the same run.
     assert r["startup_help_ratio"] == pytest.approx(r["startup_help_seconds"] / r["startup_python_seconds"])
     assert r["startup_report_ratio"] == pytest.approx(r["startup_report_seconds"] / r["startup_python_seconds"])

@@ -17,6 +17,7 @@ from engram_eval.bank.banks import load_bank
 from engram_eval.run.distributed import TEST_KILL_ONCE, RayOptions
 from engram_eval.core.errors import EngramEvalError
 from engram_eval.run.generation import run_generate
+from engram_eval.run.rundir import PART_CHECKSUMS
 from engram_eval.engram.store import EngramStore
 from conftest import flat_sweep
 
@@ -94,7 +95,15 @@ def test_a_killed_driver_leaves_whole_parts_and_a_rerun_resumes(cluster, tiny_mo
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     process = subprocess.Popen(sweep_command("cut"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     parts, deadline = tmp_path / "cut/parts", time.monotonic() + 120
-    while len(list(parts.glob("*.parquet")) if parts.exists() else []) < 1 and process.poll() is None and time.monotonic() < deadline:
+
+    def recorded() -> int:
+        """Parts run.json vouches for (a part is written, then its checksum: a kill between them recomputes it)."""
+        try:
+            return len(json.loads((tmp_path / "cut/run.json").read_text()).get(PART_CHECKSUMS, {}))
+        except (OSError, ValueError):
+            return 0
+
+    while recorded() < 1 and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
     assert process.poll() is None  # still running when killed
     process.send_signal(signal.SIGKILL)

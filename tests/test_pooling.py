@@ -92,7 +92,7 @@ def test_one_forward_pass_serves_every_k(tiny, tmp_path):
     (dict(pooling="pca"), "source 'short': {n} tokens, at most k = 8: --pooling pca needs more than k (the centred states have rank n - 1)"),
     (dict(skip_tokens=1), "source 'short': --skip-tokens 1 leaves {m} tokens, fewer than k = 8"),
     (dict(window=4), "--window: 4 tokens is smaller than k = 8"),
-    (dict(pooling="median"), "--pooling: unknown 'median' (one of: mean, last, pca)"),
+    (dict(pooling="median"), "--pooling: unknown 'median' (one of: mean, last, pca, learned)"),
 ])
 def test_sources_a_pooling_cannot_use_are_refused_naming_them(tiny, tmp_path, extraction, message):
     from engram_eval.engram.extraction import Extraction

@@ -5,13 +5,13 @@ file there raises EROFS), so the test needs no privileges to mount a file system
 
 import errno
 import os
-import tempfile
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 import engram_eval.backend.model as model_module
+from engram_eval.core import files
 from engram_eval.cli import cli
 
 
@@ -31,7 +31,7 @@ def swept(tiny_model_dir, tiny_bank, tmp_path):
 def read_only(monkeypatch):
     """make(folder): from now on, folder is on a read-only file system as far as this process can tell."""
     folders: list[Path] = []
-    real_access, real_mkstemp = os.access, tempfile.mkstemp
+    real_access, real_create = os.access, files.create_exclusive
 
     def inside(path) -> bool:
         return any(Path(path).absolute().is_relative_to(folder) for folder in folders)
@@ -39,13 +39,13 @@ def read_only(monkeypatch):
     def access(path, mode, *args, **kwargs):
         return False if inside(path) and mode & os.W_OK else real_access(path, mode, *args, **kwargs)
 
-    def mkstemp(*args, dir=None, **kwargs):
-        if dir is not None and inside(dir):
-            raise OSError(errno.EROFS, "Read-only file system", str(dir))
-        return real_mkstemp(*args, dir=dir, **kwargs)
+    def create_exclusive(path):
+        if inside(Path(path).parent):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_create(path)
 
     monkeypatch.setattr(os, "access", access)
-    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    monkeypatch.setattr(files, "create_exclusive", create_exclusive)  # where atomic_replace creates its temporary
     return lambda folder: folders.append(Path(folder).absolute())
 
 

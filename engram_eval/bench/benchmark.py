@@ -23,7 +23,7 @@ import torch
 from ..backend.model import LoadedModel
 from ..bank.banks import Bank, Question
 from ..core.registry import INJECTIONS, NULL_PREFIXES
-from ..core.spec import QUIET, SEED_METHOD, Execution, RayOptions, SweepSpec
+from ..core.spec import LEARNED_POOLING, QUIET, SEED_METHOD, Execution, Extraction, RayOptions, SweepSpec
 from ..engram.nulls import null_prefix
 from ..engram.pooling import chunk_mean
 from ..engram.store import EngramStore
@@ -151,6 +151,7 @@ def run_bench(lm: LoadedModel, bank: Bank, layers: list[int], strengths: list[fl
         finished = time.perf_counter()
         matmul_rates.append(probe.rate(probe_seconds))
         side_effects = bench_side_effects(lm, bank, store, result, spec, batch_size)
+        learned = bench_learned(lm, bank.sources[sources[0]].text, layers[0], chunks)
         generation = bench_generation(lm, result.out, generation_cells, max_new_tokens) if generation_cells else {}
         attention = bench_attention(lm, bank, store, Path(tmp), layers, strengths, chunks, injection)
         startup = bench_startup(result.out)
@@ -179,6 +180,7 @@ def run_bench(lm: LoadedModel, bank: Bank, layers: list[int], strengths: list[fl
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "sweep_rss_quarter_mib": rss.at(0.25), "sweep_rss_end_mib": rss.at(1.0),
         **side_effects,
+        **learned,
         **generation,
         **attention,
         **startup,
@@ -228,6 +230,36 @@ def bench_side_effects(lm: LoadedModel, bank: Bank, store: EngramStore, swept: S
     sweep_seconds = swept.run["timings"]["sweep_seconds"]
     return {"side_effect_cells": probed.run["side_effects"]["cells"]["total"], "side_effects_seconds": seconds,
             "sweep_seconds": sweep_seconds, "side_effects_cost": seconds / sweep_seconds}
+
+
+LEARN_BENCH_STEPS = 8
+
+
+def bench_learned(lm: LoadedModel, text: str, layer: int, chunks: int) -> dict:
+    """--pooling learned on one source at one layer: seconds per optimisation step (forward and backward of the
+    reconstruction objective, the update and the projection), that step over one forward pass of the objective alone,
+    and what the default 200 steps would take per source, layer and k."""
+    from ..engram.extraction import extract_engram, tokenize_source
+    from ..engram.learned import learn_vectors, reconstruct_objective
+
+    extraction = Extraction(pooling=LEARNED_POOLING, learn_steps=LEARN_BENCH_STEPS, learn_lr=1.0)  # no plateau this soon
+    ids = tokenize_source(lm, text, extraction.max_tokens)[0]
+    initial = extract_engram(lm, text, [layer], chunks).layers[layer]
+    started = time.perf_counter()
+    learned = learn_vectors(lm, initial, ids, extraction)
+    seconds = time.perf_counter() - started
+    objective = reconstruct_objective(lm, ids)
+    with torch.inference_mode():
+        objective(learned.vectors.to(lm.device))  # warm-up
+        forward_started = time.perf_counter()
+        for _ in range(3):
+            objective(learned.vectors.to(lm.device))
+        forward = (time.perf_counter() - forward_started) / 3
+    steps = learned.steps
+    per_step = max(seconds - 2 * forward, 0.0) / steps  # learning also evaluates the objective before and after
+    return {"learned_steps": steps, "learned_seconds_per_step": per_step, "learned_forward_seconds": forward,
+            "learned_step_over_forward": per_step / forward,
+            "learned_default_seconds": Extraction().learn_steps * per_step}
 
 
 def bench_startup(run_dir: Path, trials: int = 5) -> dict:

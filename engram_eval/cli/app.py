@@ -14,7 +14,7 @@ from rich.console import Console
 from .._version import __version__
 from ..core.errors import EngramEvalError, Terminated
 from ..core.registry import POOLINGS, Registry
-from ..core.spec import SEED_EXTRACTION, Extraction, RayOptions
+from ..core.spec import LEARN_OBJECTIVES, SEED_EXTRACTION, Extraction, RayOptions
 
 stderr = Console(stderr=True)
 
@@ -174,12 +174,42 @@ def extraction_options(command: Callable) -> Callable:
                        "(no --max-tokens truncation; memory bounded by one window).")
     @click.option("--max-tokens", default=SEED_EXTRACTION.max_tokens, show_default=True, type=click.IntRange(min=1),
                   help="Without --window, truncate source texts at this many tokens (reported when it happens).")
+    @click.option("--learn-objective", type=click.Choice(LEARN_OBJECTIVES), default=SEED_EXTRACTION.learn_objective,
+                  show_default=True,
+                  help="--pooling learned: reconstruct minimises the cross-entropy of the source's tokens given the k "
+                       "vectors; distill the KL from the model reading the source before each probe prompt to the model "
+                       "reading the vectors before it.")
+    @click.option("--learn-steps", default=SEED_EXTRACTION.learn_steps, show_default=True, type=int,
+                  help="--pooling learned: at most this many AdamW steps per layer and k (it stops earlier once the loss "
+                       "improves by less than 1e-4 over 20 steps).")
+    @click.option("--learn-lr", default=SEED_EXTRACTION.learn_lr, show_default=True, type=float,
+                  help="--pooling learned: AdamW's learning rate (betas 0.9, 0.9; no weight decay).")
+    @click.option("--learn-seed", default=SEED_EXTRACTION.learn_seed, show_default=True, type=int,
+                  help="--pooling learned: seeds torch's generator while learning (recorded with the engram).")
+    @click.option("--learn-probes", "learn_probes_file", type=click.Path(dir_okay=False, path_type=Path),
+                  help="--learn-objective distill: probe prompts, one per line [default: a bundled set of 10 generic "
+                       "prompts that mention no bank's answers]. The bank's questions are never used.")
     @functools.wraps(command)
-    def wrapper(pooling: str, skip_tokens: int, window: int | None, max_tokens: int, **kwargs):
-        extraction = Extraction(pooling=pooling, skip_tokens=skip_tokens, window=window, max_tokens=max_tokens)
+    def wrapper(pooling: str, skip_tokens: int, window: int | None, max_tokens: int, learn_objective: str, learn_steps: int,
+                learn_lr: float, learn_seed: int, learn_probes_file: Path | None, **kwargs):
+        probes = None if learn_probes_file is None else read_probes(learn_probes_file)
+        extraction = Extraction(pooling=pooling, skip_tokens=skip_tokens, window=window, max_tokens=max_tokens,
+                                learn_objective=learn_objective, learn_steps=learn_steps, learn_lr=learn_lr,
+                                learn_seed=learn_seed, learn_probes=probes)
+        extraction.check_learning()
         return command(extraction=extraction, **kwargs)
 
     return wrapper
+
+
+def read_probes(path: Path) -> tuple[str, ...]:
+    """--learn-probes FILE: its non-empty lines, or one line saying why not."""
+    from ..core.files import read_text
+
+    probes = tuple(line.strip() for line in read_text(path, "--learn-probes file").splitlines() if line.strip())
+    if not probes:
+        raise EngramEvalError(f"{path}: --learn-probes file has no probe prompts (one per line)")
+    return probes
 
 
 def batch_size_option(help: str) -> Callable:

@@ -87,6 +87,9 @@ def bench(load_lm, bank_path: Path, layers_text: str, strengths_text: str, loop_
                   f"{100 * r['side_effects_cost']:.0f}% of its time ({r['side_effect_cells']} distinct cells, "
                   f"{r['side_effects_seconds']:.2f} s)")
     table.add_row("sweep with --record-attention (eager attention) / without", f"{r['attention_cost']:.2f}x the time")
+    table.add_row("--pooling learned: one step / one forward pass of its objective",
+                  f"{r['learned_seconds_per_step']:.3f} s / {r['learned_forward_seconds']:.3f} s = {r['learned_step_over_forward']:.1f}x "
+                  f"({r['learned_default_seconds']:.1f} s per source, layer and k at the default 200 steps)")
     table.add_row("start-up: --help / report of the bench's run / python -c pass",
                   f"{r['startup_help_seconds']:.2f} s ({r['startup_help_ratio']:.1f}x) / {r['startup_report_seconds']:.2f} s "
                   f"({r['startup_report_ratio']:.1f}x) / {r['startup_python_seconds']:.3f} s (targets: under 1 s and 3 s)")

@@ -24,6 +24,8 @@ DEFAULT_STRENGTHS = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0)
 SCALINGS = ("global", "per-chunk")
 CONTEXTS = ("with", "without", "both")
 POSITIONS = ("all", "prompt", "answer", "last")
+LEARNED_POOLING = "learned"  # the pooling whose k vectors are optimised against the model (engram_eval.engram.learned)
+LEARN_OBJECTIVES = ("reconstruct", "distill")
 
 
 def valid_layers(num_layers: int) -> str:
@@ -90,18 +92,53 @@ class Extraction:
     # The last layer from the last block's output, before the final norm: where actadd adds its vector and measures s
     # (hidden_states[num_layers] is the final norm's output). Every other layer is the same either way.
     block_output: bool = False
+    # --pooling learned: what the k vectors are optimised for, how long, how fast; distill's probe prompts (None: the
+    # bundled set)
+    learn_objective: str = "reconstruct"
+    learn_steps: int = 200
+    learn_lr: float = 1e-2
+    learn_seed: int = 0
+    learn_probes: tuple[str, ...] | None = None
 
     @property
     def is_seed(self) -> bool:
         return (self.pooling, self.skip_tokens, self.window, self.block_output) == (SEED_POOLING, 0, None, False)
 
+    @property
+    def learns(self) -> bool:
+        return self.pooling == LEARNED_POOLING
+
     def check(self, chunks: list[int]) -> Extraction:
         POOLINGS[self.pooling]
+        self.check_learning()
         if self.skip_tokens < 0:
             raise EngramEvalError(f"--skip-tokens: must be at least 0 (got {self.skip_tokens})")
         if self.window is not None and self.window < max(chunks):
             raise EngramEvalError(f"--window: {self.window} tokens is smaller than k = {max(chunks)}")
         return self
+
+    def check_learning(self) -> None:
+        default = SEED_EXTRACTION
+        if not self.learns:
+            for option, value, unset in (("--learn-objective", self.learn_objective, default.learn_objective),
+                                         ("--learn-steps", self.learn_steps, default.learn_steps),
+                                         ("--learn-lr", self.learn_lr, default.learn_lr),
+                                         ("--learn-seed", self.learn_seed, default.learn_seed),
+                                         ("--learn-probes", self.learn_probes, default.learn_probes)):
+                if value != unset:
+                    raise EngramEvalError(f"{option}: applies to --pooling {LEARNED_POOLING} (this is --pooling {self.pooling})")
+            return
+        if self.learn_objective not in LEARN_OBJECTIVES:
+            raise EngramEvalError(f"--learn-objective: unknown '{self.learn_objective}' (one of: {', '.join(LEARN_OBJECTIVES)})")
+        if self.learn_steps < 1:
+            raise EngramEvalError(f"--learn-steps: must be at least 1 (got {self.learn_steps})")
+        if not (math.isfinite(self.learn_lr) and self.learn_lr > 0):
+            raise EngramEvalError(f"--learn-lr: must be finite and > 0 (got {self.learn_lr:g})")
+        if self.window is not None:
+            raise EngramEvalError(f"--window: does not apply to --pooling {LEARNED_POOLING} (its objective runs the whole "
+                                  "source, cut at --max-tokens)")
+        if self.learn_probes is not None and self.learn_objective != "distill":
+            raise EngramEvalError("--learn-probes: applies to --learn-objective distill")
 
 
 SEED_POOLING = Extraction.pooling
@@ -179,6 +216,10 @@ class SweepSpec:
     def check(self, num_layers: int | None = None) -> SweepSpec:
         self.grid.check(num_layers)
         self.method.check()
+        if self.extraction.learns and not INJECTIONS[self.method.injection].takes_learned:
+            raise EngramEvalError(f"--pooling {LEARNED_POOLING}: learned vectors live in the input-embedding space, and "
+                                  f"--injection {self.method.injection} adds a residual-stream direction at layer L; use "
+                                  "prefix or add injection")
         negative = [s for s in self.grid.strengths if s < 0]
         if negative and not INJECTIONS[self.method.injection].signed_strengths:
             raise EngramEvalError(f"--strengths: {negative[0]:g} is negative; a negative strength subtracts the engram, which "

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -10,6 +10,7 @@ from ..backend.model import LoadedModel
 from ..core.errors import EngramEvalError
 from ..core.registry import POOLINGS
 from ..core.spec import DEFAULT_CHUNKS, DEFAULT_MAX_TOKENS, SEED_EXTRACTION, Extraction, check_chunks, check_layers
+from .learned import learn_vectors
 from .pooling import check_pooled_length
 
 @dataclass
@@ -22,6 +23,14 @@ class Engram:
     chunks: int
     extraction: Extraction = SEED_EXTRACTION
     windows: int = 1
+    learning: dict[int, LearningRecord] | None = None  # --pooling learned: per layer, how its optimisation went
+
+
+@dataclass(frozen=True)
+class LearningRecord:
+    steps: int
+    loss_init: float
+    loss_final: float
 
 
 CHARS_PER_TOKEN_GUESS = 8  # a generous first guess: a prefix this long usually holds more tokens than are kept
@@ -85,11 +94,22 @@ def extract_engrams(
         for pooler in poolers.values():
             pooler.add(states)
     windows = -(-n // size)
-    return {
+    engrams = {
         k: Engram(layers={layer: vectors[i] for i, layer in enumerate(layers)}, n_tokens=n, truncated=truncated,
                   chunks=k, extraction=extraction, windows=windows)
         for k, vectors in ((k, pooler.result()) for k, pooler in poolers.items())
     }
+    return {k: learned(lm, engram, ids, source) for k, engram in engrams.items()} if extraction.learns else engrams
+
+
+def learned(lm: LoadedModel, engram: Engram, ids: list[int], source: str) -> Engram:
+    """--pooling learned: each layer's chunk means, optimised against the model (engram_eval.engram.learned)."""
+    layers, records = {}, {}
+    for layer, initial in engram.layers.items():
+        result = learn_vectors(lm, initial, ids, engram.extraction, f"learn {source} L{layer} k{engram.chunks}")
+        layers[layer] = result.vectors
+        records[layer] = LearningRecord(result.steps, result.loss_init, result.loss_final)
+    return replace(engram, layers=layers, learning=records)
 
 
 def forward_states(lm: LoadedModel, window: torch.Tensor, last_block_output: bool) -> list[torch.Tensor]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from importlib.resources import files
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +41,23 @@ def engram_key(model_fingerprint: str, source_sha256: str, chunks: int, n_tokens
         identity += f"|{extraction.pooling}|{extraction.skip_tokens}|{extraction.window}"
     if extraction.block_output:
         identity += "|block-output"
+    if extraction.learns:
+        identity += (f"|{extraction.learn_objective}|{extraction.learn_steps}|{extraction.learn_lr!r}|{extraction.learn_seed}"
+                     f"|{probes_sha256(extraction)}")
     return hashlib.sha256(identity.encode()).hexdigest()[:16]
+
+
+def learn_probes(extraction: Extraction) -> tuple[str, ...]:
+    """distill's probe prompts: the user's (--learn-probes), or the bundled ones (engram/learn_probes.txt)."""
+    if extraction.learn_probes is not None:
+        return extraction.learn_probes
+    text = files("engram_eval.engram").joinpath("learn_probes.txt").read_text(encoding="utf-8")
+    return tuple(line.strip() for line in text.splitlines() if line.strip())
+
+
+def probes_sha256(extraction: Extraction) -> str:
+    """What the key and the metadata record of the probes: their sha256 under distill, '-' otherwise."""
+    return text_sha256("\n".join(learn_probes(extraction))) if extraction.learn_objective == "distill" else "-"
 
 
 def safe_name(name: str) -> str:

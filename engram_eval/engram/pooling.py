@@ -172,3 +172,14 @@ def check_pooled_length(source: str, pooled: int, chunks: int, pooling: str, ski
     if skip_tokens and pooled < chunks:
         raise EngramEvalError(f"source '{source}': --skip-tokens {skip_tokens} leaves {pooled} tokens, fewer than k = {chunks}")
     POOLINGS[pooling].check_length(source, pooled, chunks, skipped)
+
+
+@POOLINGS.register
+class LearnedPooler(MeanPooler):
+    """The seed's chunk means as the starting point; engram_eval.engram.learned then optimises them against the model
+    (the extraction does, since it needs the model: a pooler only sees states)."""
+
+    name = "learned"
+    summary = ("k vectors in the input-embedding space, initialised from the chunk means at the seed's scale and optimised "
+               "against the frozen model (--learn-objective reconstruct: the source's tokens given the vectors; distill: "
+               "the model's predictions on probe prompts after the source).")

@@ -3,6 +3,7 @@ built from a model where it lacks one (the files themselves are `files.StoreFile
 
 from __future__ import annotations
 
+import json
 import os
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
@@ -23,7 +24,7 @@ from ..core.registry import NULL_PREFIXES
 from ..core.spec import DEFAULT_MAX_TOKENS, SEED_EXTRACTION, SEED_POOLING, Extraction
 from .dominance import dominance, dominance_warning
 from .extraction import Engram, extract_engrams, source_ids
-from .files import FORMAT_VERSION, StoreFiles, arrays_sha256, engram_key, text_sha256, unusable_layer
+from .files import FORMAT_VERSION, StoreFiles, arrays_sha256, engram_key, probes_sha256, text_sha256, unusable_layer
 
 
 LAST_BLOCK_OUTPUT = "block-output"  # metadata `last_layer`: the last layer taken before the final norm (actadd's site)
@@ -201,11 +202,24 @@ class EngramStore(StoreFiles):
                     "window": "none" if extraction.window is None else str(extraction.window),
                     "windows": str(engram.windows),
                     **({"last_layer": LAST_BLOCK_OUTPUT} if extraction.block_output else {}),
+                    **learning_metadata(engram, extraction),
                     "layers": ",".join(str(layer) for layer in sorted(wanted)),
                     "engram_eval_version": __version__,
                     "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 }
                 found[k] = (StoredEngram(path=path, engram=engram, metadata=self.save(engram, metadata, path)), status)
+
+
+def learning_metadata(engram: Engram, extraction: Extraction) -> dict[str, str]:
+    """--pooling learned: the objective and its settings, and per layer the steps run and the objective's value at the
+    initial and the stored vectors (JSON objects by layer)."""
+    if engram.learning is None:
+        return {}
+    per_layer = lambda field: json.dumps({str(layer): getattr(record, field) for layer, record in sorted(engram.learning.items())})  # noqa: E731
+    return {"learn_objective": extraction.learn_objective, "learn_steps": str(extraction.learn_steps),
+            "learn_lr": repr(extraction.learn_lr), "learn_seed": str(extraction.learn_seed),
+            "learn_probes_sha256": probes_sha256(extraction), "learn_steps_run": per_layer("steps"),
+            "learn_loss_init": per_layer("loss_init"), "learn_loss_final": per_layer("loss_final")}
 
 
 def engram_warnings(name: str, stored: StoredEngram) -> list[str]:

@@ -35,6 +35,11 @@ class SweepSettings:
     context: str = SEED_METHOD.context
     record_attention: bool = SEED_METHOD.record_attention
     positions: str = SEED_METHOD.positions
+    learn_objective: str = SEED_EXTRACTION.learn_objective
+    learn_steps: int = SEED_EXTRACTION.learn_steps
+    learn_lr: float = SEED_EXTRACTION.learn_lr
+    learn_seed: int = SEED_EXTRACTION.learn_seed
+    learn_probes: list[str] | None = None
 
     @classmethod
     def of(cls, spec: SweepSpec, *, model: str, model_fingerprint: str, bank: str, bank_sha256: str,
@@ -48,6 +53,9 @@ class SweepSettings:
             max_tokens=extraction.max_tokens, pooling=extraction.pooling, skip_tokens=extraction.skip_tokens,
             window=extraction.window, scaling=method.scaling, context=method.context,
             record_attention=method.record_attention, positions=method.positions,
+            learn_objective=extraction.learn_objective, learn_steps=extraction.learn_steps, learn_lr=extraction.learn_lr,
+            learn_seed=extraction.learn_seed,
+            learn_probes=None if extraction.learn_probes is None else list(extraction.learn_probes),
         )
 
     @property
@@ -62,7 +70,10 @@ class SweepSettings:
 
     @property
     def extraction(self) -> Extraction:
-        return Extraction(pooling=self.pooling, skip_tokens=self.skip_tokens, window=self.window, max_tokens=self.max_tokens)
+        return Extraction(pooling=self.pooling, skip_tokens=self.skip_tokens, window=self.window, max_tokens=self.max_tokens,
+                          learn_objective=self.learn_objective, learn_steps=self.learn_steps, learn_lr=self.learn_lr,
+                          learn_seed=self.learn_seed,
+                          learn_probes=None if self.learn_probes is None else tuple(self.learn_probes))
 
     def steers_last_block(self, num_layers: int) -> bool:
         """actadd at the last layer: its direction is taken from the last block's output (where it adds), not from the
@@ -84,4 +95,6 @@ class SweepSettings:
         return hashlib.sha256(json.dumps(self.record(), sort_keys=True).encode()).hexdigest()[:12]
 
 
-RECORDED_WHEN_SET = {"positions": SEED_METHOD.positions}
+RECORDED_WHEN_SET = {"positions": SEED_METHOD.positions, "learn_objective": SEED_EXTRACTION.learn_objective,
+                     "learn_steps": SEED_EXTRACTION.learn_steps, "learn_lr": SEED_EXTRACTION.learn_lr,
+                     "learn_seed": SEED_EXTRACTION.learn_seed, "learn_probes": None}

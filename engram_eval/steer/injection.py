@@ -86,6 +86,7 @@ class Injection:
     hooks_blocks: ClassVar[bool] = False  # adds to decoder blocks' outputs while the model runs
     scopes_positions: ClassVar[bool] = False  # steers every position unless --positions scopes it (Steering.position_mask)
     signed_strengths: ClassVar[bool] = False  # a negative strength subtracts what a positive one adds
+    takes_learned: ClassVar[bool] = True  # injects input-embedding vectors, which --pooling learned optimises
     scalings: ClassVar[tuple[str, ...]] = SCALINGS
     scaling_refusal: ClassVar[str] = ""  # the error for a --scaling it does not take
 
@@ -141,6 +142,7 @@ class ActAdd(Injection):
     hooks_blocks = True
     scopes_positions = True
     signed_strengths = True
+    takes_learned = False
     scalings = ("global",)
     scaling_refusal = "--scaling: applies to prefix and add injection; actadd scales its direction by the residual stream's own norm"
 
