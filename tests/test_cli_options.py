@@ -90,6 +90,7 @@ OPTION_TESTS = {
     "report --question": "test_report_question_drills_down_to_that_questions_rows",
     "report --split": "test_report_split_chooses_on_the_seeds_half",
     "report --doses": "test_dose.py::test_doses_option_sets_the_targets_and_bad_doses_are_one_line",
+    "report --ladder": "test_experiments.py::test_the_rag_ladder_recounts_each_rung_on_the_same_questions_across_runs",
     # check
     "check --baseline": "test_check_tolerances_and_update",
     "check --rtol": "test_check_tolerances_and_update",

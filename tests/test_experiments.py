@@ -1,3 +1,6 @@
+import json
+
+import polars as pl
 import pytest
 
 from engram_eval.report.summary import summarize
@@ -59,6 +62,57 @@ def test_rag_priming_compares_the_four_conditions_on_the_same_questions(tiny, tm
     assert (rag["conditions"][0]["layer"], rag["conditions"][0]["strength"]) == best
     assert sorted(q["question_id"] for q in summarize(frame, run)["questions"]) == [
         f"{q} {c}context" for q in ("q1", "q2", "q3") for c in "+-"]  # each condition is its own, labelled unit
+
+
+def test_the_rag_ladder_recounts_each_rung_on_the_same_questions_across_runs(tiny, tmp_path):
+    """null prefix / mean engram / learned engram (another run, --ladder) / the context itself, without the context for
+    the engram rungs, each at its best cell: recounted from the rows."""
+    from engram_eval.core.spec import Extraction
+    from engram_eval.report.rendering import render_markdown
+    from engram_eval.report.summary import load_run
+    from conftest import sweep, write_tiny_bank
+
+    bank_path = write_tiny_bank(tmp_path)
+    text = bank_path.read_text().replace("  engram: topic\n", "  engram: topic\n  context: \"Alpha blockers come first.\"\n")
+    bank_path.write_text(text.replace("controls: [stars, noise, anti]", "controls: [stars, ~gaussian]"))
+    grid = dict(layers=[1, 3], strengths=[1.0, 20.0], context="both")
+    mean = sweep(tiny, bank_path, tmp_path / "mean", **grid)
+    learned = sweep(tiny, bank_path, tmp_path / "learned", extraction=Extraction(pooling="learned", learn_steps=3), **grid)
+    frame, run = load_run(mean.out)
+    other = load_run(learned.out)
+    summary = summarize(frame, run, ladder=[("learned run", *other)])
+    ladder = summary["rag"]["ladder"]
+    assert [r["rung"] for r in ladder] == ["no engram", "null prefix", "mean engram (this run)", "learned engram (learned run)",
+                                           "context in the prompt, no engram"]
+
+    def best(rows, keep) -> int:
+        cells = {}
+        for r in rows:
+            if keep(r) and r["context"] is False:
+                key = (r["engram"], r["layer"], r["strength"])
+                cells[key] = cells.get(key, 0) + r["correct_after"]
+        return max(cells.values())
+
+    rows, other_rows = frame.to_dicts(), other[0].to_dicts()
+    assert ladder[0]["k"] == sum(r["correct_before"] for r in rows if r["role"] == "baseline" and r["context"] is False)
+    assert ladder[1]["k"] == best(rows, lambda r: r["engram"] == "~gaussian")
+    assert ladder[2]["k"] == best(rows, lambda r: r["role"] == "relevant")
+    assert ladder[3]["k"] == best(other_rows, lambda r: r["role"] == "relevant")
+    assert ladder[4]["k"] == sum(r["correct_before"] for r in rows if r["role"] == "baseline" and r["context"] is True)
+    assert {r["n"] for r in ladder} == {3}
+    assert "RAG ladder: the same 3 questions" in render_markdown(summary)
+    from click.testing import CliRunner
+
+    from engram_eval.cli import cli
+
+    shown = CliRunner().invoke(cli, ["report", str(mean.out), "--ladder", str(learned.out), "--format", "json"])
+    assert shown.exit_code == 0, shown.output
+    got = json.loads(shown.output)["rag"]["ladder"]
+    assert [r["k"] for r in got] == [r["k"] for r in ladder] and got[3]["rung"] == f"learned engram ({learned.out})"
+    from engram_eval.core.errors import EngramEvalError
+
+    with pytest.raises(EngramEvalError, match=r"^--ladder partial: lacks questions q3 of this run's with a context$"):
+        summarize(frame, run, ladder=[("partial", other[0].filter(pl.col("question_id") != "q3"), other[1])])
 
 
 def test_the_chunk_count_section_recounts_the_seed_table(tiny, tiny_bank, tmp_path):

@@ -31,8 +31,12 @@ from .app import cli, stdout
               help="The dose-matched comparison's target doses, in nats of KL: the neutral probe's neutral_kl when the sweep "
                    "ran with --neutral, else each question's kl_next; the relevant engram and each control are compared at "
                    "each dose, interpolated along the strength axis.")
+@click.option("--ladder", "ladder_runs", multiple=True, type=click.Path(file_okay=False, path_type=Path), metavar="RUN",
+              help="Another run of the bank (a learned-engram run, say) whose engram joins the RAG section's ladder: no "
+                   "engram / null prefix / each run's engram / the context in the prompt, on the same questions. Repeatable.")
 def report(run_dirs: tuple[Path, ...], output_format: str, engram_role: str, output_path: Path | None,
-           allow_different_banks: bool, question_id: str | None, split_seed: int | None, doses_text: str) -> None:
+           allow_different_banks: bool, question_id: str | None, split_seed: int | None, doses_text: str,
+           ladder_runs: tuple[Path, ...]) -> None:
     """Summarize a sweep: per-question baselines, best cells, calibration cases and decision-rule advice;
     layer x strength heatmaps of flip and fragile-correct rates; headline rates with 95% Wilson intervals;
     relevant-vs-control comparison with a paired sign-flip test; the semantic-sink split; with generations
@@ -68,7 +72,8 @@ def report(run_dirs: tuple[Path, ...], output_format: str, engram_role: str, out
         frame, run = load_run(run_dir)
         generations = load_generations(run_dir)
         summary = summarize(frame, run, engram_role=engram_role, generations=generations, split=split_seed,
-                            side_effects=load_side_effects(run_dir, run), doses=doses)
+                            side_effects=load_side_effects(run_dir, run), doses=doses,
+                            ladder=[(str(path), *load_run(path)) for path in ladder_runs])
         drills = lambda: [question_drilldown(frame, qid, generations) for qid in frame["question_id"].unique(maintain_order=True)]  # noqa: E731
         renderers = {"markdown": render_markdown, "json": render_json, "html": lambda summary: render_html(summary, drills())}
         render = lambda console=None: render_table(summary, console) if output_format == "table" else renderers[output_format](summary)  # noqa: E731

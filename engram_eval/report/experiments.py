@@ -6,6 +6,7 @@ from __future__ import annotations
 import polars as pl
 
 from ..core.chunks import chunk_bounds
+from ..core.errors import EngramEvalError
 from ..run.results import engram_kind
 from .statistics import bootstrap_mean_ci, mcnemar_exact, rate, too_few_questions
 
@@ -61,10 +62,11 @@ def _generation_kind(rows: pl.DataFrame, kind: str) -> dict:
     }
 
 
-def rag_summary(frame: pl.DataFrame) -> dict | None:
+def rag_summary(frame: pl.DataFrame, run: dict | None = None, ladder: list[tuple[str, pl.DataFrame, dict]] = ()) -> dict | None:
     """With and without the retrieved context, with and without the engram: accuracy (share of questions correct) of
     the four conditions at the best cell for engram + context (chosen after looking) and at strength 1.0, and an exact
-    McNemar test of engram + context against context alone over the same questions."""
+    McNemar test of engram + context against context alone over the same questions. Beside it the ladder (rag_ladder),
+    with the engram rungs of the `ladder` runs (label, frame, run.json) on the same questions."""
     both = frame.filter(pl.col("context").is_not_null()).group_by("question_id").agg(n=pl.col("context").n_unique())
     questions = both.filter(pl.col("n") == 2)["question_id"].to_list()
     if not questions:
@@ -93,7 +95,39 @@ def rag_summary(frame: pl.DataFrame) -> dict | None:
             "engram_context_only": engram_context_only, "context_only": context_only,
             "p_value": mcnemar_exact(engram_context_only, context_only),
         })
-    return {"questions": len(questions), "conditions": conditions}
+    return {"questions": len(questions), "conditions": conditions, "ladder": rag_ladder(frame, run or {}, questions, ladder)}
+
+
+def rag_ladder(frame: pl.DataFrame, run: dict, questions: list[str], others: list[tuple[str, pl.DataFrame, dict]]) -> list[dict]:
+    """From nothing to the text itself, without the retrieved context unless the rung says so: the baseline, the
+    best null-prefix cell (content-free vectors), the best cell of this run's engram and of each other run's (its
+    pooling: mean, learned, ...), and the context in the prompt with no engram. Best cells are chosen after looking
+    (the most questions correct); every rung counts the same questions."""
+    def without_context(rows: pl.DataFrame) -> pl.DataFrame:
+        return rows.filter((pl.col("context") == False) & pl.col("question_id").is_in(questions))  # noqa: E712
+
+    rows = without_context(frame)
+    baseline = frame.filter((pl.col("role") == "baseline") & pl.col("question_id").is_in(questions))
+    rungs = [{"rung": "no engram", "cell": None, **rate(int(rows.filter(pl.col("role") == "baseline")["correct_before"].sum()), len(questions))}]
+    nulls = rows.filter((pl.col("role") == "control") & pl.col("engram_key").is_null())  # null prefixes have no store key
+    if not nulls.is_empty():
+        rungs.append(_best_rung("null prefix", nulls, len(questions)))
+    for label, other, other_run in [("this run", frame, run), *others]:
+        engram = without_context(other).filter(pl.col("role") == "relevant")
+        missing = set(questions) - set(engram["question_id"].unique().to_list())
+        if missing:
+            raise EngramEvalError(f"--ladder {label}: lacks questions {', '.join(sorted(missing)[:3])} of this run's with a context")
+        pooling = (other_run.get("settings") or {}).get("pooling", "mean")
+        rungs.append(_best_rung(f"{pooling} engram ({label})", engram, len(questions)))
+    rungs.append({"rung": "context in the prompt, no engram", "cell": None,
+                  **rate(int(baseline.filter(pl.col("context"))["correct_before"].sum()), len(questions))})
+    return rungs
+
+
+def _best_rung(name: str, cells: pl.DataFrame, questions: int) -> dict:
+    best = (cells.group_by("engram", "layer", "strength", "chunks").agg(correct=pl.col("correct_after").sum())
+            .sort(["correct", "engram", "layer", "strength"], descending=[True, False, False, False]).row(0, named=True))
+    return {"rung": name, "cell": f"{best['engram']} L{best['layer']} x{best['strength']:g}", **rate(int(best["correct"]), questions)}
 
 
 def attention_summary(frame: pl.DataFrame) -> list[dict] | None:

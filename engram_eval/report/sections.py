@@ -214,6 +214,12 @@ def summary_sections(summary: dict, short: bool = False) -> list[Section]:
             [[f"{c['cell']}: L{c['layer']}, {c['strength']:g}", *[fmt_rate(c[name]) for name in conditions],
               f"{c['engram_context_only']} vs {c['context_only']} discordant, p = {fmt_p(c['p_value'])}"] for c in rag["conditions"]],
         ))
+        sections.append(Section("rag-ladder",
+            f"RAG ladder: the same {rag['questions']} questions, from no engram to the context itself (engram rungs without "
+            "the context, at their best cell, chosen after looking)",
+            ["rung", "best cell", "correct"],
+            [[r["rung"], r["cell"] or "-", fmt_rate(r)] for r in rag["ladder"]],
+        ))
     return sections
 
 

@@ -345,14 +345,14 @@ def _semantic_sink(relevant: pl.DataFrame) -> list[dict]:
 
 def summarize(frame: pl.DataFrame, run: dict, engram_role: str = "relevant", generations: pl.DataFrame | None = None,
               split: int | None = None, side_effects: pl.DataFrame | None = None,
-              doses: tuple[float, ...] = DEFAULT_DOSES) -> dict:
+              doses: tuple[float, ...] = DEFAULT_DOSES, ladder: list[tuple[str, pl.DataFrame, dict]] = ()) -> dict:
     """Every number the report shows, computed once; all formats render this. split: pick the best cell on a random
     half of the questions (this seed) and report its rates on the other half. side_effects: the neutral probe's rows
     (RUN/side_effects.parquet), the dose of the dose-matched comparison at these target doses (else each row's
-    kl_next)."""
+    kl_next). ladder: other runs of the bank (label, frame, run.json) whose engrams join the RAG section's ladder."""
     if frame.is_empty():
         raise EngramEvalError("results.parquet holds no rows")
-    rag = rag_summary(frame)
+    rag = rag_summary(frame, run, ladder)
     question_count = frame["question_id"].n_unique()
     frame = per_condition(frame)
     tested = _controls(frame)
