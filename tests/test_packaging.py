@@ -77,3 +77,16 @@ def test_the_installed_cli_runs_a_sweep_outside_the_checkout(installed, tiny, ti
     got, want = pl.read_parquet(tmp_path / "run/results.parquet"), pl.read_parquet(expected.results_path)
     assert got.equals(want)
     assert json.loads((tmp_path / "run/run.json").read_text())["run_id"] == expected.run["run_id"]
+    # the bundled distillation probes are package data too: a build from the wheel records the checkout's probes' sha256
+    source = tmp_path / "topic.txt"
+    source.write_text("Alpha blockers first, then beta blockers. " * 4)
+    built = subprocess.run([script, "build", source, "--model", tiny_model_dir, "--layers", "1", "--chunks", "4", "--pooling",
+                            "learned", "--learn-objective", "distill", "--learn-steps", "1", "--store", tmp_path / "learned"],
+                           cwd=tmp_path, capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr
+    from engram_eval.engram.files import StoreFiles
+
+    probes = [line.strip() for line in (REPO / "engram_eval/engram/learn_probes.txt").read_text().splitlines() if line.strip()]
+    [path] = (tmp_path / "learned").glob("*.safetensors")
+    assert StoreFiles(tmp_path / "learned").read_metadata(path)["learn_probes_sha256"] == hashlib.sha256(
+        "\n".join(probes).encode()).hexdigest()
