@@ -5,7 +5,8 @@ import itertools
 
 import pytest
 
-from engram_eval.report.summary import _headline, decision_advice
+from engram_eval.report.decision import decision_advice
+from engram_eval.report.summary import _headline
 from engram_eval.report.statistics import rate
 
 WALK = [(1.0, 0.5), (5.0, 0.6), (10.0, 0.7), (15.0, 0.75), (20.0, 0.74)]

@@ -1,6 +1,7 @@
 import pytest
 
-from engram_eval.report.summary import decision_advice, summarize
+from engram_eval.report.decision import decision_advice
+from engram_eval.report.summary import summarize
 from engram_eval.report.statistics import sign_flip_test, wilson_interval
 
 
