@@ -9,6 +9,9 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from typing import Callable, TypeVar
+
+V = TypeVar("V")
 
 TOKEN = re.compile(r"\*|\+|-|[^\s*+-][^\s*+]*")
 OPERATORS = ("*", "+", "-")
@@ -27,6 +30,14 @@ class Expression:
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(name for _, name in self.terms)
+
+    def combine(self, vectors_of: Callable[[str], V]) -> V:
+        """The weighted sum of each source's vectors (anything with * and +: tensors, arrays), in term order."""
+        (weight, name), *rest = self.terms
+        total = weight * vectors_of(name)
+        for weight, name in rest:
+            total = total + weight * vectors_of(name)
+        return total
 
     @property
     def is_plain(self) -> bool:

@@ -98,8 +98,8 @@ def seed_loop(lm: LoadedModel, bank: Bank, question: Question, layers: list[int]
     cells = 0
     for name in (question.engram, *question.controls):
         for layer in layers:
-            engram = null_prefix(name, lm, chunks) if name in NULL_PREFIXES else sum(  # a source, or an expression over them
-                weight * seed_extract(lm, bank.sources[source].text, layer, chunks) for weight, source in bank.expression(name).terms)
+            engram = null_prefix(name, lm, chunks) if name in NULL_PREFIXES else bank.expression(name).combine(  # a source, or an expression
+                lambda source: seed_extract(lm, bank.sources[source].text, layer, chunks))
             unit = mode.unit(lm, engram, "global")
             for strength in strengths:
                 steering = Steering(injection, mode.scaled(unit, strength, norms.get(layer)).unsqueeze(0).to(lm.device), [layer])

@@ -205,8 +205,9 @@ def extraction_options(command: Callable) -> Callable:
 def read_probes(path: Path) -> tuple[str, ...]:
     """--learn-probes FILE: its non-empty lines, or one line saying why not."""
     from ..core.files import read_text
+    from ..engram.files import probe_lines
 
-    probes = tuple(line.strip() for line in read_text(path, "--learn-probes file").splitlines() if line.strip())
+    probes = probe_lines(read_text(path, "--learn-probes file"))
     if not probes:
         raise EngramEvalError(f"{path}: --learn-probes file has no probe prompts (one per line)")
     return probes

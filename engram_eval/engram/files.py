@@ -51,7 +51,11 @@ def learn_probes(extraction: Extraction) -> tuple[str, ...]:
     """distill's probe prompts: the user's (--learn-probes), or the bundled ones (engram/learn_probes.txt)."""
     if extraction.learn_probes is not None:
         return extraction.learn_probes
-    text = files("engram_eval.engram").joinpath("learn_probes.txt").read_text(encoding="utf-8")
+    return probe_lines(files("engram_eval.engram").joinpath("learn_probes.txt").read_text(encoding="utf-8"))
+
+
+def probe_lines(text: str) -> tuple[str, ...]:
+    """A probe file's prompts: its non-empty lines, stripped."""
     return tuple(line.strip() for line in text.splitlines() if line.strip())
 
 

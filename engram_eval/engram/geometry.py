@@ -128,7 +128,7 @@ def compare_engrams(lm: LoadedModel, texts: dict[str, str], pairs: list[tuple[st
                     return null_prefix(name, lm, k)
                 if name in texts:
                     return engrams[(name, k)].engram.layers[layer]
-                return sum(weight * engrams[(source, k)].engram.layers[layer] for weight, source in parse_expression(name).terms)
+                return parse_expression(name).combine(lambda source: engrams[(source, k)].engram.layers[layer])
 
             for a, b in pairs:
                 shared = None if a not in texts or b not in texts else shared_prefix_tokens(ids[a], ids[b])

@@ -77,9 +77,7 @@ def engram_key(bank: Bank, name: str, k: int, keys: dict[tuple[str, int], str]) 
 
 def engram_vectors(bank: Bank, name: str, layer: int, k: int, engrams: dict[tuple[str, int], StoredEngram]) -> torch.Tensor:
     """A source's or an expression's raw vectors at a layer: the terms' weighted sum, chunk by chunk, in float32."""
-    terms = bank.expression(name).terms
-    return sum((weight * engrams[(source, k)].engram.layers[layer].float() for weight, source in terms[1:]),
-               terms[0][0] * engrams[(terms[0][1], k)].engram.layers[layer].float())
+    return bank.expression(name).combine(lambda source: engrams[(source, k)].engram.layers[layer].float())
 
 
 def raw_vectors(lm: LoadedModel, bank: Bank, engrams: dict[tuple[str, int], StoredEngram], layers: list[int],
