@@ -240,15 +240,14 @@ def bench_learned(lm: LoadedModel, text: str, layer: int, chunks: int) -> dict:
     reconstruction objective, the update and the projection), that step over one forward pass of the objective alone,
     and what the default 200 steps would take per source, layer and k."""
     from ..engram.extraction import extract_engram, tokenize_source
-    from ..engram.learned import learn_vectors, reconstruct_objective
+    from ..engram.learned import learn_vectors, objective_for
 
     extraction = Extraction(pooling=LEARNED_POOLING, learn_steps=LEARN_BENCH_STEPS, learn_lr=1.0)  # no plateau this soon
-    ids = tokenize_source(lm, text, extraction.max_tokens)[0]
+    objective = objective_for(lm, tokenize_source(lm, text, extraction.max_tokens)[0], extraction)
     initial = extract_engram(lm, text, [layer], chunks).layers[layer]
     started = time.perf_counter()
-    learned = learn_vectors(lm, initial, ids, extraction)
+    learned = learn_vectors(lm, initial, objective, extraction)
     seconds = time.perf_counter() - started
-    objective = reconstruct_objective(lm, ids)
     with torch.inference_mode():
         objective(learned.vectors.to(lm.device))  # warm-up
         forward_started = time.perf_counter()

@@ -10,7 +10,7 @@ from ..backend.model import LoadedModel
 from ..core.errors import EngramEvalError
 from ..core.registry import POOLINGS
 from ..core.spec import DEFAULT_CHUNKS, DEFAULT_MAX_TOKENS, SEED_EXTRACTION, Extraction, check_chunks, check_layers
-from .learned import learn_vectors
+from .learned import Objective, learn_vectors, objective_for
 from .pooling import check_pooled_length
 
 @dataclass
@@ -99,14 +99,17 @@ def extract_engrams(
                   chunks=k, extraction=extraction, windows=windows)
         for k, vectors in ((k, pooler.result()) for k, pooler in poolers.items())
     }
-    return {k: learned(lm, engram, ids, source) for k, engram in engrams.items()} if extraction.learns else engrams
+    if not extraction.learns:
+        return engrams
+    objective = objective_for(lm, ids, extraction)  # one per source: distill's teacher passes run once
+    return {k: learned(lm, engram, objective, source) for k, engram in engrams.items()}
 
 
-def learned(lm: LoadedModel, engram: Engram, ids: list[int], source: str) -> Engram:
+def learned(lm: LoadedModel, engram: Engram, objective: Objective, source: str) -> Engram:
     """--pooling learned: each layer's chunk means, optimised against the model (engram_eval.engram.learned)."""
     layers, records = {}, {}
     for layer, initial in engram.layers.items():
-        result = learn_vectors(lm, initial, ids, engram.extraction, f"learn {source} L{layer} k{engram.chunks}")
+        result = learn_vectors(lm, initial, objective, engram.extraction, f"learn {source} L{layer} k{engram.chunks}")
         layers[layer] = result.vectors
         records[layer] = LearningRecord(result.steps, result.loss_init, result.loss_final)
     return replace(engram, layers=layers, learning=records)

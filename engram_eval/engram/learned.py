@@ -83,22 +83,24 @@ def distill_objective(lm: LoadedModel, ids: list[int], probes: tuple[str, ...]) 
 
 
 def objective_for(lm: LoadedModel, ids: list[int], extraction: Extraction) -> Objective:
-    if extraction.learn_objective == "distill":
-        return distill_objective(lm, ids, learn_probes(extraction))
-    return reconstruct_objective(lm, ids)
+    """The extraction's objective for one source (ids), built once for all its layers and k: its tensors are made
+    outside inference mode, so autograd can use them."""
+    with torch.inference_mode(False):
+        if extraction.learn_objective == "distill":
+            return distill_objective(lm, ids, learn_probes(extraction))
+        return reconstruct_objective(lm, ids)
 
 
-def learn_vectors(lm: LoadedModel, initial: torch.Tensor, ids: list[int], extraction: Extraction,
+def learn_vectors(lm: LoadedModel, initial: torch.Tensor, objective: Objective, extraction: Extraction,
                   description: str = "learn") -> Learned:
-    """The source's (ids) optimised vectors from its initial chunk means [k, hidden], scaled to the embedding norm
-    first. The seed seeds torch's generator while learning: neither objective draws from it, so it is recorded for
-    objectives that will."""
+    """The optimised vectors from a source's initial chunk means [k, hidden], scaled to the embedding norm first,
+    against its objective (objective_for). The seed seeds torch's generator while learning: neither objective draws
+    from it, so it is recorded for objectives that will."""
     from tqdm import tqdm
 
     norm = lm.embedding_norm
     with torch.inference_mode(False), torch.enable_grad(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(extraction.learn_seed)
-        objective = objective_for(lm, ids, extraction)  # its tensors made here, outside inference mode, for autograd
         vectors = project(initial.detach().float().clone().to(lm.device), norm).requires_grad_(True)
         optimizer = torch.optim.AdamW([vectors], lr=extraction.learn_lr, betas=BETAS, weight_decay=0.0)
         with torch.no_grad():
