@@ -36,7 +36,9 @@ bench: $(VENV)/.installed
 
 # docs/findings.md: the medical bank with the seed default, without the first token's massive activation, with per-chunk
 # scaling, with activation addition and with learned engrams (the upper bound, on a step budget: 13 sources x 5 layers
-# x LEARN_STEPS steps at about 0.8 s a step); the controls tables side by side (about 30 minutes on 2 CPU cores).
+# x LEARN_STEPS steps at about 0.8 s a step), and the seed default again with each relevant source's paraphrases in
+# its place; the controls tables side by side (about 70 minutes on 2 CPU cores: the learned run also learns the 20
+# paraphrases' engrams).
 FINDINGS := reports/findings
 LEARN_STEPS = 25
 # The capitals bank's default grid: 192 questions x (4 sources x 3 layers x 3 strengths + 2 null prefixes x 3) in
@@ -52,7 +54,7 @@ findings: $(VENV)/.installed
 	$(BIN)/engram-eval sweep questions/capitals.yaml $(CAPITALS_GRID) --out $(FINDINGS)/capitals --force --quiet
 	$(BIN)/python docs/findings.py "seed default=$(FINDINGS)/seed" "--skip-tokens 1=$(FINDINGS)/skip-tokens-1" \
 		"--scaling per-chunk=$(FINDINGS)/per-chunk" "--injection actadd=$(FINDINGS)/actadd" \
-		"--pooling learned ($(LEARN_STEPS) steps)=$(FINDINGS)/learned" \
+		"--pooling learned ($(LEARN_STEPS) steps)=$(FINDINGS)/learned" --paraphrases "seed default=$(FINDINGS)/seed" \
 		--large "capitals, seed default=$(FINDINGS)/capitals" > docs/findings.md
 
 # Mutation testing of the report, statistics, evidence, check, rendering and report/check command modules with mutmut

@@ -116,6 +116,19 @@ def every_section_frame() -> pl.DataFrame:
     return both.select([pl.col(name).cast(dtype) for name, dtype in RESULT_SCHEMA.items()])
 
 
+def every_section_frame_with_variants() -> pl.DataFrame:
+    """every_section_frame whose relevant engram has a second paraphrase (shifted by -0.5 nats where it is not the
+    flipping cell) and one sample drawn from the two: the variability sections have rows too."""
+    frame = every_section_frame()
+    relevant = pl.col("role") == "relevant"
+    frame = frame.with_columns(paraphrase=pl.when(relevant).then(0).cast(RESULT_SCHEMA["paraphrase"]))
+    reworded = frame.filter(relevant).with_columns(paraphrase=pl.lit(1, RESULT_SCHEMA["paraphrase"]),
+                                                   log_improvement=pl.col("log_improvement") - 0.5)
+    sampled = frame.filter(relevant).with_columns(paraphrase=pl.lit(None, RESULT_SCHEMA["paraphrase"]),
+                                                  sample=pl.lit(0, RESULT_SCHEMA["sample"]))
+    return pl.concat([frame, reworded, sampled])
+
+
 def every_section_run() -> dict:
     return {**decisive_run(), "largest_chunk_share": {"relevant-q01": {"1": 0.4, "2": 0.6}},
             "anti_difference_signal": [{"question_id": q, "anti": f"anti-{q}", "chunks": k, "layer": layer, "difference_signal": 0.1 * k}
@@ -132,6 +145,13 @@ def every_section_side_effects(frame: pl.DataFrame) -> pl.DataFrame:
 
 def every_section_run_with_probe() -> dict:
     return {**every_section_run(), "side_effects": {"passage": "default", "passage_sha256": "0" * 64, "tokens": 200}}
+
+
+def every_section_ensembled() -> pl.DataFrame:
+    """`generate --ensemble 2 --reextract`'s texts of the same cells, every other one different."""
+    plain = every_section_generations()
+    return plain.with_columns(ensemble=pl.lit(2), ensemble_decay=pl.lit(0.01), reextract=pl.lit(True),
+                              text=pl.when(pl.int_range(pl.len()) % 2 == 0).then(pl.col("text") + " again").otherwise(pl.col("text")))
 
 
 def every_section_generations() -> pl.DataFrame:

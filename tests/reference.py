@@ -6,6 +6,7 @@ position, a full softmax, Python loops.
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 
 import torch
@@ -32,7 +33,13 @@ def reference_chunks(states: list[list[float]] | torch.Tensor, k: int) -> torch.
 def reference_layer_states(model, tokenizer, text: str, layer: int, final_norm: bool = True) -> torch.Tensor:
     """hidden_states[layer] for one layer, from its own forward pass with a hook (not output_hidden_states); without
     final_norm, the last layer is the last block's own output (actadd's site)."""
-    ids = torch.tensor([tokenizer(text)["input_ids"]])
+    return reference_states_of_ids(model, tokenizer(text)["input_ids"], layer, final_norm)
+
+
+@torch.no_grad()
+def reference_states_of_ids(model, token_ids: list[int], layer: int, final_norm: bool = True) -> torch.Tensor:
+    """reference_layer_states for token ids rather than a text."""
+    ids = torch.tensor([token_ids])
     captured = {}
     if layer == 0:
         module = model.get_input_embeddings()
@@ -196,3 +203,40 @@ def reference_side_effects(model, tokenizer, engram: torch.Tensor | None, streng
     kl = torch.nn.functional.kl_div(steered, plain, log_target=True, reduction="none").sum(dim=-1).mean().item()
     nll = [-lp[:-1].gather(-1, ids[1:, None]).mean().item() for lp in (plain, steered)]
     return kl, float(torch.tensor(nll[1] - nll[0]).exp())
+
+
+@torch.no_grad()
+def reference_conditioned_engram(model, tokenizer, state: list[int], text: str, layer: int, k: int,
+                                 final_norm: bool = True) -> torch.Tensor:
+    """--reextract: the source read after the state and a blank line; the chunk means of the source's positions only."""
+    before = list(state) + tokenizer.encode("\n\n", add_special_tokens=False)
+    states = reference_states_of_ids(model, before + tokenizer(text)["input_ids"], layer, final_norm)
+    return reference_chunks(states[len(before):], k)
+
+
+@torch.no_grad()
+def reference_ensembled(model, tokenizer, text: str | None, fixed: torch.Tensor | None, strength: float, prompt: str,
+                        max_new_tokens: int, size: int, decay: float, reextract: bool, layer: int, k: int,
+                        mode: str = "prefix", eos: int | None = None) -> list[int]:
+    """ACT's temporal ensembling, plainly: at each step (re-)extract the engram after prompt + generated, keep the newest
+    `size`, average their full next-token distributions (each a fresh forward pass over prompt + generated, no cache)
+    with weights exp(-decay * i), i = 0 the newest, normalised; greedy. Returns the new tokens, EOS included when it
+    ends the text. text None: the fixed engram (no re-extraction)."""
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    generated: list[int] = []
+    window: list[torch.Tensor] = []
+    for _ in range(max_new_tokens):
+        if reextract and text is not None:
+            engram = reference_conditioned_engram(model, tokenizer, prompt_ids + generated, text, layer, k, mode != "actadd")
+        else:
+            engram = fixed
+        window = [engram, *window][:size]
+        weights = [math.exp(-decay * i) for i in range(len(window))]
+        mixed = sum(w / sum(weights) * reference_distribution(model, tokenizer, e, strength, prompt, mode=mode, layer=layer,
+                                                              answer_ids=tuple(generated)).double()
+                    for w, e in zip(weights, window))
+        token = int(mixed.argmax())
+        generated.append(token)
+        if token == eos:
+            break
+    return generated

@@ -80,7 +80,7 @@ def test_yaml_syntax_error_names_line_and_column(tmp_path):
     (('kind: irrelevant', 'kind: cosmic'), "source 'stars': field 'kind': unknown kind 'cosmic' (one of: relevant, irrelevant, random, anti, other)"),
     (('engram: pheo', 'engram: pheox'), "question 'q1': field 'engram': unknown source 'pheox' (known: pheo, stars)"),
     (('controls: [stars]', 'controls: [stars, moon]'), "question 'q1': field 'controls': unknown source 'moon' (known: pheo, stars)"),
-    (('{text: "alpha first"}', '{}'), "source 'pheo': give exactly one of 'file' or 'text'"),
+    (('{text: "alpha first"}', '{}'), "source 'pheo': give exactly one of 'file', 'files' or 'text'"),
     (('name: t', 'name: ../../escaped'), "top level: field 'name': may use only letters, digits, '_', '.', '-', and may not start with '.' (it names the default --out folder)"),
     (('name: t', 'name: /tmp/absolute'), "top level: field 'name': may use only letters, digits, '_', '.', '-', and may not start with '.' (it names the default --out folder)"),
     (('  pheo: {text', '  "..": {text: "x"}\n  pheo: {text'), "source '..': name may use only letters, digits, '_', '.', '-', and may not start with '.'"),

@@ -51,6 +51,9 @@ OPTION_TESTS = {
     "sweep --learn-seed": "test_sweep_option_equals_the_library_with_the_same_setting",
     "sweep --learn-probes": "test_learned.py::test_learn_probes_file_on_the_command_line",
     "sweep --record-attention": "test_sweep_option_equals_the_library_with_the_same_setting",
+    "sweep --reextract": "test_sweep_option_equals_the_library_with_the_same_setting",
+    "sweep --sample": "test_variability.py::test_sample_options_on_the_command_line_equal_the_library",
+    "sweep --sample-seed": "test_variability.py::test_sample_options_on_the_command_line_equal_the_library",
     "sweep --questions": "test_sweep_option_equals_the_library_with_the_same_setting",
     "sweep --out": "test_sweep_out_store_and_batch_size",
     "sweep --store": "test_sweep_out_store_and_batch_size",
@@ -76,6 +79,9 @@ OPTION_TESTS = {
     "generate --max-new-tokens": "test_generate_max_new_tokens_and_batch_size_equal_the_library",
     "generate --batch-size": "test_generate_max_new_tokens_and_batch_size_equal_the_library",
     "generate --force": "test_generate_force_replaces_generations_of_other_settings",
+    "generate --ensemble": "test_ensemble.py::test_ensemble_options_on_the_command_line_equal_the_library",
+    "generate --ensemble-decay": "test_ensemble.py::test_ensemble_options_on_the_command_line_equal_the_library",
+    "generate --reextract": "test_ensemble.py::test_ensemble_options_on_the_command_line_equal_the_library",
     "generate --wait": "test_concurrency.py::test_generate_waits_for_the_writer_that_holds_its_run_directory",
     "generate --ray": "test_distributed.py::test_sweep_and_generate_on_ray_from_the_command_line",
     "generate --workers": "test_distributed.py::test_sweep_and_generate_on_ray_from_the_command_line",
@@ -278,6 +284,7 @@ SWEEP_EFFECTS = [
     (["--pooling", "learned", "--learn-steps", "2", "--learn-objective", "distill", "--learn-seed", "1"],
      {"extraction": Extraction(pooling="learned", learn_steps=2, learn_objective="distill", learn_seed=1)}),
     (["--record-attention"], {"record_attention": True}),
+    (["--reextract"], {"reextract": True}),
     (["--questions", "q3,q1"], {"questions": ["q1", "q3"]}),
 ]
 

@@ -52,3 +52,30 @@ def test_every_p_shown_has_its_bh_q_and_the_verdict_follows_q(findings, tmp_path
         else:
             assert verdict != "relevant beats controls"
     assert "## Does engram stability predict when the model is right?" in page and "| stability |" in page
+
+
+def test_the_paraphrase_columns_put_each_paraphrase_in_the_sources_place(findings, tmp_path):
+    import polars as pl
+
+    from engram_eval.report.summary import summarize
+    from engram_eval.run.rundir import RESULTS_FORMAT
+
+    frame = decisive_frame(7)
+    relevant = pl.col("role") == "relevant"
+    frame = frame.with_columns(paraphrase=pl.when(relevant).then(0).cast(pl.Int32))
+    reworded = frame.filter(relevant).with_columns(paraphrase=pl.lit(1, pl.Int32), log_improvement=pl.col("log_improvement") * 0.25,
+                                                   flipped=pl.lit(False))
+    folder = tmp_path / "run"
+    folder.mkdir()
+    pl.concat([frame, reworded]).write_parquet(folder / "results.parquet")
+    (folder / "run.json").write_text(json.dumps({**decisive_run(), "results_format": RESULTS_FORMAT, "run_id": "decisive7"}))
+    page = findings.main([f"seed={folder}", "--paraphrases", f"seed={folder}"])
+    header = page.splitlines()[4]
+    assert header == "| control kind | seed | seed, paraphrase 1 |"
+    # The column is the run summarized with paraphrase 1's rows as the relevant engram's, built here by hand.
+    by_hand = pl.concat([frame.filter(~relevant), reworded.with_columns(paraphrase=pl.lit(0, pl.Int32))])
+    expected = {c["kind"]: c for c in summarize(by_hand, decisive_run())["controls"]}
+    got = findings.controls_by_kind(str(folder), 1)[1]
+    assert {k: (c["mean_difference"], c["p_value"], c["flips_relevant"]) for k, c in got.items()} == \
+        {k: (c["mean_difference"], c["p_value"], c["flips_relevant"]) for k, c in expected.items()}
+    assert "| survives rewording: flipped by every paraphrase / by any (relevant) | 0/10 | - |" in page

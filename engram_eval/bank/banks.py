@@ -23,11 +23,28 @@ _NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")  # ids, source and bank name
 _NAME_RULE = "may use only letters, digits, '_', '.', '-', and may not start with '.'"
 
 
+def paraphrase_name(name: str, paraphrase: int) -> str:
+    """How a source's paraphrase is named beside the source where engrams are held by name (paraphrase 0 is the
+    source itself)."""
+    return name if paraphrase == 0 else f"{name}#p{paraphrase}"
+
+
+def sample_name(name: str, sample: int) -> str:
+    """How an engram sampled from a source's paraphrases (`sweep --sample`) is named where engrams are held by name."""
+    return f"{name}#s{sample}"
+
+
 @dataclass(frozen=True)
 class Source:
     name: str
     text: str
     kind: str = "relevant"
+    paraphrases: tuple[str, ...] = ()  # `files: [a, b, c]`: the texts after the first, the same facts in other words
+
+    @property
+    def texts(self) -> tuple[str, ...]:
+        """Paraphrase 0 (the source's text) and the others, in the bank's order."""
+        return (self.text, *self.paraphrases)
 
 
 @dataclass(frozen=True)
@@ -59,7 +76,8 @@ class Bank:
         (None or empty) are left out, so a field added to the format later does not change the hash of older banks."""
         content = {
             "name": self.name,
-            "sources": {n: [s.kind, s.text] for n, s in sorted(self.sources.items())},
+            "sources": {n: [s.kind, s.text, *([list(s.paraphrases)] if s.paraphrases else [])]
+                        for n, s in sorted(self.sources.items())},
             "questions": [{k: v for k, v in q.__dict__.items() if v is not None and v != ()} for q in self.questions],
         }
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
@@ -76,6 +94,11 @@ class Bank:
         """The sources these engrams and controls are made of (null prefixes have none), each once, in order."""
         return list(dict.fromkeys(source for name in names if name not in NULL_PREFIXES
                                   for source in self.expression(name).names))
+
+    def paraphrases(self, name: str) -> int:
+        """How many texts an engram has: a source's paraphrases (1 when it has one text); an expression or a null
+        prefix has 1 (an expression combines its sources' first texts)."""
+        return len(self.sources[name].texts) if name in self.sources else 1
 
     def lint(self) -> list[str]:
         """Mistakes that load fine but make the numbers silently meaningless, one line each (file and question named)."""
@@ -241,18 +264,23 @@ def _answer_patterns(fields: _Fields) -> dict[str, tuple[str, ...]] | None:
 
 
 def _load_source(path: Path, name: str, data: Any, allow_outside_paths: bool) -> Source:
-    fields = _Fields(path, f"source {name!r}", data, {"file", "text", "kind"})
+    fields = _Fields(path, f"source {name!r}", data, {"file", "files", "text", "kind"})
     if not _NAME.fullmatch(name):
         fields.fail(None, f"name {_NAME_RULE}")
     kind = fields.get("kind", str, "relevant")
     if kind not in SOURCE_KINDS:
         fields.fail("kind", f"unknown kind {kind!r} (one of: {', '.join(SOURCE_KINDS)})")
-    has_file, has_text = "file" in fields.data, "text" in fields.data
-    if has_file == has_text:
-        fields.fail(None, "give exactly one of 'file' or 'text'")
-    if has_text:
+    if sum(field in fields.data for field in ("file", "files", "text")) != 1:
+        fields.fail(None, "give exactly one of 'file', 'files' or 'text'")
+    if "text" in fields.data:
         return Source(name, fields.text("text"), kind)
-    return Source(name, _read_bank_file(fields, "file", fields.text("file"), allow_outside_paths), kind)
+    if "file" in fields.data:
+        return Source(name, _read_bank_file(fields, "file", fields.text("file"), allow_outside_paths), kind)
+    files = fields.strings("files")
+    if len(set(files)) < len(files):
+        fields.fail("files", f"{next(f for f in files if files.count(f) > 1)} is listed twice")
+    texts = [_read_bank_file(fields, "files", file, allow_outside_paths) for file in files]
+    return Source(name, texts[0], kind, tuple(texts[1:]))
 
 
 def _context(fields: _Fields, allow_outside_paths: bool) -> str | None:

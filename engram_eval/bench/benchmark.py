@@ -35,7 +35,9 @@ from ..run.generation import (
     select_cells,
 )
 from ..run.rundir import read_run_json
+from ..run.settings import SweepSettings
 from ..run.sweep import SweepResult, run_sweep
+from ..steer.ensemble import Ensembling, ensembled_tokens
 from ..steer.injection import Steering
 from ..steer.prompts import prepare_question
 from ..steer.side_effects import DEFAULT as NEUTRAL_DEFAULT, read_passage
@@ -305,16 +307,38 @@ def bench_generation(lm: LoadedModel, run_dir: Path, reference_cells: int, max_n
         rows = sample.filter(pl.col("question_id") == question.id)
         if rows.is_empty():
             continue
-        for row in question_rows(lm, question, bank.path, rows, raw, settings)[1]:
+        for row in question_rows(lm, question, bank, rows, raw, settings)[1]:
             body = embed(torch.tensor([row.prompt_ids], device=lm.device))
             with row.steering.active(lm.backend) if row.steering is not None else nullcontext():
                 inputs = body if row.steering is None else row.steering.inputs(body)
                 tokens += len(lm.backend.generate(inputs, max_new_tokens))
     reference_rate = tokens / (time.perf_counter() - started)
     batched_rate = result.info["timings"]["tokens_per_second"]
+    ensembled = bench_ensemble(lm, bank, settings, raw, selected.filter(pl.col("role") != "baseline"), batched_rate)
     return {"generation_cells": result.info["generations"], "generation_tokens_per_second": batched_rate,
             "generation_reference_cells": sample.height, "generation_reference_tokens_per_second": reference_rate,
-            "generation_speedup": batched_rate / reference_rate}
+            "generation_speedup": batched_rate / reference_rate, **ensembled}
+
+
+ENSEMBLE_BENCH = Ensembling(size=3, reextract=True)  # what bench times: ACT's ensemble over per-step re-extractions
+ENSEMBLE_BENCH_CELLS, ENSEMBLE_BENCH_TOKENS = 2, 8
+
+
+def bench_ensemble(lm: LoadedModel, bank: Bank, settings: SweepSettings, raw: dict, cells: pl.DataFrame,
+                   plain_tokens_per_second: float) -> dict:
+    """`generate --ensemble 3 --reextract` on the first cells of the selection: seconds per generated token, and that
+    cost over plain batched generation's (the same run's generate, just measured)."""
+    tokens, seconds = 0, 0.0
+    for row in cells.head(ENSEMBLE_BENCH_CELLS).iter_rows(named=True):
+        question = next(q for q in bank.questions if q.id == row["question_id"])
+        for todo in question_rows(lm, question, bank, pl.DataFrame([row], schema=cells.schema), raw, settings, ENSEMBLE_BENCH)[1]:
+            started = time.perf_counter()
+            tokens += len(ensembled_tokens(lm, todo.prompt_ids, todo.ensemble, ENSEMBLE_BENCH_TOKENS)[0]) or 1
+            seconds += time.perf_counter() - started
+    if not tokens:
+        return {}
+    per_token = seconds / tokens
+    return {"ensemble_seconds_per_token": per_token, "ensemble_token_cost": per_token * plain_tokens_per_second}
 
 
 def question_flops(lm: LoadedModel, bank: Bank, question: Question, layers: list[int], strengths: list[float], chunks: int,

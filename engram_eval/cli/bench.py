@@ -102,4 +102,7 @@ def bench(load_lm, bank_path: Path, layers_text: str, strengths_text: str, loop_
         table.add_row("generation: model.generate per cell", f"{r['generation_reference_tokens_per_second']:.1f} tokens/s "
                                                              f"({r['generation_reference_cells']} of the same cells)")
         table.add_row("generation speedup", f"{r['generation_speedup']:.2f}x")
+    if "ensemble_token_cost" in r:
+        table.add_row("generate --ensemble 3 --reextract: per token / plain batched's",
+                      f"{r['ensemble_seconds_per_token']:.3f} s = {r['ensemble_token_cost']:.1f}x plain batched generation's cost")
     stdout().print(table)

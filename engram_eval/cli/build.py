@@ -38,7 +38,7 @@ def build(sources: tuple[Path, ...], bank: Path | None, load_lm, chunks_text: st
     each (per window), saved as safetensors files in the store (one file per k)."""
     from tqdm import tqdm
 
-    from ..bank.banks import load_bank
+    from ..bank.banks import load_bank, paraphrase_name
     from ..core.files import read_text
     from ..engram.dominance import dominance, dominance_warning
     from ..engram.store import EngramStore, engram_warnings
@@ -54,7 +54,8 @@ def build(sources: tuple[Path, ...], bank: Path | None, load_lm, chunks_text: st
             raise EngramEvalError(f"{path}: source file is empty")
         named.append((path.stem, text))
     if bank is not None:
-        named += [(s.name, s.text) for s in load_bank(bank, allow_outside_paths).sources.values()]
+        named += [(paraphrase_name(s.name, i), text) for s in load_bank(bank, allow_outside_paths).sources.values()
+                  for i, text in enumerate(s.texts)]  # a source's paraphrases too (`files: [...]`)
     if not named:
         raise EngramEvalError("build: give source files, or --bank BANK.yaml")
     lm = load_lm()

@@ -73,7 +73,8 @@ def report(run_dirs: tuple[Path, ...], output_format: str, engram_role: str, out
         generations = load_generations(run_dir)
         summary = summarize(frame, run, engram_role=engram_role, generations=generations, split=split_seed,
                             side_effects=load_side_effects(run_dir, run), doses=doses,
-                            ladder=[(str(path), *load_run(path)) for path in ladder_runs])
+                            ladder=[(str(path), *load_run(path)) for path in ladder_runs],
+                            ensembled=load_generations(run_dir, ensembled=True))
         drills = lambda: [question_drilldown(frame, qid, generations) for qid in frame["question_id"].unique(maintain_order=True)]  # noqa: E731
         renderers = {"markdown": render_markdown, "json": render_json, "html": lambda summary: render_html(summary, drills())}
         render = lambda console=None: render_table(summary, console) if output_format == "table" else renderers[output_format](summary)  # noqa: E731

@@ -64,14 +64,25 @@ def spec_options(command: Callable) -> Callable:
                   help="Add, per cell, the share of the last prompt position's attention (mean over heads and layers) on the "
                        "k engram positions (add, actadd: the first k prompt positions) and on position 0. Runs eager "
                        "attention (slower; see `engram-eval bench`).")
+    @click.option("--reextract", is_flag=True,
+                  help="Prompt-conditioned engrams: each question's engrams (relevant and controls) are extracted from the "
+                       "source read after its prompt (prompt, a blank line, the source; only the source's positions are "
+                       "pooled), one per question, cached in the store under a key that includes the prompt's sha256.")
+    @click.option("--sample", "samples", type=int, default=0,
+                  help="N engrams per source drawn from a Gaussian fitted to its paraphrases (a bank source with "
+                       "`files: [...]`), per layer and chunk: mean + sum_j z_j (v_j - mean) / sqrt(P - 1), z ~ N(0, 1); "
+                       "rows carry `sample` (0-based) beside the paraphrases' own rows.  [default: none]")
+    @click.option("--sample-seed", type=int, default=0, show_default=True, help="The seed of --sample's draws.")
     @click.option("--questions", "question_ids", help="Only these question ids, comma-separated.")
     @functools.wraps(command)
     def wrapper(layers_text: str, strengths_text: str, chunks_text: str, scoring: str, injection: str, scaling: str,
-                context: str, positions: str, extraction: Extraction, record_attention: bool, question_ids: str | None,
-                **kwargs):
+                context: str, positions: str, extraction: Extraction, record_attention: bool, reextract: bool,
+                samples: int, sample_seed: int, question_ids: str | None, **kwargs):
         questions = None if not question_ids else tuple(q.strip() for q in question_ids.split(",") if q.strip())
-        spec = SweepSpec(Grid(strengths=tuple(parse_strengths(strengths_text)), chunks=tuple(parse_chunks(chunks_text))),
-                         Method(injection, scaling, scoring, context, record_attention, positions), extraction, questions).check()
+        spec = SweepSpec(Grid(strengths=tuple(parse_strengths(strengths_text)), chunks=tuple(parse_chunks(chunks_text)),
+                              samples=samples, sample_seed=sample_seed),
+                         Method(injection, scaling, scoring, context, record_attention, positions, reextract), extraction,
+                         questions).check()
         return command(spec=spec, layers_text=layers_text, **kwargs)
 
     return wrapper
@@ -139,7 +150,10 @@ def sweep(bank_path: Path, load_lm, spec: SweepSpec, layers_text: str, out: Path
 def _sweep_summary(result) -> None:
     import polars as pl
 
-    frame = pl.read_parquet(result.results_path)
+    from ..run.results import primary_rows
+
+    everything = pl.read_parquet(result.results_path)
+    frame = everything.filter(primary_rows())
     base = frame.filter(pl.col("role") == "baseline")
     cells = frame.filter(pl.col("role") != "baseline")
     table = Table(title=f"sweep {result.run['run_id']}", show_header=False)
@@ -148,6 +162,8 @@ def _sweep_summary(result) -> None:
     for role in ("relevant", "control"):
         part = cells.filter(pl.col("role") == role)
         table.add_row(f"{role} cells", f"{part.height}: {part['flipped'].sum()} flips, {part['broken'].sum()} breaks")
+    if variants := everything.height - frame.height:
+        table.add_row("variant cells", f"{variants} (other paraphrases and samples of a source; the report's variability section)")
     timings = result.run["timings"]
     table.add_row("time", f"{timings['total_seconds']:.1f} s ({timings['cells_per_second']} cells/s)")
     table.add_row("results", str(result.results_path))

@@ -26,6 +26,7 @@ CONTEXTS = ("with", "without", "both")
 POSITIONS = ("all", "prompt", "answer", "last")
 LEARNED_POOLING = "learned"  # the pooling whose k vectors are optimised against the model (engram_eval.engram.learned)
 LEARN_OBJECTIVES = ("reconstruct", "distill")
+DEFAULT_ENSEMBLE_DECAY = 0.01  # ACT's m in w_i = exp(-m i) (`generate --ensemble-decay`)
 
 
 def valid_layers(num_layers: int) -> str:
@@ -147,16 +148,23 @@ SEED_EXTRACTION = Extraction()
 
 @dataclass(frozen=True)
 class Grid:
-    """The layers to inject from, the strength multipliers and the chunk counts k (one, or the chunk-count grid)."""
+    """The layers to inject from, the strength multipliers and the chunk counts k (one, or the chunk-count grid); and
+    how many engrams to draw from each source's paraphrases (`--sample`, 0: none) with which seed."""
 
     layers: tuple[int, ...] = DEFAULT_LAYERS
     strengths: tuple[float, ...] = DEFAULT_STRENGTHS
     chunks: tuple[int, ...] = (DEFAULT_CHUNKS,)
+    samples: int = 0
+    sample_seed: int = 0
 
     def check(self, num_layers: int | None = None) -> Grid:
         """Strengths and chunk counts; layer indices too once the model's depth is known."""
         check_strengths(self.strengths)
         check_chunk_list(self.chunks)
+        if isinstance(self.samples, bool) or self.samples < 0:
+            raise EngramEvalError(f"--sample: must be at least 1 (got {self.samples})")
+        if self.sample_seed != 0 and not self.samples:
+            raise EngramEvalError("--sample-seed: applies to --sample N")
         if num_layers is not None:
             check_layers(self.layers, num_layers)
         return self
@@ -172,6 +180,7 @@ class Method:
     context: str = "with"
     record_attention: bool = False  # eager attention: its float rounding differs slightly from the default kernel
     positions: str = "all"  # where a mode that steers every position (actadd) adds its vector: POSITIONS
+    reextract: bool = False  # each question's engrams extracted from the source read after its prompt (per question)
 
     def check(self) -> Method:
         mode = INJECTIONS[self.injection]
@@ -206,11 +215,12 @@ class SweepSpec:
     def build(cls, *, layers: list[int] | tuple[int, ...] = DEFAULT_LAYERS,
               strengths: list[float] | tuple[float, ...] = DEFAULT_STRENGTHS,
               chunks: int | list[int] | tuple[int, ...] = DEFAULT_CHUNKS, questions: list[str] | None = None,
-              extraction: Extraction = SEED_EXTRACTION, **method: object) -> SweepSpec:
-        """The flat form (the keywords of the command line's options): sweep's layers, strengths, chunks, questions,
-        extraction and the Method's fields."""
+              extraction: Extraction = SEED_EXTRACTION, samples: int = 0, sample_seed: int = 0,
+              **method: object) -> SweepSpec:
+        """The flat form (the keywords of the command line's options): sweep's layers, strengths, chunks, samples,
+        questions, extraction and the Method's fields."""
         chunk_tuple = (chunks,) if isinstance(chunks, int) else tuple(chunks)
-        return cls(Grid(tuple(layers), tuple(strengths), chunk_tuple), Method(**method), extraction,  # type: ignore[arg-type]
+        return cls(Grid(tuple(layers), tuple(strengths), chunk_tuple, samples, sample_seed), Method(**method), extraction,  # type: ignore[arg-type]
                    None if questions is None else tuple(questions))
 
     def check(self, num_layers: int | None = None) -> SweepSpec:
@@ -226,6 +236,9 @@ class SweepSpec:
                                   f"applies to add and actadd injection, not {self.method.injection} (its vectors are "
                                   "positions of their own)")
         self.extraction.check(list(self.grid.chunks))
+        if self.method.reextract and (self.extraction.learns or self.extraction.window is not None):
+            raise EngramEvalError("--reextract: reads the source after each prompt in one pass; it does not combine with "
+                                  f"{'--pooling learned' if self.extraction.learns else '--window'}")
         return self
 
     def with_layers(self, layers: list[int]) -> SweepSpec:

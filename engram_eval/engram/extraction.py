@@ -61,6 +61,19 @@ def source_ids(lm: LoadedModel, text: str, extraction: Extraction) -> tuple[list
     return tokenize_source(lm, text, None if extraction.window else extraction.max_tokens)
 
 
+def separator_ids(lm: LoadedModel) -> list[int]:
+    """What stands between a state and the source read after it (--reextract): a blank line."""
+    return lm.tokenizer.encode("\n\n", add_special_tokens=False)
+
+
+def read_after(lm: LoadedModel, state: tuple[int, ...] | list[int], ids: list[int],
+               extraction: Extraction) -> tuple[list[int], Extraction]:
+    """--reextract: the source's ids read after the state (state + a blank line + source) and the extraction that pools
+    only the source's positions (the state's run, as --skip-tokens' do, but are left out)."""
+    before = [*state, *separator_ids(lm)]
+    return before + ids, replace(extraction, skip_tokens=extraction.skip_tokens + len(before))
+
+
 @torch.inference_mode()
 def extract_engrams(
     lm: LoadedModel,

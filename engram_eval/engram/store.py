@@ -16,14 +16,14 @@ from safetensors.torch import save_file
 
 from .._version import __version__
 from ..backend.model import LoadedModel
-from ..bank.banks import Bank
+from ..bank.banks import Bank, paraphrase_name
 from ..core.errors import EngramEvalError
 from ..core.files import atomic_replace
 from ..core.locks import FileLock
 from ..core.registry import NULL_PREFIXES
 from ..core.spec import DEFAULT_MAX_TOKENS, SEED_EXTRACTION, SEED_POOLING, Extraction
 from .dominance import dominance, dominance_warning
-from .extraction import Engram, extract_engrams, source_ids
+from .extraction import Engram, extract_engrams, read_after, source_ids
 from .files import FORMAT_VERSION, StoreFiles, arrays_sha256, engram_key, probes_sha256, text_sha256, unusable_layer
 
 
@@ -113,13 +113,21 @@ class EngramStore(StoreFiles):
         chunks: list[int],
         extraction: Extraction = SEED_EXTRACTION,
         force: bool = False,
+        state: tuple[int, ...] | None = None,
     ) -> dict[int, tuple[StoredEngram, str]]:
         """One engram per k; every k that must be built (or extended) comes from the same forward pass. Builders of
         one key take turns (a lock file per key): each re-reads the file under the lock and keeps the layers another
-        builder wrote meanwhile."""
+        builder wrote meanwhile. state (--reextract): token ids the source is read after, with a blank line between;
+        they run but are not pooled, and their sha256 is part of the key."""
         source_sha = text_sha256(text)
         ids, truncated = source_ids(lm, text, extraction)
-        keys = {k: engram_key(lm.fingerprint, source_sha, k, len(ids), extraction) for k in chunks}
+        identity, conditioned = source_sha, {}
+        if state is not None:
+            ids, extraction = read_after(lm, state, ids, extraction)
+            state_sha = ids_sha256(state)
+            identity = text_sha256(f"{source_sha}|state|{state_sha}")
+            conditioned = {"state_sha256": state_sha, "state_tokens": str(len(state))}
+        keys = {k: engram_key(lm.fingerprint, identity, k, len(ids), extraction) for k in chunks}
         found: dict[int, tuple[StoredEngram, str]] = {}
         for k in chunks:
             if (cached := self._cached(lm, self.path_for(source_name, keys[k]), layers, force)[0]) is not None:
@@ -136,7 +144,8 @@ class EngramStore(StoreFiles):
             with ExitStack() as locks:
                 for k in sorted(pending, key=keys.__getitem__):
                     locks.enter_context(FileLock(self.root / f".lock-{keys[k]}", f"store key {keys[k]}", wait=True))
-                self._build_pending(lm, source_name, ids, truncated, source_sha, layers, pending, keys, extraction, force, found)
+                self._build_pending(lm, source_name, ids, truncated, source_sha, layers, pending, keys, extraction, force,
+                                    found, conditioned)
         except BaseException:
             if created and not any(self.root.iterdir()):
                 self.root.rmdir()  # a failed first build leaves no empty store behind
@@ -165,7 +174,7 @@ class EngramStore(StoreFiles):
 
     def _build_pending(self, lm: LoadedModel, source_name: str, ids: list[int], truncated: bool, source_sha: str,
                        layers: list[int], pending: list[int], keys: dict[int, str], extraction: Extraction, force: bool,
-                       found: dict[int, tuple[StoredEngram, str]]) -> None:
+                       found: dict[int, tuple[StoredEngram, str]], conditioned: dict[str, str]) -> None:
         """Under the keys' locks: what another builder finished meanwhile counts, the rest is built in one pass."""
         missing: list[tuple[int, str, Path]] = []
         wanted = set(layers)
@@ -192,6 +201,7 @@ class EngramStore(StoreFiles):
                     "hidden_size": str(lm.hidden_size),
                     "source_name": source_name,
                     "source_sha256": source_sha,
+                    **conditioned,
                     "n_tokens": str(engram.n_tokens),
                     "max_tokens": str(extraction.max_tokens),
                     "truncated": "true" if engram.truncated else "false",
@@ -208,6 +218,10 @@ class EngramStore(StoreFiles):
                     "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 }
                 found[k] = (StoredEngram(path=path, engram=engram, metadata=self.save(engram, metadata, path)), status)
+
+
+def ids_sha256(ids: tuple[int, ...] | list[int]) -> str:
+    return text_sha256(",".join(map(str, ids)))
 
 
 def learning_metadata(engram: Engram, extraction: Extraction) -> dict[str, str]:
@@ -244,14 +258,18 @@ def bank_engrams(lm: LoadedModel, bank: Bank, store: EngramStore, layers: list[i
                  warn: Callable[[str], None] = lambda message: None,
                  log: Callable[[str], None] = lambda message: None,
                  on_ready: Callable[[str, int, StoredEngram], None] = lambda name, k, stored: None,
+                 state: tuple[int, ...] | None = None,
                  ) -> dict[tuple[str, int], StoredEngram]:
     """Every source engram the bank's questions use, by (source, k), from the store (built where it lacks them; one
-    forward pass per source serves every k). on_ready hears of each as soon as it is in the store."""
+    forward pass per source serves every k). A source with paraphrases also gives each of theirs, by
+    (paraphrase_name(source, i), k). on_ready hears of each as soon as it is in the store. state (--reextract): each
+    source read after these token ids (pass a bank of the one question they are the prompt of)."""
     needed = bank.source_names([name for q in bank.questions for name in (q.engram, *q.controls)])  # expressions: their sources
+    texts = {paraphrase_name(name, i): text for name in needed for i, text in enumerate(bank.sources[name].texts)}
     engrams: dict[tuple[str, int], StoredEngram] = {}
     dominated: list[str] = []
-    for name in needed:
-        for k, (stored, status) in store.ensure_all(lm, name, bank.sources[name].text, layers, chunks, extraction).items():
+    for name, text in texts.items():
+        for k, (stored, status) in store.ensure_all(lm, name, text, layers, chunks, extraction, state=state).items():
             if stored.engram.layers[layers[0]].shape[-1] != lm.hidden_size:
                 raise EngramEvalError(f"store file {stored.path}: hidden size differs from {lm.name}'s {lm.hidden_size}")
             if status != "cached":

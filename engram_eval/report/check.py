@@ -31,9 +31,11 @@ def summarize_run(frame: pl.DataFrame, run: dict) -> dict:
     base = frame.filter(pl.col("role") == "baseline")
     cells = frame.filter(pl.col("role") != "baseline")
     k_axis = cells["chunks"].n_unique() > 1  # a chunk-count grid: k is part of a cell's name (seed runs keep theirs)
+    variant = (pl.when(pl.col("sample").is_not_null()).then(pl.format("|sample{}", "sample"))  # another paraphrase, a sample:
+               .when(pl.col("paraphrase") > 0).then(pl.format("|p{}", "paraphrase")).otherwise(pl.lit("")))  # their own cells
     cells = cells.with_columns(
         key=pl.format("{}|{}|L{}|s{}", "question_id", "engram", "layer", "strength")
-        + (pl.format("|k{}", "chunks") if k_axis else pl.lit(""))
+        + (pl.format("|k{}", "chunks") if k_axis else pl.lit("")) + variant
     )
     return {
         "settings": run.get("settings", {}),

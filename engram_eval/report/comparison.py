@@ -7,6 +7,7 @@ import json
 import polars as pl
 
 from ..core.errors import EngramEvalError
+from ..run.results import primary_rows
 from .statistics import rate
 from .summary import per_condition, summarize
 
@@ -23,6 +24,7 @@ def summarize_runs(runs: list[tuple[str, pl.DataFrame, dict]], allow_different_b
     differing = _differing_settings([run.get("settings", {}) for _, _, run in runs])
     columns = []
     for path, frame, run in runs:
+        frame = frame.filter(primary_rows())  # other paraphrases and samples: each run's own variability section
         if "num_layers" not in run:
             raise EngramEvalError(f"{path}: run.json has no num_layers (swept with an older engram-eval); sweep it again to compare it")
         summary = summarize(frame, run)

@@ -11,6 +11,7 @@ import math
 import polars as pl
 
 from ..core.errors import EngramEvalError
+from ..run.results import primary_rows
 
 
 def question_drilldown(frame: pl.DataFrame, question_id: str, generations: pl.DataFrame | None = None) -> dict:
@@ -20,7 +21,7 @@ def question_drilldown(frame: pl.DataFrame, question_id: str, generations: pl.Da
     known = sorted(frame["question_id"].unique().to_list())
     if question_id not in known:
         raise EngramEvalError(f"--question: no question '{question_id}' in this run (known: {', '.join(known)})")
-    rows = frame.filter(pl.col("question_id") == question_id)
+    rows = frame.filter((pl.col("question_id") == question_id) & primary_rows())  # paraphrases: the variability section
     conditions = []
     for (context,), condition in rows.group_by(["context"], maintain_order=True):
         base = condition.filter(pl.col("role") == "baseline").row(0, named=True)

@@ -50,6 +50,29 @@ def generation_summary(generations: pl.DataFrame, examples: int = 4) -> dict:
     }
 
 
+GENERATED_CELL = ("question_id", "role", "engram", "layer", "strength", "chunks", "context")  # one generated text
+
+
+def ensemble_comparison(plain: pl.DataFrame, ensembled: pl.DataFrame) -> dict:
+    """Plain greedy texts against ensembled ones (`generate --ensemble/--reextract`) on the cells both generated: per
+    engram kind, how many texts differ and how often each says the correct answer first."""
+    first = ensembled.row(0, named=True)
+    joined = (plain.select(*GENERATED_CELL, "control_kind", "text", "first_answer")
+              .join(ensembled.select(*GENERATED_CELL, text_ensembled="text", first_answer_ensembled="first_answer"),
+                    on=GENERATED_CELL, how="inner", nulls_equal=True)
+              .with_columns(engram_kind()))
+    kinds = sorted(joined["kind"].unique().to_list(), key=kind_order)
+    by_kind = []
+    for kind in kinds:
+        rows = joined.filter(pl.col("kind") == kind)
+        by_kind.append({"kind": kind, "cells": rows.height,
+                        "texts_differ": int((rows["text"] != rows["text_ensembled"]).sum()),
+                        "plain_says_correct_first": rate(int((rows["first_answer"] == "correct").sum()), rows.height),
+                        "ensembled_says_correct_first": rate(int((rows["first_answer_ensembled"] == "correct").sum()), rows.height)})
+    return {"ensemble": first["ensemble"], "ensemble_decay": first["ensemble_decay"], "reextract": first["reextract"],
+            "cells": joined.height, "by_kind": by_kind}
+
+
 def _generation_kind(rows: pl.DataFrame, kind: str) -> dict:
     flipped = rows.filter(pl.col("flipped").fill_null(False))
     says_correct = pl.col("first_answer") == "correct"

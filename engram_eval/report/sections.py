@@ -206,6 +206,15 @@ def summary_sections(summary: dict, short: bool = False) -> list[Section]:
             "Generated text, examples (first 120 characters)", ["question", "cell", "text verdict", "text"],
             [[e["question_id"], e["cell"], e["verdict"], e["text"].replace("\n", " ")] for e in g["examples"]],
         ))
+    if (e := summary.get("ensemble_comparison")) is not None:
+        sections.append(Section("generation-ensemble",
+            f"Plain vs ensembled generation (--ensemble {e['ensemble']}, --ensemble-decay {e['ensemble_decay']:g}"
+            f"{', --reextract' if e['reextract'] else ''}) on the {e['cells']} cells both generated",
+            ["engram kind", "cells", "texts that differ", "plain: says the correct answer first",
+             "ensembled: says the correct answer first"],
+            [[k["kind"], str(k["cells"]), str(k["texts_differ"]), fmt_rate(k["plain_says_correct_first"]),
+              fmt_rate(k["ensembled_says_correct_first"])] for k in e["by_kind"]],
+        ))
     if (rag := summary.get("rag")) is not None:
         conditions = ("no engram", "engram only", "context only", "engram + context")
         sections.append(Section("rag",
@@ -220,9 +229,30 @@ def summary_sections(summary: dict, short: bool = False) -> list[Section]:
             ["rung", "best cell", "correct"],
             [[r["rung"], r["cell"] or "-", fmt_rate(r)] for r in rag["ladder"]],
         ))
+    if (variability := summary.get("variability")) is not None:
+        sections.extend(_variability_sections(variability))
     return sections
 
 
+def _variability_sections(variability: dict) -> list[Section]:
+    """Per kind whose source has paraphrases: the effect's spread over the paraphrases (and over the samples drawn
+    from them) per question, at the question's best cell of the relevant engram, and the bank's "survives rewording"
+    rate."""
+    sections = []
+    for variant, plural in (("paraphrase", "paraphrases"), ("sample", "samples")):
+        for spread in variability[plural]:
+            quantiles = spread["log_improvement_quantiles"] or {}
+            sections.append(Section(f"variability:{variant}:{spread['kind']}",
+                f"Variability over {plural} ({spread['kind']}): survives {'rewording' if variant == 'paraphrase' else 'sampling'} "
+                f"{fmt_rate(spread['survives'])} (baseline-wrong questions flipped by every {variant} / by any); "
+                f"log-improvement at the best cells, 5% / 50% / 95%: "
+                + " / ".join(fmt_float(quantiles.get(q)) for q in ("0.05", "0.5", "0.95")),
+                ["question", "engram", plural, "log-improvement at the best cell: min / median / max", f"{plural} that flip"],
+                [[q["question_id"], q["engram"], str(q["variants"]),
+                  " / ".join(fmt_float(q[f"log_improvement_{m}"]) for m in ("min", "median", "max")),
+                  "-" if q["flipped"] is None else f"{q['flipped']} of {q['variants']}"] for q in spread["questions"]],
+            ))
+    return sections
 
 
 def _dose_sections(dose: dict) -> list[Section]:

@@ -8,14 +8,15 @@ from pathlib import Path
 import polars as pl
 
 from ..core.errors import EngramEvalError
-from ..run.results import computed_cells
+from ..run.results import computed_cells, primary_rows
 from ..run.rundir import PART_CHECKSUMS, check_results_format, read_run_json, verify_file, verify_results
 from .calibration import calibration_summary
 from .decision import decision_advice
 from .dose import DEFAULT_DOSES, at_best_cell, dose_matched_summary
 from .evidence import cell_tests, effect_sizes, held_out_best_cell
-from .experiments import CELL_KEYS, attention_summary, chunk_count_summary, generation_summary, rag_summary
+from .experiments import CELL_KEYS, attention_summary, chunk_count_summary, ensemble_comparison, generation_summary, rag_summary
 from .statistics import bootstrap_mean_ci, rate, sign_flip_test, verdict
+from .variability import variability_summary
 
 
 def load_run(run_dir: str | Path) -> tuple[pl.DataFrame, dict]:
@@ -52,16 +53,18 @@ def per_condition(frame: pl.DataFrame) -> pl.DataFrame:
                               .otherwise(pl.col("question_id") + suffix))
 
 
-def load_generations(run_dir: str | Path) -> pl.DataFrame | None:
-    """RUN/generations.parquet when `engram-eval generate` has run, else None."""
-    path = Path(run_dir) / "generations.parquet"
+def load_generations(run_dir: str | Path, ensembled: bool = False) -> pl.DataFrame | None:
+    """RUN/generations.parquet when `engram-eval generate` has run (ensembled: RUN/generations-ensemble.parquet, from
+    `generate --ensemble/--reextract`), else None."""
+    tag = "-ensemble" if ensembled else ""
+    path, record = Path(run_dir) / f"generations{tag}.parquet", Path(run_dir) / f"generation{tag}.json"
     if not path.is_file():
         return None
     try:
-        info = json.loads((Path(run_dir) / "generation.json").read_text())
+        info = json.loads(record.read_text())
     except (OSError, ValueError):
         info = {}
-    verify_file(path, info.get("generations_sha256") if isinstance(info, dict) else None, Path(run_dir) / "generation.json",
+    verify_file(path, info.get("generations_sha256") if isinstance(info, dict) else None, record,
                 "rerun `engram-eval generate` with the same options to merge it again")
     try:
         return pl.read_parquet(path)
@@ -301,14 +304,19 @@ def _semantic_sink(relevant: pl.DataFrame) -> list[dict]:
 
 def summarize(frame: pl.DataFrame, run: dict, engram_role: str = "relevant", generations: pl.DataFrame | None = None,
               split: int | None = None, side_effects: pl.DataFrame | None = None,
-              doses: tuple[float, ...] = DEFAULT_DOSES, ladder: list[tuple[str, pl.DataFrame, dict]] = ()) -> dict:
+              doses: tuple[float, ...] = DEFAULT_DOSES, ladder: list[tuple[str, pl.DataFrame, dict]] = (),
+              ensembled: pl.DataFrame | None = None) -> dict:
     """Every number the report shows, computed once; all formats render this. split: pick the best cell on a random
     half of the questions (this seed) and report its rates on the other half. side_effects: the neutral probe's rows
     (RUN/side_effects.parquet), the dose of the dose-matched comparison at these target doses (else each row's
-    kl_next). ladder: other runs of the bank (label, frame, run.json) whose engrams join the RAG section's ladder."""
+    kl_next). ladder: other runs of the bank (label, frame, run.json) whose engrams join the RAG section's ladder.
+    ensembled: `generate --ensemble/--reextract`'s texts, compared with the plain ones on the cells both generated (and
+    the generation section's own when there are no plain ones)."""
     if frame.is_empty():
         raise EngramEvalError("results.parquet holds no rows")
-    rag = rag_summary(frame, run, ladder)
+    variability = variability_summary(per_condition(frame))
+    frame = frame.filter(primary_rows())  # other paraphrases and samples: the variability section's alone
+    rag = rag_summary(frame, run, [(label, other.filter(primary_rows()), info) for label, other, info in ladder])
     question_count = frame["question_id"].n_unique()
     frame = per_condition(frame)
     tested = _controls(frame)
@@ -361,6 +369,9 @@ def summarize(frame: pl.DataFrame, run: dict, engram_role: str = "relevant", gen
         "dose_matched": dose_matched_summary(frame, run, side_effects, doses),
         "semantic_sink": _semantic_sink(relevant),
         "calibration": calibration_summary(frame),
-        "generation": None if generations is None else generation_summary(generations),
+        "generation": None if (generations if generations is not None else ensembled) is None else
+        generation_summary(generations if generations is not None else ensembled),
+        "ensemble_comparison": None if generations is None or ensembled is None else ensemble_comparison(generations, ensembled),
         "rag": rag,
+        "variability": variability,
     }

@@ -24,13 +24,15 @@ from ..bank.banks import Bank, load_bank
 from ..core.errors import EngramEvalError
 from ..core.files import atomic_write_text, file_sha256
 from ..core.spec import RayOptions
+from ..engram.extraction import source_ids
 from ..engram.store import EngramStore, bank_engrams
 from ..steer.grid import Cell, raw_vectors
+from ..steer.ensemble import EnsembleJob, Ensembling, ensembled_tokens
 from ..steer.injection import CellVectors, Steering
 from ..steer.prompts import prepare_question, prompt_token_ids
 from ..steer.scoring import auto_batch_size
 from .executors import Task, open_executor
-from .results import CELL_SETTING_COLUMNS, computed_cells, engram_kind
+from .results import CELL_SETTING_COLUMNS, computed_cells, engram_kind, primary_rows
 from .rundir import (
     PART_CHECKSUMS,
     check_results_format,
@@ -71,6 +73,9 @@ GENERATION_SCHEMA = pl.Schema(
         "says_incorrect": pl.Boolean,
         "first_answer": pl.String,
         "verdict": pl.String,
+        "ensemble": pl.Int32,
+        "ensemble_decay": pl.Float64,
+        "reextract": pl.Boolean,
     }
 )
 
@@ -83,15 +88,16 @@ class Generated:
 
 @dataclass
 class Row:
-    """One text to generate: a prompt, and the cell's one-row steering (None: the baseline, nothing injected)."""
+    """One text to generate: a prompt, and the cell's one-row steering (None: the baseline, nothing injected), or its
+    ensembled generation (--ensemble, --reextract; engram_eval.steer.ensemble)."""
 
     prompt_ids: tuple[int, ...]
     steering: Steering | None = None
+    ensemble: EnsembleJob | None = None
 
     def to(self, device: torch.device) -> Row:
-        if self.steering is None:
-            return self
-        return Row(self.prompt_ids, replace(self.steering, vectors=self.steering.vectors.to(device)))
+        steering = None if self.steering is None else replace(self.steering, vectors=self.steering.vectors.to(device))
+        return Row(self.prompt_ids, steering, None if self.ensemble is None else self.ensemble.to(device))
 
 
 @torch.inference_mode()
@@ -153,10 +159,11 @@ def select_cells(frame: pl.DataFrame, selection: str) -> pl.DataFrame:
     """The rows to generate from. default: per question and context condition, the baseline, every cell of the relevant
     engram that flipped or broke, and the best and worst cell (by ratio) of the relevant engram and of each control kind.
     all: every row. baseline: the baseline rows. flips: the baseline and every flipped or broken cell of any engram.
-    A row that repeats another cell's computation (a null prefix at another layer) is not generated again."""
+    A row that repeats another cell's computation (a null prefix at another layer) is not generated again, nor is another
+    paraphrase's or a sample's (the source's own text stands for them)."""
     if selection not in SELECTIONS:
         raise EngramEvalError(f"--cells: unknown '{selection}' (one of: {', '.join(SELECTIONS)})")
-    frame = frame.with_row_index("row").filter(computed_cells())
+    frame = frame.with_row_index("row").filter(computed_cells() & primary_rows())
     baseline = pl.col("role") == "baseline"
     moved = pl.col("flipped") | pl.col("broken")
     if selection == "all":
@@ -194,14 +201,19 @@ def run_generate(
     ray: RayOptions | None = None,
     wait: bool = False,
     warn: Callable[[str], None] = lambda message: None,
+    ensembling: Ensembling = Ensembling(),
 ) -> GenerateResult:
     """Generate from a finished sweep's selected cells; each question lands atomically in RUN/generation-parts, so a
     rerun resumes. A run holding generations with other settings is refused unless force. ray: batches of whole
     questions go to a Ray cluster's workers. One writer at a time (the run directory's lock): `wait` waits for another
-    sweep or generate to finish instead of failing; warn receives the lock's messages."""
+    sweep or generate to finish instead of failing; warn receives the lock's messages. ensembling (--ensemble,
+    --reextract) other than plain writes its own files (RUN/generations-ensemble.parquet, generation-ensemble.json,
+    generation-ensemble-parts), so a run holds plain and ensembled texts of the same cells side by side."""
     from tqdm import tqdm
 
     out = Path(run_dir)
+    ensembling.check()
+    files = GenerationFiles(out, ensembling.plain)
     if max_new_tokens < 1:
         raise EngramEvalError(f"--max-new-tokens: must be at least 1 (got {max_new_tokens})")
     if not (out / "results.parquet").is_file():
@@ -222,11 +234,12 @@ def run_generate(
             raise EngramEvalError(f"{bank.path}: question '{qid}': its prompt is {lengths[qid]} tokens; with the engram's "
                                   f"{max(settings.chunk_list)} positions and --max-new-tokens {max_new_tokens} that is "
                                   f"{longest + max_new_tokens} positions, more than the model's {lm.max_positions}")
-        info = {"settings": {"cells": cells, "max_new_tokens": max_new_tokens, "run_id": run["run_id"]}, "status": "running",
-                "threads": torch.get_num_threads()}
-        previous_info = _previous_info(out)
-        _prepare_generation_dir(out, info, force)
-        parts = part_paths(out / "generation-parts", settings.questions)
+        info = {"settings": {"cells": cells, "max_new_tokens": max_new_tokens, "run_id": run["run_id"],
+                             "ensemble": ensembling.size, "ensemble_decay": ensembling.decay, "reextract": ensembling.reextract},
+                "status": "running", "threads": torch.get_num_threads()}
+        previous_info = _previous_info(files)
+        _prepare_generation_dir(files, info, force)
+        parts = part_paths(files.parts, settings.questions)
         info[PART_CHECKSUMS] = _previous_checksums(previous_info, info["settings"], parts)
         trusted = trusted_parts(parts, info[PART_CHECKSUMS], warn)
         waiting = [(question, part, selected.filter(pl.col("question_id") == question.id)) for question, part in zip(bank.questions, parts)]
@@ -249,7 +262,8 @@ def run_generate(
 
         def tasks() -> Iterator[Task]:
             for group in groups:
-                prepared = [(question, part, *question_rows(lm, question, bank.path, rows, raw, settings)) for question, part, rows in group]
+                prepared = [(question, part, *question_rows(lm, question, bank, rows, raw, settings, ensembling))
+                            for question, part, rows in group]
                 todo = [row for *_, rows in prepared for row in rows]
                 prepared_groups[group[0][0].id] = prepared
                 yield Task(group[0][0].id, generate_on_worker, (todo, max_new_tokens, size), len(todo))
@@ -259,9 +273,11 @@ def run_generate(
             for question, part, rows, todo in prepared_groups.pop(task.name):
                 mine, generated = generated[: len(todo)], generated[len(todo):]
                 generated_tokens += sum(len(g.token_ids) for g in mine)
-                frame = _generation_frame(lm, question, rows, mine).with_columns(run_id=pl.lit(run["run_id"]))
+                frame = _generation_frame(lm, question, rows, mine).with_columns(
+                    run_id=pl.lit(run["run_id"]), ensemble=pl.lit(ensembling.size, pl.Int32),
+                    ensemble_decay=pl.lit(ensembling.decay, pl.Float64), reextract=pl.lit(ensembling.reextract))
                 info[PART_CHECKSUMS][part.name] = write_part(part, frame.select(list(GENERATION_SCHEMA)))
-            _write_info(out, info)
+            _write_info(files, info)
             bar.set_postfix(tokens_per_s=f"{generated_tokens / (time.perf_counter() - started):.0f}")
 
         prepared_groups: dict[str, list] = {}  # a task's questions, their rows and what they generate, until it finishes
@@ -269,23 +285,23 @@ def run_generate(
             with bar:
                 executor.map(tasks(), finish, bar.update)
         except KeyboardInterrupt as exc:
-            _write_info(out, {**info, "status": stop_status(exc)})
+            _write_info(files, {**info, "status": stop_status(exc)})
             raise
         except Exception as exc:
-            _write_info(out, {**info, "status": "failed", "reason": one_line(exc)})
+            _write_info(files, {**info, "status": "failed", "reason": one_line(exc)})
             raise
         finally:
             executor.close()
         seconds = time.perf_counter() - started
-        generations = out / "generations.parquet"
+        generations = files.parquet
         info["generations_sha256"] = merge_parts(generations, [part for part in parts if part.exists()], info[PART_CHECKSUMS],
-                                                 out / "generation.json", GENERATION_SCHEMA)
+                                                 files.info, GENERATION_SCHEMA)
         info.update(status="complete", generations=selected.height,
                     timings={"seconds": round(seconds, 3), "tokens": generated_tokens,
                              "tokens_per_second": round(generated_tokens / seconds, 2) if seconds > 0 else None})
         if not generated_tokens and previous_info.get("status") == "complete" and isinstance(previous_info.get("timings"), dict):
             info["timings"] = previous_info["timings"]  # a resume with nothing left keeps the timings of the work
-        _write_info(out, info)
+        _write_info(files, info)
     return GenerateResult(out=out, generations_path=generations, info=info)
 
 
@@ -302,22 +318,37 @@ def reopen_run(lm: LoadedModel, out: Path, run: dict) -> tuple[SweepSettings, Ba
     return settings, bank, raw_vectors(lm, bank, engrams, settings.layers, settings.chunk_list)
 
 
-def question_rows(lm: LoadedModel, question, bank_path: Path, rows: pl.DataFrame, raw: dict,
-                   settings: SweepSettings) -> tuple[pl.DataFrame, list[Row]]:
+def question_rows(lm: LoadedModel, question, bank: Bank, rows: pl.DataFrame, raw: dict, settings: SweepSettings,
+                  ensembling: Ensembling = Ensembling()) -> tuple[pl.DataFrame, list[Row]]:
     """One question's selected results rows (baseline first in each context condition) and what to generate for each."""
     ordered, todo = [], []
     for (context,), group in rows.group_by(["context"], maintain_order=True):
-        prepared = prepare_question(lm, question, settings.scoring, bank_path, context)
+        prepared = prepare_question(lm, question, settings.scoring, bank.path, context)
         baseline = group.filter(pl.col("role") == "baseline")
         cell_rows = group.filter(pl.col("role") != "baseline")
         cells = [Cell(r["engram"], None, r["role"], r["control_kind"], r["layer"], r["strength"], r["chunks"], r["context"])
                  for r in cell_rows.iter_rows(named=True)]
         todo += [Row(prepared.prompt_ids)] * baseline.height
-        if cells:
+        if cells and not ensembling.plain:
+            todo += [Row(prepared.prompt_ids, ensemble=ensemble_job(lm, bank, cell, raw, settings, ensembling)) for cell in cells]
+        elif cells:
             vectors = CellVectors(lm, raw, settings.injection, settings.scaling, prepared.prompt_ids, cells, settings.positions)
             todo += [Row(prepared.prompt_ids, vectors.steering([cell])) for cell in cells]
         ordered += [baseline, cell_rows]
     return pl.concat(ordered), todo
+
+
+def ensemble_job(lm: LoadedModel, bank: Bank, cell: Cell, raw: dict, settings: SweepSettings,
+                 ensembling: Ensembling) -> EnsembleJob:
+    """What an ensembled generation of a cell needs: its sweep-time vectors and, to re-extract, its sources' ids."""
+    extraction = settings.extraction_for(lm.num_layers)
+    job = EnsembleJob(cell, raw[(cell.vectors_name, cell.layer, cell.chunks)], settings.injection, settings.scaling,
+                      settings.positions, ensembling, extraction)
+    if not ensembling.reextract or cell.is_null:
+        return job
+    expression = bank.expression(cell.engram)
+    return replace(job, expression=expression,
+                   source_ids={name: source_ids(lm, bank.sources[name].text, extraction) for name in expression.names})
 
 
 def _generation_frame(lm: LoadedModel, question, rows: pl.DataFrame, generated: list[Generated]) -> pl.DataFrame:
@@ -335,10 +366,17 @@ def _generation_frame(lm: LoadedModel, question, rows: pl.DataFrame, generated: 
 
 def generate_in_batches(lm: LoadedModel, todo: list[Row], max_new_tokens: int, batch_size: int,
                         on_rows: Callable[[int], None] = lambda n: None) -> list[Generated]:
-    """Rows in batches of similar prefill length (less padding), results back in the rows' order."""
-    lengths = [len(row.prompt_ids) + (row.steering.prefix_length if row.steering is not None else 0) for row in todo]
-    order = sorted(range(len(todo)), key=lambda i: lengths[i])
+    """Rows in batches of similar prefill length (less padding), results back in the rows' order; an ensembled row on
+    its own (its M engrams are its batch)."""
     results: dict[int, Generated] = {}
+    for i, row in enumerate(todo):
+        if row.ensemble is not None:
+            tokens, ended = ensembled_tokens(lm, row.prompt_ids, row.ensemble, max_new_tokens)
+            results[i] = Generated(tokens, "eos" if ended else "length")
+            on_rows(1)
+    plain = [i for i, row in enumerate(todo) if row.ensemble is None]
+    lengths = {i: len(todo[i].prompt_ids) + (todo[i].steering.prefix_length if todo[i].steering is not None else 0) for i in plain}
+    order = sorted(plain, key=lambda i: lengths[i])
     for start in range(0, len(order), batch_size):
         batch = order[start : start + batch_size]
         for i, generated in zip(batch, generate_rows(lm, [todo[i] for i in batch], max_new_tokens)):
@@ -354,8 +392,33 @@ def generate_on_worker(lm: LoadedModel, todo: list[Row], max_new_tokens: int, ba
     return generate_in_batches(lm, [row.to(lm.device) for row in todo], max_new_tokens, batch_size, progress)
 
 
-def _prepare_generation_dir(out: Path, info: dict, force: bool) -> None:
-    path = out / "generation.json"
+@dataclass(frozen=True)
+class GenerationFiles:
+    """Where a run's generations live: plain ones in RUN/generation.json, generation-parts, generations.parquet;
+    ensembled ones (--ensemble, --reextract) beside them, named with -ensemble."""
+
+    out: Path
+    plain: bool = True
+
+    @property
+    def _tag(self) -> str:
+        return "" if self.plain else "-ensemble"
+
+    @property
+    def info(self) -> Path:
+        return self.out / f"generation{self._tag}.json"
+
+    @property
+    def parts(self) -> Path:
+        return self.out / f"generation{self._tag}-parts"
+
+    @property
+    def parquet(self) -> Path:
+        return self.out / f"generations{self._tag}.parquet"
+
+
+def _prepare_generation_dir(files: GenerationFiles, info: dict, force: bool) -> None:
+    out, path = files.out, files.info
     if path.exists():
         try:
             previous = json.loads(path.read_text()).get("settings")
@@ -366,15 +429,15 @@ def _prepare_generation_dir(out: Path, info: dict, force: bool) -> None:
                 changed = sorted(k for k in info["settings"] if (previous or {}).get(k) != info["settings"][k])
                 raise EngramEvalError(f"{out} holds generations with other settings ({', '.join(changed)}); "
                                       "use --force to replace them")
-            shutil.rmtree(out / "generation-parts", ignore_errors=True)
-            (out / "generations.parquet").unlink(missing_ok=True)
-    (out / "generation-parts").mkdir(exist_ok=True)
-    _write_info(out, info)
+            shutil.rmtree(files.parts, ignore_errors=True)
+            files.parquet.unlink(missing_ok=True)
+    files.parts.mkdir(exist_ok=True)
+    _write_info(files, info)
 
 
-def _previous_info(out: Path) -> dict:
+def _previous_info(files: GenerationFiles) -> dict:
     try:
-        info = json.loads((out / "generation.json").read_text())
+        info = json.loads(files.info.read_text())
     except (OSError, ValueError):
         return {}
     return info if isinstance(info, dict) else {}
@@ -390,5 +453,5 @@ def _previous_checksums(previous: dict, settings: dict, parts: list[Path]) -> di
     return {part.name: file_sha256(part) for part in parts if part.exists()}
 
 
-def _write_info(out: Path, info: dict) -> None:
-    atomic_write_text(out / "generation.json", json.dumps(info, indent=2, sort_keys=True) + "\n")
+def _write_info(files: GenerationFiles, info: dict) -> None:
+    atomic_write_text(files.info, json.dumps(info, indent=2, sort_keys=True) + "\n")

@@ -55,6 +55,8 @@ RESULT_SCHEMA = pl.Schema(
         "engram_key": pl.String,
         "role": pl.String,
         "control_kind": pl.String,
+        "paraphrase": pl.Int32,
+        "sample": pl.Int32,
         **CELL_SETTING_COLUMNS,
         "repeated": pl.Boolean,
         "scoring": pl.String,
@@ -84,6 +86,12 @@ RESULT_SCHEMA = pl.Schema(
         "top_incorrect_variant": pl.String,
     }
 )
+
+
+def primary_rows() -> pl.Expr:
+    """Rows of the run's grid itself: not another paraphrase's or a sample's (`files: [...]`, `--sample`), which sit
+    beside their source's own rows (paraphrase 0) and are read only by the variability section."""
+    return pl.col("sample").is_null() & (pl.col("paraphrase").is_null() | (pl.col("paraphrase") == 0))
 
 
 def computed_cells() -> pl.Expr:
@@ -177,6 +185,8 @@ def question_frame(settings: SweepSettings, bank: Bank, prepared: PreparedQuesti
             "engram_key": [None] + [c.engram_key for c in cells],
             "role": ["baseline"] + [c.role for c in cells],
             "control_kind": [None] + [c.control_kind for c in cells],
+            "paraphrase": [None] + [c.paraphrase for c in cells],
+            "sample": [None] + [c.sample for c in cells],
             "layer": [None] + [c.layer for c in cells],
             "strength": [None] + [c.strength for c in cells],
             "chunks": [settings.chunks if isinstance(settings.chunks, int) else None] + [c.chunks for c in cells],
@@ -200,7 +210,8 @@ def question_frame(settings: SweepSettings, bank: Bank, prepared: PreparedQuesti
             "attn_prefix_share": scores["attn_prefix_share"],
             "attn_first_share": scores["attn_first_share"],
         },
-        schema_overrides={k: RESULT_SCHEMA[k] for k in ("tags", "related_wrong", "engram", "engram_key", "control_kind", "layer", "strength",
+        schema_overrides={k: RESULT_SCHEMA[k] for k in ("tags", "related_wrong", "engram", "engram_key", "control_kind",
+                                                      "paraphrase", "sample", "layer", "strength",
                                                       "chunks", "skip_tokens", "window", "context", "attn_prefix_share",
                                                       "attn_first_share")},
     )

@@ -46,6 +46,7 @@ SIDE_EFFECTS, SIDE_EFFECTS_FILE, SIDE_EFFECTS_PARTS = "side_effects", "side_effe
 
 # What a run directory holds that derives from its settings: --force on other settings removes all of it.
 DERIVED = ("parts", "results.parquet", "report.html", "generations.parquet", "generation-parts", "generation.json",
+           "generations-ensemble.parquet", "generation-ensemble-parts", "generation-ensemble.json",
            SIDE_EFFECTS_PARTS, SIDE_EFFECTS_FILE)
 
 

@@ -40,11 +40,11 @@ SIDE_EFFECT_SCHEMA = pl.Schema({
 
 def probe_cells(grid: list[list[list[Cell]]]) -> dict[str, list[Cell]]:
     """The grid's distinct (engram, layer, strength, k) cells, by engram, in grid order (context conditions and
-    questions that share a cell share its row)."""
+    questions that share a cell share its row); a source's own text only, not its other paraphrases or samples."""
     by_engram: dict[str, dict[tuple, Cell]] = {}
     for question in grid:
         for cells in question:
-            for cell in cells:
+            for cell in (cell for cell in cells if not cell.is_variant):  # paraphrases and samples: not probed
                 key = (cell.layer, cell.strength, cell.chunks)
                 by_engram.setdefault(cell.engram, {}).setdefault(key, replace(cell, context=None))
     return {name: list(cells.values()) for name, cells in by_engram.items()}

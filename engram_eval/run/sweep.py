@@ -46,6 +46,9 @@ from .rundir import (
 from .settings import SweepSettings
 from .side_effects import run_probe
 
+RawVectors = dict[tuple[str, int, int], torch.Tensor]  # an engram's unscaled vectors by (vectors name, layer, k)
+
+
 @dataclass
 class SweepResult:
     out: Path
@@ -101,6 +104,9 @@ def run_sweep(
             if len(p.prompt_ids) < max(chunk_list):
                 raise EngramEvalError(f"{bank.path}: question '{p.question.id}': --injection {injection} needs a prompt of at least "
                                       f"k = {max(chunk_list)} tokens; this one has {len(p.prompt_ids)}")
+    if neutral is not None and method.reextract:
+        raise EngramEvalError("--neutral: the probe measures each cell's engram once for all questions; with --reextract "
+                              "every question has engrams of its own (probe a run without it)")
     neutral_ids = None if neutral is None else passage_ids(lm, neutral, injection, chunk_list)
     bank_warnings = bank.lint() + [w for conditions in prepared for w in variant_token_warnings(lm, conditions[0], bank.path)]
     if method.context == "both" and not any(q.context for q in bank.questions):
@@ -111,6 +117,9 @@ def run_sweep(
         warn(warning)
     if advice := multi_token_warning(lm, [p for conditions in prepared for p in conditions], method.scoring, bank.path):
         warn(advice)  # advice on the scoring, not a mistake in the bank: --strict lets it pass
+    if spec.grid.samples and not any(bank.paraphrases(name) > 1 for q in bank.questions for name in (q.engram, *q.controls)):
+        raise EngramEvalError(f"--sample: no engram the questions of {bank.path} use has paraphrases to fit a Gaussian to "
+                              "(a source needs `files: [a.txt, b.txt, ...]`, at least 2)")
     settings = SweepSettings.of(spec, model=lm.name, model_fingerprint=lm.fingerprint, bank=bank.name,
                                 bank_sha256=bank.sha256, questions=[q.id for q in bank.questions])
     with run_lock(out, wait, observer.warn):
@@ -168,16 +177,18 @@ def anti_difference_signals(bank: Bank, engrams: dict[tuple[str, int], StoredEng
 
 
 def score_question(lm: LoadedModel, settings: SweepSettings, bank: Bank, conditions: list[PreparedQuestion], grid: list[list[Cell]],
-                   raw: dict[tuple[str, int, int], torch.Tensor], batch_size: int | None, fits: int | None = None,
+                   raw: RawVectors | list[RawVectors], batch_size: int | None, fits: int | None = None,
                    on_batch: Callable[[int], None] = lambda n: None) -> tuple[pl.DataFrame, int | None]:
     """One question's rows, every context condition: its baseline then its cells -> (frame, the batch size known to fit
-    after an out-of-memory back-off, for the next question)."""
+    after an out-of-memory back-off, for the next question). raw: the engrams' vectors, one dict for every condition or
+    (--reextract) one per condition."""
     chunks = settings.chunk_list
     frames = []
-    for prepared, cells in zip(conditions, grid):
+    for condition, (prepared, cells) in enumerate(zip(conditions, grid)):
+        vectors = raw[condition] if isinstance(raw, list) else raw
         prefix = max(chunks) if INJECTIONS[settings.injection].prefix_positions else 0
         requested = batch_size or auto_batch_size(lm, prefix + len(prepared.prompt_ids), len(cells))
-        scores, size = score_cells(lm, prepared, cells, raw, settings.scoring, settings.injection, settings.scaling,
+        scores, size = score_cells(lm, prepared, cells, vectors, settings.scoring, settings.injection, settings.scaling,
                                    min(requested, fits or requested), on_batch=on_batch,
                                    record_attention=settings.record_attention, baseline_chunks=chunks[0],
                                    positions=settings.positions)
@@ -190,11 +201,22 @@ def score_question(lm: LoadedModel, settings: SweepSettings, bank: Bank, conditi
 
 
 def question_rows(lm: LoadedModel, settings: SweepSettings, bank: Bank, conditions: list[PreparedQuestion],
-                  grid: list[list[Cell]], raw: dict[tuple[str, int, int], torch.Tensor], batch_size: int | None,
+                  grid: list[list[Cell]], raw: RawVectors | list[RawVectors], batch_size: int | None,
                   fits: int | None, *, progress: Callable[[int], None]) -> tuple[object, int | None]:
     """A question's task for an executor: score_question's rows as an Arrow table (what travels back from a worker)."""
     frame, fits = score_question(lm, settings, bank, conditions, grid, raw, batch_size, fits, progress)
     return frame.to_arrow(), fits
+
+
+def question_engrams(lm: LoadedModel, bank: Bank, store: EngramStore, settings: SweepSettings, prepared: PreparedQuestion,
+                     log: Callable[[str], None], on_ready: Callable[[str, int, StoredEngram], None]) -> dict[tuple[str, int], StoredEngram]:
+    """--reextract: the engrams of one question's sources (relevant, controls, paraphrases), each read after the
+    question's prompt in this context condition; the bank-wide engrams' warnings were already said."""
+    one = bank.select([prepared.question.id])
+    where = prepared.question.id + ("" if prepared.context is None else " +context" if prepared.context else " -context")
+    return bank_engrams(lm, one, store, settings.layers, settings.chunk_list, settings.extraction_for(lm.num_layers),
+                        log=lambda message: log(f"{message}, read after question {where}"),
+                        on_ready=lambda name, k, stored: on_ready(f"{name} after {where}", k, stored), state=prepared.prompt_ids)
 
 
 def _run_grid(lm: LoadedModel, bank: Bank, store: EngramStore, out: Path, settings: SweepSettings, run: dict,
@@ -226,9 +248,15 @@ def _run_grid(lm: LoadedModel, bank: Bank, store: EngramStore, out: Path, settin
     write_run_json(out, run)
 
     keys = {key: stored.key for key, stored in engrams.items()}
-    grid = [[question_cells(p.question, bank, keys, layers, settings.strengths, chunks, p.context) for p in conditions]
-            for conditions in prepared]
-    raw = raw_vectors(lm, bank, engrams, layers, chunks)
+    conditioned: dict[tuple[str, bool | None], dict[tuple[str, int], StoredEngram]] = {}
+    if settings.reextract:  # every question's own engrams: the sources read after its prompt (in each context condition)
+        for conditions in prepared:
+            for p in conditions:
+                conditioned[(p.question.id, p.context)] = question_engrams(lm, bank, store, settings, p, observer.log, record_engram)
+    grid = [[question_cells(p.question, bank, {key: stored.key for key, stored in conditioned.get((p.question.id, p.context), engrams).items()},
+                            layers, settings.strengths, chunks, p.context, settings.samples, settings.sample_seed)
+             for p in conditions] for conditions in prepared]
+    raw = raw_vectors(lm, bank, engrams, layers, chunks, settings.samples, settings.sample_seed)
     rows = [sum(len(cells) + 1 for cells in question) for question in grid]
     parts = part_paths(out / "parts", [conditions[0].question.id for conditions in prepared])
     trusted = trusted_parts(parts, run[PART_CHECKSUMS], observer.warn)
@@ -245,8 +273,10 @@ def _run_grid(lm: LoadedModel, bank: Bank, store: EngramStore, out: Path, settin
             pause_started = time.perf_counter()
             observer.before_question(prepared[i][0].question)
             paused += time.perf_counter() - pause_started
+            own = [raw_vectors(lm, bank, conditioned[(p.question.id, p.context)], layers, chunks, settings.samples,
+                               settings.sample_seed) for p in prepared[i]] if settings.reextract else shared_raw
             yield Task(prepared[i][0].question.id, question_rows,
-                       (settings, bank, prepared[i], grid[i], shared_raw, execution.batch_size, fits), rows[i])
+                       (settings, bank, prepared[i], grid[i], own, execution.batch_size, fits), rows[i])
 
     def finished(task: Task, result: tuple) -> None:
         nonlocal fits

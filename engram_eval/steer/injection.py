@@ -245,12 +245,12 @@ class CellVectors:
         self.norms = self.mode.residual_norms(lm, prompt_ids, sorted({c.layer for c in cells}))
         self.unit: dict[tuple[str, int, int], torch.Tensor] = {}
         for cell in cells:
-            key = (cell.engram, cell.layer, cell.chunks)
+            key = (cell.vectors_name, cell.layer, cell.chunks)
             if key not in self.unit:
                 self.unit[key] = self.mode.unit(lm, raw[key], scaling).to(lm.device)
 
     def vector(self, cell: Cell) -> torch.Tensor:
-        return self.mode.scaled(self.unit[(cell.engram, cell.layer, cell.chunks)], cell.strength, self.norms.get(cell.layer))
+        return self.mode.scaled(self.unit[(cell.vectors_name, cell.layer, cell.chunks)], cell.strength, self.norms.get(cell.layer))
 
     def steering(self, cells: list[Cell]) -> Steering:
         return Steering(self.injection, torch.stack([self.vector(cell) for cell in cells]), [cell.layer for cell in cells],
