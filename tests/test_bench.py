@@ -74,6 +74,9 @@ def test_bench_ratios_are_computed_from_the_same_run(tiny, tiny_bank, injection)
     # Generation: the batched generator and model.generate per cell, measured in the same run, on the same selection.
     assert r["generation_speedup"] == pytest.approx(r["generation_tokens_per_second"] / r["generation_reference_tokens_per_second"])
     assert r["generation_reference_cells"] == 12 and r["generation_cells"] >= 12
+    # generate --ensemble 3 --reextract: its seconds per token over plain batched generation's, from the same run.
+    assert r["ensemble_seconds_per_token"] > 0
+    assert r["ensemble_token_cost"] == pytest.approx(r["ensemble_seconds_per_token"] * r["generation_tokens_per_second"])
     assert r["attention_cost"] > 0
     # The neutral probe: the same run resumed with it; its distinct cells are the grid's (4 engrams x 2 layers x 2
     # strengths), its cost the probe's seconds over the sweep's.
