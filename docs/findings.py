@@ -26,7 +26,8 @@ def controls_by_kind(run_dir: str, paraphrase: int | None = None) -> tuple[dict,
     if paraphrase is not None:
         own = pl.col("paraphrase") == 0
         frame = (frame.filter(~own.fill_null(False) & pl.col("sample").is_null())
-                 .with_columns(paraphrase=pl.when(pl.col("paraphrase") == paraphrase).then(0).otherwise(pl.col("paraphrase"))))
+                 .with_columns(paraphrase=pl.when(pl.col("paraphrase") == paraphrase).then(0).otherwise(pl.col("paraphrase")))
+                 .filter(pl.col("paraphrase").fill_null(0) == 0))  # the others: the source's column says how they spread
     summary = summarize(frame, run)
     return summary, {c["kind"]: c for c in summary["controls"]}
 
