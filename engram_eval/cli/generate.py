@@ -44,6 +44,7 @@ def generate(run_dir: Path, load_lm, selection: str, max_new_tokens: int, batch_
     answer, the incorrect one, which first (word boundaries, case-insensitive)? Writes RUN/generations.parquet;
     `engram-eval report RUN` then compares the probability verdict with the text. Resumable like sweep."""
     from ..run.generation import run_generate
+    from ..run.rundir import GenerationFiles
     from ..steer.ensemble import Ensembling
 
     ensembling = Ensembling(ensemble_size, ensemble_decay, reextract).check()
@@ -58,8 +59,8 @@ def generate(run_dir: Path, load_lm, selection: str, max_new_tokens: int, batch_
                               batch_size=batch_size, force=force, progress=not quiet,
                               ray=ray, wait=wait, warn=warning_printer(), ensembling=ensembling)
     except KeyboardInterrupt as exc:
-        parts = "generation-parts" if ensembling.plain else "generation-ensemble-parts"
-        stopped(exc, f": finished questions are kept in {run_dir / parts}; rerun the same command to resume")
+        parts = GenerationFiles(run_dir, ensembling.plain).parts
+        stopped(exc, f": finished questions are kept in {parts}; rerun the same command to resume")
     timings = result.info["timings"]
     table = Table(title=f"generate {run_dir}", show_header=False)
     table.add_row("cells", f"{result.info['generations']} ({selection}), at most {max_new_tokens} tokens each")

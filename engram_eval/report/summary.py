@@ -9,7 +9,7 @@ import polars as pl
 
 from ..core.errors import EngramEvalError
 from ..run.results import computed_cells, primary_rows
-from ..run.rundir import PART_CHECKSUMS, check_results_format, read_run_json, verify_file, verify_results
+from ..run.rundir import PART_CHECKSUMS, GenerationFiles, check_results_format, read_run_json, verify_file, verify_results
 from .calibration import calibration_summary
 from .decision import decision_advice
 from .dose import DEFAULT_DOSES, at_best_cell, dose_matched_summary
@@ -56,8 +56,8 @@ def per_condition(frame: pl.DataFrame) -> pl.DataFrame:
 def load_generations(run_dir: str | Path, ensembled: bool = False) -> pl.DataFrame | None:
     """RUN/generations.parquet when `engram-eval generate` has run (ensembled: RUN/generations-ensemble.parquet, from
     `generate --ensemble/--reextract`), else None."""
-    tag = "-ensemble" if ensembled else ""
-    path, record = Path(run_dir) / f"generations{tag}.parquet", Path(run_dir) / f"generation{tag}.json"
+    files = GenerationFiles(Path(run_dir), plain=not ensembled)
+    path, record = files.parquet, files.info
     if not path.is_file():
         return None
     try:

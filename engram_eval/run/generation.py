@@ -35,6 +35,7 @@ from .executors import Task, open_executor
 from .results import CELL_SETTING_COLUMNS, computed_cells, engram_kind, primary_rows
 from .rundir import (
     PART_CHECKSUMS,
+    GenerationFiles,
     check_results_format,
     merge_parts,
     one_line,
@@ -294,31 +295,6 @@ def generate_on_worker(lm: LoadedModel, todo: list[Row], max_new_tokens: int, ba
     """A batch of whole questions' generations as an executor's task; on a worker, whose device may differ from the
     driver's."""
     return generate_in_batches(lm, [row.to(lm.device) for row in todo], max_new_tokens, batch_size, progress)
-
-
-@dataclass(frozen=True)
-class GenerationFiles:
-    """Where a run's generations live: plain ones in RUN/generation.json, generation-parts, generations.parquet;
-    ensembled ones (--ensemble, --reextract) beside them, named with -ensemble."""
-
-    out: Path
-    plain: bool = True
-
-    @property
-    def _tag(self) -> str:
-        return "" if self.plain else "-ensemble"
-
-    @property
-    def info(self) -> Path:
-        return self.out / f"generation{self._tag}.json"
-
-    @property
-    def parts(self) -> Path:
-        return self.out / f"generation{self._tag}-parts"
-
-    @property
-    def parquet(self) -> Path:
-        return self.out / f"generations{self._tag}.parquet"
 
 
 def _prepare_generation_dir(files: GenerationFiles, info: dict, force: bool) -> None:

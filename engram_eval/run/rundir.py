@@ -6,6 +6,7 @@ import hashlib
 import json
 import platform
 import shutil
+from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 from typing import Callable
@@ -44,9 +45,39 @@ def results_format(settings: SweepSettings, num_layers: int) -> str:
 # The neutral-text probe's record in run.json, its merged file and its parts (engram_eval.run.side_effects).
 SIDE_EFFECTS, SIDE_EFFECTS_FILE, SIDE_EFFECTS_PARTS = "side_effects", "side_effects.parquet", "side-effect-parts"
 
+
+@dataclass(frozen=True)
+class GenerationFiles:
+    """Where a run's generations live: plain ones in RUN/generation.json, generation-parts, generations.parquet;
+    ensembled ones (--ensemble, --reextract) beside them, named with -ensemble."""
+
+    out: Path
+    plain: bool = True
+
+    @property
+    def _tag(self) -> str:
+        return "" if self.plain else "-ensemble"
+
+    @property
+    def info(self) -> Path:
+        return self.out / f"generation{self._tag}.json"
+
+    @property
+    def parts(self) -> Path:
+        return self.out / f"generation{self._tag}-parts"
+
+    @property
+    def parquet(self) -> Path:
+        return self.out / f"generations{self._tag}.parquet"
+
+    @property
+    def paths(self) -> tuple[Path, Path, Path]:
+        return self.parquet, self.parts, self.info
+
+
 # What a run directory holds that derives from its settings: --force on other settings removes all of it.
-DERIVED = ("parts", "results.parquet", "report.html", "generations.parquet", "generation-parts", "generation.json",
-           "generations-ensemble.parquet", "generation-ensemble-parts", "generation-ensemble.json",
+DERIVED = ("parts", "results.parquet", "report.html",
+           *(path.name for plain in (True, False) for path in GenerationFiles(Path(), plain).paths),
            SIDE_EFFECTS_PARTS, SIDE_EFFECTS_FILE)
 
 
