@@ -17,6 +17,7 @@ import torch
 from ..backend.model import LoadedModel
 from ..bank.expressions import Expression
 from ..core.errors import EngramEvalError
+from ..core.registry import INJECTIONS
 from ..core.spec import DEFAULT_ENSEMBLE_DECAY, Extraction
 from ..engram.extraction import extract_engrams, read_after
 from .grid import Cell
@@ -79,10 +80,13 @@ def reextracted(lm: LoadedModel, job: EnsembleJob, state: list[int]) -> torch.Te
     return job.expression.combine(one)
 
 
-def step_steering(lm: LoadedModel, job: EnsembleJob, raw: torch.Tensor, prompt_ids: tuple[int, ...]) -> Steering:
-    """The cell's one-row steering from these raw vectors, scaled as the sweep scales it (actadd: s from the prompt)."""
+def step_steering(lm: LoadedModel, job: EnsembleJob, raw: torch.Tensor, prompt_ids: tuple[int, ...],
+                  norms: dict[int, float]) -> Steering:
+    """The cell's one-row steering from these raw vectors, scaled as the sweep scales it (norms: actadd's s, measured
+    once of the prompt)."""
     key = (job.cell.vectors_name, job.cell.layer, job.cell.chunks)
-    return CellVectors(lm, {key: raw}, job.injection, job.scaling, prompt_ids, [job.cell], job.positions).steering([job.cell])
+    return CellVectors(lm, {key: raw}, job.injection, job.scaling, prompt_ids, [job.cell], job.positions,
+                       norms).steering([job.cell])
 
 
 @torch.inference_mode()
@@ -92,7 +96,7 @@ def next_distribution(lm: LoadedModel, window: list[Steering], context: list[int
     (newest first), all in one batch -> [vocab] float64."""
     backend = lm.backend
     first = window[0]
-    batch = Steering(first.mode, torch.cat([s.vectors for s in window]), [layer for s in window for layer in s.layers or [0]],
+    batch = Steering(first.mode, torch.cat([s.vectors for s in window]), [layer for s in window for layer in s.layers],
                      first.positions, prompt_end)
     body = backend.embed(torch.tensor(context, device=lm.device)).unsqueeze(0).expand(len(window), -1, -1)
     with batch.active(backend):
@@ -105,13 +109,14 @@ def ensembled_tokens(lm: LoadedModel, prompt_ids: tuple[int, ...], job: Ensemble
                      max_new_tokens: int) -> tuple[list[int], bool]:
     """Greedy decoding under the ensemble -> (the generated ids, whether EOS ended it; EOS is not among the ids)."""
     ensembling, stops = job.ensembling, lm.backend.eos_token_ids()
+    norms = INJECTIONS[job.injection].residual_norms(lm, prompt_ids, [job.cell.layer])  # the prompt's: the same every step
     tokens: list[int] = []
     window: list[Steering] = []
     for _ in range(max_new_tokens):
         state = [*prompt_ids, *tokens]
         fresh = ensembling.reextract and job.expression is not None
         raw = reextracted(lm, job, state) if fresh else job.vectors
-        window = [step_steering(lm, job, raw, prompt_ids) if fresh or not window else window[0], *window][: ensembling.size]
+        window = [step_steering(lm, job, raw, prompt_ids, norms) if fresh or not window else window[0], *window][: ensembling.size]
         probs = next_distribution(lm, window, state, len(prompt_ids), ensembling.weights(len(window)))
         token = int(probs.argmax())
         if token in stops:

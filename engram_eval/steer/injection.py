@@ -239,10 +239,12 @@ class CellVectors:
     s). Work shared by cells is done once."""
 
     def __init__(self, lm: LoadedModel, raw: dict[tuple[str, int, int], torch.Tensor], injection: str, scaling: str,
-                 prompt_ids: tuple[int, ...], cells: list[Cell], positions: str = "all"):
+                 prompt_ids: tuple[int, ...], cells: list[Cell], positions: str = "all",
+                 norms: dict[int, float] | None = None):
+        """norms: what the mode measured of this prompt already (actadd's s by layer), else measured here."""
         self.injection, self.positions, self.prompt_end = injection, positions, len(prompt_ids)
         self.mode = INJECTIONS[injection]
-        self.norms = self.mode.residual_norms(lm, prompt_ids, sorted({c.layer for c in cells}))
+        self.norms = norms if norms is not None else self.mode.residual_norms(lm, prompt_ids, sorted({c.layer for c in cells}))
         self.unit: dict[tuple[str, int, int], torch.Tensor] = {}
         for cell in cells:
             key = (cell.vectors_name, cell.layer, cell.chunks)
