@@ -23,11 +23,9 @@ def controls_by_kind(run_dir: str, paraphrase: int | None = None) -> tuple[dict,
     """A run's summary and its controls by kind; with a paraphrase, the run as if that paraphrase of each relevant source
     were the source (its rows in place of paraphrase 0's)."""
     frame, run = load_run(run_dir)
-    if paraphrase is not None:
-        own = pl.col("paraphrase") == 0
-        frame = (frame.filter(~own.fill_null(False) & pl.col("sample").is_null())
-                 .with_columns(paraphrase=pl.when(pl.col("paraphrase") == paraphrase).then(0).otherwise(pl.col("paraphrase")))
-                 .filter(pl.col("paraphrase").fill_null(0) == 0))  # the others: the source's column says how they spread
+    if paraphrase is not None:  # that paraphrase's rows alone (the source's column says how the others spread)
+        frame = (frame.filter(pl.col("sample").is_null() & (pl.col("paraphrase").is_null() | (pl.col("paraphrase") == paraphrase)))
+                 .with_columns(paraphrase=pl.when(pl.col("paraphrase").is_not_null()).then(pl.lit(0, pl.Int32))))
     summary = summarize(frame, run)
     return summary, {c["kind"]: c for c in summary["controls"]}
 
