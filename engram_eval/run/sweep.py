@@ -256,7 +256,8 @@ def _run_grid(lm: LoadedModel, bank: Bank, store: EngramStore, out: Path, settin
     grid = [[question_cells(p.question, bank, {key: stored.key for key, stored in conditioned.get((p.question.id, p.context), engrams).items()},
                             layers, settings.strengths, chunks, p.context, settings.samples, settings.sample_seed)
              for p in conditions] for conditions in prepared]
-    raw = raw_vectors(lm, bank, engrams, layers, chunks, settings.samples, settings.sample_seed)
+    # --reextract: every question brings its own vectors (its task's), so none are shared
+    raw = {} if settings.reextract else raw_vectors(lm, bank, engrams, layers, chunks, settings.samples, settings.sample_seed)
     rows = [sum(len(cells) + 1 for cells in question) for question in grid]
     parts = part_paths(out / "parts", [conditions[0].question.id for conditions in prepared])
     trusted = trusted_parts(parts, run[PART_CHECKSUMS], observer.warn)
