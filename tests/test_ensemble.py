@@ -131,6 +131,8 @@ def test_the_report_compares_plain_and_ensembled_texts_on_the_same_cells(tiny, t
         c[3] += row["first_answer_e"] == "correct"
     assert {k["kind"]: [k["cells"], k["texts_differ"], k["plain_says_correct_first"]["k"], k["ensembled_says_correct_first"]["k"]]
             for k in comparison["by_kind"]} == counted
+    alone = summarize(*load_run(result.out), ensembled=ensembled)  # only ensembled texts: they are the generation section's
+    assert alone["generation"]["cells"] == ensembled.height and alone["ensemble_comparison"] is None
     markdown = CliRunner().invoke(cli, ["report", str(result.out), "--format", "markdown"]).output
     assert f"Plain vs ensembled generation (--ensemble 2, --ensemble-decay 0.1, --reextract) on the {both.height} cells" in markdown
 

@@ -335,6 +335,7 @@ def summarize(frame: pl.DataFrame, run: dict, engram_role: str = "relevant", gen
             for k, suffix in grid:
                 heatmaps[f"{kind}{suffix}"] = _heatmap(controls.filter(pl.col("control_kind") == kind), layers, strengths, k)
     headline = _headline(relevant, list(relevant_maps.values()))
+    texts = generations if generations is not None else ensembled  # the generation section's: plain ones when there are
     return {
         "header": {
             "run_id": frame["run_id"][0],
@@ -369,8 +370,7 @@ def summarize(frame: pl.DataFrame, run: dict, engram_role: str = "relevant", gen
         "dose_matched": dose_matched_summary(frame, run, side_effects, doses),
         "semantic_sink": _semantic_sink(relevant),
         "calibration": calibration_summary(frame),
-        "generation": None if (generations if generations is not None else ensembled) is None else
-        generation_summary(generations if generations is not None else ensembled),
+        "generation": None if texts is None else generation_summary(texts),
         "ensemble_comparison": None if generations is None or ensembled is None else ensemble_comparison(generations, ensembled),
         "rag": rag,
         "variability": variability,
