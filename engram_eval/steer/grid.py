@@ -124,18 +124,17 @@ def raw_vectors(lm: LoadedModel, bank: Bank, engrams: dict[tuple[str, int], Stor
     drawn; a null prefix is the same at every layer."""
     raw = {(name, layer, k): stored.engram.layers[layer] for (name, k), stored in engrams.items() for layer in layers}
     spoken = {name for q in bank.questions for name in (q.engram, *q.controls)}
-    for name in sorted(n for n in spoken if samples and bank.paraphrases(n) > 1):
-        count = bank.paraphrases(name)
-        draws = sample_draws(sample_seed, name, samples, count)
-        for layer in layers:
-            for k in chunks:
-                texts = [raw[(paraphrase_name(name, i), layer, k)] for i in range(count)]
-                raw.update({(sample_name(name, j), layer, k): sampled_engram(texts, draws[j]) for j in range(samples)})
-    combined = {name for q in bank.questions for name in (q.engram, *q.controls) if name not in NULL_PREFIXES and name not in bank.sources}
-    for name in sorted(combined):
+    if samples:
+        for name in sorted(n for n in spoken if bank.paraphrases(n) > 1):
+            count = bank.paraphrases(name)
+            draws = sample_draws(sample_seed, name, samples, count)
+            for layer in layers:
+                for k in chunks:
+                    texts = [raw[(paraphrase_name(name, i), layer, k)] for i in range(count)]
+                    raw.update({(sample_name(name, j), layer, k): sampled_engram(texts, draws[j]) for j in range(samples)})
+    for name in sorted(n for n in spoken if n not in NULL_PREFIXES and n not in bank.sources):  # expressions
         raw.update({(name, layer, k): engram_vectors(bank, name, layer, k, engrams) for layer in layers for k in chunks})
-    nulls = {name for q in bank.questions for name in q.controls if name in NULL_PREFIXES}
-    for name in sorted(nulls):
+    for name in sorted(n for n in spoken if n in NULL_PREFIXES):
         for k in chunks:
             vectors = null_prefix(name, lm, k)
             raw.update({(name, layer, k): vectors for layer in layers})
