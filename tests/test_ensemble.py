@@ -15,7 +15,7 @@ from engram_eval.bank.banks import load_bank
 from engram_eval.cli import cli
 from engram_eval.engram.store import EngramStore
 from engram_eval.run.generation import run_generate
-from engram_eval.steer.ensemble import Ensembling
+from engram_eval.core.spec import Ensembling
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -69,7 +69,7 @@ def test_the_installed_cli_runs_a_sweep_outside_the_checkout(installed, tiny, ti
                           text=True)
     assert done.returncode == 0, done.stderr
     # the bundled neutral passage is package data: the wheel's copy, the checkout's text
-    passage = REPO / "engram_eval/steer/neutral.txt"
+    passage = REPO / "engram_eval/bank/neutral.txt"
     effects = pl.read_parquet(tmp_path / "run/side_effects.parquet")
     assert effects.height == 4 * 2 * 2
     assert set(effects["passage_sha256"]) == {hashlib.sha256(passage.read_bytes()).hexdigest()}

@@ -57,28 +57,46 @@ def test_an_unknown_name_is_one_line_naming_the_option_and_the_known_names(kind)
     assert str(error.value) == f"{table.option}: unknown 'nonesuch' (one of: {', '.join(table.names())})"
 
 
-def test_a_name_cannot_be_registered_twice():
-    table: Registry = Registry("--thing", "engram_eval.core.registry")
+def test_a_name_cannot_be_registered_twice_nor_unlisted():
+    table: Registry = Registry("--thing", "engram_eval.core.registry", ("one",))
 
     class One:
         name, summary = "one", "the first."
 
+    class Two:
+        name, summary = "two", "not in the table's names."
+
     table.register(One)
     with pytest.raises(ValueError, match="'one' is registered twice"):
         table.register(One)
+    with pytest.raises(ValueError, match="'two' is not among the table's names"):
+        table.register(Two)
     assert table.names() == ("one",) and isinstance(table["one"], One) and "one" in table and list(table) == ["one"]
-    assert Registry("--factory", "engram_eval.core.registry", instances=False).register(One) is One
+    assert Registry("--factory", "engram_eval.core.registry", ("one",), instances=False).register(One) is One
+
+
+@pytest.mark.parametrize("kind", TABLES)
+def test_the_listed_names_are_exactly_what_the_module_registers_and_checking_one_imports_nothing(kind):
+    """The table lists its names so a command checks what a user typed without importing the modes (torch)."""
+    import subprocess
+    import sys
+
+    table = TABLES[kind][0]
+    assert tuple(table._entries) == table.names()  # imports the module: every listed name registered, in order
+    probe = (f"import sys; from engram_eval.core.registry import {'NULL_PREFIXES' if kind == 'null prefix' else kind.upper() + 'S'}"
+             f" as t; t.check(t.names()[0]); '~x' in t; print('torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip() == "False"
 
 
 @pytest.mark.parametrize("kind", ["injection", "scoring", "null prefix"])
 def test_a_modes_name_is_spelled_in_at_most_two_modules(kind):
     """Mode-specific facts are attributes of the mode, not `if injection == ...` in the sweep, generation and bench:
-    a name is written in its implementing module and, for the seed's default, in the spec."""
+    a name is written in its implementing module, in its table's list of names and, for the seed's default, in the spec."""
     table, module, _ = TABLES[kind]
     names = set(table.names())
     spelling = {str(path.relative_to(REPO)) for path in (REPO / "engram_eval").rglob("*.py")
                 if any(isinstance(node, ast.Constant) and node.value in names for node in ast.walk(ast.parse(path.read_text())))}
-    assert module in spelling and spelling <= {module, "engram_eval/core/spec.py"}, spelling
+    assert module in spelling and spelling <= {module, "engram_eval/core/spec.py", "engram_eval/core/registry.py"}, spelling
 
 
 def test_the_spec_validates_names_against_the_tables():

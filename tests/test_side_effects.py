@@ -15,9 +15,9 @@ from reference import reference_engram, reference_side_effects
 from engram_eval.bank.banks import load_bank
 from engram_eval.cli import cli
 from engram_eval.engram.nulls import null_prefix
-from engram_eval.steer.side_effects import DEFAULT, read_passage
+from engram_eval.bank.passages import DEFAULT, read_passage
 
-DEFAULT_TEXT = (REPO / "engram_eval/steer/neutral.txt").read_text(encoding="utf-8")
+DEFAULT_TEXT = (REPO / "engram_eval/bank/neutral.txt").read_text(encoding="utf-8")
 
 
 def null_bank(folder):
@@ -163,7 +163,8 @@ def test_bad_neutral_passages_are_one_line_and_write_nothing(content, message, t
 
 def test_add_injection_needs_a_passage_of_k_tokens(tiny):
     from engram_eval.core.errors import EngramEvalError
-    from engram_eval.steer.side_effects import NeutralPassage, passage_ids
+    from engram_eval.bank.passages import NeutralPassage
+    from engram_eval.steer.side_effects import passage_ids
 
     passage = NeutralPassage("p.txt", DEFAULT_TEXT.split(".")[0])
     n = len(tiny.tokenizer(passage.text)["input_ids"])

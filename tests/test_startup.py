@@ -28,7 +28,7 @@ print("LOADED", sorted(m for m in ("torch", "transformers", "safetensors") if m 
 
 def loaded(*args: str, cwd: Path = REPO) -> tuple[list[str], object, str]:
     result = subprocess.run([sys.executable, "-c", PROBE.format(args=[str(a) for a in args])], capture_output=True, text=True,
-                            cwd=cwd, timeout=120)
+                            cwd=cwd)
     last = result.stdout.strip().splitlines()[-1]
     modules, code = last.removeprefix("LOADED ").split(" EXIT ")
     return eval(modules), code, result.stdout + result.stderr  # a list of names printed by the probe above
@@ -80,3 +80,47 @@ def test_store_ls_show_and_gc_read_the_store_without_torch(tiny_model_dir, tmp_p
 
     for tensor in load_file(next((tmp_path / "store").glob("*.safetensors"))).values():
         assert f"{tensor.norm(dim=1).mean().item():.4f}" in shown
+
+
+HOLD_UNTIL_STDIN_CLOSES = """
+import sys
+from pathlib import Path
+from engram_eval.core.locks import FileLock
+with FileLock(Path(sys.argv[1]), "test"):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_commands_refuse_bad_input_paths_and_held_locks_before_importing_torch(run_dir, tmp_path):
+    """The cheap checks come before torch (seconds to import) and the model: a refusal is as quick as --help."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    source = tmp_path / "s.txt"
+    source.write_text("alpha")
+    held = tmp_path / "held"
+    held.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_UNTIL_STDIN_CLOSES, str(held / ".lock")], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        (held / "results.parquet").write_bytes((run_dir / "results.parquet").read_bytes())
+        refusals = {
+            ("generate", empty): f"{empty}: no results.parquet",
+            ("generate", held): f"run directory {held} is being written by pid {holder.pid}",
+            ("generate", run_dir, "--ensemble", "0"): "--ensemble: must be at least 1",
+            ("sweep", tmp_path / "missing.yaml"): "missing.yaml: bank file not found",
+            ("sweep", "questions/ci.yaml", "--out", held): f"run directory {held} is being written by pid {holder.pid}",
+            ("sweep", "questions/ci.yaml", "--neutral", tmp_path / "none.txt"): "--neutral",
+            ("sweep", "questions/ci.yaml", "--scoring", "best"): "'best' is not one of",
+            ("build", tmp_path / "missing.txt"): "missing.txt: source file not found",
+            ("build", source, "--pooling", "max"): "'max' is not one of",
+            ("compare", source): "give at least two source files",
+            ("bench", "--bank", tmp_path / "missing.yaml"): "missing.yaml",
+        }
+        for args, message in refusals.items():
+            modules, code, output = loaded(*args)
+            assert modules == [] and code == "2" and message in output, (args, output)
+    finally:
+        holder.stdin.close()
+        holder.wait()

@@ -23,7 +23,7 @@ import torch
 from ..backend.model import LoadedModel
 from ..bank.banks import Bank, Question
 from ..core.registry import INJECTIONS, NULL_PREFIXES
-from ..core.spec import LEARNED_POOLING, QUIET, SEED_METHOD, Execution, Extraction, RayOptions, SweepSpec
+from ..core.spec import LEARNED_POOLING, QUIET, SEED_METHOD, Ensembling, Execution, Extraction, RayOptions, SweepSpec
 from ..engram.nulls import null_prefix
 from ..engram.pooling import chunk_mean
 from ..engram.store import EngramStore
@@ -37,10 +37,10 @@ from ..run.generation import (
 from ..run.rundir import read_run_json
 from ..run.settings import SweepSettings
 from ..run.sweep import SweepResult, run_sweep
-from ..steer.ensemble import Ensembling, ensembled_tokens
+from ..steer.ensemble import ensembled_tokens
 from ..steer.injection import Steering
 from ..steer.prompts import prepare_question
-from ..steer.side_effects import DEFAULT as NEUTRAL_DEFAULT, read_passage
+from ..bank.passages import DEFAULT as NEUTRAL_DEFAULT, read_passage
 
 
 class MatmulProbe:

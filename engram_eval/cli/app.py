@@ -144,9 +144,9 @@ def model_options(command: Callable) -> Callable:
     @threads_option
     @functools.wraps(command)
     def wrapper(model_spec: str, device: str, dtype: str, trust_remote_code: bool, threads: int | None, **kwargs):
-        from ..backend.model import load_model
-
         def load():
+            from ..backend.model import load_model  # torch: imported once the command's own checks have passed
+
             with stderr.status(f"loading model {model_spec} ..."):
                 return load_model(model_spec, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
 

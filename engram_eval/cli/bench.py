@@ -43,7 +43,6 @@ def bench(load_lm, bank_path: Path, layers_text: str, strengths_text: str, loop_
     The loop and a matmul probe run before each question of the sweep (outside its timings), so that all three see
     the same contention on a shared machine; the fraction of the run's best matmul throughput is printed too."""
     from ..bank.banks import load_bank
-    from ..bench.benchmark import run_bench
     from .parsing import parse_layers
     from .parsing import parse_strengths
 
@@ -57,6 +56,8 @@ def bench(load_lm, bank_path: Path, layers_text: str, strengths_text: str, loop_
 
         ray = RayOptions(ray_address, workers, 0.0, threads_per_worker)
         plan_workers(ray)
+    from ..bench.benchmark import run_bench  # torch: after the checks above
+
     lm = load_lm()
     if random_config is not None:
         from ..backend.model import random_init_model

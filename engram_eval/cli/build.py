@@ -41,7 +41,6 @@ def build(sources: tuple[Path, ...], bank: Path | None, load_lm, chunks_text: st
     from ..bank.banks import load_bank, paraphrase_name
     from ..core.files import read_text
     from ..engram.dominance import dominance, dominance_warning
-    from ..engram.store import EngramStore, engram_warnings
     from .parsing import parse_layers
     from .parsing import parse_chunks
 
@@ -58,6 +57,8 @@ def build(sources: tuple[Path, ...], bank: Path | None, load_lm, chunks_text: st
                   for i, text in enumerate(s.texts)]  # a source's paraphrases too (`files: [...]`)
     if not named:
         raise EngramEvalError("build: give source files, or --bank BANK.yaml")
+    from ..engram.store import EngramStore, engram_warnings  # torch: after the checks above
+
     lm = load_lm()
     layers = parse_layers(layers_text, lm.num_layers)
     store = EngramStore(store_dir)

@@ -44,11 +44,8 @@ def compare(sources: tuple[str, ...], bank_path: Path | None, model_specs: tuple
     sources share (flagged when that covers a whole chunk: those states are identical under causal attention)."""
     import polars as pl
 
-    from ..backend.model import load_model
     from ..bank.banks import load_bank
     from ..core.files import atomic_write_parquet, read_text
-    from ..engram.geometry import bank_pairs, compare_engrams
-    from ..engram.store import EngramStore
     from .parsing import parse_layers
     from .parsing import parse_chunks
 
@@ -56,6 +53,8 @@ def compare(sources: tuple[str, ...], bank_path: Path | None, model_specs: tuple
     extraction.check(chunks)
     depths = parse_depths(depths_text) if depths_text else None
     if bank_path is not None:
+        from ..engram.geometry import bank_pairs
+
         texts, pairs = bank_pairs(load_bank(bank_path, allow_outside_paths), list(sources))
     else:
         if len(sources) < 2:
@@ -68,6 +67,10 @@ def compare(sources: tuple[str, ...], bank_path: Path | None, model_specs: tuple
         pairs = [(a, b) for i, a in enumerate(texts) for b in list(texts)[i + 1:]]
     if out is not None and not out.parent.is_dir():
         raise EngramEvalError(f"--out: folder {out.parent} does not exist")
+    from ..backend.model import load_model  # torch: after the checks above
+    from ..engram.geometry import compare_engrams
+    from ..engram.store import EngramStore
+
     frames = []
     with threads_set(threads):
         for spec in model_specs:

@@ -8,7 +8,7 @@ import click
 from rich.table import Table
 
 from ..core.errors import EngramEvalError
-from ..core.spec import DEFAULT_ENSEMBLE_DECAY
+from ..core.spec import DEFAULT_ENSEMBLE_DECAY, Ensembling
 from .app import batch_size_option, check_writable, cli, model_options, ray_options, stdout, stopped, wait_option, warning_printer
 
 
@@ -43,9 +43,7 @@ def generate(run_dir: Path, load_lm, selection: str, max_new_tokens: int, batch_
     in the prefill, seen through the KV cache; actadd at every position), and judge each text: does it say the correct
     answer, the incorrect one, which first (word boundaries, case-insensitive)? Writes RUN/generations.parquet;
     `engram-eval report RUN` then compares the probability verdict with the text. Resumable like sweep."""
-    from ..run.generation import run_generate
-    from ..run.rundir import GenerationFiles
-    from ..steer.ensemble import Ensembling
+    from ..run.rundir import GenerationFiles, refuse_if_written
 
     ensembling = Ensembling(ensemble_size, ensemble_decay, reextract).check()
     if max_new_tokens < 1:
@@ -53,6 +51,9 @@ def generate(run_dir: Path, load_lm, selection: str, max_new_tokens: int, batch_
     if not (run_dir / "results.parquet").is_file():
         raise EngramEvalError(f"{run_dir}: no results.parquet (finish the sweep with `engram-eval sweep ... --out {run_dir}` first)")
     check_writable(run_dir, "RUN")
+    refuse_if_written(run_dir, wait)  # before torch and the model, which take seconds
+    from ..run.generation import run_generate
+
     lm = load_lm()
     try:
         result = run_generate(lm, run_dir, cells=selection, max_new_tokens=max_new_tokens,

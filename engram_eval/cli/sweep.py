@@ -37,7 +37,8 @@ from .parsing import parse_chunks, parse_layers, parse_strengths
 
 def spec_options(command: Callable) -> Callable:
     """--layers, --strengths, --chunks, the method's options, the extraction's, --record-attention and --questions ->
-    `spec` (engram_eval.core.spec.SweepSpec, checked; its layers are the defaults until `with_layers`) and `layers_text`
+    `spec` (engram_eval.core.spec.SweepSpec, not yet checked: its check reads the modes' classes, which import torch, so
+    the command checks it after its cheap checks of the bank, paths and lock; its layers are the defaults until `with_layers`) and `layers_text`
     (resolved once the model's depth is known)."""
 
     @click.option("--layers", "layers_text", default="8,12,16,20,24", show_default=True,
@@ -82,7 +83,7 @@ def spec_options(command: Callable) -> Callable:
         spec = SweepSpec(Grid(strengths=tuple(parse_strengths(strengths_text)), chunks=tuple(parse_chunks(chunks_text)),
                               samples=samples, sample_seed=sample_seed),
                          Method(injection, scaling, scoring, context, record_attention, positions, reextract), extraction,
-                         questions).check()
+                         questions)
         return command(spec=spec, layers_text=layers_text, **kwargs)
 
     return wrapper
@@ -116,9 +117,8 @@ def sweep(bank_path: Path, load_lm, spec: SweepSpec, layers_text: str, out: Path
     (Ctrl-C: exit status 130; SIGTERM: 143) rerun with the same command resumes from the questions already done. One
     sweep or generate writes a run directory at a time."""
     from ..bank.banks import load_bank
-    from ..engram.store import EngramStore
-    from ..run.sweep import run_sweep
-    from ..steer.side_effects import read_passage
+    from ..bank.passages import read_passage
+    from ..run.rundir import refuse_if_written
 
     bank = load_bank(bank_path, allow_outside_paths)
     neutral = None if neutral_text is None else read_passage(neutral_text)
@@ -130,6 +130,12 @@ def sweep(bank_path: Path, load_lm, spec: SweepSpec, layers_text: str, out: Path
             raise EngramEvalError(f"{warning} (--strict)")
         warn(warning)
     check_writable(out or Path("reports"), "--out")
+    if out is not None:
+        refuse_if_written(out, wait)
+    spec = spec.check()  # imports the modes' module (torch): after the checks above, which take a fraction of a second
+    from ..engram.store import EngramStore
+    from ..run.sweep import run_sweep
+
     lm = load_lm()
     spec = spec.with_layers(parse_layers(layers_text, lm.num_layers))
     out = out or Path("reports") / f"{bank.name}-{lm.name}"

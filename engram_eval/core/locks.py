@@ -78,8 +78,7 @@ class FileLock:
                 os.close(fd)
                 holder = read_holder(self.path)
                 if not self.wait:
-                    raise EngramEvalError(f"{self.what} is being written by {holder_text(holder)} (lock {self.path}); "
-                                          f"wait for it to finish{self.hint}") from None
+                    raise EngramEvalError(self._held_by(holder)) from None
                 if not said_waiting:
                     self.on_message(f"waiting for {holder_text(holder)}, which is writing {self.what}")
                     said_waiting = True
@@ -96,6 +95,15 @@ class FileLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(record).encode(), 0)
         self.fd = fd
+
+    def refuse_if_held(self) -> None:
+        """Without `wait`, fail now as acquire would when a live process holds the lock, taking nothing: a command
+        refuses before it loads a model, and acquires the lock later."""
+        if not self.wait and is_held(self.path):
+            raise EngramEvalError(self._held_by(read_holder(self.path)))
+
+    def _held_by(self, holder: dict) -> str:
+        return f"{self.what} is being written by {holder_text(holder)} (lock {self.path}); wait for it to finish{self.hint}"
 
     def _still_the_file(self, fd: int) -> bool:
         """The locked file is still the one at the path (a releasing holder may have removed it meanwhile)."""

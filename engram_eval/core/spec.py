@@ -110,7 +110,7 @@ class Extraction:
         return self.pooling == LEARNED_POOLING
 
     def check(self, chunks: list[int]) -> Extraction:
-        POOLINGS[self.pooling]
+        POOLINGS.check(self.pooling)
         self.check_learning()
         if self.skip_tokens < 0:
             raise EngramEvalError(f"--skip-tokens: must be at least 0 (got {self.skip_tokens})")
@@ -188,7 +188,7 @@ class Method:
             raise EngramEvalError(f"--scaling: unknown '{self.scaling}' (one of: {', '.join(SCALINGS)})")
         if self.scaling not in mode.scalings:
             raise EngramEvalError(mode.scaling_refusal)
-        SCORINGS[self.scoring]
+        SCORINGS.check(self.scoring)
         if self.context not in CONTEXTS:
             raise EngramEvalError(f"--context: unknown '{self.context}' (one of: {', '.join(CONTEXTS)})")
         if self.positions not in POSITIONS:
@@ -243,6 +243,27 @@ class SweepSpec:
 
     def with_layers(self, layers: list[int]) -> SweepSpec:
         return replace(self, grid=replace(self.grid, layers=tuple(layers)))
+
+
+@dataclass(frozen=True)
+class Ensembling:
+    """How many engrams a step averages over, how fast older ones fade, and whether each step re-extracts."""
+
+    size: int = 1
+    decay: float = DEFAULT_ENSEMBLE_DECAY
+    reextract: bool = False
+
+    def check(self) -> Ensembling:
+        if isinstance(self.size, bool) or self.size < 1:
+            raise EngramEvalError(f"--ensemble: must be at least 1 (got {self.size})")
+        if not (math.isfinite(self.decay) and self.decay >= 0):
+            raise EngramEvalError(f"--ensemble-decay: must be finite and at least 0 (got {self.decay:g})")
+        return self
+
+    @property
+    def plain(self) -> bool:
+        """Today's generation: one engram, injected once, decoded with the KV cache."""
+        return self.size == 1 and not self.reextract
 
 
 @dataclass(frozen=True)

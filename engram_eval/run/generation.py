@@ -22,11 +22,11 @@ from ..bank.answers import AnswerMatcher
 from ..bank.banks import Bank, load_bank
 from ..core.errors import EngramEvalError
 from ..core.files import atomic_write_text, file_sha256
-from ..core.spec import RayOptions
+from ..core.spec import Ensembling, RayOptions
 from ..engram.extraction import source_ids
 from ..engram.store import EngramStore, bank_engrams
 from ..steer.decoding import Generated, Row, generate_in_batches
-from ..steer.ensemble import EnsembleJob, Ensembling
+from ..steer.ensemble import EnsembleJob
 from ..steer.grid import Cell, raw_vectors
 from ..steer.injection import CellVectors
 from ..steer.prompts import prepare_question, prompt_token_ids

@@ -236,6 +236,16 @@ def run_lock(out: Path, wait: bool, on_message: Callable[[str], None]) -> FileLo
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise EngramEvalError(f"--out {out}: cannot create the run directory ({exc.strerror})") from None
+    return _lock(out, wait, on_message)
+
+
+def refuse_if_written(out: Path, wait: bool) -> None:
+    """Before a command loads its model: without `wait`, fail as run_lock would when another process writes the run
+    directory; creates and takes nothing."""
+    _lock(out, wait, lambda message: None).refuse_if_held()
+
+
+def _lock(out: Path, wait: bool, on_message: Callable[[str], None]) -> FileLock:
     return FileLock(out / LOCK_NAME, f"run directory {out}", wait=wait, hint=", or pass --wait", on_message=on_message)
 
 

@@ -17,7 +17,8 @@ import polars as pl
 from ..backend.model import LoadedModel
 from ..core.spec import Observer
 from ..steer.grid import Cell, distinct_injections
-from ..steer.side_effects import NeutralPassage, side_effects
+from ..bank.passages import NeutralPassage
+from ..steer.side_effects import side_effects
 from .executors import Executor, Task
 from .rundir import PART_CHECKSUMS, SIDE_EFFECTS, SIDE_EFFECTS_FILE, SIDE_EFFECTS_PARTS, merge_parts, trusted_parts, write_part, write_run_json
 from .settings import SweepSettings

@@ -26,7 +26,8 @@ from ..steer.grid import Cell, engram_vectors, question_cells, raw_vectors
 from ..steer.prompts import PreparedQuestion, check_lengths, context_conditions, end_tokens, multi_token_warning, prepare_question, variant_token_warnings
 from ..steer.injection import check_strengths_fit
 from ..steer.scoring import auto_batch_size, score_cells
-from ..steer.side_effects import NeutralPassage, passage_ids
+from ..bank.passages import NeutralPassage
+from ..steer.side_effects import passage_ids
 from .executors import Executor, Task, open_executor
 from .results import check_finite, off_distribution, off_distribution_warning, question_frame
 from .rundir import (

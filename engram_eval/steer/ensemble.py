@@ -9,44 +9,22 @@ No KV cache: every step runs the whole context under each engram of the window."
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 
 import torch
 
 from ..backend.model import LoadedModel
 from ..bank.expressions import Expression
-from ..core.errors import EngramEvalError
 from ..core.registry import INJECTIONS
-from ..core.spec import DEFAULT_ENSEMBLE_DECAY, Extraction
+from ..core.spec import Ensembling, Extraction
 from ..engram.extraction import extract_engrams, read_after
 from .grid import Cell
 from .injection import CellVectors, Steering
 
-@dataclass(frozen=True)
-class Ensembling:
-    """How many engrams a step averages over, how fast older ones fade, and whether each step re-extracts."""
-
-    size: int = 1
-    decay: float = DEFAULT_ENSEMBLE_DECAY
-    reextract: bool = False
-
-    def check(self) -> Ensembling:
-        if isinstance(self.size, bool) or self.size < 1:
-            raise EngramEvalError(f"--ensemble: must be at least 1 (got {self.size})")
-        if not (math.isfinite(self.decay) and self.decay >= 0):
-            raise EngramEvalError(f"--ensemble-decay: must be finite and at least 0 (got {self.decay:g})")
-        return self
-
-    @property
-    def plain(self) -> bool:
-        """Today's generation: one engram, injected once, decoded with the KV cache."""
-        return self.size == 1 and not self.reextract
-
-    def weights(self, n: int) -> torch.Tensor:
-        """w_i = exp(-m i) for the newest n engrams (i = 0 the newest), normalised to sum 1 (float64)."""
-        w = torch.exp(-self.decay * torch.arange(n, dtype=torch.float64))
-        return w / w.sum()
+def ensemble_weights(ensembling: Ensembling, n: int) -> torch.Tensor:
+    """w_i = exp(-m i) for the newest n engrams (i = 0 the newest), normalised to sum 1 (float64)."""
+    w = torch.exp(-ensembling.decay * torch.arange(n, dtype=torch.float64))
+    return w / w.sum()
 
 
 @dataclass
@@ -117,7 +95,7 @@ def ensembled_tokens(lm: LoadedModel, prompt_ids: tuple[int, ...], job: Ensemble
         fresh = ensembling.reextract and job.expression is not None
         raw = reextracted(lm, job, state) if fresh else job.vectors
         window = [step_steering(lm, job, raw, prompt_ids, norms) if fresh or not window else window[0], *window][: ensembling.size]
-        probs = next_distribution(lm, window, state, len(prompt_ids), ensembling.weights(len(window)))
+        probs = next_distribution(lm, window, state, len(prompt_ids), ensemble_weights(ensembling, len(window)))
         token = int(probs.argmax())
         if token in stops:
             return tokens, True
