@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,16 @@ def module_unless_mapping(fixture_name: str, config) -> str:
     the functions called while it runs; while it maps them (MUTANT_UNDER_TEST=stats) each test computes its own, so
     every test that reads the summary is run against the summary's mutants, not only the first."""
     return "function" if os.environ.get("MUTANT_UNDER_TEST") == "stats" else "module"
+
+def wait_for(ready, process: subprocess.Popen) -> bool:
+    """Poll until ready() holds (the event a test waits for: a file, a lock, a checksum) -> True, or until the process has
+    ended -> False. No deadline: how long it takes is the machine's business, not the test's."""
+    while not ready():
+        if process.poll() is not None:
+            return ready()
+        time.sleep(0.002)
+    return True
+
 
 TINY_SOURCES = {
     "topic": "Alpha blockers first, then beta blockers. The tumor releases adrenaline; alpha blockade must come first. " * 3,

@@ -128,7 +128,7 @@ from pathlib import Path
 from engram_eval.core.locks import FileLock
 with FileLock(Path(sys.argv[1]), "test"):
     print("held", flush=True)
-    time.sleep(60)
+    sys.stdin.read()
 """
 
 
@@ -139,10 +139,13 @@ def test_gc_keeps_what_a_running_sweep_recorded_and_built(swept, tiny_model_dir,
     other = tmp_path / "runs/other"
     other.mkdir(parents=True)
     (other / "run.json").write_text(json.dumps({"status": "running", "engram_keys": {}}))
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(other / ".lock")], stdout=subprocess.PIPE, text=True, env=ENV)
+    an_hour_ago = time.time() - 3600  # the fixture's engrams were built before the other sweep started, by the clock
+    for path in (tmp_path / "store").glob("*.safetensors"):
+        os.utime(path, (an_hour_ago, an_hour_ago))
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(other / ".lock")], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True, env=ENV)
     try:
         assert holder.stdout.readline().strip() == "held"
-        time.sleep(1.1)  # the files built from here on are newer than the running sweep's start
         extra = tmp_path / "extra.txt"
         extra.write_text("A text built while the other sweep runs.")
         assert run("build", extra, "--model", tiny_model_dir, "--chunks", "4", "--layers", "1", "--store", tmp_path / "store").exit_code == 0

@@ -16,48 +16,62 @@ import pytest
 from engram_eval.core.errors import EngramEvalError, Terminated
 from engram_eval.core.files import atomic_write_text
 from engram_eval.core.locks import FileLock, is_held
+from conftest import wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 GRID = ["--layers", "0-4", "--strengths", "0.5,1,2,3,4,5,6,8,10,12", "--chunks", "4", "--batch-size", "1", "--quiet"]
 
 HOLD = """
-import sys, time
+import sys
 from pathlib import Path
 from engram_eval.core.locks import FileLock
 with FileLock(Path(sys.argv[1]), "test"):
     print("held", flush=True)
-    time.sleep(float(sys.argv[2]))
+    sys.stdin.read()
 """
 
 
-def hold_lock(path: Path, seconds: float) -> subprocess.Popen:
-    """Another process holding the lock at `path` for `seconds` (returns once it holds it)."""
-    process = subprocess.Popen([sys.executable, "-c", HOLD, str(path), str(seconds)], stdout=subprocess.PIPE, text=True, env=ENV)
+def hold_lock(path: Path) -> subprocess.Popen:
+    """Another process holding the lock at `path` until release(it) (returns once it holds it): no clock decides when."""
+    process = subprocess.Popen([sys.executable, "-c", HOLD, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               text=True, env=ENV)
     assert process.stdout.readline().strip() == "held"
     return process
 
 
+def release(holder: subprocess.Popen) -> None:
+    holder.stdin.close()
+    holder.wait()
+
+
 def cli(*args, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "engram_eval.cli", *map(str, args)], cwd=cwd, capture_output=True, text=True,
-                          env=ENV, timeout=300)
+                          env=ENV)
 
 
 def test_a_held_lock_names_its_holder_and_wait_waits(tmp_path):
     path = tmp_path / ".lock"
-    holder = hold_lock(path, 1.5)
+    holder = hold_lock(path)
     assert is_held(path)
     with pytest.raises(EngramEvalError) as raised:
         FileLock(path, "run directory X", hint=", or pass --wait").acquire()
     message = str(raised.value)
     assert message.startswith(f"run directory X is being written by pid {holder.pid} on host {socket.gethostname()} since ")
     assert message.endswith(f"(lock {path}); wait for it to finish, or pass --wait")
+    with pytest.raises(EngramEvalError) as checked:
+        FileLock(path, "run directory X", hint=", or pass --wait").refuse_if_held()  # the same line, nothing taken
+    assert str(checked.value) == message and is_held(path)
     said = []
-    started = time.monotonic()
-    with FileLock(path, "run directory X", wait=True, on_message=said.append):
+
+    def waiting(message: str) -> None:  # the waiter says that it waits; only then does the holder let go
+        said.append(message)
+        release(holder)
+
+    with FileLock(path, "run directory X", wait=True, on_message=waiting):
         assert holder.poll() is not None  # acquired only once the holder had finished
         assert json.loads(path.read_text())["pid"] == os.getpid()
-    assert time.monotonic() - started > 0.5 and len(said) == 1
+    assert len(said) == 1
     assert said[0].startswith(f"waiting for pid {holder.pid} on host {socket.gethostname()} since ")
     assert said[0].endswith(", which is writing run directory X")
     assert not path.exists() and not is_held(path)  # released: the lock file is gone
@@ -65,7 +79,7 @@ def test_a_held_lock_names_its_holder_and_wait_waits(tmp_path):
 
 def test_the_lock_of_a_killed_holder_is_taken_over_with_a_message(tmp_path):
     path = tmp_path / ".lock"
-    holder = hold_lock(path, 60)
+    holder = hold_lock(path)
     holder.send_signal(signal.SIGKILL)
     holder.wait()
     assert path.exists() and not is_held(path)  # left behind, held by nobody
@@ -110,14 +124,14 @@ def test_a_second_sweep_into_a_running_run_directory_fails_naming_the_holder(tin
         return ["sweep", tiny_bank, "--model", tiny_model_dir, "--layers", "0-4", "--strengths", strengths, "--chunks", "4",
                 "--batch-size", "1", "--quiet", "--store", tmp_path / "store", "--out", tmp_path / "run"]
 
-    long_strengths = ",".join(str(0.25 * i) for i in range(1, 121))  # long enough for the second to start meanwhile
-    first = subprocess.Popen([sys.executable, "-m", "engram_eval.cli", *map(str, sweep_args(long_strengths))], cwd=tmp_path,
+    first = subprocess.Popen([sys.executable, "-m", "engram_eval.cli", *map(str, sweep_args("0.5,1,2"))], cwd=tmp_path,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
-    deadline = time.monotonic() + 120
-    while not (tmp_path / "run/.lock").exists() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    second = cli(*sweep_args("1,5,20"), "--force", cwd=tmp_path)
-    assert first.poll() is None, "the first sweep ended before the second started: lengthen its grid"
+    assert wait_for(lambda: is_held(tmp_path / "run/.lock"), first), first.stderr.read()
+    first.send_signal(signal.SIGSTOP)  # paused while it holds the lock, however fast or slow this machine is
+    try:
+        second = cli(*sweep_args("1,5,20"), "--force", cwd=tmp_path)
+    finally:
+        first.send_signal(signal.SIGCONT)
     assert first.wait() == 0, first.stderr.read()
     assert second.returncode == 2 and second.stderr.count("\n") == 1, second.stderr
     assert second.stderr.startswith(f"error: run directory {tmp_path / 'run'} is being written by pid {first.pid} on host ")
@@ -146,9 +160,7 @@ def test_sigterm_stops_like_ctrl_c(tiny_model_dir, tiny_bank, tmp_path, command,
         ready = lambda: (tmp_path / "store").exists()  # noqa: E731
     process = subprocess.Popen([sys.executable, "-m", "engram_eval.cli", *map(str, args)], cwd=tmp_path,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
-    deadline = time.monotonic() + 120
-    while not ready() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.005)
+    wait_for(ready, process)
     process.send_signal(signum)
     code, stderr = process.wait(), process.stderr.read()
     if code == 0:
@@ -172,14 +184,19 @@ def test_generate_waits_for_the_writer_that_holds_its_run_directory(tiny_model_d
     out = tmp_path / "run"
     assert cli("sweep", tiny_bank, "--model", tiny_model_dir, "--layers", "1", "--strengths", "1", "--chunks", "4",
                "--store", tmp_path / "store", "--out", out, "-q", cwd=tmp_path).returncode == 0
-    holder = hold_lock(out / ".lock", 12)
+    holder = hold_lock(out / ".lock")
     refused = cli("generate", out, "--model", tiny_model_dir, "--max-new-tokens", "2", "-q", cwd=tmp_path)
     assert refused.returncode == 2 and refused.stderr.startswith(
         f"error: run directory {out} is being written by pid {holder.pid} on host "), refused.stderr
     assert not (out / "generation.json").exists()
-    waited = cli("generate", out, "--model", tiny_model_dir, "--max-new-tokens", "2", "-q", "--wait", cwd=tmp_path)
-    assert holder.poll() is not None and waited.returncode == 0, waited.stderr
-    assert f"warning: waiting for pid {holder.pid} on host " in waited.stderr
+    waiter = subprocess.Popen([sys.executable, "-m", "engram_eval.cli", "generate", str(out), "--model", str(tiny_model_dir),
+                               "--max-new-tokens", "2", "-q", "--wait"], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True, env=ENV)
+    said = waiter.stderr.readline()  # the holder lets go only once the waiter has said that it waits
+    assert said.startswith(f"warning: waiting for pid {holder.pid} on host "), said + waiter.stderr.read()
+    assert waiter.poll() is None and not (out / "generation.json").exists()
+    release(holder)
+    assert waiter.wait() == 0, waiter.stderr.read()
     assert json.loads((out / "generation.json").read_text())["status"] == "complete"
 
 

@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import polars as pl
@@ -19,7 +18,7 @@ from engram_eval.core.errors import EngramEvalError
 from engram_eval.run.generation import run_generate
 from engram_eval.run.rundir import PART_CHECKSUMS
 from engram_eval.engram.store import EngramStore
-from conftest import flat_sweep
+from conftest import flat_sweep, wait_for
 
 ray = pytest.importorskip("ray")
 REPO = Path(__file__).resolve().parents[1]
@@ -94,7 +93,7 @@ def test_a_killed_driver_leaves_whole_parts_and_a_rerun_resumes(cluster, tiny_mo
 
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     process = subprocess.Popen(sweep_command("cut"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    parts, deadline = tmp_path / "cut/parts", time.monotonic() + 120
+    parts = tmp_path / "cut/parts"
 
     def recorded() -> int:
         """Parts run.json vouches for (a part is written, then its checksum: a kill between them recomputes it)."""
@@ -103,8 +102,7 @@ def test_a_killed_driver_leaves_whole_parts_and_a_rerun_resumes(cluster, tiny_mo
         except (OSError, ValueError):
             return 0
 
-    while recorded() < 1 and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_for(lambda: recorded() >= 1, process)
     assert process.poll() is None  # still running when killed
     process.send_signal(signal.SIGKILL)
     process.wait()

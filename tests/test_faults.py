@@ -17,7 +17,7 @@ import engram_eval.engram.store as store_module
 from engram_eval.bank.banks import load_bank
 from engram_eval.core.errors import EngramEvalError
 from engram_eval.engram.store import EngramStore
-from conftest import flat_sweep
+from conftest import flat_sweep, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 GRID = ["--layers", "0-4", "--strengths", "0.5,1,1.5,2,3,4,5,6,8,10", "--chunks", "4", "--batch-size", "1", "--quiet"]
@@ -27,19 +27,15 @@ def command(*args) -> list[str]:
     return [sys.executable, "-m", "engram_eval.cli", *map(str, args)]
 
 
-def run_to_end(args, cwd) -> float:
-    started = time.perf_counter()
+def run_to_end(args, cwd) -> None:
     subprocess.run(command(*args), cwd=cwd, check=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(REPO)})
-    return time.perf_counter() - started
 
 
 def kill_when(args, cwd, ready, delay: float = 0.0) -> bool:
     """Start the command, SIGKILL it `delay` seconds after ready(pid) first holds -> whether it was still running."""
     process = subprocess.Popen(command(*args), cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                env={**os.environ, "PYTHONPATH": str(REPO)})
-    deadline = time.monotonic() + 120
-    while not ready(process.pid) and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.002)
+    wait_for(lambda: ready(process.pid), process)
     time.sleep(delay)
     running = process.poll() is None
     process.send_signal(signal.SIGKILL)
@@ -182,11 +178,9 @@ def test_ctrl_c_prints_how_to_resume_exits_130_and_records_interrupted(tiny_mode
     args = ["sweep", tiny_bank, "--model", tiny_model_dir, *GRID, "--store", tmp_path / "store", "--out", out]
     process = subprocess.Popen(command(*args), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "PYTHONPATH": str(REPO)})
-    deadline = time.monotonic() + 120
-    while count(out / "parts", "*.parquet") < 1 and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.002)
+    wait_for(lambda: count(out / "parts", "*.parquet") >= 1, process)
     process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=60)
+    _, stderr = process.communicate()
     run = json.loads((out / "run.json").read_text())
     done = count(out / "parts", "*.parquet")
     assert process.returncode == 130 and run["status"] == "interrupted" and run["questions_done"] == done < 3

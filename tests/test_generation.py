@@ -232,7 +232,7 @@ def test_generate_quiet_prints_no_library_warnings(tiny_model_dir, tiny_bank, tm
 
     def cli(*args):
         return subprocess.run([sys.executable, "-m", "engram_eval.cli", *map(str, args)], capture_output=True, text=True,
-                              env=env, cwd=tmp_path, timeout=300)
+                              env=env, cwd=tmp_path)
 
     assert cli("sweep", tiny_bank, "--model", tiny_model_dir, "--layers", "1", "--strengths", "1", "--chunks", "4",
                "--store", tmp_path / "store", "--out", tmp_path / "run", "-q").returncode == 0
