@@ -163,7 +163,7 @@ def _print_baselines(lm, prepared: list, bank_path: Path) -> list[str]:
     for column in ("question", "p(correct)", "p(incorrect)", "mass", "ratio", "top token (p)"):
         table.add_column(column, justify="left" if column in ("question", "top token (p)") else "right")
     for one in prepared:
-        scores, _ = score_cells(lm, one, [], {}, SEED_METHOD.scoring, SEED_METHOD.injection, SEED_METHOD.scaling, 1)
+        scores, _ = score_cells(lm, one, [], {}, SEED_METHOD, 1)
         p_correct, p_incorrect = (math.exp(scores[f"logp_{side}"][0]) for side in ("correct", "incorrect"))
         top, p_top = scores["top_token"][0], math.exp(scores["logp_top"][0])
         label = one.question.id + ("" if one.context is None else " +context" if one.context else " -context")

@@ -258,7 +258,7 @@ def question_rows(lm: LoadedModel, question, bank: Bank, rows: pl.DataFrame, raw
         if cells and not ensembling.plain:
             todo += [Row(prepared.prompt_ids, ensemble=ensemble_job(lm, bank, cell, raw, settings, ensembling)) for cell in cells]
         elif cells:
-            vectors = CellVectors(lm, raw, settings.injection, settings.scaling, prepared.prompt_ids, cells, settings.positions)
+            vectors = CellVectors(lm, raw, settings.spec.method, prepared.prompt_ids, cells)
             todo += [Row(prepared.prompt_ids, vectors.steering([cell])) for cell in cells]
         ordered += [baseline, cell_rows]
     return pl.concat(ordered), todo
@@ -268,8 +268,7 @@ def ensemble_job(lm: LoadedModel, bank: Bank, cell: Cell, raw: dict, settings: S
                  ensembling: Ensembling) -> EnsembleJob:
     """What an ensembled generation of a cell needs: its sweep-time vectors and, to re-extract, its sources' ids."""
     extraction = settings.extraction_for(lm.num_layers)
-    job = EnsembleJob(cell, raw[(cell.vectors_name, cell.layer, cell.chunks)], settings.injection, settings.scaling,
-                      settings.positions, ensembling, extraction)
+    job = EnsembleJob(cell, raw[(cell.vectors_name, cell.layer, cell.chunks)], settings.spec.method, ensembling, extraction)
     if not ensembling.reextract or cell.is_null:
         return job
     expression = bank.expression(cell.engram)

@@ -55,7 +55,7 @@ def engram_rows(lm: LoadedModel, settings: SweepSettings, cells: list[Cell], raw
                 passage_sha256: str, batch_size: int | None, *, progress: Callable[[int], None]) -> object:
     """One engram's task for an executor: its cells' side effects as an Arrow table, each injection computed once."""
     unique, rows = distinct_injections(cells, settings.injection)
-    computed = side_effects(lm, unique, raw, settings.injection, settings.scaling, ids, batch_size, progress, settings.positions)
+    computed = side_effects(lm, unique, raw, settings.spec.method, ids, batch_size, progress)
     if len(cells) > len(unique):
         progress(len(cells) - len(unique))
     frame = pl.DataFrame({

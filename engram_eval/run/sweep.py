@@ -189,10 +189,8 @@ def score_question(lm: LoadedModel, settings: SweepSettings, bank: Bank, conditi
         vectors = raw[condition] if isinstance(raw, list) else raw
         prefix = max(chunks) if INJECTIONS[settings.injection].prefix_positions else 0
         requested = batch_size or auto_batch_size(lm, prefix + len(prepared.prompt_ids), len(cells))
-        scores, size = score_cells(lm, prepared, cells, vectors, settings.scoring, settings.injection, settings.scaling,
-                                   min(requested, fits or requested), on_batch=on_batch,
-                                   record_attention=settings.record_attention, baseline_chunks=chunks[0],
-                                   positions=settings.positions)
+        scores, size = score_cells(lm, prepared, cells, vectors, settings.spec.method, min(requested, fits or requested),
+                                   on_batch=on_batch, baseline_chunks=chunks[0])
         if size < requested:
             fits = size
         frame = question_frame(settings, bank, prepared, cells, scores)
@@ -248,7 +246,6 @@ def _run_grid(lm: LoadedModel, bank: Bank, store: EngramStore, out: Path, settin
     )
     write_run_json(out, run)
 
-    keys = {key: stored.key for key, stored in engrams.items()}
     conditioned: dict[tuple[str, bool | None], dict[tuple[str, int], StoredEngram]] = {}
     if settings.reextract:  # every question's own engrams: the sources read after its prompt (in each context condition)
         for conditions in prepared:

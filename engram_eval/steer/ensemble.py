@@ -16,7 +16,7 @@ import torch
 from ..backend.model import LoadedModel
 from ..bank.expressions import Expression
 from ..core.registry import INJECTIONS
-from ..core.spec import Ensembling, Extraction
+from ..core.spec import Ensembling, Extraction, Method
 from ..engram.extraction import extract_engrams, read_after
 from .grid import Cell
 from .injection import CellVectors, Steering
@@ -34,9 +34,7 @@ class EnsembleJob:
 
     cell: Cell
     vectors: torch.Tensor
-    injection: str
-    scaling: str
-    positions: str
+    method: Method
     ensembling: Ensembling
     extraction: Extraction
     expression: Expression | None = None
@@ -63,8 +61,7 @@ def step_steering(lm: LoadedModel, job: EnsembleJob, raw: torch.Tensor, prompt_i
     """The cell's one-row steering from these raw vectors, scaled as the sweep scales it (norms: actadd's s, measured
     once of the prompt)."""
     key = (job.cell.vectors_name, job.cell.layer, job.cell.chunks)
-    return CellVectors(lm, {key: raw}, job.injection, job.scaling, prompt_ids, [job.cell], job.positions,
-                       norms).steering([job.cell])
+    return CellVectors(lm, {key: raw}, job.method, prompt_ids, [job.cell], norms).steering([job.cell])
 
 
 @torch.inference_mode()
@@ -87,7 +84,7 @@ def ensembled_tokens(lm: LoadedModel, prompt_ids: tuple[int, ...], job: Ensemble
                      max_new_tokens: int) -> tuple[list[int], bool]:
     """Greedy decoding under the ensemble -> (the generated ids, whether EOS ended it; EOS is not among the ids)."""
     ensembling, stops = job.ensembling, lm.backend.eos_token_ids()
-    norms = INJECTIONS[job.injection].residual_norms(lm, prompt_ids, [job.cell.layer])  # the prompt's: the same every step
+    norms = INJECTIONS[job.method.injection].residual_norms(lm, prompt_ids, [job.cell.layer])  # the prompt's: the same every step
     tokens: list[int] = []
     window: list[Steering] = []
     for _ in range(max_new_tokens):

@@ -17,7 +17,7 @@ from ..backend.interface import Backend
 from ..backend.model import LoadedModel
 from ..core.errors import EngramEvalError
 from ..core.registry import INJECTIONS
-from ..core.spec import SCALINGS
+from ..core.spec import SCALINGS, Method
 
 if TYPE_CHECKING:
     from .grid import Cell
@@ -238,18 +238,18 @@ class CellVectors:
     the scaled engram, or actadd's direction u) times its strength (and what the mode measured of the prompt, actadd's
     s). Work shared by cells is done once."""
 
-    def __init__(self, lm: LoadedModel, raw: dict[tuple[str, int, int], torch.Tensor], injection: str, scaling: str,
-                 prompt_ids: tuple[int, ...], cells: list[Cell], positions: str = "all",
-                 norms: dict[int, float] | None = None):
-        """norms: what the mode measured of this prompt already (actadd's s by layer), else measured here."""
-        self.injection, self.positions, self.prompt_end = injection, positions, len(prompt_ids)
-        self.mode = INJECTIONS[injection]
+    def __init__(self, lm: LoadedModel, raw: dict[tuple[str, int, int], torch.Tensor], method: Method,
+                 prompt_ids: tuple[int, ...], cells: list[Cell], norms: dict[int, float] | None = None):
+        """method: how the run steers (its injection, scaling, positions); norms: what the mode measured of this prompt
+        already (actadd's s by layer), else measured here."""
+        self.injection, self.positions, self.prompt_end = method.injection, method.positions, len(prompt_ids)
+        self.mode = INJECTIONS[method.injection]
         self.norms = norms if norms is not None else self.mode.residual_norms(lm, prompt_ids, sorted({c.layer for c in cells}))
         self.unit: dict[tuple[str, int, int], torch.Tensor] = {}
         for cell in cells:
             key = (cell.vectors_name, cell.layer, cell.chunks)
             if key not in self.unit:
-                self.unit[key] = self.mode.unit(lm, raw[key], scaling).to(lm.device)
+                self.unit[key] = self.mode.unit(lm, raw[key], method.scaling).to(lm.device)
 
     def vector(self, cell: Cell) -> torch.Tensor:
         return self.mode.scaled(self.unit[(cell.vectors_name, cell.layer, cell.chunks)], cell.strength, self.norms.get(cell.layer))

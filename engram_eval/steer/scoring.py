@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Callable, ClassVar, Iterator
 import torch
 
 from ..backend.model import LoadedModel
-from ..core.registry import INJECTIONS, SCORINGS
+from ..core.registry import SCORINGS
+from ..core.spec import Method
 from .grid import distinct_injections
 from .injection import CellVectors, Steering
 from .prompts import PreparedQuestion
@@ -226,14 +227,10 @@ def score_cells(
     prepared: PreparedQuestion,
     cells: list[Cell],
     raw: dict[tuple[str, int, int], torch.Tensor],
-    scoring: str,
-    injection: str,
-    scaling: str,
+    method: Method,
     batch_size: int,
     on_batch: Callable[[int], None] = lambda n: None,
-    record_attention: bool = False,
     baseline_chunks: int = 16,
-    positions: str = "all",
 ) -> tuple[dict[str, list], int]:
     """Baseline row first, then one row per cell -> (raw score columns, the batch size that fit; `repeated` marks a
     row that repeats an earlier cell's, computed once).
@@ -254,7 +251,7 @@ def score_cells(
     reference: list[torch.Tensor] = []  # the baseline's next-token log-probabilities: what kl_next compares with
 
     def score(steering: Steering | None, chunks: list[int]) -> None:
-        scores = variant_logprobs(lm, steering, prompt_ids, variants, scoring, record_attention)  # both sides from one pass
+        scores = variant_logprobs(lm, steering, prompt_ids, variants, method.scoring, method.record_attention)  # both sides from one pass
         if not reference:
             reference.append(scores.next_logp[0])
         kl = kl_divergence(reference[0], scores.next_logp)
@@ -270,7 +267,7 @@ def score_cells(
             ("correct", scores.variants[:, :n_correct], prepared.question.correct),
             ("incorrect", scores.variants[:, n_correct:], prepared.question.incorrect),
         ):
-            logp, top = combine_side(part, scoring)
+            logp, top = combine_side(part, method.scoring)
             columns[f"logp_{side}"].extend(logp.double().cpu().tolist())
             columns[f"top_{side}"].extend(names[i] for i in top.cpu().tolist())
         columns["top_token"].extend(lm.tokenizer.decode([token]) for token in scores.top_id.cpu().tolist())
@@ -278,9 +275,9 @@ def score_cells(
 
     score(None, [baseline_chunks])
     on_batch(1)
-    vectors = CellVectors(lm, raw, injection, scaling, prompt_ids, cells, positions)
+    vectors = CellVectors(lm, raw, method, prompt_ids, cells)
 
-    unique, index = distinct_injections(cells, injection)  # a null prefix at another layer: computed once
+    unique, index = distinct_injections(cells, method.injection)  # a null prefix at another layer: computed once
     computed = len(columns["logp_correct"])
     order, size = in_batches(lm, unique, batch_size, lambda batch: score(vectors.steering(batch), [c.chunks for c in batch]),
                              on_batch)

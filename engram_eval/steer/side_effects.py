@@ -15,6 +15,7 @@ from ..backend.model import LoadedModel
 from ..bank.passages import NeutralPassage
 from ..core.errors import EngramEvalError
 from ..core.registry import INJECTIONS
+from ..core.spec import Method
 from .injection import CellVectors, Steering
 from .scoring import auto_batch_size, in_batches, kl_divergence
 
@@ -59,14 +60,14 @@ def mean_nll(logp: torch.Tensor, ids: tuple[int, ...]) -> torch.Tensor:
     return -logp[:, :-1].gather(-1, targets).squeeze(-1).mean(dim=-1)
 
 
-def side_effects(lm: LoadedModel, cells: list[Cell], raw: dict[tuple[str, int, int], torch.Tensor], injection: str,
-                 scaling: str, ids: tuple[int, ...], batch_size: int | None,
-                 on_batch: Callable[[int], None] = lambda n: None, positions: str = "all") -> dict[str, list[float]]:
+def side_effects(lm: LoadedModel, cells: list[Cell], raw: dict[tuple[str, int, int], torch.Tensor], method: Method,
+                 ids: tuple[int, ...], batch_size: int | None,
+                 on_batch: Callable[[int], None] = lambda n: None) -> dict[str, list[float]]:
     """Each cell's neutral_kl and neutral_ppl_ratio, in cell order (the caller passes each injection once)."""
     unsteered = passage_logprobs(lm, None, ids)  # [1, n, vocab]
     unsteered_nll = mean_nll(unsteered, ids)
-    vectors = CellVectors(lm, raw, injection, scaling, ids, cells, positions)  # the passage is the prompt
-    prefix = max(c.chunks for c in cells) if INJECTIONS[injection].prefix_positions else 0
+    vectors = CellVectors(lm, raw, method, ids, cells)  # the passage is the prompt
+    prefix = max(c.chunks for c in cells) if INJECTIONS[method.injection].prefix_positions else 0
     kl: list[float] = []
     ratio: list[float] = []
 
