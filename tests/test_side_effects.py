@@ -16,6 +16,7 @@ from engram_eval.bank.banks import load_bank
 from engram_eval.cli import cli
 from engram_eval.engram.nulls import null_prefix
 from engram_eval.bank.passages import DEFAULT, read_passage
+from engram_eval.core.spec import Method
 
 DEFAULT_TEXT = (REPO / "engram_eval/bank/neutral.txt").read_text(encoding="utf-8")
 
@@ -168,11 +169,11 @@ def test_add_injection_needs_a_passage_of_k_tokens(tiny):
 
     passage = NeutralPassage("p.txt", DEFAULT_TEXT.split(".")[0])
     n = len(tiny.tokenizer(passage.text)["input_ids"])
-    assert n >= 16 and passage_ids(tiny, passage, "add", [n]) == tuple(tiny.tokenizer(passage.text)["input_ids"])
+    assert n >= 16 and passage_ids(tiny, passage, Method("add"), [n]) == tuple(tiny.tokenizer(passage.text)["input_ids"])
     with pytest.raises(EngramEvalError, match=rf"^--neutral p.txt: the passage has {n} tokens; --injection add with k = "
                                               rf"{n + 1} needs at least {n + 1}$"):
-        passage_ids(tiny, passage, "add", [n + 1])
-    assert passage_ids(tiny, passage, "prefix", [n + 1])
+        passage_ids(tiny, passage, Method("add"), [n + 1])
+    assert passage_ids(tiny, passage, Method("prefix"), [n + 1])
 
 
 def test_the_report_takes_its_doses_from_the_probe_and_refuses_a_changed_file(tiny, tiny_bank, tmp_path):

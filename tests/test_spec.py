@@ -38,7 +38,7 @@ def test_settings_derived_from_the_spec_are_the_fields_run_json_always_had():
     assert settings.run_id == hashlib.sha256(json.dumps(expected, sort_keys=True).encode()).hexdigest()[:12]
     assert asdict(settings) == {**expected, "positions": "all", "learn_objective": "reconstruct", "learn_steps": 200,
                                 "learn_lr": 0.01, "learn_seed": 0, "learn_probes": None, "samples": 0, "sample_seed": 0,
-                                "reextract": False}  # later fields at their defaults: unrecorded
+                                "reextract": False, "prefix_at": "after-bos"}  # later fields at their defaults: unrecorded
     scoped = SweepSettings.of(SweepSpec(spec.grid, Method("actadd", positions="last"), spec.extraction), **IDENTITY)
     assert scoped.record()["positions"] == "last" and SweepSettings(**scoped.record()) == scoped
     assert SweepSettings(**settings.record()) == settings and scoped.run_id != SweepSettings.of(

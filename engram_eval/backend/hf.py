@@ -70,10 +70,32 @@ class HFCausalLM(Backend):
         return self.model.base_model(inputs_embeds=inputs_embeds, use_cache=False).last_hidden_state
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head as the architecture applies it after its weight: Granite divides by logits_scaling, Cohere
+        multiplies by logit_scale, Gemma soft-caps (check_head verifies the whole against the model's own logits)."""
+        config = self.model.config
         logits = self.model.get_output_embeddings()(hidden).float()
-        if cap := getattr(self.model.config, "final_logit_softcapping", None):
+        if divisor := getattr(config, "logits_scaling", None):
+            logits = logits / divisor
+        if factor := getattr(config, "logit_scale", None):
+            logits = logits * factor
+        if cap := getattr(config, "final_logit_softcapping", None):
             logits = torch.tanh(logits / cap) * cap
         return logits
+
+    @torch.inference_mode()
+    def check_head(self) -> None:
+        """The split this backend scores with (last_hidden, then logits on the positions kept) gives the model's own
+        logits on a probe; an architecture whose head does something else after its weight is refused, not scored
+        silently wrong."""
+        ids = torch.arange(min(8, self.model.config.vocab_size), device=self.device).unsqueeze(0)
+        embeds = self.embed(ids)
+        ours = self.logits(self.last_hidden(embeds)[0])
+        theirs = self.model(inputs_embeds=embeds, use_cache=False).logits[0].float()
+        tolerance = (1e-4 if self.dtype == torch.float32 else 3e-2) * max(1.0, theirs.abs().max().item())
+        if (difference := (ours - theirs).abs().max().item()) > tolerance:
+            raise EngramEvalError(f"{type(self.model).__name__}: its LM head does more than its weight (logits differ from the "
+                                  f"model's own by {difference:.3g}); engram-eval does not know this architecture's head "
+                                  "(add it to engram_eval.backend.hf.HFCausalLM.logits)")
 
     def full_logits(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
         return self.model(inputs_embeds=inputs_embeds).logits

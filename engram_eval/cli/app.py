@@ -134,21 +134,35 @@ def threads_set(threads: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+MODEL_HELP = "Embedded model (engram-eval models: smollm2-135m, gemma3-270m), local Hugging Face directory, .gguf file or hub id."
+
+
 def model_options(command: Callable) -> Callable:
-    @click.option("--model", "model_spec", default="smollm2-135m", show_default=True,
-                  help="Embedded alias (smollm2-135m), local Hugging Face directory, .gguf file or hub id.")
+    """--model (default: the embedded SmolLM2), --device, --dtype, --trust-remote-code, --threads -> `load_lm()`."""
+    return _model_options(command, "smollm2-135m", MODEL_HELP)
+
+
+def run_model_options(command: Callable) -> Callable:
+    """The same for a command that reads a run: --model defaults to the model the run was swept with, and
+    `load_lm(recorded)` loads that one unless --model names another."""
+    return _model_options(command, None, MODEL_HELP + " [default: the model the run was swept with, from its run.json]")
+
+
+def _model_options(command: Callable, default: str | None, help: str) -> Callable:
+    @click.option("--model", "model_spec", default=default, show_default=default is not None, help=help)
     @click.option("--device", default="auto", show_default=True, help="auto (cuda if available, else cpu), cpu, cuda or cuda:N.")
     @click.option("--dtype", default="auto", show_default=True,
                   help="auto (bfloat16 on cuda, float32 on cpu), float32, bfloat16 or float16.")
     @click.option("--trust-remote-code", is_flag=True, help="Allow model code from the model's repository to run (off by default).")
     @threads_option
     @functools.wraps(command)
-    def wrapper(model_spec: str, device: str, dtype: str, trust_remote_code: bool, threads: int | None, **kwargs):
-        def load():
+    def wrapper(model_spec: str | None, device: str, dtype: str, trust_remote_code: bool, threads: int | None, **kwargs):
+        def load(recorded: str | None = None):
             from ..backend.model import load_model  # torch: imported once the command's own checks have passed
 
-            with stderr.status(f"loading model {model_spec} ..."):
-                return load_model(model_spec, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+            spec = model_spec or recorded or "smollm2-135m"
+            with stderr.status(f"loading model {spec} ..."):
+                return load_model(spec, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
 
         with threads_set(threads):
             return command(load_lm=load, **kwargs)

@@ -9,12 +9,12 @@ from rich.table import Table
 
 from ..core.errors import EngramEvalError
 from ..core.spec import DEFAULT_ENSEMBLE_DECAY, Ensembling
-from .app import batch_size_option, check_writable, cli, model_options, ray_options, stdout, stopped, wait_option, warning_printer
+from .app import batch_size_option, check_writable, cli, ray_options, run_model_options, stdout, stopped, wait_option, warning_printer
 
 
 @cli.command()
 @click.argument("run_dir", metavar="RUN", type=click.Path(file_okay=False, path_type=Path))
-@model_options
+@run_model_options
 @click.option("--cells", "selection", type=click.Choice(["default", "all", "baseline", "flips"]), default="default",
               show_default=True,
               help="default: per question and context condition, the baseline, every relevant-engram cell that flipped or "
@@ -43,7 +43,7 @@ def generate(run_dir: Path, load_lm, selection: str, max_new_tokens: int, batch_
     in the prefill, seen through the KV cache; actadd at every position), and judge each text: does it say the correct
     answer, the incorrect one, which first (word boundaries, case-insensitive)? Writes RUN/generations.parquet;
     `engram-eval report RUN` then compares the probability verdict with the text. Resumable like sweep."""
-    from ..run.rundir import GenerationFiles, refuse_if_written
+    from ..run.rundir import GenerationFiles, read_run_json, recorded_model, refuse_if_written
 
     ensembling = Ensembling(ensemble_size, ensemble_decay, reextract).check()
     if max_new_tokens < 1:
@@ -52,9 +52,10 @@ def generate(run_dir: Path, load_lm, selection: str, max_new_tokens: int, batch_
         raise EngramEvalError(f"{run_dir}: no results.parquet (finish the sweep with `engram-eval sweep ... --out {run_dir}` first)")
     check_writable(run_dir, "RUN")
     refuse_if_written(run_dir, wait)  # before torch and the model, which take seconds
+    recorded = recorded_model(read_run_json(run_dir) or {})
     from ..run.generation import run_generate
 
-    lm = load_lm()
+    lm = load_lm(recorded)
     try:
         result = run_generate(lm, run_dir, cells=selection, max_new_tokens=max_new_tokens,
                               batch_size=batch_size, force=force, progress=not quiet,

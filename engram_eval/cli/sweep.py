@@ -14,7 +14,7 @@ from rich.table import Table
 
 from ..core.errors import EngramEvalError
 from ..core.registry import INJECTIONS, SCORINGS
-from ..core.spec import CONTEXTS, POSITIONS, SCALINGS, SEED_METHOD, Execution, Extraction, Grid, Method, Observer, SweepSpec
+from ..core.spec import CONTEXTS, POSITIONS, PREFIX_PLACES, SCALINGS, SEED_METHOD, Execution, Extraction, Grid, Method, Observer, SweepSpec
 from .app import (
     batch_size_option,
     check_writable,
@@ -60,6 +60,10 @@ def spec_options(command: Callable) -> Callable:
                   help="Where actadd adds its vector: every position; the prompt's only; the answer's only (the scored "
                        "answer tokens, and in `generate` the generated ones); or the last prompt position and every one "
                        "after it. actadd only (prefix and add steer positions of their own).")
+    @click.option("--prefix-at", type=click.Choice(PREFIX_PLACES), default=SEED_METHOD.prefix_at, show_default=True,
+                  help="prefix and add: where the engram goes when the tokenizer puts a BOS token first (Gemma, Llama 3): "
+                       "right after it, so BOS stays first as in training, or at the very start, before it. A tokenizer "
+                       "that adds no BOS (SmolLM2, Qwen) makes both the same. run.json records whether it added one.")
     @extraction_options
     @click.option("--record-attention", is_flag=True,
                   help="Add, per cell, the share of the last prompt position's attention (mean over heads and layers) on the "
@@ -77,12 +81,12 @@ def spec_options(command: Callable) -> Callable:
     @click.option("--questions", "question_ids", help="Only these question ids, comma-separated.")
     @functools.wraps(command)
     def wrapper(layers_text: str, strengths_text: str, chunks_text: str, scoring: str, injection: str, scaling: str,
-                context: str, positions: str, extraction: Extraction, record_attention: bool, reextract: bool,
+                context: str, positions: str, prefix_at: str, extraction: Extraction, record_attention: bool, reextract: bool,
                 samples: int, sample_seed: int, question_ids: str | None, **kwargs):
         questions = None if not question_ids else tuple(q.strip() for q in question_ids.split(",") if q.strip())
         spec = SweepSpec(Grid(strengths=tuple(parse_strengths(strengths_text)), chunks=tuple(parse_chunks(chunks_text)),
                               samples=samples, sample_seed=sample_seed),
-                         Method(injection, scaling, scoring, context, record_attention, positions, reextract), extraction,
+                         Method(injection, scaling, scoring, context, record_attention, positions, reextract, prefix_at), extraction,
                          questions)
         return command(spec=spec, layers_text=layers_text, **kwargs)
 

@@ -24,6 +24,7 @@ DEFAULT_STRENGTHS = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0)
 SCALINGS = ("global", "per-chunk")
 CONTEXTS = ("with", "without", "both")
 POSITIONS = ("all", "prompt", "answer", "last")
+PREFIX_PLACES = ("after-bos", "start")  # where prefix and add put the engram when the tokenizer puts a BOS token first
 LEARNED_POOLING = "learned"  # the pooling whose k vectors are optimised against the model (engram_eval.engram.learned)
 LEARN_OBJECTIVES = ("reconstruct", "distill")
 DEFAULT_ENSEMBLE_DECAY = 0.01  # ACT's m in w_i = exp(-m i) (`generate --ensemble-decay`)
@@ -181,6 +182,7 @@ class Method:
     record_attention: bool = False  # eager attention: its float rounding differs slightly from the default kernel
     positions: str = "all"  # where a mode that steers every position (actadd) adds its vector: POSITIONS
     reextract: bool = False  # each question's engrams extracted from the source read after its prompt (per question)
+    prefix_at: str = "after-bos"  # PREFIX_PLACES: a BOS the tokenizer adds stays first (no BOS: the same as start)
 
     def check(self) -> Method:
         mode = INJECTIONS[self.injection]
@@ -196,6 +198,11 @@ class Method:
         if self.positions != "all" and not mode.scopes_positions:
             raise EngramEvalError(f"--positions {self.positions}: applies to actadd injection; {self.injection} steers "
                                   "positions of its own (the prefix, or the first k prompt tokens)")
+        if self.prefix_at not in PREFIX_PLACES:
+            raise EngramEvalError(f"--prefix-at: unknown '{self.prefix_at}' (one of: {', '.join(PREFIX_PLACES)})")
+        if self.prefix_at != PREFIX_PLACES[0] and mode.scopes_positions:
+            raise EngramEvalError(f"--prefix-at {self.prefix_at}: applies to prefix and add injection; {self.injection} "
+                                  "steers the residual stream at the positions --positions names")
         return self
 
 

@@ -53,7 +53,7 @@ SELECTIONS = ("default", "all", "baseline", "flips")
 GENERATION_BATCH_CPU = 64  # rows decoded together on a CPU; decoding reads every weight once per step whatever the batch
 DEFAULT_MAX_NEW_TOKENS = 48
 KEY_COLUMNS = ("question_id", "role", "engram", "control_kind", "layer", "strength", "chunks", "pooling", "skip_tokens",
-               "window", "scaling", "injection", "positions", "context")
+               "window", "scaling", "injection", "positions", "prefix_at", "context")
 
 GENERATION_SCHEMA = pl.Schema(
     {

@@ -39,6 +39,7 @@ CELL_SETTING_COLUMNS = {
     "scaling": pl.String,
     "injection": pl.String,
     "positions": pl.String,
+    "prefix_at": pl.String,
     "context": pl.Boolean,
 }
 
@@ -196,6 +197,7 @@ def question_frame(settings: SweepSettings, bank: Bank, prepared: PreparedQuesti
             "scaling": [settings.scaling] * n,
             "injection": [settings.injection] * n,
             "positions": [settings.positions] * n,
+            "prefix_at": [settings.prefix_at] * n,
             "context": [prepared.context] * n,
             "scoring": [settings.scoring] * n,
             "repeated": scores["repeated"],

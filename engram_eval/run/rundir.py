@@ -95,6 +95,12 @@ def read_run_json(out: Path) -> dict | None:
         raise EngramEvalError(f"{path}: unreadable run.json ({one_line(exc)})") from None
 
 
+def recorded_model(run: dict) -> str | None:
+    """How to load the model a run was swept with: what its --model said (run.json's model_spec; a run written before
+    it was recorded: its model's name, which loads for an embedded model)."""
+    return run.get("model_spec") or run.get("settings", {}).get("model")
+
+
 def check_results_format(out: Path, run: dict) -> None:
     """Refuse a run whose rows have other columns than this engram-eval writes (one clear line, not a crash)."""
     if run.get("results_format") not in READABLE_FORMATS:

@@ -43,6 +43,7 @@ class SweepSettings:
     samples: int = 0
     sample_seed: int = 0
     reextract: bool = False
+    prefix_at: str = SEED_METHOD.prefix_at
 
     @classmethod
     def of(cls, spec: SweepSpec, *, model: str, model_fingerprint: str, bank: str, bank_sha256: str,
@@ -59,14 +60,14 @@ class SweepSettings:
             learn_objective=extraction.learn_objective, learn_steps=extraction.learn_steps, learn_lr=extraction.learn_lr,
             learn_seed=extraction.learn_seed,
             learn_probes=None if extraction.learn_probes is None else list(extraction.learn_probes),
-            samples=grid.samples, sample_seed=grid.sample_seed, reextract=method.reextract,
+            samples=grid.samples, sample_seed=grid.sample_seed, reextract=method.reextract, prefix_at=method.prefix_at,
         )
 
     @property
     def spec(self) -> SweepSpec:
         return SweepSpec(Grid(tuple(self.layers), tuple(self.strengths), tuple(self.chunk_list), self.samples, self.sample_seed),
                          Method(self.injection, self.scaling, self.scoring, self.context, self.record_attention, self.positions,
-                                self.reextract),
+                                self.reextract, self.prefix_at),
                          self.extraction, tuple(self.questions))
 
     @property
@@ -103,4 +104,4 @@ class SweepSettings:
 RECORDED_WHEN_SET = {"positions": SEED_METHOD.positions, "learn_objective": SEED_EXTRACTION.learn_objective,
                      "learn_steps": SEED_EXTRACTION.learn_steps, "learn_lr": SEED_EXTRACTION.learn_lr,
                      "learn_seed": SEED_EXTRACTION.learn_seed, "learn_probes": None, "samples": 0, "sample_seed": 0,
-                     "reextract": False}
+                     "reextract": False, "prefix_at": SEED_METHOD.prefix_at}

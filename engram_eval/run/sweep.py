@@ -24,7 +24,7 @@ from ..engram.geometry import pair_geometry
 from ..engram.store import EngramStore, StoredEngram, bank_engrams, engram_label
 from ..steer.grid import Cell, engram_vectors, question_cells, raw_vectors
 from ..steer.prompts import PreparedQuestion, check_lengths, context_conditions, end_tokens, multi_token_warning, prepare_question, variant_token_warnings
-from ..steer.injection import check_strengths_fit
+from ..steer.injection import check_strengths_fit, engram_start
 from ..steer.scoring import auto_batch_size, score_cells
 from ..bank.passages import NeutralPassage
 from ..steer.side_effects import passage_ids
@@ -102,13 +102,15 @@ def run_sweep(
                   f" and the engram's {prefix} prefix positions" if prefix else "")
     if INJECTIONS[injection].needs_k_prompt_tokens:
         for p in (p for conditions in prepared for p in conditions):
-            if len(p.prompt_ids) < max(chunk_list):
+            start = engram_start(lm, method, p.prompt_ids)
+            if len(p.prompt_ids) - start < max(chunk_list):
                 raise EngramEvalError(f"{bank.path}: question '{p.question.id}': --injection {injection} needs a prompt of at least "
-                                      f"k = {max(chunk_list)} tokens; this one has {len(p.prompt_ids)}")
+                                      f"k = {max(chunk_list)} tokens{' after its BOS' if start else ''}; this one has "
+                                      f"{len(p.prompt_ids) - start}")
     if neutral is not None and method.reextract:
         raise EngramEvalError("--neutral: the probe measures each cell's engram once for all questions; with --reextract "
                               "every question has engrams of its own (probe a run without it)")
-    neutral_ids = None if neutral is None else passage_ids(lm, neutral, injection, chunk_list)
+    neutral_ids = None if neutral is None else passage_ids(lm, neutral, method, chunk_list)
     bank_warnings = bank.lint() + [w for conditions in prepared for w in variant_token_warnings(lm, conditions[0], bank.path)]
     if method.context == "both" and not any(q.context for q in bank.questions):
         bank_warnings.append(f"{bank.path}: --context both, but no question has a context: every question runs once")
@@ -133,7 +135,10 @@ def run_sweep(
         threads = torch.get_num_threads()
         run.update(bank_path=str(bank.path.resolve()), store=str(store.root.resolve()), model_description=lm.description,
                    versions=package_versions(), device=str(lm.device), dtype=str(lm.dtype).removeprefix("torch."),
-                   batch_size=execution.batch_size or "auto", threads=execution.threads or threads)
+                   batch_size=execution.batch_size or "auto", threads=execution.threads or threads,
+                   model_spec=lm.spec, embedding_scale=lm.embedding_scale.record(),
+                   prefix_placement={"prefix_at": method.prefix_at, "tokenizer_adds_bos": lm.adds_bos,
+                                     "bos_token": lm.tokenizer.bos_token if lm.adds_bos else None})
         write_run_json(out, run)
         try:
             torch.set_num_threads(execution.threads or threads)

@@ -72,7 +72,7 @@ def next_distribution(lm: LoadedModel, window: list[Steering], context: list[int
     backend = lm.backend
     first = window[0]
     batch = Steering(first.mode, torch.cat([s.vectors for s in window]), [layer for s in window for layer in s.layers],
-                     first.positions, prompt_end)
+                     first.positions, prompt_end, first.start)
     body = backend.embed(torch.tensor(context, device=lm.device)).unsqueeze(0).expand(len(window), -1, -1)
     with batch.active(backend):
         hidden = backend.last_hidden(batch.inputs(body))

@@ -36,6 +36,12 @@ def scale_engram(vectors: torch.Tensor, embedding_norm: float, strength: float, 
     return vectors * (embedding_norm / mean_row_norm(vectors)) * strength
 
 
+def engram_start(lm: LoadedModel, method: Method, prompt_ids: tuple[int, ...]) -> int:
+    """The prompt positions that stay before a prefix or an added engram: 1 for a BOS the tokenizer put first (unless
+    --prefix-at start), else 0."""
+    return 1 if method.prefix_at == "after-bos" and lm.starts_with_bos(prompt_ids) else 0
+
+
 def check_strengths_fit(strengths: list[float], embedding_norm: float, dtype: torch.dtype) -> None:
     """Every strength's scale (strength x the embedding norm) must be finite in float32, where vectors are scaled, and
     in the dtype the model computes in: 1e39 is a float64 number but overflows float32, and would make every cell NaN."""
@@ -116,7 +122,8 @@ class Prefix(Injection):
     prefix_positions = True
 
     def inputs(self, steering: Steering, vectors: torch.Tensor, body: torch.Tensor) -> torch.Tensor:
-        return torch.cat([vectors, body], dim=1)
+        start = steering.start
+        return torch.cat([body[:, :start], vectors, body[:, start:]], dim=1)
 
 
 @INJECTIONS.register
@@ -128,7 +135,7 @@ class Add(Injection):
 
     def inputs(self, steering: Steering, vectors: torch.Tensor, body: torch.Tensor) -> torch.Tensor:
         steered = body.clone()
-        steered[:, : vectors.shape[1]] += vectors
+        steered[:, steering.start : steering.start + vectors.shape[1]] += vectors
         return steered
 
 
@@ -173,6 +180,7 @@ class Steering:
     layers: list[int] | None = None
     positions: str = "all"  # --positions: all, prompt, answer (and generated), last (the last prompt position and after)
     prompt_end: int = 0  # positions before this are the prompt's in the inputs the model runs next; 0 while decoding
+    start: int = 0  # prefix and add: the prompt positions that stay before the engram (1: a BOS the tokenizer put first)
 
     @property
     def injection(self) -> Injection:
@@ -181,6 +189,16 @@ class Steering:
     @property
     def prefix_length(self) -> int:
         return self.vectors.shape[1] if self.injection.prefix_positions else 0
+
+    def engram_positions(self) -> slice:
+        """Where the engram's k vectors sit in the steered inputs (prefix: its own positions; add: the prompt positions
+        it is added to)."""
+        return slice(self.start, self.start + self.vectors.shape[1])
+
+    def body_positions(self, n: int) -> list[int]:
+        """Where each of the n unsteered input positions sits in the steered inputs."""
+        k = self.prefix_length
+        return [i if i < self.start else i + k for i in range(n)]
 
     def inputs(self, body: torch.Tensor) -> torch.Tensor:
         """The input embeddings [batch, positions, hidden] with the engram in them."""
@@ -243,6 +261,7 @@ class CellVectors:
         """method: how the run steers (its injection, scaling, positions); norms: what the mode measured of this prompt
         already (actadd's s by layer), else measured here."""
         self.injection, self.positions, self.prompt_end = method.injection, method.positions, len(prompt_ids)
+        self.start = engram_start(lm, method, prompt_ids)
         self.mode = INJECTIONS[method.injection]
         self.norms = norms if norms is not None else self.mode.residual_norms(lm, prompt_ids, sorted({c.layer for c in cells}))
         self.unit: dict[tuple[str, int, int], torch.Tensor] = {}
@@ -256,4 +275,4 @@ class CellVectors:
 
     def steering(self, cells: list[Cell]) -> Steering:
         return Steering(self.injection, torch.stack([self.vector(cell) for cell in cells]), [cell.layer for cell in cells],
-                        self.positions, self.prompt_end)
+                        self.positions, self.prompt_end, self.start)

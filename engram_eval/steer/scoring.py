@@ -261,7 +261,8 @@ def score_cells(
             columns["attn_prefix_share"].extend([None] * len(chunks))
             columns["attn_first_share"].extend([None] * len(chunks))
         else:  # the k engram positions (prefix) or the first k prompt positions (add, actadd, baseline), and position 0
-            columns["attn_prefix_share"].extend(scores.attention[i, :k].sum().item() for i, k in enumerate(chunks))
+            start = 0 if steering is None else steering.start  # after a BOS the tokenizer put first
+            columns["attn_prefix_share"].extend(scores.attention[i, start:start + k].sum().item() for i, k in enumerate(chunks))
             columns["attn_first_share"].extend(scores.attention[:, 0].tolist())
         for side, part, names in (
             ("correct", scores.variants[:, :n_correct], prepared.question.correct),

@@ -16,7 +16,7 @@ from ..bank.passages import NeutralPassage
 from ..core.errors import EngramEvalError
 from ..core.registry import INJECTIONS
 from ..core.spec import Method
-from .injection import CellVectors, Steering
+from .injection import CellVectors, Steering, engram_start
 from .scoring import auto_batch_size, in_batches, kl_divergence
 
 if TYPE_CHECKING:
@@ -25,11 +25,13 @@ if TYPE_CHECKING:
 MIN_TOKENS = 16
 
 
-def passage_ids(lm: LoadedModel, passage: NeutralPassage, injection: str, chunks: list[int]) -> tuple[int, ...]:
+def passage_ids(lm: LoadedModel, passage: NeutralPassage, method: Method, chunks: list[int]) -> tuple[int, ...]:
     """The passage tokenized as a source is (the tokenizer's default special tokens, no chat template); it must have
-    MIN_TOKENS tokens, and add injection's k."""
+    MIN_TOKENS tokens, and add injection's k (after a BOS the engram goes after)."""
     ids = tuple(lm.tokenizer(passage.text)["input_ids"])
-    least = max(MIN_TOKENS, max(chunks)) if INJECTIONS[injection].needs_k_prompt_tokens else MIN_TOKENS
+    injection = method.injection
+    start = engram_start(lm, method, ids)
+    least = max(MIN_TOKENS, max(chunks) + start) if INJECTIONS[injection].needs_k_prompt_tokens else MIN_TOKENS
     if len(ids) < least:
         reason = f"--injection {injection} with k = {max(chunks)} needs" if least > MIN_TOKENS else "the probe needs"
         raise EngramEvalError(f"--neutral {passage.label}: the passage has {len(ids)} tokens; {reason} at least {least}")
@@ -50,7 +52,8 @@ def passage_logprobs(lm: LoadedModel, steering: Steering | None, ids: tuple[int,
         with steering.active(backend):
             hidden = backend.last_hidden(steering.inputs(body.expand(steering.vectors.shape[0], -1, -1)))
     n = len(ids)
-    last = hidden[:, -n:, :].reshape(-1, hidden.shape[-1]).contiguous()
+    where = list(range(n)) if steering is None else steering.body_positions(n)  # the passage's positions, not the engram's
+    last = hidden[:, where, :].reshape(-1, hidden.shape[-1]).contiguous()
     return torch.log_softmax(backend.logits(last).view(hidden.shape[0], n, -1), dim=-1)
 
 
