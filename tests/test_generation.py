@@ -238,3 +238,28 @@ def test_generate_quiet_prints_no_library_warnings(tiny_model_dir, tiny_bank, tm
                "--store", tmp_path / "store", "--out", tmp_path / "run", "-q").returncode == 0
     result = cli("generate", tmp_path / "run", "--model", tiny_model_dir, "--max-new-tokens", "3", "-q")
     assert result.returncode == 0 and "Warning" not in result.stderr, result.stderr
+
+
+def test_generate_loads_the_model_the_run_was_swept_with_and_refuses_another(tiny_model_dir, shallow_model_dir, tiny_bank, tmp_path):
+    """No --model: the run's (run.json's model_spec), not the default SmolLM2; a --model with another fingerprint is one
+    line naming both models."""
+    import json
+
+    from click.testing import CliRunner
+
+    from engram_eval.cli import cli
+
+    out = tmp_path / "run"
+    swept = CliRunner().invoke(cli, ["sweep", str(tiny_bank), "--model", str(tiny_model_dir), "--layers", "1", "--strengths", "2",
+                                     "--chunks", "4", "--store", str(tmp_path / "store"), "--out", str(out), "-q"])
+    assert swept.exit_code == 0, swept.output
+    run = json.loads((out / "run.json").read_text())
+    assert run["model_spec"] == str(tiny_model_dir)
+    generated = CliRunner().invoke(cli, ["generate", str(out), "--max-new-tokens", "2", "-q"])
+    assert generated.exit_code == 0, generated.output
+    assert pl.read_parquet(out / "generations.parquet")["run_id"].unique().to_list() == [run["run_id"]]
+    other = CliRunner().invoke(cli, ["generate", str(out), "--model", str(shallow_model_dir), "--max-new-tokens", "2", "-q"])
+    fingerprint = run["settings"]["model_fingerprint"][:12]
+    assert other.exit_code == 2 and other.stderr.count("\n") == 1
+    assert other.stderr.startswith(f"error: {out} was swept with model {run['settings']['model']} ({fingerprint}), not "
+                                   f"{Path(shallow_model_dir).name} ("), other.stderr
