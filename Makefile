@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip --disable-pip-version-check
 RUN := reports/demo
 
-.PHONY: demo test docs bench findings mutation clean
+.PHONY: demo test docs bench findings findings-models findings-models-page mutation clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -62,9 +62,21 @@ findings: $(VENV)/.installed
 	$(BIN)/python docs/findings.py "seed default=$(FINDINGS)/seed" "--skip-tokens 1=$(FINDINGS)/skip-tokens-1" \
 		"--scaling per-chunk=$(FINDINGS)/per-chunk" "--injection actadd=$(FINDINGS)/actadd" \
 		"--pooling learned ($(LEARN_STEPS) steps)=$(FINDINGS)/learned" --paraphrases "seed default=$(FINDINGS)/seed" \
-		--large "capitals, seed default=$(FINDINGS)/capitals" \
-		--model "SmolLM2-135M-Instruct=$(FINDINGS)/seed,$(FINDINGS)/capitals" \
-		--model "Gemma 3 270M (base)=$(FINDINGS)/gemma-seed,$(FINDINGS)/gemma-capitals" > docs/findings.md
+		--large "capitals, seed default=$(FINDINGS)/capitals" > docs/findings.md
+	$(MAKE) findings-models-page
+
+# docs/findings-models.md: the medical and capitals banks on both embedded models (SmolLM2 runs shared with
+# `make findings`); about 45 minutes on 2 CPU cores, Gemma's capitals run most of it.
+findings-models: $(VENV)/.installed
+	$(BIN)/engram-eval sweep questions/medical_traps.yaml --out $(FINDINGS)/seed --force --quiet
+	$(BIN)/engram-eval sweep questions/capitals.yaml $(CAPITALS_GRID) --out $(FINDINGS)/capitals --force --quiet
+	$(BIN)/engram-eval sweep questions/medical_traps.yaml $(GEMMA) $(GEMMA_MEDICAL_GRID) --out $(FINDINGS)/gemma-seed --force --quiet
+	$(BIN)/engram-eval sweep questions/capitals.yaml $(GEMMA) $(GEMMA_CAPITALS_GRID) --out $(FINDINGS)/gemma-capitals --force --quiet
+	$(MAKE) findings-models-page
+
+findings-models-page:
+	$(BIN)/python docs/findings.py --model "SmolLM2-135M-Instruct=$(FINDINGS)/seed,$(FINDINGS)/capitals" \
+		--model "Gemma 3 270M (base)=$(FINDINGS)/gemma-seed,$(FINDINGS)/gemma-capitals" > docs/findings-models.md
 
 # Mutation testing of the report, statistics, evidence, check, rendering and report/check command modules with mutmut
 # (configured in pyproject.toml; about 3 hours on 2 cores; not part of CI). Writes reports/mutation.json and prints

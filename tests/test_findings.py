@@ -88,7 +88,8 @@ def test_the_two_model_table_corrects_every_p_it_shows_and_says_what_replicates(
     import polars as pl
 
     runs = {"small": write_run(tmp_path / "small", 7), "large": write_run(tmp_path / "large", 3)}
-    page = findings.main([f"a={runs['small']}", "--model", f"small={runs['small']}", "--model", f"large={runs['large']}"])
+    page = findings.main(["--model", f"small={runs['small']}", "--model", f"large={runs['large']}"])
+    assert page.startswith("# Findings: the same banks on two models")
     section = page.split("## Does model size help?")[1]
     table = section.split("### What replicates")[0]
     rows = [line for line in table.splitlines() if line.startswith("| small |") or line.startswith("| large |")]

@@ -1,6 +1,8 @@
 import importlib.metadata
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parents[1]
+
 import pytest
 import torch
 
@@ -202,3 +204,25 @@ def test_damaged_pickled_or_unknown_models_are_one_line(tiny_model_dir, tmp_path
         assert result.exit_code == 2 and result.stderr.count("\n") == 1 and "Traceback" not in result.output, result.output
         assert result.stderr.startswith(f"error: {message}"), (result.stderr, message)
     assert not ran.exists() and not (tmp_path / "store").exists()
+
+
+@pytest.mark.real_model
+def test_bank_validate_reads_a_ggufs_tokenizer_without_dequantizing_it(real, tmp_path, monkeypatch):
+    """`bank validate --model FILE.gguf` on an empty cache: the tokenizer and config kept under the GGUF's name and
+    content hash, no weights written; its first tokens are those of the dequantized model's tokenizer."""
+    from click.testing import CliRunner
+
+    from engram_eval.backend.embedded import file_sha256
+    from engram_eval.cli import cli
+
+    monkeypatch.setenv("ENGRAM_EVAL_CACHE", str(tmp_path / "cache"))
+    gguf = embedded_gguf_path("smollm2-135m")
+    result = CliRunner().invoke(cli, ["bank", "validate", str(REPO / "questions/ci.yaml"), "--model", str(gguf)])
+    assert result.exit_code == 0, result.output
+    kept = tmp_path / "cache" / f"{gguf.stem}-{file_sha256(gguf)[:16]}.tokenizer"
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [kept.name]
+    assert (kept / "config.json").is_file() and not list(kept.glob("*.safetensors"))
+    from transformers import AutoTokenizer
+
+    prompt = "The first-line treatment is"
+    assert AutoTokenizer.from_pretrained(kept)(prompt)["input_ids"] == real.tokenizer(prompt)["input_ids"]

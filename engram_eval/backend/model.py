@@ -143,17 +143,29 @@ def dequantized_gguf_dir(gguf: Path) -> Path:
     config.pop("quantization_config", None)
     plain = AutoModelForCausalLM.from_config(type(quantized.config).from_dict(config))
     plain.load_state_dict(quantized.state_dict())
+    return saved_into(target, plain, tokenizer)
+
+
+def saved_into(target: Path, *parts) -> Path:
+    """Each part's save_pretrained into a staging folder beside target, renamed to target when whole (another process
+    that got there first wins; nothing half-written is left)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
     try:
-        plain.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
+        for part in parts:
+            part.save_pretrained(staging)
         staging.rename(target)
     except OSError:
         shutil.rmtree(staging, ignore_errors=True)
         if not (target / "config.json").is_file():  # another process may have won the race
             raise
     return target
+
+
+def tokenizer_only_dir(gguf: Path) -> Path:
+    """Where `bank validate` keeps a GGUF's tokenizer and config without its weights: beside the dequantized copy."""
+    full = gguf_cache_name(gguf)
+    return full.parent / f"{full.name}.tokenizer"
 
 
 def gguf_cache_name(gguf: Path) -> Path:
@@ -167,7 +179,7 @@ def gguf_cache_name(gguf: Path) -> Path:
 def gguf_tokenizer(gguf: Path) -> PreTrainedTokenizerBase:
     """A GGUF's tokenizer: from the tokenizer-only cache when `bank validate` made one, else converted from its metadata
     (about 20 s for Gemma 3's 262k tokens)."""
-    tokenizer_only = gguf_cache_name(gguf).with_suffix(".tokenizer")
+    tokenizer_only = tokenizer_only_dir(gguf)
     if (tokenizer_only / "tokenizer_config.json").is_file():
         return AutoTokenizer.from_pretrained(tokenizer_only)
     return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -179,7 +191,7 @@ def gguf_tokenizer_dir(gguf: Path) -> Path:
     full = gguf_cache_name(gguf)
     if (full / "config.json").is_file():
         return full
-    target = full.with_suffix(".tokenizer")
+    target = tokenizer_only_dir(gguf)
     if (target / "config.json").is_file():
         return target
     try:
@@ -188,17 +200,7 @@ def gguf_tokenizer_dir(gguf: Path) -> Path:
     except Exception as exc:  # a damaged file fails anywhere in the GGUF parser
         raise EngramEvalError(f"--model: {gguf} is not a readable GGUF model ({type(exc).__name__}: {first_line(exc)})") from None
     config = type(config).from_dict({k: v for k, v in config.to_dict().items() if k != "quantization_config"})
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
-    try:
-        tokenizer.save_pretrained(staging)
-        config.save_pretrained(staging)
-        staging.rename(target)
-    except OSError:
-        shutil.rmtree(staging, ignore_errors=True)
-        if not (target / "config.json").is_file():
-            raise
-    return target
+    return saved_into(target, tokenizer, config)
 
 
 def _config_settings(config: PretrainedConfig) -> dict:
