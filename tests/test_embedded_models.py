@@ -120,3 +120,21 @@ def test_a_held_out_sweep_scores_what_the_plain_computation_scores(embedded, tmp
         expected = plain_cell(lm.model, lm.tokenizer, question.prompt, bank.sources[question.engram].text, layer,
                               row["strength"], token_norm, list(question.correct), list(question.incorrect))
         assert (row["p_correct"], row["p_incorrect"]) == pytest.approx(expected, rel=1e-4, abs=1e-8), (alias, row["question_id"])
+
+
+def test_engram_eval_models_lists_what_each_model_is(embedded):
+    """The table `engram-eval models` prints (read from package metadata, no weights) against the loaded model."""
+    from click.testing import CliRunner
+
+    from engram_eval.backend.embedded import EMBEDDED_MODELS
+    from engram_eval.cli import cli
+
+    alias, lm = embedded
+    listed = EMBEDDED_MODELS[alias]
+    assert (listed.layers, listed.hidden_size, listed.architecture) == (lm.num_layers, lm.hidden_size, lm.model.config.model_type
+                                                                         .removesuffix("_text"))
+    assert listed.chat == bool(lm.tokenizer.chat_template) and listed.installed
+    result = CliRunner().invoke(cli, ["models"])
+    row = next(line for line in result.stdout.splitlines() if alias in line)
+    assert all(str(value) in row for value in (listed.layers, listed.hidden_size, "chat" if listed.chat else "base", "yes"))
+    assert listed.install in row

@@ -44,7 +44,7 @@ def run_dir(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("args", [("--help",), ("report", "--help"), ("store", "gc", "--help"), ("check", "--help")])
+@pytest.mark.parametrize("args", [("--help",), ("report", "--help"), ("store", "gc", "--help"), ("check", "--help"), ("models",)])
 def test_help_never_imports_torch(args):
     modules, code, output = loaded(*args)
     assert modules == [] and code in ("0", "None"), output
