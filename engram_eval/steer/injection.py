@@ -190,11 +190,6 @@ class Steering:
     def prefix_length(self) -> int:
         return self.vectors.shape[1] if self.injection.prefix_positions else 0
 
-    def engram_positions(self) -> slice:
-        """Where the engram's k vectors sit in the steered inputs (prefix: its own positions; add: the prompt positions
-        it is added to)."""
-        return slice(self.start, self.start + self.vectors.shape[1])
-
     def body_positions(self, n: int) -> list[int]:
         """Where each of the n unsteered input positions sits in the steered inputs."""
         k = self.prefix_length
