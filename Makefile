@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip --disable-pip-version-check
 RUN := reports/demo
 
-.PHONY: demo test docs bench findings findings-models findings-models-page mutation clean
+.PHONY: demo test docs bench findings findings-models mutation clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,11 +44,13 @@ LEARN_STEPS = 25
 # The capitals bank's default grid: 192 questions x (4 sources x 3 layers x 3 strengths + 2 null prefixes x 3) in
 # about 6 minutes on the 2-core machine (docs/performance.md).
 CAPITALS_GRID = --layers 8,16,24 --strengths 1,5,10
-# Gemma 3 270M has 18 layers to SmolLM2's 30: the same relative depths (0.27, 0.53, 0.8 for capitals; the medical
-# bank's default 8..24 of 30 as 5..14 of 18), the same strengths.
+# Gemma 3 270M has 18 layers to SmolLM2's 30: the medical bank's default 8..24 of 30 as 5..14 of 18; for the
+# two-model page the capitals bank at one mid depth (SmolLM2 16 of 30, Gemma 10 of 18), strengths 1, 5, 10 (Gemma's
+# 262k-token head makes its sweep about 3x SmolLM2's on CPU).
 GEMMA = --model gemma3-270m
 GEMMA_MEDICAL_GRID = --layers 5,7,10,12,14
-GEMMA_CAPITALS_GRID = --layers 5,10,14 --strengths 1,5,10
+CAPITALS_MID_GRID = --layers 16 --strengths 1,5,10
+GEMMA_CAPITALS_MID_GRID = --layers 10 --strengths 1,5,10
 
 findings: $(VENV)/.installed
 	$(BIN)/engram-eval sweep questions/medical_traps.yaml --out $(FINDINGS)/seed --force --quiet
@@ -57,26 +59,21 @@ findings: $(VENV)/.installed
 	$(BIN)/engram-eval sweep questions/medical_traps.yaml --injection actadd --out $(FINDINGS)/actadd --force --quiet
 	$(BIN)/engram-eval sweep questions/medical_traps.yaml --pooling learned --learn-steps $(LEARN_STEPS) --out $(FINDINGS)/learned --force --quiet
 	$(BIN)/engram-eval sweep questions/capitals.yaml $(CAPITALS_GRID) --out $(FINDINGS)/capitals --force --quiet
-	$(BIN)/engram-eval sweep questions/medical_traps.yaml $(GEMMA) $(GEMMA_MEDICAL_GRID) --out $(FINDINGS)/gemma-seed --force --quiet
-	$(BIN)/engram-eval sweep questions/capitals.yaml $(GEMMA) $(GEMMA_CAPITALS_GRID) --out $(FINDINGS)/gemma-capitals --force --quiet
 	$(BIN)/python docs/findings.py "seed default=$(FINDINGS)/seed" "--skip-tokens 1=$(FINDINGS)/skip-tokens-1" \
 		"--scaling per-chunk=$(FINDINGS)/per-chunk" "--injection actadd=$(FINDINGS)/actadd" \
 		"--pooling learned ($(LEARN_STEPS) steps)=$(FINDINGS)/learned" --paraphrases "seed default=$(FINDINGS)/seed" \
 		--large "capitals, seed default=$(FINDINGS)/capitals" > docs/findings.md
-	$(MAKE) findings-models-page
+	$(MAKE) findings-models
 
-# docs/findings-models.md: the medical and capitals banks on both embedded models (SmolLM2 runs shared with
-# `make findings`); about 45 minutes on 2 CPU cores, Gemma's capitals run most of it.
+# docs/findings-models.md: the medical and capitals banks on both embedded models (the medical seed run is shared
+# with `make findings`); about 45 minutes on 2 CPU cores, Gemma's runs most of it.
 findings-models: $(VENV)/.installed
-	$(BIN)/engram-eval sweep questions/medical_traps.yaml --out $(FINDINGS)/seed --force --quiet
-	$(BIN)/engram-eval sweep questions/capitals.yaml $(CAPITALS_GRID) --out $(FINDINGS)/capitals --force --quiet
+	test -f $(FINDINGS)/seed/results.parquet || $(BIN)/engram-eval sweep questions/medical_traps.yaml --out $(FINDINGS)/seed --force --quiet
+	$(BIN)/engram-eval sweep questions/capitals.yaml $(CAPITALS_MID_GRID) --out $(FINDINGS)/capitals-mid --force --quiet
 	$(BIN)/engram-eval sweep questions/medical_traps.yaml $(GEMMA) $(GEMMA_MEDICAL_GRID) --out $(FINDINGS)/gemma-seed --force --quiet
-	$(BIN)/engram-eval sweep questions/capitals.yaml $(GEMMA) $(GEMMA_CAPITALS_GRID) --out $(FINDINGS)/gemma-capitals --force --quiet
-	$(MAKE) findings-models-page
-
-findings-models-page:
-	$(BIN)/python docs/findings.py --model "SmolLM2-135M-Instruct=$(FINDINGS)/seed,$(FINDINGS)/capitals" \
-		--model "Gemma 3 270M (base)=$(FINDINGS)/gemma-seed,$(FINDINGS)/gemma-capitals" > docs/findings-models.md
+	$(BIN)/engram-eval sweep questions/capitals.yaml $(GEMMA) $(GEMMA_CAPITALS_MID_GRID) --out $(FINDINGS)/gemma-capitals-mid --force --quiet
+	$(BIN)/python docs/findings.py --model "SmolLM2-135M-Instruct=$(FINDINGS)/seed,$(FINDINGS)/capitals-mid" \
+		--model "Gemma 3 270M (base)=$(FINDINGS)/gemma-seed,$(FINDINGS)/gemma-capitals-mid" > docs/findings-models.md
 
 # Mutation testing of the report, statistics, evidence, check, rendering and report/check command modules with mutmut
 # (configured in pyproject.toml; about 3 hours on 2 cores; not part of CI). Writes reports/mutation.json and prints
