@@ -141,3 +141,13 @@ def test_a_malformed_empty_or_partial_baseline_is_one_line(tiny_run, tmp_path):
         result = invoke("check", tiny_run, "--baseline", bad)
         assert result.exit_code == 2 and result.stderr == (
             f"error: --baseline {bad}: not a baseline summary ({problem}); write one with --update from a run you trust\n"), problem
+
+
+def test_the_prefix_placement_is_a_setting_check_compares():
+    """A baseline written before --prefix-at existed holds after-bos (the default); a run at start differs from it."""
+    from engram_eval.report.check import differing_settings
+
+    baseline = {"settings": {"model": "m", "injection": "prefix"}}
+    assert differing_settings({"settings": {"model": "m", "injection": "prefix"}}, baseline) == []
+    assert differing_settings({"settings": {"model": "m", "injection": "prefix", "prefix_at": "start"}}, baseline) == [
+        'prefix_at (baseline "after-bos", run "start")']
