@@ -157,10 +157,13 @@ def models_section(models: list[tuple[str, list[str]]]) -> list[str]:
              "q < 0.05. Flips and breaks: questions with a clean flip (p(correct) rose, mass kept) among baseline-wrong "
              "ones, and questions that break somewhere among baseline-correct ones, with 95% Wilson intervals. KL: the "
              "median next-token KL of the relevant engram's cells at the best cell. AUROC: does the margin, or the "
-             "engram's stability, predict a correct baseline (95% bootstrap interval; 'too few' under 10 of either).", "",
-             "| model | bank | grid | " + " | ".join(f"vs {kind}" for kind in kinds)
+             "engram's stability, predict a correct baseline (95% bootstrap interval; 'too few' under 10 of either). "
+             "Off-distribution: questions whose answers hold under 10% of the baseline's next-token probability (or "
+             "whose top token ends the text); the report names each, and a flip there measures noise more than "
+             "knowledge.", "",
+             "| model | bank | grid | off-distribution | " + " | ".join(f"vs {kind}" for kind in kinds)
              + " | clean flips | breaks | median KL at best cell | AUROC margin | AUROC stability |",
-             "|---|---|---|" + "---|" * len(kinds) + "---|---|---|---|---|"]
+             "|---|---|---|---|" + "---|" * len(kinds) + "---|---|---|---|---|"]
     for i, r in enumerate(rows):
         header, headline = r["summary"]["header"], r["summary"]["headline"]
         cells = []
@@ -169,7 +172,8 @@ def models_section(models: list[tuple[str, list[str]]]) -> list[str]:
             cells.append("-" if c is None else f"{fmt_float(c['mean_difference'])} (p {fmt_p(c['p_value'])}, q {fmt_p(q)}): "
                                               f"{corrected_verdict(c, q)}")
         grid = f"L {','.join(map(str, header['layers']))} x s {','.join(f'{s:g}' for s in header['strengths'])}"
-        lines.append(f"| {r['model']} | {header['bank']} | {grid} | " + " | ".join(cells)
+        off = f"{len(header['off_distribution'] or {})}/{header['questions']}"
+        lines.append(f"| {r['model']} | {header['bank']} | {grid} | {off} | " + " | ".join(cells)
                      + f" | {rate_text(headline['question_clean_flip_rate'])} | {rate_text(headline['question_fragile_correct_rate'])}"
                      + f" | {fmt_float(r['kl'])} | {auroc_text(r['summary'], 'margin')} | {auroc_text(r['summary'], 'stability')} |")
     lines += ["", "### What replicates across the two models", ""]

@@ -105,6 +105,7 @@ def test_the_two_model_table_corrects_every_p_it_shows_and_says_what_replicates(
         expected = ("relevant beats controls" if control["mean_difference"] > 0 else "controls beat relevant") \
             if float(q) < 0.05 else "indistinguishable from controls"
         assert verdict.strip() == expected
+    assert all("| 0/20 |" in row for row in rows)  # the constructed runs: every answer on-distribution
     for label, row in zip(("small", "large"), rows):
         frame = pl.read_parquet(runs[label] / "results.parquet")
         best = findings.summarize(frame, json.loads((runs[label] / "run.json").read_text()))["headline"]["best_cell"]
