@@ -65,15 +65,16 @@ findings: $(VENV)/.installed
 		--large "capitals, seed default=$(FINDINGS)/capitals" > docs/findings.md
 	$(MAKE) findings-models
 
-# docs/findings-models.md: the medical and capitals banks on both embedded models (the medical seed run is shared
-# with `make findings`); about 45 minutes on 2 CPU cores, Gemma's runs most of it.
+# docs/findings.md's two-model section: the medical and capitals banks on both embedded models, written into the page
+# in place of the previous section (the medical seed run is shared with `make findings`); about 45 minutes on 2 CPU
+# cores, Gemma's runs most of it.
 findings-models: $(VENV)/.installed
 	test -f $(FINDINGS)/seed/results.parquet || $(BIN)/engram-eval sweep questions/medical_traps.yaml --out $(FINDINGS)/seed --force --quiet
 	$(BIN)/engram-eval sweep questions/capitals.yaml $(CAPITALS_MID_GRID) --out $(FINDINGS)/capitals-mid --force --quiet
 	$(BIN)/engram-eval sweep questions/medical_traps.yaml $(GEMMA) $(GEMMA_MEDICAL_GRID) --out $(FINDINGS)/gemma-seed --force --quiet
 	$(BIN)/engram-eval sweep questions/capitals.yaml $(GEMMA) $(GEMMA_CAPITALS_MID_GRID) --out $(FINDINGS)/gemma-capitals-mid --force --quiet
-	$(BIN)/python docs/findings.py --model "SmolLM2-135M-Instruct=$(FINDINGS)/seed,$(FINDINGS)/capitals-mid" \
-		--model "Gemma 3 270M (base)=$(FINDINGS)/gemma-seed,$(FINDINGS)/gemma-capitals-mid" > docs/findings-models.md
+	$(BIN)/python docs/findings.py --update docs/findings.md --model "SmolLM2-135M-Instruct=$(FINDINGS)/seed,$(FINDINGS)/capitals-mid" \
+		--model "Gemma 3 270M (base)=$(FINDINGS)/gemma-seed,$(FINDINGS)/gemma-capitals-mid"
 
 # Mutation testing of the report, statistics, evidence, check, rendering and report/check command modules with mutmut
 # (configured in pyproject.toml; about 3 hours on 2 cores; not part of CI). Writes reports/mutation.json and prints

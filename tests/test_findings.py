@@ -88,8 +88,11 @@ def test_the_two_model_table_corrects_every_p_it_shows_and_says_what_replicates(
     import polars as pl
 
     runs = {"small": write_run(tmp_path / "small", 7), "large": write_run(tmp_path / "large", 3)}
-    page = findings.main(["--model", f"small={runs['small']}", "--model", f"large={runs['large']}"])
-    assert page.startswith("# Findings: the same banks on two models")
+    models = [("small", [str(runs["small"])]), ("large", [str(runs["large"])])]
+    page = findings.main([f"a={runs['small']}", "--model", f"small={runs['small']}", "--model", f"large={runs['large']}"])
+    assert page.count(findings.MODELS_START) == 1 and findings.update(page, models) == page  # --update: the same page
+    old = page.replace(page.split(findings.MODELS_START)[1].split(findings.MODELS_END)[0], "\nstale\n")
+    assert findings.update(old, models) == page  # only the section is replaced
     section = page.split("## Does model size help?")[1]
     table = section.split("### What replicates")[0]
     rows = [line for line in table.splitlines() if line.startswith("| small |") or line.startswith("| large |")]
