@@ -196,6 +196,10 @@ def models_section(models: list[tuple[str, list[str]]]) -> list[str]:
         breaks = ", ".join(f"{r['model']} {rate_text(r['summary']['headline']['question_fragile_correct_rate'])}" for _, r in here)
         text.append(f"Clean flips: {flips}; breaks: {breaks}.")
         lines.append(" ".join(text))
+    verdicts = [corrected_verdict(c, qs.get((i, kind))) for i, r in enumerate(rows) for kind, c in r["controls"].items()]
+    wins, losses = verdicts.count("relevant beats controls"), verdicts.count("controls beat relevant")
+    lines.append(f"- Over both models and banks the relevant engram beats its control at q < 0.05 in {wins} of "
+                 f"{len(verdicts)} comparisons, and loses in {losses}.")
     return lines
 
 

@@ -117,6 +117,9 @@ def test_the_two_model_table_corrects_every_p_it_shows_and_says_what_replicates(
         assert f"| {kl:.3f} |" in row
     replicates = section.split("### What replicates across the two models")[1]
     by_kind = {kind: [v.strip() for v in (shown[i][3], shown[len(kinds) + i][3])] for i, kind in enumerate(kinds)}
+    every = [v.strip() for v in (c[3] for c in shown)]
+    assert (f"beats its control at q < 0.05 in {every.count('relevant beats controls')} of {len(every)} comparisons, and "
+            f"loses in {every.count('controls beat relevant')}.") in replicates
     for kind, (small, large) in by_kind.items():
         if small == large:
             assert f"{kind} ({small})" in replicates
