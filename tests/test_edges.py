@@ -22,7 +22,7 @@ from engram_eval.steer.grid import Cell
 from engram_eval.steer.injection import Steering
 from engram_eval.steer.prompts import PreparedQuestion
 from conftest import write_tiny_bank
-from decisive import decisive_frame
+from decisive import case as expected_case, decisive_frame
 
 EDGE_RATIOS = [0.5, 0.9, 0.95, 0.99, 1.0, 1.01, 1.05, 1.1, 2.0]
 
@@ -48,15 +48,6 @@ def frame_of(tmp_path, baseline: tuple[float, float], cells: list[tuple[float, f
     return question_frame(settings, bank, prepared, grid, scores)
 
 
-def expected_case(b: float, r: float) -> str:
-    """METHOD.md's calibration cases, written out."""
-    if b == 1 or r == 1:
-        return "TIE"
-    if b > 1:
-        return "HIGH_CONFIDENCE_CORRECT" if r > b else "CORRECT_WEAKENED" if r >= 1 else "FRAGILE_CORRECT"
-    return "HIGH_CONFIDENCE_INCORRECT" if r < 1 else "RECOVERED_KNOWLEDGE"
-
-
 @pytest.mark.parametrize("baseline_ratio", EDGE_RATIOS)
 def test_flips_breaks_and_cases_at_ratios_around_1_follow_the_definition(tmp_path, baseline_ratio):
     frame = frame_of(tmp_path, (0.2, baseline_ratio), [(0.2, r) for r in EDGE_RATIOS])
@@ -67,7 +58,7 @@ def test_flips_breaks_and_cases_at_ratios_around_1_follow_the_definition(tmp_pat
         assert row["flipped"] == (b < 1 and r > 1), (b, r)  # METHOD.md: flip = baseline < 1 and ratio > 1
         assert row["broken"] == (b > 1 and r < 1), (b, r)  # break = baseline > 1 and ratio < 1
         assert row["correct_before"] == (b > 1) and row["correct_after"] == (r > 1), (b, r)
-        assert row["case"] == expected_case(b, r), (b, r)
+        assert row["case"] == expected_case(b, r), (b, r)  # METHOD.md's calibration cases, as tests/decisive.py writes them
 
 
 def test_collapse_is_a_mass_ratio_strictly_below_the_threshold(tmp_path):
