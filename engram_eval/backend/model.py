@@ -134,7 +134,7 @@ def dequantized_gguf_dir(gguf: Path) -> Path:
     if (target / "config.json").is_file():
         return target
     try:
-        tokenizer = gguf_tokenizer(gguf)
+        tokenizer = gguf_tokenizer(gguf, target)
         quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     except Exception as exc:  # a damaged file fails anywhere in the GGUF parser (struct, UnicodeDecodeError, KeyError)
         raise EngramEvalError(f"--model: {gguf} is not a readable GGUF model ({type(exc).__name__}: {first_line(exc)})") from None
@@ -162,9 +162,9 @@ def saved_into(target: Path, *parts) -> Path:
     return target
 
 
-def tokenizer_only_dir(gguf: Path) -> Path:
-    """Where `bank validate` keeps a GGUF's tokenizer and config without its weights: beside the dequantized copy."""
-    full = gguf_cache_name(gguf)
+def tokenizer_only_dir(full: Path) -> Path:
+    """Where `bank validate` keeps a GGUF's tokenizer and config without its weights: beside its dequantized copy's
+    folder `full` (gguf_cache_name)."""
     return full.parent / f"{full.name}.tokenizer"
 
 
@@ -176,10 +176,10 @@ def gguf_cache_name(gguf: Path) -> Path:
     return cache_dir() / f"{gguf.stem}-{file_sha256(gguf)[:16]}"
 
 
-def gguf_tokenizer(gguf: Path) -> PreTrainedTokenizerBase:
-    """A GGUF's tokenizer: from the tokenizer-only cache when `bank validate` made one, else converted from its metadata
-    (about 20 s for Gemma 3's 262k tokens)."""
-    tokenizer_only = tokenizer_only_dir(gguf)
+def gguf_tokenizer(gguf: Path, full: Path) -> PreTrainedTokenizerBase:
+    """A GGUF's tokenizer (full: its gguf_cache_name, hashed once by the caller): from the tokenizer-only cache when
+    `bank validate` made one, else converted from its metadata (about 20 s for Gemma 3's 262k tokens)."""
+    tokenizer_only = tokenizer_only_dir(full)
     if (tokenizer_only / "tokenizer_config.json").is_file():
         return AutoTokenizer.from_pretrained(tokenizer_only)
     return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -191,7 +191,7 @@ def gguf_tokenizer_dir(gguf: Path) -> Path:
     full = gguf_cache_name(gguf)
     if (full / "config.json").is_file():
         return full
-    target = tokenizer_only_dir(gguf)
+    target = tokenizer_only_dir(full)
     if (target / "config.json").is_file():
         return target
     try:
