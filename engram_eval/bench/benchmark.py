@@ -104,7 +104,7 @@ def seed_loop(lm: LoadedModel, bank: Bank, question: Question, layers: list[int]
                 lambda source: seed_extract(lm, bank.sources[source].text, layer, chunks))
             unit = mode.unit(lm, engram, "global")
             for strength in strengths:
-                steering = Steering(injection, mode.scaled(unit, strength, norms.get(layer)).unsqueeze(0).to(lm.device), [layer])
+                steering = Steering(injection, mode.scaled(unit, strength, norms.get(layer), "global").unsqueeze(0).to(lm.device), [layer])
                 with steering.active(lm.backend):
                     logits = lm.backend.full_logits(steering.inputs(prompt))
                 probs = torch.softmax(logits[0, -1].float(), dim=-1)

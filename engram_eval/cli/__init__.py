@@ -2,7 +2,7 @@
 
 One module per command (or command group); `app` holds the group, its error handling and the shared options."""
 
-from . import bank, bench, build, check, compare, generate, models, report, store, sweep  # noqa: F401  (each registers its commands)
+from . import bank, bench, build, check, compare, generate, models, report, store, sweep, vectors  # noqa: F401  (each registers its commands)
 from .app import cli
 
 

@@ -21,8 +21,8 @@ def parse_chunks(text: str) -> list[int]:
     return check_chunk_list(parse_numbers(text, int, "--chunks", "whole numbers like '16' or '8,16,32,64,128'"))
 
 
-def parse_strengths(text: str) -> list[float]:
-    return sorted(set(check_strengths(parse_numbers(text, float, "--strengths", "numbers like '0.5,1,2,5,10,20'"))))
+def parse_strengths(text: str, option: str = "--strengths") -> list[float]:
+    return sorted(set(check_strengths(parse_numbers(text, float, option, "numbers like '0.5,1,2,5,10,20'"), option)))
 
 
 def parse_layers(text: str, num_layers: int, option: str = "--layers") -> list[int]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import shlex
+from dataclasses import replace
 import sys
 from pathlib import Path
 from typing import Callable
@@ -34,6 +35,10 @@ from .app import (
 )
 from .parsing import parse_chunks, parse_layers, parse_strengths
 
+DEFAULT_STRENGTHS_TEXT = "0.5,1,2,5,10,20"
+DEFAULT_COEFFICIENTS_TEXT = "0.5,1,2,4,8"
+DEFAULT_LAYERS_TEXT = "8,12,16,20,24"
+
 
 def spec_options(command: Callable) -> Callable:
     """--layers, --strengths, --chunks, the method's options, the extraction's, --record-attention and --questions ->
@@ -41,11 +46,23 @@ def spec_options(command: Callable) -> Callable:
     the command checks it after its cheap checks of the bank, paths and lock; its layers are the defaults until `with_layers`) and `layers_text`
     (resolved once the model's depth is known)."""
 
-    @click.option("--layers", "layers_text", default="8,12,16,20,24", show_default=True,
-                  help="Layers to inject from: '8,12,16', '10-20' or 'all'.")
-    @click.option("--strengths", "strengths_text", default="0.5,1,2,5,10,20", show_default=True,
+    @click.option("--layers", "layers_text",
+                  help="Layers to inject from: '8,12,16', '10-20' or 'all'.  [default: 8,12,16,20,24; with --vector: "
+                       "every layer the vector carries]")
+    @click.option("--strengths", "strengths_text",
                   help="Strength multipliers on the seed scaling (finite, not 0). Negative ones subtract the engram "
-                       "(add and actadd only); pass them as --strengths=-2,2.")
+                       "(add, actadd and vectors only); pass them as --strengths=-2,2. With --vector: strength x s x v/|v| "
+                       "(s: the mean norm of the residual stream over the prompt at the layer, as actadd).  "
+                       f"[default: {DEFAULT_STRENGTHS_TEXT}]")
+    @click.option("--vector", metavar="NAME",
+                  help="Steer with a stored steering vector (`engram-eval vectors import` or `vectors build`) instead of "
+                       "the bank's engrams: each question gets the vector and its controls (a random direction of the same "
+                       "norm per layer, seeded; the vector negated) over its layers x coefficients. Its action (add, or "
+                       "lm-eval's clamp) picks --injection vector or vector-clamp.")
+    @click.option("--coefficients", "coefficients_text",
+                  help="With --vector: multiples of the vector as stored, its magnitude kept (1 = the source tool's own "
+                       "application: llama.cpp's scale, repeng's and steering-vectors' multiplier, lm-eval's "
+                       f"steering_coefficient). Negative ones subtract it.  [default with --vector: {DEFAULT_COEFFICIENTS_TEXT}]")
     @chunks_option
     @registry_option("--scoring", SCORINGS, SEED_METHOD.scoring)
     @registry_option("--injection", INJECTIONS, SEED_METHOD.injection)
@@ -80,14 +97,27 @@ def spec_options(command: Callable) -> Callable:
     @click.option("--sample-seed", type=int, default=0, show_default=True, help="The seed of --sample's draws.")
     @click.option("--questions", "question_ids", help="Only these question ids, comma-separated.")
     @functools.wraps(command)
-    def wrapper(layers_text: str, strengths_text: str, chunks_text: str, scoring: str, injection: str, scaling: str,
-                context: str, positions: str, prefix_at: str, extraction: Extraction, record_attention: bool, reextract: bool,
-                samples: int, sample_seed: int, question_ids: str | None, **kwargs):
+    def wrapper(layers_text: str | None, strengths_text: str | None, vector: str | None, coefficients_text: str | None,
+                chunks_text: str, scoring: str, injection: str, scaling: str, context: str, positions: str, prefix_at: str,
+                extraction: Extraction, record_attention: bool, reextract: bool, samples: int, sample_seed: int,
+                question_ids: str | None, **kwargs):
         questions = None if not question_ids else tuple(q.strip() for q in question_ids.split(",") if q.strip())
-        spec = SweepSpec(Grid(strengths=tuple(parse_strengths(strengths_text)), chunks=tuple(parse_chunks(chunks_text)),
-                              samples=samples, sample_seed=sample_seed),
-                         Method(injection, scaling, scoring, context, record_attention, positions, reextract, prefix_at), extraction,
-                         questions)
+        chunks = tuple(parse_chunks(chunks_text))
+        if coefficients_text is not None and vector is None:
+            raise EngramEvalError("--coefficients: applies to --vector (an engram is scaled by --strengths)")
+        if vector is not None:  # a vector's own grid: its magnitude (or x s), k = 1, injection by its action (set on load)
+            if coefficients_text is not None and strengths_text is not None:
+                raise EngramEvalError("--coefficients, --strengths: give one (coefficients keep the vector's magnitude; "
+                                      "strengths scale its direction to the residual stream's norm)")
+            scaling = "norm" if strengths_text is not None else "coefficient"
+            strengths = parse_strengths(strengths_text or coefficients_text or DEFAULT_COEFFICIENTS_TEXT, "--strengths"
+                                        if strengths_text is not None else "--coefficients")
+            chunks, injection = (1,), "vector" if injection == SEED_METHOD.injection else injection
+        else:
+            strengths = parse_strengths(strengths_text or DEFAULT_STRENGTHS_TEXT)
+        spec = SweepSpec(Grid(strengths=tuple(strengths), chunks=chunks, samples=samples, sample_seed=sample_seed),
+                         Method(injection, scaling, scoring, context, record_attention, positions, reextract, prefix_at,
+                                vector), extraction, questions)
         return command(spec=spec, layers_text=layers_text, **kwargs)
 
     return wrapper
@@ -136,17 +166,31 @@ def sweep(bank_path: Path, load_lm, spec: SweepSpec, layers_text: str, out: Path
     check_writable(out or Path("reports"), "--out")
     if out is not None:
         refuse_if_written(out, wait)
+    name = spec.method.vector
+    if name is not None and not (Path(store_dir) / "vectors" / f"{name}.safetensors").is_file():
+        raise EngramEvalError(f"--vector: no vector named '{name}' in {Path(store_dir) / 'vectors'} (`engram-eval vectors "
+                              "import` or `vectors build` stores one)")
+    stored = None
+    if name is not None:  # its action picks the mode: add -> vector, clamp -> vector-clamp
+        from ..vectors.store import VectorStore
+
+        stored = VectorStore(store_dir).load(name)
+        if stored.vector.action == "clamp" and spec.method.injection == "vector":
+            spec = replace(spec, method=replace(spec.method, injection="vector-clamp"))
     spec = spec.check()  # imports the modes' module (torch): after the checks above, which take a fraction of a second
     from ..engram.store import EngramStore
     from ..run.sweep import run_sweep
 
     lm = load_lm()
-    spec = spec.with_layers(parse_layers(layers_text, lm.num_layers))
+    if layers_text is None and stored is not None:
+        spec = spec.with_layers([layer for layer in stored.vector.layers if layer <= lm.num_layers])
+    else:
+        spec = spec.with_layers(parse_layers(layers_text or DEFAULT_LAYERS_TEXT, lm.num_layers))
     out = out or Path("reports") / f"{bank.name}-{lm.name}"
     observer = Observer(progress=not quiet, log=(lambda m: None) if quiet else stderr.print, warn=warn)
     try:
         result = run_sweep(lm, bank, EngramStore(store_dir), out, spec, execution=Execution(batch_size, ray),
-                           force=force, strict=strict, wait=wait, neutral=neutral, observer=observer)
+                           force=force, strict=strict, wait=wait, neutral=neutral, observer=observer, vector=stored)
     except KeyboardInterrupt as exc:
         try:
             run = json.loads((out / "run.json").read_text())

@@ -63,10 +63,12 @@ class Registry(Generic[T]):
 
 
 INJECTIONS: Registry[Any] = Registry("--injection", "engram_eval.steer.injection",  # Injection subclasses
-                                     ("prefix", "add", "actadd"))
+                                     ("prefix", "add", "actadd", "vector", "vector-clamp"))
 POOLINGS: Registry[Any] = Registry("--pooling", "engram_eval.engram.pooling",  # Pooler subclasses
                                    ("mean", "last", "pca", "learned"), instances=False)
 SCORINGS: Registry[Any] = Registry("--scoring", "engram_eval.steer.scoring",  # Scoring subclasses
                                    ("first-token", "sequence", "sequence-max", "sequence-mean"))
 NULL_PREFIXES: Registry[Any] = Registry("null prefix", "engram_eval.engram.nulls",  # NullPrefix subclasses
                                         ("~gaussian", "~mean-token"))
+VECTOR_FORMATS: Registry[Any] = Registry("--format", "engram_eval.vectors.formats",  # VectorFormat subclasses
+                                        ("gguf", "steering-vectors", "lm-eval", "engram-eval", "safetensors", "npy"))

@@ -21,7 +21,8 @@ DEFAULT_CHUNKS = 16
 DEFAULT_MAX_TOKENS = 2048
 DEFAULT_LAYERS = (8, 12, 16, 20, 24)
 DEFAULT_STRENGTHS = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0)
-SCALINGS = ("global", "per-chunk")
+SCALINGS = ("global", "per-chunk")  # an engram's (--scaling)
+VECTOR_SCALINGS = ("coefficient", "norm")  # a steering vector's: --coefficients (raw multiples) or --strengths (x s)
 CONTEXTS = ("with", "without", "both")
 POSITIONS = ("all", "prompt", "answer", "last")
 PREFIX_PLACES = ("after-bos", "start")  # where prefix and add put the engram when the tokenizer puts a BOS token first
@@ -73,12 +74,12 @@ def check_chunk_list(chunks: int | list[int] | tuple[int, ...]) -> list[int]:
     return values
 
 
-def check_strengths(strengths: list[float] | tuple[float, ...]) -> list[float]:
+def check_strengths(strengths: list[float] | tuple[float, ...], option: str = "--strengths") -> list[float]:
     if not strengths:
-        raise EngramEvalError("--strengths: no strengths given")
+        raise EngramEvalError(f"{option}: no strengths given")
     for strength in strengths:
         if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength) or strength == 0:
-            raise EngramEvalError(f"--strengths: {strength} is not allowed; strengths must be finite and not 0 (negative "
+            raise EngramEvalError(f"{option}: {strength} is not allowed; strengths must be finite and not 0 (negative "
                                   "ones subtract the engram, with add and actadd injection)")
     return list(strengths)
 
@@ -183,10 +184,11 @@ class Method:
     positions: str = "all"  # where a mode that steers every position (actadd) adds its vector: POSITIONS
     reextract: bool = False  # each question's engrams extracted from the source read after its prompt (per question)
     prefix_at: str = "after-bos"  # PREFIX_PLACES: a BOS the tokenizer adds stays first (no BOS: the same as start)
+    vector: str | None = None  # a stored steering vector's name (sweep --vector): the run steers with it, not engrams
 
     def check(self) -> Method:
         mode = INJECTIONS[self.injection]
-        if self.scaling not in SCALINGS:
+        if self.scaling not in SCALINGS + VECTOR_SCALINGS:
             raise EngramEvalError(f"--scaling: unknown '{self.scaling}' (one of: {', '.join(SCALINGS)})")
         if self.scaling not in mode.scalings:
             raise EngramEvalError(mode.scaling_refusal)
@@ -198,6 +200,9 @@ class Method:
         if self.positions != "all" and not mode.scopes_positions:
             raise EngramEvalError(f"--positions {self.positions}: applies to actadd injection; {self.injection} steers "
                                   "positions of its own (the prefix, or the first k prompt tokens)")
+        if mode.steers_vector != (self.vector is not None):
+            raise EngramEvalError(f"--injection {self.injection}: steers with a vector (--vector NAME)" if mode.steers_vector
+                                  else f"--vector: steers with vector injection, not --injection {self.injection}")
         if self.prefix_at not in PREFIX_PLACES:
             raise EngramEvalError(f"--prefix-at: unknown '{self.prefix_at}' (one of: {', '.join(PREFIX_PLACES)})")
         if self.prefix_at != PREFIX_PLACES[0] and mode.scopes_positions:

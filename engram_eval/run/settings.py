@@ -44,10 +44,12 @@ class SweepSettings:
     sample_seed: int = 0
     reextract: bool = False
     prefix_at: str = SEED_METHOD.prefix_at
+    vector: str | None = None  # sweep --vector: the stored vector's name and checksum
+    vector_sha256: str | None = None
 
     @classmethod
     def of(cls, spec: SweepSpec, *, model: str, model_fingerprint: str, bank: str, bank_sha256: str,
-           questions: list[str]) -> SweepSettings:
+           questions: list[str], vector_sha256: str | None = None) -> SweepSettings:
         grid, method, extraction = spec.grid, spec.method, spec.extraction
         return cls(
             model=model, model_fingerprint=model_fingerprint, bank=bank, bank_sha256=bank_sha256,
@@ -61,13 +63,14 @@ class SweepSettings:
             learn_seed=extraction.learn_seed,
             learn_probes=None if extraction.learn_probes is None else list(extraction.learn_probes),
             samples=grid.samples, sample_seed=grid.sample_seed, reextract=method.reextract, prefix_at=method.prefix_at,
+            vector=method.vector, vector_sha256=vector_sha256,
         )
 
     @property
     def spec(self) -> SweepSpec:
         return SweepSpec(Grid(tuple(self.layers), tuple(self.strengths), tuple(self.chunk_list), self.samples, self.sample_seed),
                          Method(self.injection, self.scaling, self.scoring, self.context, self.record_attention, self.positions,
-                                self.reextract, self.prefix_at),
+                                self.reextract, self.prefix_at, self.vector),
                          self.extraction, tuple(self.questions))
 
     @property
@@ -104,4 +107,5 @@ class SweepSettings:
 RECORDED_WHEN_SET = {"positions": SEED_METHOD.positions, "learn_objective": SEED_EXTRACTION.learn_objective,
                      "learn_steps": SEED_EXTRACTION.learn_steps, "learn_lr": SEED_EXTRACTION.learn_lr,
                      "learn_seed": SEED_EXTRACTION.learn_seed, "learn_probes": None, "samples": 0, "sample_seed": 0,
-                     "reextract": False, "prefix_at": SEED_METHOD.prefix_at}
+                     "reextract": False, "prefix_at": SEED_METHOD.prefix_at,
+                     "vector": None, "vector_sha256": None}

@@ -22,7 +22,9 @@ from ..core.spec import Execution, Observer, SweepSpec
 from ..engram.dominance import chunk_shares
 from ..engram.geometry import pair_geometry
 from ..engram.store import EngramStore, StoredEngram, bank_engrams, engram_label
-from ..steer.grid import Cell, engram_vectors, question_cells, raw_vectors
+from ..steer.grid import Cell, engram_vectors, question_cells, raw_vectors, vector_cells
+from ..vectors.controls import vector_raw
+from ..vectors.store import StoredVector, check_vector_layers
 from ..steer.prompts import PreparedQuestion, check_lengths, context_conditions, end_tokens, multi_token_warning, prepare_question, variant_token_warnings
 from ..steer.injection import check_strengths_fit, engram_start
 from ..steer.scoring import auto_batch_size, score_cells
@@ -70,6 +72,7 @@ def run_sweep(
     wait: bool = False,
     neutral: NeutralPassage | None = None,
     observer: Observer = Observer(),
+    vector: StoredVector | None = None,
 ) -> SweepResult:
     """Run the spec's grid over the bank; each finished question lands atomically in out/parts, so a rerun resumes where
     it stopped.
@@ -83,9 +86,12 @@ def run_sweep(
     directory fails naming the holder, or with `wait` waits for it. neutral adds the neutral-text probe's side effects
     of every cell (RUN/side_effects.parquet; engram_eval.run.side_effects), resumable, outside the run's settings. observer receives the progress, the log and the warnings a researcher must read before
     trusting the numbers (bank mistakes, truncated or dominated engrams). An interrupted or failed run says so in
-    run.json.
+    run.json. vector (with spec.method.vector its name): the run steers with a stored steering vector and its
+    controls (engram_eval.vectors) instead of the bank's engrams, at the layers it carries.
     """
     spec.check(lm.num_layers)
+    if vector is not None:
+        check_vector_layers(vector, lm.num_layers, lm.hidden_size, list(spec.grid.layers))
     check_strengths_fit(list(spec.grid.strengths), lm.embedding_norm, lm.dtype)
     execution.check()
     method, chunk_list = spec.method, list(spec.grid.chunks)
@@ -124,7 +130,8 @@ def run_sweep(
         raise EngramEvalError(f"--sample: no engram the questions of {bank.path} use has paraphrases to fit a Gaussian to "
                               "(a source needs `files: [a.txt, b.txt, ...]`, at least 2)")
     settings = SweepSettings.of(spec, model=lm.name, model_fingerprint=lm.fingerprint, bank=bank.name,
-                                bank_sha256=bank.sha256, questions=[q.id for q in bank.questions])
+                                bank_sha256=bank.sha256, questions=[q.id for q in bank.questions],
+                                vector_sha256=None if vector is None else vector.vector.sha256)
     with run_lock(out, wait, observer.warn):
         executor = open_executor(lm, execution.ray)  # Ray: the workers started, their models loaded and checked
         try:
@@ -139,12 +146,14 @@ def run_sweep(
                    model_spec=lm.spec, embedding_scale=lm.embedding_scale.record(),
                    prefix_placement={"prefix_at": method.prefix_at, "tokenizer_adds_bos": lm.adds_bos,
                                      "bos_token": lm.tokenizer.bos_token if lm.adds_bos else None})
+        if vector is not None:
+            run.update(vector=vector.record())
         write_run_json(out, run)
         try:
             torch.set_num_threads(execution.threads or threads)
             with lm.backend.eager_attention() if method.record_attention else nullcontext():  # the kernel that gives its weights
                 _run_grid(lm, bank, store, out, settings, run, prepared, execution, executor, observer,
-                          None if neutral is None else (neutral, neutral_ids))
+                          None if neutral is None else (neutral, neutral_ids), vector)
         except KeyboardInterrupt as exc:
             mark_stopped(out, run, stop_status(exc))
             raise
@@ -225,13 +234,21 @@ def question_engrams(lm: LoadedModel, bank: Bank, store: EngramStore, settings: 
 
 def _run_grid(lm: LoadedModel, bank: Bank, store: EngramStore, out: Path, settings: SweepSettings, run: dict,
               prepared: list[list[PreparedQuestion]], execution: Execution, executor: Executor, observer: Observer,
-              neutral: tuple[NeutralPassage, tuple[int, ...]] | None) -> None:
+              neutral: tuple[NeutralPassage, tuple[int, ...]] | None, vector: StoredVector | None = None) -> None:
     """Build what the store lacks, score every question not yet in out/parts on the executor, merge, then (neutral:
-    the passage and its ids) probe each cell's side effects; fills run in place."""
-    from tqdm import tqdm
-
+    the passage and its ids) probe each cell's side effects; fills run in place. vector: its cells and raw vectors
+    instead of the bank's engrams."""
     layers, chunks = settings.layers, settings.chunk_list
     build_started = time.perf_counter()
+    if vector is not None:
+        grid = [[vector_cells(vector.name, vector.vector.sha256[:16], layers, settings.strengths, p.context) for p in conditions]
+                for conditions in prepared]
+        raw = vector_raw(vector.vector, vector.name, layers)
+        build_seconds = time.perf_counter() - build_started
+        run.update(engram_keys={}, engram_files={}, num_layers=lm.num_layers)
+        _score_grid(lm, bank, out, settings, run, prepared, execution, executor, observer, neutral, grid, raw, {},
+                    build_seconds)
+        return
     run["engram_keys"] = {}
 
     def record_engram(name: str, k: int, stored: StoredEngram) -> None:  # at once, so a concurrent `store gc` keeps it
@@ -261,6 +278,18 @@ def _run_grid(lm: LoadedModel, bank: Bank, store: EngramStore, out: Path, settin
              for p in conditions] for conditions in prepared]
     # --reextract: every question brings its own vectors (its task's), so none are shared
     raw = {} if settings.reextract else raw_vectors(lm, bank, engrams, layers, chunks, settings.samples, settings.sample_seed)
+    _score_grid(lm, bank, out, settings, run, prepared, execution, executor, observer, neutral, grid, raw, conditioned,
+                build_seconds)
+
+
+def _score_grid(lm: LoadedModel, bank: Bank, out: Path, settings: SweepSettings, run: dict,
+                prepared: list[list[PreparedQuestion]], execution: Execution, executor: Executor, observer: Observer,
+                neutral: tuple[NeutralPassage, tuple[int, ...]] | None, grid: list[list[list[Cell]]], raw: RawVectors,
+                conditioned: dict, build_seconds: float) -> None:
+    """Score every question not yet in out/parts on the executor, merge, probe the side effects (neutral)."""
+    from tqdm import tqdm
+
+    layers, chunks = settings.layers, settings.chunk_list
     rows = [sum(len(cells) + 1 for cells in question) for question in grid]
     parts = part_paths(out / "parts", [conditions[0].question.id for conditions in prepared])
     trusted = trusted_parts(parts, run[PART_CHECKSUMS], observer.warn)

@@ -14,6 +14,7 @@ from ..core.registry import INJECTIONS, NULL_PREFIXES
 from ..engram.nulls import NULL_KIND, null_prefix
 from ..engram.store import StoredEngram
 from ..engram.variability import sample_draws, sampled_engram
+from ..vectors.controls import VECTOR_CONTROLS
 
 
 @dataclass(frozen=True)
@@ -139,3 +140,12 @@ def raw_vectors(lm: LoadedModel, bank: Bank, engrams: dict[tuple[str, int], Stor
             vectors = null_prefix(name, lm, k)
             raw.update({(name, layer, k): vectors for layer in layers})
     return raw
+
+
+def vector_cells(name: str, key: str, layers: list[int], strengths: list[float], context: bool | None = None) -> list[Cell]:
+    """A steering vector's grid for one question (sweep --vector): the vector, then its controls (a random direction
+    of its norm, the vector negated), each layer x strength; k is 1 (a vector is one direction per layer)."""
+    engrams = [(name, key, "relevant", None), *[(control, f"{control} of {key}", "control", kind)
+                                                for control, kind in VECTOR_CONTROLS.items()]]
+    return [Cell(engram, engram_key, role, kind, layer, strength, 1, context)
+            for engram, engram_key, role, kind in engrams for layer in layers for strength in strengths]

@@ -93,6 +93,7 @@ class Injection:
     scopes_positions: ClassVar[bool] = False  # steers every position unless --positions scopes it (Steering.position_mask)
     signed_strengths: ClassVar[bool] = False  # a negative strength subtracts what a positive one adds
     takes_learned: ClassVar[bool] = True  # injects input-embedding vectors, which --pooling learned optimises
+    steers_vector: ClassVar[bool] = False  # applies a steering vector (sweep --vector), not an engram
     scalings: ClassVar[tuple[str, ...]] = SCALINGS
     scaling_refusal: ClassVar[str] = ""  # the error for a --scaling it does not take
 
@@ -104,8 +105,12 @@ class Injection:
         """The injected vectors at strength 1, from an engram's raw vectors."""
         return scale_engram(vectors, lm.embedding_norm, 1.0, scaling)
 
-    def scaled(self, unit: torch.Tensor, strength: float, norm: float | None) -> torch.Tensor:
+    def scaled(self, unit: torch.Tensor, strength: float, norm: float | None, scaling: str) -> torch.Tensor:
         return unit * strength
+
+    def steer_block(self, steering: Steering, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        """A hooked block's output [batch, positions, hidden] with the rows at `layer` steered (hooks_blocks modes)."""
+        return hidden + steering.added(layer, steering.vectors.to(hidden.device, hidden.dtype), hidden.shape[1])
 
     def inputs(self, steering: Steering, vectors: torch.Tensor, body: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -159,7 +164,7 @@ class ActAdd(Injection):
     def unit(self, lm: LoadedModel, vectors: torch.Tensor, scaling: str) -> torch.Tensor:
         return direction(vectors)
 
-    def scaled(self, unit: torch.Tensor, strength: float, norm: float | None) -> torch.Tensor:
+    def scaled(self, unit: torch.Tensor, strength: float, norm: float | None, scaling: str) -> torch.Tensor:
         return unit * (strength * norm)
 
     def inputs(self, steering: Steering, vectors: torch.Tensor, body: torch.Tensor) -> torch.Tensor:
@@ -241,7 +246,7 @@ class Steering:
     def _adder(self, layer: int):
         def hook(module, args, output):
             hidden = output[0] if isinstance(output, tuple) else output
-            steered = hidden + self.added(layer, self.vectors.to(hidden.device, hidden.dtype), hidden.shape[1])
+            steered = self.injection.steer_block(self, layer, hidden)
             return (steered, *output[1:]) if isinstance(output, tuple) else steered
         return hook
 
@@ -256,6 +261,7 @@ class CellVectors:
         """method: how the run steers (its injection, scaling, positions); norms: what the mode measured of this prompt
         already (actadd's s by layer), else measured here."""
         self.injection, self.positions, self.prompt_end = method.injection, method.positions, len(prompt_ids)
+        self.scaling = method.scaling
         self.start = engram_start(lm, method, prompt_ids)
         self.mode = INJECTIONS[method.injection]
         self.norms = norms if norms is not None else self.mode.residual_norms(lm, prompt_ids, sorted({c.layer for c in cells}))
@@ -266,8 +272,12 @@ class CellVectors:
                 self.unit[key] = self.mode.unit(lm, raw[key], method.scaling).to(lm.device)
 
     def vector(self, cell: Cell) -> torch.Tensor:
-        return self.mode.scaled(self.unit[(cell.vectors_name, cell.layer, cell.chunks)], cell.strength, self.norms.get(cell.layer))
+        return self.mode.scaled(self.unit[(cell.vectors_name, cell.layer, cell.chunks)], cell.strength, self.norms.get(cell.layer),
+                                self.scaling)
 
     def steering(self, cells: list[Cell]) -> Steering:
         return Steering(self.injection, torch.stack([self.vector(cell) for cell in cells]), [cell.layer for cell in cells],
                         self.positions, self.prompt_end, self.start)
+
+
+from . import vector_injection  # noqa: E402,F401  # pyflakes: ignore  (registers the steering-vector modes)

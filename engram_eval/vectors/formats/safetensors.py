@@ -1,0 +1,39 @@
+"""A bare vector: the one 1-D tensor of a safetensors file, placed at --layer in engram-eval's numbering."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ...core.errors import EngramEvalError
+from ...core.registry import VECTOR_FORMATS
+from ..vector import SteeringVector
+from .base import PLAIN_CONVENTION, VectorFormat, at_layer
+
+
+@VECTOR_FORMATS.register
+class PlainSafetensors(VectorFormat):
+    name = "safetensors"
+    summary = "one 1-D tensor in a .safetensors file, at --layer."
+    suffixes = (".safetensors",)
+    convention = PLAIN_CONVENTION
+    takes_layer = True
+
+    def sniff(self, path: Path) -> bool:
+        from safetensors import safe_open
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return len(list(f.keys())) == 1 and not (f.metadata() or {}).get("format_version")
+        except Exception:
+            return False
+
+    def read(self, path: Path, layer: int | None) -> SteeringVector:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        try:
+            tensors = load_file(str(path))
+        except (SafetensorError, OSError) as exc:
+            raise EngramEvalError(f"{path}: not a readable safetensors file ({exc})") from None
+        if len(tensors) != 1:
+            raise EngramEvalError(f"{path}: holds {len(tensors)} tensors; a plain vector file holds one")
+        (key, value), = tensors.items()
+        return at_layer(value, layer, f"{path}: tensor '{key}'")
