@@ -81,7 +81,7 @@ def summary_sections(summary: dict, short: bool = False) -> list[Section]:
     summaries) leaves out the effect-size tables."""
     h = summary["header"]
     show_k = isinstance(h["chunks"], list)
-    sections = [_headline_section(summary["headline"]), Section("run",
+    sections = [_headline_section(summary["headline"], h["subject"]), Section("run",
         "Run", ["field", "value"],
         [["model", f"{h['model']} ({h['model_fingerprint']})"], ["bank", h["bank"]],
          ["grid", f"layers {', '.join(map(str, h['layers']))} x strengths {', '.join(f'{s:g}' for s in h['strengths'])}, k = {', '.join(map(str, h['chunks'])) if show_k else h['chunks']}"],
@@ -99,12 +99,12 @@ def summary_sections(summary: dict, short: bool = False) -> list[Section]:
         ))
     sections.append(Section("questions",
         "Questions (probabilities: p(correct) / p(incorrect))",
-        ["question", "baseline ratio", "baseline p", "correct?", "related wrong", "best cell of the relevant engram",
-         "flips (clean / p(correct) fell / mass collapsed)", "breaks"],
+        ["question", "baseline ratio", "baseline p", "correct?", "related wrong", f"best cell of {h['subject']}",
+         "flips (clean / p(correct) fell / mass collapsed)", "breaks", "anti-steerable (cells the wrong way)"],
         [[q["question_id"], fmt_ratio(q["baseline_ratio"]), fmt_probs(q["baseline_p_correct"], q["baseline_p_incorrect"])
           + (" (answers off-distribution)" if q["off_distribution"] else ""),
           "yes" if q["correct_before"] else "no", {True: "yes", False: "no", None: "-"}[q["related_wrong"]],
-          fmt_best(q["best"], show_k), fmt_flips(q), str(q["breaks"])]
+          fmt_best(q["best"], show_k), fmt_flips(q), str(q["breaks"]), fmt_percent(q["anti_steerable"])]
          for q in summary["questions"]],
     ))
     sections.append(Section("calibration",
@@ -120,7 +120,7 @@ def summary_sections(summary: dict, short: bool = False) -> list[Section]:
                 [[f"L{layer}", *[fmt_cell(c) for c in row]] for layer, row in zip(heatmap["layers"], heatmap[measure])],
                 CountHeatmap(heatmap, measure), right_aligned=True,
             ))
-    sections.append(_best_cell_section(summary["headline"], show_k))
+    sections.append(_best_cell_section(summary["headline"], show_k, h["subject"]))
     if (split := summary.get("split")) is not None:
         sections.append(Section("held-out",
             f"Held-out best cell (--split {split['seed']}): chosen on {len(split['chosen_on'])} questions, measured on the other "
@@ -306,26 +306,28 @@ def _confidence_section(cal: dict) -> Section:
                    None if cal["too_few"] else RocCurves(cal["roc"]))
 
 
-def _headline_section(headline: dict) -> Section:
+def _headline_section(headline: dict, steered: str) -> Section:
     """The research question first: each engram kind's flips and breaks, and each control's verdict against the
-    relevant engram, under the one-line conclusion."""
+    relevant engram (or vector), under the one-line conclusion."""
     best = headline["best_cell"]
     at = "-" if best is None else f"L{best['layer']} x{best['strength']:g}" + ("" if best["chunks"] is None else f" k={best['chunks']}")
     return Section("headline",
         f"Headline: {headline['conclusion']}",
         ["engram kind", "baseline-wrong questions that flip somewhere", "baseline-correct questions that break somewhere",
-         "paired test against the relevant engram",
-         f"side effects at the relevant engram's best cell ({at}): median {headline['side_effect_measure']}"],
+         f"paired test against {steered}",
+         f"side effects at {steered}'s best cell ({at}): median {headline['side_effect_measure']}",
+         "anti-steerable: mean share of a question's cells that move its log-odds the wrong way"],
         [[k["kind"], fmt_rate(k["question_flip_rate"]), fmt_rate(k["question_fragile_correct_rate"]),
-          "-" if k["verdict"] is None else f"{k['verdict']} (p {fmt_p(k['p_value'])})", fmt_side_effect(k["at_best_cell"])]
+          "-" if k["verdict"] is None else f"{k['verdict']} (p {fmt_p(k['p_value'])})", fmt_side_effect(k["at_best_cell"]),
+          fmt_percent(k["anti_steerable"]["mean"])]
          for k in headline["by_kind"]],
     )
 
 
-def _best_cell_section(hl: dict, show_k: bool) -> Section:
+def _best_cell_section(hl: dict, show_k: bool, steered: str) -> Section:
     best = hl["best_cell"]
     return Section("best-cell",
-        "The relevant engram across the grid, and its best cell", ["measure", "value"],
+        f"{steered[0].upper()}{steered[1:]} across the grid, and its best cell", ["measure", "value"],
         [["baseline-wrong questions that flip somewhere in the grid", fmt_rate(hl["question_flip_rate"])],
          ["... with a clean flip (p(correct) rose, mass kept)", fmt_rate(hl["question_clean_flip_rate"])],
          ["baseline-correct questions that break somewhere in the grid", fmt_rate(hl["question_fragile_correct_rate"])],

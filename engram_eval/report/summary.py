@@ -94,7 +94,8 @@ def _questions(frame: pl.DataFrame, off: dict[str, str]) -> list[dict]:
                 best_p_correct="p_correct", best_p_incorrect="p_incorrect", best_mass_ratio="mass_ratio")
     )
     counts = relevant.group_by("question_id").agg(
-        **_flip_kinds(), breaks=pl.col("broken").sum(), cases=pl.col("case").value_counts(sort=True)
+        **_flip_kinds(), breaks=pl.col("broken").sum(), cases=pl.col("case").value_counts(sort=True),
+        anti_steerable=wrong_way().mean(),
     )
     base = frame.filter(pl.col("role") == "baseline").select(
         "question_id", "baseline_ratio", "correct_before", "related_wrong", "p_correct", "p_incorrect"
@@ -126,6 +127,7 @@ def _questions(frame: pl.DataFrame, off: dict[str, str]) -> list[dict]:
                          "mass_ratio": row["best_mass_ratio"], "improves_on_baseline": improves},
                 **{kind: row[kind] or 0 for kind in _flip_kinds()},
                 "breaks": row["breaks"] or 0,
+                "anti_steerable": row["anti_steerable"],
                 "cases": {c["case"]: c["count"] for c in row["cases"] or []},
                 "decision": decision_advice(row["baseline_ratio"], row["related_wrong"], walk, row["best_layer"]),
             }
@@ -245,6 +247,20 @@ def _adjusted_flip_difference(relevant: pl.DataFrame, control: pl.DataFrame) -> 
             "ci95": bootstrap_mean_ci(differences), "questions": len(differences)}
 
 
+def wrong_way() -> pl.Expr:
+    """Per cell: whether it moves the answer's log-odds against the way its strength points (a positive strength
+    should raise log(p_correct / p_incorrect), a negative one lower it): Tan et al. (2024)'s anti-steerable cells."""
+    return (pl.col("strength").sign() * pl.col("log_improvement")) < 0
+
+
+def anti_steerable(cells: pl.DataFrame) -> dict:
+    """The anti-steerable fraction of a kind: per question, the share of its cells that move the wrong way; their
+    mean over questions, and how many questions have at least half of their cells the wrong way."""
+    shares = cells.group_by("question_id").agg(share=wrong_way().mean())["share"].drop_nulls()
+    return {"mean": None if shares.is_empty() else float(shares.mean()), "questions": shares.len(),
+            "mostly_wrong_way": int((shares >= 0.5).sum())}
+
+
 def _by_kind(frame: pl.DataFrame, controls: list[dict], at_best: dict[str, dict]) -> list[dict]:
     """The headline per engram kind: the questions that flip somewhere (over the baseline-wrong questions that have
     that kind), those that break somewhere (over the baseline-correct ones), a control's verdict against the
@@ -252,7 +268,8 @@ def _by_kind(frame: pl.DataFrame, controls: list[dict], at_best: dict[str, dict]
     tested = {c["kind"]: c for c in controls}
     entries = []
     for kind in ["relevant", *_control_kinds(frame)]:
-        rates = _question_rates(frame.filter((pl.col("role") == "relevant") if kind == "relevant" else (pl.col("control_kind") == kind)))
+        cells = frame.filter((pl.col("role") == "relevant") if kind == "relevant" else (pl.col("control_kind") == kind))
+        rates = _question_rates(cells)
         entries.append({
             "kind": kind,
             "question_flip_rate": rates["question_flip_rate"],
@@ -260,6 +277,7 @@ def _by_kind(frame: pl.DataFrame, controls: list[dict], at_best: dict[str, dict]
             "verdict": tested[kind]["verdict"] if kind in tested else None,
             "p_value": tested[kind]["p_value"] if kind in tested else None,
             "at_best_cell": at_best.get(kind),
+            "anti_steerable": anti_steerable(cells),
         })
     return entries
 
@@ -273,16 +291,22 @@ VERDICT_PHRASES = (  # (how a verdict starts, how the conclusion says it)
 )
 
 
-def conclusion(controls: list[dict]) -> str:
-    """One line: what the paired tests say of the relevant engram against each control kind."""
+def subject(run: dict) -> str:
+    """What the run steers with, as the report names it: a stored vector (sweep --vector), else the relevant engram."""
+    vector = run.get("vector")
+    return f"the vector '{vector['name']}'" if isinstance(vector, dict) and vector.get("name") else "the relevant engram"
+
+
+def conclusion(controls: list[dict], steered: str = "the relevant engram") -> str:
+    """One line: what the paired tests say of the relevant engram (or vector) against each control kind."""
     if not controls:
-        return "no controls in this run: nothing says whether the relevant engram's effect is its content"
+        return f"no controls in this run: nothing says whether {steered}'s effect is its content"
     parts = []
     for start, phrase in VERDICT_PHRASES:
         names = [c["kind"] for c in controls if c["verdict"].startswith(start)]
         if names:
             parts.append(phrase.format(k=len(names), n=len(controls), names=", ".join(names)))
-    return "the relevant engram " + "; ".join(parts)
+    return f"{steered} " + "; ".join(parts)
 
 
 def _semantic_sink(relevant: pl.DataFrame) -> list[dict]:
@@ -356,11 +380,12 @@ def summarize(frame: pl.DataFrame, run: dict, engram_role: str = "relevant", gen
             "settings_max_tokens": settings.get("max_tokens"),
             "largest_chunk_share": run.get("largest_chunk_share", {}),
             "off_distribution": run.get("off_distribution", {}),
+            "subject": subject(run),
         },
         "questions": _questions(frame, run.get("off_distribution", {})),
         "heatmaps": heatmaps,
         "headline": {**headline, "by_kind": _by_kind(frame, tested, at_best_cell(frame, side_effects, headline["best_cell"])),
-                     "conclusion": conclusion(tested), "side_effect_measure": "kl_next" if side_effects is None else "neutral_kl"},
+                     "conclusion": conclusion(tested, subject(run)), "side_effect_measure": "kl_next" if side_effects is None else "neutral_kl"},
         "chunk_count": chunk_count_summary(frame, run, chunks) if len(chunks) > 1 else None,
         "tests": cell_tests(frame),
         "effects": {f"k={k}" if k is not None else "all": effect_sizes(frame, layers, strengths, k) for k, _ in grid},

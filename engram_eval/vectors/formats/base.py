@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import ClassVar
 
@@ -41,9 +42,11 @@ def block_outputs(source: dict[int, torch.Tensor], what: str) -> tuple[dict[int,
 def read_pt(path: Path) -> object:
     """A .pt file's tensors and plain containers, never an arbitrary object: torch.load(weights_only=True)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's note on the pickle protocol: the refusal below says what matters
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError or others for a file it refuses
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = str(exc).strip().split(". ")[0] if str(exc).strip() else type(exc).__name__
         raise EngramEvalError(f"{path}: not loadable with torch.load(weights_only=True), which reads tensors and plain "
                               f"containers only and never unpickles code ({first})") from None
 
