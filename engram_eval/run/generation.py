@@ -29,6 +29,9 @@ from ..steer.decoding import Generated, Row, generate_in_batches
 from ..steer.ensemble import EnsembleJob
 from ..steer.grid import Cell, raw_vectors
 from ..steer.injection import CellVectors
+from ..vectors.controls import vector_raw
+from ..vectors.store import StoredVector
+from ..vectors.vector import SteeringVector
 from ..steer.prompts import prepare_question, prompt_token_ids
 from ..steer.scoring import auto_batch_size
 from .executors import Task, open_executor
@@ -240,8 +243,22 @@ def reopen_run(lm: LoadedModel, out: Path, run: dict) -> tuple[SweepSettings, Ba
     bank = load_bank(run["bank_path"], allow_outside_paths=True).select(settings.questions)
     if bank.sha256 != settings.bank_sha256:
         raise EngramEvalError(f"{run['bank_path']}: the bank changed since {out} was swept; sweep again before generating")
+    if settings.vector is not None:
+        return settings, bank, vector_raw(swept_vector(out, run, settings).vector, settings.vector, settings.layers)
     engrams = bank_engrams(lm, bank, EngramStore(run["store"]), settings.layers, settings.chunk_list, settings.extraction_for(lm.num_layers))
     return settings, bank, raw_vectors(lm, bank, engrams, settings.layers, settings.chunk_list)
+
+
+def swept_vector(out: Path, run: dict, settings: SweepSettings) -> StoredVector:
+    """The stored vector a `sweep --vector` run steered with, unchanged since (its checksum in the run's settings)."""
+    record = run.get("vector") or {}
+    path = Path(record.get("file", ""))
+    if not path.is_file():
+        raise EngramEvalError(f"{out}: the vector it was swept with ({path}) is gone; import it again under its name")
+    stored = StoredVector(settings.vector, SteeringVector.load(path), path)
+    if stored.vector.sha256 != settings.vector_sha256:
+        raise EngramEvalError(f"{path}: the vector changed since {out} was swept; sweep again before generating")
+    return stored
 
 
 def question_rows(lm: LoadedModel, question, bank: Bank, rows: pl.DataFrame, raw: dict, settings: SweepSettings,
@@ -255,6 +272,9 @@ def question_rows(lm: LoadedModel, question, bank: Bank, rows: pl.DataFrame, raw
         cells = [Cell(r["engram"], None, r["role"], r["control_kind"], r["layer"], r["strength"], r["chunks"], r["context"])
                  for r in cell_rows.iter_rows(named=True)]
         todo += [Row(prepared.prompt_ids)] * baseline.height
+        if cells and not ensembling.plain and settings.vector is not None:
+            raise EngramEvalError("--ensemble, --reextract: average and re-extract engrams; this run steers with the vector "
+                                  f"'{settings.vector}'")
         if cells and not ensembling.plain:
             todo += [Row(prepared.prompt_ids, ensemble=ensemble_job(lm, bank, cell, raw, settings, ensembling)) for cell in cells]
         elif cells:
