@@ -240,3 +240,38 @@ def reference_ensembled(model, tokenizer, text: str | None, fixed: torch.Tensor 
         if token == eos:
             break
     return generated
+
+
+def repeng_export_gguf(directions: dict[int, "np.ndarray"], model_type: str, path) -> None:
+    """repeng 0.4.0's ControlVector.export_gguf, line for line (repeng itself needs numpy < 2, which this project's
+    transformers does not allow beside it): the llama.cpp control-vector layout."""
+    import gguf
+
+    arch = "controlvector"
+    writer = gguf.GGUFWriter(path, arch)
+    writer.add_string(f"{arch}.model_hint", model_type)
+    writer.add_uint32(f"{arch}.layer_count", len(directions))
+    for layer in directions.keys():
+        writer.add_tensor(f"direction.{layer}", directions[layer])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@contextmanager
+def block_output_added(model, block: int, vector: torch.Tensor):
+    """A forward hook that adds `vector` to decoder block `block`'s output (0-based), at every position: what
+    llama.cpp, repeng and steering-vectors do with a direction for that block."""
+    blocks = model.model.layers
+
+    def hook(module, args, output):
+        if isinstance(output, tuple):
+            return (output[0] + vector.to(output[0].dtype), *output[1:])
+        return output + vector.to(output.dtype)
+
+    handle = blocks[block].register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()

@@ -188,6 +188,9 @@ class Method:
 
     def check(self) -> Method:
         mode = INJECTIONS[self.injection]
+        if mode.steers_vector != (self.vector is not None):
+            raise EngramEvalError(f"--injection {self.injection}: steers with a vector (--vector NAME)" if mode.steers_vector
+                                  else f"--vector: steers with vector injection, not --injection {self.injection}")
         if self.scaling not in SCALINGS + VECTOR_SCALINGS:
             raise EngramEvalError(f"--scaling: unknown '{self.scaling}' (one of: {', '.join(SCALINGS)})")
         if self.scaling not in mode.scalings:
@@ -200,9 +203,6 @@ class Method:
         if self.positions != "all" and not mode.scopes_positions:
             raise EngramEvalError(f"--positions {self.positions}: applies to actadd injection; {self.injection} steers "
                                   "positions of its own (the prefix, or the first k prompt tokens)")
-        if mode.steers_vector != (self.vector is not None):
-            raise EngramEvalError(f"--injection {self.injection}: steers with a vector (--vector NAME)" if mode.steers_vector
-                                  else f"--vector: steers with vector injection, not --injection {self.injection}")
         if self.prefix_at not in PREFIX_PLACES:
             raise EngramEvalError(f"--prefix-at: unknown '{self.prefix_at}' (one of: {', '.join(PREFIX_PLACES)})")
         if self.prefix_at != PREFIX_PLACES[0] and mode.scopes_positions:

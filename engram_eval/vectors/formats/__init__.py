@@ -40,7 +40,7 @@ def read_vector(path: Path, format_name: str = "auto", layer: int | None = None)
     if not fmt.takes_layer and layer is not None:
         raise EngramEvalError(f"--layer: {name} files name their layers ({fmt.convention})")
     vector = fmt.read(path, layer)
-    vector.source = {"format": name, "convention": fmt.convention, **vector.source}
+    vector.source = {**vector.source, "format": name, "convention": fmt.convention}
     return vector.check(str(path))
 
 

@@ -27,5 +27,5 @@ class EngramEvalVector(VectorFormat):
 
     def read(self, path: Path, layer: int | None) -> SteeringVector:
         vector = SteeringVector.load(path)
-        vector.source = {**vector.source, "imported_from": vector.source.get("format")}
+        vector.source = {"origin": vector.source}  # where the exported vector came from, kept whole
         return vector

@@ -22,7 +22,8 @@ class PlainSafetensors(VectorFormat):
         from safetensors import safe_open
         try:
             with safe_open(str(path), framework="pt") as f:
-                return len(list(f.keys())) == 1 and not (f.metadata() or {}).get("format_version")
+                keys = list(f.keys())  # a tensor named by a layer number is steering-vectors'
+                return len(keys) == 1 and not keys[0].isdigit() and not (f.metadata() or {}).get("format_version")
         except Exception:
             return False
 
