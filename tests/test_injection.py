@@ -99,7 +99,7 @@ def test_per_chunk_scaling_gives_every_vector_the_embedding_norm_and_global_is_t
     (dict(injection="add", chunks=12), "{bank}: question 'q1': --injection add needs a prompt of at least k = 12 tokens; this one has {n}"),
     (dict(injection="actadd", scaling="per-chunk"), "--scaling: applies to prefix and add injection; actadd scales its direction by "
                                                      "the residual stream's own norm"),
-    (dict(injection="sideways"), "--injection: unknown 'sideways' (one of: prefix, add, actadd)"),
+    (dict(injection="sideways"), "--injection: unknown 'sideways' (one of: prefix, add, actadd, vector-add, vector-clamp)"),
     (dict(scaling="loud"), "--scaling: unknown 'loud' (one of: global, per-chunk)"),
 ])
 def test_bad_injection_settings_are_refused_before_any_model_work(tiny, tiny_bank, tmp_path, options, message):
@@ -129,13 +129,14 @@ def test_the_mode_table_is_the_cli_choices_the_help_and_the_reference_tests():
     from engram_eval.steer.injection import INJECTIONS
 
     names = INJECTIONS.names()
-    assert set(names) == {mode for mode, _ in MODES} | {"prefix"}  # a new mode needs its reference test
+    vector_modes = {"vector-add", "vector-clamp"}  # their reference tests: test_vector_steering (hooks, lm-eval's clamp)
+    assert set(names) == {mode for mode, _ in MODES} | {"prefix"} | vector_modes  # a new mode needs its reference test
     for command in ("sweep", "bench"):
         option = next(p for p in cli.commands[command].params if p.name == "injection")
         assert tuple(option.type.choices) == names and option.default == "prefix"
     help_text = next(p for p in cli.commands["sweep"].params if p.name == "injection").help
     assert all(f"{name}: {INJECTIONS[name].summary}" in help_text for name in names)
-    with pytest.raises(EngramEvalError, match=r"^--injection: unknown 'steer' \(one of: prefix, add, actadd\)$"):
+    with pytest.raises(EngramEvalError, match=r"^--injection: unknown 'steer' \(one of: prefix, add, actadd, vector-add, vector-clamp\)$"):
         INJECTIONS["steer"]
 
 

@@ -95,7 +95,8 @@ def test_a_modes_name_is_spelled_in_at_most_two_modules(kind):
     table, module, _ = TABLES[kind]
     names = set(table.names())
     spelling = {str(path.relative_to(REPO)) for path in (REPO / "engram_eval").rglob("*.py")
-                if any(isinstance(node, ast.Constant) and node.value in names for node in ast.walk(ast.parse(path.read_text())))}
+                if not (kind == "injection" and "vectors" in path.parts)  # lm-eval's actions, add and clamp, as its files spell them
+                and any(isinstance(node, ast.Constant) and node.value in names for node in ast.walk(ast.parse(path.read_text())))}
     assert module in spelling and spelling <= {module, "engram_eval/core/spec.py", "engram_eval/core/registry.py"}, spelling
 
 

@@ -196,3 +196,11 @@ def test_store_round_trip_and_tamper(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(EngramEvalError, match="checksum"):
         store.load("v1")
+
+
+def test_import_offers_every_format():
+    from engram_eval.cli import cli
+
+    (param,) = [p for p in cli.commands["vectors"].commands["import"].params if p.name == "format_name"]
+    assert tuple(param.type.choices) == ("auto", *VECTOR_FORMATS.names())
+    assert all(f"{name}:" in param.help for name in VECTOR_FORMATS.names())

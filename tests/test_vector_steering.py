@@ -12,7 +12,7 @@ import torch
 
 from engram_eval.core.spec import Method
 from engram_eval.steer.grid import vector_cells
-from engram_eval.steer.injection import CellVectors
+from engram_eval.steer.injection import CellVectors, vector_injection
 from engram_eval.vectors.controls import NEGATED, RANDOM_DIRECTION, random_direction, vector_raw
 from engram_eval.vectors.vector import SteeringVector
 from reference import block_output_added
@@ -25,7 +25,7 @@ def steered_logits(lm, vector: SteeringVector, coefficient: float, layer: int = 
                    scaling: str = "coefficient") -> torch.Tensor:
     """Through the package: the cell's Steering from CellVectors, the hooks it installs, the full logits."""
     ids = tuple(lm.tokenizer(PROMPT)["input_ids"])
-    injection = "vector-clamp" if vector.action == "clamp" else "vector"
+    injection = vector_injection(vector.action)
     cells = [c for c in vector_cells("v", "key", [layer], [coefficient]) if c.engram == name]
     method = Method(injection=injection, scaling=scaling, vector="v")
     steering = CellVectors(lm, vector_raw(vector, "v", [layer]), method, ids, cells).steering(cells)

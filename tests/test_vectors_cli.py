@@ -66,7 +66,7 @@ def test_import_sweep_report(real, tmp_path, monkeypatch, fmt):
     assert swept.exit_code == 0, swept.output
     frame = pl.read_parquet(out / "results.parquet")
     cells = frame.filter(pl.col("role") != "baseline")
-    assert set(cells["layer"]) == {BLOCK + 1} and set(cells["injection"]) == {"vector"} and set(cells["scaling"]) == {"coefficient"}
+    assert set(cells["layer"]) == {BLOCK + 1} and set(cells["injection"]) == {"vector-add"} and set(cells["scaling"]) == {"coefficient"}
     assert sorted(cells["control_kind"].drop_nulls().unique()) == ["negated", "random-direction"]
     bank = yaml.safe_load(open(REPO_BANK))
     for q in bank["questions"]:
@@ -108,7 +108,7 @@ def test_refusals(real, tmp_path, monkeypatch):
     one_line_error(run("sweep", REPO_BANK, "--coefficients", "1"), "--coefficients: applies to --vector")
     one_line_error(run("sweep", REPO_BANK, "--vector", "h", "--coefficients", "1", "--strengths", "1", "--store", store),
                    "give one")
-    one_line_error(run("sweep", REPO_BANK, "--injection", "vector", "--store", store), "--vector NAME")
+    one_line_error(run("sweep", REPO_BANK, "--injection", "vector-add", "--store", store), "--vector NAME")
     one_line_error(run("sweep", REPO_BANK, "--vector", "h", "--injection", "actadd", "--store", store), "--injection actadd")
     one_line_error(run("sweep", REPO_BANK, "--vector", "h", "--layers", "8", "--store", store, "--out", tmp_path / "r"),
                    "no direction at layer 8", "4")
@@ -141,6 +141,50 @@ def test_export_engram_and_build(real, tmp_path, monkeypatch):
     assert built.exit_code == 0, built.output
     assert run("vectors", "export", "t", "--out", tmp_path / "t.safetensors", "--store", store).exit_code == 0
     assert read_vector(tmp_path / "t.safetensors").source["format"] == "engram-eval"
+    from engram_eval.vectors.caa import ContrastPair, build_caa
+    from engram_eval.vectors.store import VectorStore
+
+    one_line_error(run("vectors", "build", "--pairs", pairs, "--name", "t", "--store", store), "already stored")
+    assert run("vectors", "build", "--pairs", pairs, "--name", "t", "--layers", "8,30", "--read", "mean", "--store", store,
+               "--force").exit_code == 0
+    library = build_caa(real, [ContrastPair("Ice is cold.", "Ice is hot.")], [8, 30], "mean")
+    stored = VectorStore(store).load("t").vector
+    assert all(torch.allclose(stored.directions[layer], library.directions[layer], atol=1e-5) for layer in (8, 30))
+    one_line_error(run("vectors", "export", "t", "--out", tmp_path / "t.safetensors", "--store", store), "exists", "--force")
+    assert run("vectors", "export", "t", "--layers", "30", "--out", tmp_path / "t.safetensors", "--store", store,
+               "--force").exit_code == 0
+    assert read_vector(tmp_path / "t.safetensors").layers == [30]
     bad = tmp_path / "bad.yaml"
     bad.write_text("pairs:\n  - {positive: only one side}\n")
     one_line_error(run("vectors", "build", "--pairs", bad, "--name", "b", "--store", store), "pair 1", "exactly")
+
+
+def test_import_options(real, tmp_path):
+    store = tmp_path / "store"
+    v = np.arange(real.hidden_size, dtype=np.float32)
+    np.save(tmp_path / "v.npy", v)
+    ok = run("vectors", "import", tmp_path / "v.npy", "--layer", "12", "--format", "npy", "--name", "plain", "--store", store)
+    assert ok.exit_code == 0, ok.output
+    from engram_eval.vectors.store import VectorStore
+
+    stored = VectorStore(store).load("plain").vector
+    assert stored.layers == [12] and torch.equal(stored.directions[12], torch.from_numpy(v))
+    one_line_error(run("vectors", "import", tmp_path / "v.npy", "--layer", "12", "--name", "plain", "--store", store),
+                   "already stored", "--force")
+    np.save(tmp_path / "v.npy", 2 * v)
+    assert run("vectors", "import", tmp_path / "v.npy", "--layer", "3", "--name", "plain", "--store", store, "--force").exit_code == 0
+    assert VectorStore(store).load("plain").vector.layers == [3]
+    one_line_error(run("vectors", "import", hinted_path(tmp_path, real), "--layer", "3", "--name", "g", "--store", store),
+                   "--layer: gguf files name their layers")
+    listing = run("vectors", "ls", "--store", store)
+    assert listing.exit_code == 0 and "plain" in listing.stdout and "npy" in listing.stdout
+    hinted = tmp_path / "hint.gguf"
+    repeng_export_gguf({3: np.ones(real.hidden_size, dtype=np.float32)}, "qwen2", hinted)
+    one_line_error(run("vectors", "import", hinted, "--name", "h", "--store", store), "model_hint 'qwen2'")
+    assert run("vectors", "import", hinted, "--name", "h", "--store", store, "--ignore-model-hint").exit_code == 0
+
+
+def hinted_path(folder, lm):
+    path = folder / "layered.gguf"
+    repeng_export_gguf({3: np.ones(lm.hidden_size, dtype=np.float32)}, "llama", path)
+    return path

@@ -58,7 +58,7 @@ def spec_options(command: Callable) -> Callable:
                   help="Steer with a stored steering vector (`engram-eval vectors import` or `vectors build`) instead of "
                        "the bank's engrams: each question gets the vector and its controls (a random direction of the same "
                        "norm per layer, seeded; the vector negated) over its layers x coefficients. Its action (add, or "
-                       "lm-eval's clamp) picks --injection vector or vector-clamp.")
+                       "lm-eval's clamp) picks --injection vector-add or vector-clamp.")
     @click.option("--coefficients", "coefficients_text",
                   help="With --vector: multiples of the vector as stored, its magnitude kept (1 = the source tool's own "
                        "application: llama.cpp's scale, repeng's and steering-vectors' multiplier, lm-eval's "
@@ -112,7 +112,7 @@ def spec_options(command: Callable) -> Callable:
             scaling = "norm" if strengths_text is not None else "coefficient"
             strengths = parse_strengths(strengths_text or coefficients_text or DEFAULT_COEFFICIENTS_TEXT, "--strengths"
                                         if strengths_text is not None else "--coefficients")
-            chunks, injection = (1,), "vector" if injection == SEED_METHOD.injection else injection
+            chunks = (1,)
         else:
             strengths = parse_strengths(strengths_text or DEFAULT_STRENGTHS_TEXT)
         spec = SweepSpec(Grid(strengths=tuple(strengths), chunks=chunks, samples=samples, sample_seed=sample_seed),
@@ -171,12 +171,13 @@ def sweep(bank_path: Path, load_lm, spec: SweepSpec, layers_text: str, out: Path
         raise EngramEvalError(f"--vector: no vector named '{name}' in {Path(store_dir) / 'vectors'} (`engram-eval vectors "
                               "import` or `vectors build` stores one)")
     stored = None
-    if name is not None:  # its action picks the mode: add -> vector, clamp -> vector-clamp
+    if name is not None:  # its action picks the mode (unless --injection names one, which the spec's check refuses)
+        from ..steer.injection import vector_injection
         from ..vectors.store import VectorStore
 
         stored = VectorStore(store_dir).load(name)
-        if stored.vector.action == "clamp" and spec.method.injection == "vector":
-            spec = replace(spec, method=replace(spec.method, injection="vector-clamp"))
+        if spec.method.injection == SEED_METHOD.injection:
+            spec = replace(spec, method=replace(spec.method, injection=vector_injection(stored.vector.action)))
     spec = spec.check()  # imports the modes' module (torch): after the checks above, which take a fraction of a second
     from ..engram.store import EngramStore
     from ..run.sweep import run_sweep

@@ -63,7 +63,7 @@ class Registry(Generic[T]):
 
 
 INJECTIONS: Registry[Any] = Registry("--injection", "engram_eval.steer.injection",  # Injection subclasses
-                                     ("prefix", "add", "actadd", "vector", "vector-clamp"))
+                                     ("prefix", "add", "actadd", "vector-add", "vector-clamp"))
 POOLINGS: Registry[Any] = Registry("--pooling", "engram_eval.engram.pooling",  # Pooler subclasses
                                    ("mean", "last", "pca", "learned"), instances=False)
 SCORINGS: Registry[Any] = Registry("--scoring", "engram_eval.steer.scoring",  # Scoring subclasses

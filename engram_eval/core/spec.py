@@ -190,7 +190,7 @@ class Method:
         mode = INJECTIONS[self.injection]
         if mode.steers_vector != (self.vector is not None):
             raise EngramEvalError(f"--injection {self.injection}: steers with a vector (--vector NAME)" if mode.steers_vector
-                                  else f"--vector: steers with vector injection, not --injection {self.injection}")
+                                  else f"--vector: steers with vector-add or vector-clamp injection, not --injection {self.injection}")
         if self.scaling not in SCALINGS + VECTOR_SCALINGS:
             raise EngramEvalError(f"--scaling: unknown '{self.scaling}' (one of: {', '.join(SCALINGS)})")
         if self.scaling not in mode.scalings:

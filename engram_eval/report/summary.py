@@ -256,7 +256,7 @@ def wrong_way() -> pl.Expr:
 def anti_steerable(cells: pl.DataFrame) -> dict:
     """The anti-steerable fraction of a kind: per question, the share of its cells that move the wrong way; their
     mean over questions, and how many questions have at least half of their cells the wrong way."""
-    shares = cells.group_by("question_id").agg(share=wrong_way().mean())["share"].drop_nulls()
+    shares = cells.group_by("question_id").agg(share=wrong_way().mean()).sort("question_id")["share"].drop_nulls()
     return {"mean": None if shares.is_empty() else float(shares.mean()), "questions": shares.len(),
             "mostly_wrong_way": int((shares >= 0.5).sum())}
 

@@ -3,7 +3,10 @@
 Modes (`--injection`), each a class registered in INJECTIONS: `prefix` (the seed's: k scaled vectors before the
 prompt), `add` (added to the first k prompt embeddings) and `actadd` (activation addition: strength x s x u added to
 the residual stream after block L-1 at the positions `--positions` scopes: every one by default). Scalings
-(`--scaling`, prefix and add): `global` (the seed's one scalar) and `per-chunk`."""
+(`--scaling`, prefix and add): `global` (the seed's one scalar) and `per-chunk`. A steering vector's (`sweep --vector`,
+engram_eval.vectors): `vector-add` (c x v added after block L-1, its magnitude kept; with --strengths, strength x s x
+v/|v|) and `vector-clamp` (lm-eval's clamp); a vector cell's raw vectors are its direction at L, [1, hidden] (clamp:
+with its bias, [2, hidden])."""
 
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ from ..backend.interface import Backend
 from ..backend.model import LoadedModel
 from ..core.errors import EngramEvalError
 from ..core.registry import INJECTIONS
-from ..core.spec import SCALINGS, Method
+from ..core.spec import SCALINGS, VECTOR_SCALINGS, Method
 
 if TYPE_CHECKING:
     from .grid import Cell
@@ -94,6 +97,7 @@ class Injection:
     signed_strengths: ClassVar[bool] = False  # a negative strength subtracts what a positive one adds
     takes_learned: ClassVar[bool] = True  # injects input-embedding vectors, which --pooling learned optimises
     steers_vector: ClassVar[bool] = False  # applies a steering vector (sweep --vector), not an engram
+    action: ClassVar[str | None] = None  # the steering vector's action it applies (SteeringVector.action)
     scalings: ClassVar[tuple[str, ...]] = SCALINGS
     scaling_refusal: ClassVar[str] = ""  # the error for a --scaling it does not take
 
@@ -175,10 +179,62 @@ class ActAdd(Injection):
         return self.inputs(steering, steering.vectors.to(embeds.device, embeds.dtype), embeds)
 
 
+@INJECTIONS.register
+class VectorAdd(ActAdd):
+    name = "vector-add"
+    action = "add"  # the SteeringVector.action it applies
+    summary = ("a steering vector (sweep --vector), c x v added to the output of block L-1 at every position (or those "
+               "--positions names).")
+    scalings = VECTOR_SCALINGS
+    steers_vector = True
+    scaling_refusal = "--scaling: a steering vector is scaled by --coefficients (its own magnitude) or --strengths (x s)"
+
+    def unit(self, lm: LoadedModel, vectors: torch.Tensor, scaling: str) -> torch.Tensor:
+        v = vectors[0].float()
+        return v if scaling == "coefficient" else v / v.norm().clamp_min(torch.finfo(torch.float32).tiny)
+
+    def scaled(self, unit: torch.Tensor, strength: float, norm: float | None, scaling: str) -> torch.Tensor:
+        return unit * strength if scaling == "coefficient" else unit * (strength * norm)
+
+
+@INJECTIONS.register
+class VectorClamp(VectorAdd):
+    name = "vector-clamp"
+    action = "clamp"
+    summary = ("a clamp vector (lm-eval's clamp action): h + u (c |v| - (h - bias) . u), u = v / |v|, at the output of "
+               "block L-1.")
+
+    def unit(self, lm: LoadedModel, vectors: torch.Tensor, scaling: str) -> torch.Tensor:
+        return torch.stack([super().unit(lm, vectors, scaling), vectors[1].float()])
+
+    def scaled(self, unit: torch.Tensor, strength: float, norm: float | None, scaling: str) -> torch.Tensor:
+        return torch.stack([super().scaled(unit[0], strength, norm, scaling), unit[1]])
+
+    def inputs(self, steering: Steering, vectors: torch.Tensor, body: torch.Tensor) -> torch.Tensor:
+        return body  # a vector acts on block outputs (layer 1 and up), never on the embeddings
+
+    def steer_block(self, steering: Steering, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        rows = steering.vectors.to(hidden.device, hidden.dtype)
+        value = rows[:, 0].norm(dim=-1, keepdim=True)  # [batch, 1]
+        unit = rows[:, 0] / value.clamp_min(torch.finfo(torch.float32).tiny)
+        projection = ((hidden - rows[:, 1].unsqueeze(1)) * unit.unsqueeze(1)).sum(-1, keepdim=True)  # [batch, n, 1]
+        change = unit.unsqueeze(1) * (value.unsqueeze(1) - projection)
+        mask = torch.tensor([row_layer == layer for row_layer in steering.layers], device=hidden.device, dtype=hidden.dtype)
+        change = change * mask.view(-1, 1, 1)
+        positions = steering.position_mask(hidden.shape[1], hidden.device, hidden.dtype)
+        return hidden + (change if positions is None else change * positions.view(1, -1, 1))
+
+
+def vector_injection(action: str) -> str:
+    """The mode that applies a steering vector of this action (add, clamp)."""
+    return next(name for name in INJECTIONS if INJECTIONS[name].steers_vector and INJECTIONS[name].action == action)
+
+
 @dataclass
 class Steering:
     """What a batch of cells does to the model, one row each. prefix and add: vectors [batch, k, hidden], already
-    scaled; actadd: vectors [batch, hidden] (strength x s x u) and the layer of each row."""
+    scaled; actadd and vector-add: vectors [batch, hidden] (strength x s x u; c x v) and the layer of each row; vector-clamp:
+    [batch, 2, hidden] (c x v, and the bias)."""
 
     mode: str
     vectors: torch.Tensor
@@ -278,6 +334,3 @@ class CellVectors:
     def steering(self, cells: list[Cell]) -> Steering:
         return Steering(self.injection, torch.stack([self.vector(cell) for cell in cells]), [cell.layer for cell in cells],
                         self.positions, self.prompt_end, self.start)
-
-
-from . import vector_injection  # noqa: E402,F401  # pyflakes: ignore  (registers the steering-vector modes)
