@@ -9,7 +9,7 @@ RUN := reports/demo
 # extra lists what they import)
 PEERS := steering-vectors==0.12.2 lm-eval==0.4.13
 
-.PHONY: demo test docs bench findings findings-models mutation clean
+.PHONY: demo test docs bench findings findings-models findings-vectors mutation clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,19 @@ GEMMA = --model gemma3-270m
 GEMMA_MEDICAL_GRID = --layers 5,7,10,12,14
 CAPITALS_MID_GRID = --layers 16 --strengths 1,5,10
 GEMMA_CAPITALS_MID_GRID = --layers 10 --strengths 1,5,10
+
+# docs/findings.md's steering-vector section: the truth-direction CAA vector (questions/pairs/truth.yaml) against its
+# controls beside the engram, on the capitals bank (layer 16, as the two-model section's engram run) and the medical
+# bank (the seed run's layers 8, 16, 24); about 10 minutes on 2 cores.
+VECTOR_COEFFICIENTS = 1,2,4,8
+findings-vectors: $(VENV)/.installed
+	$(BIN)/engram-eval vectors build --pairs questions/pairs/truth.yaml --name truth --layers 8,16,24 --force
+	$(BIN)/engram-eval sweep questions/capitals.yaml $(CAPITALS_MID_GRID) --out $(FINDINGS)/capitals-mid --quiet
+	$(BIN)/engram-eval sweep questions/capitals.yaml --vector truth --layers 16 --coefficients $(VECTOR_COEFFICIENTS) --out $(FINDINGS)/capitals-truth --force --quiet
+	$(BIN)/engram-eval sweep questions/medical_traps.yaml --out $(FINDINGS)/seed --quiet
+	$(BIN)/engram-eval sweep questions/medical_traps.yaml --vector truth --layers 8,16,24 --coefficients $(VECTOR_COEFFICIENTS) --out $(FINDINGS)/medical-truth --force --quiet
+	$(BIN)/python docs/findings_vectors.py --update docs/findings.md --bank "capitals=$(FINDINGS)/capitals-mid,$(FINDINGS)/capitals-truth" \
+		--bank "medical=$(FINDINGS)/seed,$(FINDINGS)/medical-truth"
 
 findings: $(VENV)/.installed
 	$(BIN)/engram-eval sweep questions/medical_traps.yaml --out $(FINDINGS)/seed --force --quiet

@@ -254,10 +254,15 @@ def models_block(models: list[tuple[str, list[str]]]) -> str:
 
 def update(page: str, models: list[tuple[str, list[str]]]) -> str:
     """The page with its two-model section replaced (appended when it has none); every other line as it was."""
-    block = models_block(models)
-    if MODELS_START in page and MODELS_END in page:
-        before, rest = page.split(MODELS_START, 1)
-        return before + block + rest.split(MODELS_END, 1)[1]
+    return replace_block(page, MODELS_START, MODELS_END, models_block(models))
+
+
+def replace_block(page: str, start: str, end: str, block: str) -> str:
+    """The page with the block between its start and end markers (markers included) replaced by `block`, or `block`
+    appended when the page has none."""
+    if start in page and end in page:
+        before, rest = page.split(start, 1)
+        return before + block + rest.split(end, 1)[1]
     return page.rstrip("\n") + "\n\n" + block + "\n"
 
 

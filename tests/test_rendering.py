@@ -4,7 +4,7 @@ import json
 import pytest
 
 from engram_eval.report.html_report import render_html
-from engram_eval.report.formatting import fmt_best, fmt_flips, fmt_share
+from engram_eval.report.formatting import fmt_best, fmt_flips, fmt_percent, fmt_share
 from engram_eval.report.rendering import render_json, render_markdown
 from engram_eval.report.summary import summarize
 
@@ -17,7 +17,7 @@ def test_markdown_json_and_html_carry_the_same_numbers(run):
     assert set(summary["heatmaps"]) == {"relevant", "anti", "irrelevant", "random"}
     for q in summary["questions"]:
         outcome, cases = [l for l in markdown.splitlines() if l.startswith(f"| {q['question_id']} |")]
-        assert outcome.endswith(f"| {fmt_flips(q)} | {q['breaks']} |") and f"| {q['decision']['advice']} |" in cases
+        assert outcome.endswith(f"| {fmt_flips(q)} | {q['breaks']} | {fmt_percent(q['anti_steerable'])} |") and f"| {q['decision']['advice']} |" in cases
         assert html.escape(q["decision"]["advice"]) in page
     assert page.count("class='questions'") == 2 * len(summary["heatmaps"])  # one clickable figure per count heatmap
     assert page.startswith("<!doctype html>") and page.rstrip().endswith("</html>")

@@ -38,7 +38,8 @@ def test_settings_derived_from_the_spec_are_the_fields_run_json_always_had():
     assert settings.run_id == hashlib.sha256(json.dumps(expected, sort_keys=True).encode()).hexdigest()[:12]
     assert asdict(settings) == {**expected, "positions": "all", "learn_objective": "reconstruct", "learn_steps": 200,
                                 "learn_lr": 0.01, "learn_seed": 0, "learn_probes": None, "samples": 0, "sample_seed": 0,
-                                "reextract": False, "prefix_at": "after-bos"}  # later fields at their defaults: unrecorded
+                                "reextract": False, "prefix_at": "after-bos", "vector": None,
+                                "vector_sha256": None}  # later fields at their defaults: unrecorded
     scoped = SweepSettings.of(SweepSpec(spec.grid, Method("actadd", positions="last"), spec.extraction), **IDENTITY)
     assert scoped.record()["positions"] == "last" and SweepSettings(**scoped.record()) == scoped
     assert SweepSettings(**settings.record()) == settings and scoped.run_id != SweepSettings.of(
@@ -64,7 +65,7 @@ def test_the_seed_defaults_and_the_flat_form():
     (SweepSpec.build(scaling="local"), "--scaling: unknown 'local' (one of: global, per-chunk)"),
     (SweepSpec.build(context="maybe"), "--context: unknown 'maybe' (one of: with, without, both)"),
     (SweepSpec.build(scoring="best"), "--scoring: unknown 'best' (one of: first-token, sequence, sequence-max, sequence-mean)"),
-    (SweepSpec.build(injection="steer"), "--injection: unknown 'steer' (one of: prefix, add, actadd)"),
+    (SweepSpec.build(injection="steer"), "--injection: unknown 'steer' (one of: prefix, add, actadd, vector-add, vector-clamp)"),
     (SweepSpec.build(chunks=[8, 8]), "--chunks: 8 is repeated"),
     (SweepSpec.build(chunks=[16], extraction=Extraction(window=8)), "--window: 8 tokens is smaller than k = 16"),
     (SweepSpec.build(extraction=Extraction(skip_tokens=-1)), "--skip-tokens: must be at least 0 (got -1)"),

@@ -106,6 +106,9 @@ class HFCausalLM(Backend):
     def attention_modules(self) -> Sequence[torch.nn.Module]:
         return [find_attention(block) for block in self.blocks()]
 
+    def hookpoint(self, name: str) -> torch.nn.Module | None:
+        return dict(self.model.base_model.named_modules()).get(name)
+
     @contextmanager
     def eager_attention(self) -> Iterator[None]:
         before = self.model.config._attn_implementation

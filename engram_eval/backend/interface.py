@@ -60,6 +60,11 @@ class Backend(ABC):
         """The decoder blocks, in order; block L-1's output is layer L. A forward hook on a block sees the hidden
         states as its output (or as the output's first element) and may return them changed."""
 
+    def hookpoint(self, name: str) -> torch.nn.Module | None:
+        """The module a hook-point name names, as lm-eval's steered model resolves it (a module name below the model's
+        base model, like `layers.7`), or None."""
+        return None
+
     @abstractmethod
     def attention_modules(self) -> Sequence[torch.nn.Module]:
         """Each block's attention module; under `eager_attention` its output's second element is the attention

@@ -56,6 +56,11 @@ class LoadedModel:
         return self.backend.num_layers
 
     @property
+    def family(self) -> str | None:
+        """The config's model type (llama, gemma3_text, ...): what a llama.cpp control vector's model_hint names."""
+        return getattr(self.model.config, "model_type", None)
+
+    @property
     def hidden_size(self) -> int:
         return self.backend.hidden_size
 

@@ -75,9 +75,8 @@ def vectors_import(file: Path, name: str, format_name: str, layer: int | None, i
 
     vector = read_vector(file, format_name, layer)
     lm = load_lm()
-    model_type = None if ignore_model_hint else getattr(lm.model.config, "model_type", None)
-    vector.check_model(str(file), lm.num_layers, lm.hidden_size, model_type)
-    VECTOR_FORMATS[vector.source["format"]].verify(vector, lm.model, list(lm.backend.blocks()), str(file))
+    vector.check_model(str(file), lm.num_layers, lm.hidden_size, None if ignore_model_hint else lm.family)
+    VECTOR_FORMATS[vector.source["format"]].verify(vector, lm.backend, str(file))
     from ..core.files import file_sha256
 
     vector.source.update(file=str(file.resolve()), file_sha256=file_sha256(file), model=lm.name)

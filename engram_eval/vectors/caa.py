@@ -81,6 +81,6 @@ def build_caa(lm: LoadedModel, pairs: list[ContrastPair], layers: list[int], rea
         for layer in layers:
             total[layer] += positive[layer] - negative[layer]
     return SteeringVector({layer: total[layer] / len(pairs) for layer in layers},
-                          model_hint=getattr(lm.model.config, "model_type", None),
+                          model_hint=lm.family,
                           source={"format": "caa", "read": read, "pairs": len(pairs), "model": lm.name,
                                   "convention": "built here: direction.L is read at, and added to, the output of block L-1"})

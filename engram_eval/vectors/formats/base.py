@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
 from ...core.errors import EngramEvalError
 from ..vector import SteeringVector
+
+if TYPE_CHECKING:
+    from ...backend.interface import Backend
 
 
 class VectorFormat:
@@ -22,7 +25,7 @@ class VectorFormat:
     def read(self, path: Path, layer: int | None) -> SteeringVector:
         raise NotImplementedError
 
-    def verify(self, vector: SteeringVector, model: torch.nn.Module, blocks: list[torch.nn.Module], what: str) -> None:
+    def verify(self, vector: SteeringVector, backend: Backend, what: str) -> None:
         """What only the model can confirm of the mapping (nothing, unless the format overrides this)."""
 
     def sniff(self, path: Path) -> bool:

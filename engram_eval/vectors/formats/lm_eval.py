@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from ...core.errors import EngramEvalError
 from ...core.registry import VECTOR_FORMATS
 from ..vector import ACTIONS, SteeringVector
+
+if TYPE_CHECKING:
+    from ...backend.interface import Backend
 from .base import VectorFormat, as_vector, block_outputs, read_pt
 
 BLOCK_HOOKPOINT = re.compile(r"^(?:.*\.)?(?:layers|h|blocks|layer)\.(\d+)$")  # a decoder block's module name
@@ -78,9 +82,9 @@ class LmEvalSteered(VectorFormat):
         return SteeringVector(directions, action, {b + 1: v for b, v in biases.items()},
                               source={"layer_map": layer_map, "hookpoints": {h: b + 1 for h, b in hookpoints.items()}})
 
-    def verify(self, vector: SteeringVector, model: torch.nn.Module, blocks: list[torch.nn.Module], what: str) -> None:
-        """Each hookpoint must name, in model.base_model, the decoder block the mapping says (lm-eval's own lookup)."""
-        modules = dict(model.base_model.named_modules())
+    def verify(self, vector: SteeringVector, backend: Backend, what: str) -> None:
+        """Each hookpoint must name the decoder block the mapping says, looked up as lm-eval does."""
+        blocks = backend.blocks()
         for hookpoint, layer in vector.source.get("hookpoints", {}).items():
-            if modules.get(hookpoint) is not blocks[layer - 1]:
+            if backend.hookpoint(hookpoint) is not blocks[layer - 1]:
                 raise EngramEvalError(f"{what}: hookpoint '{hookpoint}' is not decoder block {layer - 1} of this model")
