@@ -57,8 +57,9 @@ GEMMA_CAPITALS_MID_GRID = --layers 10 --strengths 1,5,10
 
 # docs/findings.md's steering-vector section: the truth-direction CAA vector (questions/pairs/truth.yaml) against its
 # controls beside the engram, on the capitals bank (layer 16, as the two-model section's engram run) and the medical
-# bank (the seed run's layers 8, 16, 24); about 10 minutes on 2 cores.
-VECTOR_COEFFICIENTS = 1,2,4,8
+# bank (the seed run's layers 8, 16, 24), coefficients 1..32 (the CAA vector's norm is 0.6 to 5.4 where a token's residual
+# stream is tens: coefficient 32 reaches a next-token KL of several nats); about 10 minutes on 2 cores.
+VECTOR_COEFFICIENTS = 1,2,4,8,16,32
 findings-vectors: $(VENV)/.installed
 	$(BIN)/engram-eval vectors build --pairs questions/pairs/truth.yaml --name truth --layers 8,16,24 --force
 	$(BIN)/engram-eval sweep questions/capitals.yaml $(CAPITALS_MID_GRID) --out $(FINDINGS)/capitals-mid --quiet

@@ -273,8 +273,8 @@ if __name__ == "__main__":
         parsed = [(label, runs.split(",")) for flag, value in zip(rest[::2], rest[1::2]) if flag == "--model"
                   for label, runs in [value.split("=", 1)]]
         with open(target, encoding="utf-8") as f:
-            page = f.read()
+            page = update(f.read(), parsed)  # computed before the page is opened to write
         with open(target, "w", encoding="utf-8") as f:
-            f.write(update(page, parsed))
+            f.write(page)
     else:
         print(main(arguments), end="")

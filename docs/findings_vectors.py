@@ -61,31 +61,63 @@ def section(banks: list[tuple[str, str, str]]) -> list[str]:
             control = s["controls"].get(kind["kind"])
             test = "-" if control is None else (f"{fmt_float(control['mean_difference'])}, p {fmt_p(control['p_value'])}, "
                                                 f"q {fmt_p(qs.get((i, kind['kind'])))}: {corrected_verdict(control, qs.get((i, kind['kind'])))}")
-            anti = kind["anti_steerable"]["mean"]
             lines.append(f"| {label} | {steered} | {grid(summary)} | {kind['kind']} | "
                          f"{rate_text(kind['question_flip_rate'])} | {rate_text(kind['question_fragile_correct_rate'])} | {test} | "
-                         f"{'-' if anti is None else f'{100 * anti:.0f}%'} | {fmt_float(s['kl']) if kind['kind'] == 'relevant' else ''} |")
+                         f"{percent(kind)} | {fmt_float(s['kl']) if kind['kind'] == 'relevant' else ''} |")
     lines += ["", "### The answer, from the numbers above", ""]
-    shared = True
+    beats_random, engram_wins, overlap = [], 0, True
     for label, _, _ in banks:
-        here = [(i, name, s) for i, (bank, name, s) in enumerate(sides) if bank == label]
+        here = {name: (i, s) for i, (bank, name, s) in enumerate(sides) if bank == label}
         words = []
-        for i, name, s in here:
+        for name, (i, s) in here.items():
             verdicts = {kind: corrected_verdict(c, qs.get((i, kind))) for kind, c in s["controls"].items()}
             wins = [kind for kind, v in verdicts.items() if v == "relevant beats controls"]
-            words.append(f"the {name} beats {len(wins)} of {len(verdicts)} control kinds"
-                         + (f" ({', '.join(wins)})" if wins else "") + "; "
-                         + "; ".join(f"against {kind}: {v}" for kind, v in verdicts.items()))
+            words.append(f"the {name} beats {len(wins)} of {len(verdicts)} control kinds at q < 0.05"
+                         + (f" ({', '.join(wins)})" if wins else ""))
             if name == "vector" and "random-direction" in wins:
-                shared = False
-        lines.append(f"- **{label}**: " + ". And ".join(words) + ".")
-    lines.append("- " + ("Yes, on this model: the truth vector does no better than a random direction of its norm, as the "
-                         "engram does no better than its controls." if shared else
-                         "No, not on every bank: the truth vector beats a random direction of its norm where the engram "
-                         "does not beat its controls (see the rows above)."))
-    lines.append("- What would refute this: the vector beating its random direction at q < 0.05, with flips outnumbering "
-                 "breaks and an anti-steerable fraction well under a half.")
+                beats_random.append(label)
+            if name == "engram":
+                engram_wins += len(wins)
+        vector, engram = (by_kind(here[name][1]) for name in ("vector", "engram"))
+        relevant, random = vector["relevant"], vector["random-direction"]
+        if label in beats_random:
+            overlap &= all(intervals_overlap(relevant[rate], random[rate])
+                           for rate in ("question_flip_rate", "question_fragile_correct_rate"))
+        words.append(f"the vector flips {rate_text(relevant['question_flip_rate'])} baseline-wrong questions (a random "
+                     f"direction of its norm: {rate_text(random['question_flip_rate'])}) and breaks "
+                     f"{rate_text(relevant['question_fragile_correct_rate'])} baseline-correct ones (random: "
+                     f"{rate_text(random['question_fragile_correct_rate'])}); it is anti-steerable in "
+                     f"{percent(relevant)} of a question's cells on average (random: {percent(random)}; the engram: "
+                     f"{percent(engram['relevant'])})")
+        lines.append(f"- **{label}**: " + "; ".join(words) + ".")
+    if beats_random:
+        engram = "which beats none of its controls" if engram_wins == 0 else f"which beats {engram_wins} of its controls"
+        lines.append(f"- Not entirely. Unlike the engram, {engram}, the truth vector carries a direction the model "
+                     f"reads: on {' and '.join(beats_random)} it moves the answers' log-odds the right way more than a "
+                     "random direction of its norm, and is anti-steerable less often."
+                     + (" Like the engram, it does not teach: the questions it flips and breaks are as many as the random "
+                        "direction's (overlapping 95% intervals, the counts above)." if overlap else
+                        " Its flips or breaks also differ from the random direction's (non-overlapping intervals above)."))
+    else:
+        lines.append("- Yes, on this model: the truth vector does no better than a random direction of its norm, as the "
+                     "engram does no better than its controls.")
+    lines.append("- What would refute \"steering vectors share the engrams' limits\" outright: a vector that beats a random "
+                 "direction of its norm at q < 0.05 and flips more baseline-wrong questions than it breaks baseline-correct "
+                 "ones, at a KL the engram also reaches.")
     return lines + [END]
+
+
+def intervals_overlap(a: dict, b: dict) -> bool:
+    return a["ci95"][0] <= b["ci95"][1] and b["ci95"][0] <= a["ci95"][1]
+
+
+def by_kind(s: dict) -> dict[str, dict]:
+    return {kind["kind"]: kind for kind in s["summary"]["headline"]["by_kind"]}
+
+
+def percent(kind: dict) -> str:
+    mean = kind["anti_steerable"]["mean"]
+    return "-" if mean is None else f"{100 * mean:.0f}%"
 
 
 if __name__ == "__main__":
@@ -94,6 +126,6 @@ if __name__ == "__main__":
     banks = [(value.split("=", 1)[0], *value.split("=", 1)[1].split(",")) for flag, value in zip(arguments[::2], arguments[1::2])
              if flag == "--bank"]
     with open(target, encoding="utf-8") as f:
-        page = f.read()
+        page = replace_block(f.read(), START, END, "\n".join(section(banks)))  # computed before the page is opened to write
     with open(target, "w", encoding="utf-8") as f:
-        f.write(replace_block(page, START, END, "\n".join(section(banks))))
+        f.write(page)
