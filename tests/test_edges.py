@@ -31,9 +31,9 @@ def frame_of(tmp_path, baseline: tuple[float, float], cells: list[tuple[float, f
     """The results writer's frame for one question whose baseline and cells have these (p_correct, ratio)."""
     bank = load_bank(write_tiny_bank(tmp_path))
     question = bank.questions[0]
-    settings = SweepSettings(model="m", model_fingerprint="f", bank=bank.name, bank_sha256="s", layers=[1],
-                             strengths=[float(i + 1) for i in range(len(cells))], chunks=4, scoring="first-token",
-                             injection="prefix", questions=[question.id])
+    settings = SweepSettings.from_record(dict(model="m", model_fingerprint="f", bank=bank.name, bank_sha256="s", layers=[1],
+                                              strengths=[float(i + 1) for i in range(len(cells))], chunks=4,
+                                              scoring="first-token", injection="prefix", questions=[question.id]))
     grid = [Cell("topic", "key", "relevant", None, 1, float(i + 1), 4) for i in range(len(cells))]
     rows = [baseline, *cells]
     # ratio 1 exactly: both log-probabilities the same number, so exp(0) is 1.0 and not 1 +- an ulp

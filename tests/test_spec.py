@@ -3,7 +3,7 @@
 import ast
 import hashlib
 import json
-from dataclasses import FrozenInstanceError, asdict
+from dataclasses import FrozenInstanceError
 from pathlib import Path
 
 import pytest
@@ -36,16 +36,16 @@ def test_settings_derived_from_the_spec_are_the_fields_run_json_always_had():
                 "record_attention": True}
     assert settings.record() == expected and list(settings.record()) == list(expected)  # the order run.json has
     assert settings.run_id == hashlib.sha256(json.dumps(expected, sort_keys=True).encode()).hexdigest()[:12]
-    assert asdict(settings) == {**expected, "positions": "all", "learn_objective": "reconstruct", "learn_steps": 200,
+    assert settings.flat() == {**expected, "positions": "all", "learn_objective": "reconstruct", "learn_steps": 200,
                                 "learn_lr": 0.01, "learn_seed": 0, "learn_probes": None, "samples": 0, "sample_seed": 0,
                                 "reextract": False, "prefix_at": "after-bos", "vector": None,
                                 "vector_sha256": None}  # later fields at their defaults: unrecorded
     scoped = SweepSettings.of(SweepSpec(spec.grid, Method("actadd", positions="last"), spec.extraction), **IDENTITY)
-    assert scoped.record()["positions"] == "last" and SweepSettings(**scoped.record()) == scoped
-    assert SweepSettings(**settings.record()) == settings and scoped.run_id != SweepSettings.of(
+    assert scoped.record()["positions"] == "last" and SweepSettings.from_record(scoped.record()) == scoped
+    assert SweepSettings.from_record(settings.record()) == settings and scoped.run_id != SweepSettings.of(
         SweepSpec(spec.grid, Method("actadd"), spec.extraction), **IDENTITY).run_id
     grid = SweepSettings.of(SweepSpec(Grid(chunks=(8, 16))), **IDENTITY)
-    assert grid.chunks == [8, 16] and grid.chunk_list == [8, 16]  # one k is an int, a chunk grid a list, as before
+    assert grid.flat()["chunks"] == [8, 16] and grid.chunk_list == [8, 16]  # one k is an int, a chunk grid a list, as before
     assert settings.spec == SweepSpec(spec.grid, spec.method, spec.extraction, ("q1", "q2"))
 
 

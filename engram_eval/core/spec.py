@@ -186,8 +186,17 @@ class Method:
     prefix_at: str = "after-bos"  # PREFIX_PLACES: a BOS the tokenizer adds stays first (no BOS: the same as start)
     vector: str | None = None  # a stored steering vector's name (sweep --vector): the run steers with it, not engrams
 
+    @property
+    def mode(self):
+        """The injection mode's class instance (engram_eval.steer.injection): what it does, and what it needs."""
+        return INJECTIONS[self.injection]
+
+    def prefix_length(self, chunks: list[int] | tuple[int, ...]) -> int:
+        """Positions the engram adds before the prompt: the largest k, for a mode that prepends it; else none."""
+        return max(chunks) if self.mode.prefix_positions else 0
+
     def check(self) -> Method:
-        mode = INJECTIONS[self.injection]
+        mode = self.mode
         if mode.steers_vector != (self.vector is not None):
             raise EngramEvalError(f"--injection {self.injection}: steers with a vector (--vector NAME)" if mode.steers_vector
                                   else f"--vector: steers with vector-add or vector-clamp injection, not --injection {self.injection}")
@@ -238,12 +247,12 @@ class SweepSpec:
     def check(self, num_layers: int | None = None) -> SweepSpec:
         self.grid.check(num_layers)
         self.method.check()
-        if self.extraction.learns and not INJECTIONS[self.method.injection].takes_learned:
+        if self.extraction.learns and not self.method.mode.takes_learned:
             raise EngramEvalError(f"--pooling {LEARNED_POOLING}: learned vectors live in the input-embedding space, and "
                                   f"--injection {self.method.injection} adds a residual-stream direction at layer L; use "
                                   "prefix or add injection")
         negative = [s for s in self.grid.strengths if s < 0]
-        if negative and not INJECTIONS[self.method.injection].signed_strengths:
+        if negative and not self.method.mode.signed_strengths:
             raise EngramEvalError(f"--strengths: {negative[0]:g} is negative; a negative strength subtracts the engram, which "
                                   f"applies to add and actadd injection, not {self.method.injection} (its vectors are "
                                   "positions of their own)")

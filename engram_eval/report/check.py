@@ -65,11 +65,9 @@ def _close(a: float, b: float, rtol: float, atol: float) -> bool:
 def differing_settings(current: dict, baseline: dict) -> list[str]:
     """Settings in which a run differs from the baseline's run, each as 'name (baseline X, run Y)'. A setting the
     baseline predates must have its default value (the seed method) in the run."""
-    from dataclasses import MISSING, fields
+    from ..run.settings import defaults as setting_defaults
 
-    from ..run.settings import SweepSettings
-
-    defaults = {f.name: f.default for f in fields(SweepSettings) if f.default is not MISSING}
+    defaults = setting_defaults()
     before, now = baseline.get("settings"), current.get("settings", {})
     if not before:
         return ["none recorded in the baseline (written by an older engram-eval; regenerate it with --update from a run you trust)"]

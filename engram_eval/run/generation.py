@@ -236,15 +236,15 @@ def run_generate(
 
 def reopen_run(lm: LoadedModel, out: Path, run: dict) -> tuple[SweepSettings, Bank, dict]:
     """A finished sweep's settings, its bank (unchanged since) and its engrams' raw vectors, for this model."""
-    settings = SweepSettings(**run["settings"])
+    settings = SweepSettings.from_record(run["settings"])
     if lm.fingerprint != settings.model_fingerprint:
         raise EngramEvalError(f"{out} was swept with model {settings.model} ({settings.model_fingerprint[:12]}), "
                               f"not {lm.name} ({lm.short_fingerprint}): pass the run's --model")
     bank = load_bank(run["bank_path"], allow_outside_paths=True).select(settings.questions)
     if bank.sha256 != settings.bank_sha256:
         raise EngramEvalError(f"{run['bank_path']}: the bank changed since {out} was swept; sweep again before generating")
-    if settings.vector is not None:
-        return settings, bank, vector_raw(swept_vector(out, run, settings).vector, settings.vector, settings.layers)
+    if settings.method.vector is not None:
+        return settings, bank, vector_raw(swept_vector(out, run, settings).vector, settings.method.vector, settings.layers)
     engrams = bank_engrams(lm, bank, EngramStore(run["store"]), settings.layers, settings.chunk_list, settings.extraction_for(lm.num_layers))
     return settings, bank, raw_vectors(lm, bank, engrams, settings.layers, settings.chunk_list)
 
@@ -255,7 +255,7 @@ def swept_vector(out: Path, run: dict, settings: SweepSettings) -> StoredVector:
     path = Path(record.get("file", ""))
     if not path.is_file():
         raise EngramEvalError(f"{out}: the vector it was swept with ({path}) is gone; import it again under its name")
-    stored = StoredVector(settings.vector, SteeringVector.load(path), path)
+    stored = StoredVector(settings.method.vector, SteeringVector.load(path), path)
     if stored.vector.sha256 != settings.vector_sha256:
         raise EngramEvalError(f"{path}: the vector changed since {out} was swept; sweep again before generating")
     return stored
@@ -266,19 +266,19 @@ def question_rows(lm: LoadedModel, question, bank: Bank, rows: pl.DataFrame, raw
     """One question's selected results rows (baseline first in each context condition) and what to generate for each."""
     ordered, todo = [], []
     for (context,), group in rows.group_by(["context"], maintain_order=True):
-        prepared = prepare_question(lm, question, settings.scoring, bank.path, context)
+        prepared = prepare_question(lm, question, settings.method.scoring, bank.path, context)
         baseline = group.filter(pl.col("role") == "baseline")
         cell_rows = group.filter(pl.col("role") != "baseline")
         cells = [Cell(r["engram"], None, r["role"], r["control_kind"], r["layer"], r["strength"], r["chunks"], r["context"])
                  for r in cell_rows.iter_rows(named=True)]
         todo += [Row(prepared.prompt_ids)] * baseline.height
-        if cells and not ensembling.plain and settings.vector is not None:
+        if cells and not ensembling.plain and settings.method.vector is not None:
             raise EngramEvalError("--ensemble, --reextract: average and re-extract engrams; this run steers with the vector "
-                                  f"'{settings.vector}'")
+                                  f"'{settings.method.vector}'")
         if cells and not ensembling.plain:
             todo += [Row(prepared.prompt_ids, ensemble=ensemble_job(lm, bank, cell, raw, settings, ensembling)) for cell in cells]
         elif cells:
-            vectors = CellVectors(lm, raw, settings.spec.method, prepared.prompt_ids, cells)
+            vectors = CellVectors(lm, raw, settings.method, prepared.prompt_ids, cells)
             todo += [Row(prepared.prompt_ids, vectors.steering([cell])) for cell in cells]
         ordered += [baseline, cell_rows]
     return pl.concat(ordered), todo
@@ -288,7 +288,7 @@ def ensemble_job(lm: LoadedModel, bank: Bank, cell: Cell, raw: dict, settings: S
                  ensembling: Ensembling) -> EnsembleJob:
     """What an ensembled generation of a cell needs: its sweep-time vectors and, to re-extract, its sources' ids."""
     extraction = settings.extraction_for(lm.num_layers)
-    job = EnsembleJob(cell, raw[(cell.vectors_name, cell.layer, cell.chunks)], settings.spec.method, ensembling, extraction)
+    job = EnsembleJob(cell, raw[(cell.vectors_name, cell.layer, cell.chunks)], settings.method, ensembling, extraction)
     if not ensembling.reextract or cell.is_null:
         return job
     expression = bank.expression(cell.engram)

@@ -4,104 +4,123 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 
-from ..core.registry import INJECTIONS
-from ..core.spec import DEFAULT_MAX_TOKENS, SEED_EXTRACTION, SEED_METHOD, Extraction, Grid, Method, SweepSpec
+from ..core.spec import SEED_EXTRACTION, SEED_METHOD, Extraction, Grid, Method, SweepSpec
+
+# run.json's `settings`, in the order it has always written them: the identity, the grid, the method, the extraction
+RECORD_ORDER = ("model", "model_fingerprint", "bank", "bank_sha256", "layers", "strengths", "chunks", "scoring", "injection",
+                "questions", "max_tokens", "pooling", "skip_tokens", "window", "scaling", "context", "record_attention",
+                "positions", "learn_objective", "learn_steps", "learn_lr", "learn_seed", "learn_probes", "samples",
+                "sample_seed", "reextract", "prefix_at", "vector", "vector_sha256")
+FIRST_DEFAULTED = RECORD_ORDER.index("max_tokens")  # the settings from here on have defaults: what an older run meant
 
 
-@dataclass
+@dataclass(frozen=True)
 class SweepSettings:
-    """Everything that determines the numbers of a run (batch size does not): the spec, the model and the bank.
+    """Everything that determines the numbers of a run (batch size does not): the spec (what it computes, with the
+    questions it computes it for), the model, the bank and, for `sweep --vector`, the vector's checksum.
 
-    Its fields are run.json's `settings` as they have always been written, so the run id hashed from them does not move;
-    the defaults read a run written before a field existed."""
+    `record()` is run.json's `settings` as it has always been written (flat, in RECORD_ORDER), so the run id hashed
+    from it does not move; `from_record` reads one back, its absent fields at their defaults."""
 
+    spec: SweepSpec
     model: str
     model_fingerprint: str
     bank: str
     bank_sha256: str
-    layers: list[int]
-    strengths: list[float]
-    chunks: int | list[int]  # one k (an int, as the seed's runs record it) or the chunk-count grid
-    scoring: str
-    injection: str
-    questions: list[str]
-    max_tokens: int = DEFAULT_MAX_TOKENS
-    pooling: str = SEED_EXTRACTION.pooling
-    skip_tokens: int = SEED_EXTRACTION.skip_tokens
-    window: int | None = SEED_EXTRACTION.window
-    scaling: str = SEED_METHOD.scaling
-    context: str = SEED_METHOD.context
-    record_attention: bool = SEED_METHOD.record_attention
-    positions: str = SEED_METHOD.positions
-    learn_objective: str = SEED_EXTRACTION.learn_objective
-    learn_steps: int = SEED_EXTRACTION.learn_steps
-    learn_lr: float = SEED_EXTRACTION.learn_lr
-    learn_seed: int = SEED_EXTRACTION.learn_seed
-    learn_probes: list[str] | None = None
-    samples: int = 0
-    sample_seed: int = 0
-    reextract: bool = False
-    prefix_at: str = SEED_METHOD.prefix_at
-    vector: str | None = None  # sweep --vector: the stored vector's name and checksum
     vector_sha256: str | None = None
 
     @classmethod
     def of(cls, spec: SweepSpec, *, model: str, model_fingerprint: str, bank: str, bank_sha256: str,
            questions: list[str], vector_sha256: str | None = None) -> SweepSettings:
-        grid, method, extraction = spec.grid, spec.method, spec.extraction
-        return cls(
-            model=model, model_fingerprint=model_fingerprint, bank=bank, bank_sha256=bank_sha256,
-            layers=list(grid.layers), strengths=list(grid.strengths),
-            chunks=grid.chunks[0] if len(grid.chunks) == 1 else list(grid.chunks),
-            scoring=method.scoring, injection=method.injection, questions=list(questions),
-            max_tokens=extraction.max_tokens, pooling=extraction.pooling, skip_tokens=extraction.skip_tokens,
-            window=extraction.window, scaling=method.scaling, context=method.context,
-            record_attention=method.record_attention, positions=method.positions,
-            learn_objective=extraction.learn_objective, learn_steps=extraction.learn_steps, learn_lr=extraction.learn_lr,
-            learn_seed=extraction.learn_seed,
-            learn_probes=None if extraction.learn_probes is None else list(extraction.learn_probes),
-            samples=grid.samples, sample_seed=grid.sample_seed, reextract=method.reextract, prefix_at=method.prefix_at,
-            vector=method.vector, vector_sha256=vector_sha256,
-        )
+        return cls(replace(spec, questions=tuple(questions)), model, model_fingerprint, bank, bank_sha256, vector_sha256)
+
+    @classmethod
+    def from_record(cls, record: dict) -> SweepSettings:
+        values = {**defaults(), **record}
+        chunks = values["chunks"]
+        extraction = Extraction(values["pooling"], values["skip_tokens"], values["window"], values["max_tokens"],
+                                learn_objective=values["learn_objective"], learn_steps=values["learn_steps"],
+                                learn_lr=values["learn_lr"], learn_seed=values["learn_seed"],
+                                learn_probes=None if values["learn_probes"] is None else tuple(values["learn_probes"]))
+        spec = SweepSpec(Grid(tuple(values["layers"]), tuple(values["strengths"]),
+                              (chunks,) if isinstance(chunks, int) else tuple(chunks), values["samples"], values["sample_seed"]),
+                         Method(values["injection"], values["scaling"], values["scoring"], values["context"],
+                                values["record_attention"], values["positions"], values["reextract"], values["prefix_at"],
+                                values["vector"]),
+                         extraction, tuple(values["questions"]))
+        return cls(spec, values["model"], values["model_fingerprint"], values["bank"], values["bank_sha256"],
+                   values["vector_sha256"])
 
     @property
-    def spec(self) -> SweepSpec:
-        return SweepSpec(Grid(tuple(self.layers), tuple(self.strengths), tuple(self.chunk_list), self.samples, self.sample_seed),
-                         Method(self.injection, self.scaling, self.scoring, self.context, self.record_attention, self.positions,
-                                self.reextract, self.prefix_at, self.vector),
-                         self.extraction, tuple(self.questions))
-
-    @property
-    def chunk_list(self) -> list[int]:
-        return [self.chunks] if isinstance(self.chunks, int) else list(self.chunks)
+    def method(self) -> Method:
+        return self.spec.method
 
     @property
     def extraction(self) -> Extraction:
-        return Extraction(pooling=self.pooling, skip_tokens=self.skip_tokens, window=self.window, max_tokens=self.max_tokens,
-                          learn_objective=self.learn_objective, learn_steps=self.learn_steps, learn_lr=self.learn_lr,
-                          learn_seed=self.learn_seed,
-                          learn_probes=None if self.learn_probes is None else tuple(self.learn_probes))
+        return self.spec.extraction
+
+    @property
+    def layers(self) -> list[int]:
+        return list(self.spec.grid.layers)
+
+    @property
+    def strengths(self) -> list[float]:
+        return list(self.spec.grid.strengths)
+
+    @property
+    def chunk_list(self) -> list[int]:
+        return list(self.spec.grid.chunks)
+
+    @property
+    def questions(self) -> list[str]:
+        return list(self.spec.questions or ())
 
     def steers_last_block(self, num_layers: int) -> bool:
         """actadd at the last layer: its direction is taken from the last block's output (where it adds), not from the
         final norm's."""
-        return INJECTIONS[self.injection].hooks_blocks and num_layers in self.layers
+        return self.method.mode.hooks_blocks and num_layers in self.spec.grid.layers
 
     def extraction_for(self, num_layers: int) -> Extraction:
         """How this run's engrams are extracted from a model of this depth."""
         return replace(self.extraction, block_output=self.steers_last_block(num_layers))
 
+    def flat(self) -> dict:
+        """Every setting by its run.json name, in RECORD_ORDER (one k as an int, a chunk-count grid as a list)."""
+        grid, method, extraction = self.spec.grid, self.spec.method, self.spec.extraction
+        values = {
+            "model": self.model, "model_fingerprint": self.model_fingerprint, "bank": self.bank, "bank_sha256": self.bank_sha256,
+            "layers": list(grid.layers), "strengths": list(grid.strengths),
+            "chunks": grid.chunks[0] if len(grid.chunks) == 1 else list(grid.chunks),
+            "scoring": method.scoring, "injection": method.injection, "questions": self.questions,
+            "max_tokens": extraction.max_tokens, "pooling": extraction.pooling, "skip_tokens": extraction.skip_tokens,
+            "window": extraction.window, "scaling": method.scaling, "context": method.context,
+            "record_attention": method.record_attention, "positions": method.positions,
+            "learn_objective": extraction.learn_objective, "learn_steps": extraction.learn_steps,
+            "learn_lr": extraction.learn_lr, "learn_seed": extraction.learn_seed,
+            "learn_probes": None if extraction.learn_probes is None else list(extraction.learn_probes),
+            "samples": grid.samples, "sample_seed": grid.sample_seed, "reextract": method.reextract,
+            "prefix_at": method.prefix_at, "vector": method.vector, "vector_sha256": self.vector_sha256,
+        }
+        return {name: values[name] for name in RECORD_ORDER}
+
     def record(self) -> dict:
         """run.json's `settings`: every field, except those added later while they hold their default (a run that does
         not use them keeps the record, and the run id, it always had)."""
-        return {name: value for name, value in asdict(self).items()
+        return {name: value for name, value in self.flat().items()
                 if not (name in RECORDED_WHEN_SET and value == RECORDED_WHEN_SET[name])}
 
     @property
     def run_id(self) -> str:
         return hashlib.sha256(json.dumps(self.record(), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def defaults() -> dict:
+    """The settings that have defaults (the seed method's), by run.json name: what a run recorded before they existed
+    meant."""
+    seed = SweepSettings(SweepSpec(extraction=SEED_EXTRACTION, method=SEED_METHOD), "", "", "", "").flat()
+    return {name: seed[name] for name in RECORD_ORDER[FIRST_DEFAULTED:]}
 
 
 RECORDED_WHEN_SET = {"positions": SEED_METHOD.positions, "learn_objective": SEED_EXTRACTION.learn_objective,

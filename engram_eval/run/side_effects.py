@@ -54,8 +54,8 @@ def probe_cells(grid: list[list[list[Cell]]]) -> dict[str, list[Cell]]:
 def engram_rows(lm: LoadedModel, settings: SweepSettings, cells: list[Cell], raw: dict, ids: tuple[int, ...],
                 passage_sha256: str, batch_size: int | None, *, progress: Callable[[int], None]) -> object:
     """One engram's task for an executor: its cells' side effects as an Arrow table, each injection computed once."""
-    unique, rows = distinct_injections(cells, settings.injection)
-    computed = side_effects(lm, unique, raw, settings.spec.method, ids, batch_size, progress)
+    unique, rows = distinct_injections(cells, settings.method)
+    computed = side_effects(lm, unique, raw, settings.method, ids, batch_size, progress)
     if len(cells) > len(unique):
         progress(len(cells) - len(unique))
     frame = pl.DataFrame({
@@ -65,8 +65,8 @@ def engram_rows(lm: LoadedModel, settings: SweepSettings, cells: list[Cell], raw
         "layer": [c.layer for c in cells],
         "strength": [c.strength for c in cells],
         "chunks": [c.chunks for c in cells],
-        "injection": settings.injection,
-        "scaling": settings.scaling,
+        "injection": settings.method.injection,
+        "scaling": settings.method.scaling,
         "neutral_kl": [computed["neutral_kl"][i] for i in rows],
         "neutral_ppl_ratio": [computed["neutral_ppl_ratio"][i] for i in rows],
         "passage_sha256": passage_sha256,

@@ -17,7 +17,7 @@ import torch
 from ..backend.model import LoadedModel
 from ..bank.banks import Bank
 from ..core.errors import EngramEvalError
-from ..core.registry import INJECTIONS, NULL_PREFIXES
+from ..core.registry import NULL_PREFIXES
 from ..core.spec import Execution, Observer, SweepSpec
 from ..engram.dominance import chunk_shares
 from ..engram.geometry import pair_geometry
@@ -103,10 +103,10 @@ def run_sweep(
     prepared = [[prepare_question(lm, q, method.scoring, bank.path, condition) for condition in context_conditions(q, method.context)]
                 for q in bank.questions]  # before any model work
     injection = method.injection
-    prefix = max(chunk_list) if INJECTIONS[injection].prefix_positions else 0
+    prefix = method.prefix_length(chunk_list)
     check_lengths([p for conditions in prepared for p in conditions], lm.max_positions, bank.path, prefix,
                   f" and the engram's {prefix} prefix positions" if prefix else "")
-    if INJECTIONS[injection].needs_k_prompt_tokens:
+    if method.mode.needs_k_prompt_tokens:
         for p in (p for conditions in prepared for p in conditions):
             start = engram_start(lm, method, p.prompt_ids)
             if len(p.prompt_ids) - start < max(chunk_list):
@@ -201,9 +201,9 @@ def score_question(lm: LoadedModel, settings: SweepSettings, bank: Bank, conditi
     frames = []
     for condition, (prepared, cells) in enumerate(zip(conditions, grid)):
         vectors = raw[condition] if isinstance(raw, list) else raw
-        prefix = max(chunks) if INJECTIONS[settings.injection].prefix_positions else 0
+        prefix = settings.method.prefix_length(chunks)
         requested = batch_size or auto_batch_size(lm, prefix + len(prepared.prompt_ids), len(cells))
-        scores, size = score_cells(lm, prepared, cells, vectors, settings.spec.method, min(requested, fits or requested),
+        scores, size = score_cells(lm, prepared, cells, vectors, settings.method, min(requested, fits or requested),
                                    on_batch=on_batch, baseline_chunks=chunks[0])
         if size < requested:
             fits = size
@@ -269,15 +269,16 @@ def _run_grid(lm: LoadedModel, bank: Bank, store: EngramStore, out: Path, settin
     write_run_json(out, run)
 
     conditioned: dict[tuple[str, bool | None], dict[tuple[str, int], StoredEngram]] = {}
-    if settings.reextract:  # every question's own engrams: the sources read after its prompt (in each context condition)
+    if settings.method.reextract:  # every question's own engrams: the sources read after its prompt (in each context condition)
         for conditions in prepared:
             for p in conditions:
                 conditioned[(p.question.id, p.context)] = question_engrams(lm, bank, store, settings, p, observer.log, record_engram)
     grid = [[question_cells(p.question, bank, {key: stored.key for key, stored in conditioned.get((p.question.id, p.context), engrams).items()},
-                            layers, settings.strengths, chunks, p.context, settings.samples, settings.sample_seed)
+                            layers, settings.strengths, chunks, p.context, settings.spec.grid.samples, settings.spec.grid.sample_seed)
              for p in conditions] for conditions in prepared]
     # --reextract: every question brings its own vectors (its task's), so none are shared
-    raw = {} if settings.reextract else raw_vectors(lm, bank, engrams, layers, chunks, settings.samples, settings.sample_seed)
+    raw = {} if settings.method.reextract else raw_vectors(lm, bank, engrams, layers, chunks, settings.spec.grid.samples,
+                                                           settings.spec.grid.sample_seed)
     _score_grid(lm, bank, out, settings, run, prepared, execution, executor, observer, neutral, grid, raw, conditioned,
                 build_seconds)
 
@@ -306,8 +307,8 @@ def _score_grid(lm: LoadedModel, bank: Bank, out: Path, settings: SweepSettings,
             pause_started = time.perf_counter()
             observer.before_question(prepared[i][0].question)
             paused += time.perf_counter() - pause_started
-            own = [raw_vectors(lm, bank, conditioned[(p.question.id, p.context)], layers, chunks, settings.samples,
-                               settings.sample_seed) for p in prepared[i]] if settings.reextract else shared_raw
+            own = [raw_vectors(lm, bank, conditioned[(p.question.id, p.context)], layers, chunks, settings.spec.grid.samples,
+                               settings.spec.grid.sample_seed) for p in prepared[i]] if settings.method.reextract else shared_raw
             yield Task(prepared[i][0].question.id, question_rows,
                        (settings, bank, prepared[i], grid[i], own, execution.batch_size, fits), rows[i])
 

@@ -10,7 +10,8 @@ import torch
 from ..backend.model import LoadedModel
 from ..bank.banks import Bank, Question, paraphrase_name, sample_name
 from ..bank.expressions import Expression
-from ..core.registry import INJECTIONS, NULL_PREFIXES
+from ..core.registry import NULL_PREFIXES
+from ..core.spec import Method
 from ..engram.nulls import NULL_KIND, null_prefix
 from ..engram.store import StoredEngram
 from ..engram.variability import sample_draws, sampled_engram
@@ -47,22 +48,22 @@ class Cell:
         return self.sample is not None or bool(self.paraphrase)
 
 
-def injected(cell: Cell, injection: str) -> tuple:
+def injected(cell: Cell, method: Method) -> tuple:
     """What a cell puts into the model, as a key: a null prefix is the same at every layer, unless the mode's
     injection site is the layer (actadd). Cells with one key are computed once."""
-    layer = None if cell.is_null and not INJECTIONS[injection].site_depends_on_layer else cell.layer
+    layer = None if cell.is_null and not method.mode.site_depends_on_layer else cell.layer
     return cell.vectors_name, layer, cell.strength, cell.chunks
 
 
-def distinct_injections(cells: list[Cell], injection: str) -> tuple[list[Cell], list[int]]:
+def distinct_injections(cells: list[Cell], method: Method) -> tuple[list[Cell], list[int]]:
     """-> (the cells that inject something different, first of each; for every cell, the index of its distinct one)."""
     first_of: dict[tuple, int] = {}
     distinct: list[Cell] = []
     for cell in cells:
-        if injected(cell, injection) not in first_of:
-            first_of[injected(cell, injection)] = len(distinct)
+        if injected(cell, method) not in first_of:
+            first_of[injected(cell, method)] = len(distinct)
             distinct.append(cell)
-    return distinct, [first_of[injected(cell, injection)] for cell in cells]
+    return distinct, [first_of[injected(cell, method)] for cell in cells]
 
 
 def question_engrams(question: Question) -> list[tuple[str, str]]:

@@ -319,7 +319,7 @@ class CellVectors:
         self.injection, self.positions, self.prompt_end = method.injection, method.positions, len(prompt_ids)
         self.scaling = method.scaling
         self.start = engram_start(lm, method, prompt_ids)
-        self.mode = INJECTIONS[method.injection]
+        self.mode = method.mode
         self.norms = norms if norms is not None else self.mode.residual_norms(lm, prompt_ids, sorted({c.layer for c in cells}))
         self.unit: dict[tuple[str, int, int], torch.Tensor] = {}
         for cell in cells:

@@ -278,7 +278,7 @@ def score_cells(
     on_batch(1)
     vectors = CellVectors(lm, raw, method, prompt_ids, cells)
 
-    unique, index = distinct_injections(cells, method.injection)  # a null prefix at another layer: computed once
+    unique, index = distinct_injections(cells, method)  # a null prefix at another layer: computed once
     computed = len(columns["logp_correct"])
     order, size = in_batches(lm, unique, batch_size, lambda batch: score(vectors.steering(batch), [c.chunks for c in batch]),
                              on_batch)

@@ -14,7 +14,6 @@ import torch
 from ..backend.model import LoadedModel
 from ..bank.passages import NeutralPassage
 from ..core.errors import EngramEvalError
-from ..core.registry import INJECTIONS
 from ..core.spec import Method
 from .injection import CellVectors, Steering, engram_start
 from .scoring import auto_batch_size, in_batches, kl_divergence
@@ -31,7 +30,7 @@ def passage_ids(lm: LoadedModel, passage: NeutralPassage, method: Method, chunks
     ids = tuple(lm.tokenizer(passage.text)["input_ids"])
     injection = method.injection
     start = engram_start(lm, method, ids)
-    least = max(MIN_TOKENS, max(chunks) + start) if INJECTIONS[injection].needs_k_prompt_tokens else MIN_TOKENS
+    least = max(MIN_TOKENS, max(chunks) + start) if method.mode.needs_k_prompt_tokens else MIN_TOKENS
     if len(ids) < least:
         reason = f"--injection {injection} with k = {max(chunks)} needs" if least > MIN_TOKENS else "the probe needs"
         raise EngramEvalError(f"--neutral {passage.label}: the passage has {len(ids)} tokens; {reason} at least {least}")
@@ -70,7 +69,7 @@ def side_effects(lm: LoadedModel, cells: list[Cell], raw: dict[tuple[str, int, i
     unsteered = passage_logprobs(lm, None, ids)  # [1, n, vocab]
     unsteered_nll = mean_nll(unsteered, ids)
     vectors = CellVectors(lm, raw, method, ids, cells)  # the passage is the prompt
-    prefix = max(c.chunks for c in cells) if INJECTIONS[method.injection].prefix_positions else 0
+    prefix = method.prefix_length([c.chunks for c in cells])
     kl: list[float] = []
     ratio: list[float] = []
 
