@@ -68,7 +68,18 @@ PLAIN_CONVENTION = ("the file names no layer; --layer L is engram-eval's numberi
                     "block L-1 (hidden_states[L])")
 
 
-def at_layer(vector: torch.Tensor, layer: int, what: str) -> SteeringVector:
-    if layer < 1:
-        raise EngramEvalError(f"--layer: {layer}; a vector acts on a block's output, layer 1 or more")
-    return SteeringVector({layer: as_vector(vector, what)}, source={"layer_map": {"--layer": layer}})
+class BareVectorFormat(VectorFormat):
+    """A file of one 1-D array that names no layer: --layer (engram-eval's numbering) says where it acts."""
+
+    convention = PLAIN_CONVENTION
+    takes_layer = True
+
+    def array(self, path: Path) -> tuple[torch.Tensor, str]:
+        """The file's one array, and what to call it in an error."""
+        raise NotImplementedError
+
+    def read(self, path: Path, layer: int | None) -> SteeringVector:
+        if layer is None or layer < 1:
+            raise EngramEvalError(f"--layer: {layer}; a vector acts on a block's output, layer 1 or more")
+        vector, what = self.array(path)
+        return SteeringVector({layer: as_vector(vector, what)}, source={"layer_map": {"--layer": layer}})

@@ -4,19 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from ...core.errors import EngramEvalError
 from ...core.registry import VECTOR_FORMATS
-from ..vector import SteeringVector
-from .base import PLAIN_CONVENTION, VectorFormat, at_layer
+from .base import BareVectorFormat
 
 
 @VECTOR_FORMATS.register
-class PlainSafetensors(VectorFormat):
+class PlainSafetensors(BareVectorFormat):
     name = "safetensors"
     summary = "one 1-D tensor in a .safetensors file, at --layer."
     suffixes = (".safetensors",)
-    convention = PLAIN_CONVENTION
-    takes_layer = True
 
     def sniff(self, path: Path) -> bool:
         from safetensors import safe_open
@@ -27,7 +26,7 @@ class PlainSafetensors(VectorFormat):
         except Exception:
             return False
 
-    def read(self, path: Path, layer: int | None) -> SteeringVector:
+    def array(self, path: Path) -> tuple[torch.Tensor, str]:
         from safetensors import SafetensorError
         from safetensors.torch import load_file
         try:
@@ -37,4 +36,4 @@ class PlainSafetensors(VectorFormat):
         if len(tensors) != 1:
             raise EngramEvalError(f"{path}: holds {len(tensors)} tensors; a plain vector file holds one")
         (key, value), = tensors.items()
-        return at_layer(value, layer, f"{path}: tensor '{key}'")
+        return value, f"{path}: tensor '{key}'"
