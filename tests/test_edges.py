@@ -43,7 +43,8 @@ def frame_of(tmp_path, baseline: tuple[float, float], cells: list[tuple[float, f
     scores = {"repeated": [False] * n, "logp_correct": logp_correct, "logp_incorrect": logp_incorrect,
               "top_correct": [" alpha"] * n, "top_incorrect": [" beta"] * n, "top_token": [" x"] * n,
               "logp_top": [-0.1] * n, "kl_next": [0.0] * n, "entropy_next": [1.0] * n,
-              "attn_prefix_share": [None] * n, "attn_first_share": [None] * n}
+              "attn_prefix_share": [None] * n, "attn_first_share": [None] * n,
+              "answer_logps": [[c, i] for c, i in zip(logp_correct, logp_incorrect)]}
     prepared = PreparedQuestion(question, (1, 2), ((3,),), ((4,),))
     return question_frame(settings, bank, prepared, grid, scores)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +61,9 @@ class Question:
     chat: bool
     context: str | None = None  # a retrieved passage: scored prompts are context + "\n\n" + prompt (docs/bank.md)
     answer_patterns: dict[str, tuple[str, ...]] | None = None  # regexes that find each side in generated text
+    # wrong answers of the same type but unrelated to the source and the topic: the semantic sink's comparison
+    incorrect_unrelated: tuple[str, ...] = ()
+    relatedness: dict[str, float] | None = None  # answer -> a measured relatedness to the relevant source (recorded)
 
 
 @dataclass(frozen=True)
@@ -248,6 +252,22 @@ def _read_bank_file(fields: _Fields, field: str, relative: str, allow_outside_pa
     return text
 
 
+def _relatedness(fields: _Fields, answers: tuple[str, ...]) -> dict[str, float] | None:
+    """`relatedness: {answer: number}`: a measure of each answer's relatedness to the relevant source, as the bank's
+    generator measured it (recorded, not used in any score); every key one of the question's answers."""
+    raw = fields.get("relatedness", dict, None)
+    if raw is None:
+        return None
+    measured = {}
+    for answer, value in raw.items():
+        if answer not in answers:
+            fields.fail("relatedness", f"{answer!r} is not one of the question's answers")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            fields.fail("relatedness", f"{answer!r}: {value!r} is not a finite number")
+        measured[str(answer)] = float(value)
+    return measured
+
+
 def _answer_patterns(fields: _Fields) -> dict[str, tuple[str, ...]] | None:
     raw = fields.get("answer_patterns", dict, None)
     if raw is None:
@@ -309,7 +329,7 @@ def load_bank(path: str | Path, allow_outside_paths: bool = False) -> Bank:
     questions: list[Question] = []
     first_seen: dict[str, int] = {}
     allowed = {"id", "prompt", "correct", "incorrect", "engram", "controls", "related_wrong", "tags", "chat", "context",
-               "context_file", "answer_patterns"}
+               "context_file", "answer_patterns", "incorrect_unrelated", "relatedness"}
     for number, data in enumerate(raw_questions, start=1):
         qid = data.get("id") if isinstance(data, dict) else None
         fields = _Fields(path, f"question {qid!r}" if isinstance(qid, str) else f"question #{number}", data, allowed)
@@ -331,10 +351,14 @@ def load_bank(path: str | Path, allow_outside_paths: bool = False) -> Bank:
         if engram in controls:
             fields.fail("controls", f"'{engram}' is the question's own engram")
         correct, incorrect = fields.strings("correct"), fields.strings("incorrect")
-        for field, variants in (("correct", correct), ("incorrect", incorrect)):
+        unrelated = fields.strings("incorrect_unrelated", (), non_empty=False)
+        for field, variants in (("correct", correct), ("incorrect", incorrect), ("incorrect_unrelated", unrelated)):
             for variant in variants:
                 if not variant.strip():
                     fields.fail(field, f"variant {variant!r} is only whitespace")
+        for variant in unrelated:
+            if variant.strip() in {v.strip() for v in correct + incorrect}:
+                fields.fail("incorrect_unrelated", f"{variant!r} is also among the question's correct or incorrect answers")
         questions.append(
             Question(
                 id=qid,
@@ -348,6 +372,8 @@ def load_bank(path: str | Path, allow_outside_paths: bool = False) -> Bank:
                 chat=fields.get("chat", bool, chat_default),
                 context=_context(fields, allow_outside_paths),
                 answer_patterns=_answer_patterns(fields),
+                incorrect_unrelated=unrelated,
+                relatedness=_relatedness(fields, correct + incorrect + unrelated),
             )
         )
     return Bank(

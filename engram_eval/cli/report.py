@@ -49,6 +49,7 @@ def report(run_dirs: tuple[Path, ...], output_format: str, engram_role: str, out
     from ..core.files import atomic_write_text
     from ..report.comparison import summarize_runs
     from ..report.dose import load_side_effects, parse_doses
+    from ..report.sink import load_answers
     from ..report.drilldown import question_drilldown
     from ..report.html_report import render_html
     from ..report.rendering import render_drilldown, render_json, render_markdown, render_side_by_side, render_table
@@ -74,7 +75,7 @@ def report(run_dirs: tuple[Path, ...], output_format: str, engram_role: str, out
         summary = summarize(frame, run, engram_role=engram_role, generations=generations, split=split_seed,
                             side_effects=load_side_effects(run_dir, run), doses=doses,
                             ladder=[(str(path), *load_run(path)) for path in ladder_runs],
-                            ensembled=load_generations(run_dir, ensembled=True))
+                            ensembled=load_generations(run_dir, ensembled=True), answers=load_answers(run_dir, run))
         drills = lambda: [question_drilldown(frame, qid, generations) for qid in frame["question_id"].unique(maintain_order=True)]  # noqa: E731
         renderers = {"markdown": render_markdown, "json": render_json, "html": lambda summary: render_html(summary, drills())}
         render = lambda console=None: render_table(summary, console) if output_format == "table" else renderers[output_format](summary)  # noqa: E731

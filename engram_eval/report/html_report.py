@@ -11,7 +11,8 @@ from plotly.offline import get_plotlyjs
 
 from .formatting import fmt_cell, fmt_effect, partial_banner
 from .rendering import html_page, html_table
-from .sections import CountHeatmap, DoseCurves, EffectHeatmap, RocCurves, drilldown_sections, summary_sections
+from .figures import CountHeatmap, DoseCurves, EffectHeatmap, RocCurves
+from .sections import drilldown_sections, summary_sections
 
 # Plotly's own event API: a click on a heatmap cell lists that cell's questions under the plot.
 CLICK = ("var plot = document.getElementById('{plot_id}');"

@@ -7,7 +7,8 @@ import json
 import math
 
 from .formatting import partial_banner
-from .sections import CountHeatmap, Section, drilldown_sections, side_by_side_sections, summary_sections
+from .figures import CountHeatmap, Section
+from .sections import drilldown_sections, side_by_side_sections, summary_sections
 
 
 def render_table(summary: dict, console) -> None:

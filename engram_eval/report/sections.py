@@ -4,9 +4,9 @@ iterate them; none reads a title to know what a section is. docs/report.md lists
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from .experiments import cell_label
+from .figures import CountHeatmap, DoseCurves, EffectHeatmap, RocCurves, Section
+from .sink import sink_line
 from .formatting import (
     fmt_best,
     fmt_cell,
@@ -30,58 +30,12 @@ from .formatting import (
 )
 
 
-@dataclass(frozen=True)
-class CountHeatmap:
-    """A layer x strength grid of flip (or break) counts: the summary's heatmap and which measure."""
-
-    heatmap: dict
-    measure: str  # flip | break
-
-
-@dataclass(frozen=True)
-class EffectHeatmap:
-    """A layer x strength grid of mean log-improvements: the summary's effects for one k and which map."""
-
-    effects: dict
-    label: str
-
-
-@dataclass(frozen=True)
-class RocCurves:
-    """The calibration section's ROC curves, one per signal: name -> [false positive rate, true positive rate] points."""
-
-    curves: dict
-
-
-@dataclass(frozen=True)
-class DoseCurves:
-    """The dose-matched section's figure: per engram kind, [{strength, dose, mean_log_improvement}] along the grid's
-    strengths, and the target doses."""
-
-    curves: dict
-    targets: list[float]
-    measure: str
-
-
-@dataclass(frozen=True)
-class Section:
-    key: str  # stable within one report: what a renderer or a test looks a section up by
-    title: str
-    columns: list[str]
-    rows: list[list[str]]
-    figure: CountHeatmap | EffectHeatmap | RocCurves | DoseCurves | None = None
-    right_aligned: bool = False  # a grid of counts: the terminal aligns its cells right
-
-    def as_dict(self) -> dict:
-        return {"key": self.key, "title": self.title, "columns": self.columns, "rows": self.rows}
-
-
 def summary_sections(summary: dict, short: bool = False) -> list[Section]:
     """Every table of a run's report, in report order; the renderers iterate these. short (markdown, for CI step
     summaries) leaves out the effect-size tables."""
     h = summary["header"]
     show_k = isinstance(h["chunks"], list)
-    sections = [_headline_section(summary["headline"], h["subject"]), Section("run",
+    sections = [_headline_section(summary["headline"], h["subject"]), *_sink_sections(summary.get("sink"), h["subject"]), Section("run",
         "Run", ["field", "value"],
         [["model", f"{h['model']} ({h['model_fingerprint']})"], ["bank", h["bank"]],
          ["grid", f"layers {', '.join(map(str, h['layers']))} x strengths {', '.join(f'{s:g}' for s in h['strengths'])}, k = {', '.join(map(str, h['chunks'])) if show_k else h['chunks']}"],
@@ -322,6 +276,31 @@ def _headline_section(headline: dict, steered: str) -> Section:
           fmt_percent(k["anti_steerable"]["mean"])]
          for k in headline["by_kind"]],
     )
+
+
+def _sink_sections(sink: dict | None, steered: str) -> list[Section]:
+    """The semantic sink measured per answer (engram_eval.report.sink), when the bank lets it be: its one line over
+    the per-kind Δs, then the paired tests per cell."""
+    if sink is None:
+        return []
+
+    def measured(entry: dict) -> str:
+        ci = entry["ci95"]
+        return f"{entry['mean']:+.3f}" + ("" if ci is None else f" ({ci[0]:+.3f} to {ci[1]:+.3f})")
+
+    return [
+        Section("sink", sink_line(sink, steered),
+                ["engram kind", "questions", "Δ log p(correct)", "Δ log p(related wrong)", "Δ log p(unrelated wrong)",
+                 "sink: related - unrelated (95% CI)"],
+                [[k["kind"], str(k["questions"]), measured(k["correct"]), measured(k["related"]), measured(k["unrelated"]),
+                  measured(k["sink"])] for k in sink["by_kind"]]),
+        Section("sink-tests", f"Semantic sink per cell: {steered} minus each control, paired over questions (q: BH over this table)",
+                ["control", "cell", "measure", "questions", "mean difference (95% CI)", "p", "q", "verdict"],
+                [[t["control"], f"L{t['layer']} x{t['strength']:g}" + ("" if t["chunks"] is None else f" k={t['chunks']}"),
+                  {"sink": "sink", "correct": "Δ log p(correct)"}[t["measure"]], str(t["questions"]),
+                  measured({"mean": t["mean_difference"], "ci95": t["ci95"]}), fmt_p(t["p_value"]), fmt_p(t["q_value"]),
+                  t["verdict"]] for t in sink["tests"]]),
+    ]
 
 
 def _best_cell_section(hl: dict, show_k: bool, steered: str) -> Section:

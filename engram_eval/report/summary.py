@@ -15,6 +15,7 @@ from .decision import decision_advice
 from .dose import DEFAULT_DOSES, at_best_cell, dose_matched_summary
 from .evidence import cell_tests, effect_sizes, held_out_best_cell
 from .experiments import CELL_KEYS, attention_summary, chunk_count_summary, ensemble_comparison, generation_summary, rag_summary
+from .sink import sink_summary
 from .statistics import bootstrap_mean_ci, rate, sign_flip_test, verdict
 from .variability import variability_summary
 
@@ -329,13 +330,14 @@ def _semantic_sink(relevant: pl.DataFrame) -> list[dict]:
 def summarize(frame: pl.DataFrame, run: dict, engram_role: str = "relevant", generations: pl.DataFrame | None = None,
               split: int | None = None, side_effects: pl.DataFrame | None = None,
               doses: tuple[float, ...] = DEFAULT_DOSES, ladder: list[tuple[str, pl.DataFrame, dict]] = (),
-              ensembled: pl.DataFrame | None = None) -> dict:
+              ensembled: pl.DataFrame | None = None, answers: pl.DataFrame | None = None) -> dict:
     """Every number the report shows, computed once; all formats render this. split: pick the best cell on a random
     half of the questions (this seed) and report its rates on the other half. side_effects: the neutral probe's rows
     (RUN/side_effects.parquet), the dose of the dose-matched comparison at these target doses (else each row's
     kl_next). ladder: other runs of the bank (label, frame, run.json) whose engrams join the RAG section's ladder.
     ensembled: `generate --ensemble/--reextract`'s texts, compared with the plain ones on the cells both generated (and
-    the generation section's own when there are no plain ones)."""
+    the generation section's own when there are no plain ones). answers: RUN/answers.parquet (sink.load_answers), for
+    the semantic sink measured per answer."""
     if frame.is_empty():
         raise EngramEvalError("results.parquet holds no rows")
     variability = variability_summary(per_condition(frame))
@@ -394,6 +396,7 @@ def summarize(frame: pl.DataFrame, run: dict, engram_role: str = "relevant", gen
         "controls": tested,
         "dose_matched": dose_matched_summary(frame, run, side_effects, doses),
         "semantic_sink": _semantic_sink(relevant),
+        "sink": sink_summary(answers),
         "calibration": calibration_summary(frame),
         "generation": None if texts is None else generation_summary(texts),
         "ensemble_comparison": None if generations is None or ensembled is None else ensemble_comparison(generations, ensembled),

@@ -89,6 +89,25 @@ RESULT_SCHEMA = pl.Schema(
 )
 
 
+# A part file's rows carry, beside RESULT_SCHEMA, every answer variant's log-probability (first-token or sequence, per
+# the scoring) with its text and role; the merge writes them out as RUN/answers.parquet, one row per (cell, variant),
+# and leaves results.parquet as it always was.
+ANSWER_LISTS = {"answer_variants": pl.List(pl.String), "answer_roles": pl.List(pl.String), "answer_logps": pl.List(pl.Float64)}
+PART_SCHEMA = pl.Schema({**RESULT_SCHEMA, **ANSWER_LISTS})
+ANSWER_ROLES = ("correct", "related wrong", "unrelated wrong", "other")
+ANSWER_KEYS = ("run_id", "question_id", "context", "engram", "role", "control_kind", "paraphrase", "sample", "layer",
+               "strength", "chunks", "repeated", "scoring")
+ANSWER_SCHEMA = pl.Schema({**{key: RESULT_SCHEMA[key] for key in ANSWER_KEYS}, "variant": pl.String,
+                           "answer_role": pl.String, "logp": pl.Float64})
+
+
+def answer_rows(parts: pl.LazyFrame) -> pl.LazyFrame:
+    """Part rows -> one row per cell and answer variant: the cell's keys, the variant, its role, its log-probability."""
+    return (parts.select(*ANSWER_KEYS, *ANSWER_LISTS).explode(list(ANSWER_LISTS))
+            .rename({"answer_variants": "variant", "answer_roles": "answer_role", "answer_logps": "logp"})
+            .select([pl.col(name).cast(dtype) for name, dtype in ANSWER_SCHEMA.items()]))
+
+
 def primary_rows() -> pl.Expr:
     """Rows of the run's grid itself: not another paraphrase's or a sample's (`files: [...]`, `--sample`), which sit
     beside their source's own rows (paraphrase 0) and are read only by the variability section."""
@@ -211,6 +230,9 @@ def question_frame(settings: SweepSettings, bank: Bank, prepared: PreparedQuesti
             "entropy_next": scores["entropy_next"],
             "attn_prefix_share": scores["attn_prefix_share"],
             "attn_first_share": scores["attn_first_share"],
+            "answer_variants": [[text for text, _, _ in prepared.answers]] * n,
+            "answer_roles": [[role for _, role, _ in prepared.answers]] * n,
+            "answer_logps": scores["answer_logps"],
         },
         schema_overrides={k: RESULT_SCHEMA[k] for k in ("tags", "related_wrong", "engram", "engram_key", "control_kind",
                                                       "paraphrase", "sample", "layer", "strength",
@@ -247,4 +269,4 @@ def question_frame(settings: SweepSettings, bank: Bank, prepared: PreparedQuesti
             broken=(pl.col("baseline_ratio") > 1) & (pl.col("ratio") < 1) & unscorable.not_().fill_null(True),
         )
     )
-    return frame.select([pl.col(name).cast(dtype) for name, dtype in RESULT_SCHEMA.items()])
+    return frame.select([pl.col(name).cast(dtype) for name, dtype in PART_SCHEMA.items()])

@@ -17,7 +17,7 @@ from .._version import __version__
 from ..core.errors import EngramEvalError, Terminated
 from ..core.files import atomic_replace, atomic_write_parquet, atomic_write_text, file_sha256
 from ..core.locks import FileLock
-from .results import RESULT_SCHEMA
+from .results import ANSWER_LISTS, RESULT_SCHEMA, answer_rows
 from .settings import SweepSettings
 
 
@@ -31,6 +31,7 @@ def package_versions() -> dict[str, str]:
 
 
 # The part files' columns, as a short hash: resuming from parts of another format would mix schemas.
+ANSWERS_FILE = "answers.parquet"  # one row per cell and answer variant (results.ANSWER_SCHEMA); run.json: answers_sha256
 RESULTS_FORMAT = hashlib.sha256(str(list(RESULT_SCHEMA.items())).encode()).hexdigest()[:8]
 # A run that steers the last block's output (actadd at the last layer): its direction there moved from the final
 # norm's output to that block's, so such a run written before cannot be resumed as it is.
@@ -76,7 +77,7 @@ class GenerationFiles:
 
 
 # What a run directory holds that derives from its settings: --force on other settings removes all of it.
-DERIVED = ("parts", "results.parquet", "report.html",
+DERIVED = ("parts", "results.parquet", ANSWERS_FILE, "report.html",
            *(path.name for plain in (True, False) for path in GenerationFiles(Path(), plain).paths),
            SIDE_EFFECTS_PARTS, SIDE_EFFECTS_FILE)
 
@@ -275,5 +276,20 @@ def merge_parts(target: Path, parts: list[Path], checksums: dict[str, str], reco
     (atomically) -> its sha256."""
     for part in parts:
         verify_file(part, checksums.get(part.name), record, "rerun the same command to compute it again")
-    atomic_replace(target, lambda tmp: pl.scan_parquet(parts, schema=schema).sink_parquet(tmp, maintain_order=True))
+    atomic_replace(target, lambda tmp: pl.scan_parquet(parts, schema=schema, extra_columns="ignore").sink_parquet(
+        tmp, maintain_order=True))  # a sweep's parts also carry the answers' lists: answers.parquet's (merge_answers)
+    return file_sha256(target)
+
+
+def merge_answers(target: Path, parts: list[Path], warn: Callable[[str], None]) -> str | None:
+    """RUN/answers.parquet from the (verified) parts' answer lists, one row per cell and answer variant, atomically ->
+    its sha256; None, with a warning, when a part was written before parts carried them (a run resumed from an older
+    engram-eval: --force recomputes it)."""
+    older = [part for part in parts if not set(ANSWER_LISTS) <= set(pl.read_parquet_schema(part))]
+    if older:
+        target.unlink(missing_ok=True)
+        warn(f"{older[0].parent}: {len(older)} part(s) were written before parts carried each answer's log-probability, "
+             f"so {target.name} is not written (rerun the sweep with --force to have it)")
+        return None
+    atomic_replace(target, lambda tmp: answer_rows(pl.scan_parquet(parts)).sink_parquet(tmp, maintain_order=True))
     return file_sha256(target)

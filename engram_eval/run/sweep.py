@@ -33,8 +33,10 @@ from ..steer.side_effects import passage_ids
 from .executors import Executor, Task, open_executor
 from .results import check_finite, off_distribution, off_distribution_warning, question_frame
 from .rundir import (
+    ANSWERS_FILE,
     PART_CHECKSUMS,
     mark_stopped,
+    merge_answers,
     merge_parts,
     one_line,
     package_versions,
@@ -328,6 +330,7 @@ def _score_grid(lm: LoadedModel, bank: Bank, out: Path, settings: SweepSettings,
     sweep_seconds = time.perf_counter() - sweep_started - paused
 
     run["results_sha256"] = merge_parts(out / "results.parquet", parts, run[PART_CHECKSUMS], out / "run.json")
+    run["answers_sha256"] = merge_answers(out / ANSWERS_FILE, parts, observer.warn)
     probe_seconds = None if neutral is None else run_probe(out, settings, run, grid, shared_raw, *neutral,
                                                            execution.batch_size, executor, observer)
     total = sum(rows)

@@ -18,6 +18,18 @@ class PreparedQuestion:
     correct_ids: tuple[tuple[int, ...], ...]
     incorrect_ids: tuple[tuple[int, ...], ...]
     context: bool | None = None  # the prompt carries the question's retrieved context (None: it has none)
+    unrelated_ids: tuple[tuple[int, ...], ...] = ()  # incorrect_unrelated's: scored per answer, in no side
+
+    @property
+    def answers(self) -> list[tuple[str, str, tuple[int, ...]]]:
+        """Every answer variant the question scores, in scoring order: (text, role, ids); role is correct, related
+        wrong (an incorrect answer of a question marked related_wrong), unrelated wrong, or other (an incorrect
+        answer whose relation to the topic the bank does not say, or says is none)."""
+        q = self.question
+        wrong = "related wrong" if q.related_wrong else "other"
+        return ([(text, "correct", ids) for text, ids in zip(q.correct, self.correct_ids)]
+                + [(text, wrong, ids) for text, ids in zip(q.incorrect, self.incorrect_ids)]
+                + [(text, "unrelated wrong", ids) for text, ids in zip(q.incorrect_unrelated, self.unrelated_ids)])
 
 
 def check_lengths(prepared: list[PreparedQuestion], max_positions: int | None, bank_path: Path | str,
@@ -27,7 +39,7 @@ def check_lengths(prepared: list[PreparedQuestion], max_positions: int | None, b
     if max_positions is None:
         return
     for p in prepared:
-        longest = len(p.prompt_ids) + max(len(ids) for ids in (*p.correct_ids, *p.incorrect_ids)) + extra
+        longest = len(p.prompt_ids) + max(len(ids) for _, _, ids in p.answers) + extra
         if longest > max_positions:
             raise EngramEvalError(f"{bank_path}: question '{p.question.id}': its prompt is {len(p.prompt_ids)} tokens; with its "
                                   f"answer{why} that is {longest} positions, more than the model's {max_positions}")
@@ -72,25 +84,29 @@ def prepare_question(lm: LoadedModel, question: Question, scoring: str, bank_pat
             encoded.append(ids)
         return tuple(encoded)
 
-    correct, incorrect = encode(question.correct), encode(question.incorrect)
-    for c_text, c_ids in zip(question.correct, correct):
-        for i_text, i_ids in zip(question.incorrect, incorrect):
-            first_token_only = SCORINGS[scoring].first_token_only
-            same = c_ids[0] == i_ids[0] if first_token_only else c_ids == i_ids
-            if same:
-                token = tokenizer.convert_ids_to_tokens(c_ids[0])
-                what = "first token" if first_token_only else "tokens"
-                raise EngramEvalError(
-                    f"{bank_path}: question '{question.id}': correct {c_text!r} and incorrect {i_text!r} share their "
-                    f"{what} ({token!r}, id {c_ids[0]}), so {scoring} scoring cannot tell them apart"
-                )
-    return PreparedQuestion(question, tuple(prompt_token_ids(lm, question, bank_path, bool(context))), correct, incorrect, context)
+    correct, incorrect, unrelated = encode(question.correct), encode(question.incorrect), encode(question.incorrect_unrelated)
+    first_token_only = SCORINGS[scoring].first_token_only
+    pairs = [(("correct", question.correct, correct), ("incorrect", question.incorrect, incorrect)),
+             (("correct", question.correct, correct), ("incorrect_unrelated", question.incorrect_unrelated, unrelated)),
+             (("incorrect", question.incorrect, incorrect), ("incorrect_unrelated", question.incorrect_unrelated, unrelated))]
+    for (a_side, a_texts, a_ids), (b_side, b_texts, b_ids) in pairs:
+        for a_text, a in zip(a_texts, a_ids):
+            for b_text, b in zip(b_texts, b_ids):
+                if (a[0] == b[0]) if first_token_only else (a == b):
+                    token = tokenizer.convert_ids_to_tokens(a[0])
+                    what = "first token" if first_token_only else "tokens"
+                    raise EngramEvalError(
+                        f"{bank_path}: question '{question.id}': {a_side} {a_text!r} and {b_side} {b_text!r} share their "
+                        f"{what} ({token!r}, id {a[0]}), so {scoring} scoring cannot tell them apart"
+                    )
+    return PreparedQuestion(question, tuple(prompt_token_ids(lm, question, bank_path, bool(context))), correct, incorrect,
+                            context, unrelated)
 
 
 def variant_token_warnings(lm: LoadedModel, prepared: PreparedQuestion, bank_path: Path | str = "bank") -> list[str]:
     """A variant whose first token is only whitespace: first-token scoring would score that space, not the answer."""
     warnings = []
-    for variant, ids in zip(prepared.question.correct + prepared.question.incorrect, prepared.correct_ids + prepared.incorrect_ids):
+    for variant, _, ids in prepared.answers:
         first = lm.tokenizer.decode([ids[0]])
         if not first.strip():
             warnings.append(f"{bank_path}: question '{prepared.question.id}': variant {variant!r} starts with the "
@@ -107,7 +123,7 @@ def multi_token_warning(lm: LoadedModel, prepared: list[PreparedQuestion], scori
         return None
     split = {}
     for p in prepared:
-        for variant, ids in zip(p.question.correct + p.question.incorrect, p.correct_ids + p.incorrect_ids):
+        for variant, _, ids in p.answers:
             if len(ids) > 1:
                 split.setdefault(variant, (p.question.id, lm.tokenizer.decode([ids[0]]), len(ids)))
     if not split:

@@ -243,10 +243,10 @@ def score_cells(
     prompt_ids = prepared.prompt_ids
     columns: dict[str, list] = {
         "logp_correct": [], "logp_incorrect": [], "top_correct": [], "top_incorrect": [], "top_token": [], "logp_top": [],
-        "attn_prefix_share": [], "attn_first_share": [], "kl_next": [], "entropy_next": [],
+        "attn_prefix_share": [], "attn_first_share": [], "kl_next": [], "entropy_next": [], "answer_logps": [],
     }
-    variants = prepared.correct_ids + prepared.incorrect_ids
-    n_correct = len(prepared.correct_ids)
+    variants = tuple(ids for _, _, ids in prepared.answers)  # correct, incorrect, then unrelated (scored, in no side)
+    n_correct, n_incorrect = len(prepared.correct_ids), len(prepared.incorrect_ids)
 
     reference: list[torch.Tensor] = []  # the baseline's next-token log-probabilities: what kl_next compares with
 
@@ -266,11 +266,12 @@ def score_cells(
             columns["attn_first_share"].extend(scores.attention[:, 0].tolist())
         for side, part, names in (
             ("correct", scores.variants[:, :n_correct], prepared.question.correct),
-            ("incorrect", scores.variants[:, n_correct:], prepared.question.incorrect),
+            ("incorrect", scores.variants[:, n_correct:n_correct + n_incorrect], prepared.question.incorrect),
         ):
             logp, top = combine_side(part, method.scoring)
             columns[f"logp_{side}"].extend(logp.double().cpu().tolist())
             columns[f"top_{side}"].extend(names[i] for i in top.cpu().tolist())
+        columns["answer_logps"].extend(scores.variants.double().cpu().tolist())
         columns["top_token"].extend(lm.tokenizer.decode([token]) for token in scores.top_id.cpu().tolist())
         columns["logp_top"].extend(scores.top_logp.double().cpu().tolist())
 

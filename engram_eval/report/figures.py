@@ -1,0 +1,51 @@
+"""What a report section is (title, columns, rows) and the figures a section can carry; every renderer reads these."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class CountHeatmap:
+    """A layer x strength grid of flip (or break) counts: the summary's heatmap and which measure."""
+
+    heatmap: dict
+    measure: str  # flip | break
+
+
+@dataclass(frozen=True)
+class EffectHeatmap:
+    """A layer x strength grid of mean log-improvements: the summary's effects for one k and which map."""
+
+    effects: dict
+    label: str
+
+
+@dataclass(frozen=True)
+class RocCurves:
+    """The calibration section's ROC curves, one per signal: name -> [false positive rate, true positive rate] points."""
+
+    curves: dict
+
+
+@dataclass(frozen=True)
+class DoseCurves:
+    """The dose-matched section's figure: per engram kind, [{strength, dose, mean_log_improvement}] along the grid's
+    strengths, and the target doses."""
+
+    curves: dict
+    targets: list[float]
+    measure: str
+
+
+@dataclass(frozen=True)
+class Section:
+    key: str  # stable within one report: what a renderer or a test looks a section up by
+    title: str
+    columns: list[str]
+    rows: list[list[str]]
+    figure: CountHeatmap | EffectHeatmap | RocCurves | DoseCurves | None = None
+    right_aligned: bool = False  # a grid of counts: the terminal aligns its cells right
+
+    def as_dict(self) -> dict:
+        return {"key": self.key, "title": self.title, "columns": self.columns, "rows": self.rows}
