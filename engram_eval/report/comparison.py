@@ -9,6 +9,7 @@ import polars as pl
 from ..core.errors import EngramEvalError
 from ..run.results import primary_rows
 from .statistics import rate
+from .sink import load_answers
 from .summary import per_condition, summarize
 
 
@@ -27,7 +28,7 @@ def summarize_runs(runs: list[tuple[str, pl.DataFrame, dict]], allow_different_b
         frame = frame.filter(primary_rows())  # other paraphrases and samples: each run's own variability section
         if "num_layers" not in run:
             raise EngramEvalError(f"{path}: run.json has no num_layers (swept with an older engram-eval); sweep it again to compare it")
-        summary = summarize(frame, run)
+        summary = summarize(frame, run, answers=load_answers(path, run))
         base = per_condition(frame).filter(pl.col("role") == "baseline")
         depth = {layer: layer / run["num_layers"] for layer in summary["header"]["layers"]}
         columns.append({
@@ -44,6 +45,7 @@ def summarize_runs(runs: list[tuple[str, pl.DataFrame, dict]], allow_different_b
             "heatmaps": {name: {**heatmap, "depths": [round(depth[layer], 3) for layer in heatmap["layers"]]}
                          for name, heatmap in summary["heatmaps"].items()},
             "chunk_count": summary["chunk_count"],
+            "sink": None if summary["sink"] is None else {k["kind"]: k["sink"] for k in summary["sink"]["by_kind"]},
             "differs": {name: _short(run.get("settings", {}).get(name)) for name in differing},
         })
     return {"runs": columns, "differing_settings": differing}

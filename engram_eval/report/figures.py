@@ -39,12 +39,20 @@ class DoseCurves:
 
 
 @dataclass(frozen=True)
+class SinkBars:
+    """The semantic-sink section's figure: per engram kind, Δ log p of the correct, related wrong and unrelated wrong
+    answers (the summary's sink.by_kind), each with its interval."""
+
+    by_kind: list
+
+
+@dataclass(frozen=True)
 class Section:
     key: str  # stable within one report: what a renderer or a test looks a section up by
     title: str
     columns: list[str]
     rows: list[list[str]]
-    figure: CountHeatmap | EffectHeatmap | RocCurves | DoseCurves | None = None
+    figure: CountHeatmap | EffectHeatmap | RocCurves | DoseCurves | SinkBars | None = None
     right_aligned: bool = False  # a grid of counts: the terminal aligns its cells right
 
     def as_dict(self) -> dict:

@@ -11,7 +11,7 @@ from plotly.offline import get_plotlyjs
 
 from .formatting import fmt_cell, fmt_effect, partial_banner
 from .rendering import html_page, html_table
-from .figures import CountHeatmap, DoseCurves, EffectHeatmap, RocCurves
+from .figures import CountHeatmap, DoseCurves, EffectHeatmap, RocCurves, SinkBars
 from .sections import drilldown_sections, summary_sections
 
 # Plotly's own event API: a click on a heatmap cell lists that cell's questions under the plot.
@@ -41,6 +41,8 @@ def render_html(summary: dict, drills: list[dict] = ()) -> str:
             body.append(_roc_curves(section.figure.curves, "roc-curves"))
         elif isinstance(section.figure, DoseCurves):
             body.append(_dose_curves(section.figure, "dose-curves"))
+        elif isinstance(section.figure, SinkBars):
+            body.append(_sink_bars(section.figure, "sink-bars"))
         body.append(html_table(section.columns, section.rows))
     if drills:
         body.append("<h2>Per question: each cell's probabilities, boosts against the baseline, sink score and texts</h2>")
@@ -127,6 +129,22 @@ def _dose_curves(curves: DoseCurves, div_id: str) -> str:
     figure.update_layout(height=460, width=720, margin={"t": 20, "b": 50, "l": 60, "r": 20},
                          xaxis={"title": f"dose: median {curves.measure} (nats, log scale)", "type": "log"},
                          yaxis={"title": "mean log-improvement"})
+    return figure.to_html(full_html=False, include_plotlyjs=False, div_id=div_id, config={"displaylogo": False})
+
+
+def _sink_bars(bars: SinkBars, div_id: str) -> str:
+    """The three Δ log p per engram kind, grouped, with their 95% intervals as error bars."""
+    roles = (("correct", "correct"), ("related", "related wrong"), ("unrelated", "unrelated wrong"))
+    kinds = [k["kind"] for k in bars.by_kind]
+
+    def errors(key: str, side: int) -> list[float]:
+        return [0.0 if k[key]["ci95"] is None else abs(k[key]["ci95"][side] - k[key]["mean"]) for k in bars.by_kind]
+
+    figure = go.Figure([go.Bar(name=f"Δ log p({label})", x=kinds, y=[k[key]["mean"] for k in bars.by_kind],
+                               error_y={"type": "data", "symmetric": False, "array": errors(key, 1), "arrayminus": errors(key, 0)})
+                        for key, label in roles])
+    figure.update_layout(barmode="group", height=420, width=160 + 150 * len(kinds), margin={"t": 20, "b": 50, "l": 60, "r": 20},
+                         yaxis={"title": "Δ log p against the baseline (nats)"})
     return figure.to_html(full_html=False, include_plotlyjs=False, div_id=div_id, config={"displaylogo": False})
 
 

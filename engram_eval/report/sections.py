@@ -5,7 +5,7 @@ iterate them; none reads a title to know what a section is. docs/report.md lists
 from __future__ import annotations
 
 from .experiments import cell_label
-from .figures import CountHeatmap, DoseCurves, EffectHeatmap, RocCurves, Section
+from .figures import CountHeatmap, DoseCurves, EffectHeatmap, RocCurves, Section, SinkBars
 from .sink import sink_line
 from .formatting import (
     fmt_best,
@@ -293,7 +293,7 @@ def _sink_sections(sink: dict | None, steered: str) -> list[Section]:
                 ["engram kind", "questions", "Δ log p(correct)", "Δ log p(related wrong)", "Δ log p(unrelated wrong)",
                  "sink: related - unrelated (95% CI)"],
                 [[k["kind"], str(k["questions"]), measured(k["correct"]), measured(k["related"]), measured(k["unrelated"]),
-                  measured(k["sink"])] for k in sink["by_kind"]]),
+                  measured(k["sink"])] for k in sink["by_kind"]], SinkBars(sink["by_kind"])),
         Section("sink-tests", f"Semantic sink per cell: {steered} minus each control, paired over questions (q: BH over this table)",
                 ["control", "cell", "measure", "questions", "mean difference (95% CI)", "p", "q", "verdict"],
                 [[t["control"], f"L{t['layer']} x{t['strength']:g}" + ("" if t["chunks"] is None else f" k={t['chunks']}"),
@@ -332,6 +332,9 @@ def side_by_side_sections(comparison: dict) -> list[Section]:
     rows += [[f"relevant vs {kind}", *["-" if kind not in r["controls"] else
                                        f"{r['controls'][kind]['verdict']} (p {fmt_p(r['controls'][kind]['p_value'])})" for r in runs]]
              for kind in kinds]
+    if any(r["sink"] for r in runs):
+        rows.append(["semantic sink, Δ related - Δ unrelated (relevant; controls)",
+                     *["-" if not r["sink"] else "; ".join(f"{kind} {v['mean']:+.3f}" for kind, v in r["sink"].items()) for r in runs]])
     sections = [Section("runs", "Runs side by side", ["measure", *names], rows)]
     for name, run in zip(names, runs):
         for heat, heatmap in run["heatmaps"].items():
