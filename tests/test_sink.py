@@ -154,3 +154,26 @@ def test_runs_side_by_side_carry_each_runs_sink(sink_run):
     run = json.loads((sink_run / "run.json").read_text())
     expected = {k["kind"]: k["sink"] for k in sink_summary(load_answers(sink_run, run))["by_kind"]}
     assert comparison["runs"][0]["sink"] == expected == comparison["runs"][1]["sink"]
+
+
+def test_the_findings_section_shows_the_measurement(sink_run):
+    import sys
+
+    from conftest import REPO, load_script
+
+    sys.path.insert(0, str(REPO / "docs"))
+    try:
+        script = load_script("docs/findings_sink.py")
+    finally:
+        sys.path.remove(str(REPO / "docs"))
+    text = "\n".join(script.section([("SmolLM2, constructed", str(sink_run))]))
+    run = json.loads((sink_run / "run.json").read_text())
+    sink = sink_summary(load_answers(sink_run, run))
+    for kind in sink["by_kind"]:
+        row = f"| SmolLM2, constructed | {kind['kind']} | {kind['questions']} | {script.measured(kind['correct'])} |"
+        assert row in text and script.measured(kind["sink"]) in text
+    held, _ = script.holds(sink)
+    assert ("A semantic sink, on this bank and model." in text) == held
+    tests = [t for t in sink["tests"] if t["measure"] == "sink"]
+    wins = sum(t["verdict"] == "relevant beats controls" for t in tests)
+    assert f"In {wins} of {len(tests)} cell x control tests" in text
