@@ -164,3 +164,19 @@ def every_section_generations() -> pl.DataFrame:
                          "verdict": ["correct", "incorrect", "both", "neither"][i % 4], "first_answer": ["correct", "incorrect", "none"][i % 3],
                          "text": f"text {i}\nmore"})
     return pl.DataFrame(rows)
+
+
+
+def every_section_answers(frame: pl.DataFrame) -> pl.DataFrame:
+    """RUN/answers.parquet for a constructed frame: per row, the correct answer at log p_correct, the incorrect one at
+    log p_incorrect (related wrong where the question is marked related_wrong, else other) and an unrelated wrong answer
+    one nat below it, shifted by seeded noise: the semantic-sink sections have rows."""
+    from engram_eval.run.results import ANSWER_KEYS, ANSWER_SCHEMA
+
+    base = frame.with_row_index("row").with_columns(noise=pl.Series(np.random.default_rng(3).normal(0.0, 0.3, frame.height)))
+    wrong = pl.when(pl.col("related_wrong")).then(pl.lit("related wrong")).otherwise(pl.lit("other"))
+    parts = [base.with_columns(variant=pl.lit(" right"), answer_role=pl.lit("correct"), logp=pl.col("p_correct").log(), order=0),
+             base.with_columns(variant=pl.lit(" near"), answer_role=wrong, logp=pl.col("p_incorrect").log(), order=1),
+             base.with_columns(variant=pl.lit(" far"), answer_role=pl.lit("unrelated wrong"),
+                               logp=pl.col("p_incorrect").log() - 1.0 + pl.col("noise"), order=2)]
+    return pl.concat(parts).sort("row", "order").select([pl.col(name).cast(dtype) for name, dtype in ANSWER_SCHEMA.items()])

@@ -10,7 +10,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 from conftest import module_unless_mapping
-from decisive import (every_section_ensembled, every_section_frame, every_section_frame_with_variants, every_section_generations,
+from decisive import (every_section_answers, every_section_ensembled, every_section_frame, every_section_frame_with_variants, every_section_generations,
                       every_section_run,
                       every_section_run_with_probe, every_section_side_effects)
 from rich.color import Color
@@ -119,7 +119,8 @@ def match(rendered: list[tuple[str, list[str], list[str] | None]], entries: list
 def summary() -> dict:
     frame = every_section_frame_with_variants()
     return summarize(frame, every_section_run_with_probe(), generations=every_section_generations(), split=1,
-                     side_effects=every_section_side_effects(frame), ensembled=every_section_ensembled())
+                     side_effects=every_section_side_effects(frame), ensembled=every_section_ensembled(),
+                     answers=every_section_answers(frame))
 
 
 def test_the_pattern_matcher():

@@ -86,7 +86,8 @@ def test_force_with_other_settings_removes_everything_derived_from_the_old_run(t
     (out / "generation-parts/00000-q1.parquet").write_text("old")
     (out / "notes.txt").write_text("mine")
     sweep(tiny, tiny_bank, out, strengths=[2.0], force=True)
-    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "parts", "results.parquet", "run.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["answers.parquet", "notes.txt", "parts", "results.parquet", "run.json"]
+    assert pl.read_parquet(out / "answers.parquet")["strength"].drop_nulls().unique().to_list() == [2.0]  # the new run's
 
 
 def test_an_unreadable_run_json_is_named_as_run_json(tiny, tiny_bank, tmp_path):

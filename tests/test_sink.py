@@ -177,3 +177,14 @@ def test_the_findings_section_shows_the_measurement(sink_run):
     tests = [t for t in sink["tests"] if t["measure"] == "sink"]
     wins = sum(t["verdict"] == "relevant beats controls" for t in tests)
     assert f"In {wins} of {len(tests)} cell x control tests" in text
+
+
+def test_the_side_rule_the_report_applies_is_each_scorings():
+    from engram_eval.core.registry import SCORINGS
+    from engram_eval.core.spec import LOGSUMEXP_SIDES
+
+    logprobs = torch.tensor([[-1.0, -2.0, -0.5]])
+    for name in SCORINGS:
+        side = SCORINGS[name].side(logprobs)
+        expected = torch.logsumexp(logprobs, dim=1) if name in LOGSUMEXP_SIDES else logprobs.max(dim=1).values
+        assert torch.allclose(side, expected)

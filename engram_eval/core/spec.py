@@ -24,6 +24,9 @@ DEFAULT_STRENGTHS = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0)
 SCALINGS = ("global", "per-chunk")  # an engram's (--scaling)
 VECTOR_SCALINGS = ("coefficient", "norm")  # a steering vector's: --coefficients (raw multiples) or --strengths (x s)
 CONTEXTS = ("with", "without", "both")
+# scorings whose side is the logsumexp of its variants (Scoring.side), the others' the best variant: what the report
+# applies to the answers table without importing the scorings (torch)
+LOGSUMEXP_SIDES = ("sequence",)
 POSITIONS = ("all", "prompt", "answer", "last")
 PREFIX_PLACES = ("after-bos", "start")  # where prefix and add put the engram when the tokenizer puts a BOS token first
 LEARNED_POOLING = "learned"  # the pooling whose k vectors are optimised against the model (engram_eval.engram.learned)

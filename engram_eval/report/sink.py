@@ -14,6 +14,7 @@ from pathlib import Path
 
 import polars as pl
 
+from ..core.spec import LOGSUMEXP_SIDES
 from ..run.results import primary_rows
 from ..run.rundir import ANSWERS_FILE, verify_file
 from .statistics import benjamini_hochberg, bootstrap_mean_ci, sign_flip_test, verdict
@@ -40,7 +41,7 @@ def deltas(answers: pl.DataFrame) -> pl.DataFrame:
         .otherwise(pl.col("question_id") + pl.when(pl.col("context")).then(pl.lit(" +context")).otherwise(pl.lit(" -context"))),
         kind=pl.coalesce(pl.col("control_kind"), pl.col("role")))
     keys = ["question_id", "kind", "role", "engram", *CELL]
-    side = pl.col("logp").logsumexp() if rows["scoring"].first() == "sequence" else pl.col("logp").max()
+    side = pl.col("logp").logsumexp() if rows["scoring"].first() in LOGSUMEXP_SIDES else pl.col("logp").max()
     per_role = rows.group_by([*keys, "answer_role"], maintain_order=True).agg(side.alias("logp"))
     wide = per_role.pivot(on="answer_role", index=keys, values="logp")
     if not {"related wrong", "unrelated wrong"} <= set(wide.columns):
