@@ -36,12 +36,24 @@ def holds(sink: dict) -> tuple[bool, list[str]]:
     return above and bool(beaten), beaten
 
 
+def baseline_levels(answers) -> dict[str, float]:
+    """The mean over measured questions of each wrong role's baseline log-probability (its best variant)."""
+    import polars as pl
+
+    base = answers.filter((pl.col("role") == "baseline") & pl.col("answer_role").is_in(["related wrong", "unrelated wrong"]))
+    per_question = base.group_by("question_id", "context", "answer_role").agg(pl.col("logp").max())
+    measured = per_question.group_by("question_id", "context").agg(pl.len().alias("roles")).filter(pl.col("roles") == 2)
+    kept = per_question.join(measured, on=["question_id", "context"], nulls_equal=True)
+    return {row["answer_role"]: row["logp"] for row in kept.group_by("answer_role").agg(pl.col("logp").mean()).to_dicts()}
+
+
 def section(runs: list[tuple[str, str]]) -> list[str]:
     lines = [START, "## Is there a semantic sink? Measured per answer", "",
              "The seeds' central claim: an engram primes a topic, so it raises a related wrong answer along with the right "
              "one. Here each capitals question has a related wrong answer (the country's largest other city) and an "
              "unrelated one of the same type (another continent's capital, matched on token count; docs/bank.md), and the "
-             "medical questions marked `related_wrong` an unrelated drug or treatment chosen by hand. Per kind: the mean "
+             "medical questions marked `related_wrong` (4 of its 11) an unrelated drug or treatment chosen by hand (the medical "
+             "bank on SmolLM2 only). Per kind: the mean "
              "over questions of Δ log p (the cell minus the question's baseline, each question's mean over its cells) of "
              "the correct, the related wrong and the unrelated wrong answer, and the sink, related minus unrelated, with "
              "95% bootstrap intervals; then how many cells' paired tests (relevant minus control over questions, "
@@ -52,8 +64,9 @@ def section(runs: list[tuple[str, str]]) -> list[str]:
     answers_by_run = []
     for label, path in runs:
         frame, run = load_run(path)
-        sink = sink_summary(load_answers(path, run))
-        answers_by_run.append((label, sink))
+        answers = load_answers(path, run)
+        sink = sink_summary(answers)
+        answers_by_run.append((label, sink, None if sink is None else baseline_levels(answers)))
         if sink is None:
             lines.append(f"| {label} | - | 0 | not measured: no question with a related and an unrelated wrong answer | | | |")
             continue
@@ -61,7 +74,7 @@ def section(runs: list[tuple[str, str]]) -> list[str]:
             lines.append(f"| {label} | {kind['kind']} | {kind['questions']} | {measured(kind['correct'])} | "
                          f"{measured(kind['related'])} | {measured(kind['unrelated'])} | {measured(kind['sink'])} |")
     lines += ["", "### The answer, from the numbers above", ""]
-    for label, sink in answers_by_run:
+    for label, sink, levels in answers_by_run:
         if sink is None:
             continue
         relevant = sink["by_kind"][0]
@@ -70,15 +83,26 @@ def section(runs: list[tuple[str, str]]) -> list[str]:
         losses = sum(t["verdict"] == "controls beat relevant" for t in tests)
         held, beaten = holds(sink)
         controls = ", ".join(f"{c['kind']} {measured(c['sink'])}" for c in sink["by_kind"][1:])
-        lines.append(f"- **{label}**: under the relevant engram the related wrong answer rose {measured(relevant['sink'])} "
-                     f"nats more than the unrelated one ({relevant['questions']} questions); controls: {controls}. In "
+        lines.append(f"- **{label}**: under the relevant engram, Δ log p(related wrong) - Δ log p(unrelated wrong) = "
+                     f"{measured(relevant['sink'])} nats ({relevant['questions']} questions); controls: {controls}. In "
                      f"{wins} of {len(tests)} cell x control tests the relevant engram's sink is above the control's at "
                      f"q < 0.05, below it in {losses}. "
                      + ("A semantic sink, on this bank and model." if held else
-                        "No semantic sink that the controls do not share, on this bank and model."))
-    lines.append("- What would refute the sink: a relevant engram whose sink interval includes zero, or whose sink no "
-                 "control of the same grid falls short of; what would confirm it: an interval above zero and paired "
-                 "tests above the controls at q < 0.05, at doses the controls reach too.")
+                        "No semantic sink that the controls do not share, on this bank and model.")
+                     + f" At baseline the related wrong answer's log p averages {levels['related wrong']:.2f} and the "
+                     f"unrelated one's {levels['unrelated wrong']:.2f}: an engram that flattens the next-token "
+                     "distribution takes more from the answer that had more, whatever its topic.")
+    verdicts = [holds(sink)[0] for _, sink, _ in answers_by_run if sink is not None]
+    measured_runs = [label for label, sink, _ in answers_by_run if sink is not None]
+    lines.append(f"- Is there a semantic sink? {'Yes, in all' if all(verdicts) else 'Not in ' + str(len(verdicts) - sum(verdicts)) + ' of the'} "
+                 f"{len(verdicts)} measured runs ({'; '.join(measured_runs)})."
+                 + (" In every one the relevant engram's related-minus-unrelated difference is below zero, and so is every "
+                    "control's: the related wrong answer loses more than an unrelated one of the same type, under any "
+                    "engram." if all(s["by_kind"][0]["sink"]["mean"] < 0 and all(k["sink"]["mean"] < 0 for k in s["by_kind"])
+                                     for _, s, _ in answers_by_run if s is not None) else ""))
+    lines.append("- What would show a sink: the relevant engram's sink interval above zero, and paired tests above the "
+                 "controls at q < 0.05 at doses the controls reach too (a lower-dose grid than these runs' is the place to "
+                 "look, where the answers' log-probabilities are not all falling).")
     return lines + [END]
 
 
