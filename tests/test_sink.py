@@ -188,3 +188,39 @@ def test_the_side_rule_the_report_applies_is_each_scorings():
         side = SCORINGS[name].side(logprobs)
         expected = torch.logsumexp(logprobs, dim=1) if name in LOGSUMEXP_SIDES else logprobs.max(dim=1).values
         assert torch.allclose(side, expected)
+
+
+def test_the_sink_at_equal_dose_is_the_interpolated_difference(sink_run):
+    from engram_eval.report.dose import at_dose
+    from engram_eval.report.summary import load_run, summarize
+
+    frame, run = load_run(sink_run)
+    summary = summarize(frame, run, answers=load_answers(sink_run, run), doses=(0.2, 0.5, 1.0))
+    assert max(e["questions"] for e in summary["sink"]["dose_matched"]) >= 2
+    results = frame.filter(pl.col("role") != "baseline")
+    answers = load_answers(sink_run, run)
+    base = answers.filter(pl.col("role") == "baseline")
+    for entry in summary["sink"]["dose_matched"]:
+        differences = []
+        for qid in QUESTIONS:
+            b = {r["answer_role"]: r["logp"] for r in base.filter(pl.col("question_id") == qid).to_dicts()}
+            per_layer = []
+            for layer in (8, 16):
+                values = {}
+                for kind in ("relevant", entry["control"]):
+                    is_kind = (pl.col("role") == "relevant") if kind == "relevant" else (pl.col("control_kind") == kind)
+                    rows = results.filter((pl.col("question_id") == qid) & (pl.col("layer") == layer) & is_kind).sort("strength")
+                    sinks = []
+                    for strength in rows["strength"]:
+                        got = {r["answer_role"]: r["logp"] for r in answers.filter(
+                            (pl.col("question_id") == qid) & (pl.col("layer") == layer) & (pl.col("strength") == strength)
+                            & (pl.coalesce(pl.col("control_kind"), pl.col("role")) == kind)).to_dicts()}
+                        sinks.append((got["related wrong"] - b["related wrong"]) - (got["unrelated wrong"] - b["unrelated wrong"]))
+                    values[kind], _ = at_dose(rows["strength"].to_list(), rows["kl_next"].cast(pl.Float64).to_list(), sinks, entry["dose"])
+                if all(v is not None for v in values.values()):
+                    per_layer.append(values["relevant"] - values[entry["control"]])
+            if per_layer:
+                differences.append(sum(per_layer) / len(per_layer))
+        assert entry["questions"] == len(differences)
+        if differences:
+            assert entry["mean_difference"] == pytest.approx(sum(differences) / len(differences), abs=1e-9)

@@ -80,12 +80,12 @@ def dosed_cells(frame: pl.DataFrame, side_effects: pl.DataFrame | None) -> pl.Da
     return cells.join(probe, on=list(CELL), how="left")
 
 
-def dose_series(cells: pl.DataFrame, targets: tuple[float, ...]) -> pl.DataFrame:
-    """Per series and target dose: the interpolated log-improvement and strength (null where the grid never reaches
-    the dose), and whether the series' dose is monotone in strength."""
+def dose_series(cells: pl.DataFrame, targets: tuple[float, ...], measure: str = "log_improvement") -> pl.DataFrame:
+    """Per series and target dose: the interpolated measure (the log-improvement, by default) and strength (null where
+    the grid never reaches the dose), and whether the series' dose is monotone in strength."""
     ordered = cells.drop_nulls("dose").sort(*SERIES, "strength")
     keys = ordered.select(SERIES).rows()
-    strength, dose, value = (ordered[c].to_list() for c in ("strength", "dose", "log_improvement"))
+    strength, dose, value = (ordered[c].to_list() for c in ("strength", "dose", measure))
     rows = []
     start = 0
     for end in range(1, len(keys) + 1):
@@ -97,7 +97,7 @@ def dose_series(cells: pl.DataFrame, targets: tuple[float, ...]) -> pl.DataFrame
             at, needed = at_dose(s, d, v, target)
             rows.append((*keys[start], target, at, needed, monotone))
         start = end
-    schema = {**{k: ordered.schema[k] for k in SERIES}, "target": pl.Float64, "log_improvement": pl.Float64,
+    schema = {**{k: ordered.schema[k] for k in SERIES}, "target": pl.Float64, measure: pl.Float64,
               "strength": pl.Float64, "monotone": pl.Boolean}
     return pl.DataFrame(rows, schema=schema, orient="row")
 

@@ -294,6 +294,12 @@ def _sink_sections(sink: dict | None, steered: str) -> list[Section]:
                  "sink: related - unrelated (95% CI)"],
                 [[k["kind"], str(k["questions"]), measured(k["correct"]), measured(k["related"]), measured(k["unrelated"]),
                   measured(k["sink"])] for k in sink["by_kind"]], SinkBars(sink["by_kind"])),
+        *([] if not sink.get("dose_matched") else [Section(
+            "sink-dose", f"Semantic sink at equal dose: {steered} minus each control, paired over questions (q: BH over this table)",
+            ["dose (nats)", "control", "questions", "mean difference (95% CI)", "p", "q", "verdict"],
+            [[f"{e['dose']:g}", e["control"], str(e["questions"]),
+              "-" if e["mean_difference"] is None else measured({"mean": e["mean_difference"], "ci95": e["ci95"]}),
+              fmt_p(e["p_value"]), fmt_p(e["q_value"]), e["verdict"]] for e in sink["dose_matched"]])]),
         Section("sink-tests", f"Semantic sink per cell: {steered} minus each control, paired over questions (q: BH over this table)",
                 ["control", "cell", "measure", "questions", "mean difference (95% CI)", "p", "q", "verdict"],
                 [[t["control"], f"L{t['layer']} x{t['strength']:g}" + ("" if t["chunks"] is None else f" k={t['chunks']}"),

@@ -17,6 +17,7 @@ import polars as pl
 from ..core.spec import LOGSUMEXP_SIDES
 from ..run.results import primary_rows
 from ..run.rundir import ANSWERS_FILE, verify_file
+from .dose import DEFAULT_DOSES, dose_series, dosed_cells
 from .statistics import benjamini_hochberg, bootstrap_mean_ci, sign_flip_test, verdict
 
 CELL = ("layer", "strength", "chunks")
@@ -54,11 +55,13 @@ def deltas(answers: pl.DataFrame) -> pl.DataFrame:
         related=pl.col("related wrong") - pl.col("base related wrong"),
         unrelated=pl.col("unrelated wrong") - pl.col("base unrelated wrong"),
     ).with_columns(sink=pl.col("related") - pl.col("unrelated")).drop_nulls("sink").select(
-        "question_id", "kind", *CELL, "correct", "related", "unrelated", "sink")
+        "question_id", "kind", "engram", *CELL, "correct", "related", "unrelated", "sink")
 
 
-def sink_summary(answers: pl.DataFrame | None) -> dict | None:
-    """The measurement, or None when the run has no answers table or no question can be measured."""
+def sink_summary(answers: pl.DataFrame | None, frame: pl.DataFrame | None = None,
+                 side_effects: pl.DataFrame | None = None, targets: tuple[float, ...] = DEFAULT_DOSES) -> dict | None:
+    """The measurement, or None when the run has no answers table or no question can be measured. frame (the run's
+    results, per condition) and side_effects give each cell its dose, for the comparison at equal dose."""
     if answers is None:
         return None
     cells = deltas(answers)
@@ -74,7 +77,35 @@ def sink_summary(answers: pl.DataFrame | None) -> dict | None:
             values = per_question[measure].to_list()
             entry[measure] = {"mean": sum(values) / len(values), "ci95": bootstrap_mean_ci(values)}
         by_kind.append(entry)
-    return {"questions": cells["question_id"].n_unique(), "by_kind": by_kind, "tests": _paired_tests(cells, kinds)}
+    return {"questions": cells["question_id"].n_unique(), "by_kind": by_kind, "tests": _paired_tests(cells, kinds),
+            "dose_matched": None if frame is None else _at_equal_dose(cells, frame, side_effects, kinds, targets)}
+
+
+def _at_equal_dose(cells: pl.DataFrame, frame: pl.DataFrame, side_effects: pl.DataFrame | None, kinds: list[str],
+                   targets: tuple[float, ...]) -> list[dict]:
+    """The relevant engram's sink against each control's at equal dose (the dose section's: kl_next, or the neutral
+    probe's KL; interpolated in log strength along each series' positive strengths), paired over questions, BH."""
+    doses = dosed_cells(frame, side_effects).select("question_id", "engram", *CELL, "dose").unique()
+    dosed = cells.filter(pl.col("strength") > 0).join(doses, on=["question_id", "engram", *CELL], how="left")
+    series = dose_series(dosed, targets, "sink").drop_nulls("sink")
+    at = series.filter(pl.col("kind") == "relevant").select("question_id", "target", "layer", "chunks", relevant="sink")
+    entries = []
+    for target in targets:
+        for kind in kinds[1:]:
+            control = series.filter((pl.col("kind") == kind) & (pl.col("target") == target))
+            per_question = (control.join(at.filter(pl.col("target") == target), on=["question_id", "layer", "chunks"], nulls_equal=True)
+                            .group_by("question_id").agg(difference=(pl.col("relevant") - pl.col("sink")).mean()).sort("question_id"))
+            differences = per_question["difference"].to_list()
+            entries.append({"dose": target, "control": kind, "questions": len(differences),
+                            "mean_difference": sum(differences) / len(differences) if differences else None,
+                            "ci95": bootstrap_mean_ci(differences), "p_value": sign_flip_test(differences)})
+    tested = [e for e in entries if e["p_value"] is not None]
+    for entry, q in zip(tested, benjamini_hochberg([e["p_value"] for e in tested])):
+        entry["q_value"] = q
+    for entry in entries:
+        entry.setdefault("q_value", None)
+        entry["verdict"] = verdict(entry["mean_difference"], entry["q_value"], entry["questions"])
+    return entries
 
 
 def _paired_tests(cells: pl.DataFrame, kinds: list[str]) -> list[dict]:

@@ -396,7 +396,7 @@ def summarize(frame: pl.DataFrame, run: dict, engram_role: str = "relevant", gen
         "controls": tested,
         "dose_matched": dose_matched_summary(frame, run, side_effects, doses),
         "semantic_sink": _semantic_sink(relevant),
-        "sink": sink_summary(answers),
+        "sink": sink_summary(answers, frame, side_effects, doses),
         "calibration": calibration_summary(frame),
         "generation": None if texts is None else generation_summary(texts),
         "ensemble_comparison": None if generations is None or ensembled is None else ensemble_comparison(generations, ensembled),
