@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import sys
 
-from engram_eval import load_run
-from engram_eval.report.sink import load_answers, sink_summary
+from engram_eval import load_run, summarize
+from engram_eval.report.sink import load_answers
 from findings import replace_block
 
 START, END = "<!-- semantic sink: make findings-sink -->", "<!-- /semantic sink -->"
@@ -53,6 +53,10 @@ def doses_of(sink: dict) -> list[float]:
     return sorted({e["dose"] for e in sink.get("dose_matched") or []})
 
 
+def tested(sink: dict) -> int:
+    return len([e for e in sink.get("dose_matched") or [] if e["p_value"] is not None])
+
+
 def dose_wins(sink: dict) -> int:
     return sum(e["verdict"] == "relevant beats controls" for e in sink.get("dose_matched") or [])
 
@@ -76,7 +80,7 @@ def section(runs: list[tuple[str, str]]) -> list[str]:
     for label, path in runs:
         frame, run = load_run(path)
         answers = load_answers(path, run)
-        sink = sink_summary(answers)
+        sink = summarize(frame, run, answers=answers)["sink"]  # as the report computes it, equal dose included
         answers_by_run.append((label, sink, None if sink is None else baseline_levels(answers)))
         if sink is None:
             lines.append(f"| {label} | - | 0 | not measured: no question with a related and an unrelated wrong answer | | | |")
@@ -98,8 +102,8 @@ def section(runs: list[tuple[str, str]]) -> list[str]:
                      f"{measured(relevant['sink'])} nats ({relevant['questions']} questions); controls: {controls}. In "
                      f"{wins} of {len(tests)} cell x control tests the relevant engram's sink is above the control's at "
                      f"q < 0.05, below it in {losses}; at equal dose (kl_next {', '.join(f'{d:g}' for d in doses_of(sink))} "
-                     f"nats) in {dose_wins(sink)} of {len([e for e in sink['dose_matched'] or [] if e['p_value'] is not None])} "
-                     "tested. "
+                     + (f"nats) in {dose_wins(sink)} of {tested(sink)} tested. " if tested(sink) else
+                        "nats) not tested: no series of this grid brackets those doses. ")
                      + ("A semantic sink, on this bank and model." if held else
                         "No semantic sink that the controls do not share, on this bank and model.")
                      + f" At baseline the related wrong answer's log p averages {levels['related wrong']:.2f} and the "

@@ -168,7 +168,9 @@ def test_the_findings_section_shows_the_measurement(sink_run):
         sys.path.remove(str(REPO / "docs"))
     text = "\n".join(script.section([("SmolLM2, constructed", str(sink_run))]))
     run = json.loads((sink_run / "run.json").read_text())
-    sink = sink_summary(load_answers(sink_run, run))
+    from engram_eval.report.summary import load_run, summarize
+
+    sink = summarize(*load_run(sink_run), answers=load_answers(sink_run, run))["sink"]
     for kind in sink["by_kind"]:
         row = f"| SmolLM2, constructed | {kind['kind']} | {kind['questions']} | {script.measured(kind['correct'])} |"
         assert row in text and script.measured(kind["sink"]) in text
