@@ -22,7 +22,7 @@ from ..core.errors import EngramEvalError
 from ..run.results import engram_kind
 from ..run.rundir import SIDE_EFFECTS, SIDE_EFFECTS_FILE, verify_file
 from .experiments import kind_order
-from .statistics import benjamini_hochberg, sign_flip_test, verdict
+from .statistics import judge, sign_flip_test
 
 DEFAULT_DOSES = (0.05, 0.2, 0.5, 1.0)  # nats
 SERIES = ("question_id", "kind", "engram", "layer", "chunks")
@@ -123,12 +123,7 @@ def dose_matched_summary(frame: pl.DataFrame, run: dict, side_effects: pl.DataFr
             entries.append({"dose": target, "control": kind, "questions": len(differences),
                             "mean_difference": float(np.mean(differences)) if differences else None,
                             "p_value": sign_flip_test(differences)})
-    tested = [e for e in entries if e["p_value"] is not None]
-    for entry, q in zip(tested, benjamini_hochberg([e["p_value"] for e in tested])):
-        entry["q_value"] = q
-    for entry in entries:
-        entry.setdefault("q_value", None)
-        entry["verdict"] = verdict(entry["mean_difference"], entry["q_value"], entry["questions"])
+    judge(entries)
     probe = run.get(SIDE_EFFECTS) if side_effects is not None else None
     return {
         "dose": "neutral_kl" if probe else "kl_next",

@@ -18,7 +18,7 @@ from ..core.spec import LOGSUMEXP_SIDES
 from ..run.results import primary_rows
 from ..run.rundir import ANSWERS_FILE, verify_file
 from .dose import DEFAULT_DOSES, dose_series, dosed_cells
-from .statistics import benjamini_hochberg, bootstrap_mean_ci, sign_flip_test, verdict
+from .statistics import bootstrap_mean_ci, judge, sign_flip_test
 
 CELL = ("layer", "strength", "chunks")
 MEASURES = ("sink", "correct")  # what the paired tests compare: the sink, and Δ log p(correct)
@@ -99,12 +99,7 @@ def _at_equal_dose(cells: pl.DataFrame, frame: pl.DataFrame, side_effects: pl.Da
             entries.append({"dose": target, "control": kind, "questions": len(differences),
                             "mean_difference": sum(differences) / len(differences) if differences else None,
                             "ci95": bootstrap_mean_ci(differences), "p_value": sign_flip_test(differences)})
-    tested = [e for e in entries if e["p_value"] is not None]
-    for entry, q in zip(tested, benjamini_hochberg([e["p_value"] for e in tested])):
-        entry["q_value"] = q
-    for entry in entries:
-        entry.setdefault("q_value", None)
-        entry["verdict"] = verdict(entry["mean_difference"], entry["q_value"], entry["questions"])
+    judge(entries)
     return entries
 
 
@@ -123,9 +118,7 @@ def _paired_tests(cells: pl.DataFrame, kinds: list[str]) -> list[dict]:
                 tests.append({"control": kind, **dict(zip(CELL, cell)), "measure": measure, "questions": len(differences),
                               "mean_difference": sum(differences) / len(differences),
                               "ci95": bootstrap_mean_ci(differences), "p_value": sign_flip_test(differences)})
-    for test, q in zip(tests, benjamini_hochberg([t["p_value"] for t in tests])):
-        test["q_value"] = q
-        test["verdict"] = verdict(test["mean_difference"], q, test["questions"])
+    judge(tests)
     return tests
 
 

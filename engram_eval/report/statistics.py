@@ -126,3 +126,14 @@ def paired_bootstrap_ci(statistic, arrays: tuple[np.ndarray, ...], seed: int = 0
             return None
         low, high = np.percentile(distribution, [2.5, 97.5])
     return float(low), float(high)
+
+
+def judge(entries: list[dict]) -> None:
+    """Paired comparisons (each with p_value, mean_difference, questions), in place: Benjamini-Hochberg q over those
+    that have a p-value (None for the others), and each one's verdict at q."""
+    tested = [e for e in entries if e["p_value"] is not None]
+    for entry, q in zip(tested, benjamini_hochberg([e["p_value"] for e in tested])):
+        entry["q_value"] = q
+    for entry in entries:
+        entry.setdefault("q_value", None)
+        entry["verdict"] = verdict(entry["mean_difference"], entry["q_value"], entry["questions"])
