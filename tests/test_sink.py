@@ -226,3 +226,24 @@ def test_the_sink_at_equal_dose_is_the_interpolated_difference(sink_run):
         assert entry["questions"] == len(differences)
         if differences:
             assert entry["mean_difference"] == pytest.approx(sum(differences) / len(differences), abs=1e-9)
+
+
+def test_a_vector_run_measures_the_sink_against_its_controls(real, sink_run, tmp_path):
+    from engram_eval.core.spec import Execution, Observer, SweepSpec
+    from engram_eval.engram.store import EngramStore
+    from engram_eval.run.sweep import run_sweep
+    from engram_eval.vectors.store import VectorStore
+    from engram_eval.vectors.vector import SteeringVector
+    from engram_eval.bank.banks import load_bank
+
+    bank = load_bank(sink_run.parent / "sink.yaml")
+    vector = SteeringVector({8: torch.randn(real.hidden_size, generator=torch.Generator().manual_seed(5)) * 4})
+    VectorStore(tmp_path / "store").save("v", vector)
+    stored = VectorStore(tmp_path / "store").load("v")
+    spec = SweepSpec.build(layers=[8], strengths=[1.0, 4.0], chunks=1, injection="vector-add", scaling="coefficient", vector="v")
+    run_sweep(real, bank, EngramStore(tmp_path / "store"), tmp_path / "run", spec, execution=Execution(),
+              observer=Observer(progress=False), vector=stored)
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    sink = sink_summary(load_answers(tmp_path / "run", run))
+    assert [k["kind"] for k in sink["by_kind"]] == ["relevant", "negated", "random-direction"]
+    assert {t["control"] for t in sink["tests"]} == {"negated", "random-direction"}
