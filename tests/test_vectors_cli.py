@@ -115,6 +115,8 @@ def test_refusals(real, tmp_path, monkeypatch):
     assert not (tmp_path / "r").exists()
     one_line_error(run("vectors", "export", "h", "--out", tmp_path / "x.txt", "--store", store), "neither .gguf")
     one_line_error(run("vectors", "export", "--out", tmp_path / "x.gguf", "--store", store), "one of them")
+    one_line_error(run("vectors", "export", "h", "--layers", "4-x", "--out", tmp_path / "x.gguf", "--store", store),
+                   "--layers: malformed '4-x'")
 
 
 def test_export_engram_and_build(real, tmp_path, monkeypatch):

@@ -145,12 +145,12 @@ def vectors_export(name: str | None, engram: str | None, layers_text: str | None
     if engram is not None:
         from ..vectors.engrams import engram_vector
 
-        layers = None if layers_text is None else [int(v) for v in layers_text.split(",")]
+        layers = None if layers_text is None else export_layers(layers_text)
         vector = engram_vector(store_dir, engram, layers, model_hint)
     else:
         vector = VectorStore(store_dir).load(name).vector
         if layers_text is not None:
-            keep = [int(v) for v in layers_text.split(",")]
+            keep = export_layers(layers_text)
             if missing := [layer for layer in keep if layer not in vector.directions]:
                 raise EngramEvalError(f"--layers: vector '{name}' has no layer {missing[0]}")
             vector.directions = {layer: vector.directions[layer] for layer in keep}
@@ -164,6 +164,13 @@ def vectors_export(name: str | None, engram: str | None, layers_text: str | None
         out.parent.mkdir(parents=True, exist_ok=True)
         vector.save(out)
     stdout().print(f"wrote {out} ({kind}, layers {format_layers(vector.layers)})")
+
+
+def export_layers(text: str) -> list[int]:
+    """--layers of `vectors export`: layer numbers, checked against what the vector or engram carries (no model here)."""
+    from .parsing import parse_numbers
+
+    return parse_numbers(text, int, "--layers", "layer numbers like '8,16'")
 
 
 @vectors.command("ls")
