@@ -83,7 +83,7 @@ def ensembled_tokens(lm: LoadedModel, prompt_ids: tuple[int, ...], job: Ensemble
                      max_new_tokens: int) -> tuple[list[int], bool]:
     """Greedy decoding under the ensemble -> (the generated ids, whether EOS ended it; EOS is not among the ids)."""
     ensembling, stops = job.ensembling, lm.backend.eos_token_ids()
-    norms = job.method.mode.residual_norms(lm, prompt_ids, [job.cell.layer])  # the prompt's: the same every step
+    norms = job.method.mode.residual_norms(lm, prompt_ids, [job.cell.layer], job.method.scaling)  # the prompt's: the same every step
     tokens: list[int] = []
     window: list[Steering] = []
     for _ in range(max_new_tokens):

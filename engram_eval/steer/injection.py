@@ -101,8 +101,10 @@ class Injection:
     scalings: ClassVar[tuple[str, ...]] = SCALINGS
     scaling_refusal: ClassVar[str] = ""  # the error for a --scaling it does not take
 
-    def residual_norms(self, lm: LoadedModel, prompt_ids: tuple[int, ...], layers: list[int]) -> dict[int, float]:
-        """What the mode measures of the prompt before it scales (nothing, unless it overrides this)."""
+    def residual_norms(self, lm: LoadedModel, prompt_ids: tuple[int, ...], layers: list[int],
+                       scaling: str = "global") -> dict[int, float]:
+        """What the mode measures of the prompt before it scales, under this scaling (nothing, unless it overrides
+        this)."""
         return {}
 
     def unit(self, lm: LoadedModel, vectors: torch.Tensor, scaling: str) -> torch.Tensor:
@@ -162,8 +164,9 @@ class ActAdd(Injection):
     scalings = ("global",)
     scaling_refusal = "--scaling: applies to prefix and add injection; actadd scales its direction by the residual stream's own norm"
 
-    def residual_norms(self, lm: LoadedModel, prompt_ids: tuple[int, ...], layers: list[int]) -> dict[int, float]:
-        return residual_norms(lm, prompt_ids, layers)
+    def residual_norms(self, lm: LoadedModel, prompt_ids: tuple[int, ...], layers: list[int],
+                       scaling: str = "global") -> dict[int, float]:
+        return {} if scaling == "coefficient" else residual_norms(lm, prompt_ids, layers)  # c x v needs no s
 
     def unit(self, lm: LoadedModel, vectors: torch.Tensor, scaling: str) -> torch.Tensor:
         return direction(vectors)
@@ -320,7 +323,8 @@ class CellVectors:
         self.scaling = method.scaling
         self.start = engram_start(lm, method, prompt_ids)
         self.mode = method.mode
-        self.norms = norms if norms is not None else self.mode.residual_norms(lm, prompt_ids, sorted({c.layer for c in cells}))
+        self.norms = norms if norms is not None else self.mode.residual_norms(lm, prompt_ids, sorted({c.layer for c in cells}),
+                                                                              method.scaling)
         self.unit: dict[tuple[str, int, int], torch.Tensor] = {}
         for cell in cells:
             key = (cell.vectors_name, cell.layer, cell.chunks)
