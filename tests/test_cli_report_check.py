@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 
 import pytest
 from click.testing import CliRunner
@@ -261,3 +262,26 @@ def test_load_run_reads_an_unfinished_runs_parts_and_refuses_other_formats(tmp_p
     (empty / "run.json").write_text(json.dumps({**run_json, "results_format": "0ld"}))
     with pytest.raises(EngramEvalError, match=f"^{re.escape(str(empty))} was written by another engram-eval version"):
         load_run(empty)
+
+
+def test_bench_report_times_each_format_against_reading_the_parquet(run_dir, tmp_path):
+    """Fresh one-thread interpreters: reading the Parquet, report in three formats, two runs side by side; each
+    ratio is that measure's wall time over reading the Parquet it reads; the table names the run and its size."""
+    from engram_eval.bench.report_bench import ONE_THREAD, bench_report
+
+    other = tmp_path / "other"
+    shutil.copytree(run_dir, other)
+    r = bench_report([run_dir, other], trials=1)
+    assert r["threads"] == 1 and set(ONE_THREAD.values()) == {"1"} and r["read"]["peak_mib"] > 0
+    assert list(r["reports"]) == ["report --format table", "report --format json", "report --format html",
+                                  "report of 2 runs side by side (json)"]
+    for name, row in r["reports"].items():
+        assert row["seconds"] > 0 and row["peak_mib"] > 0
+        if "side by side" not in name:
+            assert row["ratio_to_read"] == pytest.approx(row["seconds"] / r["read"]["seconds"])
+    result = run("bench", "--report", run_dir, "--trials", "1")
+    assert result.exit_code == 0 and f"{run_dir} ({len(SUBSET)} questions" in " ".join(result.output.split())
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    result = CliRunner().invoke(cli, ["bench", "--report", str(broken)])
+    assert result.exit_code != 0 and "no results.parquet" in result.output and "Traceback" not in result.output

@@ -75,3 +75,58 @@ def test_seeded_resampling_does_not_depend_on_the_order_of_the_values():
     shuffled = random.Random(2).sample(values, len(values))
     assert bootstrap_mean_ci(shuffled) == bootstrap_mean_ci(values)
     assert sign_flip_test(shuffled) == sign_flip_test(values)
+
+
+def _scipy_sign_flip(values, resamples):
+    import numpy as np
+    from scipy.stats import permutation_test
+
+    return permutation_test((np.sort(np.asarray(values, dtype=float)),), lambda x, axis: np.mean(x, axis=axis),
+                            permutation_type="samples", vectorized=True, n_resamples=resamples,
+                            rng=np.random.default_rng(0)).pvalue
+
+
+@pytest.mark.parametrize("n", [2, 5, 9, 16])
+def test_exact_sign_flip_tests_equal_scipys_exact_permutation_test(n):
+    import numpy as np
+
+    rng = np.random.default_rng(n)
+    samples = [rng.normal(0.4, 1, n), np.round(rng.normal(0.5, 1, n)), np.zeros(n), np.ones(n)]  # ties, all alike
+    from engram_eval.report.statistics import sign_flip_tests
+
+    for values, p in zip(samples, sign_flip_tests([list(v) for v in samples])):
+        assert p == pytest.approx(_scipy_sign_flip(values, 2**n), abs=1e-12)
+
+
+def test_sampled_sign_flip_tests_equal_scipys_within_the_monte_carlo_error():
+    """Above 16 questions both sample sign patterns (different ones): the p-values agree within 4 standard errors of
+    the two estimates' difference, for data of several sizes tested in one batch, ties (rounded values) included. The
+    two-sided p is twice a one-sided share q = p / 2, so its standard error is 2 sqrt(q (1 - q) / samples)."""
+    import numpy as np
+
+    from engram_eval.report.statistics import SIGN_FLIP_SAMPLES, sign_flip_tests
+
+    rng = np.random.default_rng(7)
+    samples = [rng.normal(shift, 1, n) for n, shift in ((20, 0.6), (40, 0.4), (192, 0.3), (192, 0.0), (100, 0.3))]
+    samples.append(np.round(rng.normal(0.15, 1, 60) * 2) / 2)
+    p_values = sign_flip_tests([list(v) for v in samples])
+    for values, p in zip(samples, p_values):
+        expected = _scipy_sign_flip(values, SIGN_FLIP_SAMPLES)
+        q = max(expected / 2, 1e-5)
+        error = np.sqrt(2) * 2 * np.sqrt(q * (1 - q) / SIGN_FLIP_SAMPLES)
+        assert abs(p - expected) <= 4 * error, (len(values), p, expected)
+    assert 1e-4 < min(p_values) < 0.05 < max(p_values)  # small and large p-values both checked
+    assert p_values == [sign_flip_tests([list(v)])[0] for v in samples]  # one batch or one at a time: the same
+
+
+def test_bootstrap_interval_equals_scipys_bootstrap_with_the_same_seed():
+    import numpy as np
+    from scipy.stats import bootstrap
+
+    from engram_eval.report.statistics import bootstrap_mean_ci
+
+    rng = np.random.default_rng(3)
+    for values in (rng.normal(size=2), rng.normal(size=30), np.round(rng.normal(size=192)), rng.exponential(size=50)):
+        interval = bootstrap((np.sort(values),), np.mean, confidence_level=0.95, n_resamples=9999, method="percentile",
+                             rng=np.random.default_rng(0)).confidence_interval
+        assert bootstrap_mean_ci(list(values)) == pytest.approx((interval.low, interval.high), rel=1e-12, abs=1e-15)

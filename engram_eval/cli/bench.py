@@ -34,14 +34,24 @@ from .app import batch_size_option, cli, model_options, registry_option, stderr,
 @click.option("--random-init", "random_config", type=click.Path(dir_okay=False, path_type=Path),
               help="Benchmark a randomly initialised model built from this config.json instead of --model's weights "
                    "(--model still gives the tokenizer, device and dtype), e.g. benchmarks/qwen2.5-7b.config.json on a GPU.")
+@click.option("--report", "report_runs", multiple=True, type=click.Path(file_okay=False, exists=True, path_type=Path),
+              metavar="RUN", help="Instead of the sweep: time `engram-eval report RUN` (table, json, html) in fresh "
+                                  "interpreters on one CPU thread, with peak memory, as a ratio to reading the run's "
+                                  "results.parquet; repeat for the side-by-side report of several runs. Loads no model.")
+@click.option("--trials", default=3, show_default=True, type=click.IntRange(min=1), help="With --report: runs of each "
+                                                                                          "measure (the median is shown).")
 def bench(load_lm, bank_path: Path, layers_text: str, strengths_text: str, loop_cells: int, batch_size: int | None,
           injection: str, generation_cells: int, ray_address: str | None, workers: int, threads_per_worker: int,
-          random_config: Path | None) -> None:
+          random_config: Path | None, report_runs: tuple[Path, ...], trials: int) -> None:
     """Measure, in one run: build and sweep throughput, the seed's per-cell loop on the same cells, the machine's
     dense matmul throughput, and the ratios between them (speedup, fraction of matmul FLOP/s), plus peak memory.
 
     The loop and a matmul probe run before each question of the sweep (outside its timings), so that all three see
-    the same contention on a shared machine; the fraction of the run's best matmul throughput is printed too."""
+    the same contention on a shared machine; the fraction of the run's best matmul throughput is printed too.
+
+    With --report RUN: only the report's cost, against reading the run's Parquet (no model is loaded)."""
+    if report_runs:
+        return _bench_report(list(report_runs), trials)
     from ..bank.banks import load_bank
     from .parsing import parse_layers
     from .parsing import parse_strengths
@@ -106,4 +116,26 @@ def bench(load_lm, bank_path: Path, layers_text: str, strengths_text: str, loop_
     if "ensemble_token_cost" in r:
         table.add_row("generate --ensemble 3 --reextract: per token / plain batched's",
                       f"{r['ensemble_seconds_per_token']:.3f} s = {r['ensemble_token_cost']:.1f}x plain batched generation's cost")
+    stdout().print(table)
+
+
+REPORT_TARGETS = (3.0, 500.0)  # seconds and MiB of `report` on the 192-question capitals run (docs/performance.md)
+
+
+def _bench_report(run_dirs: list[Path], trials: int) -> None:
+    from ..bench.report_bench import bench_report
+    from ..report.summary import load_run
+
+    frames = [load_run(run_dir)[0] for run_dir in run_dirs]  # one line naming a run that cannot be read, before any timing
+    with stderr.status("benchmarking the report ..."):
+        r = bench_report(run_dirs, trials)
+    read = r["read"]
+    size = f"{frames[0]['question_id'].n_unique()} questions, {frames[0].height} rows"
+    table = Table(title=f"engram-eval bench --report: {r['run']} ({size}; {r['threads']} thread, fresh interpreters, median of "
+                        f"{r['trials']}; targets: under {REPORT_TARGETS[0]:g} s and {REPORT_TARGETS[1]:g} MiB)")
+    for column in ("measure", "wall", "peak memory", "wall / reading the Parquet"):
+        table.add_column(column)
+    table.add_row("read results.parquet (polars)", f"{read['seconds']:.2f} s", f"{read['peak_mib']:.0f} MiB", "1x")
+    for name, row in r["reports"].items():
+        table.add_row(name, f"{row['seconds']:.2f} s", f"{row['peak_mib']:.0f} MiB", f"{row['ratio_to_read']:.1f}x")
     stdout().print(table)

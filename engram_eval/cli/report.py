@@ -50,7 +50,7 @@ def report(run_dirs: tuple[Path, ...], output_format: str, engram_role: str, out
     from ..report.comparison import summarize_runs
     from ..report.dose import load_side_effects, parse_doses
     from ..report.sink import load_answers
-    from ..report.drilldown import question_drilldown
+    from ..report.drilldown import question_drilldown, question_drilldowns
     from ..report.html_report import render_html
     from ..report.rendering import render_drilldown, render_json, render_markdown, render_side_by_side, render_table
     from ..report.summary import load_generations, load_run, summarize
@@ -76,7 +76,7 @@ def report(run_dirs: tuple[Path, ...], output_format: str, engram_role: str, out
                             side_effects=load_side_effects(run_dir, run), doses=doses,
                             ladder=[(str(path), *load_run(path)) for path in ladder_runs],
                             ensembled=load_generations(run_dir, ensembled=True), answers=load_answers(run_dir, run))
-        drills = lambda: [question_drilldown(frame, qid, generations) for qid in frame["question_id"].unique(maintain_order=True)]  # noqa: E731
+        drills = lambda: question_drilldowns(frame, generations)  # noqa: E731
         renderers = {"markdown": render_markdown, "json": render_json, "html": lambda summary: render_html(summary, drills())}
         render = lambda console=None: render_table(summary, console) if output_format == "table" else renderers[output_format](summary)  # noqa: E731
     if output_format == "table":

@@ -22,7 +22,7 @@ from ..core.errors import EngramEvalError
 from ..run.results import engram_kind
 from ..run.rundir import SIDE_EFFECTS, SIDE_EFFECTS_FILE, verify_file
 from .experiments import kind_order
-from .statistics import judge, sign_flip_test
+from .statistics import fill_p_values, judge
 
 DEFAULT_DOSES = (0.05, 0.2, 0.5, 1.0)  # nats
 SERIES = ("question_id", "kind", "engram", "layer", "chunks")
@@ -111,7 +111,7 @@ def dose_matched_summary(frame: pl.DataFrame, run: dict, side_effects: pl.DataFr
     series = dose_series(cells.filter(pl.col("strength") > 0), targets)
     kinds = sorted(series["kind"].unique().to_list(), key=kind_order)
     relevant = series.filter((pl.col("kind") == "relevant") & pl.col("log_improvement").is_not_null())
-    entries = []
+    entries, samples = [], []
     for target in targets:
         at = relevant.filter(pl.col("target") == target).select("question_id", "layer", "chunks", relevant_value="log_improvement")
         for kind in (k for k in kinds if k != "relevant"):
@@ -122,7 +122,9 @@ def dose_matched_summary(frame: pl.DataFrame, run: dict, side_effects: pl.DataFr
             differences = per_question["difference"].to_list()
             entries.append({"dose": target, "control": kind, "questions": len(differences),
                             "mean_difference": float(np.mean(differences)) if differences else None,
-                            "p_value": sign_flip_test(differences)})
+                            "p_value": None})
+            samples.append(differences)
+    fill_p_values(entries, samples)
     judge(entries)
     probe = run.get(SIDE_EFFECTS) if side_effects is not None else None
     return {

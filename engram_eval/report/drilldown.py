@@ -22,6 +22,18 @@ def question_drilldown(frame: pl.DataFrame, question_id: str, generations: pl.Da
     if question_id not in known:
         raise EngramEvalError(f"--question: no question '{question_id}' in this run (known: {', '.join(known)})")
     rows = frame.filter((pl.col("question_id") == question_id) & primary_rows())  # paraphrases: the variability section
+    return _drilldown(question_id, rows, None if generations is None else generations.filter(pl.col("question_id") == question_id))
+
+
+def question_drilldowns(frame: pl.DataFrame, generations: pl.DataFrame | None = None) -> list[dict]:
+    """Every question's drill-down, in the run's order (one partition of the rows, not one filter per question)."""
+    rows = frame.filter(primary_rows()).partition_by("question_id", as_dict=True, maintain_order=True)
+    texts = {} if generations is None else generations.partition_by("question_id", as_dict=True)
+    return [_drilldown(question_id, group, texts.get((question_id,), None if generations is None else generations.clear()))
+            for (question_id,), group in rows.items()]
+
+
+def _drilldown(question_id: str, rows: pl.DataFrame, generations: pl.DataFrame | None) -> dict:
     conditions = []
     for (context,), condition in rows.group_by(["context"], maintain_order=True):
         base = condition.filter(pl.col("role") == "baseline").row(0, named=True)
@@ -40,7 +52,7 @@ def question_drilldown(frame: pl.DataFrame, question_id: str, generations: pl.Da
         })
     texts = [] if generations is None else [
         {key: r[key] for key in ("role", "engram", "layer", "strength", "chunks", "context", "first_answer", "verdict", "text")}
-        for r in generations.filter(pl.col("question_id") == question_id).iter_rows(named=True)]
+        for r in generations.iter_rows(named=True)]
     return {"question_id": question_id, "conditions": conditions, "texts": texts}
 
 

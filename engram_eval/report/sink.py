@@ -18,7 +18,7 @@ from ..core.spec import LOGSUMEXP_SIDES
 from ..run.results import primary_rows
 from ..run.rundir import ANSWERS_FILE, verify_file
 from .dose import DEFAULT_DOSES, dose_series, dosed_cells
-from .statistics import bootstrap_mean_ci, judge, sign_flip_test
+from .statistics import bootstrap_mean_ci, fill_p_values, judge
 
 CELL = ("layer", "strength", "chunks")
 MEASURES = ("sink", "correct")  # what the paired tests compare: the sink, and Δ log p(correct)
@@ -89,7 +89,7 @@ def _at_equal_dose(cells: pl.DataFrame, frame: pl.DataFrame, side_effects: pl.Da
     dosed = cells.filter(pl.col("strength") > 0).join(doses, on=["question_id", "engram", *CELL], how="left")
     series = dose_series(dosed, targets, "sink").drop_nulls("sink")
     at = series.filter(pl.col("kind") == "relevant").select("question_id", "target", "layer", "chunks", relevant="sink")
-    entries = []
+    entries, samples = [], []
     for target in targets:
         for kind in kinds[1:]:
             control = series.filter((pl.col("kind") == kind) & (pl.col("target") == target))
@@ -98,7 +98,9 @@ def _at_equal_dose(cells: pl.DataFrame, frame: pl.DataFrame, side_effects: pl.Da
             differences = per_question["difference"].to_list()
             entries.append({"dose": target, "control": kind, "questions": len(differences),
                             "mean_difference": sum(differences) / len(differences) if differences else None,
-                            "ci95": bootstrap_mean_ci(differences), "p_value": sign_flip_test(differences)})
+                            "ci95": bootstrap_mean_ci(differences), "p_value": None})
+            samples.append(differences)
+    fill_p_values(entries, samples)
     judge(entries)
     return entries
 
@@ -108,7 +110,7 @@ def _paired_tests(cells: pl.DataFrame, kinds: list[str]) -> list[dict]:
     controls of one kind in a question: their mean), the sign-flip p, the mean and its interval; BH over all."""
     per_kind = cells.group_by(["question_id", "kind", *CELL]).agg(pl.col(*MEASURES).mean())
     relevant = per_kind.filter(pl.col("kind") == "relevant").drop("kind")
-    tests = []
+    tests, samples = [], []
     for kind in kinds[1:]:
         paired = relevant.join(per_kind.filter(pl.col("kind") == kind).drop("kind"), on=["question_id", *CELL],
                                suffix="_control").sort([*CELL, "question_id"], nulls_last=True)
@@ -117,7 +119,9 @@ def _paired_tests(cells: pl.DataFrame, kinds: list[str]) -> list[dict]:
                 differences = (group[measure] - group[f"{measure}_control"]).to_list()
                 tests.append({"control": kind, **dict(zip(CELL, cell)), "measure": measure, "questions": len(differences),
                               "mean_difference": sum(differences) / len(differences),
-                              "ci95": bootstrap_mean_ci(differences), "p_value": sign_flip_test(differences)})
+                              "ci95": bootstrap_mean_ci(differences), "p_value": None})
+                samples.append(differences)
+    fill_p_values(tests, samples)
     judge(tests)
     return tests
 

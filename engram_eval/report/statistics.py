@@ -2,13 +2,27 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Sequence
+
 import numpy as np
-from scipy.stats import binomtest, false_discovery_control, permutation_test
+from scipy.stats import binomtest, false_discovery_control
 
 ALPHA = 0.05
 
 
-EXACT_SIGN_FLIPS_UP_TO = 16  # questions: all 2^n sign patterns (65,536 at 16); above, 200,000 seeded random ones
+def fill_p_values(entries: list[dict], samples_list: list[Sequence[float]]) -> None:
+    """Each entry's p_value, in place: the sign-flip test of its list of differences, all in one batch."""
+    for entry, p_value in zip(entries, sign_flip_tests(samples_list), strict=True):
+        entry["p_value"] = p_value
+
+
+SIGN_FLIP_SAMPLES = 200_000
+SIGNS = np.array([1.0, -1.0])  # bit 0 keeps a difference's sign, bit 1 flips it
+SIGN_FLIP_BATCH = 25_000  # random sign patterns per matrix product: 25,000 x n float64 (38 MB at 192 questions)
+
+
+EXACT_SIGN_FLIPS_UP_TO = 16  # questions: all 2^n sign patterns (65,536 at 16); above, SIGN_FLIP_SAMPLES seeded random ones
 
 
 def wilson_interval(successes: int, n: int) -> tuple[float, float] | None:
@@ -24,23 +38,66 @@ def clamp_unit(value: float) -> float:
     return round(min(1.0, max(0.0, float(value))), 12)
 
 
-def sign_flip_test(differences: list[float], samples: int = 200_000, seed: int = 0) -> float | None:
-    """Two-sided paired permutation test of mean(differences) = 0 (scipy's permutation_test, signs flipped): exact over
-    all 2^n sign patterns up to 16 questions, else a seeded random sample of them (of the sorted differences, so the
-    p-value does not depend on the rows' order). None without data."""
-    n = len(differences)
-    if n == 0:
-        return None
-    if n == 1:
-        return 1.0  # both signs give the same |mean|
-    exact = n <= EXACT_SIGN_FLIPS_UP_TO
-    result = permutation_test((np.sort(np.asarray(differences, dtype=float)),), _mean, permutation_type="samples", vectorized=True,
-                              n_resamples=2**n if exact else samples, alternative="two-sided", rng=np.random.default_rng(seed))
-    return float(result.pvalue)
+def sign_flip_test(differences: list[float], samples: int = SIGN_FLIP_SAMPLES, seed: int = 0) -> float | None:
+    """Two-sided paired permutation test of mean(differences) = 0 (sign_flip_tests on one sample)."""
+    return sign_flip_tests([differences], samples, seed)[0]
 
 
-def _mean(x: np.ndarray, axis: int) -> np.ndarray:
-    return np.mean(x, axis=axis)
+def sign_flip_tests(samples_list: Sequence[Sequence[float]], samples: int = SIGN_FLIP_SAMPLES,
+                    seed: int = 0) -> list[float | None]:
+    """Two-sided paired permutation tests of mean(differences) = 0, one per list of differences, as scipy's
+    permutation_test computes them (signs flipped; p = 2 min(P(null <= observed), P(null >= observed)), ties within
+    100 eps of the observed counted, clipped to 1): exact over all 2^n sign patterns up to 16 questions, else the same
+    seeded batch of random patterns for every list (its first n columns), one matrix product per batch of patterns.
+    Equal to scipy's exact p-values; sampled, within their Monte-Carlo error. Each list is sorted first, so a p-value
+    does not depend on the rows' order. None without data; 1.0 for one difference (both signs give the same |mean|)."""
+    arrays = [np.sort(np.asarray(values, dtype=float)) for values in samples_list]
+    p_values: list[float | None] = [None if x.size == 0 else 1.0 if x.size == 1 else None for x in arrays]
+    exact: dict[int, list[int]] = {}
+    sampled = []
+    for i, x in enumerate(arrays):
+        if x.size > 1:
+            (exact.setdefault(x.size, []) if x.size <= EXACT_SIGN_FLIPS_UP_TO else sampled).append(i)
+    for n, members in exact.items():
+        patterns = SIGNS[(np.arange(2**n)[:, None] >> np.arange(n)) & 1]
+        for i, p in zip(members, _two_sided(patterns, [arrays[i] for i in members], adjustment=0)):
+            p_values[i] = p
+    if sampled:
+        width = max(arrays[i].size for i in sampled)
+        patterns = (_random_signs(seed, batch, min(SIGN_FLIP_BATCH, samples - start), width)
+                    for batch, start in enumerate(range(0, samples, SIGN_FLIP_BATCH)))
+        for i, p in zip(sampled, _two_sided(patterns, [arrays[i] for i in sampled], adjustment=1)):
+            p_values[i] = p
+    return p_values
+
+
+def _random_signs(seed: int, batch: int, rows: int, width: int) -> np.ndarray:
+    """Batch `batch` of the seeded random sign patterns, its first `width` columns: each batch has its own stream and
+    is drawn column by column, so a pattern's first n signs do not depend on how wide the batch is (a test's p-value
+    does not depend on the other tests computed with it)."""
+    columns = np.random.default_rng([seed, batch]).integers(0, 256, size=(-(-width // 8), rows), dtype=np.uint8)
+    return SIGNS[np.unpackbits(columns.T, axis=1, count=width)]
+
+
+def _two_sided(patterns, arrays: list[np.ndarray], adjustment: int) -> list[float]:
+    """scipy's two-sided p-value of each array's sum under the sign patterns (one (rows, width) matrix, or an iterator
+    of them): the arrays are the columns of one zero-padded matrix, so each batch of patterns is one product."""
+    width = max(x.size for x in arrays)
+    columns = np.zeros((width, len(arrays)))
+    for j, x in enumerate(arrays):
+        columns[: x.size, j] = x
+    observed = columns.sum(axis=0)
+    gamma = np.abs(np.finfo(float).eps * 100 * observed)
+    less = np.zeros(len(arrays), dtype=np.int64)
+    greater = np.zeros(len(arrays), dtype=np.int64)
+    total = 0
+    for batch in [patterns] if isinstance(patterns, np.ndarray) else patterns:
+        null = batch @ columns
+        less += np.count_nonzero(null <= observed + gamma, axis=0)
+        greater += np.count_nonzero(null >= observed - gamma, axis=0)
+        total += batch.shape[0]
+    smaller = np.minimum(less, greater) + adjustment
+    return [float(p) for p in np.minimum(2 * smaller / (total + adjustment), 1.0)]
 
 
 def smallest_p_value(n: int) -> float:
@@ -81,16 +138,27 @@ def mcnemar_exact(a_only: int, b_only: int) -> float:
 
 
 def bootstrap_mean_ci(values: list[float], seed: int = 0, confidence: float = 0.95) -> tuple[float, float] | None:
-    """Percentile bootstrap interval of the mean (scipy, 9999 resamples, seeded); None for fewer than two values or when
-    every value is the same (nothing to resample). The values are sorted first: the seeded resamples pick positions, so
-    the interval must not depend on the order polars happened to aggregate the rows in."""
-    from scipy.stats import bootstrap
-
+    """Percentile bootstrap interval of the mean, as scipy's bootstrap computes it (9999 resamples, seeded: the same
+    resamples, so the same interval), with the resample indices drawn once per sample size and kept; None for fewer
+    than two values or when every value is the same (nothing to resample). The values are sorted first: the seeded
+    resamples pick positions, so the interval must not depend on the order polars happened to aggregate the rows in."""
     if len(values) < 2 or len(set(values)) == 1:
         return None
-    result = bootstrap((np.sort(np.asarray(values, dtype=float)),), np.mean, confidence_level=confidence, n_resamples=9999,
-                       method="percentile", rng=np.random.default_rng(seed))
-    return float(result.confidence_interval.low), float(result.confidence_interval.high)
+    means = np.sort(np.asarray(values, dtype=float))[_resample_indices(len(values), BOOTSTRAP_RESAMPLES, seed)].mean(axis=-1)
+    alpha = (1 - confidence) / 2
+    low, high = np.quantile(means, [alpha, 1 - alpha])
+    return float(low), float(high)
+
+
+BOOTSTRAP_RESAMPLES = 9999
+
+
+@functools.lru_cache(maxsize=8)
+def _resample_indices(n: int, resamples: int, seed: int) -> np.ndarray:
+    """scipy's bootstrap draw: row b is resample b's positions (rng.integers(0, n, (resamples, n)))."""
+    indices = np.random.default_rng(seed).integers(0, n, (resamples, n))
+    indices.flags.writeable = False
+    return indices
 
 
 def auroc(signal: np.ndarray, positive: np.ndarray, axis: int = -1) -> np.ndarray:

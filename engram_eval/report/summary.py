@@ -16,7 +16,7 @@ from .dose import DEFAULT_DOSES, at_best_cell, dose_matched_summary
 from .evidence import cell_tests, effect_sizes, held_out_best_cell
 from .experiments import CELL_KEYS, attention_summary, chunk_count_summary, ensemble_comparison, generation_summary, rag_summary
 from .sink import sink_summary
-from .statistics import bootstrap_mean_ci, rate, sign_flip_test, verdict
+from .statistics import bootstrap_mean_ci, fill_p_values, rate, verdict
 from .variability import variability_summary
 
 
@@ -201,7 +201,7 @@ def _controls(frame: pl.DataFrame) -> list[dict]:
     control's cells that flip), with a bootstrap interval over questions."""
     relevant = frame.filter(pl.col("role") == "relevant")
     keys = ["question_id", *CELL_KEYS]
-    rows = []
+    rows, samples = [], []
     for kind in _control_kinds(frame):
         control = frame.filter((pl.col("role") == "control") & (pl.col("control_kind") == kind))
         paired = control.join(relevant.select(*keys, rel_log="log_improvement"), on=keys)
@@ -211,8 +211,7 @@ def _controls(frame: pl.DataFrame) -> list[dict]:
             .sort("question_id")
         )
         differences = per_question["difference"].to_list()
-        mean_difference = sum(differences) / len(differences) if differences else None
-        p_value = sign_flip_test(differences)
+        samples.append(differences)
         relevant_cells = relevant.join(control.select(keys).unique(), on=keys, how="semi")
         control_cells = control.filter(computed_cells()).join(relevant.select(keys), on=keys, how="semi")
         rows.append(
@@ -227,12 +226,15 @@ def _controls(frame: pl.DataFrame) -> list[dict]:
                 "flips_control": int(control_cells["flipped"].sum()),
                 "breaks_relevant": int(relevant_cells["broken"].sum()),
                 "breaks_control": int(control_cells["broken"].sum()),
-                "mean_difference": mean_difference,
-                "p_value": p_value,
-                "verdict": verdict(mean_difference, p_value, len(differences)),
+                "mean_difference": sum(differences) / len(differences) if differences else None,
+                "p_value": None,
+                "verdict": None,
                 "adjusted_flip_difference": _adjusted_flip_difference(relevant_cells, control_cells),
             }
         )
+    fill_p_values(rows, samples)
+    for row in rows:
+        row["verdict"] = verdict(row["mean_difference"], row["p_value"], row["questions"])
     return rows
 
 
