@@ -15,7 +15,7 @@ _NAMES = {
     "Engram": ".engram.extraction", "extract_engram": ".engram.extraction",
     "compare_engrams": ".engram.geometry", "chunk_mean": ".engram.pooling",
     "EngramStore": ".engram.store", "StoredEngram": ".engram.store",
-    "load_run": ".report.summary", "summarize": ".report.summary",
+    "load_run": ".report.summary", "summarize": ".report.summary", "RunSummary": ".report.run_summary",
     "run_generate": ".run.generation", "run_sweep": ".run.sweep",
 }
 

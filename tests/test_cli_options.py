@@ -142,6 +142,8 @@ OPTION_TESTS = {
     "bench --dtype": "test_model_options_reach_the_loader_of_every_command",
     "bench --trust-remote-code": "test_model_options_reach_the_loader_of_every_command",
     "bench --bank": "test_bench_options_reach_the_benchmark",
+    "bench --report": "test_cli_report_check.py::test_bench_report_times_each_format_against_reading_the_parquet",
+    "bench --trials": "test_cli_report_check.py::test_bench_report_runs_each_measure_trials_times",
     "bench --layers": "test_bench_options_reach_the_benchmark",
     "bench --strengths": "test_bench_options_reach_the_benchmark",
     "bench --loop-cells": "test_bench_options_reach_the_benchmark",
@@ -629,7 +631,7 @@ def test_report_formats_and_output(flipping_run, tmp_path):
     summary = summarize(frame, run_json, generations=load_generations(flipping_run))
     as_json = ok(run("report", flipping_run, "--format", "json")).stdout
     assert json.loads(as_json) == json.loads(render_json(summary))
-    assert {k: v for k, v in json.loads(as_json).items() if k != "sections"} == json.loads(json.dumps(summary, default=str))
+    assert {k: v for k, v in json.loads(as_json).items() if k != "sections"} == json.loads(json.dumps(summary.to_dict(), default=str))
     markdown = ok(run("report", flipping_run, "--format", "markdown")).stdout
     assert markdown == render_markdown(summary) + "\n"
     table = ok(run("report", flipping_run)).stdout

@@ -285,3 +285,15 @@ def test_bench_report_times_each_format_against_reading_the_parquet(run_dir, tmp
     broken.mkdir()
     result = CliRunner().invoke(cli, ["bench", "--report", str(broken)])
     assert result.exit_code != 0 and "no results.parquet" in result.output and "Traceback" not in result.output
+
+
+def test_bench_report_runs_each_measure_trials_times(run_dir, monkeypatch):
+    import subprocess
+
+    from engram_eval.bench import report_bench
+
+    calls = []
+    real = subprocess.run
+    monkeypatch.setattr(report_bench.subprocess, "run", lambda command, **kw: calls.append(command[4]) or real(command, **kw))
+    report_bench.bench_report([run_dir], trials=2)
+    assert calls == ["read"] * 2 + ["report"] * 2 * len(report_bench.REPORT_FORMATS)

@@ -235,7 +235,7 @@ def test_the_side_by_side_rows_equal_the_comparison(summary):
     assert render_side_by_side(comparison, "markdown").startswith("# engram-eval report: runs side by side\n\n## Runs side by side")
     page = json.loads(render_json(summary))
     assert page.pop("sections") == json.loads(json.dumps([s.as_dict() for s in summary_sections(summary)]))
-    assert page == json.loads(json.dumps(summary, default=str))
+    assert page == json.loads(json.dumps(summary.to_dict(), default=str))
 
 
 def test_runs_that_differ_in_a_setting_are_labelled_with_it():
@@ -415,7 +415,7 @@ def test_the_run_questions_and_headline_rows_say_the_summarys_values(every_secti
     split = every_section["split"]
     (held,) = [rows for t, rows in sections.items() if t.startswith("Held-out")]
     assert held[0] == ["cell", f"L{split['cell']['layer']}, {split['cell']['strength']:g}, k={split['cell']['chunks']}", ""]
-    unfinished = {**every_section, "header": {**h, "duration_seconds": None, "partial": {"questions_done": 3, "questions": None}}}
+    unfinished = every_section.replaced(header={**h, "duration_seconds": None, "partial": {"questions_done": 3, "questions": None}})
     run = dict(map(tuple, markdown_sections(render_markdown(unfinished))["Run"]))
     assert run["duration"] == "-" and run["cells"].endswith("(the sweep has not finished; rerun it with the same command to complete the run))")
     assert "partial: 3 questions (the sweep" in run["cells"]

@@ -148,7 +148,7 @@ def test_every_section_of_a_run_is_documented_in_order(summary):
 
 
 def test_the_partial_banner_is_the_documented_one(summary):
-    partial = {**summary, "header": {**summary["header"], "partial": {"questions_done": 3, "questions": 20}}}
+    partial = summary.replaced(header={**summary["header"], "partial": {"questions_done": 3, "questions": 20}})
     first = render_markdown(partial).split("\n\n")[1]
     banner = re.search(r"`(partial: [^`]*)`", DOCS.read_text()).group(1)
     assert pattern(banner).match(first.removeprefix("> **").removesuffix("**"))

@@ -114,8 +114,8 @@ def test_the_spread_and_survives_rewording_recounted_from_the_parquet(tiny, tmp_
     assert [s["kind"] for s in summary["variability"]["paraphrases"]] == ["relevant"]
     # The rest of the report reads the source's own text only: the same summary as without the variants' rows.
     own = frame.filter(pl.col("sample").is_null() & (pl.col("paraphrase").fill_null(0) == 0))
-    assert {k: v for k, v in summarize(own, run).items() if k != "variability"} == \
-        {k: v for k, v in summary.items() if k != "variability"}
+    assert {k: v for k, v in summarize(own, run).record.items() if k != "variability"} == \
+        {k: v for k, v in summary.record.items() if k != "variability"}
     assert summarize(own, run)["variability"] is None
     markdown = CliRunner().invoke(cli, ["report", str(result.out), "--format", "markdown"]).output
     assert "## Variability over paraphrases (relevant): survives rewording" in markdown

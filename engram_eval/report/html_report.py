@@ -12,6 +12,7 @@ from plotly.offline import get_plotlyjs
 from .formatting import fmt_cell, fmt_effect, partial_banner
 from .rendering import html_page, html_table
 from .figures import CountHeatmap, DoseCurves, EffectHeatmap, RocCurves, SinkBars
+from .run_summary import RunSummary
 from .sections import drilldown_sections, summary_sections
 
 # Plotly's own event API: a click on a heatmap cell lists that cell's questions under the plot.
@@ -21,7 +22,7 @@ CLICK = ("var plot = document.getElementById('{plot_id}');"
          " point.y + ', strength ' + point.x + ': ' + (point.customdata[2] || 'no questions'); });")
 
 
-def render_html(summary: dict, drills: list[dict] = ()) -> str:
+def render_html(summary: RunSummary, drills: list[dict] = ()) -> str:
     header = summary["header"]
     title = f"engram-eval report: {header['bank']} on {header['model']}"
     body = []

@@ -8,10 +8,11 @@ import math
 
 from .formatting import partial_banner
 from .figures import CountHeatmap, Section
+from .run_summary import RunSummary
 from .sections import drilldown_sections, side_by_side_sections, summary_sections
 
 
-def render_table(summary: dict, console) -> None:
+def render_table(summary: RunSummary, console) -> None:
     if banner := partial_banner(summary):
         console.print(f"[bold yellow]{banner}[/]")
     print_sections(summary_sections(summary), console)
@@ -80,7 +81,7 @@ def _heat_cell(text: str, cell: dict, measure: str) -> str:
     return f"[white on {colour}] {text} [/]"
 
 
-def render_markdown(summary: dict) -> str:
+def render_markdown(summary: RunSummary) -> str:
     banner = partial_banner(summary)
     return markdown_page(f"engram-eval report: {summary['header']['bank']} on {summary['header']['model']}",
                          summary_sections(summary, short=True), [f"> **{banner}**"] if banner else [])
@@ -95,8 +96,9 @@ def markdown_page(heading: str, sections: list[Section], preface: list[str] = ()
     return "\n".join(lines)
 
 
-def render_json(summary: dict) -> str:
-    return json_page(summary, summary_sections(summary))
+def render_json(summary: RunSummary) -> str:
+    """The RunSummary's record under its schema version (docs/report.schema.json), plus the sections as rendered."""
+    return json_page(summary.to_dict(), summary_sections(summary))
 
 
 def json_page(data: dict, sections: list[Section]) -> str:

@@ -5,6 +5,7 @@ iterate them; none reads a title to know what a section is. docs/report.md lists
 from __future__ import annotations
 
 from .experiments import cell_label
+from .run_summary import RunSummary
 from .figures import CountHeatmap, DoseCurves, EffectHeatmap, RocCurves, Section, SinkBars
 from .sink import sink_line
 from .formatting import (
@@ -30,7 +31,7 @@ from .formatting import (
 )
 
 
-def summary_sections(summary: dict, short: bool = False) -> list[Section]:
+def summary_sections(summary: RunSummary, short: bool = False) -> list[Section]:
     """Every table of a run's report, in report order; the renderers iterate these. short (markdown, for CI step
     summaries) leaves out the effect-size tables."""
     h = summary["header"]

@@ -12,10 +12,11 @@ from ..run.results import computed_cells, primary_rows
 from ..run.rundir import PART_CHECKSUMS, GenerationFiles, check_results_format, read_run_json, verify_file, verify_results
 from .calibration import calibration_summary
 from .decision import decision_advice
-from .dose import DEFAULT_DOSES, at_best_cell, dose_matched_summary
+from .dose import DEFAULT_DOSES, at_best_cell, dose_matched_summary, load_side_effects
 from .evidence import cell_tests, effect_sizes, held_out_best_cell
 from .experiments import CELL_KEYS, attention_summary, chunk_count_summary, ensemble_comparison, generation_summary, rag_summary
-from .sink import sink_summary
+from .run_summary import RunSummary
+from .sink import load_answers, sink_summary
 from .statistics import bootstrap_mean_ci, fill_p_values, rate, verdict
 from .variability import variability_summary
 
@@ -329,17 +330,25 @@ def _semantic_sink(relevant: pl.DataFrame) -> list[dict]:
     ]
 
 
-def summarize(frame: pl.DataFrame, run: dict, engram_role: str = "relevant", generations: pl.DataFrame | None = None,
-              split: int | None = None, side_effects: pl.DataFrame | None = None,
+def summarize(run: str | Path | pl.DataFrame, run_json: dict | None = None, engram_role: str = "relevant",
+              generations: pl.DataFrame | None = None, split: int | None = None, side_effects: pl.DataFrame | None = None,
               doses: tuple[float, ...] = DEFAULT_DOSES, ladder: list[tuple[str, pl.DataFrame, dict]] = (),
-              ensembled: pl.DataFrame | None = None, answers: pl.DataFrame | None = None) -> dict:
-    """Every number the report shows, computed once; all formats render this. split: pick the best cell on a random
-    half of the questions (this seed) and report its rates on the other half. side_effects: the neutral probe's rows
-    (RUN/side_effects.parquet), the dose of the dose-matched comparison at these target doses (else each row's
-    kl_next). ladder: other runs of the bank (label, frame, run.json) whose engrams join the RAG section's ladder.
-    ensembled: `generate --ensemble/--reextract`'s texts, compared with the plain ones on the cells both generated (and
-    the generation section's own when there are no plain ones). answers: RUN/answers.parquet (sink.load_answers), for
-    the semantic sink measured per answer."""
+              ensembled: pl.DataFrame | None = None, answers: pl.DataFrame | None = None) -> RunSummary:
+    """Every number the report shows, computed once, as a typed RunSummary; all formats render it.
+
+    run: a run directory (its results, run.json, generations, neutral probe and answers are read from it, as
+    `engram-eval report RUN` does), or a results frame with its run.json as run_json and the other tables passed
+    in. split: pick the best cell on a random half of the questions (this seed) and report its rates on the other half.
+    side_effects: the neutral probe's rows (RUN/side_effects.parquet), the dose of the dose-matched comparison at these
+    target doses (else each row's kl_next). ladder: other runs of the bank (label, frame, run.json) whose engrams join
+    the RAG section's ladder. ensembled: `generate --ensemble/--reextract`'s texts, compared with the plain ones on the
+    cells both generated (and the generation section's own when there are no plain ones). answers: RUN/answers.parquet
+    (sink.load_answers), for the semantic sink measured per answer."""
+    if not isinstance(run, pl.DataFrame):
+        frame, run_json = load_run(run)
+        return summarize(frame, run_json, engram_role, load_generations(run), split, load_side_effects(run, run_json), doses,
+                         ladder, load_generations(run, ensembled=True), load_answers(run, run_json))
+    frame, run = run, run_json or {}
     if frame.is_empty():
         raise EngramEvalError("results.parquet holds no rows")
     variability = variability_summary(per_condition(frame))
@@ -364,7 +373,7 @@ def summarize(frame: pl.DataFrame, run: dict, engram_role: str = "relevant", gen
                 heatmaps[f"{kind}{suffix}"] = _heatmap(controls.filter(pl.col("control_kind") == kind), layers, strengths, k)
     headline = _headline(relevant, list(relevant_maps.values()))
     texts = generations if generations is not None else ensembled  # the generation section's: plain ones when there are
-    return {
+    return RunSummary.build({
         "header": {
             "run_id": frame["run_id"][0],
             "model": run.get("model_description") or frame["model"][0],
@@ -404,4 +413,4 @@ def summarize(frame: pl.DataFrame, run: dict, engram_role: str = "relevant", gen
         "ensemble_comparison": None if generations is None or ensembled is None else ensemble_comparison(generations, ensembled),
         "rag": rag,
         "variability": variability,
-    }
+    }, frame)
