@@ -129,3 +129,92 @@ def test_the_dose_figure_draws_one_line_per_engram_kind_through_its_strengths(br
     assert drawn["shapes"] == pytest.approx(summary["dose_matched"]["targets"]) and drawn["type"] == "log"
     assert drawn["points"] == sum(len(points) for points in curves.values())
     assert [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"] == []
+
+
+@pytest.fixture
+def off_page(tmp_path):
+    """A report with two questions (conditions) off-distribution, and every question's drill-down."""
+    from decisive import every_section_frame, every_section_generations, every_section_run_with_probe, every_section_side_effects
+
+    frame = every_section_frame()
+    questions = sorted(frame["question_id"].unique().to_list())
+    labels = [q["question_id"] for q in summarize(frame, every_section_run_with_probe())["questions"]]  # per condition
+    off = {labels[2]: "its answers hold 5.0% of the probability", labels[6]: "the top token is '<|im_end|>'"}
+    summary = summarize(frame, {**every_section_run_with_probe(), "off_distribution": off},
+                        generations=every_section_generations(), side_effects=every_section_side_effects(frame))
+    page = tmp_path / "report.html"
+    page.write_text(render_html(summary, [question_drilldown(frame, q) for q in questions]))
+    return page, summary, off, sorted({label.split()[0] for label in off})
+
+
+def test_the_page_shows_before_it_lists(browser, off_page):
+    """Verdict (headline, off-distribution flag, controls), then the plots, then the questions and their drill-downs,
+    then the other tables; a table over 12 rows starts collapsed with its row count in its title, and each figure's
+    numbers sit collapsed under it."""
+    from engram_eval.report.html_report import LONG
+    from engram_eval.report.sections import summary_sections
+
+    page, summary, off, _ = off_page
+    open_page(browser, page)
+    order = browser.execute_script(
+        "return Array.from(document.querySelectorAll('h2, #off-distribution, .js-plotly-plot, details[id^=question-]'))"
+        ".map(e => e.tagName == 'H2' ? 'h2:' + e.id : e.id.startsWith('question-') ? 'drill' : e.id == 'off-distribution' ? 'flag' : 'plot');")
+    positions = {name: order.index(name) for name in ("h2:section-headline", "flag", "h2:section-controls", "h2:plots",
+                                                       "h2:per-question", "drill", "h2:tables")}
+    assert list(positions.values()) == sorted(positions.values())
+    assert order[positions["h2:plots"] + 1] == "plot" and "plot" not in order[positions["h2:per-question"]:]
+    sections = {s.key: s for s in summary_sections(summary)}
+    for key, section in sections.items():
+        if section.figure is None and key not in ("headline", "off-distribution", "sink", "controls", "questions"):
+            element = browser.find_element("id", f"section-{key}")
+            if len(section.rows) > LONG:
+                assert element.tag_name == "details" and element.get_attribute("open") is None
+                assert element.find_element("tag name", "summary").text == f"{section.title} ({len(section.rows)} rows)"
+            else:
+                assert element.tag_name == "h3" and element.is_displayed()
+        elif section.figure is not None and key not in ("headline", "sink"):
+            numbers = browser.find_element("id", f"section-{key}")
+            assert numbers.find_element("tag name", "summary").text.startswith(f"the numbers ({len(section.rows)} row")
+
+
+def test_off_distribution_questions_are_flagged_once_and_filtered_everywhere(browser, off_page):
+    page, summary, off, ids = off_page
+    text = page.read_text()
+    assert text.count("off-distribution") >= 1 and "(answers off-distribution)" not in text
+    open_page(browser, page)
+    flag = browser.find_element("id", "off-distribution")
+    assert flag.text.startswith(f"Off-distribution: {len(off)} of {summary['header']['conditions']} questions")
+    marked = browser.execute_script("return Array.from(document.querySelectorAll('.off')).map(e => e.tagName == 'TR' ?"
+                                    " e.cells[0].textContent : e.id);")
+    assert set(marked) == set(off) | {f"question-{q}" for q in ids}
+    assert sum(m in off for m in marked) >= 2 * len(off)  # the questions table and the calibration table, at least
+    assert all(e.is_displayed() for e in browser.find_elements("css selector", "#section-questions + .wide tr.off"))
+    browser.find_element("id", "hide-off").click()
+    assert not any(e.is_displayed() for e in browser.find_elements("css selector", "tr.off, details.off"))
+    kept = [r.find_element("tag name", "td").get_attribute("textContent")
+            for r in browser.find_elements("css selector", "#section-questions + .wide tr")[1:] if r.is_displayed()]
+    assert kept and not set(kept) & set(off) and len(kept) == summary["header"]["conditions"] - len(off)
+    browser.find_element("id", "hide-off").click()
+    assert len([r for r in browser.find_elements("css selector", "#section-questions + .wide tr")[1:] if r.is_displayed()]) == \
+        summary["header"]["conditions"]
+
+
+@pytest.mark.parametrize("width,height", [(1280, 800), (390, 844)])
+def test_the_page_fits_the_screen_and_opens_on_the_headline(browser, off_page, width, height, tmp_path):
+    """Emulated screens (Chromium's device metrics): the page never scrolls sideways (wide tables and figures scroll in
+    their own box); at 1280 x 800 the whole headline table is on the first screen. Screenshots kept for a look."""
+    page, summary, _, _ = off_page
+    browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                            {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": width < 600})
+    try:
+        open_page(browser, page)
+        measured = browser.execute_script(
+            "return {inner: window.innerWidth, scroll: document.documentElement.scrollWidth,"
+            " bottom: document.querySelector('#section-headline + .wide table').getBoundingClientRect().bottom};")
+        browser.save_screenshot(str(tmp_path / f"report-{width}.png"))
+    finally:
+        browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+    assert measured["inner"] == width and measured["scroll"] <= width
+    if width == 1280:
+        assert measured["bottom"] <= height
+    assert (tmp_path / f"report-{width}.png").stat().st_size > 10_000

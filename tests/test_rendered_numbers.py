@@ -36,20 +36,29 @@ def markdown_sections(text: str) -> dict[str, list[list[str]]]:
 
 
 class _Tables(HTMLParser):
+    """Rows of each section's table: a section starts at the element with its id (section-KEY) and data-title, and
+    ends at the next element with an id (another section, a drill-down, a group heading); on a page without ids,
+    at each h2."""
+
     def __init__(self):
         super().__init__()
-        self.sections, self.title, self.in_h2, self.cell, self.row = {}, None, False, None, None
+        self.sections, self.title, self.cell, self.row, self.in_h2 = {}, None, None, None, False
 
     def handle_starttag(self, tag, attrs):
-        if tag == "h2":
+        attributes = dict(attrs)
+        if tag == "h2" and "id" not in attributes:  # a page of sections without ids: drill-down, side by side
             self.in_h2, self.title = True, ""
+        elif "id" in attributes:
+            self.title = attributes.get("data-title") if attributes["id"].startswith("section-") else None
+            if self.title is not None:
+                self.sections.setdefault(self.title, [])
         elif tag == "tr" and self.title is not None:
             self.row = []
         elif tag == "td" and self.row is not None:
             self.cell = ""
 
     def handle_endtag(self, tag):
-        if tag == "h2":
+        if tag == "h2" and self.in_h2:
             self.in_h2 = False
             self.sections.setdefault(self.title, [])
         elif tag == "td" and self.cell is not None:
@@ -425,7 +434,9 @@ def test_html_tables_are_exactly_the_cells_escaped():
     from engram_eval.report.rendering import html_table
 
     assert html_table(["a", "b<"], [["1", "<2>"], ["&", ""]]) == (
-        "<table><tr><th>a</th><th>b&lt;</th></tr><tr><td>1</td><td>&lt;2&gt;</td></tr><tr><td>&amp;</td><td></td></tr></table>")
+        "<div class='wide'><table><tr><th>a</th><th>b&lt;</th></tr><tr><td>1</td><td>&lt;2&gt;</td></tr><tr><td>&amp;</td>"
+        "<td></td></tr></table></div>")
+    assert html_table(["q"], [["a"], ["b"]], {"b"}) == "<div class='wide'><table><tr><th>q</th></tr><tr><td>a</td></tr><tr class='off'><td>b</td></tr></table></div>"
 
 
 def test_narrow_terminals_fold_cells_rather_than_cut_them(every_section):

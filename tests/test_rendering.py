@@ -16,7 +16,8 @@ def test_markdown_json_and_html_carry_the_same_numbers(run):
     assert data["headline"] == json.loads(json.dumps(summary["headline"]))
     assert set(summary["heatmaps"]) == {"relevant", "anti", "irrelevant", "random"}
     for q in summary["questions"]:
-        outcome, cases = [l for l in markdown.splitlines() if l.startswith(f"| {q['question_id']} |")]
+        tables = markdown.split("\n## Questions")[1]  # the off-distribution list, above, names questions too
+        outcome, cases = [l for l in tables.splitlines() if l.startswith(f"| {q['question_id']} |")]
         assert outcome.endswith(f"| {fmt_flips(q)} | {q['breaks']} | {fmt_percent(q['anti_steerable'])} |") and f"| {q['decision']['advice']} |" in cases
         assert html.escape(q["decision"]["advice"]) in page
     assert page.count("class='questions'") == 2 * len(summary["heatmaps"])  # one clickable figure per count heatmap
@@ -126,7 +127,7 @@ def test_the_terminal_report_fits_any_width_without_cutting_a_column(width):
 
 def test_off_distribution_questions_are_found_from_the_baseline_rows_and_marked():
     """A baseline whose answers hold under 10% of the probability, or whose top token ends the turn, is named (per
-    condition), recorded by the sweep in run.json, and marked in the questions table."""
+    condition), recorded by the sweep in run.json, and named once, in its own section after the headline."""
     import polars as pl
     from decisive import decisive_frame, decisive_run
 
@@ -142,8 +143,10 @@ def test_off_distribution_questions_are_found_from_the_baseline_rows_and_marked(
     assert off["q03"] == "its answers hold 5.0% of the probability"
     assert off["q07"] == "the top token is '<|im_end|>' (end of turn or text) at p 0.50"
     summary = summarize(frame, {**decisive_run(), "off_distribution": off})
-    table = render_markdown(summary).split("## Questions")[1].split("\n## ")[0]
-    rows = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines() if line.startswith("| q")}
+    markdown = render_markdown(summary)
     for q in summary["questions"]:
         assert q["off_distribution"] == off.get(q["question_id"])
-        assert ("(answers off-distribution)" in rows[q["question_id"]]) == (q["question_id"] in off)
+    flagged = markdown.split("## Off-distribution: 2 of 20 questions have answers the model does not expect")[1].split("\n## ")[0]
+    assert [line for line in flagged.splitlines() if line.startswith("| q0")] == \
+        [f"| {q} | {off[q]} |".replace("|>", "\\|>").replace("<|", "<\\|") for q in sorted(off)]
+    assert "off-distribution" not in markdown.split("## Questions")[1].split("\n## ")[0]  # named once, not on every row

@@ -157,10 +157,13 @@ def _strength_needed(series: pl.DataFrame, kinds: list[str], targets: tuple[floa
 
 
 def _curves(cells: pl.DataFrame, kinds: list[str]) -> dict[str, list[dict]]:
-    """The figure's lines: per kind and grid strength, the median dose and the mean log-improvement."""
+    """The figures' lines: per kind and grid strength, the median dose, the mean log-improvement, and the flip rate
+    (flipped cells over baseline-wrong cells; None without a baseline-wrong cell)."""
+    wrong = ~pl.col("correct_before")
     grouped = (cells.drop_nulls("dose").filter(pl.col("strength") > 0).group_by("kind", "strength")
-               .agg(dose=pl.col("dose").median(), mean_log_improvement=pl.col("log_improvement").mean()).sort("strength"))
-    return {kind: grouped.filter(pl.col("kind") == kind).select("strength", "dose", "mean_log_improvement").to_dicts()
+               .agg(dose=pl.col("dose").median(), mean_log_improvement=pl.col("log_improvement").mean(),
+                    flip_rate=pl.when(wrong.any()).then(pl.col("flipped").filter(wrong).sum() / wrong.sum())).sort("strength"))
+    return {kind: grouped.filter(pl.col("kind") == kind).select("strength", "dose", "mean_log_improvement", "flip_rate").to_dicts()
             for kind in kinds}
 
 

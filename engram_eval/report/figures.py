@@ -6,6 +6,14 @@ from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
+class KindRates:
+    """The headline's figure: per engram kind, the share of baseline-wrong questions that flip somewhere and of
+    baseline-correct ones that break somewhere, each with its Wilson interval (the summary's headline.by_kind)."""
+
+    by_kind: list
+
+
+@dataclass(frozen=True)
 class CountHeatmap:
     """A layer x strength grid of flip (or break) counts: the summary's heatmap and which measure."""
 
@@ -30,8 +38,9 @@ class RocCurves:
 
 @dataclass(frozen=True)
 class DoseCurves:
-    """The dose-matched section's figure: per engram kind, [{strength, dose, mean_log_improvement}] along the grid's
-    strengths, and the target doses."""
+    """The dose-matched section's figures: per engram kind, [{strength, dose, mean_log_improvement, flip_rate}] along
+    the grid's strengths (drawn as log-improvement against dose, and as the flip rate against dose: the trade-off),
+    and the target doses."""
 
     curves: dict
     targets: list[float]
@@ -52,7 +61,7 @@ class Section:
     title: str
     columns: list[str]
     rows: list[list[str]]
-    figure: CountHeatmap | EffectHeatmap | RocCurves | DoseCurves | SinkBars | None = None
+    figure: KindRates | CountHeatmap | EffectHeatmap | RocCurves | DoseCurves | SinkBars | None = None
     right_aligned: bool = False  # a grid of counts: the terminal aligns its cells right
 
     def as_dict(self) -> dict:

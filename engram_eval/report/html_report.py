@@ -11,7 +11,7 @@ from plotly.offline import get_plotlyjs
 
 from .formatting import fmt_cell, fmt_effect, partial_banner
 from .rendering import html_page, html_table
-from .figures import CountHeatmap, DoseCurves, EffectHeatmap, RocCurves, SinkBars
+from .figures import CountHeatmap, DoseCurves, EffectHeatmap, KindRates, RocCurves, SinkBars
 from .run_summary import RunSummary
 from .sections import drilldown_sections, summary_sections
 
@@ -22,40 +22,107 @@ CLICK = ("var plot = document.getElementById('{plot_id}');"
          " point.y + ', strength ' + point.x + ': ' + (point.customdata[2] || 'no questions'); });")
 
 
+VERDICT = ("headline", "off-distribution", "sink", "controls")  # the first screen: what the run says, and how far to trust it
+PER_QUESTION = ("questions",)
+KIND_RATES_TITLE = "Per engram kind: questions that flip somewhere and questions that break somewhere (95% Wilson intervals)"
+LONG = 12  # rows: a longer table starts collapsed, its row count in its title
+
+
 def render_html(summary: RunSummary, drills: list[dict] = ()) -> str:
+    """The page shows before it lists: the verdict (headline per kind, the off-distribution questions flagged once
+    with a filter, the sink, the controls); then the plots; then the questions and their drill-downs; then every other
+    table, a long one collapsed with its row count."""
     header = summary["header"]
     title = f"engram-eval report: {header['bank']} on {header['model']}"
+    off = set(header["off_distribution"])
+    sections = summary_sections(summary)
+    by_key = {section.key: section for section in sections}
     body = []
     if banner := partial_banner(summary):
         body.append(f"<p><strong>{html.escape(banner)}</strong></p>")
-    figures = 0
+    for key in VERDICT:
+        if (section := by_key.get(key)) is not None:
+            body.append(_off_distribution(section) if key == "off-distribution" else _open(section, off))
+    body.append("<h2 id='plots'>Plots</h2>")
     bound = _effect_bound(summary)
-    for section in summary_sections(summary):
-        body.append(f"<h2>{html.escape(section.title)}</h2>")
-        if isinstance(section.figure, CountHeatmap):
-            body.append(_count_heatmap(section.figure.heatmap, section.figure.measure, f"heatmap-{figures}"))
-            figures += 1
-        elif isinstance(section.figure, EffectHeatmap):
-            body.append(_effect_heatmap(section.figure.effects, section.figure.label, f"heatmap-{figures}", bound))
-            figures += 1
-        elif isinstance(section.figure, RocCurves):
-            body.append(_roc_curves(section.figure.curves, "roc-curves"))
-        elif isinstance(section.figure, DoseCurves):
-            body.append(_dose_curves(section.figure, "dose-curves"))
-        elif isinstance(section.figure, SinkBars):
-            body.append(_sink_bars(section.figure, "sink-bars"))
-        body.append(html_table(section.columns, section.rows))
+    figures = [s for s in sections if s.figure is not None]
+    numbers = {s.key: i for i, s in enumerate(s for s in figures if isinstance(s.figure, (CountHeatmap, EffectHeatmap)))}
+    for section in sorted(figures, key=_plot_order):
+        own = isinstance(section.figure, KindRates)  # a title of its own; the others repeat their section's
+        body.append(f"<h3{'' if own else ' class=figure'}>{html.escape(KIND_RATES_TITLE if own else section.title)}</h3>"
+                    f"<div class='wide'>{_draw(section, numbers.get(section.key), bound)}</div>")
+        if section.key not in VERDICT:
+            body.append(_collapsed(section, off, "the numbers"))
+    body.append("<h2 id='per-question'>Per question</h2>")
+    for key in PER_QUESTION:
+        if (section := by_key.get(key)) is not None:
+            body.append(_open(section, off, level=3))
     if drills:
-        body.append("<h2>Per question: each cell's probabilities, boosts against the baseline, sink score and texts</h2>")
-        for drill in drills:
-            body.append(_drilldown(drill))
+        body.append("<h3>Each question cell by cell: probabilities, boosts against the baseline, sink score, texts</h3>")
+        body.extend(_drilldown(drill, off) for drill in drills)
+    rest = [s for s in sections if s.figure is None and s.key not in (*VERDICT, *PER_QUESTION)]
+    body.append("<h2 id='tables'>More tables</h2>")
+    body.extend(_collapsed(s, off) if len(s.rows) > LONG else _open(s, off, level=3) for s in rest)
     if summary.get("generation"):
         texts = summary["generation"]["texts"]
-        body.append(f"<h2>Generated texts</h2><details id='generated-texts'><summary>{len(texts)} texts (click to show)</summary>"
+        body.append(f"<details id='generated-texts'><summary>Generated texts ({len(texts)} rows)</summary>"
                     + html_table(["question", "cell", "ratio", "first answer", "verdict", "text"],
                                  [[t["question_id"], t["cell"], f"{t['ratio']:.3g}", t["first_answer"], t["verdict"], t["text"]]
-                                  for t in texts]) + "</details>")
+                                  for t in texts], off) + "</details>")
     return html_page(title, "\n".join(body), head=f"<script type='text/javascript'>{get_plotlyjs()}</script>")
+
+
+def _plot_order(section) -> int:
+    """The per-kind rates first, then the relevant-minus-control maps, the relevant engram's own maps, the trade-off
+    and dose curves, calibration, the sink (sorted is stable: the report's order within each)."""
+    figure = section.figure
+    if isinstance(figure, KindRates):
+        return 0
+    if isinstance(figure, EffectHeatmap):
+        return 1 if " - " in figure.label else 2
+    return {CountHeatmap: 3, DoseCurves: 4, RocCurves: 5, SinkBars: 6}[type(figure)]
+
+
+def _draw(section, number: int | None, bound: float) -> str:
+    """The section's figure; a heatmap is numbered in the report's order (heatmap-0: the first flip map)."""
+    figure = section.figure
+    if isinstance(figure, KindRates):
+        return _kind_rates(figure, "kind-rates")
+    if isinstance(figure, CountHeatmap):
+        return _count_heatmap(figure.heatmap, figure.measure, f"heatmap-{number}")
+    if isinstance(figure, EffectHeatmap):
+        return _effect_heatmap(figure.effects, figure.label, f"heatmap-{number}", bound)
+    if isinstance(figure, RocCurves):
+        return _roc_curves(figure.curves, "roc-curves")
+    if isinstance(figure, DoseCurves):
+        return _tradeoff(figure, "tradeoff") + _dose_curves(figure, "dose-curves")
+    return _sink_bars(figure, "sink-bars")
+
+
+def _open(section, off: set[str], level: int = 2) -> str:
+    return (f"<h{level} {_anchor(section)}>{html.escape(section.title)}</h{level}>"
+            + html_table(section.columns, section.rows, off))
+
+
+def _collapsed(section, off: set[str], name: str | None = None) -> str:
+    rows = f"{len(section.rows)} row{'s' if len(section.rows) != 1 else ''}"
+    label = f"{name} ({rows})" if name else f"{section.title} ({rows})"
+    return (f"<details {_anchor(section)}><summary>{html.escape(label)}</summary>"
+            + html_table(section.columns, section.rows, off) + "</details>")
+
+
+def _anchor(section) -> str:
+    """Where a section's table starts: its key as the element's id, its title as data-title (a collapsed table's
+    summary says something shorter)."""
+    return f"id='section-{html.escape(section.key, quote=True)}' data-title='{html.escape(section.title, quote=True)}'"
+
+
+def _off_distribution(section) -> str:
+    """Flagged once: the count, a switch that hides those questions' rows everywhere on the page, the list."""
+    return (f"<div class='flag' id='off-distribution'><strong>{html.escape(section.title)}</strong><br>"
+            "<label><input type='checkbox' id='hide-off' onchange=\"document.body.classList.toggle('hide-off', this.checked)\">"
+            " hide them in the tables and drill-downs below</label>"
+            + _collapsed(section, set(), "which") + "</div>")
 
 
 def _count_heatmap(heatmap: dict, measure: str, div_id: str) -> str:
@@ -133,6 +200,42 @@ def _dose_curves(curves: DoseCurves, div_id: str) -> str:
     return figure.to_html(full_html=False, include_plotlyjs=False, div_id=div_id, config={"displaylogo": False})
 
 
+def _kind_rates(rates: KindRates, div_id: str) -> str:
+    """Per engram kind, the question flip rate and the fragile-correct rate side by side, with their Wilson 95%
+    intervals as error bars."""
+    kinds = [k["kind"] for k in rates.by_kind]
+
+    def bars(key: str, name: str, colour: str) -> go.Bar:
+        cells = [k[key] for k in rates.by_kind]
+        return go.Bar(name=name, x=kinds, y=[c["rate"] for c in cells], marker_color=colour,
+                      text=[f"{c['k']}/{c['n']}" for c in cells], textposition="outside",
+                      error_y={"type": "data", "symmetric": False,
+                               "array": [0.0 if not c["ci95"] else c["ci95"][1] - c["rate"] for c in cells],
+                               "arrayminus": [0.0 if not c["ci95"] else c["rate"] - c["ci95"][0] for c in cells]})
+
+    figure = go.Figure([bars("question_flip_rate", "baseline-wrong questions that flip somewhere", "#2e8b57"),
+                        bars("question_fragile_correct_rate", "baseline-correct questions that break somewhere", "#c0392b")])
+    figure.update_layout(barmode="group", height=380, width=200 + 120 * len(kinds), margin={"t": 20, "b": 50, "l": 60, "r": 20},
+                         yaxis={"title": "share of questions (95% Wilson interval)", "range": [0, 1.05]},
+                         legend={"orientation": "h", "y": -0.2})
+    return figure.to_html(full_html=False, include_plotlyjs=False, div_id=div_id, config={"displaylogo": False})
+
+
+def _tradeoff(curves: DoseCurves, div_id: str) -> str:
+    """The trade-off: the flip rate (flipped cells over baseline-wrong cells) against the dose, one line per engram
+    kind through its grid strengths."""
+    figure = go.Figure([go.Scatter(x=[p["dose"] for p in points], y=[p["flip_rate"] for p in points],
+                                   mode="lines+markers+text", name=kind, text=[f"x{p['strength']:g}" for p in points],
+                                   textposition="top center",
+                                   hovertemplate=kind + ", strength %{text}<br>dose %{x:.3g} nats<br>flip rate %{y:.2f}"
+                                                 "<extra></extra>")
+                        for kind, points in curves.curves.items()])
+    figure.update_layout(height=420, width=720, margin={"t": 20, "b": 50, "l": 60, "r": 20},
+                         xaxis={"title": f"side effect: median {curves.measure} (nats, log scale)", "type": "log"},
+                         yaxis={"title": "flip rate (flipped / baseline-wrong cells)", "range": [0, 1.05]})
+    return figure.to_html(full_html=False, include_plotlyjs=False, div_id=div_id, config={"displaylogo": False})
+
+
 def _sink_bars(bars: SinkBars, div_id: str) -> str:
     """The three Δ log p per engram kind, grouped, with their 95% intervals as error bars."""
     roles = (("correct", "correct"), ("related", "related wrong"), ("unrelated", "unrelated wrong"))
@@ -157,6 +260,9 @@ def _figure(figure: go.Figure, div_id: str, clickable: bool = True) -> str:
     return page + (f"<div class='questions' id='{div_id}-questions'>click a cell to list its questions</div>" if clickable else "")
 
 
-def _drilldown(drill: dict) -> str:
+def _drilldown(drill: dict, off: set[str] = frozenset()) -> str:
     inner = "".join(f"<h3>{html.escape(s.title)}</h3>" + html_table(s.columns, s.rows) for s in drilldown_sections(drill))
-    return f"<details id='question-{html.escape(drill['question_id'])}'><summary>{html.escape(drill['question_id'])}</summary>{inner}</details>"
+    qid = drill["question_id"]
+    marked = bool(off & {qid, f"{qid} +context", f"{qid} -context"})  # off-distribution in either context condition
+    return (f"<details id='question-{html.escape(qid)}'{' class=off' if marked else ''}><summary>{html.escape(qid)}</summary>"
+            f"{inner}</details>")

@@ -106,19 +106,30 @@ def json_page(data: dict, sections: list[Section]) -> str:
     return json.dumps({**data, "sections": [section.as_dict() for section in sections]}, indent=2, default=str)
 
 
-PAGE_STYLE = ("body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;margin:1em 0}"
+PAGE_STYLE = ("body{font-family:sans-serif;margin:1.5em;max-width:1400px}table{border-collapse:collapse;margin:.5em 0}"
               "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px;vertical-align:top}th{background:#eee}"
-              "details{margin:.4em 0}summary{cursor:pointer;font-weight:bold}.questions{font-size:13px;color:#333;min-height:1.2em}")
+              ".wide{overflow-x:auto;max-width:100%}h1{font-size:1.5em;overflow-wrap:anywhere}h2{font-size:1.2em;margin:1em 0 .3em}"
+              "h2,h3,summary{overflow-wrap:anywhere}"
+              "details{margin:.4em 0}summary{cursor:pointer;font-weight:bold}.questions{font-size:13px;color:#333;min-height:1.2em}"
+              ".flag{background:#fff4d6;border:1px solid #e0c060;padding:.5em .8em;margin:.8em 0}"
+              "body.hide-off .off{display:none}")
 
 
-def html_table(columns: list[str], rows: list[list[str]]) -> str:
-    return ("<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in columns) + "</tr>"
-            + "".join("<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>" for row in rows) + "</table>")
+def html_table(columns: list[str], rows: list[list[str]], marked: set[str] = frozenset()) -> str:
+    """A table in a box that scrolls sideways on a narrow screen (the page itself never does); a row whose first cell
+    is in `marked` gets class "off" (the page's off-distribution filter hides those)."""
+    def row_tag(row: list[str]) -> str:
+        return "<tr class='off'>" if row and row[0] in marked else "<tr>"
+
+    return ("<div class='wide'><table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in columns) + "</tr>"
+            + "".join(row_tag(row) + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>" for row in rows)
+            + "</table></div>")
 
 
 def html_page(title: str, body: str, head: str = "") -> str:
     """A self-contained page: the title as heading, the body, and anything the head needs (a script)."""
     return ("<!doctype html><html><head><meta charset='utf-8'>"
+            "<meta name='viewport' content='width=device-width, initial-scale=1'>"
             f"<title>{html.escape(title)}</title><style>{PAGE_STYLE}</style>{head}</head><body>\n"
             f"<h1>{html.escape(title)}</h1>\n{body}\n</body></html>")
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from .experiments import cell_label
 from .run_summary import RunSummary
-from .figures import CountHeatmap, DoseCurves, EffectHeatmap, RocCurves, Section, SinkBars
+from .figures import CountHeatmap, DoseCurves, EffectHeatmap, KindRates, RocCurves, Section, SinkBars
 from .sink import sink_line
 from .formatting import (
     fmt_best,
@@ -36,7 +36,8 @@ def summary_sections(summary: RunSummary, short: bool = False) -> list[Section]:
     summaries) leaves out the effect-size tables."""
     h = summary["header"]
     show_k = isinstance(h["chunks"], list)
-    sections = [_headline_section(summary["headline"], h["subject"]), *_sink_sections(summary.get("sink"), h["subject"]), Section("run",
+    sections = [_headline_section(summary["headline"], h["subject"]), *_off_distribution_sections(h),
+                *_sink_sections(summary.get("sink"), h["subject"]), Section("run",
         "Run", ["field", "value"],
         [["model", f"{h['model']} ({h['model_fingerprint']})"], ["bank", h["bank"]],
          ["grid", f"layers {', '.join(map(str, h['layers']))} x strengths {', '.join(f'{s:g}' for s in h['strengths'])}, k = {', '.join(map(str, h['chunks'])) if show_k else h['chunks']}"],
@@ -56,8 +57,7 @@ def summary_sections(summary: RunSummary, short: bool = False) -> list[Section]:
         "Questions (probabilities: p(correct) / p(incorrect))",
         ["question", "baseline ratio", "baseline p", "correct?", "related wrong", f"best cell of {h['subject']}",
          "flips (clean / p(correct) fell / mass collapsed)", "breaks", "anti-steerable (cells the wrong way)"],
-        [[q["question_id"], fmt_ratio(q["baseline_ratio"]), fmt_probs(q["baseline_p_correct"], q["baseline_p_incorrect"])
-          + (" (answers off-distribution)" if q["off_distribution"] else ""),
+        [[q["question_id"], fmt_ratio(q["baseline_ratio"]), fmt_probs(q["baseline_p_correct"], q["baseline_p_incorrect"]),
           "yes" if q["correct_before"] else "no", {True: "yes", False: "no", None: "-"}[q["related_wrong"]],
           fmt_best(q["best"], show_k), fmt_flips(q), str(q["breaks"]), fmt_percent(q["anti_steerable"])]
          for q in summary["questions"]],
@@ -276,7 +276,18 @@ def _headline_section(headline: dict, steered: str) -> Section:
           "-" if k["verdict"] is None else f"{k['verdict']} (p {fmt_p(k['p_value'])})", fmt_side_effect(k["at_best_cell"]),
           fmt_percent(k["anti_steerable"]["mean"])]
          for k in headline["by_kind"]],
+        KindRates(headline["by_kind"]),
     )
+
+
+def _off_distribution_sections(header: dict) -> list[Section]:
+    """The questions whose baseline answers are off-distribution, named once (not on every row of every table)."""
+    off = header["off_distribution"]
+    if not off:
+        return []
+    return [Section("off-distribution",
+        f"Off-distribution: {len(off)} of {header['conditions']} questions have answers the model does not expect "
+        "(a flip there measures noise more than knowledge)", ["question", "why"], [[q, off[q]] for q in sorted(off)])]
 
 
 def _sink_sections(sink: dict | None, steered: str) -> list[Section]:
