@@ -55,6 +55,9 @@ GEMMA_MEDICAL_GRID = --layers 5,7,10,12,14
 CAPITALS_MID_GRID = --layers 16 --strengths 1,5,10
 GEMMA_CAPITALS_MID_GRID = --layers 10 --strengths 1,5,10
 
+# The findings targets run for minutes to most of an hour: their sweeps show their progress (a bar on a terminal,
+# a plain line every 10 s in a log).
+
 # docs/findings.md's steering-vector section: the truth-direction CAA vector (questions/pairs/truth.yaml) against its
 # controls beside the engram, on the capitals bank (layer 16, as the two-model section's engram run) and the medical
 # bank (the seed run's layers 8, 16, 24), coefficients 1..32 (the CAA vector's norm is 0.6 to 5.4 where a token's residual
@@ -62,10 +65,10 @@ GEMMA_CAPITALS_MID_GRID = --layers 10 --strengths 1,5,10
 VECTOR_COEFFICIENTS = 1,2,4,8,16,32
 findings-vectors: $(VENV)/.installed
 	$(BIN)/engram-eval vectors build --pairs questions/pairs/truth.yaml --name truth --layers 8,16,24 --force
-	$(BIN)/engram-eval sweep questions/capitals.yaml $(CAPITALS_MID_GRID) --out $(FINDINGS)/capitals-mid --quiet
-	$(BIN)/engram-eval sweep questions/capitals.yaml --vector truth --layers 16 --coefficients $(VECTOR_COEFFICIENTS) --out $(FINDINGS)/capitals-truth --force --quiet
-	$(BIN)/engram-eval sweep questions/medical_traps.yaml --out $(FINDINGS)/seed --quiet
-	$(BIN)/engram-eval sweep questions/medical_traps.yaml --vector truth --layers 8,16,24 --coefficients $(VECTOR_COEFFICIENTS) --out $(FINDINGS)/medical-truth --force --quiet
+	$(BIN)/engram-eval sweep questions/capitals.yaml $(CAPITALS_MID_GRID) --out $(FINDINGS)/capitals-mid
+	$(BIN)/engram-eval sweep questions/capitals.yaml --vector truth --layers 16 --coefficients $(VECTOR_COEFFICIENTS) --out $(FINDINGS)/capitals-truth --force
+	$(BIN)/engram-eval sweep questions/medical_traps.yaml --out $(FINDINGS)/seed
+	$(BIN)/engram-eval sweep questions/medical_traps.yaml --vector truth --layers 8,16,24 --coefficients $(VECTOR_COEFFICIENTS) --out $(FINDINGS)/medical-truth --force
 	$(BIN)/python docs/findings_vectors.py --update docs/findings.md --bank "capitals=$(FINDINGS)/capitals-mid,$(FINDINGS)/capitals-truth" \
 		--bank "medical=$(FINDINGS)/seed,$(FINDINGS)/medical-truth"
 
@@ -73,20 +76,20 @@ findings-vectors: $(VENV)/.installed
 # models and the medical bank on SmolLM2, the runs of the two-model section (about 15 minutes on 2 cores when they are
 # not there yet).
 findings-sink: $(VENV)/.installed
-	$(BIN)/engram-eval sweep questions/capitals.yaml $(CAPITALS_MID_GRID) --out $(FINDINGS)/capitals-mid --quiet
-	$(BIN)/engram-eval sweep questions/medical_traps.yaml --out $(FINDINGS)/seed --quiet
-	$(BIN)/engram-eval sweep questions/capitals.yaml $(GEMMA) $(GEMMA_CAPITALS_MID_GRID) --out $(FINDINGS)/gemma-capitals-mid --quiet
+	$(BIN)/engram-eval sweep questions/capitals.yaml $(CAPITALS_MID_GRID) --out $(FINDINGS)/capitals-mid
+	$(BIN)/engram-eval sweep questions/medical_traps.yaml --out $(FINDINGS)/seed
+	$(BIN)/engram-eval sweep questions/capitals.yaml $(GEMMA) $(GEMMA_CAPITALS_MID_GRID) --out $(FINDINGS)/gemma-capitals-mid
 	$(BIN)/python docs/findings_sink.py --update docs/findings.md \
 		--run "SmolLM2-135M-Instruct, capitals=$(FINDINGS)/capitals-mid" --run "SmolLM2-135M-Instruct, medical=$(FINDINGS)/seed" \
 		--run "Gemma 3 270M, capitals=$(FINDINGS)/gemma-capitals-mid"
 
 findings: $(VENV)/.installed
-	$(BIN)/engram-eval sweep questions/medical_traps.yaml --out $(FINDINGS)/seed --force --quiet
-	$(BIN)/engram-eval sweep questions/medical_traps.yaml --skip-tokens 1 --out $(FINDINGS)/skip-tokens-1 --force --quiet
-	$(BIN)/engram-eval sweep questions/medical_traps.yaml --scaling per-chunk --out $(FINDINGS)/per-chunk --force --quiet
-	$(BIN)/engram-eval sweep questions/medical_traps.yaml --injection actadd --out $(FINDINGS)/actadd --force --quiet
-	$(BIN)/engram-eval sweep questions/medical_traps.yaml --pooling learned --learn-steps $(LEARN_STEPS) --out $(FINDINGS)/learned --force --quiet
-	$(BIN)/engram-eval sweep questions/capitals.yaml $(CAPITALS_GRID) --out $(FINDINGS)/capitals --force --quiet
+	$(BIN)/engram-eval sweep questions/medical_traps.yaml --out $(FINDINGS)/seed --force
+	$(BIN)/engram-eval sweep questions/medical_traps.yaml --skip-tokens 1 --out $(FINDINGS)/skip-tokens-1 --force
+	$(BIN)/engram-eval sweep questions/medical_traps.yaml --scaling per-chunk --out $(FINDINGS)/per-chunk --force
+	$(BIN)/engram-eval sweep questions/medical_traps.yaml --injection actadd --out $(FINDINGS)/actadd --force
+	$(BIN)/engram-eval sweep questions/medical_traps.yaml --pooling learned --learn-steps $(LEARN_STEPS) --out $(FINDINGS)/learned --force
+	$(BIN)/engram-eval sweep questions/capitals.yaml $(CAPITALS_GRID) --out $(FINDINGS)/capitals --force
 	$(BIN)/python docs/findings.py "seed default=$(FINDINGS)/seed" "--skip-tokens 1=$(FINDINGS)/skip-tokens-1" \
 		"--scaling per-chunk=$(FINDINGS)/per-chunk" "--injection actadd=$(FINDINGS)/actadd" \
 		"--pooling learned ($(LEARN_STEPS) steps)=$(FINDINGS)/learned" --paraphrases "seed default=$(FINDINGS)/seed" \
@@ -97,10 +100,10 @@ findings: $(VENV)/.installed
 # in place of the previous section (the medical seed run is shared with `make findings`); about 45 minutes on 2 CPU
 # cores, Gemma's runs most of it.
 findings-models: $(VENV)/.installed
-	test -f $(FINDINGS)/seed/results.parquet || $(BIN)/engram-eval sweep questions/medical_traps.yaml --out $(FINDINGS)/seed --force --quiet
-	$(BIN)/engram-eval sweep questions/capitals.yaml $(CAPITALS_MID_GRID) --out $(FINDINGS)/capitals-mid --force --quiet
-	$(BIN)/engram-eval sweep questions/medical_traps.yaml $(GEMMA) $(GEMMA_MEDICAL_GRID) --out $(FINDINGS)/gemma-seed --force --quiet
-	$(BIN)/engram-eval sweep questions/capitals.yaml $(GEMMA) $(GEMMA_CAPITALS_MID_GRID) --out $(FINDINGS)/gemma-capitals-mid --force --quiet
+	test -f $(FINDINGS)/seed/results.parquet || $(BIN)/engram-eval sweep questions/medical_traps.yaml --out $(FINDINGS)/seed --force
+	$(BIN)/engram-eval sweep questions/capitals.yaml $(CAPITALS_MID_GRID) --out $(FINDINGS)/capitals-mid --force
+	$(BIN)/engram-eval sweep questions/medical_traps.yaml $(GEMMA) $(GEMMA_MEDICAL_GRID) --out $(FINDINGS)/gemma-seed --force
+	$(BIN)/engram-eval sweep questions/capitals.yaml $(GEMMA) $(GEMMA_CAPITALS_MID_GRID) --out $(FINDINGS)/gemma-capitals-mid --force
 	$(BIN)/python docs/findings.py --update docs/findings.md --model "SmolLM2-135M-Instruct=$(FINDINGS)/seed,$(FINDINGS)/capitals-mid" \
 		--model "Gemma 3 270M (base)=$(FINDINGS)/gemma-seed,$(FINDINGS)/gemma-capitals-mid"
 

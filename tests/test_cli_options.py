@@ -174,6 +174,7 @@ OPTION_TESTS = {
     "build --learn-probes": "test_learned.py::test_learn_probes_file_on_the_command_line",
     "build --store": "test_build_options_store_the_librarys_engrams",
     "build --force": "test_build_force_rebuilds",
+    "build --quiet": "test_long_commands_print_plain_progress_lines_when_piped_and_quiet_silences_them",
     "build --allow-outside-paths": "test_allow_outside_paths_admits_a_source_outside_the_banks_folder",
     # compare
     "compare --bank": "test_compare_options_equal_the_library",
@@ -210,6 +211,7 @@ OPTION_TESTS = {
     "bank import --source-per-topic": "test_bank_import.py::test_completion_format_optional_fields_and_sources_per_topic",
     "bank import --answer-base": "test_bank_import_naming_template_controls_answer_base_and_force",
     "bank import --force": "test_bank_import_naming_template_controls_answer_base_and_force",
+    "bank import --quiet": "test_long_commands_print_plain_progress_lines_when_piped_and_quiet_silences_them",
     "bank import --chat": "test_bank_import.py::test_chat_import_letters_the_reply_starts_with_and_the_template_applied",
     "bank stats --model": "test_bank_stats_and_validate_options",
     "bank stats --allow-outside-paths": "test_allow_outside_paths_admits_a_source_outside_the_banks_folder",
@@ -432,6 +434,42 @@ def test_quiet_silences_the_progress_bar_and_the_engram_log(tiny_model_dir, bank
     ok(run("generate", tmp_path / "a", "--model", tiny_model_dir, "--max-new-tokens", "2"))
     ok(run("generate", tmp_path / "b", "--model", tiny_model_dir, "--max-new-tokens", "2", "--quiet"))
     assert progress == [True, False, True, False]
+
+
+def test_long_commands_print_plain_progress_lines_when_piped_and_quiet_silences_them(tiny_model_dir, bank_dir, tmp_path,
+                                                                                       monkeypatch):
+    """Under CliRunner stderr is a pipe: each long command prints plain progress lines (here every update: the line
+    interval set to 0), the last one at 100% with its rate and ETA; --quiet prints none, down to a learned engram's
+    steps inside a sweep."""
+    import engram_eval.core.progress as progress
+    from test_bank_import import RECORDS, write
+
+    monkeypatch.setattr(progress, "PLAIN_EVERY_SECONDS", 0.0)
+    line = re.compile(r"^(\w[\w ]*): (\d+)/(\d+) (\w+)s \((\d+)%\), .+/s, \d\d:\d\d elapsed, ETA .+$")
+
+    def last_lines(stderr: str) -> dict[str, tuple[int, int, str]]:
+        found = {}
+        for text in stderr.splitlines():
+            if m := line.match(text):
+                found[m[1]] = (int(m[2]), int(m[3]), m[4])
+        return found
+
+    sources = [tmp_path / "a.txt", tmp_path / "b.txt"]
+    for path in sources:
+        path.write_text("alpha beta gamma delta epsilon zeta")
+    build = ["build", *sources, "--model", tiny_model_dir, "--chunks", "2", "--layers", "1", "--store", tmp_path / "store"]
+    assert last_lines(ok(run(*build)).stderr)["build"] == (2, 2, "source")
+    assert last_lines(ok(run(*build, "--force", "--quiet")).stderr) == {}
+    data = write(tmp_path, ".jsonl", RECORDS)
+    imported = ["bank", "import", data, "--map", "id=qid,question=q,choices=options,answer=gold,source=why", "--out",
+                tmp_path / "imported.yaml"]
+    assert last_lines(ok(run(*imported)).stderr)["import"] == (len(RECORDS), len(RECORDS), "record")
+    assert last_lines(ok(run(*imported, "--force", "-q")).stderr) == {}
+    sweep = ["sweep", bank_dir / "tiny.yaml", "--model", tiny_model_dir, "--layers", "1", "--strengths", "1", "--chunks", "2",
+             "--pooling", "learned", "--learn-steps", "3", "--store", tmp_path / "store2"]
+    loud = last_lines(ok(run(*sweep, "--out", tmp_path / "loud")).stderr)
+    assert loud["sweep"][0] == loud["sweep"][1] and loud["sweep"][2] == "cell" and "learn" in " ".join(loud)
+    assert last_lines(ok(run(*sweep, "--out", tmp_path / "quiet", "--quiet")).stderr) == {}
 
 
 # ---------------------------------------------------------------- model options

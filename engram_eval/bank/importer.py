@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from ..core.errors import EngramEvalError
+from ..core.progress import progress_bar
 from ..core.files import atomic_write_text
 from ..core.registry import NULL_PREFIXES
 from .banks import load_bank
@@ -136,31 +137,33 @@ def build_bank(frame: pl.DataFrame, spec: ImportSpec, name: str, record: str, wh
         numbered = numbered.sample(spec.limit, seed=spec.seed).sort("__number")
     questions, sources = [], {}
     topic_texts: dict[str, list[str]] = {}
-    for row in numbered.iter_rows(named=True):
-        at = f"{where}: {record} {row['__number']}"
-        get = lambda field: _value(row, spec.mapping[field], at, field) if field in spec.mapping else None  # noqa: E731
-        qid = str(get("id")) if get("id") is not None else f"{name}-{row['__number']}"
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+", qid):
-            qid = re.sub(r"[^A-Za-z0-9_.-]", "_", qid)
-        question = _mc(get, spec, at) if spec.format == "mc" else _completion(get, at)
-        source_text = _text(get("source"), at, "source")
-        topic = get("topic")
-        if spec.source_per_topic and topic is not None:
-            source_name = "topic-" + re.sub(r"[^A-Za-z0-9_.-]", "_", str(topic))
-            topic_texts.setdefault(source_name, [])
-            if source_text not in topic_texts[source_name]:
-                topic_texts[source_name].append(source_text)
-        else:
-            source_name = f"q-{qid}"
-            sources[source_name] = source_text
-        question = {"id": qid, **question, "engram": source_name}
-        if (context := get("context")) is not None:
-            question["context"] = _text(context, at, "context")
-        if (related := get("related_wrong")) is not None:
-            question["related_wrong"] = _boolean(related, at)
-        if (tags := get("tags")) is not None:
-            question["tags"] = [str(t) for t in (tags if isinstance(tags, list) else [tags])]
-        questions.append(question)
+    with progress_bar(numbered.height, "import", "record") as bar:
+        for row in numbered.iter_rows(named=True):
+            bar.update()
+            at = f"{where}: {record} {row['__number']}"
+            get = lambda field: _value(row, spec.mapping[field], at, field) if field in spec.mapping else None  # noqa: E731
+            qid = str(get("id")) if get("id") is not None else f"{name}-{row['__number']}"
+            if not re.fullmatch(r"[A-Za-z0-9_.-]+", qid):
+                qid = re.sub(r"[^A-Za-z0-9_.-]", "_", qid)
+            question = _mc(get, spec, at) if spec.format == "mc" else _completion(get, at)
+            source_text = _text(get("source"), at, "source")
+            topic = get("topic")
+            if spec.source_per_topic and topic is not None:
+                source_name = "topic-" + re.sub(r"[^A-Za-z0-9_.-]", "_", str(topic))
+                topic_texts.setdefault(source_name, [])
+                if source_text not in topic_texts[source_name]:
+                    topic_texts[source_name].append(source_text)
+            else:
+                source_name = f"q-{qid}"
+                sources[source_name] = source_text
+            question = {"id": qid, **question, "engram": source_name}
+            if (context := get("context")) is not None:
+                question["context"] = _text(context, at, "context")
+            if (related := get("related_wrong")) is not None:
+                question["related_wrong"] = _boolean(related, at)
+            if (tags := get("tags")) is not None:
+                question["tags"] = [str(t) for t in (tags if isinstance(tags, list) else [tags])]
+            questions.append(question)
     for source_name, texts in topic_texts.items():
         sources[source_name] = "\n\n".join(texts)
     seen: dict[str, int] = {}

@@ -52,9 +52,10 @@ def bank() -> None:
                    "as the reply starts them ('A', no leading space); an instruct model asked without it often puts its "
                    "probability on the end-of-turn token instead of a letter.")
 @click.option("--force", is_flag=True, help="Replace an existing bank and its sources folder.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar over the records (piped, the progress is plain lines).")
 def bank_import(file: Path | None, hf_spec: str | None, format_: str, map_text: str, out: Path | None, name: str | None,
                 template: str, controls_text: str | None, limit: int | None, seed: int, source_per_topic: bool, answer_base: str,
-                chat: bool, force: bool) -> None:
+                chat: bool, force: bool, quiet: bool) -> None:
     """Turn a dataset (.jsonl, .json, .csv, .parquet, or --hf) into a bank: every record a question with its relevant
     source and the chosen controls, checked like every bank (an answer out of range, a duplicate id or a missing
     column is one line naming the record; nothing is written then)."""
@@ -67,9 +68,12 @@ def bank_import(file: Path | None, hf_spec: str | None, format_: str, map_text: 
                       seed=seed, source_per_topic=source_per_topic, answer_base=int(answer_base), chat=chat)
     stem = file.stem if file is not None else Path(hf_spec.split(":")[0]).name.replace("/", "_")
     out = out or Path(f"{stem}.yaml")
+    from ..core.progress import silenced
+
     frame, record = read_table(file, hf_spec)
     where = str(file) if file is not None else f"--hf {hf_spec}"
-    data, sources = build_bank(frame, spec, name or out.stem, record, where)
+    with silenced(quiet):
+        data, sources = build_bank(frame, spec, name or out.stem, record, where)
     description = f"Imported from {where} by `engram-eval bank import` ({format_}, {len(data['questions'])} questions)."
     written = write_bank(data, sources, out, name or out.stem, description, spec, force)
     click.echo(f"{written}: {len(data['questions'])} questions, {len(sources)} sources (+ controls: {', '.join(spec.controls)})")

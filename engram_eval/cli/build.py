@@ -32,13 +32,13 @@ from .store import metadata_layers
 @store_option
 @click.option("--force", is_flag=True, help="Rebuild even when the store already holds the engram.")
 @outside_option
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar (piped, the progress is plain lines).")
 def build(sources: tuple[Path, ...], bank: Path | None, load_lm, chunks_text: str, layers_text: str, extraction,
-          store_dir: str, force: bool, allow_outside_paths: bool) -> None:
+          store_dir: str, force: bool, allow_outside_paths: bool, quiet: bool) -> None:
     """Turn text files (or a bank's sources) into engrams for every requested layer and k, from one forward pass
     each (per window), saved as safetensors files in the store (one file per k)."""
-    from tqdm import tqdm
-
     from ..bank.banks import load_bank, paraphrase_name
+    from ..core.progress import progress_bar, silenced
     from ..core.files import read_text
     from ..engram.dominance import dominance, dominance_warning
     from .parsing import parse_layers
@@ -66,9 +66,14 @@ def build(sources: tuple[Path, ...], bank: Path | None, load_lm, chunks_text: st
     table = Table(title=f"engrams ({lm.name}, {lm.short_fingerprint})")
     for column in ("source", "status", "tokens", "layers", "chunks", "file"):
         table.add_column(column)
-    dominated = []
-    for name, text in tqdm(named, desc="build", unit="source", disable=None):
-        for k, (stored, status) in store.ensure_all(lm, name, text, layers, chunks, extraction, force=force).items():
+    dominated, rows = [], []
+    with silenced(quiet), progress_bar(len(named), "build", "source") as bar:
+        for name, text in named:
+            built = store.ensure_all(lm, name, text, layers, chunks, extraction, force=force)
+            bar.update()
+            rows.append((name, built))
+    for name, built in rows:
+        for k, (stored, status) in built.items():
             for warning in engram_warnings(name, stored):
                 warn(warning)
             if (where := dominance(name if len(chunks) == 1 else f"{name} k={k}", stored.engram.layers)) is not None:

@@ -36,7 +36,7 @@ from .app import batch_size_option, check_writable, cli, ray_options, run_model_
                    "pooled). --ensemble 1 --reextract is continuous re-injection. Null prefixes have no source and stay.")
 @ray_options
 @wait_option
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar (piped, the progress is plain lines).")
 def generate(run_dir: Path, load_lm, selection: str, max_new_tokens: int, batch_size: int | None, force: bool,
              ensemble_size: int, ensemble_decay: float, reextract: bool, ray, wait: bool, quiet: bool) -> None:
     """Decode greedily from a finished sweep's cells, with each cell's engram injected as in the sweep (prefix and add
@@ -56,10 +56,13 @@ def generate(run_dir: Path, load_lm, selection: str, max_new_tokens: int, batch_
     from ..run.generation import run_generate
 
     lm = load_lm(recorded)
+    from ..core.progress import silenced
+
     try:
-        result = run_generate(lm, run_dir, cells=selection, max_new_tokens=max_new_tokens,
-                              batch_size=batch_size, force=force, progress=not quiet,
-                              ray=ray, wait=wait, warn=warning_printer(), ensembling=ensembling)
+        with silenced(quiet):
+            result = run_generate(lm, run_dir, cells=selection, max_new_tokens=max_new_tokens,
+                                  batch_size=batch_size, force=force, progress=not quiet,
+                                  ray=ray, wait=wait, warn=warning_printer(), ensembling=ensembling)
     except KeyboardInterrupt as exc:
         parts = GenerationFiles(run_dir, ensembling.plain).parts
         stopped(exc, f": finished questions are kept in {parts}; rerun the same command to resume")

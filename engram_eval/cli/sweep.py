@@ -142,7 +142,7 @@ def spec_options(command: Callable) -> Callable:
                    "(each cell once; resumable; not a setting of the run, so it can be added to a finished run).")
 @ray_options
 @wait_option
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar or engram log (warnings are still shown).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar or engram log (warnings are still shown); piped, the progress is plain lines.")
 def sweep(bank_path: Path, load_lm, spec: SweepSpec, layers_text: str, out: Path | None, store_dir: str,
           batch_size: int | None, force: bool, allow_outside_paths: bool, strict: bool, neutral_text: str | None, ray,
           wait: bool, quiet: bool) -> None:
@@ -189,9 +189,12 @@ def sweep(bank_path: Path, load_lm, spec: SweepSpec, layers_text: str, out: Path
         spec = spec.with_layers(parse_layers(layers_text or DEFAULT_LAYERS_TEXT, lm.num_layers))
     out = out or Path("reports") / f"{bank.name}-{lm.name}"
     observer = Observer(progress=not quiet, log=(lambda m: None) if quiet else stderr.print, warn=warn)
+    from ..core.progress import silenced
+
     try:
-        result = run_sweep(lm, bank, EngramStore(store_dir), out, spec, execution=Execution(batch_size, ray),
-                           force=force, strict=strict, wait=wait, neutral=neutral, observer=observer, vector=stored)
+        with silenced(quiet):  # the bars deep in the library too (a learned engram's steps)
+            result = run_sweep(lm, bank, EngramStore(store_dir), out, spec, execution=Execution(batch_size, ray),
+                               force=force, strict=strict, wait=wait, neutral=neutral, observer=observer, vector=stored)
     except KeyboardInterrupt as exc:
         try:
             run = json.loads((out / "run.json").read_text())

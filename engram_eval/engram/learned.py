@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backend.model import LoadedModel
+from ..core.progress import progress_bar
 from ..core.spec import Extraction
 from .files import learn_probes
 
@@ -96,7 +97,6 @@ def learn_vectors(lm: LoadedModel, initial: torch.Tensor, objective: Objective, 
     """The optimised vectors from a source's initial chunk means [k, hidden], scaled to the embedding norm first,
     against its objective (objective_for). The seed seeds torch's generator while learning: neither objective draws
     from it, so it is recorded for objectives that will."""
-    from tqdm import tqdm
 
     norm = lm.embedding_norm
     with torch.inference_mode(False), torch.enable_grad(), torch.random.fork_rng(devices=[]):
@@ -106,14 +106,15 @@ def learn_vectors(lm: LoadedModel, initial: torch.Tensor, objective: Objective, 
         with torch.no_grad():
             loss_init = objective(vectors).item()
         history: list[float] = []
-        with tqdm(range(extraction.learn_steps), desc=description, unit="step", disable=None, leave=False) as bar:
-            for _ in bar:
+        with progress_bar(extraction.learn_steps, description, "step", leave=False) as bar:
+            for _ in range(extraction.learn_steps):
                 loss = objective(vectors)
                 (vectors.grad,) = torch.autograd.grad(loss, [vectors])
                 optimizer.step()
                 with torch.no_grad():
                     vectors.copy_(project(vectors, norm))
                 history.append(loss.item())
+                bar.update()
                 bar.set_postfix(loss=f"{history[-1]:.4f}")
                 if len(history) > PLATEAU_STEPS and history[-1 - PLATEAU_STEPS] - history[-1] < PLATEAU_DELTA:
                     break

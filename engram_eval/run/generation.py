@@ -22,6 +22,7 @@ from ..bank.answers import AnswerMatcher
 from ..bank.banks import Bank, load_bank
 from ..core.errors import EngramEvalError
 from ..core.files import atomic_write_text, file_sha256
+from ..core.progress import progress_bar
 from ..core.spec import Ensembling, RayOptions
 from ..engram.extraction import source_ids
 from ..engram.store import EngramStore, bank_engrams
@@ -138,7 +139,6 @@ def run_generate(
     sweep or generate to finish instead of failing; warn receives the lock's messages. ensembling (--ensemble,
     --reextract) other than plain writes its own files (RUN/generations-ensemble.parquet, generation-ensemble.json,
     generation-ensemble-parts), so a run holds plain and ensembled texts of the same cells side by side."""
-    from tqdm import tqdm
 
     out = Path(run_dir)
     ensembling.check()
@@ -182,8 +182,8 @@ def run_generate(
                 group.append(waiting.pop(0))
                 count += group[-1][2].height
             groups.append(group)
-        bar = tqdm(total=selected.height, initial=selected.height - sum(rows.height for group in groups for _, _, rows in group),
-                   unit="cell", desc="generate", disable=not progress or None, dynamic_ncols=True)
+        bar = progress_bar(selected.height, "generate", "cell", enabled=progress,
+                           initial=selected.height - sum(rows.height for group in groups for _, _, rows in group))
         executor = open_executor(lm, ray)
         if executor.description is not None:
             info["distributed"] = executor.description

@@ -15,6 +15,7 @@ from typing import Callable, Iterator
 import polars as pl
 
 from ..backend.model import LoadedModel
+from ..core.progress import progress_bar
 from ..core.spec import Observer
 from ..steer.grid import Cell, distinct_injections
 from ..bank.passages import NeutralPassage
@@ -84,7 +85,6 @@ def run_probe(out: Path, settings: SweepSettings, run: dict, grid: list[list[lis
               observer: Observer) -> float:
     """Compute what out/side-effect-parts lacks for this passage, merge it into out/side_effects.parquet; records the
     passage and the parts' checksums in run (written as each part lands) -> the seconds it took."""
-    from tqdm import tqdm
 
     folder, record = out / SIDE_EFFECTS_PARTS, run.get(SIDE_EFFECTS)
     if not isinstance(record, dict) or record.get("passage_sha256") != passage.sha256 or record.get("tokens") != len(ids):
@@ -114,8 +114,7 @@ def run_probe(out: Path, settings: SweepSettings, run: dict, grid: list[list[lis
 
     write_run_json(out, run)
     done = sum(size for size, part in zip(sizes, parts) if part in trusted)
-    bar = tqdm(total=sum(sizes), initial=done, unit="cell", desc="side effects", disable=not observer.progress or None,
-               dynamic_ncols=True)
+    bar = progress_bar(sum(sizes), "side effects", "cell", enabled=observer.progress, initial=done)
     with bar:
         executor.map(tasks(), finished, bar.update)
     seconds = time.perf_counter() - started

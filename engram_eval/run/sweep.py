@@ -17,6 +17,7 @@ import torch
 from ..backend.model import LoadedModel
 from ..bank.banks import Bank
 from ..core.errors import EngramEvalError
+from ..core.progress import progress_bar
 from ..core.registry import NULL_PREFIXES
 from ..core.spec import Execution, Observer, SweepSpec
 from ..engram.dominance import chunk_shares
@@ -290,7 +291,6 @@ def _score_grid(lm: LoadedModel, bank: Bank, out: Path, settings: SweepSettings,
                 neutral: tuple[NeutralPassage, tuple[int, ...]] | None, grid: list[list[list[Cell]]], raw: RawVectors,
                 conditioned: dict, build_seconds: float) -> None:
     """Score every question not yet in out/parts on the executor, merge, probe the side effects (neutral)."""
-    from tqdm import tqdm
 
     layers, chunks = settings.layers, settings.chunk_list
     rows = [sum(len(cells) + 1 for cells in question) for question in grid]
@@ -323,7 +323,7 @@ def _score_grid(lm: LoadedModel, bank: Bank, out: Path, settings: SweepSettings,
 
     index = {conditions[0].question.id: i for i, conditions in enumerate(prepared)}
     sweep_started = time.perf_counter()
-    bar = tqdm(total=sum(rows), initial=done, unit="cell", desc="sweep", disable=not observer.progress or None, dynamic_ncols=True)
+    bar = progress_bar(sum(rows), "sweep", "cell", enabled=observer.progress, initial=done)
     shared_raw = executor.share(raw)
     with bar:
         executor.map(tasks(shared_raw), finished, bar.update)
