@@ -186,18 +186,22 @@ def _roc_curves(curves: dict, div_id: str) -> str:
 def _dose_curves(curves: DoseCurves, div_id: str) -> str:
     """Mean log-improvement against dose, one line per engram kind through its grid strengths (each marked with its
     strength; the dose there is the median over the kind's cells), the target doses as dotted lines."""
-    figure = go.Figure([go.Scatter(x=[p["dose"] for p in points], y=[p["mean_log_improvement"] for p in points],
-                                   mode="lines+markers+text", name=kind, text=[f"x{p['strength']:g}" for p in points],
-                                   textposition="top center",
-                                   hovertemplate=kind + ", strength %{text}<br>dose %{x:.3g} nats<br>mean log-improvement %{y:.3f}"
-                                                 "<extra></extra>")
-                       for kind, points in curves.curves.items()])
+    figure = _lines_against_dose(curves, "mean_log_improvement", "mean log-improvement %{y:.3f}")
     for target in curves.targets:
         figure.add_vline(x=target, line={"dash": "dot", "color": "grey"})
     figure.update_layout(height=460, width=720, margin={"t": 20, "b": 50, "l": 60, "r": 20},
                          xaxis={"title": f"dose: median {curves.measure} (nats, log scale)", "type": "log"},
                          yaxis={"title": "mean log-improvement"})
     return figure.to_html(full_html=False, include_plotlyjs=False, div_id=div_id, config={"displaylogo": False})
+
+
+def _lines_against_dose(curves: DoseCurves, measure: str, hover: str) -> go.Figure:
+    """One line per engram kind: `measure` at each grid strength against its median dose, the strength marked."""
+    return go.Figure([go.Scatter(x=[p["dose"] for p in points], y=[p[measure] for p in points],
+                                 mode="lines+markers+text", name=kind, text=[f"x{p['strength']:g}" for p in points],
+                                 textposition="top center",
+                                 hovertemplate=kind + ", strength %{text}<br>dose %{x:.3g} nats<br>" + hover + "<extra></extra>")
+                      for kind, points in curves.curves.items()])
 
 
 def _kind_rates(rates: KindRates, div_id: str) -> str:
@@ -224,12 +228,7 @@ def _kind_rates(rates: KindRates, div_id: str) -> str:
 def _tradeoff(curves: DoseCurves, div_id: str) -> str:
     """The trade-off: the flip rate (flipped cells over baseline-wrong cells) against the dose, one line per engram
     kind through its grid strengths."""
-    figure = go.Figure([go.Scatter(x=[p["dose"] for p in points], y=[p["flip_rate"] for p in points],
-                                   mode="lines+markers+text", name=kind, text=[f"x{p['strength']:g}" for p in points],
-                                   textposition="top center",
-                                   hovertemplate=kind + ", strength %{text}<br>dose %{x:.3g} nats<br>flip rate %{y:.2f}"
-                                                 "<extra></extra>")
-                        for kind, points in curves.curves.items()])
+    figure = _lines_against_dose(curves, "flip_rate", "flip rate %{y:.2f}")
     figure.update_layout(height=420, width=720, margin={"t": 20, "b": 50, "l": 60, "r": 20},
                          xaxis={"title": f"side effect: median {curves.measure} (nats, log scale)", "type": "log"},
                          yaxis={"title": "flip rate (flipped / baseline-wrong cells)", "range": [0, 1.05]})
