@@ -54,6 +54,7 @@ def test_the_wheel_holds_every_subpackage(installed):
     assert packages and all(f"{package}/__init__.py" in names for package in packages)
     modules = sorted(str(p.relative_to(REPO)) for p in (REPO / "engram_eval").rglob("*.py"))
     assert sorted(n for n in names if n.endswith(".py")) == modules
+    assert {"engram_eval/report/report.schema.json", "engram_eval/bank/neutral.txt"} <= set(names)  # data the code reads
 
 
 def test_the_installed_cli_runs_a_sweep_outside_the_checkout(installed, tiny, tiny_model_dir, tiny_bank, tmp_path):

@@ -4,7 +4,6 @@ checked-in schema, and summarize(RUN) the same as the CLI's report of that run."
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import jsonschema
 import polars as pl
@@ -14,11 +13,11 @@ from decisive import (every_section_answers, every_section_frame, every_section_
 
 import engram_eval
 from engram_eval.report.rendering import render_json
-from engram_eval.report.run_summary import SCHEMA_VERSION, Rate, RunSummary
+from engram_eval.report.run_summary import SCHEMA_PATH, SCHEMA_VERSION, Rate, RunSummary
 from engram_eval.report.summary import per_condition, summarize
 from engram_eval.run.results import primary_rows
 
-SCHEMA = json.loads((Path(__file__).parents[1] / "docs" / "report.schema.json").read_text())
+SCHEMA = json.loads(SCHEMA_PATH.read_text())
 
 
 @pytest.fixture(scope="module")

@@ -97,7 +97,7 @@ def markdown_page(heading: str, sections: list[Section], preface: list[str] = ()
 
 
 def render_json(summary: RunSummary) -> str:
-    """The RunSummary's record under its schema version (docs/report.schema.json), plus the sections as rendered."""
+    """The RunSummary's record under its schema version (run_summary.SCHEMA_PATH), plus the sections as rendered."""
     return json_page(summary.to_dict(), summary_sections(summary))
 
 

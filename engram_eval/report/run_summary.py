@@ -2,17 +2,19 @@
 
 One dataclass per section the notebook user asks for (headline per kind, questions, cells, chunk dominance, controls,
 side effects, calibration, generation, the semantic sink), each table a polars frame. Its `record` is every number of
-the report, unrounded, the body of `report --format json` (versioned by SCHEMA_VERSION, described by
-docs/report.schema.json); `summary["controls"]` reads that record, as the JSON does."""
+the report, unrounded, the body of `report --format json` (versioned by SCHEMA_VERSION, described by the JSON Schema
+report.schema.json beside this module, SCHEMA_PATH); `summary["controls"]` reads that record, as the JSON does."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from importlib.resources import files
 from typing import Any
 
 import polars as pl
 
-SCHEMA_VERSION = 1  # of report --format json: bump when a key is renamed or removed (docs/report.schema.json)
+SCHEMA_VERSION = 1  # of report --format json: bump when a key is renamed or removed (and the schema with it)
+SCHEMA_PATH = files(__package__) / "report.schema.json"  # shipped in the wheel
 
 
 def table(rows: list[dict] | None, nested_lists: tuple[str, ...] = ()) -> pl.DataFrame:
