@@ -15,7 +15,7 @@ import pytest
 
 from engram_eval.core.errors import EngramEvalError, Terminated
 from engram_eval.core.files import atomic_write_text
-from engram_eval.core.locks import FileLock, is_held
+from engram_eval.core.locks import FileLock, is_held, read_holder
 from conftest import wait_for
 
 REPO = Path(__file__).resolve().parents[1]
@@ -126,7 +126,10 @@ def test_a_second_sweep_into_a_running_run_directory_fails_naming_the_holder(tin
 
     first = subprocess.Popen([sys.executable, "-m", "engram_eval.cli", *map(str, sweep_args("0.5,1,2"))], cwd=tmp_path,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
-    assert wait_for(lambda: is_held(tmp_path / "run/.lock"), first), first.stderr.read()
+    lock = tmp_path / "run/.lock"
+    # Held, and its holder written (flock comes a moment before the record): a pause between the two would leave a
+    # lock that names no one, which is not what this test is about.
+    assert wait_for(lambda: is_held(lock) and read_holder(lock).get("pid") == first.pid, first), first.stderr.read()
     first.send_signal(signal.SIGSTOP)  # paused while it holds the lock, however fast or slow this machine is
     try:
         second = cli(*sweep_args("1,5,20"), "--force", cwd=tmp_path)

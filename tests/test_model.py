@@ -226,3 +226,25 @@ def test_bank_validate_reads_a_ggufs_tokenizer_without_dequantizing_it(real, tmp
 
     prompt = "The first-line treatment is"
     assert AutoTokenizer.from_pretrained(kept)(prompt)["input_ids"] == real.tokenizer(prompt)["input_ids"]
+
+
+@pytest.mark.real_model
+def test_preparing_a_gguf_once_reports_its_steps_in_plain_lines_and_nothing_else(real, tmp_path, monkeypatch, capsys):
+    """Dequantizing the embedded GGUF on an empty cache, stderr piped: our three steps as plain lines, none of
+    transformers' per-tensor bars; the same weights as the cached copy the session loaded; its GGUF reader's bar put
+    back afterwards (silenced, the bar prints nothing: tests/test_progress.py)."""
+    import safetensors.torch
+    import transformers.modeling_gguf_pytorch_utils as gguf_reader
+
+    import engram_eval.core.progress as progress
+    from engram_eval.backend.model import dequantized_gguf_dir
+
+    monkeypatch.setattr(progress, "PLAIN_EVERY_SECONDS", 0.0)
+    monkeypatch.setenv("ENGRAM_EVAL_CACHE", str(tmp_path / "cache"))
+    drawn = gguf_reader.tqdm
+    made = dequantized_gguf_dir(embedded_gguf_path("smollm2-135m"))
+    lines = capsys.readouterr().err.splitlines()
+    assert lines and lines[-1].startswith("preparing SmolLM2-135M-Instruct.Q4_1.gguf (once): 3/3 steps (100%), ")
+    assert not [line for line in lines if not line.startswith("preparing ")] and gguf_reader.tqdm is drawn
+    weights = safetensors.torch.load_file(next(made.glob("*.safetensors")))
+    assert torch.equal(weights["model.norm.weight"], real.model.model.norm.weight.detach().cpu())

@@ -3,10 +3,13 @@ its backend (engram_eval.backend.interface)."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -24,6 +27,7 @@ from transformers.utils import logging as hf_logging
 
 from ..core.errors import EngramEvalError, first_line
 from ..core.files import read_text
+from ..core.progress import progress_bar
 from .embedded import DEFAULT_MODEL, EMBEDDED_MODELS, assembled_gguf, cache_dir, file_sha256
 from .hf import HFCausalLM
 from .interface import Backend
@@ -138,17 +142,40 @@ def dequantized_gguf_dir(gguf: Path) -> Path:
     target = gguf_cache_name(gguf)
     if (target / "config.json").is_file():
         return target
+    with hf_progress_bars_off(), progress_bar(3, f"preparing {gguf.name} (once)", "step") as bar:
+        try:
+            tokenizer = gguf_tokenizer(gguf, target)
+            bar.update()
+            quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        except Exception as exc:  # a damaged file fails anywhere in the GGUF parser (struct, UnicodeDecodeError, KeyError)
+            raise EngramEvalError(f"--model: {gguf} is not a readable GGUF model ({type(exc).__name__}: {first_line(exc)})") from None
+        bar.update()
+        # save_pretrained refuses a model that carries a GGUF quantization_config: copy it into a plain one.
+        config = quantized.config.to_dict()
+        config.pop("quantization_config", None)
+        plain = AutoModelForCausalLM.from_config(type(quantized.config).from_dict(config))
+        plain.load_state_dict(quantized.state_dict())
+        saved = saved_into(target, plain, tokenizer)
+        bar.update()
+    return saved
+
+
+@contextlib.contextmanager
+def hf_progress_bars_off() -> Iterator[None]:
+    """transformers' own bars off while the block runs (they would print a carriage-return line per tensor into a log,
+    and --quiet could not silence them); ours say what runs. Its GGUF reader draws a plain tqdm that its logging
+    switch does not reach: that one is swapped for a silent one, and put back."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_reader
+
+    enabled, drawn = hf_logging.is_progress_bar_enabled(), gguf_reader.tqdm
+    hf_logging.disable_progress_bar()
+    gguf_reader.tqdm = functools.partial(drawn, disable=True)
     try:
-        tokenizer = gguf_tokenizer(gguf, target)
-        quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    except Exception as exc:  # a damaged file fails anywhere in the GGUF parser (struct, UnicodeDecodeError, KeyError)
-        raise EngramEvalError(f"--model: {gguf} is not a readable GGUF model ({type(exc).__name__}: {first_line(exc)})") from None
-    # save_pretrained refuses a model that carries a GGUF quantization_config: copy it into a plain one.
-    config = quantized.config.to_dict()
-    config.pop("quantization_config", None)
-    plain = AutoModelForCausalLM.from_config(type(quantized.config).from_dict(config))
-    plain.load_state_dict(quantized.state_dict())
-    return saved_into(target, plain, tokenizer)
+        yield
+    finally:
+        gguf_reader.tqdm = drawn
+        if enabled:
+            hf_logging.enable_progress_bar()
 
 
 def saved_into(target: Path, *parts) -> Path:
@@ -306,17 +333,13 @@ def load_model(
     dtype_name = str(torch_dtype).removeprefix("torch.")
     if not (description.endswith("to float32") and torch_dtype == torch.float32):
         description += f", run in {dtype_name}" if "GGUF" in description else f", {dtype_name}"
-    progress_bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # keep stderr for what the user must read
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, trust_remote_code=trust_remote_code,
-                                                     use_safetensors=True)  # never a pickled checkpoint
+        with hf_progress_bars_off():  # keep stderr for what the user must read
+            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, trust_remote_code=trust_remote_code,
+                                                         use_safetensors=True)  # never a pickled checkpoint
     except (OSError, ValueError, KeyError) as exc:
         raise load_failure(spec, exc) from None
-    finally:
-        if progress_bars:
-            hf_logging.enable_progress_bar()
     model.to(torch_device).eval()
     model.requires_grad_(False)
     HFCausalLM(model, tokenizer, torch_device, torch_dtype).check_head()

@@ -59,7 +59,8 @@ def build(sources: tuple[Path, ...], bank: Path | None, load_lm, chunks_text: st
         raise EngramEvalError("build: give source files, or --bank BANK.yaml")
     from ..engram.store import EngramStore, engram_warnings  # torch: after the checks above
 
-    lm = load_lm()
+    with silenced(quiet):  # a first load prepares the model, with its own progress
+        lm = load_lm()
     layers = parse_layers(layers_text, lm.num_layers)
     store = EngramStore(store_dir)
     warn = warning_printer()

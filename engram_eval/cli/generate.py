@@ -53,11 +53,11 @@ def generate(run_dir: Path, load_lm, selection: str, max_new_tokens: int, batch_
     check_writable(run_dir, "RUN")
     refuse_if_written(run_dir, wait)  # before torch and the model, which take seconds
     recorded = recorded_model(read_run_json(run_dir) or {})
+    from ..core.progress import silenced
     from ..run.generation import run_generate
 
-    lm = load_lm(recorded)
-    from ..core.progress import silenced
-
+    with silenced(quiet):  # a first load prepares the model, with its own progress
+        lm = load_lm(recorded)
     try:
         with silenced(quiet):
             result = run_generate(lm, run_dir, cells=selection, max_new_tokens=max_new_tokens,

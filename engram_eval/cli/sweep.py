@@ -179,18 +179,18 @@ def sweep(bank_path: Path, load_lm, spec: SweepSpec, layers_text: str, out: Path
         if spec.method.injection == SEED_METHOD.injection:
             spec = replace(spec, method=replace(spec.method, injection=vector_injection(stored.vector.action)))
     spec = spec.check()  # imports the modes' module (torch): after the checks above, which take a fraction of a second
+    from ..core.progress import silenced
     from ..engram.store import EngramStore
     from ..run.sweep import run_sweep
 
-    lm = load_lm()
+    with silenced(quiet):  # a first load prepares the model, with its own progress
+        lm = load_lm()
     if layers_text is None and stored is not None:
         spec = spec.with_layers([layer for layer in stored.vector.layers if layer <= lm.num_layers])
     else:
         spec = spec.with_layers(parse_layers(layers_text or DEFAULT_LAYERS_TEXT, lm.num_layers))
     out = out or Path("reports") / f"{bank.name}-{lm.name}"
     observer = Observer(progress=not quiet, log=(lambda m: None) if quiet else stderr.print, warn=warn)
-    from ..core.progress import silenced
-
     try:
         with silenced(quiet):  # the bars deep in the library too (a learned engram's steps)
             result = run_sweep(lm, bank, EngramStore(store_dir), out, spec, execution=Execution(batch_size, ray),
