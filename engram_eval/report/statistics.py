@@ -9,20 +9,10 @@ import numpy as np
 from scipy.stats import binomtest, false_discovery_control
 
 ALPHA = 0.05
-
-
-def fill_p_values(entries: list[dict], samples_list: list[Sequence[float]]) -> None:
-    """Each entry's p_value, in place: the sign-flip test of its list of differences, all in one batch."""
-    for entry, p_value in zip(entries, sign_flip_tests(samples_list), strict=True):
-        entry["p_value"] = p_value
-
-
-SIGN_FLIP_SAMPLES = 200_000
-SIGNS = np.array([1.0, -1.0])  # bit 0 keeps a difference's sign, bit 1 flips it
-SIGN_FLIP_BATCH = 25_000  # random sign patterns per matrix product: 25,000 x n float64 (38 MB at 192 questions)
-
-
 EXACT_SIGN_FLIPS_UP_TO = 16  # questions: all 2^n sign patterns (65,536 at 16); above, SIGN_FLIP_SAMPLES seeded random ones
+SIGN_FLIP_SAMPLES = 200_000
+SIGN_FLIP_BATCH = 25_000  # random sign patterns per matrix product: 25,000 x n float64 (38 MB at 192 questions)
+SIGNS = np.array([1.0, -1.0])  # bit 0 keeps a difference's sign, bit 1 flips it
 
 
 def wilson_interval(successes: int, n: int) -> tuple[float, float] | None:
@@ -36,6 +26,12 @@ def wilson_interval(successes: int, n: int) -> tuple[float, float] | None:
 def clamp_unit(value: float) -> float:
     """A proportion's bound in [0, 1], without floating-point noise such as 5.6e-17 for 0 or 0.9999999999999999."""
     return round(min(1.0, max(0.0, float(value))), 12)
+
+
+def fill_p_values(entries: list[dict], samples_list: list[Sequence[float]]) -> None:
+    """Each entry's p_value, in place: the sign-flip test of its list of differences, all in one batch."""
+    for entry, p_value in zip(entries, sign_flip_tests(samples_list), strict=True):
+        entry["p_value"] = p_value
 
 
 def sign_flip_test(differences: list[float], samples: int = SIGN_FLIP_SAMPLES, seed: int = 0) -> float | None:
