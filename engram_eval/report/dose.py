@@ -22,7 +22,7 @@ from ..core.errors import EngramEvalError
 from ..run.results import engram_kind
 from ..run.rundir import SIDE_EFFECTS, SIDE_EFFECTS_FILE, verify_file
 from .experiments import kind_order
-from .statistics import fill_p_values, judge
+from .statistics import PairedTests, judge
 
 DEFAULT_DOSES = (0.05, 0.2, 0.5, 1.0)  # nats
 SERIES = ("question_id", "kind", "engram", "layer", "chunks")
@@ -103,15 +103,16 @@ def dose_series(cells: pl.DataFrame, targets: tuple[float, ...], measure: str = 
 
 
 def dose_matched_summary(frame: pl.DataFrame, run: dict, side_effects: pl.DataFrame | None,
-                         targets: tuple[float, ...] = DEFAULT_DOSES) -> dict | None:
-    """The report's dose-matched section; None without relevant-engram cells."""
+                         targets: tuple[float, ...] = DEFAULT_DOSES, tests: PairedTests | None = None) -> dict | None:
+    """The report's dose-matched section; None without relevant-engram cells. tests: the summary's batch of sign-flip
+    tests (p-values and verdicts filled when it runs); without one, run here."""
     if frame.filter(pl.col("role") == "relevant").is_empty():
         return None
     cells = dosed_cells(frame, side_effects)
     series = dose_series(cells.filter(pl.col("strength") > 0), targets)
     kinds = sorted(series["kind"].unique().to_list(), key=kind_order)
     relevant = series.filter((pl.col("kind") == "relevant") & pl.col("log_improvement").is_not_null())
-    entries, samples = [], []
+    batch, entries = tests or PairedTests(), []
     for target in targets:
         at = relevant.filter(pl.col("target") == target).select("question_id", "layer", "chunks", relevant_value="log_improvement")
         for kind in (k for k in kinds if k != "relevant"):
@@ -121,11 +122,11 @@ def dose_matched_summary(frame: pl.DataFrame, run: dict, side_effects: pl.DataFr
                             .sort("question_id"))
             differences = per_question["difference"].to_list()
             entries.append({"dose": target, "control": kind, "questions": len(differences),
-                            "mean_difference": float(np.mean(differences)) if differences else None,
-                            "p_value": None})
-            samples.append(differences)
-    fill_p_values(entries, samples)
-    judge(entries)
+                            "mean_difference": float(np.mean(differences)) if differences else None})
+            batch.add(entries[-1], differences)
+    batch.then(lambda: judge(entries))
+    if tests is None:
+        batch.run()
     probe = run.get(SIDE_EFFECTS) if side_effects is not None else None
     return {
         "dose": "neutral_kl" if probe else "kl_next",

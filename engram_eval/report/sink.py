@@ -18,7 +18,7 @@ from ..core.spec import LOGSUMEXP_SIDES
 from ..run.results import primary_rows
 from ..run.rundir import ANSWERS_FILE, verify_file
 from .dose import DEFAULT_DOSES, dose_series, dosed_cells
-from .statistics import bootstrap_mean_ci, fill_p_values, judge
+from .statistics import PairedTests, bootstrap_mean_ci, judge
 
 CELL = ("layer", "strength", "chunks")
 MEASURES = ("sink", "correct")  # what the paired tests compare: the sink, and Δ log p(correct)
@@ -59,9 +59,11 @@ def deltas(answers: pl.DataFrame) -> pl.DataFrame:
 
 
 def sink_summary(answers: pl.DataFrame | None, frame: pl.DataFrame | None = None,
-                 side_effects: pl.DataFrame | None = None, targets: tuple[float, ...] = DEFAULT_DOSES) -> dict | None:
+                 side_effects: pl.DataFrame | None = None, targets: tuple[float, ...] = DEFAULT_DOSES,
+                 tests: PairedTests | None = None) -> dict | None:
     """The measurement, or None when the run has no answers table or no question can be measured. frame (the run's
-    results, per condition) and side_effects give each cell its dose, for the comparison at equal dose."""
+    results, per condition) and side_effects give each cell its dose, for the comparison at equal dose. tests: the
+    summary's batch of sign-flip tests (p-values and verdicts filled when it runs); without one, run here."""
     if answers is None:
         return None
     cells = deltas(answers)
@@ -77,19 +79,23 @@ def sink_summary(answers: pl.DataFrame | None, frame: pl.DataFrame | None = None
             values = per_question[measure].to_list()
             entry[measure] = {"mean": sum(values) / len(values), "ci95": bootstrap_mean_ci(values)}
         by_kind.append(entry)
-    return {"questions": cells["question_id"].n_unique(), "by_kind": by_kind, "tests": _paired_tests(cells, kinds),
-            "dose_matched": None if frame is None else _at_equal_dose(cells, frame, side_effects, kinds, targets)}
+    batch = tests or PairedTests()
+    summary = {"questions": cells["question_id"].n_unique(), "by_kind": by_kind, "tests": _paired_tests(cells, kinds, batch),
+               "dose_matched": None if frame is None else _at_equal_dose(cells, frame, side_effects, kinds, targets, batch)}
+    if tests is None:
+        batch.run()
+    return summary
 
 
 def _at_equal_dose(cells: pl.DataFrame, frame: pl.DataFrame, side_effects: pl.DataFrame | None, kinds: list[str],
-                   targets: tuple[float, ...]) -> list[dict]:
+                   targets: tuple[float, ...], tests: PairedTests) -> list[dict]:
     """The relevant engram's sink against each control's at equal dose (the dose section's: kl_next, or the neutral
     probe's KL; interpolated in log strength along each series' positive strengths), paired over questions, BH."""
     doses = dosed_cells(frame, side_effects).select("question_id", "engram", *CELL, "dose").unique()
     dosed = cells.filter(pl.col("strength") > 0).join(doses, on=["question_id", "engram", *CELL], how="left")
     series = dose_series(dosed, targets, "sink").drop_nulls("sink")
     at = series.filter(pl.col("kind") == "relevant").select("question_id", "target", "layer", "chunks", relevant="sink")
-    entries, samples = [], []
+    entries = []
     for target in targets:
         for kind in kinds[1:]:
             control = series.filter((pl.col("kind") == kind) & (pl.col("target") == target))
@@ -98,32 +104,30 @@ def _at_equal_dose(cells: pl.DataFrame, frame: pl.DataFrame, side_effects: pl.Da
             differences = per_question["difference"].to_list()
             entries.append({"dose": target, "control": kind, "questions": len(differences),
                             "mean_difference": sum(differences) / len(differences) if differences else None,
-                            "ci95": bootstrap_mean_ci(differences), "p_value": None})
-            samples.append(differences)
-    fill_p_values(entries, samples)
-    judge(entries)
+                            "ci95": bootstrap_mean_ci(differences)})
+            tests.add(entries[-1], differences)
+    tests.then(lambda: judge(entries))
     return entries
 
 
-def _paired_tests(cells: pl.DataFrame, kinds: list[str]) -> list[dict]:
+def _paired_tests(cells: pl.DataFrame, kinds: list[str], tests: PairedTests) -> list[dict]:
     """Per cell, control kind and measure: relevant minus control over the questions that have both there (several
     controls of one kind in a question: their mean), the sign-flip p, the mean and its interval; BH over all."""
     per_kind = cells.group_by(["question_id", "kind", *CELL]).agg(pl.col(*MEASURES).mean())
     relevant = per_kind.filter(pl.col("kind") == "relevant").drop("kind")
-    tests, samples = [], []
+    entries = []
     for kind in kinds[1:]:
         paired = relevant.join(per_kind.filter(pl.col("kind") == kind).drop("kind"), on=["question_id", *CELL],
                                suffix="_control").sort([*CELL, "question_id"], nulls_last=True)
         for cell, group in paired.group_by(list(CELL), maintain_order=True):
             for measure in MEASURES:
                 differences = (group[measure] - group[f"{measure}_control"]).to_list()
-                tests.append({"control": kind, **dict(zip(CELL, cell)), "measure": measure, "questions": len(differences),
-                              "mean_difference": sum(differences) / len(differences),
-                              "ci95": bootstrap_mean_ci(differences), "p_value": None})
-                samples.append(differences)
-    fill_p_values(tests, samples)
-    judge(tests)
-    return tests
+                entries.append({"control": kind, **dict(zip(CELL, cell)), "measure": measure, "questions": len(differences),
+                                "mean_difference": sum(differences) / len(differences),
+                                "ci95": bootstrap_mean_ci(differences)})
+                tests.add(entries[-1], differences)
+    tests.then(lambda: judge(entries))
+    return entries
 
 
 def sink_line(sink: dict, steered: str) -> str:

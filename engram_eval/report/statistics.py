@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from scipy.stats import binomtest, false_discovery_control
@@ -28,10 +28,31 @@ def clamp_unit(value: float) -> float:
     return round(min(1.0, max(0.0, float(value))), 12)
 
 
-def fill_p_values(entries: list[dict], samples_list: list[Sequence[float]]) -> None:
-    """Each entry's p_value, in place: the sign-flip test of its list of differences, all in one batch."""
-    for entry, p_value in zip(entries, sign_flip_tests(samples_list), strict=True):
-        entry["p_value"] = p_value
+class PairedTests:
+    """Sign-flip tests gathered from every section of a summary and computed in one batch of sign patterns; then each
+    section's finishing step (BH over its tests, its verdicts), in the order they were added. A section given none
+    makes its own and runs it at once."""
+
+    def __init__(self) -> None:
+        self._entries: list[dict] = []
+        self._samples: list[Sequence[float]] = []
+        self._finishing: list[Callable[[], None]] = []
+
+    def add(self, entry: dict, differences: Sequence[float]) -> None:
+        """entry["p_value"] is the sign-flip test of differences once run() has run."""
+        entry["p_value"] = None
+        self._entries.append(entry)
+        self._samples.append(differences)
+
+    def then(self, finish: Callable[[], None]) -> None:
+        self._finishing.append(finish)
+
+    def run(self) -> None:
+        for entry, p_value in zip(self._entries, sign_flip_tests(self._samples), strict=True):
+            entry["p_value"] = p_value
+        for finish in self._finishing:
+            finish()
+        self._entries, self._samples, self._finishing = [], [], []
 
 
 def sign_flip_test(differences: list[float], samples: int = SIGN_FLIP_SAMPLES, seed: int = 0) -> float | None:

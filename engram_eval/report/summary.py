@@ -17,7 +17,7 @@ from .evidence import cell_tests, effect_sizes, held_out_best_cell
 from .experiments import CELL_KEYS, attention_summary, chunk_count_summary, ensemble_comparison, generation_summary, rag_summary
 from .run_summary import RunSummary
 from .sink import load_answers, sink_summary
-from .statistics import bootstrap_mean_ci, fill_p_values, rate, verdict
+from .statistics import PairedTests, bootstrap_mean_ci, rate, verdict
 from .variability import variability_summary
 
 
@@ -195,14 +195,15 @@ def _control_kinds(frame: pl.DataFrame) -> list[str]:
     return sorted(frame.filter(pl.col("role") == "control")["control_kind"].unique().drop_nulls().to_list())
 
 
-def _controls(frame: pl.DataFrame) -> list[dict]:
+def _controls(frame: pl.DataFrame, tests: PairedTests) -> list[dict]:
     """Per control kind, on the cells it shares with the relevant engram: the paired sign-flip test of the per-question
     mean log-improvement difference, flips and breaks of each side (each computed cell once), and the controls-adjusted
     flip rate: over baseline-wrong questions, the mean of (share of the relevant cells that flip - share of the
-    control's cells that flip), with a bootstrap interval over questions."""
+    control's cells that flip), with a bootstrap interval over questions. The p-values and verdicts are filled when
+    the summary's batch of tests runs."""
     relevant = frame.filter(pl.col("role") == "relevant")
     keys = ["question_id", *CELL_KEYS]
-    rows, samples = [], []
+    rows = []
     for kind in _control_kinds(frame):
         control = frame.filter((pl.col("role") == "control") & (pl.col("control_kind") == kind))
         paired = control.join(relevant.select(*keys, rel_log="log_improvement"), on=keys)
@@ -212,7 +213,6 @@ def _controls(frame: pl.DataFrame) -> list[dict]:
             .sort("question_id")
         )
         differences = per_question["difference"].to_list()
-        samples.append(differences)
         relevant_cells = relevant.join(control.select(keys).unique(), on=keys, how="semi")
         control_cells = control.filter(computed_cells()).join(relevant.select(keys), on=keys, how="semi")
         rows.append(
@@ -233,9 +233,13 @@ def _controls(frame: pl.DataFrame) -> list[dict]:
                 "adjusted_flip_difference": _adjusted_flip_difference(relevant_cells, control_cells),
             }
         )
-    fill_p_values(rows, samples)
-    for row in rows:
-        row["verdict"] = verdict(row["mean_difference"], row["p_value"], row["questions"])
+        tests.add(rows[-1], differences)
+
+    def judged() -> None:
+        for row in rows:
+            row["verdict"] = verdict(row["mean_difference"], row["p_value"], row["questions"])
+
+    tests.then(judged)
     return rows
 
 
@@ -356,7 +360,11 @@ def summarize(run: str | Path | pl.DataFrame, run_json: dict | None = None, engr
     rag = rag_summary(frame, run, [(label, other.filter(primary_rows()), info) for label, other, info in ladder])
     question_count = frame["question_id"].n_unique()
     frame = per_condition(frame)
-    tested = _controls(frame)
+    tests = PairedTests()  # every sign-flip test of the summary, one batch of sign patterns
+    tested = _controls(frame, tests)
+    dose_matched = dose_matched_summary(frame, run, side_effects, doses, tests)
+    sink = sink_summary(answers, frame, side_effects, doses, tests)
+    tests.run()
     settings = run.get("settings", {})
     cells = frame.filter(pl.col("role") != "baseline")
     layers = sorted(cells["layer"].unique().drop_nulls().to_list())
@@ -405,9 +413,9 @@ def summarize(run: str | Path | pl.DataFrame, run_json: dict | None = None, engr
         "split": None if split is None else held_out_best_cell(frame, split),
         "attention": attention_summary(frame),
         "controls": tested,
-        "dose_matched": dose_matched_summary(frame, run, side_effects, doses),
+        "dose_matched": dose_matched,
         "semantic_sink": _semantic_sink(relevant),
-        "sink": sink_summary(answers, frame, side_effects, doses),
+        "sink": sink,
         "calibration": calibration_summary(frame),
         "generation": None if texts is None else generation_summary(texts),
         "ensemble_comparison": None if generations is None or ensembled is None else ensemble_comparison(generations, ensembled),
