@@ -130,3 +130,21 @@ def test_bootstrap_interval_equals_scipys_bootstrap_with_the_same_seed():
         interval = bootstrap((np.sort(values),), np.mean, confidence_level=0.95, n_resamples=9999, method="percentile",
                              rng=np.random.default_rng(0)).confidence_interval
         assert bootstrap_mean_ci(list(values)) == pytest.approx((interval.low, interval.high), rel=1e-12, abs=1e-15)
+
+
+def test_paired_tests_fill_every_p_value_in_one_batch_then_finish_in_order():
+    from engram_eval.report.statistics import PairedTests, sign_flip_test
+
+    tests, seen = PairedTests(), []
+    samples = [[0.5, 1.0, -0.2], [0.3] * 20 + [-0.1] * 5, []]
+    entries = [{"name": i} for i in range(len(samples))]
+    for entry, differences in zip(entries, samples):
+        tests.add(entry, differences)
+    tests.then(lambda: seen.append([e["p_value"] for e in entries]))
+    tests.then(lambda: seen.append("second"))
+    assert all(e["p_value"] is None for e in entries) and seen == []
+    tests.run()
+    expected = [sign_flip_test(d) for d in samples]
+    assert [e["p_value"] for e in entries] == expected and seen == [expected, "second"] and expected[2] is None
+    tests.run()  # run empties the batch: nothing is computed or finished twice
+    assert seen == [expected, "second"]
