@@ -15,7 +15,7 @@ from pathlib import Path
 import polars as pl
 
 from ..core.spec import LOGSUMEXP_SIDES
-from ..run.results import primary_rows
+from ..run.results import condition_label, engram_kind, primary_rows
 from ..run.rundir import ANSWERS_FILE, verify_file
 from .dose import DEFAULT_DOSES, dose_series, dosed_cells
 from .statistics import PairedTests, bootstrap_mean_ci, judge
@@ -37,10 +37,7 @@ def deltas(answers: pl.DataFrame) -> pl.DataFrame:
     """Per question (condition), kind and cell: Δ log p of the correct, related wrong and unrelated wrong answers
     against the question's baseline, and the sink; questions without both wrong roles left out."""
     rows = answers.filter(primary_rows() & pl.col("answer_role").is_in(["correct", "related wrong", "unrelated wrong"]))
-    rows = rows.with_columns(
-        question_id=pl.when(pl.col("context").is_null()).then(pl.col("question_id"))
-        .otherwise(pl.col("question_id") + pl.when(pl.col("context")).then(pl.lit(" +context")).otherwise(pl.lit(" -context"))),
-        kind=pl.coalesce(pl.col("control_kind"), pl.col("role")))
+    rows = rows.with_columns(condition_label(), engram_kind())
     keys = ["question_id", "kind", "role", "engram", *CELL]
     side = pl.col("logp").logsumexp() if rows["scoring"].first() in LOGSUMEXP_SIDES else pl.col("logp").max()
     per_role = rows.group_by([*keys, "answer_role"], maintain_order=True).agg(side.alias("logp"))

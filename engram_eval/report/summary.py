@@ -8,7 +8,7 @@ from pathlib import Path
 import polars as pl
 
 from ..core.errors import EngramEvalError
-from ..run.results import primary_rows
+from ..run.results import condition_label, primary_rows
 from ..run.rundir import PART_CHECKSUMS, GenerationFiles, check_results_format, read_run_json, verify_file, verify_results
 from .calibration import calibration_summary
 from .controls import by_kind, conclusion, controls_summary, question_rates, subject, wrong_way
@@ -49,11 +49,8 @@ def load_run(run_dir: str | Path) -> tuple[pl.DataFrame, dict]:
 
 
 def per_condition(frame: pl.DataFrame) -> pl.DataFrame:
-    """A question run with and without its retrieved context is two units of analysis, labelled as such:
-    `capital_france +context`, `capital_france -context` (questions without a context keep their id)."""
-    suffix = pl.when(pl.col("context")).then(pl.lit(" +context")).otherwise(pl.lit(" -context"))
-    return frame.with_columns(question_id=pl.when(pl.col("context").is_null()).then(pl.col("question_id"))
-                              .otherwise(pl.col("question_id") + suffix))
+    """The rows with each question labelled per context condition (results.condition_label)."""
+    return frame.with_columns(condition_label())
 
 
 def load_generations(run_dir: str | Path, ensembled: bool = False) -> pl.DataFrame | None:

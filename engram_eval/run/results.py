@@ -114,6 +114,14 @@ def primary_rows() -> pl.Expr:
     return pl.col("sample").is_null() & (pl.col("paraphrase").is_null() | (pl.col("paraphrase") == 0))
 
 
+def condition_label() -> pl.Expr:
+    """A question run with and without its retrieved context is two units of analysis, labelled as such:
+    `capital_france +context`, `capital_france -context` (questions without a context keep their id)."""
+    suffix = pl.when(pl.col("context")).then(pl.lit(" +context")).otherwise(pl.lit(" -context"))
+    return (pl.when(pl.col("context").is_null()).then(pl.col("question_id"))
+            .otherwise(pl.col("question_id") + suffix).alias("question_id"))
+
+
 def computed_cells() -> pl.Expr:
     """Rows that are not a repeat of another cell's computation (count and show each computed cell once)."""
     return ~pl.col("repeated")
