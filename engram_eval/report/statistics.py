@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 from scipy.stats import binomtest, false_discovery_control
@@ -77,7 +77,7 @@ def sign_flip_tests(samples_list: Sequence[Sequence[float]], samples: int = SIGN
             (exact.setdefault(x.size, []) if x.size <= EXACT_SIGN_FLIPS_UP_TO else sampled).append(i)
     for n, members in exact.items():
         patterns = SIGNS[(np.arange(2**n)[:, None] >> np.arange(n)) & 1]
-        for i, p in zip(members, _two_sided(patterns, [arrays[i] for i in members], adjustment=0)):
+        for i, p in zip(members, _two_sided([patterns], [arrays[i] for i in members], adjustment=0)):
             p_values[i] = p
     if sampled:
         width = max(arrays[i].size for i in sampled)
@@ -96,9 +96,9 @@ def _random_signs(seed: int, batch: int, rows: int, width: int) -> np.ndarray:
     return SIGNS[np.unpackbits(columns.T, axis=1, count=width)]
 
 
-def _two_sided(patterns, arrays: list[np.ndarray], adjustment: int) -> list[float]:
-    """scipy's two-sided p-value of each array's sum under the sign patterns (one (rows, width) matrix, or an iterator
-    of them): the arrays are the columns of one zero-padded matrix, so each batch of patterns is one product."""
+def _two_sided(batches: Iterable[np.ndarray], arrays: list[np.ndarray], adjustment: int) -> list[float]:
+    """scipy's two-sided p-value of each array's sum under the sign patterns, given in (rows, width) batches: the
+    arrays are the columns of one zero-padded matrix, so each batch is one product."""
     width = max(x.size for x in arrays)
     columns = np.zeros((width, len(arrays)))
     for j, x in enumerate(arrays):
@@ -108,7 +108,7 @@ def _two_sided(patterns, arrays: list[np.ndarray], adjustment: int) -> list[floa
     less = np.zeros(len(arrays), dtype=np.int64)
     greater = np.zeros(len(arrays), dtype=np.int64)
     total = 0
-    for batch in [patterns] if isinstance(patterns, np.ndarray) else patterns:
+    for batch in batches:
         null = batch @ columns
         less += np.count_nonzero(null <= observed + gamma, axis=0)
         greater += np.count_nonzero(null >= observed - gamma, axis=0)
