@@ -150,3 +150,21 @@ def test_off_distribution_questions_are_found_from_the_baseline_rows_and_marked(
     assert [line for line in flagged.splitlines() if line.startswith("| q0")] == \
         [f"| {q} | {off[q]} |".replace("|>", "\\|>").replace("<|", "<\\|") for q in sorted(off)]
     assert "off-distribution" not in markdown.split("## Questions")[1].split("\n## ")[0]  # named once, not on every row
+
+
+def test_a_table_of_more_than_long_rows_starts_folded_and_one_of_exactly_long_rows_does_not(monkeypatch):
+    """The HTML page's threshold at its edge: a table of n rows is open when LONG = n and folded when LONG = n - 1."""
+    import re
+
+    from decisive import every_section_frame, every_section_run
+
+    from engram_eval.report import html_report
+    from engram_eval.report.sections import summary_sections
+
+    summary = summarize(every_section_frame(), every_section_run())
+    section = next(s for s in summary_sections(summary) if s.key == "calibration")
+    n = len(section.rows)
+    for long, tag in ((n, "h3"), (n - 1, "details")):
+        monkeypatch.setattr(html_report, "LONG", long)
+        page = html_report.render_html(summary)
+        assert re.search(rf"<{tag} id='section-calibration'", page), (long, tag)

@@ -148,3 +148,17 @@ def test_paired_tests_fill_every_p_value_in_one_batch_then_finish_in_order():
     assert [e["p_value"] for e in entries] == expected and seen == [expected, "second"] and expected[2] is None
     tests.run()  # run empties the batch: nothing is computed or finished twice
     assert seen == [expected, "second"]
+
+
+def test_the_exact_test_stops_at_16_questions_and_sampling_starts_at_17():
+    """At the edge: 16 differences are tested over all 2^16 patterns (p a multiple of 1/65536, no +1), 17 over the
+    200,000 sampled ones (p = 2 (count + 1) / 200,001)."""
+    from engram_eval.report.statistics import EXACT_SIGN_FLIPS_UP_TO, SIGN_FLIP_SAMPLES, sign_flip_tests
+
+    assert EXACT_SIGN_FLIPS_UP_TO == 16
+    values = [0.9, -0.4, 0.3, 1.2, -0.7, 0.5, 0.8, -0.1, 0.6, 0.2, -0.3, 1.1, 0.4, -0.6, 0.7, 0.15, 0.35]
+    exact, sampled = sign_flip_tests([values[:16], values])
+    assert exact * 2**16 == pytest.approx(round(exact * 2**16), abs=1e-9)
+    assert exact == pytest.approx(_scipy_sign_flip(values[:16], 2**16), abs=1e-12)
+    count = sampled * (SIGN_FLIP_SAMPLES + 1) / 2 - 1
+    assert count == pytest.approx(round(count), abs=1e-6) and 0 < sampled < 1
